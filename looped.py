@@ -1,0 +1,602 @@
+"""Looped transformers learn in-context learning algorithms.
+
+A small, exact reimplementation of Yang, Lee, Nowak and Papailiopoulos, "Looped Transformers
+are Better at Learning Learning Algorithms" (ICLR 2024, arXiv 2311.12424), on the in-context
+function classes of Garg et al. (2022). One transformer block, applied b times with the prompt
+injected at every iteration, learns to regress in context as well as a 12-layer GPT-2.
+
+    python looped.py --task linreg --loops 20            # laptop scale, CPU, ~10 minutes
+    python looped.py --task linreg --preset paper        # the paper's setup (GPU)
+    python looped.py --eval runs/linreg                  # re-evaluate a saved run
+
+Paper symbol -> code name:
+    d      n_dims (current d under the curriculum: active_dims)
+    n, k   n_points (prompt pairs); k = in-context examples before a query
+    D      n_embd
+    b      n_loops (--loops), loop iterations trained
+    T      loop_window (--window), iterations whose read-outs enter the loss
+    P      the embedded prompt, read_in(prompt)
+    Y_t    the loop state after t iterations, Y_0 = 0
+Shapes: B batch, n points, d input dim, D width, L = 2n tokens, t loop iterations.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import baselines
+
+# ---------------------------------------------------------------------------- config
+
+
+@dataclass
+class Config:
+    task: str = "linreg"  # function class: one of TASKS below
+    preset: str = "laptop"  # "laptop" (2-core CPU, minutes) or "paper" (the paper's values, a GPU)
+    # problem
+    n_dims: int = 8  # d, input dimension at the end of the curriculum (paper: 20)
+    n_points: int = 17  # n, (x, y) pairs per prompt (paper: 41 regression, 101 tree / ReLU)
+    n_positions: int = 0  # longest prompt the position table holds, in pairs; 0: n_points
+    # model
+    n_embd: int = 128  # D, width (paper: 256)
+    n_head: int = 4  # attention heads (paper: 8)
+    n_layer: int = 1  # blocks in the backbone M (looped: 1; the standard GPT-2: 12 with loops 1)
+    n_loops: int = 20  # b, loop iterations at the end of the loop curriculum (--loops)
+    loop_window: int = 15  # T, last iterations in the loss; the first b - T run without grad (--window)
+    # curriculum: every `curriculum_every` steps d grows by 1 and n by points_inc; 0 = off
+    dims_start: int = 3  # d at step 0
+    points_start: int = 7  # n at step 0
+    points_inc: int = 2  # n's increment (paper: 2 regression, 5 tree / ReLU)
+    curriculum_every: int = 250  # steps between increments of d and n (paper: 5000)
+    loops_every: int = 100  # b starts at T and grows by 2 every this many steps (paper: 500); 0 = off
+    # optimisation
+    steps: int = 4000  # training steps (paper: 500,000)
+    batch_size: int = 64  # prompts per step, freshly drawn every step (paper: 64)
+    lr: float = 1e-3  # Adam learning rate, constant (paper: 1e-4)
+    seed: int = 42  # model init and training prompts (evaluation prompts have their own seed)
+    # system
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, mps or cpu
+    amp: bool = False  # bf16 autocast for the forward pass
+    compile: bool = False  # torch.compile the model
+    out: str = ""  # run folder for checkpoint, log and plots; "": runs/<task>
+    log_every: int = 100  # steps between log lines (and NaN checks)
+    ckpt_every: int = 1000  # steps between checkpoints (always one at the end)
+    # evaluation
+    eval_prompts: int = 1280  # fixed test prompts (paper: 1280)
+    eval_loops: int = 0  # loop iterations run at test time; 0: 5 b (paper: 500, trees 200)
+    eval_seed: int = 1234  # seed of the test prompts, apart from training's
+
+
+# The paper's values (PAPER.md): (b, T, n, n at step 0, n's increment) per task.
+PAPER_TASKS = {
+    "linreg": (20, 15, 41, 11, 2), "noisy_linreg": (20, 15, 41, 11, 2),
+    "sparse_linreg": (20, 10, 41, 11, 2), "decision_tree": (70, 15, 101, 26, 5),
+    "relu_2nn": (12, 5, 101, 26, 5),
+}
+PAPER = dict(n_dims=20, n_embd=256, n_head=8, n_layer=1, dims_start=5, curriculum_every=5000,
+             loops_every=500, steps=500_000, batch_size=64, lr=1e-4)
+# Laptop defaults per task where they differ from the dataclass (see README, "Differences").
+LAPTOP_TASKS = {
+    "decision_tree": dict(n_points=33, points_start=9, points_inc=4),
+    "relu_2nn": dict(n_points=33, points_start=9, points_inc=4),
+}
+
+
+class UserError(Exception):
+    """A mistake in the user's input: reported as one line and exit code 2."""
+
+
+def make_config(task="linreg", preset="laptop", **overrides):
+    """Preset values for the task, then explicit overrides, then validation."""
+    if preset not in ("laptop", "paper"):
+        raise UserError(f"unknown preset {preset!r}: use laptop or paper")
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    values = dict(task=task, preset=preset)
+    if preset == "paper":
+        b, T, n, n0, inc = PAPER_TASKS[task]
+        values.update(PAPER, n_loops=b, loop_window=T, n_points=n, points_start=n0, points_inc=inc,
+                      n_positions=101, eval_loops=200 if task == "decision_tree" else 500)
+    else:
+        values.update(LAPTOP_TASKS.get(task, {}))
+    values.update(overrides)
+    unknown = set(values) - {f.name for f in fields(Config)}
+    if unknown:
+        raise UserError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+    cfg = Config(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg):
+    positive = ["n_dims", "n_points", "n_embd", "n_head", "n_layer", "n_loops", "loop_window",
+                "dims_start", "points_start", "steps", "batch_size", "log_every", "ckpt_every",
+                "eval_prompts"]
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
+        raise UserError(f"--lr must be a positive number, got {cfg.lr}")
+    if cfg.loop_window > cfg.n_loops:
+        raise UserError(f"--window {cfg.loop_window} exceeds --loops {cfg.n_loops}: T <= b")
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
+    if cfg.n_points > positions(cfg):
+        raise UserError(f"--n_points {cfg.n_points} is beyond the position table "
+                        f"(n_positions {positions(cfg)})")
+    for name in ["n_positions", "points_inc", "curriculum_every", "loops_every", "eval_loops"]:
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must not be negative, got {getattr(cfg, name)}")
+    if cfg.device not in ("auto", "cuda", "mps", "cpu") and not cfg.device.startswith("cuda:"):
+        raise UserError(f"unknown device {cfg.device!r}: use auto, cuda, mps or cpu")
+
+
+def positions(cfg):
+    """Rows of the position table, in (x, y) pairs (derived: n_positions or n_points)."""
+    return cfg.n_positions or cfg.n_points
+
+
+def eval_loops(cfg):
+    return cfg.eval_loops or 5 * cfg.n_loops
+
+
+# ---------------------------------------------------------------------------- tasks
+# Each sampler draws one function per prompt and n points x ~ N(0, I): coordinates from
+# active_dims on are zero (the dimension curriculum). Signature (B, n, d, active_dims, generator)
+# -> xs (B, n, d), ys (B, n); everything is drawn on the generator's device.
+
+
+def gaussian_points(B, n, d, active, gen):
+    xs = torch.randn(B, n, d, generator=gen, device=gen.device)
+    xs[..., active:] = 0
+    return xs  # (B, n, d)
+
+
+def sample_linear_regression(B, n, d, active, gen, noise_std=0.0):
+    """y = w . x with w ~ N(0, I_d), restricted to the active dimensions."""
+    xs = gaussian_points(B, n, d, active, gen)
+    w = torch.randn(B, d, generator=gen, device=gen.device)
+    w[:, active:] = 0
+    ys = (xs @ w[:, :, None])[..., 0]  # (B, n)
+    if noise_std:
+        ys = ys + noise_std * torch.randn(B, n, generator=gen, device=gen.device)
+    return xs, ys
+
+
+def sample_noisy_linear_regression(B, n, d, active, gen):
+    """Linear regression with N(0, 0.1^2) noise on y."""
+    return sample_linear_regression(B, n, d, active, gen, noise_std=0.1)
+
+
+def sample_sparse_linear_regression(B, n, d, active, gen, s=3):
+    """y = w . x where w keeps s random active coordinates of N(0, I) ([G]: among active dims)."""
+    xs = gaussian_points(B, n, d, active, gen)
+    w = torch.randn(B, d, generator=gen, device=gen.device)
+    keep = torch.rand(B, active, generator=gen, device=gen.device).argsort(1)[:, :s]  # (B, s)
+    w = w * torch.zeros(B, d, device=w.device).scatter_(1, keep, 1.0)
+    return xs, (xs @ w[:, :, None])[..., 0]
+
+
+def sample_decision_tree(B, n, d, active, gen, depth=4):
+    """A full binary tree: node k tests x[coord_k] > 0 (right) or not; leaves ~ N(0, 1).
+
+    Nodes are numbered heap-style (children of k are 2k+1, 2k+2); every example descends all
+    levels at once, so there is no loop over prompts or points."""
+    xs = gaussian_points(B, n, d, active, gen)
+    n_inner = 2 ** depth - 1
+    coords = torch.randint(0, active, (B, n_inner), generator=gen, device=gen.device)
+    leaves = torch.randn(B, n_inner + 1, generator=gen, device=gen.device)
+    node = torch.zeros(B, n, dtype=torch.long, device=xs.device)  # (B, n)
+    for _ in range(depth):
+        coord = coords.gather(1, node)  # (B, n): the coordinate each example's node tests
+        right = xs.gather(2, coord[..., None])[..., 0] > 0
+        node = 2 * node + 1 + right.long()
+    return xs, leaves.gather(1, node - n_inner)
+
+
+def sample_relu_2nn(B, n, d, active, gen, hidden=100):
+    """y = sqrt(2 / hidden) relu(x W1) W2, with W1 (d, 100) and W2 (100,) entries ~ N(0, 1)."""
+    xs = gaussian_points(B, n, d, active, gen)
+    W1 = torch.randn(B, d, hidden, generator=gen, device=gen.device)
+    W2 = torch.randn(B, hidden, 1, generator=gen, device=gen.device)
+    return xs, math.sqrt(2 / hidden) * (F.relu(xs @ W1) @ W2)[..., 0]
+
+
+TASKS = {
+    "linreg": sample_linear_regression,
+    "noisy_linreg": sample_noisy_linear_regression,
+    "sparse_linreg": sample_sparse_linear_regression,
+    "decision_tree": sample_decision_tree,
+    "relu_2nn": sample_relu_2nn,
+}
+
+
+def error_normaliser(task, d):
+    """E[y^2] of the task, so that predicting 0 scores about 1: d, s = 3, or 1 for trees."""
+    return {"sparse_linreg": 3.0, "decision_tree": 1.0}.get(task, float(d))
+
+
+# ---------------------------------------------------------------------------- curriculum
+
+
+def curriculum(cfg, step):
+    """(d, n, b) in force at a training step: start small, grow by steps, cap at the target."""
+    grown = step // cfg.curriculum_every if cfg.curriculum_every else 10**9
+    d = min(cfg.dims_start + grown, cfg.n_dims)
+    n = min(cfg.points_start + grown * cfg.points_inc, cfg.n_points)
+    b = cfg.n_loops
+    if cfg.loops_every:  # loops start at T and grow by 2 ([LT])
+        b = min(cfg.loop_window + 2 * (step // cfg.loops_every), cfg.n_loops)
+    return d, n, b
+
+
+# ---------------------------------------------------------------------------- model
+# GPT-2 as in nanoGPT: pre-LayerNorm, causal attention, tanh-GELU MLP, biases, no dropout.
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x):
+        B, L, D = x.shape
+        q, k, v = self.c_attn(x).split(D, dim=2)
+        q, k, v = (t.view(B, L, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, L, hs)
+        return self.c_proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class LoopedTransformer(nn.Module):
+    """Y_{t+1} = M(Y_t + P), Y_0 = 0, with a read-out after every iteration.
+
+    M is n_layer blocks plus ln_f; with n_layer 12 and one loop this is exactly the
+    paper's standard transformer, so both models share one code path."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.read_in = nn.Linear(cfg.n_dims, cfg.n_embd)  # one embedding for x and y tokens
+        self.wpe = nn.Embedding(2 * positions(cfg), cfg.n_embd)  # learned absolute positions
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.read_out = nn.Linear(cfg.n_embd, 1)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear):
+            nn.init.zeros_(module.bias)
+
+    def backbone(self, h):
+        for block in self.blocks:
+            h = block(h)
+        return self.ln_f(h)
+
+    def forward(self, xs, ys, n_loops, n_no_grad=0):
+        """xs (B, n, d), ys (B, n) -> predictions (B, n_loops - n_no_grad, n), one row per
+        iteration after the first n_no_grad; entry i predicts y_i from the pairs before it."""
+        B, n, d = xs.shape
+        y_tokens = F.pad(ys[..., None], (0, d - 1))  # (B, n, d): y becomes (y, 0, ..., 0)
+        tokens = torch.stack([xs, y_tokens], dim=2).view(B, 2 * n, d)  # (B, L): x1 y1 x2 y2 ...
+        # Input injection: P is added back every iteration, so the loop cannot forget its
+        # prompt. [LT] re-adds the position embeddings inside every backbone call, so in code
+        # Y_{t+1} = ln_f(Block(Y_t + P + PE)).
+        inject = self.read_in(tokens) + self.wpe.weight[: 2 * n]  # (B, L, D)
+        Y = torch.zeros_like(inject)  # Y_0 = 0
+        with torch.no_grad():  # the first b - T iterations: no gradient, no stored activations
+            for _ in range(n_no_grad):
+                Y = self.backbone(Y + inject)
+        preds = []
+        for _ in range(n_no_grad, n_loops):
+            Y = self.backbone(Y + inject)
+            preds.append(self.read_out(Y[:, ::2])[..., 0])  # (B, n): read at the x_i tokens
+        return torch.stack(preds, dim=1)  # (B, t, n)
+
+
+def count_parameters(model):
+    """(paper convention: blocks + ln_f, as nanoGPT counts; total: everything)."""
+    backbone = sum(p.numel() for p in [*model.blocks.parameters(), *model.ln_f.parameters()])
+    return backbone, sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------- loss and evaluation
+
+
+def windowed_loss(preds, ys):
+    """Mean over the window's iterations, the batch and all positions of (y_hat - y)^2."""
+    return (preds.float() - ys[:, None]).pow(2).mean()
+
+
+def eval_prompts(cfg, device):
+    """Fixed test prompts at the final d and n, from their own generator."""
+    gen = torch.Generator(device).manual_seed(cfg.eval_seed)
+    return TASKS[cfg.task](cfg.eval_prompts, cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
+
+
+@torch.no_grad()
+def evaluate(model, cfg, device, ctx=nullcontext()):
+    """Normalised squared error per position, for every loop iteration and for each baseline.
+
+    Returns {"loops": (t, n) model errors after iterations 1..eval_loops, name: (n,) ...}."""
+    model.eval()
+    xs, ys = eval_prompts(cfg, device)
+    norm = error_normaliser(cfg.task, cfg.n_dims)
+    total = 0
+    for s in range(0, len(xs), 256):  # chunks bound the activations at paper scale
+        with ctx:
+            preds = model(xs[s:s + 256], ys[s:s + 256], eval_loops(cfg))  # (B, t, n)
+        total = total + (preds.float() - ys[s:s + 256, None]).pow(2).sum(0)
+    model.train()
+    errors = {"loops": (total / len(xs) / norm).cpu()}
+    for name in baselines.TASK_BASELINES[cfg.task]:
+        preds = baselines.BASELINES[name](xs, ys)
+        errors[name] = ((preds - ys).pow(2).mean(0) / norm).cpu()
+    return errors
+
+
+def report(errors, cfg):
+    """A short table: error at chosen numbers of in-context examples k."""
+    b, t = cfg.n_loops, eval_loops(cfg)
+    ks = sorted({k for k in (1, cfg.n_dims // 2, cfg.n_dims, 2 * cfg.n_dims, cfg.n_points - 1)
+                 if 0 < k < cfg.n_points})
+    rows = {f"looped, b = {b}": errors["loops"][b - 1], f"looped, {t} loops": errors["loops"][-1]}
+    if cfg.n_loops == 1:
+        rows = {f"transformer ({cfg.n_layer} layers)": errors["loops"][0]}
+    rows.update({name: errors[name] for name in baselines.TASK_BASELINES[cfg.task]})
+    lines = [f"normalised squared error, {cfg.task}, d = {cfg.n_dims}, {cfg.eval_prompts} prompts",
+             f"{'k (in-context examples)':<26}" + "".join(f"{k:>9}" for k in ks)]
+    for name, err in rows.items():
+        lines.append(f"{name:<26}" + "".join(f"{err[k].item():>9.4f}" for k in ks))
+    return "\n".join(lines)
+
+
+def plot(errors, cfg, out):
+    """error_vs_examples.png and error_vs_loops.png in the run folder."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    b, t = cfg.n_loops, eval_loops(cfg)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(errors["loops"][b - 1], lw=2, label=f"looped, {b} loops" if b > 1 else "transformer")
+    if t != b:
+        ax.plot(errors["loops"][-1], lw=2, ls="--", label=f"looped, {t} loops")
+    for name in baselines.TASK_BASELINES[cfg.task]:
+        ax.plot(errors[name], label=name)
+    ax.set(xlabel="in-context examples k", ylabel="normalised squared error",
+           title=f"{cfg.task}, d = {cfg.n_dims}", ylim=(-0.05, 1.5))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "error_vs_examples.png"), dpi=120)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    last = cfg.n_points - 1
+    ax.semilogy(range(1, t + 1), errors["loops"][:, last], lw=2, label="looped transformer")
+    ax.axhline(errors["least squares"][last].item(), color="k", ls=":", label="least squares")
+    ax.axvline(b, color="gray", ls="--", label=f"trained b = {b}")
+    ax.set(xlabel="loop iteration", ylabel=f"normalised squared error at k = {last}",
+           title=f"{cfg.task}: error against loop iterations")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "error_vs_loops.png"), dpi=120)
+    plt.close("all")
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path, model, opt, cfg, step, gen):
+    """One dict, written to a temporary file and renamed, so a crash never leaves half a file."""
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": asdict(cfg),
+            "step": step, "rng": {"data": gen.get_state(), "torch": torch.get_rng_state()}}
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(run_dir):
+    """The run's checkpoint and its Config; UserError if missing, corrupt or incompatible."""
+    path = os.path.join(run_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = make_config(**ckpt["config"])
+    except UserError as e:
+        raise UserError(f"{path} was made with an incompatible config: {e}") from None
+    except Exception as e:
+        raise UserError(f"{path} is corrupt or not a looped checkpoint ({type(e).__name__})") from None
+    return ckpt, cfg
+
+
+def restore_model(ckpt, cfg, device):
+    model = LoopedTransformer(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError) as e:
+        raise UserError(f"checkpoint weights do not match its config: {str(e).splitlines()[0]}") from None
+    return model.to(device)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def setup_device(cfg):
+    """Device and precision, decided once: (device, autocast context or a null one)."""
+    name = cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA device is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps asked for, but MPS is not available")
+    device = torch.device(name)
+    if device.type == "cuda":  # TF32 matmuls: ~fp32 accuracy at tensor-core speed
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp else nullcontext()
+    return device, ctx
+
+
+def run_dir(cfg):
+    return cfg.out or os.path.join("runs", cfg.task)
+
+
+def train(cfg, resume=None, quiet=False):
+    """Train a looped transformer, then evaluate it; returns the evaluation errors."""
+    say = (lambda *a: None) if quiet else print
+    device, ctx = setup_device(cfg)
+    out = run_dir(cfg)
+    os.makedirs(out, exist_ok=True)
+    ckpt_path = os.path.join(out, "ckpt.pt")
+
+    torch.manual_seed(cfg.seed)
+    model = LoopedTransformer(cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
+    gen = torch.Generator(device).manual_seed(cfg.seed)  # training prompts
+    step = 0
+    if resume is not None:  # continue exactly where the checkpoint left off
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        gen.set_state(resume["rng"]["data"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        step = resume["step"]
+    forward = torch.compile(model) if cfg.compile else model
+    backbone, total = count_parameters(model)
+    say(f"{cfg.task}: {cfg.n_layer} layer(s) x {cfg.n_loops} loops, D {cfg.n_embd}, d {cfg.n_dims}, "
+        f"n {cfg.n_points} | {backbone / 1e6:.3f}M parameters (paper convention), {total / 1e6:.3f}M total "
+        f"| {device} | run folder {out}")
+    log = open(os.path.join(out, "log.jsonl"), "a" if resume else "w")
+    last = (time.perf_counter(), step)
+    while step < cfg.steps:
+        d, n, b = curriculum(cfg, step)
+        xs, ys = TASKS[cfg.task](cfg.batch_size, n, cfg.n_dims, d, gen)
+        with ctx:
+            preds = forward(xs, ys, b, max(b - cfg.loop_window, 0))  # (B, min(b, T), n)
+        loss = windowed_loss(preds, ys)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps
+        if step % cfg.log_every == 0 or is_ckpt:  # the only host-device syncs of the loop
+            loss_value = loss.item()
+            if not math.isfinite(loss_value) or not all(p.isfinite().all() for p in model.parameters()):
+                raise UserError(f"training diverged at step {step} (loss {loss_value}); lower --lr. "
+                                f"The last good checkpoint is kept in {ckpt_path}")
+            now = time.perf_counter()
+            ms = 1000 * (now - last[0]) / max(step - last[1], 1)
+            last = (now, step)
+            say(f"step {step:6d} | loss {loss_value / error_normaliser(cfg.task, d):.4f} | d {d} n {n} b {b} | {ms:.1f} ms/step")
+            log.write(json.dumps(dict(step=step, loss=loss_value, d=d, n=n, b=b, ms_per_step=ms)) + "\n")
+            log.flush()
+        if is_ckpt:
+            save_checkpoint(ckpt_path, model, opt, cfg, step, gen)
+    log.close()
+    return finish(model, cfg, device, ctx, say)
+
+
+def finish(model, cfg, device, ctx, say=print):
+    """Evaluate, write eval.json and the plots, print the table."""
+    out = run_dir(cfg)
+    t0 = time.perf_counter()
+    errors = evaluate(model, cfg, device, ctx)
+    with open(os.path.join(out, "eval.json"), "w") as f:
+        json.dump({k: v.tolist() for k, v in errors.items()}, f)
+    plot(errors, cfg, out)
+    say(report(errors, cfg))
+    say(f"evaluated in {time.perf_counter() - t0:.1f} s; plots in {out}")
+    return errors
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, not argparse's usage block
+        print(f"looped.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+FLAGS = {"n_loops": ["--loops"], "loop_window": ["--window"]}  # the short names the paper uses
+
+
+def parse_args(argv):
+    parser = Parser(description=__doc__.split("\n")[0])
+    for f in fields(Config):
+        flags = [f"--{f.name}", *FLAGS.get(f.name, [])]
+        if f.type in (bool, "bool"):
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            parser.add_argument(*flags, type=kind, default=None, dest=f.name)
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    parser.add_argument("--eval", metavar="RUN_DIR", help="re-evaluate a saved run, no training")
+    args = vars(parser.parse_args(argv))
+    resume, evaluate_dir = args.pop("resume"), args.pop("eval")
+    return {k: v for k, v in args.items() if v is not None}, resume, evaluate_dir
+
+
+def main(argv=None):
+    given, resume_dir, eval_dir = parse_args(argv)
+    if resume_dir or eval_dir:
+        ckpt, saved = load_checkpoint(resume_dir or eval_dir)
+        # A saved run keeps its config; only its length and the evaluation can change.
+        free = {"steps", "out", "device", "log_every", "ckpt_every", "eval_prompts", "eval_loops",
+                "n_points", "compile", "amp"}
+        for name, value in given.items():
+            if name not in free and value != getattr(saved, name):
+                raise UserError(f"--{name} {value} differs from the saved run's {getattr(saved, name)}; "
+                                f"a saved run keeps its config")
+        cfg = make_config(**{**asdict(saved), "out": resume_dir or eval_dir, **given})
+        if eval_dir:
+            device, ctx = setup_device(cfg)
+            finish(restore_model(ckpt, cfg, device), cfg, device, ctx)
+            return
+        restore_model(ckpt, cfg, "cpu")  # fails early, with one line, on mismatched weights
+        train(cfg, resume=ckpt)
+    else:
+        train(make_config(**given))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"looped.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,322 @@
+"""Tests for looped.py and baselines.py: reference parity in float64, the model's causal and
+looping structure, checkpoints, a short training run that must beat a baseline, and the CLI's
+errors. `pytest` runs them all on CPU in a few minutes."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import baselines
+import looped
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def tiny_config(tmp_path=None, **overrides):
+    values = dict(n_dims=4, n_points=9, n_embd=32, n_head=2, n_loops=6, loop_window=3,
+                  dims_start=2, points_start=5, curriculum_every=2, loops_every=2, steps=6,
+                  batch_size=8, log_every=2, ckpt_every=3, eval_prompts=16, eval_loops=8,
+                  device="cpu", out=str(tmp_path or ""))
+    values.update(overrides)
+    return looped.make_config(**values)
+
+
+def draw(task, B=64, n=30, d=6, active=4, seed=0):
+    return looped.TASKS[task](B, n, d, active, torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------- samplers
+
+
+@pytest.mark.parametrize("task", list(looped.TASKS))
+def test_inactive_dimensions_are_zero(task):
+    xs, ys = draw(task)
+    assert xs.shape == (64, 30, 6) and ys.shape == (64, 30)
+    assert (xs[..., 4:] == 0).all() and (xs[..., :4] != 0).all()
+    assert ys.isfinite().all()
+
+
+def fit_weights(xs, ys, active):
+    """Least squares in float64 on the active dimensions (n > d, so it is exact)."""
+    X = xs[..., :active].double()
+    w = torch.linalg.lstsq(X, ys.double()[..., None]).solution  # (B, active, 1)
+    return w[..., 0], (X @ w)[..., 0] - ys.double()
+
+
+def test_linear_regression_is_linear_with_gaussian_weights():
+    xs, ys = draw("linreg", B=512)
+    w, residual = fit_weights(xs, ys, 4)
+    assert residual.abs().max() < 1e-4  # float32 sampling, float64 fit
+    assert abs(w.std().item() - 1) < 0.05  # w ~ N(0, I): 2048 draws, std within 5%
+
+
+def test_noisy_linear_regression_noise_level():
+    xs, ys = draw("noisy_linreg", B=512, n=60)
+    _, residual = fit_weights(xs, ys, 4)
+    # residual of a 4-parameter fit on 60 points has variance 0.01 * (60 - 4) / 60
+    assert abs(residual.pow(2).mean().sqrt().item() - 0.1 * (56 / 60) ** 0.5) < 0.005
+
+
+def test_sparse_linear_regression_has_s_nonzero_active_weights():
+    xs, ys = draw("sparse_linreg", B=256, d=10, active=6)
+    w, residual = fit_weights(xs, ys, 6)
+    assert residual.abs().max() < 1e-4
+    assert ((w.abs() > 1e-3).sum(1) == 3).all()  # exactly s = 3 among the 6 active dims
+    xs2, ys2 = draw("sparse_linreg", B=256, d=10, active=2)
+    w2, residual2 = fit_weights(xs2, ys2, 2)
+    assert residual2.abs().max() < 1e-4 and ((w2.abs() > 1e-3).sum(1) <= 2).all()
+
+
+def test_decision_tree_matches_per_example_routing():
+    B, n, d, active, depth = 16, 20, 6, 4, 4
+    xs, ys = draw("decision_tree", B, n, d, active, seed=3)
+    gen = torch.Generator().manual_seed(3)  # redraw the same tree parameters, in the same order
+    torch.randn(B, n, d, generator=gen)
+    coords = torch.randint(0, active, (B, 15), generator=gen)
+    leaves = torch.randn(B, 16, generator=gen)
+    for b in range(B):
+        for i in range(n):
+            node = 0
+            for _ in range(depth):  # heap order: children of k are 2k+1 (left), 2k+2 (right)
+                node = 2 * node + (2 if xs[b, i, coords[b, node]] > 0 else 1)
+            assert ys[b, i].item() == leaves[b, node - 15].item()
+    assert coords.max() < active
+
+
+def test_relu_network_formula_in_float64():
+    B, n, d, active = 8, 10, 6, 4
+    xs, ys = draw("relu_2nn", B, n, d, active, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    torch.randn(B, n, d, generator=gen)
+    W1 = torch.randn(B, d, 100, generator=gen).double()
+    W2 = torch.randn(B, 100, 1, generator=gen).double()
+    ref = (2 / 100) ** 0.5 * (torch.relu(xs.double() @ W1) @ W2)[..., 0]
+    torch.testing.assert_close(ys.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_normaliser_makes_zero_predictor_score_one():
+    for task in looped.TASKS:
+        xs, ys = draw(task, B=4096, n=10, d=6, active=6)
+        ratio = ys.pow(2).mean().item() / looped.error_normaliser(task, 6)
+        assert abs(ratio - 1) < 0.1, (task, ratio)  # 40,960 draws: within 10%
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def test_parameter_counts_match_the_paper():
+    paper = looped.make_config(task="linreg", preset="paper")
+    assert looped.count_parameters(looped.LoopedTransformer(paper))[0] == 790_272  # 0.79M
+    standard = looped.make_config(task="linreg", preset="paper", n_layer=12, n_loops=1, loop_window=1)
+    assert looped.count_parameters(looped.LoopedTransformer(standard))[0] == 9_477_632  # 9.48M
+
+
+def test_prediction_of_y_i_cannot_see_y_i():
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = looped.LoopedTransformer(cfg).eval()
+    xs, ys = draw("linreg", B=3, n=9, d=4, active=4)
+    i = 4
+    ys2 = ys.clone()
+    ys2[:, i] += 1.0
+    with torch.no_grad():
+        p1, p2 = model(xs, ys, 3), model(xs, ys2, 3)  # (B, t, n)
+    assert torch.equal(p1[..., : i + 1], p2[..., : i + 1])  # predictions 0..i unchanged
+    assert ((p1[..., i + 1:] - p2[..., i + 1:]).abs() > 1e-6).all()  # later ones change
+
+
+def test_more_loops_extend_the_same_iterates():
+    cfg = tiny_config()
+    model = looped.LoopedTransformer(cfg).eval()
+    xs, ys = draw("linreg", B=3, n=9, d=4, active=4)
+    with torch.no_grad():
+        five, two = model(xs, ys, 5), model(xs, ys, 2)
+    assert five.shape == (3, 5, 9) and two.shape == (3, 2, 9)
+    torch.testing.assert_close(five[:, :2], two, rtol=0, atol=1e-6)
+    assert not torch.allclose(five[:, 2], five[:, 1])  # the loop does move
+
+
+def grads(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_no_gradient_through_the_first_b_minus_T_iterations():
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = looped.LoopedTransformer(cfg)
+    xs, ys = draw("linreg", B=4, n=9, d=4, active=4)
+    b, T = 6, 3
+    looped.windowed_loss(model(xs, ys, b, b - T), ys).backward()
+    ours = grads(model)
+
+    def reference(detach):  # the loop written out, with the state cut after b - T iterations
+        model.zero_grad()
+        tokens = torch.stack([xs, torch.nn.functional.pad(ys[..., None], (0, 3))], 2).view(4, 18, 4)
+        inject = model.read_in(tokens) + model.wpe.weight[:18]
+        Y, preds = torch.zeros_like(inject), []
+        for t in range(b):
+            Y = model.backbone(Y + inject)
+            if t == b - T - 1 and detach:
+                Y = Y.detach()
+            if t >= b - T:
+                preds.append(model.read_out(Y[:, ::2])[..., 0])
+        looped.windowed_loss(torch.stack(preds, 1), ys).backward()
+        return grads(model)
+
+    for g, r in zip(ours, reference(detach=True)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(g, r, rtol=1e-3) for g, r in zip(ours, reference(detach=False)))
+
+
+def test_curriculum_values():
+    cfg = looped.make_config(task="linreg", preset="paper")
+    assert looped.curriculum(cfg, 0) == (5, 11, 15)
+    assert looped.curriculum(cfg, 499) == (5, 11, 15)
+    assert looped.curriculum(cfg, 500) == (5, 11, 17)
+    assert looped.curriculum(cfg, 1500) == (5, 11, 20)  # b capped at 20
+    assert looped.curriculum(cfg, 5000) == (6, 13, 20)
+    assert looped.curriculum(cfg, 75_000) == (20, 41, 20)
+    assert looped.curriculum(cfg, 500_000) == (20, 41, 20)
+    tree = looped.make_config(task="decision_tree", preset="paper")
+    assert looped.curriculum(tree, 10_000) == (7, 36, 55)  # b: 15 + 2 * 20
+    off = tiny_config(curriculum_every=0, loops_every=0)
+    assert looped.curriculum(off, 0) == (4, 9, 6)
+
+
+# ---------------------------------------------------------------------------- baselines
+
+
+def test_least_squares_is_minimum_norm_on_every_prefix():
+    xs, ys = draw("linreg", B=5, n=12, d=6, active=6)
+    preds = baselines.least_squares(xs, ys)
+    for i in range(12):
+        if i == 0:
+            assert (preds[:, 0] == 0).all()
+            continue
+        w = torch.linalg.pinv(xs[:, :i].double()) @ ys[:, :i, None].double()  # (B, d, 1)
+        ref = (xs[:, i].double()[:, None] @ w)[:, 0, 0]
+        torch.testing.assert_close(preds[:, i].double(), ref, rtol=1e-5, atol=1e-5)
+    assert preds[:, 7:].sub(ys[:, 7:]).abs().max() < 1e-3  # exact once i > d
+
+
+def test_averaging_estimator():
+    xs, ys = draw("linreg", B=4, n=8, d=3, active=3)
+    preds = baselines.averaging(xs, ys)
+    for i in range(1, 8):
+        w = (ys[:, :i, None] * xs[:, :i]).mean(1)
+        torch.testing.assert_close(preds[:, i], (w * xs[:, i]).sum(-1), rtol=1e-5, atol=1e-6)
+    assert (preds[:, 0] == 0).all()
+
+
+# ---------------------------------------------------------------------------- checkpoints and training
+
+
+def state(run_dir):
+    return torch.load(os.path.join(run_dir, "ckpt.pt"), weights_only=True)
+
+
+def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path):
+    full = tiny_config(tmp_path / "full")
+    looped.train(full, quiet=True)
+    ckpt = state(full.out)
+    assert ckpt["step"] == 6 and ckpt["config"] == looped.asdict(full)
+    model = looped.restore_model(ckpt, full, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ckpt["model"].values()))
+
+    half = tiny_config(tmp_path / "half", steps=3)
+    looped.train(half, quiet=True)
+    looped.main(["--resume", half.out, "--steps", "6"])
+    resumed = state(half.out)
+    assert resumed["step"] == 6
+    for name, tensor in ckpt["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    with open(os.path.join(half.out, "log.jsonl")) as f:
+        assert [looped.json.loads(line)["step"] for line in f] == [2, 3, 4, 6]
+
+
+def test_short_training_beats_the_averaging_baseline(tmp_path):
+    """800 steps on 3-dimensional linear regression: at the last position (k = 10) the
+    looped model must beat averaging (about 0.3 here) and the zero predictor (1.0)."""
+    cfg = looped.make_config(n_dims=3, n_points=11, n_embd=32, n_head=2, n_loops=6,
+                             loop_window=4, dims_start=3, points_start=11, curriculum_every=0,
+                             loops_every=0, steps=800, batch_size=64, lr=2e-3, log_every=800,
+                             ckpt_every=800, eval_prompts=512, eval_loops=6, device="cpu",
+                             out=str(tmp_path))
+    errors = looped.train(cfg, quiet=True)
+    k = 10
+    model, avg = errors["loops"][5, k].item(), errors["averaging"][k].item()
+    assert model < 0.5 * avg, (model, avg)
+    assert os.path.isfile(tmp_path / "error_vs_examples.png")
+    assert os.path.isfile(tmp_path / "error_vs_loops.png")
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "looped.py"), *args],
+                          capture_output=True, text=True, cwd=HERE, timeout=120)
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, steps=4, ckpt_every=2, log_every=2)
+    looped.train(cfg, quiet=True)
+    before = state(cfg.out)
+    out = str(tmp_path)
+    r = run_cli("--resume", out, "--steps", "8", "--lr", "1e30")  # lr is part of the config
+    assert r.returncode == 2 and "differs" in r.stderr
+    poisoned = {**before, "model": {k: v.clone() for k, v in before["model"].items()}}
+    poisoned["model"]["read_out.bias"].fill_(float("nan"))  # the run goes bad after step 4
+    with pytest.raises(looped.UserError, match="diverged"):
+        looped.train(tiny_config(tmp_path, steps=8, ckpt_every=2, log_every=2), resume=poisoned, quiet=True)
+    after = state(out)
+    assert after["step"] == 4
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--task", "quadratic"], "quadratic"),
+    (["--loops", "0"], "--n_loops"),
+    (["--loops", "5", "--window", "6"], "exceeds"),
+    (["--window", "0"], "--loop_window"),
+    (["--n_points", "50", "--n_positions", "40"], "position table"),
+    (["--n_embd", "-4"], "--n_embd"),
+    (["--batch_size", "0"], "--batch_size"),
+    (["--steps", "abc"], "invalid int"),
+    (["--eval", "/nonexistent/run"], "no checkpoint"),
+    (["--resume", "/nonexistent/run"], "no checkpoint"),
+])
+def test_bad_input_gives_one_line_and_exit_code_2(args, words):
+    r = run_cli(*args, "--steps", "1") if "--steps" not in args else run_cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, r.stderr
+
+
+def test_corrupt_and_incompatible_run_folders(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    r = run_cli("--eval", str(tmp_path))
+    assert r.returncode == 2 and "corrupt" in r.stderr and len(r.stderr.splitlines()) == 1
+    cfg = tiny_config(tmp_path / "run", steps=2)
+    looped.train(cfg, quiet=True)
+    ckpt = state(cfg.out)
+    ckpt["config"]["n_embd"] = 48  # weights of width 32 under a config of width 48
+    torch.save(ckpt, os.path.join(cfg.out, "ckpt.pt"))
+    r = run_cli("--eval", cfg.out)
+    assert r.returncode == 2 and "do not match" in r.stderr and len(r.stderr.splitlines()) == 1
+    ckpt["config"]["loop_window"] = 99
+    torch.save(ckpt, os.path.join(cfg.out, "ckpt.pt"))
+    r = run_cli("--resume", cfg.out)
+    assert r.returncode == 2 and "incompatible" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_eval_re_evaluates_a_saved_run(tmp_path):
+    cfg = tiny_config(tmp_path, steps=2)
+    errors = looped.train(cfg, quiet=True)
+    os.remove(tmp_path / "error_vs_loops.png")
+    r = run_cli("--eval", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "least squares" in r.stdout and os.path.isfile(tmp_path / "error_vs_loops.png")
+    saved = looped.json.load(open(tmp_path / "eval.json"))
+    torch.testing.assert_close(torch.tensor(saved["loops"]), errors["loops"], rtol=1e-5, atol=1e-6)
