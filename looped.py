@@ -502,7 +502,7 @@ def train(cfg, resume=None, quiet=False):
         f"n {cfg.n_points} | {backbone / 1e6:.3f}M parameters (paper convention), {total / 1e6:.3f}M total "
         f"| {device} | run folder {out}")
     log = open(os.path.join(out, "log.jsonl"), "a" if resume else "w")
-    last = (time.perf_counter(), step)
+    last, running = (time.perf_counter(), step), torch.zeros((), device=device)
     while step < cfg.steps:
         d, n, b = curriculum(cfg, step)
         xs, ys = TASKS[cfg.task](cfg.batch_size, n, cfg.n_dims, d, gen)
@@ -512,17 +512,19 @@ def train(cfg, resume=None, quiet=False):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        running += loss.detach() / error_normaliser(cfg.task, d)  # on device: no sync
         step += 1
         is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps
         if step % cfg.log_every == 0 or is_ckpt:  # the only host-device syncs of the loop
-            loss_value = loss.item()
+            # loss: normalised training loss, averaged over the steps since the last line
+            loss_value = running.item() / (step - last[1])
             if not math.isfinite(loss_value) or not all(p.isfinite().all() for p in model.parameters()):
                 raise UserError(f"training diverged at step {step} (loss {loss_value}); lower --lr. "
                                 f"The last good checkpoint is kept in {ckpt_path}")
             now = time.perf_counter()
-            ms = 1000 * (now - last[0]) / max(step - last[1], 1)
-            last = (now, step)
-            say(f"step {step:6d} | loss {loss_value / error_normaliser(cfg.task, d):.4f} | d {d} n {n} b {b} | {ms:.1f} ms/step")
+            ms = 1000 * (now - last[0]) / (step - last[1])
+            last, running = (now, step), torch.zeros((), device=device)
+            say(f"step {step:6d} | loss {loss_value:.4f} | d {d} n {n} b {b} | {ms:.1f} ms/step")
             log.write(json.dumps(dict(step=step, loss=loss_value, d=d, n=n, b=b, ms_per_step=ms)) + "\n")
             log.flush()
         if is_ckpt:
