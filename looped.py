@@ -85,8 +85,8 @@ PAPER = dict(n_dims=20, n_embd=256, n_head=8, n_layer=1, dims_start=5, curriculu
              loops_every=500, steps=500_000, batch_size=64, lr=1e-4)
 # Laptop defaults per task where they differ from the dataclass (see README, "Differences").
 LAPTOP_TASKS = {
-    "decision_tree": dict(n_points=21, points_start=9, points_inc=4),
-    "relu_2nn": dict(n_points=21, points_start=9, points_inc=4),
+    "decision_tree": dict(n_points=15, points_start=7),
+    "relu_2nn": dict(n_points=21, points_start=9, points_inc=4, n_loops=12, loop_window=5),
 }
 
 
@@ -108,6 +108,8 @@ def make_config(task="linreg", preset="laptop", **overrides):
     else:
         values.update(LAPTOP_TASKS.get(task, {}))
     values.update(overrides)
+    if "loop_window" not in overrides and "n_loops" in overrides:  # T defaults to min(T, b)
+        values["loop_window"] = min(values.get("loop_window", Config.loop_window), values["n_loops"])
     unknown = set(values) - {f.name for f in fields(Config)}
     if unknown:
         raise UserError(f"unknown config field(s): {', '.join(sorted(unknown))}")

@@ -109,7 +109,8 @@ def test_normaliser_makes_zero_predictor_score_one():
 def test_parameter_counts_match_the_paper():
     paper = looped.make_config(task="linreg", preset="paper")
     assert looped.count_parameters(looped.LoopedTransformer(paper))[0] == 790_272  # 0.79M
-    standard = looped.make_config(task="linreg", preset="paper", n_layer=12, n_loops=1, loop_window=1)
+    standard = looped.make_config(task="linreg", preset="paper", n_layer=12, n_loops=1)
+    assert standard.loop_window == 1  # T defaults to min(T, b)
     assert looped.count_parameters(looped.LoopedTransformer(standard))[0] == 9_477_632  # 9.48M
 
 
