@@ -404,6 +404,7 @@ def plot(errors, cfg, out):
         ax.plot(errors[name], label=name)
     ax.set(xlabel="in-context examples k", ylabel="normalised squared error",
            title=f"{cfg.task}, d = {cfg.n_dims}", ylim=(-0.05, 1.5))
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "error_vs_examples.png"), dpi=120)
