@@ -3,15 +3,48 @@
 Every solver has one signature, `(xs (B, n, d), ys (B, n)) -> preds (B, n)`, where
 `preds[:, i]` is fitted on the first i pairs only and `preds[:, 0] = 0`, so its error curve
 lines up with the transformer's (the prediction of y_i sees x_1, y_1, ..., x_{i-1}, y_{i-1}, x_i).
-All are batched over prompts and prefix lengths in torch and run on CPU or CUDA alike.
-This file imports nothing from looped.py.
+All are batched over prompts and prefix lengths in torch (no Python loop over prompts) and run
+on CPU or CUDA alike. The iterative solvers (gradient descent, Newton's iteration) also return
+their prediction after every iteration, to be drawn beside the looped model's iterations.
+
+    python baselines.py --task sparse_linreg      # every baseline's error at chosen k, no model
+    python baselines.py --bench                   # time against per-prompt scikit-learn fits
+
+The solvers import nothing from looped.py; only the command line borrows its task samplers.
+Shapes: B prompts, n points, d input dim, Q = B * (prefixes) independent fitting problems.
 """
+import argparse
+import math
+import sys
+import time
+
 import torch
+import torch.nn.functional as F
 
 
-def prefix_masks(n, device):
-    """mask[i, j] = 1 when pair j is in the prefix that predicts position i (j < i)."""
-    return torch.ones(n, n, device=device).tril(-1)  # (n, n)
+def by_prompts(fn, xs, ys, size, *args):
+    """Run fn on chunks of prompts: every solver is independent per prompt, and chunks bound
+    the memory of the (B, n, n, d) or (B, n, d, d) tensors at paper scale."""
+    return torch.cat([fn(xs[s:s + size], ys[s:s + size], *args) for s in range(0, len(xs), size)])
+
+
+def prefix_gram(xs, ys):
+    """G_i = sum_{j<i} x_j x_j^T (B, n, d, d) and c_i = sum_{j<i} y_j x_j (B, n, d), in float64:
+    the sufficient statistics of every prefix's least-squares problem."""
+    x, y = xs.double(), ys.double()
+    G = torch.cumsum(x[..., :, None] * x[..., None, :], dim=1)  # (B, n, d, d): sum over j <= i
+    c = torch.cumsum(y[..., None] * x, dim=1)  # (B, n, d)
+    G = torch.cat([torch.zeros_like(G[:, :1]), G[:, :-1]], dim=1)  # shift: j < i
+    c = torch.cat([torch.zeros_like(c[:, :1]), c[:, :-1]], dim=1)
+    return G, c
+
+
+def predict_linear(w, xs):
+    """w (B, n, d) fitted per prefix -> pred_i = w_i . x_i (B, n), in the inputs' dtype."""
+    return (w * xs.double()).sum(-1).to(xs.dtype)
+
+
+# ---------------------------------------------------------------------------- closed form
 
 
 def least_squares(xs, ys):
@@ -20,16 +53,30 @@ def least_squares(xs, ys):
     Zero rows do not change a minimum-norm solution, so every prefix is the full (n, d)
     design with the rows j >= i zeroed, and all n prefixes are solved in one batched pinv.
     Right for underdetermined prefixes (i < d), where a full-rank-only solver fails."""
-    B, n, d = xs.shape
-    x64, y64 = xs.double(), ys.double()
-    mask = prefix_masks(n, xs.device).double()  # (n, n)
-    preds = torch.empty(B, n, dtype=torch.float64, device=xs.device)
-    for s in range(0, B, 64):  # chunks of prompts bound the (b, n, n, d) design tensor
-        X = x64[s:s + 64, None] * mask[None, :, :, None]  # (b, n, n, d): prefix i, row j
-        Y = y64[s:s + 64, None] * mask[None]  # (b, n, n)
-        w = (torch.linalg.pinv(X) @ Y[..., None])[..., 0]  # (b, n, d)
-        preds[s:s + 64] = (w * x64[s:s + 64]).sum(-1)
-    return preds.to(xs.dtype)
+    return by_prompts(_least_squares, xs, ys, 64)
+
+
+def _least_squares(xs, ys):
+    n = xs.shape[1]
+    mask = torch.ones(n, n, dtype=torch.float64, device=xs.device).tril(-1)  # (n, n): j < i
+    X = xs.double()[:, None] * mask[None, :, :, None]  # (B, n, n, d): prefix i, row j
+    Y = ys.double()[:, None] * mask[None]  # (B, n, n)
+    w = (torch.linalg.pinv(X) @ Y[..., None])[..., 0]  # (B, n, d)
+    return predict_linear(w, xs)
+
+
+def ridge(xs, ys, alpha=0.01):
+    """Ridge without intercept: w_i = (G_i + alpha I)^-1 c_i, minimising ||X w - y||^2 + alpha ||w||^2.
+
+    alpha = 0.01 = noise variance / prior variance of w is the Bayes-optimal predictor for
+    noisy linear regression (noise std 0.1, w ~ N(0, I))."""
+    return by_prompts(_ridge, xs, ys, 256, alpha)
+
+
+def _ridge(xs, ys, alpha):
+    G, c = prefix_gram(xs, ys)
+    eye = torch.eye(xs.shape[2], dtype=G.dtype, device=G.device)
+    return predict_linear(torch.linalg.solve(G + alpha * eye, c), xs)
 
 
 def averaging(xs, ys):
@@ -45,16 +92,452 @@ def zero(xs, ys):
     return torch.zeros_like(ys)
 
 
-# Which classical learners each task's figures show (the paper's choice, grown in baselines work).
+# ---------------------------------------------------------------------------- neighbours
+
+
+def nearest_neighbours(xs, ys, k=3):
+    """k-NN, uniform weights: pred_i = mean of y_j over the k nearest x_j (j < i) to x_i;
+    fewer neighbours when i < k, as Garg et al. do."""
+    return by_prompts(_nearest_neighbours, xs, ys, 128, k)
+
+
+def _nearest_neighbours(xs, ys, k):
+    B, n, _ = xs.shape
+    x = xs.double()
+    dist = (x[:, :, None] - x[:, None]).pow(2).sum(-1)  # (B, n, n): query i, candidate j
+    future = torch.ones(n, n, dtype=torch.bool, device=xs.device).triu()  # j >= i is not seen
+    k = min(k, n)
+    idx = dist.masked_fill(future, math.inf).topk(k, dim=2, largest=False).indices  # (B, n, k)
+    neighbours = ys.gather(1, idx.flatten(1)).view(B, n, k)
+    seen = torch.arange(k, device=xs.device)[None] < torch.arange(n, device=xs.device)[:, None]  # (n, k)
+    return (neighbours * seen).sum(-1) / seen.sum(-1).clamp(min=1)
+
+
+# ---------------------------------------------------------------------------- sparse
+
+
+def lasso(xs, ys, alpha=0.01):
+    """Lasso without intercept, scikit-learn's convention: min_w ||y - X w||^2 / (2 i) + alpha ||w||_1.
+
+    Solved exactly by the Lasso homotopy (LARS with drops, Efron et al. 2004) on the Gram
+    matrices of all prompts and prefixes at once: the solution is piecewise linear in the
+    penalty, so it is followed from w = 0 at lam = max |c_j| down to lam = i alpha, one
+    join or drop of a coordinate per step. Exact to float64 round-off; at most a few d steps."""
+    return by_prompts(_lasso, xs, ys, 512, alpha)
+
+
+def _lasso(xs, ys, alpha):
+    B, n, d = xs.shape
+    G, c = prefix_gram(xs, ys)
+    G, c = G.view(-1, d, d), c.view(-1, d)  # (Q, d, d), (Q, d): one problem per prompt and prefix
+    target = alpha * torch.arange(n, dtype=G.dtype, device=G.device).repeat(B)  # (Q,): i alpha
+    lam, first = c.abs().max(1)  # w = 0 is optimal down to lam = max_j |c_j|
+    w = torch.zeros_like(c)
+    rho = c.clone()  # correlations c - G w: = lam sign(w_j) on the active set, |.| <= lam off it
+    active = F.one_hot(first, d).bool()  # (Q, d)
+    todo = torch.nonzero(lam > target)[:, 0]
+    eye = torch.eye(d, dtype=G.dtype, device=G.device)
+    for _ in range(10 * d + 100):
+        if len(todo) == 0:
+            break
+        Gt, on, wt, rt, lt = G[todo], active[todo], w[todo], rho[todo], lam[todo, None]
+        s = torch.sign(rt) * on
+        # direction: moving lam down by g moves w_A by g u_A, with G_AA u_A = s_A
+        A = torch.where(on[:, :, None] & on[:, None, :], Gt, eye * ~on[:, :, None])
+        u = torch.linalg.solve(A, s)  # (q, d), zero off the active set
+        a = (Gt @ u[..., None])[..., 0]  # rho moves by -g a; a_A = s_A
+        # the next event: an inactive |rho_j| reaches lam - g, or an active w_j reaches 0
+        join = torch.minimum(positive((lt - rt) / (1 - a), lt), positive((lt + rt) / (1 + a), lt))
+        drop = positive(-wt / u, lt)
+        join, drop = join.masked_fill(on, math.inf), drop.masked_fill(~on, math.inf)
+        g_join, j_join = join.min(1)
+        g_drop, j_drop = drop.min(1)
+        g_end = lt[:, 0] - target[todo]
+        g = torch.minimum(torch.minimum(g_join, g_drop), g_end)  # (q,)
+        wt, rt = wt + g[:, None] * u, rt - g[:, None] * a
+        rows = torch.arange(len(todo), device=G.device)
+        joined = (g == g_join) & (g < g_end)
+        dropped = (g == g_drop) & (g < g_end) & ~joined
+        on[rows[joined], j_join[joined]] = True
+        on[rows[dropped], j_drop[dropped]] = False
+        wt[rows[dropped], j_drop[dropped]] = 0.0
+        w[todo], rho[todo], lam[todo], active[todo] = wt, rt, lt[:, 0] - g, on
+        todo = todo[g < g_end]
+    return predict_linear(w.view(B, n, d), xs)
+
+
+def positive(step, lam):
+    """Steps to an event, with those not ahead (<= 0 up to round-off) or undefined set to inf."""
+    return torch.where(step > 1e-12 * lam, step, math.inf).nan_to_num(math.inf)
+
+
+# ---------------------------------------------------------------------------- iterative
+
+
+def gradient_descent_iterates(xs, ys, steps=100):
+    """Gradient descent on L_i(w) = ||X_{<i} w - y_{<i}||^2 / (2 i) from w = 0, step 1 / lambda_max:
+    w <- w - (G_i w - c_i) / lambda_max(G_i). Starting at 0 it converges to minimum-norm least
+    squares. Returns the prediction after every step, (B, steps, n)."""
+    return by_prompts(_gradient_descent, xs, ys, 256, steps)
+
+
+def _gradient_descent(xs, ys, steps):
+    G, c = prefix_gram(xs, ys)
+    step = 1 / torch.linalg.eigvalsh(G)[..., -1].clamp(min=1e-12)  # (B, n); the 1/i cancels
+    w, preds = torch.zeros_like(c), []
+    for _ in range(steps):
+        w = w - step[..., None] * ((G @ w[..., None])[..., 0] - c)
+        preds.append(predict_linear(w, xs))
+    return torch.stack(preds, dim=1)  # (B, steps, n)
+
+
+def newton_iterates(xs, ys, steps=30):
+    """Iterative Newton (Newton-Schulz) for the pseudo-inverse of G_i = X^T X: M_0 = G / lambda_max^2,
+    M_{k+1} = 2 M_k - M_k G M_k, w_k = M_k c. Converges to minimum-norm least squares,
+    quadratically once started, in far fewer steps than gradient descent. (B, steps, n)."""
+    return by_prompts(_newton, xs, ys, 256, steps)
+
+
+def _newton(xs, ys, steps):
+    G, c = prefix_gram(xs, ys)
+    top = torch.linalg.eigvalsh(G)[..., -1].clamp(min=1e-12)  # (B, n)
+    M, preds = G / top[..., None, None] ** 2, []
+    for _ in range(steps):
+        M = 2 * M - M @ G @ M
+        preds.append(predict_linear((M @ c[..., None])[..., 0], xs))
+    return torch.stack(preds, dim=1)  # (B, steps, n)
+
+
+def gradient_descent(xs, ys):
+    """The gradient-descent iterate after 100 steps."""
+    return gradient_descent_iterates(xs, ys, 100)[:, -1]
+
+
+def newton(xs, ys):
+    """The Newton-Schulz iterate after 30 steps."""
+    return newton_iterates(xs, ys, 30)[:, -1]
+
+
+# ---------------------------------------------------------------------------- trees
+
+
+def prefix_problems(xs, ys, lo, hi):
+    """The fitting problems of prefixes lo <= i < hi, padded to m = hi - 1 samples:
+    X (Q, m, d), y (Q, m), valid (Q, m) (sample j < i), query x_i (Q, d); Q = B (hi - lo)."""
+    B, n, d = xs.shape
+    i = torch.arange(lo, hi, device=xs.device)
+    m = hi - 1
+    X = xs[:, None, :m].expand(B, len(i), m, d).reshape(-1, m, d)
+    y = ys[:, None, :m].expand(B, len(i), m).reshape(-1, m)
+    valid = (torch.arange(m, device=xs.device)[None] < i[:, None]).repeat(B, 1)  # (Q, m)
+    return X, y, valid, xs[:, lo:hi].reshape(-1, d)
+
+
+def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0):
+    """Greedy regression trees, the CART of scikit-learn's DecisionTreeRegressor: each node takes
+    the split (feature f, threshold between consecutive values) that most reduces the squared
+    error, sum_L^2 / n_L + sum_R^2 / n_R; thresholds are midpoints, x <= t goes left. With
+    n_trees > 1, gradient boosting on squared error: start from the mean, fit each tree to the
+    residuals, add lr times it. Batched over Q problems: X (Q, m, d), y (Q, m), valid (Q, m)
+    (the real samples come first), query (Q, d) -> the prediction at the query (Q,).
+
+    Every level is done for all problems and nodes at once: for each feature, samples are kept
+    sorted by (node, value), so each node is a contiguous segment and cumulative sums over a
+    segment give every threshold's left sum. After a split, each segment is partitioned
+    stably into its two children, which keeps both sorted."""
+    Q, m, d = X.shape
+    dt = torch.float64
+    pos = torch.arange(m, device=X.device)
+    values = X.transpose(1, 2).to(dt).masked_fill(~valid[:, None], math.inf)  # (Q, d, m)
+    order = values.argsort(dim=2, stable=True)  # padding (inf) sorts last
+    sorted_values = values.gather(2, order)
+    n_real = valid.sum(1, keepdim=True)  # (Q, 1)
+    y = y.to(dt) * valid
+    fit = (y.sum(1, keepdim=True) / n_real.clamp(min=1)).expand(Q, m) if n_trees > 1 else torch.zeros_like(y)
+    at_query = fit[:, 0].clone()
+    for _ in range(n_trees):
+        r = (y - fit) * valid  # residuals, (Q, m)
+        node = torch.zeros(Q, m, dtype=torch.long, device=X.device)
+        perm, xv = order, sorted_values
+        start, count = torch.zeros_like(n_real), n_real  # (Q, K): each node's segment
+        splits = []
+        for level in range(depth):
+            K = 2 ** level
+            posnode = (pos >= (start + count)[..., None]).sum(1)  # (Q, m): node owning position; K = padding
+            own = posnode.clamp(max=K - 1)
+            seg0 = start.gather(1, own)  # (Q, m): first position of the owning segment
+            cs = r.gather(1, perm.flatten(1)).view(Q, d, m).cumsum(2)  # (Q, d, m)
+            before = torch.where(seg0[:, None] > 0, cs.gather(2, (seg0 - 1).clamp(min=0)[:, None].expand(Q, d, m)), 0)
+            last = (start + count - 1).clamp(min=0).gather(1, own)
+            left = cs - before
+            total = cs.gather(2, last[:, None].expand(Q, d, m)) - before
+            n_left = (pos - seg0 + 1).to(dt)  # (Q, m)
+            n_right = count.gather(1, own) - n_left
+            gain = left ** 2 / n_left[:, None] + (total - left) ** 2 / n_right.clamp(min=1)[:, None]
+            # a threshold needs a right side in the node and a larger next value (sklearn: 1e-7)
+            ok = (n_right > 0) & (posnode < K)
+            gain = gain.masked_fill(~(ok[:, None] & (F.pad(xv[..., 1:], (0, 1)) > xv + 1e-7)), -math.inf)
+            best, feat = gain.max(1)  # (Q, m): best feature at each position
+            node_best = torch.full((Q, K + 1), -math.inf, dtype=dt, device=X.device)
+            node_best = node_best.scatter_reduce(1, posnode, best, "amax")[:, :K]
+            is_best = (best == node_best.gather(1, own)) & (best > -math.inf)
+            where = torch.full((Q, K + 1), m, device=X.device).scatter_reduce(
+                1, posnode, torch.where(is_best, pos, m), "amin")[:, :K]  # (Q, K): first best position
+            p = where.clamp(max=m - 2)
+            f = feat.gather(1, p)  # (Q, K)
+            lo = xv.flatten(1).gather(1, f * m + p)
+            hi = xv.flatten(1).gather(1, f * m + p + 1)
+            thr = torch.where(where < m, lo / 2 + hi / 2, math.inf)  # no split: all go left
+            splits.append((f, thr))
+            # route the samples, then partition every feature's segments stably by the bit
+            sample_feat = f.gather(1, node)
+            right = (X.to(dt).gather(2, sample_feat[..., None])[..., 0] > thr.gather(1, node)) & valid
+            bits = right.gather(1, perm.flatten(1)).view(Q, d, m).long()
+            ones = bits.cumsum(2) - bits  # right-goers before each position, exclusive
+            ones = ones - ones.gather(2, seg0[:, None].expand(Q, d, m))
+            n_r = torch.zeros_like(count).scatter_add(1, node, right.long())  # (Q, K)
+            n_l = count - n_r
+            new = seg0[:, None] + torch.where(bits == 1, n_l.gather(1, own)[:, None] + ones,
+                                              (pos - seg0)[:, None] - ones)
+            new = torch.where((posnode < K)[:, None], new, pos)
+            perm = torch.empty_like(perm).scatter_(2, new, perm)
+            xv = torch.empty_like(xv).scatter_(2, new, xv)
+            node = 2 * node + right.long()
+            start = torch.stack([start, start + n_l], 2).view(Q, 2 * K)
+            count = torch.stack([n_l, n_r], 2).view(Q, 2 * K)
+        sums = torch.zeros(Q, 2 ** depth, dtype=dt, device=X.device).scatter_add(1, node, r)
+        leaf = sums / count.clamp(min=1)  # (Q, 2^depth): the mean residual of each leaf
+        q = torch.zeros(Q, 1, dtype=torch.long, device=X.device)
+        for f, thr in splits:  # route the query down the same splits
+            right = query.to(dt).gather(1, f.gather(1, q)) > thr.gather(1, q)
+            q = 2 * q + right.long()
+        fit = fit + lr * leaf.gather(1, node)
+        at_query = at_query + lr * leaf.gather(1, q)[:, 0]
+    return at_query
+
+
+def tree_predictions(xs, ys, depth, n_trees=1, lr=1.0, sign=False, bucket=8):
+    """Fit every prefix's tree(s) and predict its query: (B, n) with preds[:, 0] = 0. Prefixes are
+    grouped by length (bucket at a time) so that the padding stays small."""
+    B, n, _ = xs.shape
+    x = torch.sign(xs) if sign else xs
+    preds = torch.zeros(B, n, dtype=torch.float64, device=xs.device)
+    for lo in range(1, n, bucket):
+        hi = min(lo + bucket, n)
+        X, y, valid, query = prefix_problems(x, ys, lo, hi)
+        preds[:, lo:hi] = fit_trees(X, y, valid, query, depth, n_trees, lr).view(B, hi - lo)
+    return preds.to(ys.dtype)
+
+
+def greedy_tree(xs, ys):
+    """A greedy regression tree of depth 2 on x (the paper's choice on raw inputs)."""
+    return by_prompts(tree_predictions, xs, ys, 256, 2)  # depth
+
+
+def greedy_tree_sign(xs, ys):
+    """A greedy regression tree of depth 4 on sign(x), the features the task's trees test."""
+    return by_prompts(tree_predictions, xs, ys, 256, 4, 1, 1.0, True)  # depth, trees, lr, sign
+
+
+def boosted_trees(xs, ys):
+    """Gradient-boosted trees: 50 trees of depth 4, learning rate 0.1, squared error, on x."""
+    return by_prompts(tree_predictions, xs, ys, 256, 4, 50, 0.1)  # depth, trees, lr
+
+
+def boosted_trees_sign(xs, ys):
+    """The same boosted trees on sign(x)."""
+    return by_prompts(tree_predictions, xs, ys, 256, 4, 50, 0.1, True)  # depth, trees, lr, sign
+
+
+# ---------------------------------------------------------------------------- networks
+
+
+def relu_network(xs, ys, hidden=100, steps=1000, batch=10, lr=5e-3, seed=0):
+    """A 2-layer ReLU network d -> 100 -> 1 per prompt and prefix, trained by Adam (lr 5e-3) for
+    1000 steps on minibatches of 10 of the prefix's pairs drawn with replacement, as Garg et
+    al. do. All the networks are slices of one batched model: their losses are summed, and
+    since Adam works element by element, each one trains exactly as it would alone."""
+    return by_prompts(_relu_network, xs, ys, 64, hidden, steps, batch, lr, seed)
+
+
+def _relu_network(xs, ys, hidden, steps, batch, lr, seed):
+    B, n, d = xs.shape
+    gen = torch.Generator(xs.device).manual_seed(seed)
+    Q = B * (n - 1)  # problem (b, i): prompt b, fitted on its first i = 1 .. n-1 pairs
+    size = torch.arange(1, n, device=xs.device).repeat(B)  # (Q,): i
+    first = torch.arange(B, device=xs.device).repeat_interleave(n - 1) * n  # (Q,): row of x_1 in the flat prompts
+    flat_x, flat_y = xs.reshape(B * n, d), ys.reshape(B * n)
+
+    def uniform(*shape, fan_in):  # torch.nn.Linear's default initialisation
+        bound = 1 / math.sqrt(fan_in)
+        return ((torch.rand(*shape, generator=gen, device=xs.device) * 2 - 1) * bound).requires_grad_()
+
+    params = [uniform(Q, d, hidden, fan_in=d), uniform(Q, 1, hidden, fan_in=d),
+              uniform(Q, hidden, 1, fan_in=hidden), uniform(Q, 1, 1, fan_in=hidden)]
+    opt = torch.optim.Adam(params, lr=lr, fused=True)
+    with torch.enable_grad():  # evaluation may run under no_grad
+        for _ in range(steps):
+            pick = (torch.rand(Q, batch, generator=gen, device=xs.device) * size[:, None]).long()  # j < i
+            rows = first[:, None] + pick  # (Q, batch)
+            loss = (two_layer(params, flat_x[rows]) - flat_y[rows]).pow(2).mean(1).sum()  # each network's own MSE
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        at_query = two_layer(params, flat_x[first + size][:, None])[:, 0]  # (Q,): x_i
+    return F.pad(at_query.view(B, n - 1), (1, 0)).to(ys.dtype)  # preds[:, 0] = 0
+
+
+def two_layer(params, x):
+    """The batched networks: x (Q, k, d) -> relu(x W1 + b1) W2 + b2, (Q, k)."""
+    W1, b1, W2, b2 = params
+    return (F.relu(x @ W1 + b1) @ W2 + b2)[..., 0]
+
+
+# ---------------------------------------------------------------------------- which baselines
+
+
 BASELINES = {
     "least squares": least_squares,
+    "ridge": ridge,
     "averaging": averaging,
+    "3-NN": nearest_neighbours,
+    "Lasso": lasso,
+    "gradient descent": gradient_descent,
+    "Newton": newton,
+    "greedy tree": greedy_tree,
+    "greedy tree, sign(x)": greedy_tree_sign,
+    "boosted trees": boosted_trees,
+    "boosted trees, sign(x)": boosted_trees_sign,
+    "2-layer ReLU net": relu_network,
     "zero": zero,
 }
+# The classical learners each task's figures show: the paper's (PAPER.md), plus zero as the floor.
 TASK_BASELINES = {
-    "linreg": ["least squares", "averaging", "zero"],
-    "noisy_linreg": ["least squares", "averaging", "zero"],
-    "sparse_linreg": ["least squares", "averaging", "zero"],
-    "decision_tree": ["least squares", "averaging", "zero"],
-    "relu_2nn": ["least squares", "averaging", "zero"],
+    "linreg": ["least squares", "averaging", "3-NN", "zero"],
+    "noisy_linreg": ["least squares", "ridge", "averaging", "3-NN", "zero"],
+    "sparse_linreg": ["least squares", "Lasso", "averaging", "3-NN", "zero"],
+    "decision_tree": ["greedy tree", "greedy tree, sign(x)", "boosted trees", "boosted trees, sign(x)",
+                      "least squares", "3-NN", "averaging", "zero"],
+    "relu_2nn": ["2-layer ReLU net", "least squares", "3-NN", "averaging", "zero"],
 }
+# Solvers whose iterations are drawn beside the looped model's loop iterations.
+ITERATES = {"gradient descent": gradient_descent_iterates, "Newton": newton_iterates}
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+class UserError(Exception):
+    """A mistake in the command line: one line and exit code 2."""
+
+
+def error_table(task, n_dims, n_points, prompts, ks, seed, names):
+    """Every named baseline's normalised squared error at in-context examples ks, on fixed prompts."""
+    import looped  # the command line borrows the task samplers; the solvers above need nothing from it
+    gen = torch.Generator().manual_seed(seed)
+    xs, ys = looped.TASKS[task](prompts, n_points, n_dims, n_dims, gen)
+    norm = looped.error_normaliser(task, n_dims)
+    print(f"normalised squared error, {task}, d = {n_dims}, n = {n_points}, {prompts} prompts")
+    print(f"{'k (in-context examples)':<26}" + "".join(f"{k:>9}" for k in ks) + "   seconds")
+    for name in names:
+        t0 = time.perf_counter()
+        err = (BASELINES[name](xs, ys) - ys).pow(2).mean(0) / norm
+        print(f"{name:<26}" + "".join(f"{err[k].item():>9.4f}" for k in ks)
+              + f"{time.perf_counter() - t0:>10.1f}", flush=True)
+
+
+def sklearn_reference(name, xs, ys):
+    """The same fits one prompt and one prefix at a time with scikit-learn, as the original code
+    does (Garg et al.'s baselines loop over prefixes and prompts). None if there is no such model."""
+    import numpy as np
+    from sklearn.ensemble import GradientBoostingRegressor
+    from sklearn.linear_model import Lasso, LinearRegression, Ridge
+    from sklearn.neighbors import KNeighborsRegressor
+    from sklearn.tree import DecisionTreeRegressor
+    models = {
+        "least squares": lambda i: LinearRegression(fit_intercept=False),
+        "ridge": lambda i: Ridge(alpha=0.01, fit_intercept=False),
+        "3-NN": lambda i: KNeighborsRegressor(n_neighbors=min(3, i)),
+        "Lasso": lambda i: Lasso(alpha=0.01, fit_intercept=False, max_iter=100_000),
+        "greedy tree": lambda i: DecisionTreeRegressor(max_depth=2),
+        "greedy tree, sign(x)": lambda i: DecisionTreeRegressor(max_depth=4),
+        "boosted trees": lambda i: GradientBoostingRegressor(max_depth=4, learning_rate=0.1, n_estimators=50),
+        "boosted trees, sign(x)": lambda i: GradientBoostingRegressor(max_depth=4, learning_rate=0.1, n_estimators=50),
+    }
+    if name not in models:
+        return None
+    X = np.sign(xs.numpy()) if "sign" in name else xs.numpy()
+    Y = ys.numpy()
+    preds = np.zeros(Y.shape)
+    for b in range(len(X)):
+        for i in range(1, X.shape[1]):
+            preds[b, i] = models[name](i).fit(X[b, :i], Y[b, :i]).predict(X[b, i:i + 1])[0]
+    return preds
+
+
+def bench(prompts, ref_prompts, names):
+    """Time every baseline on `prompts` prompts at paper scale beside per-prompt scikit-learn fits."""
+    try:
+        import sklearn  # noqa: F401  (a test and benchmark dependency only)
+    except ImportError:
+        raise UserError("--bench compares with scikit-learn: pip install scikit-learn") from None
+    import warnings
+    warnings.filterwarnings("ignore")  # sklearn's Lasso warns on the underdetermined prefixes
+    print(f"time to score {prompts} prompts at every prefix length (d = 20; n = 41, or 101 for trees "
+          f"and networks); scikit-learn timed on {ref_prompts} prompts and scaled; "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'baseline':<24}{'n':>5}{'batched s':>12}{'sklearn s':>12}{'speed-up':>10}")
+    for name in names:
+        n = 101 if "tree" in name or "net" in name else 41
+        gen = torch.Generator().manual_seed(0)
+        xs = torch.randn(prompts, n, 20, generator=gen)
+        ys = torch.randn(prompts, n, generator=gen)  # timing only: the data's law does not matter
+        t0 = time.perf_counter()
+        BASELINES[name](xs, ys)
+        ours = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        done = sklearn_reference(name, xs[:ref_prompts], ys[:ref_prompts])
+        ref = (time.perf_counter() - t0) * prompts / ref_prompts
+        if done is None:
+            print(f"{name:<24}{n:>5}{ours:>12.2f}{'-':>12}{'-':>10}", flush=True)
+        else:
+            print(f"{name:<24}{n:>5}{ours:>12.2f}{ref:>12.1f}{ref / ours:>9.1f}x", flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Classical in-context learners: error tables and a benchmark.")
+    parser.add_argument("--task", default="linreg", help="function class, as in looped.py")
+    parser.add_argument("--n_dims", type=int, default=20, help="d (paper: 20)")
+    parser.add_argument("--n_points", type=int, default=0, help="n; 0: 41, or 101 for trees and networks")
+    parser.add_argument("--prompts", type=int, default=1280, help="test prompts (paper: 1280)")
+    parser.add_argument("--k", type=int, nargs="+", help="in-context examples to show; default d/2, d, 2d, n-1")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the prompts")
+    parser.add_argument("--only", nargs="+", help="baselines to run (default: the task's; see BASELINES)")
+    parser.add_argument("--bench", action="store_true", help="time against per-prompt scikit-learn fits")
+    parser.add_argument("--ref_prompts", type=int, default=16, help="prompts fitted by scikit-learn in --bench")
+    args = parser.parse_args(argv)
+    for name in args.only or []:
+        if name not in BASELINES:
+            raise UserError(f"unknown baseline {name!r}: use one of {', '.join(BASELINES)}")
+    if min(args.prompts, args.ref_prompts, args.n_dims) < 1 or args.n_points < 0:
+        raise UserError("--prompts, --ref_prompts and --n_dims must be at least 1, --n_points not negative")
+    if args.bench:
+        names = args.only or [name for name in BASELINES if name != "zero"]
+        return bench(args.prompts, min(args.ref_prompts, args.prompts), names)
+    if args.task not in TASK_BASELINES:
+        raise UserError(f"unknown task {args.task!r}: use one of {', '.join(TASK_BASELINES)}")
+    n = args.n_points or (101 if args.task in ("decision_tree", "relu_2nn") else 41)
+    d = args.n_dims
+    ks = args.k or sorted({k for k in (d // 2, d, 2 * d, n - 1) if 0 < k < n})
+    if any(not 0 <= k < n for k in ks):
+        raise UserError(f"--k must lie in 0 .. n-1 = {n - 1}")
+    error_table(args.task, d, n, args.prompts, ks, args.seed, args.only or TASK_BASELINES[args.task])
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"baselines.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -355,23 +355,43 @@ def eval_prompts(cfg, device):
 
 @torch.no_grad()
 def evaluate(model, cfg, device, ctx=nullcontext()):
-    """Normalised squared error per position, for every loop iteration and for each baseline.
+    """Normalised squared error per position after every loop iteration, and for each of the
+    task's baselines on the same prompts, with 90% bootstrap bands over the prompts.
 
-    Returns {"loops": (t, n) model errors after iterations 1..eval_loops, name: (n,) ...}."""
+    Returns {"loops": (t, n) model errors after iterations 1..eval_loops, name: (n,) for each
+    baseline, "band NAME": (2, n) for the model ("looped", at b loops) and each baseline, and
+    "iterates NAME": (steps,) gradient descent and Newton at the last position (linear tasks)}."""
     model.eval()
     xs, ys = eval_prompts(cfg, device)
     norm = error_normaliser(cfg.task, cfg.n_dims)
-    total = 0
+    total, at_b = 0, []
     for s in range(0, len(xs), 256):  # chunks bound the activations at paper scale
         with ctx:
-            preds = model(xs[s:s + 256], ys[s:s + 256], eval_loops(cfg))  # (B, t, n)
-        total = total + (preds.float() - ys[s:s + 256, None]).pow(2).sum(0)
+            preds = model(xs[s:s + 256], ys[s:s + 256], eval_loops(cfg)).float()  # (B, t, n)
+        sq = (preds - ys[s:s + 256, None]).pow(2) / norm  # (B, t, n)
+        total, at_b = total + sq.sum(0), at_b + [sq[:, cfg.n_loops - 1]]
     model.train()
-    errors = {"loops": (total / len(xs) / norm).cpu()}
+    errors = {"loops": (total / len(xs)).cpu(), "band looped": bootstrap_band(torch.cat(at_b)).cpu()}
     for name in baselines.TASK_BASELINES[cfg.task]:
-        preds = baselines.BASELINES[name](xs, ys)
-        errors[name] = ((preds - ys).pow(2).mean(0) / norm).cpu()
+        sq = (baselines.BASELINES[name](xs, ys) - ys).pow(2) / norm  # (P, n)
+        errors[name], errors[f"band {name}"] = sq.mean(0).cpu(), bootstrap_band(sq).cpu()
+    if cfg.task in ("linreg", "noisy_linreg", "sparse_linreg"):  # iterative solvers beside the loop
+        for name, iterates in baselines.ITERATES.items():
+            steps = eval_loops(cfg) if name == "gradient descent" else min(eval_loops(cfg), 40)
+            preds = iterates(xs, ys, steps)[:, :, -1]  # (P, steps): the last position only
+            errors[f"iterates {name}"] = ((preds - ys[:, None, -1]).pow(2).mean(0) / norm).cpu()
     return errors
+
+
+def bootstrap_band(sq, resamples=1000, seed=0):
+    """90% bootstrap interval of the mean over prompts, per position: sq (P, n) -> (2, n).
+    A resample is a vector of counts per prompt, so all 1000 means are one matmul."""
+    P = len(sq)
+    gen = torch.Generator(sq.device).manual_seed(seed)
+    picks = torch.randint(0, P, (resamples, P), generator=gen, device=sq.device)
+    counts = torch.zeros(resamples, P, device=sq.device).scatter_add_(1, picks, torch.ones_like(picks, dtype=torch.float))
+    means = counts @ sq.float() / P  # (resamples, n)
+    return torch.quantile(means, torch.tensor([0.05, 0.95], device=sq.device), dim=0)
 
 
 def report(errors, cfg):
@@ -396,29 +416,39 @@ def plot(errors, cfg, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     b, t = cfg.n_loops, eval_loops(cfg)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(errors["loops"][b - 1], lw=2, label=f"looped, {b} loops" if b > 1 else "transformer")
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    k = range(cfg.n_points)
+    curves = [(f"looped, {b} loops" if b > 1 else f"transformer, {cfg.n_layer} layers",
+               errors["loops"][b - 1], errors["band looped"])]
+    curves += [(name, errors[name], errors[f"band {name}"]) for name in baselines.TASK_BASELINES[cfg.task]]
+    for i, (name, err, band) in enumerate(curves):
+        line, = ax.plot(k, err, lw=2.5 if i == 0 else 1.5, label=name)
+        ax.fill_between(k, band[0], band[1], color=line.get_color(), alpha=0.2, lw=0)
     if t != b:
-        ax.plot(errors["loops"][-1], lw=2, ls="--", label=f"looped, {t} loops")
-    for name in baselines.TASK_BASELINES[cfg.task]:
-        ax.plot(errors[name], label=name)
+        ax.plot(k, errors["loops"][-1], lw=2, ls="--", color="C0", label=f"looped, {t} loops")
     ax.set(xlabel="in-context examples k", ylabel="normalised squared error",
-           title=f"{cfg.task}, d = {cfg.n_dims}", ylim=(-0.05, 1.5))
+           title=f"{cfg.task}, d = {cfg.n_dims} (90% bootstrap bands)", ylim=(-0.05, 1.5))
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "error_vs_examples.png"), dpi=120)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
     last = cfg.n_points - 1
     curve = errors["loops"][:, last]
-    ax.semilogy(range(1, t + 1), curve, lw=2, label="looped transformer")
+    ax.semilogy(range(1, t + 1), curve, lw=2.5, label="looped transformer")
+    floor = curve.min().item()
+    for name in baselines.ITERATES:  # iterative solvers: one iteration against one loop
+        if f"iterates {name}" in errors:
+            err = errors[f"iterates {name}"]
+            ax.semilogy(range(1, len(err) + 1), err.clamp(min=1e-12), lw=1.5, label=f"{name} iterations")
+            floor = min(floor, err.min().item())
     lsq = errors["least squares"][last].item()
     ax.axhline(lsq, color="k", ls=":", label=f"least squares ({lsq:.1e})")
-    ax.set_ylim(bottom=max(curve.min().item() / 10, 1e-6))  # exact solvers sit near 1e-14
+    ax.set_ylim(bottom=max(min(floor, lsq) / 3, 1e-8))  # exact solvers sit near 1e-14
     ax.axvline(b, color="gray", ls="--", label=f"trained b = {b}")
-    ax.set(xlabel="loop iteration", ylabel=f"normalised squared error at k = {last}",
-           title=f"{cfg.task}: error against loop iterations")
-    ax.legend()
+    ax.set(xlabel="loop iteration (or solver iteration)", ylabel=f"normalised squared error at k = {last}",
+           title=f"{cfg.task}: error against iterations")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "error_vs_loops.png"), dpi=120)
     plt.close("all")

@@ -8,6 +8,11 @@ import sys
 import pytest
 import torch
 
+from sklearn.ensemble import GradientBoostingRegressor
+from sklearn.linear_model import Lasso, LinearRegression, Ridge
+from sklearn.neighbors import KNeighborsRegressor
+from sklearn.tree import DecisionTreeRegressor
+
 import baselines
 import looped
 
@@ -187,6 +192,35 @@ def test_curriculum_values():
 
 
 # ---------------------------------------------------------------------------- baselines
+# Each solver against scikit-learn (a test-only dependency) on the same data, one prompt and one
+# prefix at a time, as the original code fits them. Inputs are float64, so "exact" means 1e-8.
+
+
+
+def reference(make, xs, ys, at=None, sign=False):
+    """preds[b, i] of a scikit-learn model fitted on prefix i of prompt b, at x_i (or at x_at)."""
+    X = torch.sign(xs).numpy() if sign else xs.numpy()
+    out = torch.zeros(ys.shape, dtype=torch.float64)
+    for b in range(len(X)):
+        for i in range(1, X.shape[1]):
+            j = i if at is None else at
+            out[b, i] = float(make(i).fit(X[b, :i], ys[b, :i].numpy()).predict(X[b, j:j + 1])[0])
+    return out
+
+
+def draw64(task, B, n, d, seed=0):
+    xs, ys = draw(task, B, n, d, d, seed)
+    return xs.double(), ys.double()
+
+
+def test_least_squares_ridge_and_knn_match_sklearn():
+    xs, ys = draw64("noisy_linreg", B=6, n=14, d=5)
+    torch.testing.assert_close(baselines.least_squares(xs, ys),
+                               reference(lambda i: LinearRegression(fit_intercept=False), xs, ys), rtol=0, atol=1e-8)
+    torch.testing.assert_close(baselines.ridge(xs, ys, alpha=0.5),
+                               reference(lambda i: Ridge(alpha=0.5, fit_intercept=False), xs, ys), rtol=0, atol=1e-8)
+    torch.testing.assert_close(baselines.nearest_neighbours(xs, ys),
+                               reference(lambda i: KNeighborsRegressor(n_neighbors=min(3, i)), xs, ys), rtol=0, atol=1e-12)
 
 
 def test_least_squares_is_minimum_norm_on_every_prefix():
@@ -209,6 +243,82 @@ def test_averaging_estimator():
         w = (ys[:, :i, None] * xs[:, :i]).mean(1)
         torch.testing.assert_close(preds[:, i], (w * xs[:, i]).sum(-1), rtol=1e-5, atol=1e-6)
     assert (preds[:, 0] == 0).all()
+
+
+@pytest.mark.parametrize("task", ["sparse_linreg", "linreg"])
+def test_lasso_matches_sklearn(task):
+    """Under- and overdetermined prefixes (d = 8, i = 1 .. 19): within 1e-4, the issue's tolerance
+    (measured: about 1e-10, since the homotopy is exact up to round-off)."""
+    xs, ys = draw64(task, B=6, n=20, d=8, seed=1)
+    ref = reference(lambda i: Lasso(alpha=0.01, fit_intercept=False, tol=1e-12, max_iter=1_000_000), xs, ys)
+    torch.testing.assert_close(baselines.lasso(xs, ys), ref, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("depth", [2, 4])
+def test_greedy_tree_matches_sklearn(depth):
+    """With one feature every split is unique, so predictions at the query must agree exactly.
+    With several, scikit-learn breaks ties between features that split a node's samples the
+    same way at random, which can route a new query differently; the fitted values at the
+    training points cannot differ, so those are compared exactly."""
+    xs, ys = draw64("linreg", B=6, n=20, d=1)
+    ys = ys + torch.randn(ys.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    torch.testing.assert_close(baselines.tree_predictions(xs, ys, depth),
+                               reference(lambda i: DecisionTreeRegressor(max_depth=depth), xs, ys), rtol=0, atol=1e-12)
+    xs, ys = draw64("decision_tree", B=6, n=20, d=4, seed=2)
+    for sign in (False, True):
+        ref = reference(lambda i: DecisionTreeRegressor(max_depth=depth), xs, ys, at=0, sign=sign)
+        torch.testing.assert_close(in_sample(xs, ys, depth, sign=sign), ref, rtol=0, atol=1e-12)
+
+
+def in_sample(xs, ys, depth, n_trees=1, lr=1.0, sign=False):
+    """Our trees' prediction at x_0, a training point of every prefix (B, n); 0 at i = 0."""
+    B, n, _ = xs.shape
+    X, y, valid, _ = baselines.prefix_problems(torch.sign(xs) if sign else xs, ys, 1, n)
+    out = baselines.fit_trees(X, y, valid, X[:, 0], depth, n_trees, lr).view(B, n - 1)
+    return torch.nn.functional.pad(out, (1, 0))
+
+
+def test_boosted_trees_match_sklearn():
+    """The same two checks for 50 boosted trees of depth 4 (learning rate 0.1): a tie changes no
+    fitted value, so neither any later residual, and the fit at x_0 stays comparable."""
+    gbr = lambda i: GradientBoostingRegressor(max_depth=4, learning_rate=0.1, n_estimators=50)  # noqa: E731
+    xs, ys = draw64("linreg", B=3, n=16, d=1, seed=3)
+    ys = ys + torch.randn(ys.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    torch.testing.assert_close(baselines.tree_predictions(xs, ys, 4, 50, 0.1), reference(gbr, xs, ys),
+                               rtol=0, atol=1e-10)
+    xs, ys = draw64("decision_tree", B=3, n=16, d=4, seed=4)
+    for sign in (False, True):
+        torch.testing.assert_close(in_sample(xs, ys, 4, 50, 0.1, sign), reference(gbr, xs, ys, at=0, sign=sign),
+                                   rtol=0, atol=1e-10)
+
+
+def test_gradient_descent_and_newton_converge_to_least_squares():
+    """A well-conditioned problem (i = 40 points, d = 5): GD reaches least squares to 1e-8
+    within 300 steps; Newton-Schulz needs far fewer iterations for the same accuracy."""
+    xs, ys = draw64("linreg", B=8, n=41, d=5, seed=5)
+    lsq = baselines.least_squares(xs, ys)[:, -1]
+    gd = (baselines.gradient_descent_iterates(xs, ys, 300)[:, :, -1] - lsq[:, None]).abs().amax(0)  # (steps,)
+    newton = (baselines.newton_iterates(xs, ys, 30)[:, :, -1] - lsq[:, None]).abs().amax(0)
+    assert gd[-1] < 1e-8 and newton[-1] < 1e-8
+    first = lambda err: int((err < 1e-8).nonzero()[0])  # noqa: E731  (first iteration that is there)
+    assert 3 * first(newton) < first(gd), (first(newton), first(gd))
+    assert gd[0] > 1e-2 and newton[0] > 1e-2  # neither is there from the start
+
+
+def test_relu_network_learns_the_relu_task():
+    """The per-prompt networks (fewer steps than the paper's 1000, to stay fast) must clearly beat
+    least squares and the zero predictor at the last position of the ReLU task."""
+    xs, ys = draw("relu_2nn", B=24, n=31, d=2, active=2, seed=6)
+    err = lambda p: (p[:, -1] - ys[:, -1]).pow(2).mean().item()  # noqa: E731
+    net = err(baselines.relu_network(xs, ys, steps=300))
+    assert net < 0.5 * err(baselines.least_squares(xs, ys)) and net < 0.25 * err(torch.zeros_like(ys)), net
+
+
+def test_every_task_names_known_baselines_and_baselines_stand_alone():
+    assert set(baselines.TASK_BASELINES) == set(looped.TASKS)
+    assert all(name in baselines.BASELINES for names in baselines.TASK_BASELINES.values() for name in names)
+    code = "import sys, baselines; assert 'looped' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], cwd=HERE).returncode == 0
 
 
 # ---------------------------------------------------------------------------- checkpoints and training
