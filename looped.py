@@ -86,7 +86,8 @@ PAPER = dict(n_dims=20, n_embd=256, n_head=8, n_layer=1, dims_start=5, curriculu
 # Laptop defaults per task where they differ from the dataclass (see README, "Differences").
 LAPTOP_TASKS = {
     "decision_tree": dict(n_points=15, points_start=7),
-    "relu_2nn": dict(n_points=21, points_start=9, points_inc=4, n_loops=12, loop_window=5),
+    "relu_2nn": dict(n_points=21, points_start=9, points_inc=4, n_loops=12, loop_window=5,
+                     eval_prompts=512),  # the per-prompt network baseline trains 512 * 20 networks
 }
 
 
@@ -312,16 +313,24 @@ class LoopedTransformer(nn.Module):
             h = block(h)
         return self.ln_f(h)
 
+    def embed(self, xs, ys):
+        """The prompt as tokens x1 y1 x2 y2 ..., embedded with their positions: (B, L, D)."""
+        B, n, d = xs.shape
+        y_tokens = F.pad(ys[..., None], (0, d - 1))  # (B, n, d): y becomes (y, 0, ..., 0)
+        tokens = torch.stack([xs, y_tokens], dim=2).reshape(B, 2 * n, d)  # (B, L, d): x1 y1 x2 y2 ...
+        # [LT] re-adds the position embeddings inside every backbone call, so they are part of
+        # what is injected: in code Y_{t+1} = ln_f(Block(Y_t + P + PE)).
+        return self.read_in(tokens) + self.wpe.weight[: 2 * n]  # (B, L, D)
+
+    def read(self, Y):
+        """The read-out at the x_i tokens: (B, L, D) -> (B, n), entry i predicting y_i."""
+        return self.read_out(Y[:, ::2])[..., 0]
+
     def forward(self, xs, ys, n_loops, n_no_grad=0):
         """xs (B, n, d), ys (B, n) -> predictions (B, n_loops - n_no_grad, n), one row per
         iteration after the first n_no_grad; entry i predicts y_i from the pairs before it."""
-        B, n, d = xs.shape
-        y_tokens = F.pad(ys[..., None], (0, d - 1))  # (B, n, d): y becomes (y, 0, ..., 0)
-        tokens = torch.stack([xs, y_tokens], dim=2).view(B, 2 * n, d)  # (B, L): x1 y1 x2 y2 ...
-        # Input injection: P is added back every iteration, so the loop cannot forget its
-        # prompt. [LT] re-adds the position embeddings inside every backbone call, so in code
-        # Y_{t+1} = ln_f(Block(Y_t + P + PE)).
-        inject = self.read_in(tokens) + self.wpe.weight[: 2 * n]  # (B, L, D)
+        # Input injection: P is added back every iteration, so the loop cannot forget its prompt.
+        inject = self.embed(xs, ys)  # (B, L, D)
         Y = torch.zeros_like(inject)  # Y_0 = 0
         with torch.no_grad():  # the first b - T iterations: no gradient, no stored activations
             for _ in range(n_no_grad):
@@ -329,7 +338,7 @@ class LoopedTransformer(nn.Module):
         preds = []
         for _ in range(n_no_grad, n_loops):
             Y = self.backbone(Y + inject)
-            preds.append(self.read_out(Y[:, ::2])[..., 0])  # (B, n): read at the x_i tokens
+            preds.append(self.read(Y))  # (B, n)
         return torch.stack(preds, dim=1)  # (B, t, n)
 
 

@@ -431,3 +431,84 @@ def test_eval_re_evaluates_a_saved_run(tmp_path):
     assert "least squares" in r.stdout and os.path.isfile(tmp_path / "error_vs_loops.png")
     saved = looped.json.load(open(tmp_path / "eval.json"))
     torch.testing.assert_close(torch.tensor(saved["loops"]), errors["loops"], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- export
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny model trained for a few steps: the weights only need to be non-trivial."""
+    out = tmp_path_factory.mktemp("run")
+    looped.train(tiny_config(out, steps=20, ckpt_every=20), quiet=True)
+    return str(out)
+
+
+def test_unrolled_and_dynamic_exports_match_pytorch(trained_run, tmp_path):
+    import export
+    model, cfg = export.load_model(trained_run)
+    unrolled, dynamic = str(tmp_path / "b4.onnx"), str(tmp_path / "dyn.onnx")
+    report = export.export(trained_run, unrolled, n_loops=4, say=lambda *a: None)
+    assert report["checker"] == "passed" and report["provider"] == "CPUExecutionProvider"
+    export.export(trained_run, dynamic, dynamic_loops=True, say=lambda *a: None)
+    xs, ys = draw("linreg", B=7, n=5, d=4, active=4, seed=11)  # a shape unlike the export example's
+    with torch.no_grad():
+        expected = model(xs, ys, 4)[:, -1].numpy()
+    got = export.Predictor(unrolled)(xs.numpy(), ys.numpy())
+    assert got.shape == (7, 5) and abs(got - expected).max() < 1e-4
+    at_b = export.Predictor(dynamic)(xs.numpy(), ys.numpy(), n_loops=4)
+    assert abs(at_b - got).max() < 1e-5  # the ONNX Loop at b loops equals the unrolled graph
+    assert abs(export.Predictor(dynamic)(xs.numpy(), ys.numpy(), n_loops=9) - at_b).max() > 1e-6
+
+
+def test_metadata_round_trip_and_input_validation(trained_run, tmp_path):
+    import export
+    path = str(tmp_path / "m.onnx")
+    export.export(trained_run, path, n_loops=3, say=lambda *a: None)
+    p = export.Predictor(path)
+    cfg = looped.make_config(**looped.json.loads(p.meta["config"]))
+    assert (p.meta["task"], p.n_dims, p.max_points, p.meta["n_loops"]) == ("linreg", 4, 9, "3")
+    assert cfg == export.load_model(trained_run)[1] and p.meta["version"] == export.VERSION
+    assert float(p.meta["error_normaliser"]) == 4.0
+    xs, ys = torch.randn(2, 5, 4).numpy(), torch.randn(2, 5).numpy()
+    bad = {"rank": (xs[0], ys), "floating": (xs.astype("int64"), ys), "d = 3": (xs[..., :3], ys),
+           "points": (torch.randn(2, 10, 4).numpy(), torch.randn(2, 10).numpy()),
+           "NaN": (xs * float("nan"), ys), "expected (batch, n)": (xs, ys[:, :4])}
+    for words, (x, y) in bad.items():
+        with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            p(x, y)
+    assert p(xs.astype("float64"), ys).dtype == "float32"  # float64 inputs are cast, not refused
+    (tmp_path / "corrupt.onnx").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a loadable ONNX model"):
+        export.Predictor(str(tmp_path / "corrupt.onnx"))
+
+
+def test_failed_verification_deletes_the_file(trained_run, tmp_path, monkeypatch):
+    import export
+    monkeypatch.setattr(export, "PARITY_TOL", -1.0)  # no graph can pass: the check must fail
+    path = tmp_path / "bad.onnx"
+    with pytest.raises(export.VerificationError, match="onnxruntime - torch"):
+        export.export(trained_run, str(path), n_loops=2, say=lambda *a: None)
+    assert not path.exists()
+
+
+def test_predictor_needs_no_torch(trained_run, tmp_path):
+    import export
+    path = str(tmp_path / "m.onnx")
+    export.export(trained_run, path, n_loops=2, say=lambda *a: None)
+    code = ("import sys, numpy as np, export; p = export.Predictor(sys.argv[1]); "
+            "print(p(np.zeros((2, 3, 4)), np.zeros((2, 3))).shape); assert 'torch' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code, path], cwd=HERE, capture_output=True, text=True)
+    assert r.returncode == 0 and "(2, 3)" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["/nonexistent/run"], "no checkpoint"),
+    (["RUN", "--loops", "0"], "--loops must be at least 1"),
+    (["RUN", "-o", "/nonexistent/folder/m.onnx"], "does not exist"),
+])
+def test_export_cli_errors(trained_run, args, words):
+    args = [trained_run if a == "RUN" else a for a in args]
+    r = subprocess.run([sys.executable, os.path.join(HERE, "export.py"), *args],
+                       capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, r.stderr

@@ -1,0 +1,327 @@
+"""Export a trained looped transformer to ONNX, verify it, and run it in any app with onnxruntime.
+
+    python export.py RUN_DIR --loops 30 -o linreg_b30.onnx   # unrolled at 30 loop iterations
+    python export.py RUN_DIR --dynamic-loops -o linreg.onnx    # the loop count is an input
+    python export.py --bench RUN_DIR                          # PyTorch eager against onnxruntime
+
+The exported graph takes xs (batch, n, d) and ys (batch, n), float32, with batch and n dynamic
+(n up to the trained maximum), and returns the predictions (batch, n) after the last loop:
+entry i predicts y_i from the pairs before it. It carries its own description in the ONNX
+metadata (task, d, maximum points, loops, error normaliser, training config, version).
+
+`Predictor` needs only numpy and onnxruntime: this module imports torch, onnx and looped.py
+only inside the functions that export, verify or benchmark.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+VERSION = "0.2.0"
+PARITY_TOL = 1e-4  # max |onnxruntime - PyTorch| on fresh prompts, float32 graphs
+PARITY_TOL_FP16 = 5e-2  # the same for --fp16 graphs: half precision keeps about 3 digits
+
+
+class UserError(Exception):
+    """A mistake in the user's input: one line and exit code 2."""
+
+
+class VerificationError(Exception):
+    """The exported graph does not compute what PyTorch computes: exit code 1, file deleted."""
+
+
+# ---------------------------------------------------------------------------- inference (numpy + onnxruntime)
+
+
+class Predictor:
+    """Run an exported looped transformer: `Predictor("model.onnx")(xs, ys)` -> predictions (B, n).
+
+    Uses CUDA when onnxruntime can really run there, else the CPU; `provider` says which one the
+    session uses. Inputs and outputs are bound to the device (IO binding), so repeated calls on
+    CUDA copy only the prompt in and the predictions out."""
+
+    def __init__(self, path, device="auto"):
+        import onnxruntime as ort
+        ort.set_default_logger_severity(4)  # the CUDA fallback on a machine without a GPU is not an error
+        providers = ["CPUExecutionProvider"]
+        if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        if not os.path.isfile(path):
+            raise ValueError(f"no ONNX model at {path}")
+        try:
+            self.session = ort.InferenceSession(path, providers=providers)
+        except Exception as e:  # onnxruntime raises its own types for unreadable graphs
+            raise ValueError(f"{path} is not a loadable ONNX model: {str(e).splitlines()[0][:200]}") from None
+        # get_available_providers lists CUDA even without a GPU; the session knows what it got
+        self.provider = self.session.get_providers()[0]
+        self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "n_dims" not in meta:
+            raise ValueError(f"{path} has no looped metadata: was it made by export.py?")
+        self.meta = meta
+        self.n_dims, self.max_points = int(meta["n_dims"]), int(meta["max_points"])
+        self.dynamic_loops = meta["n_loops"] == "dynamic"
+
+    def __call__(self, xs, ys, n_loops=None):
+        xs, ys = self.check(xs, ys)
+        feeds = {"xs": xs, "ys": ys}
+        if self.dynamic_loops:
+            if n_loops is None or int(n_loops) != n_loops or n_loops < 1:
+                raise ValueError("this model takes the loop count per call: pass n_loops >= 1")
+            feeds["n_loops"] = np.array(int(n_loops), dtype=np.int64)
+        elif n_loops is not None and n_loops != int(self.meta["n_loops"]):
+            raise ValueError(f"this model was exported at {self.meta['n_loops']} loops; "
+                             f"export with --dynamic-loops to choose per call")
+        import onnxruntime as ort
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, self.device, 0))
+        binding.bind_output("preds", self.device)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def check(self, xs, ys):
+        """Inputs as float32 arrays of the right shape, or a ValueError that says what is wrong."""
+        xs, ys = np.asarray(xs), np.asarray(ys)
+        for name, a, rank in (("xs", xs, 3), ("ys", ys, 2)):
+            if a.ndim != rank:
+                raise ValueError(f"{name} must have rank {rank}, got shape {a.shape}")
+            if not np.issubdtype(a.dtype, np.floating):
+                raise ValueError(f"{name} must be floating point, got {a.dtype}")
+            if not np.isfinite(a).all():
+                raise ValueError(f"{name} has NaN or infinite values")
+        if xs.shape[2] != self.n_dims:
+            raise ValueError(f"xs has d = {xs.shape[2]}, the model takes d = {self.n_dims}")
+        if ys.shape != xs.shape[:2]:
+            raise ValueError(f"ys has shape {ys.shape}, expected (batch, n) = {xs.shape[:2]}")
+        if not 1 <= xs.shape[1] <= self.max_points:
+            raise ValueError(f"prompts have {xs.shape[1]} points; the model takes 1 to {self.max_points}")
+        if xs.shape[0] < 1:
+            raise ValueError("the batch is empty")
+        return np.ascontiguousarray(xs, dtype=np.float32), np.ascontiguousarray(ys, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------- export (torch)
+
+
+def wrappers():
+    """The two exportable forms of a trained model, built on looped.py's own modules."""
+    import torch
+
+    class Unrolled(torch.nn.Module):
+        """The loop written out n_loops times; only the last read-out is returned."""
+
+        def __init__(self, model, n_loops):
+            super().__init__()
+            self.model, self.n_loops = model, n_loops
+
+        def forward(self, xs, ys):
+            inject = self.model.embed(xs, ys)  # P + positions, (B, L, D)
+            Y = torch.zeros_like(inject)
+            for _ in range(self.n_loops):  # Y_{t+1} = M(Y_t + P)
+                Y = self.model.backbone(Y + inject)
+            return self.model.read(Y)  # (B, n)
+
+    class DynamicLoops(torch.nn.Module):
+        """The same with the loop count as an int64 input: torch.while_loop becomes ONNX Loop."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, xs, ys, n_loops):
+            inject = self.model.embed(xs, ys)
+            _, Y = torch.while_loop(lambda t, Y: t < n_loops,
+                                    lambda t, Y: (t + 1, self.model.backbone(Y + inject)),
+                                    (torch.zeros_like(n_loops), torch.zeros_like(inject)))
+            return self.model.read(Y)
+
+    return Unrolled, DynamicLoops
+
+
+def load_model(run_dir):
+    """(model in eval mode on the CPU, its Config) from a looped.py run folder; UserError if not."""
+    import looped
+    try:
+        ckpt, cfg = looped.load_checkpoint(run_dir)
+        model = looped.restore_model(ckpt, cfg, "cpu")
+    except looped.UserError as e:
+        raise UserError(str(e)) from None
+    return model.eval(), cfg
+
+
+def export(run_dir, out, n_loops=None, dynamic_loops=False, fp16=False, say=print):
+    """Export, write metadata, verify; returns the verification report (a dict)."""
+    import logging
+    import warnings
+
+    import onnx
+    import torch
+    import looped
+    model, cfg = load_model(run_dir)
+    if not dynamic_loops:
+        n_loops = n_loops or cfg.n_loops
+        if n_loops < 1:
+            raise UserError(f"--loops must be at least 1, got {n_loops}")
+    check_writable(out)
+    max_points = looped.positions(cfg)
+    Unrolled, DynamicLoops = wrappers()
+    # Example shapes must avoid 1 (a size-1 example freezes that axis) and the maximum.
+    n_example = max(2, min(cfg.n_points, max_points) - 1)
+    xs, ys = looped.TASKS[cfg.task](2, n_example, cfg.n_dims, cfg.n_dims, torch.Generator().manual_seed(0))
+    batch, points = torch.export.Dim("batch", min=1), torch.export.Dim("n_points", min=1, max=max_points)
+    shapes = {"xs": {0: batch, 1: points}, "ys": {0: batch, 1: points}}
+    if dynamic_loops:
+        wrapper, args, shapes["n_loops"] = DynamicLoops(model), (xs, ys, torch.tensor(3)), None
+    else:
+        wrapper, args = Unrolled(model, n_loops), (xs, ys)
+    t0 = time.perf_counter()
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(wrapper, args, dynamo=True, dynamic_shapes=shapes, verbose=False,
+                                    input_names=list(shapes), output_names=["preds"],
+                                    optimize=not dynamic_loops and n_loops <= 20)
+    proto = program.model_proto
+    if fp16:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+        from onnxruntime.transformers.onnx_model import OnnxModel
+        half = OnnxModel(convert_float_to_float16(proto, keep_io_types=True))  # inputs, outputs stay float32
+        half.topological_sort()  # the converter appends its input casts at the end of the graph
+        proto = half.model
+    meta = {"task": cfg.task, "n_dims": cfg.n_dims, "max_points": max_points,
+            "n_loops": "dynamic" if dynamic_loops else n_loops, "trained_loops": cfg.n_loops,
+            "error_normaliser": looped.error_normaliser(cfg.task, cfg.n_dims), "precision": "fp16" if fp16 else "fp32",
+            "config": json.dumps(looped.asdict(cfg)), "version": VERSION, "producer": "looped export.py"}
+    onnx.helper.set_model_props(proto, {k: str(v) for k, v in meta.items()})
+    onnx.save(proto, out)  # one self-contained file: the weights are small
+    say(f"exported {out} ({os.path.getsize(out) / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+    try:
+        report = verify(out, model, cfg, None if dynamic_loops else n_loops, fp16)
+    except VerificationError:
+        os.remove(out)
+        raise
+    for key, value in report.items():
+        say(f"  {key}: {value}")
+    return report
+
+
+def check_writable(out):
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise UserError(f"cannot write {out}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(out) and not os.access(out, os.W_OK)):
+        raise UserError(f"cannot write {out}: permission denied")
+
+
+def verify(path, model, cfg, n_loops, fp16=False):
+    """The ONNX checker, symbolic batch and point axes, and parity with PyTorch on fresh prompts at a
+    batch size and prompt length unlike the export example. VerificationError on any failure."""
+    import onnx
+    import torch
+    import looped
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except Exception as e:
+        raise VerificationError(f"ONNX checker: {str(e).splitlines()[0]}") from None
+    graph = onnx.load(path).graph
+    for inp in graph.input[:2]:
+        dims = inp.type.tensor_type.shape.dim
+        if not (dims[0].dim_param and dims[1].dim_param):
+            raise VerificationError(f"input {inp.name} has a fixed batch or point axis: {dims}")
+    predictor = Predictor(path)
+    gen = torch.Generator().manual_seed(7)
+    report, worst = {"checker": "passed", "symbolic axes": "batch, n_points"}, 0.0
+    loops = [n_loops] if n_loops else [1, cfg.n_loops]
+    for batch, points in ((3, looped.positions(cfg)), (5, max(1, looped.positions(cfg) // 2 + 1))):
+        xs, ys = looped.TASKS[cfg.task](batch, points, cfg.n_dims, cfg.n_dims, gen)
+        for b in loops:
+            with torch.no_grad():
+                expected = model(xs, ys, b)[:, -1].numpy()  # (B, n) after loop b
+            got = predictor(xs.numpy(), ys.numpy(), b if n_loops is None else None)
+            worst = max(worst, float(np.abs(got - expected).max()))
+    tol = PARITY_TOL_FP16 if fp16 else PARITY_TOL
+    report["parity"] = (f"max |onnxruntime - torch| = {worst:.2e} (tolerance {tol:g}) at batch 3 and 5, "
+                        f"n = {looped.positions(cfg)} and {looped.positions(cfg) // 2 + 1}, loops {loops}")
+    report["provider"] = predictor.provider
+    if not worst <= tol:
+        raise VerificationError(report["parity"])
+    return report
+
+
+# ---------------------------------------------------------------------------- benchmark
+
+
+def bench(run_dir, n_loops=None, repeats=20):
+    """Median latency of PyTorch eager and onnxruntime at batch 1 and 64, measured in one run."""
+    import tempfile
+
+    import torch
+    import looped
+    model, cfg = load_model(run_dir)
+    n_loops = n_loops or cfg.n_loops
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        export(run_dir, path, n_loops, say=lambda *a: None)
+        predictor = Predictor(path)
+        gen = torch.Generator().manual_seed(0)
+        print(f"{cfg.task}: d {cfg.n_dims}, n {cfg.n_points}, D {cfg.n_embd}, {n_loops} loops, "
+              f"{torch.get_num_threads()} threads, onnxruntime on {predictor.provider}; median of {repeats}")
+        print(f"{'batch':>6}{'torch eager ms':>16}{'onnxruntime ms':>16}{'speed-up':>10}")
+        for batch in (1, 64):
+            xs, ys = looped.TASKS[cfg.task](batch, cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
+            x_np, y_np = xs.numpy(), ys.numpy()
+            with torch.inference_mode():
+                eager = median_ms(lambda: model(xs, ys, n_loops, n_loops - 1), repeats)
+            ort_ms = median_ms(lambda: predictor(x_np, y_np), repeats)
+            print(f"{batch:>6}{eager:>16.2f}{ort_ms:>16.2f}{eager / ort_ms:>9.2f}x")
+
+
+def median_ms(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - t0))
+    return float(np.median(times))
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, not argparse's usage block
+        print(f"export.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv=None):
+    parser = Parser(description="Export a looped.py run to ONNX and verify it against PyTorch.")
+    parser.add_argument("run_dir", help="a looped.py run folder (with ckpt.pt)")
+    parser.add_argument("--loops", type=int, help="loop iterations to unroll (default: the trained b)")
+    parser.add_argument("--dynamic-loops", action="store_true", help="the loop count is an int64 input instead")
+    parser.add_argument("-o", "--out", help="output file (default: RUN_DIR/model.onnx)")
+    parser.add_argument("--fp16", action="store_true", help="half-precision weights, for GPU inference")
+    parser.add_argument("--bench", action="store_true", help="latency of PyTorch eager against onnxruntime")
+    args = parser.parse_args(argv)
+    if args.loops is not None and args.loops < 1:
+        raise UserError(f"--loops must be at least 1, got {args.loops}")
+    if args.bench:
+        return bench(args.run_dir, args.loops)
+    export(args.run_dir, args.out or os.path.join(args.run_dir, "model.onnx"), args.loops,
+           args.dynamic_loops, args.fp16)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"export.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except VerificationError as e:
+        print(f"export.py: verification failed, file deleted: {e}", file=sys.stderr)
+        sys.exit(1)
