@@ -236,84 +236,124 @@ def prefix_problems(xs, ys, lo, hi):
 def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0):
     """Greedy regression trees, the CART of scikit-learn's DecisionTreeRegressor: each node takes
     the split (feature f, threshold between consecutive values) that most reduces the squared
-    error, sum_L^2 / n_L + sum_R^2 / n_R; thresholds are midpoints, x <= t goes left. With
-    n_trees > 1, gradient boosting on squared error: start from the mean, fit each tree to the
-    residuals, add lr times it. Batched over Q problems: X (Q, m, d), y (Q, m), valid (Q, m)
-    (the real samples come first), query (Q, d) -> the prediction at the query (Q,).
-
-    Every level is done for all problems and nodes at once: for each feature, samples are kept
-    sorted by (node, value), so each node is a contiguous segment and cumulative sums over a
-    segment give every threshold's left sum. After a split, each segment is partitioned
-    stably into its two children, which keeps both sorted."""
+    error, i.e. maximises sum_L^2 / n_L + sum_R^2 / n_R; thresholds are midpoints, x <= t goes
+    left. With n_trees > 1, gradient boosting on squared error: start from the mean, fit each
+    tree to the residuals, add lr times it. Batched over Q problems: X (Q, m, d), y (Q, m),
+    valid (Q, m) (the real samples come first), query (Q, d) -> the prediction at the query (Q,).
+    The tree is grown level by level for all problems and nodes at once."""
     Q, m, d = X.shape
-    dt = torch.float64
-    pos = torch.arange(m, device=X.device)
-    values = X.transpose(1, 2).to(dt).masked_fill(~valid[:, None], math.inf)  # (Q, d, m)
-    order = values.argsort(dim=2, stable=True)  # padding (inf) sorts last
-    sorted_values = values.gather(2, order)
+    y = y * valid
     n_real = valid.sum(1, keepdim=True)  # (Q, 1)
-    y = y.to(dt) * valid
     fit = (y.sum(1, keepdim=True) / n_real.clamp(min=1)).expand(Q, m) if n_trees > 1 else torch.zeros_like(y)
     at_query = fit[:, 0].clone()
+    binary = bool(((X.abs() == 1) | ~valid[..., None]).all())  # sign(x) features: no sorting needed
+    if not binary:
+        values = X.transpose(1, 2).masked_fill(~valid[:, None], math.inf)  # (Q, d, m)
+        order = values.argsort(dim=2, stable=True)  # padding (inf) sorts last
+        ties = bool((values.gather(2, order).diff(dim=2) <= 1e-7).any())  # sklearn: within 1e-7 is equal
+        order = F.pad(order, (1, 0), value=m)  # (Q, d, 1 + m): a first column names an empty sample
+        x64 = X.transpose(1, 2).to(torch.float64).flatten(1)  # (Q, d m): sklearn's thresholds are float64
     for _ in range(n_trees):
         r = (y - fit) * valid  # residuals, (Q, m)
         node = torch.zeros(Q, m, dtype=torch.long, device=X.device)
-        perm, xv = order, sorted_values
-        start, count = torch.zeros_like(n_real), n_real  # (Q, K): each node's segment
+        # sorted features: each node is one segment of every feature's order; a last segment
+        # holds the padding. (start, count) of the segments, (Q, K + 1), in positions 0 .. m-1.
+        perm, start, count = (None, None, None) if binary else (order, torch.cat([0 * n_real, n_real], 1),
+                                                                 torch.cat([n_real, m - n_real], 1))
         splits = []
         for level in range(depth):
-            K = 2 ** level
-            posnode = (pos >= (start + count)[..., None]).sum(1)  # (Q, m): node owning position; K = padding
-            own = posnode.clamp(max=K - 1)
-            seg0 = start.gather(1, own)  # (Q, m): first position of the owning segment
-            cs = r.gather(1, perm.flatten(1)).view(Q, d, m).cumsum(2)  # (Q, d, m)
-            before = torch.where(seg0[:, None] > 0, cs.gather(2, (seg0 - 1).clamp(min=0)[:, None].expand(Q, d, m)), 0)
-            last = (start + count - 1).clamp(min=0).gather(1, own)
-            left = cs - before
-            total = cs.gather(2, last[:, None].expand(Q, d, m)) - before
-            n_left = (pos - seg0 + 1).to(dt)  # (Q, m)
-            n_right = count.gather(1, own) - n_left
-            gain = left ** 2 / n_left[:, None] + (total - left) ** 2 / n_right.clamp(min=1)[:, None]
-            # a threshold needs a right side in the node and a larger next value (sklearn: 1e-7)
-            ok = (n_right > 0) & (posnode < K)
-            gain = gain.masked_fill(~(ok[:, None] & (F.pad(xv[..., 1:], (0, 1)) > xv + 1e-7)), -math.inf)
-            best, feat = gain.max(1)  # (Q, m): best feature at each position
-            node_best = torch.full((Q, K + 1), -math.inf, dtype=dt, device=X.device)
-            node_best = node_best.scatter_reduce(1, posnode, best, "amax")[:, :K]
-            is_best = (best == node_best.gather(1, own)) & (best > -math.inf)
-            where = torch.full((Q, K + 1), m, device=X.device).scatter_reduce(
-                1, posnode, torch.where(is_best, pos, m), "amin")[:, :K]  # (Q, K): first best position
-            p = where.clamp(max=m - 2)
-            f = feat.gather(1, p)  # (Q, K)
-            lo = xv.flatten(1).gather(1, f * m + p)
-            hi = xv.flatten(1).gather(1, f * m + p + 1)
-            thr = torch.where(where < m, lo / 2 + hi / 2, math.inf)  # no split: all go left
-            splits.append((f, thr))
-            # route the samples, then partition every feature's segments stably by the bit
-            sample_feat = f.gather(1, node)
-            right = (X.to(dt).gather(2, sample_feat[..., None])[..., 0] > thr.gather(1, node)) & valid
-            bits = right.gather(1, perm.flatten(1)).view(Q, d, m).long()
-            ones = bits.cumsum(2) - bits  # right-goers before each position, exclusive
-            ones = ones - ones.gather(2, seg0[:, None].expand(Q, d, m))
-            n_r = torch.zeros_like(count).scatter_add(1, node, right.long())  # (Q, K)
-            n_l = count - n_r
-            new = seg0[:, None] + torch.where(bits == 1, n_l.gather(1, own)[:, None] + ones,
-                                              (pos - seg0)[:, None] - ones)
-            new = torch.where((posnode < K)[:, None], new, pos)
-            perm = torch.empty_like(perm).scatter_(2, new, perm)
-            xv = torch.empty_like(xv).scatter_(2, new, xv)
+            if binary:
+                f, thr = binary_split(X, valid, r, node, 2 ** level)
+            else:
+                f, thr, seg = sorted_split(x64, values if ties else None, r, perm, start, count)
+            right = (X.gather(2, f.gather(1, node)[..., None])[..., 0] > thr.gather(1, node)) & valid
+            if not binary and level < depth - 1:
+                perm, start, count = partition(perm, right, node, seg, start, count)
             node = 2 * node + right.long()
-            start = torch.stack([start, start + n_l], 2).view(Q, 2 * K)
-            count = torch.stack([n_l, n_r], 2).view(Q, 2 * K)
-        sums = torch.zeros(Q, 2 ** depth, dtype=dt, device=X.device).scatter_add(1, node, r)
-        leaf = sums / count.clamp(min=1)  # (Q, 2^depth): the mean residual of each leaf
+            splits.append((f, thr))
+        n_leaf = torch.zeros(Q, 2 ** depth, dtype=r.dtype, device=X.device).scatter_add(1, node, valid.to(r.dtype))
+        leaf = torch.zeros_like(n_leaf).scatter_add(1, node, r) / n_leaf.clamp(min=1)  # mean residual
         q = torch.zeros(Q, 1, dtype=torch.long, device=X.device)
         for f, thr in splits:  # route the query down the same splits
-            right = query.to(dt).gather(1, f.gather(1, q)) > thr.gather(1, q)
-            q = 2 * q + right.long()
+            q = 2 * q + (query.gather(1, f.gather(1, q)) > thr.gather(1, q)).long()
         fit = fit + lr * leaf.gather(1, node)
         at_query = at_query + lr * leaf.gather(1, q)[:, 0]
     return at_query
+
+
+def binary_split(X, valid, r, node, K):
+    """Best split of each node when every feature is -1 or 1 (the tree on sign(x)): the threshold
+    is 0, so the right side's sums over all nodes and features are two batched matmuls."""
+    member = F.one_hot(node, K).to(r.dtype) * valid[..., None]  # (Q, m, K)
+    up = (X > 0).to(r.dtype)  # (Q, m, d)
+    n_node, t_node = member.sum(1)[..., None], (member * r[..., None]).sum(1)[..., None]  # (Q, K, 1)
+    n_right = member.transpose(1, 2) @ up  # (Q, K, d)
+    s_right = member.transpose(1, 2) @ (up * r[..., None])
+    n_left, s_left = n_node - n_right, t_node - s_right
+    gain = s_left ** 2 / n_left.clamp(min=1) + s_right ** 2 / n_right.clamp(min=1)
+    best, f = gain.masked_fill((n_left == 0) | (n_right == 0), -math.inf).max(2)  # (Q, K)
+    return f, torch.where(best > -math.inf, 0.0, math.inf).to(torch.float64)  # no split: all go left
+
+
+def sorted_split(x64, values, r, perm, start, count):
+    """Best split of each node from every feature's sorted order: perm (Q, d, 1 + m) lists, after
+    the empty sample m, the samples of node 0, then node 1, ..., each node sorted by the feature's
+    value, so one cumulative sum gives every threshold's left sum. x64 (Q, d m) holds the features
+    in float64; values (Q, d, m) is given only when some are tied.
+    Returns the feature and threshold of each node (Q, K) and each position's segment (Q, m)."""
+    Q, d, m = perm.shape[0], perm.shape[1], perm.shape[2] - 1
+    K = start.shape[1] - 1
+    pos = torch.arange(m, device=r.device)
+    ends = start + count  # (Q, K + 1)
+    seg = (pos >= ends[..., None]).sum(1)  # (Q, m): segment of each position; K = padding
+    seg0, seg1 = start.gather(1, seg), ends.gather(1, seg)
+    cs = F.pad(r, (0, 1)).gather(1, perm.flatten(1)).view(Q, d, m + 1).cumsum(2)  # cs[..., 0] = 0
+    left = cs[..., 1:] - cs.gather(2, seg0[:, None].expand(Q, d, m))  # sum of the segment up to p
+    right = cs.gather(2, seg1[:, None].expand(Q, d, m)) - cs[..., 1:]
+    n_left, n_right = (pos - seg0 + 1).to(r.dtype), (seg1 - pos - 1).to(r.dtype)
+    gain = left.square_().mul_(1 / n_left[:, None]) + right.square_().mul_(1 / n_right.clamp(min=1)[:, None])
+    ok = (n_right > 0) & (seg < K)  # a threshold needs samples of the node on both sides
+    gain += torch.where(ok, 0.0, -math.inf).to(gain.dtype)[:, None]
+    if values is not None:  # no threshold between equal values
+        tied = values.gather(2, perm[..., 1:]).diff(dim=2) <= 1e-7
+        gain[..., :-1].masked_fill_(tied, -math.inf)
+    best, feat = gain.max(1)  # (Q, m): the best feature at each position
+    node_best = torch.full((Q, K + 1), -math.inf, dtype=best.dtype, device=r.device).scatter_reduce(
+        1, seg, best, "amax")
+    first = torch.where((best == node_best.gather(1, seg)) & ok, pos, m)
+    p = torch.full((Q, K + 1), m, device=r.device).scatter_reduce(1, seg, first, "amin")[:, :K]  # (Q, K)
+    has = p < m
+    p = p.clamp(max=m - 2)
+    f = feat.gather(1, p)
+    lo = perm.flatten(1).gather(1, f * (m + 1) + p + 1)  # the samples on either side of the threshold
+    hi = perm.flatten(1).gather(1, f * (m + 1) + p + 2)
+    thr = x64.gather(1, f * m + lo) / 2 + x64.gather(1, f * m + hi) / 2  # the midpoint, as sklearn
+    return f, torch.where(has, thr, math.inf), seg
+
+
+def partition(perm, right, node, seg, start, count):
+    """Split every segment of every feature's order stably into its left and right children,
+    which keeps each child sorted: the k-th right-goer of a segment moves to its right child's
+    k-th place, and a left-goer back by the number of right-goers before it."""
+    Q, d, m = perm.shape[0], perm.shape[1], perm.shape[2] - 1
+    K = start.shape[1] - 1
+    pos = torch.arange(m, device=perm.device)
+    seg0 = start.gather(1, seg)
+    bits = F.pad(right, (0, 1)).gather(1, perm.flatten(1)).view(Q, d, m + 1)  # bits[..., 0] = 0
+    ones = bits.cumsum(2)  # right-goers up to each position
+    ones = ones[..., 1:] - ones.gather(2, seg0[:, None].expand(Q, d, m))  # ... in its segment, inclusive
+    bits = bits[..., 1:]
+    n_right = torch.zeros_like(count).scatter_add(1, node, right.long())[:, :K]  # (Q, K)
+    n_left = count[:, :K] - n_right
+    right_start = start[:, :K] + n_left
+    into = F.pad(right_start, (0, 1)).gather(1, seg)  # (Q, m): where the segment's right child starts
+    new = torch.where(bits, into[:, None] + ones - 1, pos - ones)
+    moved = torch.empty_like(perm)
+    moved[..., 0] = m
+    moved[..., 1:].scatter_(2, new, perm[..., 1:])
+    start = torch.cat([torch.stack([start[:, :K], right_start], 2).flatten(1), start[:, K:]], 1)
+    count = torch.cat([torch.stack([n_left, n_right], 2).flatten(1), count[:, K:]], 1)
+    return moved, start, count
 
 
 def tree_predictions(xs, ys, depth, n_trees=1, lr=1.0, sign=False, bucket=8):

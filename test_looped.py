@@ -265,9 +265,13 @@ def test_greedy_tree_matches_sklearn(depth):
     torch.testing.assert_close(baselines.tree_predictions(xs, ys, depth),
                                reference(lambda i: DecisionTreeRegressor(max_depth=depth), xs, ys), rtol=0, atol=1e-12)
     xs, ys = draw64("decision_tree", B=6, n=20, d=4, seed=2)
-    for sign in (False, True):
+    for sign in (False, True):  # sign(x): the matmul path for -1/1 features
         ref = reference(lambda i: DecisionTreeRegressor(max_depth=depth), xs, ys, at=0, sign=sign)
         torch.testing.assert_close(in_sample(xs, ys, depth, sign=sign), ref, rtol=0, atol=1e-12)
+    xs = torch.round(xs * 2) / 2  # tied values: no threshold may fall between equal values
+    xs[..., 3] = 0  # and a constant feature
+    ref = reference(lambda i: DecisionTreeRegressor(max_depth=depth), xs, ys, at=0)
+    torch.testing.assert_close(in_sample(xs, ys, depth), ref, rtol=0, atol=1e-12)
 
 
 def in_sample(xs, ys, depth, n_trees=1, lr=1.0, sign=False):
