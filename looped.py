@@ -20,6 +20,7 @@ Paper symbol -> code name:
 Shapes: B batch, n points, d input dim, D width, L = 2n tokens, t loop iterations.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -29,8 +30,10 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 import baselines
 
@@ -466,10 +469,12 @@ def plot(errors, cfg, out):
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path, model, opt, cfg, step, gen):
-    """One dict, written to a temporary file and renamed, so a crash never leaves half a file."""
+def save_checkpoint(path, model, opt, cfg, step, data_states):
+    """One dict, written to a temporary file and renamed, so a crash never leaves half a file.
+    data_states: the training-prompt generator state of every process, so a resumed run draws
+    exactly the prompts the uninterrupted one would have."""
     ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": asdict(cfg),
-            "step": step, "rng": {"data": gen.get_state(), "torch": torch.get_rng_state()}}
+            "step": step, "rng": {"data": data_states, "torch": torch.get_rng_state()}}
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -501,11 +506,24 @@ def restore_model(ckpt, cfg, device):
 # ---------------------------------------------------------------------------- training
 
 
+def train_step(forward, opt, ctx, xs, ys, n_loops, n_no_grad):
+    """One Adam step on the windowed loss; returns the loss, left on the device (no sync)."""
+    with ctx:
+        preds = forward(xs, ys, n_loops, n_no_grad)  # (B, min(b, T), n)
+    loss = windowed_loss(preds, ys)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 def setup_device(cfg):
     """Device and precision, decided once: (device, autocast context or a null one)."""
     name = cfg.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA device is available")
     if name == "mps" and not torch.backends.mps.is_available():
@@ -518,50 +536,67 @@ def setup_device(cfg):
     return device, ctx
 
 
+def setup_distributed(cfg, device):
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on CUDA,
+    gloo on CPU. Plain `python looped.py` is one process and touches none of this."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    if cfg.batch_size % world:
+        raise UserError(f"--batch_size {cfg.batch_size} does not split over {world} processes")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
 def run_dir(cfg):
     return cfg.out or os.path.join("runs", cfg.task)
 
 
 def train(cfg, resume=None, quiet=False):
-    """Train a looped transformer, then evaluate it; returns the evaluation errors."""
-    say = (lambda *a: None) if quiet else print
+    """Train a looped transformer, then evaluate it; returns the evaluation errors (None on the
+    processes of a torchrun job other than rank 0, which alone logs, saves and evaluates)."""
     device, ctx = setup_device(cfg)
+    rank, world = setup_distributed(cfg, device)
+    say = (lambda *a: None) if quiet or rank else print
     out = run_dir(cfg)
     os.makedirs(out, exist_ok=True)
     ckpt_path = os.path.join(out, "ckpt.pt")
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
     model = LoopedTransformer(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
-    gen = torch.Generator(device).manual_seed(cfg.seed)  # training prompts
+    gen = torch.Generator(device).manual_seed(cfg.seed + rank)  # each process its own prompts
     step = 0
     if resume is not None:  # continue exactly where the checkpoint left off
+        if len(resume["rng"]["data"]) != world:
+            raise UserError(f"the checkpoint was written by {len(resume['rng']['data'])} process(es), "
+                            f"this run has {world}: resume with the same number")
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
-        gen.set_state(resume["rng"]["data"])
+        gen.set_state(resume["rng"]["data"][rank])
         torch.set_rng_state(resume["rng"]["torch"])
         step = resume["step"]
-    forward = torch.compile(model) if cfg.compile else model
+    # DDP averages the gradients of the processes' half-batches: the step of the whole batch
+    forward = DistributedDataParallel(model) if world > 1 else model
+    forward = torch.compile(forward) if cfg.compile else forward
     backbone, total = count_parameters(model)
     say(f"{cfg.task}: {cfg.n_layer} layer(s) x {cfg.n_loops} loops, D {cfg.n_embd}, d {cfg.n_dims}, "
         f"n {cfg.n_points} | {backbone / 1e6:.3f}M parameters (paper convention), {total / 1e6:.3f}M total "
         f"| {device} | run folder {out}")
-    log = open(os.path.join(out, "log.jsonl"), "a" if resume else "w")
+    log = open(os.path.join(out, "log.jsonl"), "a" if resume else "w") if rank == 0 else None
     last, running = (time.perf_counter(), step), torch.zeros((), device=device)
     while step < cfg.steps:
         d, n, b = curriculum(cfg, step)
-        xs, ys = TASKS[cfg.task](cfg.batch_size, n, cfg.n_dims, d, gen)
-        with ctx:
-            preds = forward(xs, ys, b, max(b - cfg.loop_window, 0))  # (B, min(b, T), n)
-        loss = windowed_loss(preds, ys)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        running += loss.detach() / error_normaliser(cfg.task, d)  # on device: no sync
+        xs, ys = TASKS[cfg.task](cfg.batch_size // world, n, cfg.n_dims, d, gen)
+        loss = train_step(forward, opt, ctx, xs, ys, b, max(b - cfg.loop_window, 0))
+        running += loss / error_normaliser(cfg.task, d)  # on the device: no sync
         step += 1
         is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps
         if step % cfg.log_every == 0 or is_ckpt:  # the only host-device syncs of the loop
             # loss: normalised training loss, averaged over the steps since the last line
+            if world > 1:  # ... and over the processes, so that all of them agree on a NaN
+                dist.all_reduce(running)
+                running /= world
             loss_value = running.item() / (step - last[1])
             if not math.isfinite(loss_value) or not all(p.isfinite().all() for p in model.parameters()):
                 raise UserError(f"training diverged at step {step} (loss {loss_value}); lower --lr. "
@@ -570,10 +605,20 @@ def train(cfg, resume=None, quiet=False):
             ms = 1000 * (now - last[0]) / (step - last[1])
             last, running = (now, step), torch.zeros((), device=device)
             say(f"step {step:6d} | loss {loss_value:.4f} | d {d} n {n} b {b} | {ms:.1f} ms/step")
-            log.write(json.dumps(dict(step=step, loss=loss_value, d=d, n=n, b=b, ms_per_step=ms)) + "\n")
-            log.flush()
+            if log:
+                log.write(json.dumps(dict(step=step, loss=loss_value, d=d, n=n, b=b, ms_per_step=ms)) + "\n")
+                log.flush()
         if is_ckpt:
-            save_checkpoint(ckpt_path, model, opt, cfg, step, gen)
+            states = [gen.get_state()]
+            if world > 1:  # every process's prompt generator, for an exact resume
+                states = [None] * world
+                dist.all_gather_object(states, gen.get_state())
+            if rank == 0:
+                save_checkpoint(ckpt_path, model, opt, cfg, step, states)
+    if world > 1:
+        dist.destroy_process_group()
+    if rank:
+        return None
     log.close()
     return finish(model, cfg, device, ctx, say)
 
@@ -589,6 +634,80 @@ def finish(model, cfg, device, ctx, say=print):
     say(report(errors, cfg))
     say(f"evaluated in {time.perf_counter() - t0:.1f} s; plots in {out}")
     return errors
+
+
+# ---------------------------------------------------------------------------- benchmark
+
+
+def bench(device_name="auto"):
+    """ms per training step, prompts per second, and FLOP/s against this machine's matmul peak,
+    for the laptop preset and the paper's linear-regression model (b 20, T 15, D 256), eager and
+    compiled, fp32 and bf16 autocast; each at its final curriculum stage (full d, n and b)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    device, _ = setup_device(make_config(device=device_name))
+    peak = {amp: matmul_peak(device, torch.bfloat16 if amp else torch.float32) for amp in (False, True)}
+    print(f"{device}, {torch.get_num_threads()} threads; matmul peak (4096^2): fp32 {peak[False] / 1e9:.0f}, "
+          f"bf16 {peak[True] / 1e9:.0f} GFLOP/s")
+    print(f"{'model':<8}{'mode':<10}{'dtype':<6}{'ms/step':>10}{'prompts/s':>11}{'GFLOP/s':>9}{'of peak':>9}"
+          f"{'saved MB':>10}{'peak MB':>9}")
+    for preset, compiled, amp in itertools.product(("laptop", "paper"), (False, True), (False, True)):
+        cfg = make_config("linreg", preset, device=device_name, amp=amp, eval_prompts=64)
+        torch.manual_seed(0)
+        model = LoopedTransformer(cfg).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+        args = (*eval_prompts(cfg, device), cfg.n_loops, cfg.n_loops - cfg.loop_window)  # batch 64
+        with FlopCounterMode(display=False) as counter:  # counted on the eager model
+            train_step(model, opt, ctx, *args)
+        saved = activation_bytes(model, ctx, *args)
+        forward = torch.compile(model) if compiled else model
+        for _ in range(2):  # warm-up, and compilation
+            train_step(forward, opt, ctx, *args)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        repeats, t0 = 20 if preset == "laptop" else 3, time.perf_counter()
+        for _ in range(repeats):
+            train_step(forward, opt, ctx, *args)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - t0) / repeats
+        flops = counter.get_total_flops() / seconds
+        memory = f"{torch.cuda.max_memory_allocated() / 1e6:>9.0f}" if device.type == "cuda" else f"{'-':>9}"
+        print(f"{preset:<8}{'compiled' if compiled else 'eager':<10}{'bf16' if amp else 'fp32':<6}"
+              f"{1000 * seconds:>10.1f}{64 / seconds:>11.0f}{flops / 1e9:>9.0f}{flops / peak[amp]:>8.0%}"
+              f"{saved / 1e6:>10.1f}{memory}", flush=True)
+
+
+def matmul_peak(device, dtype, size=4096, repeats=5):
+    """FLOP/s of a square matmul: the ceiling that the training step is measured against."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    a @ a
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size ** 3 * repeats / (time.perf_counter() - t0)
+
+
+def activation_bytes(model, ctx, xs, ys, n_loops, n_no_grad):
+    """Bytes the forward pass keeps for the backward pass (the b - T no-grad iterations keep none)."""
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
+        model(xs, ys, n_loops, n_no_grad)
+    return total
 
 
 # ---------------------------------------------------------------------------- command line
@@ -614,14 +733,17 @@ def parse_args(argv):
             parser.add_argument(*flags, type=kind, default=None, dest=f.name)
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
     parser.add_argument("--eval", metavar="RUN_DIR", help="re-evaluate a saved run, no training")
+    parser.add_argument("--bench", action="store_true", help="training speed table (see bench())")
     args = vars(parser.parse_args(argv))
-    resume, evaluate_dir = args.pop("resume"), args.pop("eval")
-    return {k: v for k, v in args.items() if v is not None}, resume, evaluate_dir
+    resume, evaluate_dir, bench_only = args.pop("resume"), args.pop("eval"), args.pop("bench")
+    return {k: v for k, v in args.items() if v is not None}, resume, evaluate_dir, bench_only
 
 
 def main(argv=None):
-    given, resume_dir, eval_dir = parse_args(argv)
-    if resume_dir or eval_dir:
+    given, resume_dir, eval_dir, bench_only = parse_args(argv)
+    if bench_only:
+        bench(given.get("device", "auto"))
+    elif resume_dir or eval_dir:
         ckpt, saved = load_checkpoint(resume_dir or eval_dir)
         # A saved run keeps its config; only its length and the evaluation can change.
         free = {"steps", "out", "device", "log_every", "ckpt_every", "eval_prompts", "eval_loops",

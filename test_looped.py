@@ -516,3 +516,74 @@ def test_export_cli_errors(trained_run, args, words):
     r = subprocess.run([sys.executable, os.path.join(HERE, "export.py"), *args],
                        capture_output=True, text=True, cwd=HERE, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------------------- distributed (gloo on CPU)
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_step(rank, world, port, xs, ys, path):
+    """One DDP training step of a tiny model on this process's slice of the batch."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    model, opt = tiny_model_and_optimiser()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    part = slice(rank * len(xs) // world, (rank + 1) * len(xs) // world)
+    looped.windowed_loss(ddp(xs[part], ys[part], 6, 3), ys[part]).backward()
+    opt.step()
+    if rank == 0:
+        torch.save(model.state_dict(), path)
+    torch.distributed.destroy_process_group()
+
+
+def tiny_model_and_optimiser():
+    torch.manual_seed(0)
+    model = looped.LoopedTransformer(tiny_config())
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)  # linear in the gradient: Adam's first
+    # step, g / (|g| + eps), would blow a 1e-12 round-off of a near-zero gradient up to 1e-4 lr
+
+
+def test_ddp_step_over_half_batches_equals_one_step_over_the_batch(tmp_path):
+    """Two gloo processes, each with half of 8 prompts, against one process with all 8: the
+    weights after one SGD step agree to 1e-6 (float32 round-off of the gradient average)."""
+    xs, ys = draw("linreg", B=8, n=9, d=4, active=4, seed=12)
+    torch.multiprocessing.spawn(ddp_step, args=(2, free_port(), xs, ys, str(tmp_path / "ddp.pt")), nprocs=2)
+    model, opt = tiny_model_and_optimiser()
+    looped.windowed_loss(model(xs, ys, 6, 3), ys).backward()
+    opt.step()
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(ddp[name], tensor, rtol=0, atol=1e-6, msg=name)
+    start = tiny_model_and_optimiser()[0].state_dict()
+    assert any(not torch.equal(start[k], ddp[k]) for k in start)  # the step did move the weights
+
+
+def test_torchrun_writes_one_checkpoint_and_one_log_and_resumes(tmp_path):
+    flags = ["--n_dims", "4", "--n_points", "9", "--n_embd", "32", "--n_head", "2", "--loops", "6",
+             "--window", "3", "--dims_start", "2", "--points_start", "5", "--curriculum_every", "2",
+             "--loops_every", "2", "--batch_size", "8", "--log_every", "2", "--ckpt_every", "3",
+             "--eval_prompts", "16", "--eval_loops", "8", "--device", "cpu"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={free_port()}", os.path.join(HERE, "looped.py")]
+    r = subprocess.run([*torchrun, *flags, "--steps", "4", "--out", str(tmp_path)],
+                       capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "error_vs_examples.png", "error_vs_loops.png",
+                                             "eval.json", "log.jsonl"]
+    assert r.stdout.count("step      4 |") == 1  # rank 0 alone logs
+    ckpt = state(str(tmp_path))
+    assert ckpt["step"] == 4 and len(ckpt["rng"]["data"]) == 2
+    assert not torch.equal(ckpt["rng"]["data"][0], ckpt["rng"]["data"][1])  # each rank its own prompts
+    torchrun[5] = f"--master_port={free_port()}"
+    r = subprocess.run([*torchrun, "--resume", str(tmp_path), "--steps", "6"],
+                       capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert state(str(tmp_path))["step"] == 6
+    with open(tmp_path / "log.jsonl") as f:
+        assert [looped.json.loads(line)["step"] for line in f] == [2, 3, 4, 6]
