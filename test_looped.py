@@ -587,3 +587,11 @@ def test_torchrun_writes_one_checkpoint_and_one_log_and_resumes(tmp_path):
     assert state(str(tmp_path))["step"] == 6
     with open(tmp_path / "log.jsonl") as f:
         assert [looped.json.loads(line)["step"] for line in f] == [2, 3, 4, 6]
+
+
+@pytest.mark.skipif(not os.environ.get("LOOPED_SLOW"), reason="torch.compile takes a minute on CPU; LOOPED_SLOW=1 runs it")
+def test_compiled_training_saves_plain_checkpoint_keys(tmp_path):
+    cfg = tiny_config(tmp_path, steps=2, compile=True, amp=True)  # compiled, and bf16 autocast on CPU
+    errors = looped.train(cfg, quiet=True)
+    assert set(state(cfg.out)["model"]) == set(looped.LoopedTransformer(cfg).state_dict())  # no _orig_mod.
+    assert errors["loops"].isfinite().all()
