@@ -157,12 +157,14 @@ def _lasso(xs, ys, alpha):
         wt, rt = wt + g[:, None] * u, rt - g[:, None] * a
         rows = torch.arange(len(todo), device=G.device)
         joined = (g == g_join) & (g < g_end)
-        dropped = (g == g_drop) & (g < g_end) & ~joined
+        dropped = (g == g_drop) & (g < g_end)  # a join and a drop at the same step both happen
         on[rows[joined], j_join[joined]] = True
         on[rows[dropped], j_drop[dropped]] = False
         wt[rows[dropped], j_drop[dropped]] = 0.0
         w[todo], rho[todo], lam[todo], active[todo] = wt, rt, lt[:, 0] - g, on
         todo = todo[g < g_end]
+    if len(todo) or not w.isfinite().all():  # never return a point of the path short of lam
+        raise RuntimeError(f"Lasso homotopy did not finish for {len(todo)} problem(s)")
     return predict_linear(w.view(B, n, d), xs)
 
 
@@ -323,10 +325,10 @@ def sorted_split(x64, values, r, perm, start, count):
     first = torch.where((best == node_best.gather(1, seg)) & ok, pos, m)
     p = torch.full((Q, K + 1), m, device=r.device).scatter_reduce(1, seg, first, "amin")[:, :K]  # (Q, K)
     has = p < m
-    p = p.clamp(max=m - 2)
+    p = p.clamp(max=max(m - 2, 0))
     f = feat.gather(1, p)
     lo = perm.flatten(1).gather(1, f * (m + 1) + p + 1)  # the samples on either side of the threshold
-    hi = perm.flatten(1).gather(1, f * (m + 1) + p + 2)
+    hi = perm.flatten(1).gather(1, f * (m + 1) + (p + 2).clamp(max=m))
     thr = x64.gather(1, f * m + lo) / 2 + x64.gather(1, f * m + hi) / 2  # the midpoint, as sklearn
     return f, torch.where(has, thr, math.inf), seg
 
@@ -397,7 +399,8 @@ def relu_network(xs, ys, hidden=100, steps=1000, batch=10, lr=5e-3, seed=0):
     1000 steps on minibatches of 10 of the prefix's pairs drawn with replacement, as Garg et
     al. do. All the networks are slices of one batched model: their losses are summed, and
     since Adam works element by element, each one trains exactly as it would alone."""
-    return by_prompts(_relu_network, xs, ys, 64, hidden, steps, batch, lr, seed)
+    return torch.cat([_relu_network(xs[s:s + 64], ys[s:s + 64], hidden, steps, batch, lr, seed + s)
+                      for s in range(0, len(xs), 64)])  # each chunk of prompts its own seed
 
 
 def _relu_network(xs, ys, hidden, steps, batch, lr, seed):
@@ -410,7 +413,7 @@ def _relu_network(xs, ys, hidden, steps, batch, lr, seed):
 
     def uniform(*shape, fan_in):  # torch.nn.Linear's default initialisation
         bound = 1 / math.sqrt(fan_in)
-        return ((torch.rand(*shape, generator=gen, device=xs.device) * 2 - 1) * bound).requires_grad_()
+        return ((torch.rand(*shape, generator=gen, device=xs.device, dtype=xs.dtype) * 2 - 1) * bound).requires_grad_()
 
     params = [uniform(Q, d, hidden, fan_in=d), uniform(Q, 1, hidden, fan_in=d),
               uniform(Q, hidden, 1, fan_in=hidden), uniform(Q, 1, 1, fan_in=hidden)]

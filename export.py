@@ -45,6 +45,8 @@ class Predictor:
 
     def __init__(self, path, device="auto"):
         import onnxruntime as ort
+        if device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
         ort.set_default_logger_severity(4)  # the CUDA fallback on a machine without a GPU is not an error
         providers = ["CPUExecutionProvider"]
         if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
@@ -69,7 +71,7 @@ class Predictor:
         xs, ys = self.check(xs, ys)
         feeds = {"xs": xs, "ys": ys}
         if self.dynamic_loops:
-            if n_loops is None or int(n_loops) != n_loops or n_loops < 1:
+            if not isinstance(n_loops, (int, np.integer)) or n_loops < 1:
                 raise ValueError("this model takes the loop count per call: pass n_loops >= 1")
             feeds["n_loops"] = np.array(int(n_loops), dtype=np.int64)
         elif n_loops is not None and n_loops != int(self.meta["n_loops"]):
@@ -197,13 +199,15 @@ def export(run_dir, out, n_loops=None, dynamic_loops=False, fp16=False, say=prin
             "error_normaliser": looped.error_normaliser(cfg.task, cfg.n_dims), "precision": "fp16" if fp16 else "fp32",
             "config": json.dumps(looped.asdict(cfg)), "version": VERSION, "producer": "looped export.py"}
     onnx.helper.set_model_props(proto, {k: str(v) for k, v in meta.items()})
-    onnx.save(proto, out)  # one self-contained file: the weights are small
-    say(f"exported {out} ({os.path.getsize(out) / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+    tmp = out + ".tmp"  # verified before it replaces anything at `out`
+    onnx.save(proto, tmp)  # one self-contained file: the weights are small
+    say(f"exported {out} ({os.path.getsize(tmp) / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
     try:
-        report = verify(out, model, cfg, None if dynamic_loops else n_loops, fp16)
-    except VerificationError:
-        os.remove(out)
-        raise
+        report = verify(tmp, model, cfg, None if dynamic_loops else n_loops, fp16)
+    except Exception as e:  # any failure, not only a parity miss, leaves no file behind
+        os.remove(tmp)
+        raise e if isinstance(e, VerificationError) else VerificationError(f"{type(e).__name__}: {e}") from None
+    os.replace(tmp, out)
     for key, value in report.items():
         say(f"  {key}: {value}")
     return report
@@ -211,6 +215,8 @@ def export(run_dir, out, n_loops=None, dynamic_loops=False, fp16=False, say=prin
 
 def check_writable(out):
     folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        raise UserError(f"cannot write {out}: it is a folder")
     if not os.path.isdir(folder):
         raise UserError(f"cannot write {out}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK) or (os.path.exists(out) and not os.access(out, os.W_OK)):
@@ -310,6 +316,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.loops is not None and args.loops < 1:
         raise UserError(f"--loops must be at least 1, got {args.loops}")
+    if args.dynamic_loops and args.loops is not None:
+        raise UserError("--loops and --dynamic-loops exclude each other: the loop count is an input")
+    if args.bench and (args.fp16 or args.out or args.dynamic_loops):
+        raise UserError("--bench times the fp32 unrolled graph and writes no file: drop --fp16, -o, --dynamic-loops")
     if args.bench:
         return bench(args.run_dir, args.loops)
     export(args.run_dir, args.out or os.path.join(args.run_dir, "model.onnx"), args.loops,

@@ -309,6 +309,15 @@ def test_gradient_descent_and_newton_converge_to_least_squares():
     assert gd[0] > 1e-2 and newton[0] > 1e-2  # neither is there from the start
 
 
+def test_solvers_take_float64_and_two_point_prompts():
+    xs, ys = draw64("decision_tree", B=3, n=2, d=3)  # one prefix of one pair: no split is possible
+    for name, solver in baselines.BASELINES.items():
+        preds = solver(xs, ys) if name != "2-layer ReLU net" else solver(xs, ys, steps=5)
+        assert preds.shape == (3, 2) and preds.dtype == torch.float64 and (preds[:, 0] == 0).all(), name
+    for name in ("greedy tree", "boosted trees", "3-NN"):  # one pair seen: predict its y
+        torch.testing.assert_close(baselines.BASELINES[name](xs, ys)[:, 1], ys[:, 0], msg=name)
+
+
 def test_relu_network_learns_the_relu_task():
     """The per-prompt networks (fewer steps than the paper's 1000, to stay fast) must clearly beat
     least squares and the zero predictor at the last position of the ReLU task."""
@@ -493,7 +502,11 @@ def test_failed_verification_deletes_the_file(trained_run, tmp_path, monkeypatch
     path = tmp_path / "bad.onnx"
     with pytest.raises(export.VerificationError, match="onnxruntime - torch"):
         export.export(trained_run, str(path), n_loops=2, say=lambda *a: None)
-    assert not path.exists()
+    assert os.listdir(tmp_path) == []
+    path.write_bytes(b"an earlier model")  # a failed export leaves what was there
+    with pytest.raises(export.VerificationError):
+        export.export(trained_run, str(path), n_loops=2, say=lambda *a: None)
+    assert path.read_bytes() == b"an earlier model" and os.listdir(tmp_path) == ["bad.onnx"]
 
 
 def test_predictor_needs_no_torch(trained_run, tmp_path):
@@ -510,6 +523,8 @@ def test_predictor_needs_no_torch(trained_run, tmp_path):
     (["/nonexistent/run"], "no checkpoint"),
     (["RUN", "--loops", "0"], "--loops must be at least 1"),
     (["RUN", "-o", "/nonexistent/folder/m.onnx"], "does not exist"),
+    (["RUN", "-o", "/tmp"], "is a folder"),
+    (["RUN", "--loops", "3", "--dynamic-loops"], "exclude each other"),
 ])
 def test_export_cli_errors(trained_run, args, words):
     args = [trained_run if a == "RUN" else a for a in args]
