@@ -616,6 +616,7 @@ def train(cfg, resume=None, quiet=False):
             if rank == 0:
                 save_checkpoint(ckpt_path, model, opt, cfg, step, states)
     if world > 1:
+        dist.barrier()  # leave together, then tear down
         dist.destroy_process_group()
     if rank:
         return None
