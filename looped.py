@@ -662,17 +662,10 @@ def bench(device_name="auto"):
             train_step(model, opt, ctx, *args)
         saved = activation_bytes(model, ctx, *args)
         forward = torch.compile(model) if compiled else model
-        for _ in range(2):  # warm-up, and compilation
-            train_step(forward, opt, ctx, *args)
         if device.type == "cuda":
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        repeats, t0 = 20 if preset == "laptop" else 3, time.perf_counter()
-        for _ in range(repeats):
-            train_step(forward, opt, ctx, *args)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = (time.perf_counter() - t0) / repeats
+        seconds = seconds_per_call(lambda: train_step(forward, opt, ctx, *args), device,
+                                   20 if preset == "laptop" else 3, warmup=2)  # warm-up compiles
         flops = counter.get_total_flops() / seconds
         memory = f"{torch.cuda.max_memory_allocated() / 1e6:>9.0f}" if device.type == "cuda" else f"{'-':>9}"
         print(f"{preset:<8}{'compiled' if compiled else 'eager':<10}{'bf16' if amp else 'fp32':<6}"
@@ -680,35 +673,36 @@ def bench(device_name="auto"):
               f"{saved / 1e6:>10.1f}{memory}", flush=True)
 
 
-def matmul_peak(device, dtype, size=4096, repeats=5):
-    """FLOP/s of a square matmul: the ceiling that the training step is measured against."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    a @ a
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def seconds_per_call(fn, device, repeats, warmup=1):
+    """Mean wall time of fn() after the warm-up calls; CUDA is synchronised around the clock."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
     t0 = time.perf_counter()
     for _ in range(repeats):
-        a @ a
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * size ** 3 * repeats / (time.perf_counter() - t0)
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / repeats
+
+
+def matmul_peak(device, dtype, size=4096):
+    """FLOP/s of a square matmul: the ceiling that the training step is measured against."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    return 2 * size ** 3 / seconds_per_call(lambda: a @ a, device, repeats=5)
 
 
 def activation_bytes(model, ctx, xs, ys, n_loops, n_no_grad):
     """Bytes the forward pass keeps for the backward pass (the b - T no-grad iterations keep none)."""
-    seen, total = set(), 0
+    storages = {}  # views of one tensor share its storage: count each storage once
 
     def pack(t):
-        nonlocal total
-        key = (t.untyped_storage().data_ptr(), t.dtype)
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
         model(xs, ys, n_loops, n_no_grad)
-    return total
+    return sum(storages.values())
 
 
 # ---------------------------------------------------------------------------- command line

@@ -611,3 +611,15 @@ def test_compiled_training_saves_plain_checkpoint_keys(tmp_path):
     errors = looped.train(cfg, quiet=True)
     assert set(state(cfg.out)["model"]) == set(looped.LoopedTransformer(cfg).state_dict())  # no _orig_mod.
     assert errors["loops"].isfinite().all()
+
+
+def test_no_grad_iterations_keep_no_activations():
+    """What --bench reports as saved bytes: 6 loops with the first 3 under no_grad keep exactly
+    what 3 loops keep, and 6 loops all with gradient keep more."""
+    cfg = tiny_config()
+    model = looped.LoopedTransformer(cfg)
+    xs, ys = draw("linreg", B=4, n=9, d=4, active=4)
+    ctx = looped.nullcontext()
+    windowed, short = looped.activation_bytes(model, ctx, xs, ys, 6, 3), looped.activation_bytes(model, ctx, xs, ys, 3, 0)
+    assert windowed == short and looped.activation_bytes(model, ctx, xs, ys, 6, 0) > 1.5 * short
+    assert looped.matmul_peak(torch.device("cpu"), torch.float32, size=256) > 1e8  # a positive rate, timed
