@@ -620,8 +620,9 @@ def train(cfg, resume=None, quiet=False):
                 dist.all_gather_object(states, gen.get_state())
             if rank == 0:
                 save_checkpoint(ckpt_path, model, opt, cfg, step, states)
-    if world > 1:
-        dist.barrier()  # leave together, then tear down
+    if world > 1:  # drop DDP (its reducer holds the process group), leave together, tear down:
+        del forward  # a group still referenced at exit can abort gloo's threads (SIGABRT)
+        dist.barrier()
         dist.destroy_process_group()
     if rank:
         return None

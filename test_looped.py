@@ -554,7 +554,8 @@ def ddp_step(rank, world, port, xs, ys, path):
     opt.step()
     if rank == 0:
         torch.save(model.state_dict(), path)
-    torch.distributed.barrier()  # leave together: a rank tearing down gloo under the other can abort it
+    del ddp  # its reducer holds the process group: drop it first, then leave together
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
