@@ -230,6 +230,72 @@ def error_normaliser(task, d):
     return {"sparse_linreg": 3.0, "decision_tree": 1.0}.get(task, float(d))
 
 
+# Garg et al.'s out-of-distribution suite for linear regression (evaluation only, --ood NAME).
+# The first five change how x or y are drawn. The last three change the query: the prompt
+# predicting y_i is then x_1 y_1 ... x_{i-1} y_{i-1} q_i, so each test prompt becomes n prompts,
+# row i of which counts at position i only (see on_diagonal).
+OOD = ["skewed", "half_subspace", "noisy_y", "scale_x=C", "scale_y=C",
+       "random_quadrants", "orthogonal", "overlapping"]
+
+
+def sample_ood(name, B, n, d, gen):
+    """Linear-regression test prompts under a shift: (xs, ys, m, normaliser). m = 0 for a plain
+    batch (B, n); otherwise xs, ys are (B * m, n) query prompts. The normaliser is E[y^2] under
+    the shift, so that predicting 0 still scores about 1."""
+    kind, _, value = name.partition("=")
+    if kind not in [o.split("=")[0] for o in OOD] or (value and not kind.startswith("scale")):
+        raise UserError(f"unknown --ood {name!r}: use one of {', '.join(OOD)}")
+    if kind in ("scale_x", "scale_y") and not (value.replace(".", "", 1).isdigit() and float(value) > 0):
+        raise UserError(f"--ood {name}: give a positive scale, as in {kind}=2")
+    c = float(value) if kind in ("scale_x", "scale_y") else 1.0
+    dev = gen.device
+    z = torch.randn(B, n, d, generator=gen, device=dev)
+    w = torch.randn(B, d, 1, generator=gen, device=dev)
+    xs, scale_y, noise, queries = z, 1.0, 0.0, None
+    if kind in ("skewed", "half_subspace"):  # covariance U diag(eig) U^T, U a random rotation
+        eig = 1 / torch.arange(1, d + 1, device=dev) if kind == "skewed" else (torch.arange(d, device=dev) < d // 2).float()
+        eig = eig * d / eig.sum()  # trace d, as N(0, I_d) has
+        U = torch.linalg.qr(torch.randn(B, d, d, generator=gen, device=dev)).Q  # (B, d, d)
+        xs = (z * eig.sqrt()) @ U.transpose(1, 2)
+    elif kind == "scale_x":
+        xs = c * z
+    elif kind == "scale_y":
+        scale_y = c
+    elif kind == "noisy_y":
+        noise = 1.0
+    elif kind == "random_quadrants":  # in-context x in one random orthant; queries anywhere
+        xs = z.abs() * torch.randn(B, 1, d, generator=gen, device=dev).sign()
+        queries = z
+    elif kind == "orthogonal":  # q_i orthogonal to x_1 .. x_{i-1}, |q_i| = |x_i|; exists for i <= d
+        queries = z.clone()
+        for i in range(1, min(n, d)):
+            Q = torch.linalg.qr(z[:, :i].transpose(1, 2)).Q  # (B, d, i): basis of the prefix
+            q = z[:, i] - (Q @ (Q.transpose(1, 2) @ z[:, i, :, None]))[..., 0]
+            queries[:, i] = q * z[:, i].norm(dim=1, keepdim=True) / q.norm(dim=1, keepdim=True)
+    elif kind == "overlapping":  # q_i is one of x_1 .. x_{i-1}, picked at random
+        pick = (torch.rand(B, n, generator=gen, device=dev) * torch.arange(n, device=dev)).long()
+        queries = z.gather(1, pick[..., None].expand(B, n, d))
+    f = lambda x: scale_y * (x @ w)[..., 0]  # the prompt's linear function
+    norm = d * c ** 2 + noise ** 2  # E[y^2]
+    if queries is None:
+        ys = f(xs) + noise * torch.randn(B, n, generator=gen, device=dev)
+        return xs, ys, 0, norm
+    m = min(n, d) if kind == "orthogonal" else n  # m query prompts per drawn prompt
+    i = torch.arange(m, device=dev)[:, None]
+    use_query = torch.arange(n, device=dev) >= i  # (m, n): positions i.. hold queries in prompt i
+    xs = torch.where(use_query[None, :, :, None], queries[:, None], xs[:, None])  # (B, m, n, d)
+    ys = f(xs.reshape(B, m * n, d)).reshape(B * m, n)
+    return xs.reshape(B * m, n, d), ys, m, norm
+
+
+def on_diagonal(sq, m):
+    """Errors of query prompts: row b * m + i counts at position i only.
+    (B * m, ..., n) -> (B, ..., n), NaN at positions m.. where no query exists."""
+    n = sq.shape[-1]
+    sq = sq.reshape(-1, m, *sq.shape[1:])[..., :m]  # (B, m, ..., m)
+    return F.pad(sq.diagonal(dim1=1, dim2=-1), (0, n - m), value=float("nan"))
+
+
 # ---------------------------------------------------------------------------- curriculum
 
 
@@ -364,14 +430,18 @@ def windowed_loss(preds, ys):
     return (preds.float() - ys[:, None]).pow(2).mean()
 
 
-def eval_prompts(cfg, device):
-    """Fixed test prompts at the final d and n, from their own generator."""
+def eval_prompts(cfg, device, ood=None):
+    """Fixed test prompts at the final d and n, from their own generator: (xs, ys, m, normaliser),
+    with m > 0 for the query prompts of an out-of-distribution test (see sample_ood)."""
     gen = torch.Generator(device).manual_seed(cfg.eval_seed)
-    return TASKS[cfg.task](cfg.eval_prompts, cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
+    if ood:
+        return sample_ood(ood, cfg.eval_prompts, cfg.n_points, cfg.n_dims, gen)
+    xs, ys = TASKS[cfg.task](cfg.eval_prompts, cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
+    return xs, ys, 0, error_normaliser(cfg.task, cfg.n_dims)
 
 
 @torch.no_grad()
-def evaluate(model, cfg, device, ctx=nullcontext()):
+def evaluate(model, cfg, device, ctx=nullcontext(), ood=None):
     """Normalised squared error per position after every loop iteration, and for each of the
     task's baselines on the same prompts, with 90% bootstrap bands over the prompts.
 
@@ -379,20 +449,21 @@ def evaluate(model, cfg, device, ctx=nullcontext()):
     baseline, "band NAME": (2, n) for the model ("looped", at b loops) and each baseline, and
     "iterates NAME": (steps,) gradient descent and Newton at the last position (linear tasks)}."""
     model.eval()
-    xs, ys = eval_prompts(cfg, device)
-    norm = error_normaliser(cfg.task, cfg.n_dims)
+    xs, ys, m, norm = eval_prompts(cfg, device, ood)
+    per_prompt = (lambda sq: on_diagonal(sq, m)) if m else (lambda sq: sq)  # query prompts: m rows each
+    chunk = max(256 // (m or 1), 1) * (m or 1)  # chunks bound the activations at paper scale
     total, at_b = 0, []
-    for s in range(0, len(xs), 256):  # chunks bound the activations at paper scale
+    for s in range(0, len(xs), chunk):
         with ctx:
-            preds = model(xs[s:s + 256], ys[s:s + 256], eval_loops(cfg)).float()  # (B, t, n)
-        sq = (preds - ys[s:s + 256, None]).pow(2) / norm  # (B, t, n)
+            preds = model(xs[s:s + chunk], ys[s:s + chunk], eval_loops(cfg)).float()  # (B, t, n)
+        sq = per_prompt((preds - ys[s:s + chunk, None]).pow(2) / norm)  # (B, t, n)
         total, at_b = total + sq.sum(0), at_b + [sq[:, cfg.n_loops - 1]]
     model.train()
-    errors = {"loops": (total / len(xs)).cpu(), "band looped": bootstrap_band(torch.cat(at_b)).cpu()}
+    errors = {"loops": (total / cfg.eval_prompts).cpu(), "band looped": bootstrap_band(torch.cat(at_b)).cpu()}
     for name in baselines.TASK_BASELINES[cfg.task]:
-        sq = (baselines.BASELINES[name](xs, ys) - ys).pow(2) / norm  # (P, n)
+        sq = per_prompt((baselines.BASELINES[name](xs, ys) - ys).pow(2) / norm)  # (P, n)
         errors[name], errors[f"band {name}"] = sq.mean(0).cpu(), bootstrap_band(sq).cpu()
-    if cfg.task in ("linreg", "noisy_linreg", "sparse_linreg"):  # iterative solvers beside the loop
+    if cfg.task in ("linreg", "noisy_linreg", "sparse_linreg") and not ood:  # solvers beside the loop
         for name, iterates in baselines.ITERATES.items():
             steps = eval_loops(cfg) if name == "gradient descent" else min(eval_loops(cfg), 40)
             preds = iterates(xs, ys, steps)[:, :, -1]  # (P, steps): the last position only
@@ -411,60 +482,81 @@ def bootstrap_band(sq, resamples=1000, seed=0):
     return torch.quantile(means, torch.tensor([0.05, 0.95], device=sq.device), dim=0)
 
 
-def report(errors, cfg):
-    """A short table: error at chosen numbers of in-context examples k."""
-    b, t = cfg.n_loops, eval_loops(cfg)
+def label(cfg):
+    if cfg.n_loops == 1:
+        return f"transformer, {cfg.n_layer} layers"
+    return f"looped, b = {cfg.n_loops}, T = {cfg.loop_window}" + (f", {cfg.n_layer} layers" if cfg.n_layer > 1 else "")
+
+
+def report(runs, ood=None):
+    """A short table: error at chosen numbers of in-context examples k, for runs [(cfg, errors)]
+    evaluated on the same prompts, and the first run's baselines."""
+    cfg, errors = runs[0]
     ks = sorted({k for k in (1, cfg.n_dims // 2, cfg.n_dims, 2 * cfg.n_dims, cfg.n_points - 1)
                  if 0 < k < cfg.n_points})
-    rows = {f"looped, b = {b}": errors["loops"][b - 1], f"looped, {t} loops": errors["loops"][-1]}
-    if cfg.n_loops == 1:
-        rows = {f"transformer ({cfg.n_layer} layers)": errors["loops"][0]}
+    rows = {}
+    for c, e in runs:
+        rows[label(c)] = e["loops"][c.n_loops - 1]
+        if eval_loops(c) != c.n_loops:
+            rows[f"{label(c)}: {eval_loops(c)} loops"] = e["loops"][-1]
     rows.update({name: errors[name] for name in baselines.TASK_BASELINES[cfg.task]})
-    lines = [f"normalised squared error, {cfg.task}, d = {cfg.n_dims}, {cfg.eval_prompts} prompts",
-             f"{'k (in-context examples)':<26}" + "".join(f"{k:>9}" for k in ks)]
+    width = max(26, *map(len, rows)) + 2
+    lines = [f"normalised squared error, {cfg.task}{f' (ood: {ood})' if ood else ''}, d = {cfg.n_dims}, "
+             f"{cfg.eval_prompts} prompts", f"{'k (in-context examples)':<{width}}" + "".join(f"{k:>9}" for k in ks)]
     for name, err in rows.items():
-        lines.append(f"{name:<26}" + "".join(f"{err[k].item():>9.4f}" for k in ks))
+        lines.append(f"{name:<{width}}" + "".join(f"{err[k].item():>9.4f}" for k in ks))
     return "\n".join(lines)
 
 
-def plot(errors, cfg, out):
-    """error_vs_examples.png and error_vs_loops.png in the run folder."""
+def plot(runs, out, ood=None):
+    """Two figures in folder out, for runs [(cfg, errors)] evaluated on the same prompts: error
+    against in-context examples (every run and the first run's baselines) and, in distribution,
+    error at the last position against loop iterations (every looped run, GD and Newton)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    b, t = cfg.n_loops, eval_loops(cfg)
+    cfg, errors = runs[0]
+    suffix = f"_ood_{ood}" if ood else ""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     k = range(cfg.n_points)
-    curves = [(f"looped, {b} loops" if b > 1 else f"transformer, {cfg.n_layer} layers",
-               errors["loops"][b - 1], errors["band looped"])]
-    curves += [(name, errors[name], errors[f"band {name}"]) for name in baselines.TASK_BASELINES[cfg.task]]
-    for i, (name, err, band) in enumerate(curves):
-        line, = ax.plot(k, err, lw=2.5 if i == 0 else 1.5, label=name)
-        ax.fill_between(k, band[0], band[1], color=line.get_color(), alpha=0.2, lw=0)
-    if t != b:
-        ax.plot(k, errors["loops"][-1], lw=2, ls="--", color="C0", label=f"looped, {t} loops")
-    ax.set(xlabel="in-context examples k", ylabel="normalised squared error",
-           title=f"{cfg.task}, d = {cfg.n_dims} (90% bootstrap bands)", ylim=(-0.05, 1.5))
+    for i, (c, e) in enumerate(runs):
+        line, = ax.plot(k, e["loops"][c.n_loops - 1], lw=2.5, color=f"C{i}", label=label(c))
+        ax.fill_between(k, *e["band looped"], color=line.get_color(), alpha=0.2, lw=0)
+        if eval_loops(c) != c.n_loops:
+            ax.plot(k, e["loops"][-1], lw=2, ls="--", color=line.get_color(), label=f"{label(c)}: {eval_loops(c)} loops")
+    for i, name in enumerate(baselines.TASK_BASELINES[cfg.task], start=len(runs)):
+        line, = ax.plot(k, errors[name], lw=1.5, color=f"C{i}", label=name)
+        ax.fill_between(k, *errors[f"band {name}"], color=line.get_color(), alpha=0.2, lw=0)
+    ax.set(xlabel="in-context examples k", ylabel="normalised squared error", ylim=(-0.05, 1.5),
+           title=f"{cfg.task}{f', ood: {ood}' if ood else ''}, d = {cfg.n_dims} (90% bootstrap bands)")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "error_vs_examples.png"), dpi=120)
+    fig.savefig(os.path.join(out, f"error_vs_examples{suffix}.png"), dpi=120)
+    looped = [(i, c, e) for i, (c, e) in enumerate(runs) if eval_loops(c) > 1]
+    if ood or not looped:
+        return plt.close("all")
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     last = cfg.n_points - 1
-    curve = errors["loops"][:, last]
-    ax.semilogy(range(1, t + 1), curve, lw=2.5, label="looped transformer")
-    floor = curve.min().item()
-    for name in baselines.ITERATES:  # iterative solvers: one iteration against one loop
+    floor = 1.0
+    for i, c, e in looped:
+        curve = e["loops"][:, last]
+        ax.semilogy(range(1, len(curve) + 1), curve, lw=2.5, color=f"C{i}", label=label(c))
+        ax.axvline(c.n_loops, color=f"C{i}", ls="--", lw=1)
+        floor = min(floor, curve.min().item())
+    for j, name in enumerate(baselines.ITERATES):  # iterative solvers: one iteration against one loop
         if f"iterates {name}" in errors:
             err = errors[f"iterates {name}"]
-            ax.semilogy(range(1, len(err) + 1), err.clamp(min=1e-12), lw=1.5, label=f"{name} iterations")
+            ax.semilogy(range(1, len(err) + 1), err.clamp(min=1e-12), lw=1.5, color=f"C{len(runs) + j}",
+                        label=f"{name} iterations")
             floor = min(floor, err.min().item())
-    lsq = errors["least squares"][last].item()
-    ax.axhline(lsq, color="k", ls=":", label=f"least squares ({lsq:.1e})")
-    ax.set_ylim(bottom=max(min(floor, lsq) / 3, 1e-8))  # exact solvers sit near 1e-14
-    ax.axvline(b, color="gray", ls="--", label=f"trained b = {b}")
-    ax.set(xlabel="loop iteration (or solver iteration)", ylabel=f"normalised squared error at k = {last}",
-           title=f"{cfg.task}: error against iterations")
+    if "least squares" in errors:
+        lsq = errors["least squares"][last].item()
+        ax.axhline(lsq, color="k", ls=":", label=f"least squares ({lsq:.1e})")
+        floor = min(floor, lsq)
+    ax.set_ylim(bottom=max(floor / 3, 1e-8))  # exact solvers sit near 1e-14
+    ax.set(xlabel="loop iteration (or solver iteration); dashed: trained b",
+           ylabel=f"normalised squared error at k = {last}", title=f"{cfg.task}: error against iterations")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "error_vs_loops.png"), dpi=120)
@@ -630,15 +722,16 @@ def train(cfg, resume=None, quiet=False):
     return finish(model, cfg, device, ctx, say)
 
 
-def finish(model, cfg, device, ctx, say=print):
-    """Evaluate, write eval.json and the plots, print the table."""
+def finish(model, cfg, device, ctx, say=print, ood=None):
+    """Evaluate, write eval.json (eval_ood_NAME.json) and the plots, print the table."""
     out = run_dir(cfg)
+    os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
-    errors = evaluate(model, cfg, device, ctx)
-    with open(os.path.join(out, "eval.json"), "w") as f:
+    errors = evaluate(model, cfg, device, ctx, ood)
+    with open(os.path.join(out, f"eval{f'_ood_{ood}' if ood else ''}.json"), "w") as f:
         json.dump({k: v.tolist() for k, v in errors.items()}, f)
-    plot(errors, cfg, out)
-    say(report(errors, cfg))
+    plot([(cfg, errors)], out, ood)
+    say(report([(cfg, errors)], ood))
     say(f"evaluated in {time.perf_counter() - t0:.1f} s; plots in {out}")
     return errors
 
@@ -663,7 +756,7 @@ def bench(device_name="auto"):
         model = LoopedTransformer(cfg).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
         ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
-        args = (*eval_prompts(cfg, device), cfg.n_loops, cfg.n_loops - cfg.loop_window)  # batch 64
+        args = (*eval_prompts(cfg, device)[:2], cfg.n_loops, cfg.n_loops - cfg.loop_window)  # batch 64
         with FlopCounterMode(display=False) as counter:  # counted on the eager model
             train_step(model, opt, ctx, *args)
         saved = activation_bytes(model, ctx, *args)
@@ -733,31 +826,65 @@ def parse_args(argv):
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             parser.add_argument(*flags, type=kind, default=None, dest=f.name)
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
-    parser.add_argument("--eval", metavar="RUN_DIR", help="re-evaluate a saved run, no training")
+    parser.add_argument("--eval", metavar="RUN_DIR", nargs="+",
+                        help="re-evaluate saved runs, no training; several: one comparison plot in --out")
+    parser.add_argument("--ood", metavar="NAME", help=f"with --eval: test prompts shifted ({', '.join(OOD)})")
     parser.add_argument("--bench", action="store_true", help="training speed table (see bench())")
     args = vars(parser.parse_args(argv))
-    resume, evaluate_dir, bench_only = args.pop("resume"), args.pop("eval"), args.pop("bench")
-    return {k: v for k, v in args.items() if v is not None}, resume, evaluate_dir, bench_only
+    special = {name: args.pop(name) for name in ("resume", "eval", "ood", "bench")}
+    return {k: v for k, v in args.items() if v is not None}, special
+
+
+def saved_run(run_dir, given):
+    """A saved run's checkpoint and config; a saved run keeps its config, and only its length
+    and its evaluation can change."""
+    ckpt, saved = load_checkpoint(run_dir)
+    free = {"steps", "out", "device", "log_every", "ckpt_every", "eval_prompts", "eval_loops",
+            "n_points", "compile", "amp"}
+    for name, value in given.items():
+        if name not in free and value != getattr(saved, name):
+            raise UserError(f"--{name} {value} differs from the saved run's {getattr(saved, name)}; "
+                            f"a saved run keeps its config")
+    return ckpt, make_config(**{**asdict(saved), "out": run_dir, **given})
+
+
+def evaluate_runs(run_dirs, given, ood):
+    """--eval: evaluate each run on the same test prompts; with several, a comparison in --out."""
+    compare_dir = given.pop("out", None)
+    if len(run_dirs) == 1 and compare_dir:  # one run: --out is where its results go
+        given["out"] = compare_dir
+    loaded = [saved_run(d, given) for d in run_dirs]
+    first = loaded[0][1]
+    for _, cfg in loaded:
+        if (cfg.task, cfg.n_dims, cfg.n_points) != (first.task, first.n_dims, first.n_points):
+            raise UserError(f"{cfg.out} ({cfg.task}, d {cfg.n_dims}, n {cfg.n_points}) cannot be compared "
+                            f"with {first.out} ({first.task}, d {first.n_dims}, n {first.n_points})")
+    if ood and first.task not in ("linreg", "noisy_linreg"):
+        raise UserError(f"--ood is Garg et al.'s suite for linear regression, not {first.task}")
+    if ood:
+        sample_ood(ood, 1, 2, 2, torch.Generator())  # a bad name fails here, before any work
+    runs = []
+    for ckpt, cfg in loaded:
+        device, ctx = setup_device(cfg)
+        runs.append((cfg, finish(restore_model(ckpt, cfg, device), cfg, device, ctx, ood=ood)))
+    if len(runs) > 1:
+        out = compare_dir or os.path.join("runs", f"compare_{first.task}")
+        os.makedirs(out, exist_ok=True)
+        plot(runs, out, ood)
+        print(report(runs, ood))
+        print(f"comparison plots in {out}")
 
 
 def main(argv=None):
-    given, resume_dir, eval_dir, bench_only = parse_args(argv)
-    if bench_only:
+    given, special = parse_args(argv)
+    if special["ood"] and not special["eval"]:
+        raise UserError("--ood is an evaluation option: use it with --eval RUN_DIR")
+    if special["bench"]:
         bench(given.get("device", "auto"))
-    elif resume_dir or eval_dir:
-        ckpt, saved = load_checkpoint(resume_dir or eval_dir)
-        # A saved run keeps its config; only its length and the evaluation can change.
-        free = {"steps", "out", "device", "log_every", "ckpt_every", "eval_prompts", "eval_loops",
-                "n_points", "compile", "amp"}
-        for name, value in given.items():
-            if name not in free and value != getattr(saved, name):
-                raise UserError(f"--{name} {value} differs from the saved run's {getattr(saved, name)}; "
-                                f"a saved run keeps its config")
-        cfg = make_config(**{**asdict(saved), "out": resume_dir or eval_dir, **given})
-        if eval_dir:
-            device, ctx = setup_device(cfg)
-            finish(restore_model(ckpt, cfg, device), cfg, device, ctx)
-            return
+    elif special["eval"]:
+        evaluate_runs(special["eval"], given, special["ood"])
+    elif special["resume"]:
+        ckpt, cfg = saved_run(special["resume"], given)
         restore_model(ckpt, cfg, "cpu")  # fails early, with one line, on mismatched weights
         train(cfg, resume=ckpt)
     else:

@@ -446,6 +446,86 @@ def test_eval_re_evaluates_a_saved_run(tmp_path):
     torch.testing.assert_close(torch.tensor(saved["loops"]), errors["loops"], rtol=1e-5, atol=1e-6)
 
 
+# ---------------------------------------------------------------------------- out-of-distribution prompts
+
+
+def ood(name, B=4, n=11, d=6, seed=0):
+    return looped.sample_ood(name, B, n, d, torch.Generator().manual_seed(seed))
+
+
+def test_skewed_and_half_subspace_covariances():
+    """Covariance eigenvalues, from 20,000 points of one prompt (sampling error ~1%): 1/i scaled to
+    trace d for skewed; d/2 eigenvalues of 2 and d/2 exact zeros for the half subspace."""
+    d = 6
+    for name, expected in [("skewed", 1 / torch.arange(1, d + 1.0)), ("half_subspace", torch.tensor([1.0] * 3 + [0.0] * 3))]:
+        xs, ys, m, norm = ood(name, B=2, n=20_000, d=d)
+        assert m == 0 and norm == d
+        expected = expected * d / expected.sum()
+        for x in xs.double():
+            eig = torch.linalg.eigvalsh(x.T @ x / len(x)).flip(0)
+            torch.testing.assert_close(eig, expected.double(), rtol=0.05, atol=1e-9)
+        assert not torch.allclose(xs[0].T @ xs[0], xs[1].T @ xs[1], rtol=0.1)  # a rotation per prompt
+
+
+def test_scaled_and_noisy_prompts():
+    d, n = 5, 4000
+    for name, x_std, norm in [("scale_x=3", 3.0, 45.0), ("scale_y=0.5", 1.0, 1.25), ("noisy_y", 1.0, 6.0)]:
+        xs, ys, m, normaliser = ood(name, B=64, n=n, d=d)
+        assert m == 0 and normaliser == norm
+        assert abs(xs.std().item() - x_std) < 0.02 * x_std
+        assert abs(ys.pow(2).mean().item() / norm - 1) < 0.2  # E[y^2] is the normaliser (64 w's)
+        w = torch.linalg.lstsq(xs.double(), ys.double()[..., None]).solution
+        residual = (ys.double() - (xs.double() @ w)[..., 0]).std().item()
+        assert abs(residual - (1.0 if name == "noisy_y" else 0.0)) < 0.03, name
+
+
+def test_query_prompts_geometry():
+    """Row i of each prompt's n query prompts holds x_1 .. x_i then queries; only i counts."""
+    n, d = 9, 5
+    for name in ["random_quadrants", "orthogonal", "overlapping"]:
+        xs, ys, m, norm = ood(name, B=8, n=n, d=d)
+        assert m == (d if name == "orthogonal" else n) and xs.shape == (8 * m, n, d)
+        rows = xs.reshape(8, m, n, d)
+        for i in range(1, m):
+            context, query = rows[:, i, :i], rows[:, i, i]  # (B, i, d), (B, d)
+            torch.testing.assert_close(context, rows[:, -1, :i])  # the same in-context points in every row
+            if name == "random_quadrants":  # in-context points share one orthant; queries need not
+                assert (context.sign() == context[:, :1].sign()).all()
+            if name == "orthogonal":
+                assert (context @ query[..., None]).abs().max() < 1e-4
+                torch.testing.assert_close(query.norm(dim=1), rows[:, -1, i].norm(dim=1))
+            if name == "overlapping":
+                assert ((context - query[:, None]).abs().sum(2) == 0).any(1).all()
+        if name == "random_quadrants":
+            queries = rows[:, 0]  # row 0 is all queries: any orthant
+            assert not (queries.sign() == queries[:, :1].sign()).all()
+        w = torch.linalg.lstsq(xs.reshape(8, m * n, d), ys.reshape(8, m * n, 1)).solution
+        torch.testing.assert_close((xs.reshape(8, m * n, d) @ w)[..., 0], ys.reshape(8, m * n), atol=1e-4, rtol=1e-4)
+
+
+def test_on_diagonal_takes_position_i_of_row_i():
+    sq = torch.arange(2 * 3 * 4.0).reshape(2 * 3, 4)  # 2 prompts, 3 query rows each, n 4
+    out = looped.on_diagonal(sq, 3)
+    torch.testing.assert_close(out[:, :3], torch.tensor([[0.0, 5, 10], [12, 17, 22]]))
+    assert out[:, 3].isnan().all()
+
+
+def test_eval_of_two_runs_under_a_shift_draws_one_comparison(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    looped.train(tiny_config(a, steps=2), quiet=True)
+    looped.train(tiny_config(b, steps=2, n_layer=2, n_loops=1, loop_window=1, eval_loops=1), quiet=True)
+    r = run_cli("--eval", str(a), str(b), "--ood", "orthogonal", "--out", str(tmp_path / "cmp"))
+    assert r.returncode == 0, r.stderr
+    assert "transformer, 2 layers" in r.stdout and "looped, b = 6, T = 3" in r.stdout
+    assert os.path.isfile(tmp_path / "cmp" / "error_vs_examples_ood_orthogonal.png")
+    saved = looped.json.load(open(a / "eval_ood_orthogonal.json"))
+    least_squares = torch.tensor(saved["least squares"])
+    assert least_squares[4:].isnan().all() and least_squares[1:4].isfinite().all()  # queries exist for i < d
+    for args, words in [(["--ood", "skewed"], "with --eval"), (["--eval", str(a), "--ood", "tilted"], "unknown --ood")]:
+        r = run_cli(*args)
+        assert r.returncode == 2 and words in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+
+
 # ---------------------------------------------------------------------------- export
 
 
