@@ -253,7 +253,8 @@ def sample_ood(name, B, n, d, gen):
     w = torch.randn(B, d, 1, generator=gen, device=dev)
     xs, scale_y, noise, queries = z, 1.0, 0.0, None
     if kind in ("skewed", "half_subspace"):  # covariance U diag(eig) U^T, U a random rotation
-        eig = 1 / torch.arange(1, d + 1, device=dev) if kind == "skewed" else (torch.arange(d, device=dev) < d // 2).float()
+        i = torch.arange(1, d + 1, device=dev)  # skewed: [G] maps x by U diag(1/i) U^T, so eig ~ 1/i^2
+        eig = 1 / i ** 2 if kind == "skewed" else (i <= d // 2).float()
         eig = eig * d / eig.sum()  # trace d, as N(0, I_d) has
         U = torch.linalg.qr(torch.randn(B, d, d, generator=gen, device=dev)).Q  # (B, d, d)
         xs = (z * eig.sqrt()) @ U.transpose(1, 2)

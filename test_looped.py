@@ -454,10 +454,10 @@ def ood(name, B=4, n=11, d=6, seed=0):
 
 
 def test_skewed_and_half_subspace_covariances():
-    """Covariance eigenvalues, from 20,000 points of one prompt (sampling error ~1%): 1/i scaled to
-    trace d for skewed; d/2 eigenvalues of 2 and d/2 exact zeros for the half subspace."""
+    """Covariance eigenvalues, from 20,000 points of one prompt (sampling error ~1%): 1/i^2 scaled
+    to trace d for skewed; d/2 eigenvalues of 2 and d/2 exact zeros for the half subspace."""
     d = 6
-    for name, expected in [("skewed", 1 / torch.arange(1, d + 1.0)), ("half_subspace", torch.tensor([1.0] * 3 + [0.0] * 3))]:
+    for name, expected in [("skewed", 1 / torch.arange(1, d + 1.0) ** 2), ("half_subspace", torch.tensor([1.0] * 3 + [0.0] * 3))]:
         xs, ys, m, norm = ood(name, B=2, n=20_000, d=d)
         assert m == 0 and norm == d
         expected = expected * d / expected.sum()
