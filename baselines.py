@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 def by_prompts(fn, xs, ys, size, *args):
     """Run fn on chunks of prompts: every solver is independent per prompt, and chunks bound
-    the memory of the (B, n, n, d) or (B, n, d, d) tensors at paper scale."""
+    the memory of the (B, n, n, d) or (B, n, d, d) tensors at paper scale. Small chunks also
+    keep the iterative solvers' working set in cache (Lasso, trees: 1.4x to 1.9x on a CPU)."""
     return torch.cat([fn(xs[s:s + size], ys[s:s + size], *args) for s in range(0, len(xs), size)])
 
 
@@ -123,7 +124,7 @@ def lasso(xs, ys, alpha=0.01):
     matrices of all prompts and prefixes at once: the solution is piecewise linear in the
     penalty, so it is followed from w = 0 at lam = max |c_j| down to lam = i alpha, one
     join or drop of a coordinate per step. Exact to float64 round-off; at most a few d steps."""
-    return by_prompts(_lasso, xs, ys, 512, alpha)
+    return by_prompts(_lasso, xs, ys, 64, alpha)
 
 
 def _lasso(xs, ys, alpha):
@@ -373,7 +374,7 @@ def tree_predictions(xs, ys, depth, n_trees=1, lr=1.0, sign=False, bucket=8):
 
 def greedy_tree(xs, ys):
     """A greedy regression tree of depth 2 on x (the paper's choice on raw inputs)."""
-    return by_prompts(tree_predictions, xs, ys, 256, 2)  # depth
+    return by_prompts(tree_predictions, xs, ys, 32, 2)  # depth
 
 
 def greedy_tree_sign(xs, ys):
@@ -383,12 +384,12 @@ def greedy_tree_sign(xs, ys):
 
 def boosted_trees(xs, ys):
     """Gradient-boosted trees: 50 trees of depth 4, learning rate 0.1, squared error, on x."""
-    return by_prompts(tree_predictions, xs, ys, 256, 4, 50, 0.1)  # depth, trees, lr
+    return by_prompts(tree_predictions, xs, ys, 32, 4, 50, 0.1)  # depth, trees, lr
 
 
 def boosted_trees_sign(xs, ys):
     """The same boosted trees on sign(x)."""
-    return by_prompts(tree_predictions, xs, ys, 256, 4, 50, 0.1, True)  # depth, trees, lr, sign
+    return by_prompts(tree_predictions, xs, ys, 32, 4, 50, 0.1, True)  # depth, trees, lr, sign
 
 
 # ---------------------------------------------------------------------------- networks
