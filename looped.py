@@ -483,10 +483,13 @@ def bootstrap_band(sq, resamples=1000, seed=0):
     return torch.quantile(means, torch.tensor([0.05, 0.95], device=sq.device), dim=0)
 
 
-def label(cfg):
-    if cfg.n_loops == 1:
-        return f"transformer, {cfg.n_layer} layers"
-    return f"looped, b = {cfg.n_loops}, T = {cfg.loop_window}" + (f", {cfg.n_layer} layers" if cfg.n_layer > 1 else "")
+def labels(runs):
+    """A legend name per run [(cfg, errors)]: the model, and the run folder where names repeat."""
+    names = [f"transformer, {c.n_layer} layers" if c.n_loops == 1 else
+             f"looped, b = {c.n_loops}, T = {c.loop_window}" + (f", {c.n_layer} layers" if c.n_layer > 1 else "")
+             for c, _ in runs]
+    return [f"{name} ({os.path.basename(os.path.normpath(run_dir(c)))})" if names.count(name) > 1 else name
+            for name, (c, _) in zip(names, runs)]
 
 
 def report(runs, ood=None):
@@ -496,10 +499,10 @@ def report(runs, ood=None):
     ks = sorted({k for k in (1, cfg.n_dims // 2, cfg.n_dims, 2 * cfg.n_dims, cfg.n_points - 1)
                  if 0 < k < cfg.n_points})
     rows = {}
-    for c, e in runs:
-        rows[label(c)] = e["loops"][c.n_loops - 1]
+    for name, (c, e) in zip(labels(runs), runs):
+        rows[name] = e["loops"][c.n_loops - 1]
         if eval_loops(c) != c.n_loops:
-            rows[f"{label(c)}: {eval_loops(c)} loops"] = e["loops"][-1]
+            rows[f"{name}: {eval_loops(c)} loops"] = e["loops"][-1]
     rows.update({name: errors[name] for name in baselines.TASK_BASELINES[cfg.task]})
     width = max(26, *map(len, rows)) + 2
     lines = [f"normalised squared error, {cfg.task}{f' (ood: {ood})' if ood else ''}, d = {cfg.n_dims}, "
@@ -520,11 +523,12 @@ def plot(runs, out, ood=None):
     suffix = f"_ood_{ood}" if ood else ""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     k = range(cfg.n_points)
+    names = labels(runs)
     for i, (c, e) in enumerate(runs):
-        line, = ax.plot(k, e["loops"][c.n_loops - 1], lw=2.5, color=f"C{i}", label=label(c))
+        line, = ax.plot(k, e["loops"][c.n_loops - 1], lw=2.5, color=f"C{i}", label=names[i])
         ax.fill_between(k, *e["band looped"], color=line.get_color(), alpha=0.2, lw=0)
         if eval_loops(c) != c.n_loops:
-            ax.plot(k, e["loops"][-1], lw=2, ls="--", color=line.get_color(), label=f"{label(c)}: {eval_loops(c)} loops")
+            ax.plot(k, e["loops"][-1], lw=2, ls="--", color=line.get_color(), label=f"{names[i]}: {eval_loops(c)} loops")
     for i, name in enumerate(baselines.TASK_BASELINES[cfg.task], start=len(runs)):
         line, = ax.plot(k, errors[name], lw=1.5, color=f"C{i}", label=name)
         ax.fill_between(k, *errors[f"band {name}"], color=line.get_color(), alpha=0.2, lw=0)
@@ -542,7 +546,7 @@ def plot(runs, out, ood=None):
     floor = 1.0
     for i, c, e in looped:
         curve = e["loops"][:, last]
-        ax.semilogy(range(1, len(curve) + 1), curve, lw=2.5, color=f"C{i}", label=label(c))
+        ax.semilogy(range(1, len(curve) + 1), curve, lw=2.5, color=f"C{i}", label=names[i])
         ax.axvline(c.n_loops, color=f"C{i}", ls="--", lw=1)
         floor = min(floor, curve.min().item())
     for j, name in enumerate(baselines.ITERATES):  # iterative solvers: one iteration against one loop

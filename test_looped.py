@@ -510,6 +510,13 @@ def test_on_diagonal_takes_position_i_of_row_i():
     assert out[:, 3].isnan().all()
 
 
+def test_runs_of_the_same_model_get_distinct_labels():
+    a, b = tiny_config(out="runs/a"), tiny_config(out="runs/b", steps=60)
+    assert looped.labels([(a, None), (b, None)]) == ["looped, b = 6, T = 3 (a)", "looped, b = 6, T = 3 (b)"]
+    standard = tiny_config(n_layer=2, n_loops=1, loop_window=1)
+    assert looped.labels([(a, None), (standard, None)]) == ["looped, b = 6, T = 3", "transformer, 2 layers"]
+
+
 def test_eval_of_two_runs_under_a_shift_draws_one_comparison(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     looped.train(tiny_config(a, steps=2), quiet=True)
