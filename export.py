@@ -40,8 +40,10 @@ class Predictor:
     """Run an exported looped transformer: `Predictor("model.onnx")(xs, ys)` -> predictions (B, n).
 
     Uses CUDA when onnxruntime can really run there, else the CPU; `provider` says which one the
-    session uses. Inputs and outputs are bound to the device (IO binding), so repeated calls on
-    CUDA copy only the prompt in and the predictions out."""
+    session uses. On CUDA, inputs and outputs are bound to the device (IO binding), so repeated
+    calls copy only the prompt in and the predictions out. On the CPU, a batch is split into one
+    shard per core, each run on one thread: onnxruntime's own threads speed up this model's many
+    small operations little (measured with --bench: 1.35x at batch 64 on 2 cores)."""
 
     def __init__(self, path, device="auto"):
         import onnxruntime as ort
@@ -53,8 +55,10 @@ class Predictor:
             providers.insert(0, "CUDAExecutionProvider")
         if not os.path.isfile(path):
             raise ValueError(f"no ONNX model at {path}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1  # parallel over the batch instead (see __call__)
         try:
-            self.session = ort.InferenceSession(path, providers=providers)
+            self.session = ort.InferenceSession(path, options, providers=providers)
         except Exception as e:  # onnxruntime raises its own types for unreadable graphs
             raise ValueError(f"{path} is not a loadable ONNX model: {str(e).splitlines()[0][:200]}") from None
         # get_available_providers lists CUDA even without a GPU; the session knows what it got
@@ -66,6 +70,8 @@ class Predictor:
         self.meta = meta
         self.n_dims, self.max_points = int(meta["n_dims"]), int(meta["max_points"])
         self.dynamic_loops = meta["n_loops"] == "dynamic"
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.pool = None  # threads for the CPU shards, started on the first batch that needs them
 
     def __call__(self, xs, ys, n_loops=None):
         xs, ys = self.check(xs, ys)
@@ -77,6 +83,15 @@ class Predictor:
         elif n_loops is not None and n_loops != int(self.meta["n_loops"]):
             raise ValueError(f"this model was exported at {self.meta['n_loops']} loops; "
                              f"export with --dynamic-loops to choose per call")
+        if self.device == "cpu":  # one shard of the batch per core, each on one thread
+            k = min(self.cores, len(xs))
+            if k == 1:
+                return self.session.run(["preds"], feeds)[0]
+            if self.pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+                self.pool = ThreadPoolExecutor(self.cores)
+            run = lambda shard: self.session.run(["preds"], {**feeds, "xs": shard[0], "ys": shard[1]})[0]
+            return np.concatenate(list(self.pool.map(run, zip(np.array_split(xs, k), np.array_split(ys, k)))))
         import onnxruntime as ort
         binding = self.session.io_binding()
         for name, array in feeds.items():

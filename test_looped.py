@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import numpy as np
 import torch
 
 from sklearn.ensemble import GradientBoostingRegressor
@@ -556,6 +557,10 @@ def test_unrolled_and_dynamic_exports_match_pytorch(trained_run, tmp_path):
         expected = model(xs, ys, 4)[:, -1].numpy()
     got = export.Predictor(unrolled)(xs.numpy(), ys.numpy())
     assert got.shape == (7, 5) and abs(got - expected).max() < 1e-4
+    for cores in (1, 3, 16):  # the CPU splits a batch into one shard per core: same numbers
+        predictor = export.Predictor(unrolled)
+        predictor.cores = cores
+        assert abs(predictor(xs.numpy(), ys.numpy()) - got).max() < 1e-6
     at_b = export.Predictor(dynamic)(xs.numpy(), ys.numpy(), n_loops=4)
     assert abs(at_b - got).max() < 1e-5  # the ONNX Loop at b loops equals the unrolled graph
     assert abs(export.Predictor(dynamic)(xs.numpy(), ys.numpy(), n_loops=9) - at_b).max() > 1e-6
