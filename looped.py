@@ -238,20 +238,25 @@ OOD = ["skewed", "half_subspace", "noisy_y", "scale_x=C", "scale_y=C",
        "random_quadrants", "orthogonal", "overlapping"]
 
 
-def sample_ood(name, B, n, d, gen):
-    """Linear-regression test prompts under a shift: (xs, ys, m, normaliser). m = 0 for a plain
-    batch (B, n); otherwise xs, ys are (B * m, n) query prompts. The normaliser is E[y^2] under
-    the shift, so that predicting 0 still scores about 1."""
+def parse_ood(name):
+    """--ood NAME -> (kind, scale C, 1 when there is none); UserError for a name not in OOD."""
     kind, _, value = name.partition("=")
     if kind not in [o.split("=")[0] for o in OOD] or (value and not kind.startswith("scale")):
         raise UserError(f"unknown --ood {name!r}: use one of {', '.join(OOD)}")
     if kind in ("scale_x", "scale_y") and not (value.replace(".", "", 1).isdigit() and float(value) > 0):
         raise UserError(f"--ood {name}: give a positive scale, as in {kind}=2")
-    c = float(value) if kind in ("scale_x", "scale_y") else 1.0
+    return kind, float(value) if value else 1.0
+
+
+def sample_ood(name, B, n, d, gen):
+    """Linear-regression test prompts under a shift: (xs, ys, m, normaliser). m = 0 for a plain
+    batch (B, n); otherwise xs, ys are (B * m, n) query prompts. The normaliser is E[y^2] under
+    the shift, so that predicting 0 still scores about 1."""
+    kind, c = parse_ood(name)
     dev = gen.device
     z = torch.randn(B, n, d, generator=gen, device=dev)
     w = torch.randn(B, d, 1, generator=gen, device=dev)
-    xs, scale_y, noise, queries = z, 1.0, 0.0, None
+    xs, queries = z, None
     if kind in ("skewed", "half_subspace"):  # covariance U diag(eig) U^T, U a random rotation
         i = torch.arange(1, d + 1, device=dev)  # skewed: [G] maps x by U diag(1/i) U^T, so eig ~ 1/i^2
         eig = 1 / i ** 2 if kind == "skewed" else (i <= d // 2).float()
@@ -260,10 +265,6 @@ def sample_ood(name, B, n, d, gen):
         xs = (z * eig.sqrt()) @ U.transpose(1, 2)
     elif kind == "scale_x":
         xs = c * z
-    elif kind == "scale_y":
-        scale_y = c
-    elif kind == "noisy_y":
-        noise = 1.0
     elif kind == "random_quadrants":  # in-context x in one random orthant; queries anywhere
         xs = z.abs() * torch.randn(B, 1, d, generator=gen, device=dev).sign()
         queries = z
@@ -276,7 +277,8 @@ def sample_ood(name, B, n, d, gen):
     elif kind == "overlapping":  # q_i is one of x_1 .. x_{i-1}, picked at random
         pick = (torch.rand(B, n, generator=gen, device=dev) * torch.arange(n, device=dev)).long()
         queries = z.gather(1, pick[..., None].expand(B, n, d))
-    f = lambda x: scale_y * (x @ w)[..., 0]  # the prompt's linear function
+    f = lambda x: (c if kind == "scale_y" else 1.0) * (x @ w)[..., 0]  # the prompt's linear function
+    noise = 1.0 if kind == "noisy_y" else 0.0
     norm = d * c ** 2 + noise ** 2  # E[y^2]
     if queries is None:
         ys = f(xs) + noise * torch.randn(B, n, generator=gen, device=dev)
@@ -291,7 +293,10 @@ def sample_ood(name, B, n, d, gen):
 
 def on_diagonal(sq, m):
     """Errors of query prompts: row b * m + i counts at position i only.
-    (B * m, ..., n) -> (B, ..., n), NaN at positions m.. where no query exists."""
+    (B * m, ..., n) -> (B, ..., n), NaN at positions m.. where no query exists; m = 0: plain
+    prompts, returned as they are."""
+    if not m:
+        return sq
     n = sq.shape[-1]
     sq = sq.reshape(-1, m, *sq.shape[1:])[..., :m]  # (B, m, ..., m)
     return F.pad(sq.diagonal(dim1=1, dim2=-1), (0, n - m), value=float("nan"))
@@ -451,18 +456,17 @@ def evaluate(model, cfg, device, ctx=nullcontext(), ood=None):
     "iterates NAME": (steps,) gradient descent and Newton at the last position (linear tasks)}."""
     model.eval()
     xs, ys, m, norm = eval_prompts(cfg, device, ood)
-    per_prompt = (lambda sq: on_diagonal(sq, m)) if m else (lambda sq: sq)  # query prompts: m rows each
     chunk = max(256 // (m or 1), 1) * (m or 1)  # chunks bound the activations at paper scale
     total, at_b = 0, []
     for s in range(0, len(xs), chunk):
         with ctx:
             preds = model(xs[s:s + chunk], ys[s:s + chunk], eval_loops(cfg)).float()  # (B, t, n)
-        sq = per_prompt((preds - ys[s:s + chunk, None]).pow(2) / norm)  # (B, t, n)
+        sq = on_diagonal((preds - ys[s:s + chunk, None]).pow(2) / norm, m)  # (B, t, n)
         total, at_b = total + sq.sum(0), at_b + [sq[:, cfg.n_loops - 1]]
     model.train()
     errors = {"loops": (total / cfg.eval_prompts).cpu(), "band looped": bootstrap_band(torch.cat(at_b)).cpu()}
     for name in baselines.TASK_BASELINES[cfg.task]:
-        sq = per_prompt((baselines.BASELINES[name](xs, ys) - ys).pow(2) / norm)  # (P, n)
+        sq = on_diagonal((baselines.BASELINES[name](xs, ys) - ys).pow(2) / norm, m)  # (P, n)
         errors[name], errors[f"band {name}"] = sq.mean(0).cpu(), bootstrap_band(sq).cpu()
     if cfg.task in ("linreg", "noisy_linreg", "sparse_linreg") and not ood:  # solvers beside the loop
         for name, iterates in baselines.ITERATES.items():
@@ -540,7 +544,8 @@ def plot(runs, out, ood=None):
     fig.savefig(os.path.join(out, f"error_vs_examples{suffix}.png"), dpi=120)
     looped = [(i, c, e) for i, (c, e) in enumerate(runs) if eval_loops(c) > 1]
     if ood or not looped:
-        return plt.close("all")
+        plt.close("all")
+        return
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     last = cfg.n_points - 1
     floor = 1.0
@@ -855,19 +860,17 @@ def saved_run(run_dir, given):
 
 def evaluate_runs(run_dirs, given, ood):
     """--eval: evaluate each run on the same test prompts; with several, a comparison in --out."""
-    compare_dir = given.pop("out", None)
-    if len(run_dirs) == 1 and compare_dir:  # one run: --out is where its results go
-        given["out"] = compare_dir
+    compare_dir = given.pop("out", None) if len(run_dirs) > 1 else None  # one run: --out is its folder
     loaded = [saved_run(d, given) for d in run_dirs]
     first = loaded[0][1]
     for _, cfg in loaded:
         if (cfg.task, cfg.n_dims, cfg.n_points) != (first.task, first.n_dims, first.n_points):
             raise UserError(f"{cfg.out} ({cfg.task}, d {cfg.n_dims}, n {cfg.n_points}) cannot be compared "
                             f"with {first.out} ({first.task}, d {first.n_dims}, n {first.n_points})")
-    if ood and first.task not in ("linreg", "noisy_linreg"):
-        raise UserError(f"--ood is Garg et al.'s suite for linear regression, not {first.task}")
-    if ood:
-        sample_ood(ood, 1, 2, 2, torch.Generator())  # a bad name fails here, before any work
+    if ood:  # a bad task or name fails here, before any work
+        if first.task not in ("linreg", "noisy_linreg"):
+            raise UserError(f"--ood is Garg et al.'s suite for linear regression, not {first.task}")
+        parse_ood(ood)
     runs = []
     for ckpt, cfg in loaded:
         device, ctx = setup_device(cfg)
