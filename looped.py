@@ -884,6 +884,7 @@ def evaluate_runs(run_dirs, given, ood):
 
 
 def main(argv=None):
+    baselines.keep_freed_memory()  # the evaluation's solvers allocate many large temporaries
     given, special = parse_args(argv)
     if special["ood"] and not special["eval"]:
         raise UserError("--ood is an evaluation option: use it with --eval RUN_DIR")
