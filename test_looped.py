@@ -8,6 +8,7 @@ import sys
 import pytest
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from sklearn.ensemble import GradientBoostingRegressor
 from sklearn.linear_model import Lasso, LinearRegression, Ridge
@@ -551,6 +552,8 @@ def test_unrolled_and_dynamic_exports_match_pytorch(trained_run, tmp_path):
     unrolled, dynamic = str(tmp_path / "b4.onnx"), str(tmp_path / "dyn.onnx")
     report = export.export(trained_run, unrolled, n_loops=4, say=lambda *a: None)
     assert report["checker"] == "passed" and report["provider"] == "CPUExecutionProvider"
+    import onnx  # the masked softmax is written out (export.onnx_attention): no slow Softmax node
+    assert "Softmax" not in {node.op_type for node in onnx.load(unrolled).graph.node}
     export.export(trained_run, dynamic, dynamic_loops=True, say=lambda *a: None)
     xs, ys = draw("linreg", B=7, n=5, d=4, active=4, seed=11)  # a shape unlike the export example's
     with torch.no_grad():
@@ -564,6 +567,15 @@ def test_unrolled_and_dynamic_exports_match_pytorch(trained_run, tmp_path):
     at_b = export.Predictor(dynamic)(xs.numpy(), ys.numpy(), n_loops=4)
     assert abs(at_b - got).max() < 1e-5  # the ONNX Loop at b loops equals the unrolled graph
     assert abs(export.Predictor(dynamic)(xs.numpy(), ys.numpy(), n_loops=9) - at_b).max() > 1e-6
+
+
+def test_export_attention_equals_sdpa():
+    import export
+    gen = torch.Generator().manual_seed(0)
+    for L in (1, 5, 22):
+        q, k, v = torch.randn(3, 3, 2, L, 8, generator=gen, dtype=torch.float64)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert (export.onnx_attention(q, k, v, is_causal=True) - ref).abs().max() < 1e-12
 
 
 def test_metadata_round_trip_and_input_validation(trained_run, tmp_path):
