@@ -433,8 +433,9 @@ def relu_network(xs, ys, hidden=100, steps=1000, batch=10, lr=5e-3, seed=0):
     1000 steps on minibatches of 10 of the prefix's pairs drawn with replacement, as Garg et
     al. do. All the networks are slices of one batched model: their losses are summed, and
     since Adam works element by element, each one trains exactly as it would alone."""
-    return torch.cat([_relu_network(xs[s:s + 64], ys[s:s + 64], hidden, steps, batch, lr, seed + s)
-                      for s in range(0, len(xs), 64)])  # each chunk of prompts its own seed
+    chunk = 16  # prompts trained together: Adam's state stays in cache (1.5x faster than 64)
+    return torch.cat([_relu_network(xs[s:s + chunk], ys[s:s + chunk], hidden, steps, batch, lr, seed + s)
+                      for s in range(0, len(xs), chunk)])  # each chunk of prompts its own seed
 
 
 def _relu_network(xs, ys, hidden, steps, batch, lr, seed):
