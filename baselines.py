@@ -27,8 +27,8 @@ def keep_freed_memory():
     """Ask glibc's malloc to keep freed memory for reuse. By default it hands blocks of a few MB
     back to the OS and page-faults them in again at the next allocation, and the batched solvers
     allocate many such temporaries: measured here, Newton's iteration 1.8x, the greedy tree 1.6x
-    and Lasso 1.3x faster. The same effect as the jemalloc or tcmalloc of PyTorch's CPU tuning guide, without
-    a preload; the command lines call it. Returns False where there is no glibc (a no-op)."""
+    and Lasso 1.3x faster. The effect of the jemalloc or tcmalloc that PyTorch's CPU tuning guide
+    advises, without a preload; the command lines call it. False where there is no glibc (a no-op)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
@@ -251,27 +251,25 @@ def prefix_problems(xs, ys, lo, hi):
     return X, y, valid, xs[:, lo:hi].reshape(-1, d)
 
 
-def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, order=None):
+def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0):
     """Greedy regression trees, the CART of scikit-learn's DecisionTreeRegressor: each node takes
     the split (feature f, threshold between consecutive values) that most reduces the squared
     error, i.e. maximises sum_L^2 / n_L + sum_R^2 / n_R; thresholds are midpoints, x <= t goes
     left. With n_trees > 1, gradient boosting on squared error: start from the mean, fit each
     tree to the residuals, add lr times it. Batched over Q problems: X (Q, m, d), y (Q, m),
     valid (Q, m) (the real samples come first), query (Q, d) -> the prediction at the query (Q,).
-    order (Q, d, m), if given, lists each feature's real samples by value, then the padding.
     The tree is grown level by level for all problems and nodes at once."""
     Q, m, d = X.shape
     y = y * valid
     n_real = valid.sum(1, keepdim=True)  # (Q, 1)
     fit = (y.sum(1, keepdim=True) / n_real.clamp(min=1)).expand(Q, m) if n_trees > 1 else torch.zeros_like(y)
     at_query = fit[:, 0].clone()
-    binary = order is None and bool(((X.abs() == 1) | ~valid[..., None]).all())  # sign(x): no sorting needed
+    binary = bool(((X.abs() == 1) | ~valid[..., None]).all())  # sign(x) features: no sorting needed
     if binary:
         up = (X > 0).to(y.dtype)  # (Q, m, d)
     else:
         values = X.transpose(1, 2).masked_fill(~valid[:, None], math.inf)  # (Q, d, m)
-        if order is None:
-            order = values.argsort(dim=2, stable=True)  # padding (inf) sorts last
+        order = values.argsort(dim=2, stable=True)  # padding (inf) sorts last
         ties = bool((values.gather(2, order).diff(dim=2) <= 1e-7).any())  # sklearn: within 1e-7 is equal
         order = F.pad(order, (1, 0), value=m)  # (Q, d, 1 + m): a first column names an empty sample
         x64 = X.transpose(1, 2).to(torch.float64).flatten(1)  # (Q, d m): sklearn's thresholds are float64
@@ -331,7 +329,7 @@ def sorted_split(x64, values, r, perm, start, count):
     seg0, seg1 = start.gather(1, seg), ends.gather(1, seg)
     cs = F.pad(r, (0, 1)).gather(1, perm.flatten(1)).view(Q, d, m + 1).cumsum(2)  # cs[..., 0] = 0
     # every feature's order holds the same samples before a segment and up to its end (the
-    # nodes before it), so the segment's start and end sums are read from the first feature's
+    # nodes before it), so the segment's start and end sums are read from the first feature
     left = cs[..., 1:] - cs[:, 0].gather(1, seg0)[:, None]  # sum of the segment up to p
     right = cs[:, 0].gather(1, seg1)[:, None] - cs[..., 1:]
     n_left, n_right = (pos - seg0 + 1).to(r.dtype), (seg1 - pos - 1).to(r.dtype)
@@ -383,26 +381,14 @@ def partition(perm, right, node, seg, start, count):
 def tree_predictions(xs, ys, depth, n_trees=1, lr=1.0, sign=False, bucket=8):
     """Fit every prefix's tree(s) and predict its query: (B, n) with preds[:, 0] = 0. Prefixes are
     grouped by length (bucket at a time) so that the padding stays small."""
-    B, n, d = xs.shape
+    B, n, _ = xs.shape
     x = torch.sign(xs) if sign else xs
-    order = None if sign else x.transpose(1, 2).argsort(dim=2, stable=True)  # (B, d, n): sorted once
     preds = torch.zeros(B, n, dtype=torch.float64, device=xs.device)
     for lo in range(1, n, bucket):
         hi = min(lo + bucket, n)
         X, y, valid, query = prefix_problems(x, ys, lo, hi)
-        sub = None if sign else prefix_order(order, lo, hi)
-        preds[:, lo:hi] = fit_trees(X, y, valid, query, depth, n_trees, lr, sub).view(B, hi - lo)
+        preds[:, lo:hi] = fit_trees(X, y, valid, query, depth, n_trees, lr).view(B, hi - lo)
     return preds.to(ys.dtype)
-
-
-def prefix_order(order, lo, hi):
-    """Each prefix problem's sorted order (Q, d, m = hi - 1) from its prompt's (B, d, n): the
-    samples j < i in their prompt order (masked_select keeps it), then the padding j = i .. m-1."""
-    B, d, n = order.shape
-    m = hi - 1
-    pad = torch.arange(m, device=order.device).expand(B, d, m)
-    subs = [torch.cat([order[order < i].view(B, d, i), pad[..., i:]], 2) for i in range(lo, hi)]
-    return torch.stack(subs, 1).view(-1, d, m)
 
 
 def greedy_tree(xs, ys):

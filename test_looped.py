@@ -238,6 +238,12 @@ def test_least_squares_is_minimum_norm_on_every_prefix():
     assert preds[:, 7:].sub(ys[:, 7:]).abs().max() < 1e-3  # exact once i > d
 
 
+def test_keep_freed_memory_sets_glibc_options_where_there_is_glibc():
+    import platform
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert baselines.keep_freed_memory() is glibc  # mallopt accepted both values (it returns 0 if not)
+
+
 def test_averaging_estimator():
     xs, ys = draw("linreg", B=4, n=8, d=3, active=3)
     preds = baselines.averaging(xs, ys)
