@@ -23,6 +23,7 @@ import numpy as np
 VERSION = "0.2.0"
 PARITY_TOL = 1e-4  # max |onnxruntime - PyTorch| on fresh prompts, float32 graphs
 PARITY_TOL_FP16 = 5e-2  # the same for --fp16 graphs: half precision keeps about 3 digits
+WIDE = 128  # from this D on, a batch smaller than the cores runs on all of them (see Predictor)
 
 
 class UserError(Exception):
@@ -76,9 +77,9 @@ class Predictor:
         # With fewer prompts than cores, a wide model runs faster on all cores in one session
         # (measured at batch 1, D = 256: 16.3 ms against 23.6 on one thread; a D = 64 model is
         # faster on one: 1.16 ms against 1.46).
-        wide = json.loads(meta["config"]).get("n_embd", 0) >= 128
+        wide = json.loads(meta["config"]).get("n_embd", 0) >= WIDE
         self.wide = (ort.InferenceSession(path, ort.SessionOptions(), providers=providers)
-                     if self.device == "cpu" and self.cores > 1 and wide else None)
+                     if self.device == "cpu" and wide else None)
 
     def __call__(self, xs, ys, n_loops=None):
         xs, ys = self.check(xs, ys)

@@ -570,6 +570,11 @@ def test_unrolled_and_dynamic_exports_match_pytorch(trained_run, tmp_path):
         predictor = export.Predictor(unrolled)
         predictor.cores = cores
         assert abs(predictor(xs.numpy(), ys.numpy()) - got).max() < 1e-6
+    with pytest.MonkeyPatch.context() as m:  # a wide model's small batches use the multi-threaded session
+        m.setattr(export, "WIDE", 0)
+        predictor = export.Predictor(unrolled)
+    predictor.cores = 16
+    assert predictor.wide is not None and abs(predictor(xs.numpy(), ys.numpy()) - got).max() < 1e-6
     at_b = export.Predictor(dynamic)(xs.numpy(), ys.numpy(), n_loops=4)
     assert abs(at_b - got).max() < 1e-5  # the ONNX Loop at b loops equals the unrolled graph
     assert abs(export.Predictor(dynamic)(xs.numpy(), ys.numpy(), n_loops=9) - at_b).max() > 1e-6
