@@ -177,6 +177,7 @@ def onnx_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, **_):
     + causal mask) v; export() swaps it in for the trace only, and verify() checks the result
     against the untouched model."""
     import torch
+    assert attn_mask is None and dropout_p == 0 and is_causal, "written out for causal attention only"
     L = q.shape[-2]
     causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
     keep = causal.to(q.dtype)  # (L, L): 1 for a key already seen, 0 for a later one
