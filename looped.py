@@ -447,9 +447,10 @@ def eval_prompts(cfg, device, ood=None):
 
 
 @torch.no_grad()
-def evaluate(model, cfg, device, ctx=nullcontext(), ood=None):
+def evaluate(model, cfg, device, ctx=nullcontext(), ood=None, classical=None):
     """Normalised squared error per position after every loop iteration, and for each of the
     task's baselines on the same prompts, with 90% bootstrap bands over the prompts.
+    classical: the baselines' entries of an evaluation on the same prompts, reused as they are.
 
     Returns {"loops": (t, n) model errors after iterations 1..eval_loops, name: (n,) for each
     baseline, "band NAME": (2, n) for the model ("looped", at b loops) and each baseline, and
@@ -466,6 +467,9 @@ def evaluate(model, cfg, device, ctx=nullcontext(), ood=None):
     model.train()
     errors = {"loops": (total / cfg.eval_prompts).cpu(), "band looped": bootstrap_band(torch.cat(at_b)).cpu()}
     for name in baselines.TASK_BASELINES[cfg.task]:
+        if classical:
+            errors[name], errors[f"band {name}"] = classical[name], classical[f"band {name}"]
+            continue
         sq = on_diagonal((baselines.BASELINES[name](xs, ys) - ys).pow(2) / norm, m)  # (P, n)
         errors[name], errors[f"band {name}"] = sq.mean(0).cpu(), bootstrap_band(sq).cpu()
     if cfg.task in ("linreg", "noisy_linreg", "sparse_linreg") and not ood:  # solvers beside the loop
@@ -732,12 +736,12 @@ def train(cfg, resume=None, quiet=False):
     return finish(model, cfg, device, ctx, say)
 
 
-def finish(model, cfg, device, ctx, say=print, ood=None):
+def finish(model, cfg, device, ctx, say=print, ood=None, classical=None):
     """Evaluate, write eval.json (eval_ood_NAME.json) and the plots, print the table."""
     out = run_dir(cfg)
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
-    errors = evaluate(model, cfg, device, ctx, ood)
+    errors = evaluate(model, cfg, device, ctx, ood, classical)
     with open(os.path.join(out, f"eval{f'_ood_{ood}' if ood else ''}.json"), "w") as f:
         json.dump({k: v.tolist() for k, v in errors.items()}, f)
     plot([(cfg, errors)], out, ood)
@@ -871,10 +875,13 @@ def evaluate_runs(run_dirs, given, ood):
         if first.task not in ("linreg", "noisy_linreg"):
             raise UserError(f"--ood is Garg et al.'s suite for linear regression, not {first.task}")
         parse_ood(ood)
-    runs = []
+    runs, done = [], {}  # baselines once per set of test prompts: (seed, count, device) -> errors
     for ckpt, cfg in loaded:
         device, ctx = setup_device(cfg)
-        runs.append((cfg, finish(restore_model(ckpt, cfg, device), cfg, device, ctx, ood=ood)))
+        key = (cfg.eval_seed, cfg.eval_prompts, device.type)
+        errors = finish(restore_model(ckpt, cfg, device), cfg, device, ctx, ood=ood, classical=done.get(key))
+        done.setdefault(key, errors)
+        runs.append((cfg, errors))
     if len(runs) > 1:
         out = compare_dir or os.path.join("runs", f"compare_{first.task}")
         os.makedirs(out, exist_ok=True)
