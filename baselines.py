@@ -251,28 +251,27 @@ def prefix_problems(xs, ys, lo, hi):
     return X, y, valid, xs[:, lo:hi].reshape(-1, d)
 
 
-def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0):
+def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, presorted=None):
     """Greedy regression trees, the CART of scikit-learn's DecisionTreeRegressor: each node takes
     the split (feature f, threshold between consecutive values) that most reduces the squared
     error, i.e. maximises sum_L^2 / n_L + sum_R^2 / n_R; thresholds are midpoints, x <= t goes
     left. With n_trees > 1, gradient boosting on squared error: start from the mean, fit each
     tree to the residuals, add lr times it. Batched over Q problems: X (Q, m, d), y (Q, m),
     valid (Q, m) (the real samples come first), query (Q, d) -> the prediction at the query (Q,).
-    The tree is grown level by level for all problems and nodes at once."""
+    presorted: (order, ties) from prefix_orders, or None when every feature is -1 or 1 (the tree
+    on sign(x)), split by a matmul. The tree is grown level by level for all problems and nodes
+    at once."""
     Q, m, d = X.shape
     y = y * valid
     n_real = valid.sum(1, keepdim=True)  # (Q, 1)
     fit = (y.sum(1, keepdim=True) / n_real.clamp(min=1)).expand(Q, m) if n_trees > 1 else torch.zeros_like(y)
     at_query = fit[:, 0].clone()
-    binary = bool(((X.abs() == 1) | ~valid[..., None]).all())  # sign(x) features: no sorting needed
+    binary = presorted is None
     if binary:
         up = (X > 0).to(y.dtype)  # (Q, m, d)
     else:
-        values = X.transpose(1, 2).masked_fill(~valid[:, None], math.inf)  # (Q, d, m)
-        order = values.argsort(dim=2, stable=True)  # padding (inf) sorts last
-        ties = bool((values.gather(2, order).diff(dim=2) <= 1e-7).any())  # sklearn: within 1e-7 is equal
-        order = F.pad(order, (1, 0), value=m)  # (Q, d, 1 + m): a first column names an empty sample
-        x64 = X.transpose(1, 2).to(torch.float64).flatten(1)  # (Q, d m): sklearn's thresholds are float64
+        order, ties = presorted
+        values = X.transpose(1, 2).masked_fill(~valid[:, None], math.inf) if ties else None  # (Q, d, m)
     for _ in range(n_trees):
         r = (y - fit) * valid  # residuals, (Q, m)
         node = torch.zeros(Q, m, dtype=torch.long, device=X.device)
@@ -285,7 +284,7 @@ def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0):
             if binary:
                 f, thr = binary_split(up, valid, r, node, 2 ** level)
             else:
-                f, thr, seg = sorted_split(x64, values if ties else None, r, perm, start, count)
+                f, thr, seg = sorted_split(X, values, r, perm, start, count)
             right = (X.gather(2, f.gather(1, node)[..., None])[..., 0] > thr.gather(1, node)) & valid
             if not binary and level < depth - 1:
                 perm, start, count = partition(perm, right, node, seg, start, count)
@@ -315,11 +314,11 @@ def binary_split(up, valid, r, node, K):
     return f, torch.where(best > -math.inf, 0.0, math.inf).to(torch.float64)  # no split: all go left
 
 
-def sorted_split(x64, values, r, perm, start, count):
+def sorted_split(X, values, r, perm, start, count):
     """Best split of each node from every feature's sorted order: perm (Q, d, 1 + m) lists, after
     the empty sample m, the samples of node 0, then node 1, ..., each node sorted by the feature's
-    value, so one cumulative sum gives every threshold's left sum. x64 (Q, d m) holds the features
-    in float64; values (Q, d, m) is given only when some are tied.
+    value, so one cumulative sum gives every threshold's left sum. X (Q, m, d) as in fit_trees;
+    values (Q, d, m), the features with the padding at inf, is given only when some are tied.
     Returns the feature and threshold of each node (Q, K) and each position's segment (Q, m)."""
     Q, d, m = perm.shape[0], perm.shape[1], perm.shape[2] - 1
     K = start.shape[1] - 1
@@ -329,27 +328,31 @@ def sorted_split(x64, values, r, perm, start, count):
     seg0, seg1 = start.gather(1, seg), ends.gather(1, seg)
     cs = F.pad(r, (0, 1)).gather(1, perm.flatten(1)).view(Q, d, m + 1).cumsum(2)  # cs[..., 0] = 0
     # every feature's order holds the same samples before a segment and up to its end (the
-    # nodes before it), so the segment's start and end sums are read from the first feature
-    left = cs[..., 1:] - cs[:, 0].gather(1, seg0)[:, None]  # sum of the segment up to p
-    right = cs[:, 0].gather(1, seg1)[:, None] - cs[..., 1:]
-    n_left, n_right = (pos - seg0 + 1).to(r.dtype), (seg1 - pos - 1).to(r.dtype)
-    gain = left.square_().mul_(1 / n_left[:, None]) + right.square_().mul_(1 / n_right.clamp(min=1)[:, None])
-    ok = (n_right > 0) & (seg < K)  # a threshold needs samples of the node on both sides
-    gain += torch.where(ok, 0.0, -math.inf).to(gain.dtype)[:, None]
+    # nodes before it), so the segment's start sum and total T are read from the first feature
+    before = cs[:, 0].gather(1, seg0)  # (Q, m)
+    total = cs[:, 0].gather(1, seg1) - before
+    left = cs[..., 1:] - before[:, None]  # L: the sum of the segment up to position p
+    # gain L^2 / n_L + (T - L)^2 / n_R = L (a L - b) + T^2 / n_R with a = 1 / n_L + 1 / n_R and
+    # b = 2 T / n_R: the last term is the same for every feature, so it is added after the max
+    inv_left = (pos + 1 - seg0).to(r.dtype).reciprocal_()
+    inv_right = (seg1 - 1 - pos).clamp_(min=1).to(r.dtype).reciprocal_()
+    gain = torch.addcmul((-2 * total * inv_right)[:, None], left, (inv_left + inv_right)[:, None]).mul_(left)
     if values is not None:  # no threshold between equal values
-        tied = values.gather(2, perm[..., 1:]).diff(dim=2) <= 1e-7
-        gain[..., :-1].masked_fill_(tied, -math.inf)
-    best, feat = gain.max(1)  # (Q, m): the best feature at each position
+        gain[..., :-1].masked_fill_(values.gather(2, perm[..., 1:]).diff(dim=2) <= 1e-7, -math.inf)
+    best = gain.amax(1)  # (Q, m): the best feature's gain at each position (max(1) is 10x slower)
+    ok = (seg1 - pos > 1) & (seg < K)  # a threshold needs samples of the node on both sides
+    gains = (best + total.square() * inv_right).masked_fill(~ok, -math.inf)
     node_best = torch.full((Q, K + 1), -math.inf, dtype=best.dtype, device=r.device).scatter_reduce(
-        1, seg, best, "amax")
-    first = torch.where((best == node_best.gather(1, seg)) & ok, pos, m)
+        1, seg, gains, "amax")
+    first = torch.where((gains == node_best.gather(1, seg)) & ok, pos, m)
     p = torch.full((Q, K + 1), m, device=r.device).scatter_reduce(1, seg, first, "amin")[:, :K]  # (Q, K)
     has = p < m
     p = p.clamp(max=max(m - 2, 0))
-    f = feat.gather(1, p)
+    f = gain.transpose(1, 2).gather(1, p[..., None].expand(Q, K, d)).argmax(2)  # the first best feature
     lo = perm.flatten(1).gather(1, f * (m + 1) + p + 1)  # the samples on either side of the threshold
     hi = perm.flatten(1).gather(1, f * (m + 1) + (p + 2).clamp(max=m))
-    thr = x64.gather(1, f * m + lo) / 2 + x64.gather(1, f * m + hi) / 2  # the midpoint, as sklearn
+    x = X.flatten(1)  # (Q, m d)
+    thr = x.gather(1, lo * d + f).double() / 2 + x.gather(1, hi * d + f).double() / 2  # the midpoint, as sklearn
     return f, torch.where(has, thr, math.inf), seg
 
 
@@ -360,22 +363,47 @@ def partition(perm, right, node, seg, start, count):
     Q, d, m = perm.shape[0], perm.shape[1], perm.shape[2] - 1
     K = start.shape[1] - 1
     pos = torch.arange(m, device=perm.device)
-    seg0 = start.gather(1, seg)
-    bits = F.pad(right, (0, 1)).gather(1, perm.flatten(1)).view(Q, d, m + 1)  # bits[..., 0] = 0
-    ones = bits.cumsum(2)  # right-goers up to each position
-    ones = ones[..., 1:] - ones[:, 0].gather(1, seg0)[:, None]  # ... in its segment, inclusive (as above)
-    bits = bits[..., 1:]
+    # in float32, exact for counts and positions below 2^24: torch.where and integer arithmetic are
+    # 2x slower on a CPU
+    bits = F.pad(right.float(), (0, 1)).gather(1, perm.flatten(1)).view(Q, d, m + 1)  # bits[..., 0] = 0
+    ones = bits.cumsum(2)  # right-goers up to each position, O
+    before = ones[:, 0].gather(1, start.gather(1, seg))  # ... before the segment, O_0 (as above)
     n_right = torch.zeros_like(count).scatter_add(1, node, right.long())[:, :K]  # (Q, K)
     n_left = count[:, :K] - n_right
     right_start = start[:, :K] + n_left
     into = F.pad(right_start, (0, 1)).gather(1, seg)  # (Q, m): where the segment's right child starts
-    new = torch.where(bits, into[:, None] + ones - 1, pos - ones)
+    # a left-goer moves to pos - (O - O_0), a right-goer to into + (O - O_0) - 1, that is,
+    # new = to_left - O + bit (to_right - to_left + 2 O)
+    to_left, to_right = (pos + before)[:, None], (into - before - 1)[:, None]
+    ones = ones[..., 1:]
+    new = torch.addcmul(to_left - ones, bits[..., 1:], torch.add(to_right - to_left, ones, alpha=2)).long()
     moved = torch.empty_like(perm)
     moved[..., 0] = m
     moved[..., 1:].scatter_(2, new, perm[..., 1:])
     start = torch.cat([torch.stack([start[:, :K], right_start], 2).flatten(1), start[:, K:]], 1)
     count = torch.cat([torch.stack([n_left, n_right], 2).flatten(1), count[:, K:]], 1)
     return moved, start, count
+
+
+def prefix_orders(xs, lo, hi):
+    """Each feature's order of the samples for the prefixes lo <= i < hi of prefix_problems:
+    (Q, d, 1 + m), an empty sample m first, then the prefix's samples sorted by value, then the
+    others; and whether any two values are within 1e-7 (sklearn's "equal"). One sort per prompt,
+    then a stable filter per prefix: the first i samples keep their order and move to the front
+    (4x faster than a sort per prefix). The filter is float32 arithmetic, exact below 2^24 and 2x
+    faster than torch.where on a CPU."""
+    B, m = xs.shape[0], hi - 1
+    values, order = xs[:, :m].transpose(1, 2).sort(dim=2, stable=True)  # (B, d, m)
+    ties = bool((values.diff(dim=2) <= 1e-7).any())  # in the prefixes or not: checked when splitting
+    order = order.repeat_interleave(hi - lo, 0)  # (Q, d, m)
+    i = torch.arange(lo, hi, device=xs.device).repeat(B)[:, None, None]  # (Q, 1, 1)
+    keep = (order < i).float()
+    kept = keep.cumsum(2)  # kept samples up to each position
+    pos = torch.arange(1, m + 1, device=xs.device)  # positions after the empty sample
+    # a kept sample goes to kept, another to i + pos - kept: new = i + pos - kept + keep (2 kept - i - pos)
+    new = torch.addcmul(i + pos - kept, keep, 2 * kept - i - pos).long()
+    sorted_order = torch.full((len(order), order.shape[1], m + 1), m, device=xs.device)
+    return sorted_order.scatter_(2, new, order), ties
 
 
 def tree_predictions(xs, ys, depth, n_trees=1, lr=1.0, sign=False, bucket=8):
@@ -387,7 +415,8 @@ def tree_predictions(xs, ys, depth, n_trees=1, lr=1.0, sign=False, bucket=8):
     for lo in range(1, n, bucket):
         hi = min(lo + bucket, n)
         X, y, valid, query = prefix_problems(x, ys, lo, hi)
-        preds[:, lo:hi] = fit_trees(X, y, valid, query, depth, n_trees, lr).view(B, hi - lo)
+        presorted = None if sign else prefix_orders(x, lo, hi)
+        preds[:, lo:hi] = fit_trees(X, y, valid, query, depth, n_trees, lr, presorted).view(B, hi - lo)
     return preds.to(ys.dtype)
 
 
@@ -403,7 +432,7 @@ def greedy_tree_sign(xs, ys):
 
 def boosted_trees(xs, ys):
     """Gradient-boosted trees: 50 trees of depth 4, learning rate 0.1, squared error, on x."""
-    return by_prompts(tree_predictions, xs, ys, 32, 4, 50, 0.1)  # depth, trees, lr
+    return by_prompts(tree_predictions, xs, ys, 64, 4, 50, 0.1)  # depth, trees, lr
 
 
 def boosted_trees_sign(xs, ys):
