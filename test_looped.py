@@ -280,12 +280,17 @@ def test_greedy_tree_matches_sklearn(depth):
     xs[..., 3] = 0  # and a constant feature
     ref = reference(lambda i: DecisionTreeRegressor(max_depth=depth), xs, ys, at=0)
     torch.testing.assert_close(in_sample(xs, ys, depth), ref, rtol=0, atol=1e-12)
+    # repeated rows: a node whose samples are tied on every feature stays a leaf (sklearn: 6 at x = 3)
+    xs = torch.tensor([[[1.0, 4.0], [1.0, 4.0], [2.0, 4.0], [2.0, 4.0], [3.0, 4.0]]], dtype=torch.float64)
+    ys = torch.tensor([[0.0, 0.0, 5.0, 7.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(baselines.tree_predictions(xs, ys, depth),
+                               reference(lambda i: DecisionTreeRegressor(max_depth=depth), xs, ys), rtol=0, atol=1e-12)
 
 
 def test_prefix_orders_are_each_prefix_sorted():
     """One sort per prompt, then a filter per prefix, must give each prefix's samples in the order
     of a stable sort of them (tied values in index order), the empty sample m first and the
-    prefix's other samples last."""
+    samples outside the prefix last."""
     xs, _ = draw64("decision_tree", B=3, n=12, d=4, seed=7)
     xs = torch.round(xs * 2) / 2  # tied values
     for lo, hi in [(1, 12), (5, 9)]:
