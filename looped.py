@@ -340,6 +340,16 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, L, D))
 
 
+def gelu(x):
+    """GPT-2's activation, 0.5 x (1 + tanh u) with u = sqrt(2 / pi) (x + 0.044715 x^3). Under
+    torch.compile it is written as x sigmoid(2u), the same function: inductor's tanh is slow on
+    a CPU (compiled laptop step 1.22x faster than eager in fp32 with this form, 1.07x without).
+    Eager runs and the ONNX export keep PyTorch's own kernel."""
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        return x * torch.sigmoid(math.sqrt(8 / math.pi) * (x + 0.044715 * x ** 3))
+    return F.gelu(x, approximate="tanh")
+
+
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -347,7 +357,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
 
     def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return self.c_proj(gelu(self.c_fc(x)))
 
 
 class Block(nn.Module):

@@ -4,6 +4,7 @@ errors. `pytest` runs them all on CPU in a few minutes."""
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import numpy as np
@@ -583,7 +584,8 @@ def test_unrolled_and_dynamic_exports_match_pytorch(trained_run, tmp_path):
     report = export.export(trained_run, unrolled, n_loops=4, say=lambda *a: None)
     assert report["checker"] == "passed" and report["provider"] == "CPUExecutionProvider"
     import onnx  # the masked softmax is written out (export.onnx_attention): no slow Softmax node
-    assert "Softmax" not in {node.op_type for node in onnx.load(unrolled).graph.node}
+    ops = {node.op_type for node in onnx.load(unrolled).graph.node}
+    assert "Softmax" not in ops and "Gelu" in ops and "Sigmoid" not in ops  # not gelu's compiled form
     export.export(trained_run, dynamic, dynamic_loops=True, say=lambda *a: None)
     xs, ys = draw("linreg", B=7, n=5, d=4, active=4, seed=11)  # a shape unlike the export example's
     with torch.no_grad():
@@ -751,6 +753,15 @@ def test_compiled_training_saves_plain_checkpoint_keys(tmp_path):
     errors = looped.train(cfg, quiet=True)
     assert set(state(cfg.out)["model"]) == set(looped.LoopedTransformer(cfg).state_dict())  # no _orig_mod.
     assert errors["loops"].isfinite().all()
+
+
+def test_gelu_written_for_compile_is_gpt2_gelu():
+    """The sigmoid form the model uses under torch.compile is the tanh GELU, to float64 round-off."""
+    x = torch.linspace(-8, 8, 1001, dtype=torch.float64)
+    with mock.patch("torch.compiler.is_compiling", return_value=True):
+        compiled_form = looped.gelu(x)
+    torch.testing.assert_close(compiled_form, F.gelu(x, approximate="tanh"), rtol=1e-14, atol=1e-15)
+    assert not torch.equal(compiled_form, F.gelu(x, approximate="tanh"))  # the other branch did run
 
 
 def test_no_grad_iterations_keep_no_activations():
