@@ -259,8 +259,8 @@ def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, presorted=None):
     tree to the residuals, add lr times it. Batched over Q problems: X (Q, m, d), y (Q, m),
     valid (Q, m) (the real samples come first), query (Q, d) -> the prediction at the query (Q,).
     presorted: (order, ties) from prefix_orders(x, lo, hi) with the x, lo and hi that made X,
-    or None when every feature is -1 or 1 (the tree on sign(x)), split by a matmul (unchecked). The tree is grown level by level for all problems and nodes
-    at once."""
+    or None when every feature is -1 or 1 (the tree on sign(x)), split by a matmul (unchecked).
+    The tree is grown level by level for all problems and nodes at once."""
     Q, m, d = X.shape
     y = y * valid
     n_real = valid.sum(1, keepdim=True)  # (Q, 1)
