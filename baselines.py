@@ -258,7 +258,7 @@ def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, presorted=None):
     left. With n_trees > 1, gradient boosting on squared error: start from the mean, fit each
     tree to the residuals, add lr times it. Batched over Q problems: X (Q, m, d), y (Q, m),
     valid (Q, m) (the real samples come first), query (Q, d) -> the prediction at the query (Q,).
-    presorted: (order, ties) from prefix_orders(x, lo, hi) with the x, lo and hi that made X,
+    presorted: (order, ties) from prefix_orders with the x, lo and hi that made X,
     or None when every feature is -1 or 1 (the tree on sign(x)), split by a matmul (unchecked).
     The tree is grown level by level for all problems and nodes at once."""
     Q, m, d = X.shape
@@ -276,20 +276,23 @@ def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, presorted=None):
         r = (y - fit) * valid  # residuals, (Q, m)
         node = torch.zeros(Q, m, dtype=torch.long, device=X.device)
         # sorted features: each node is one segment of every feature's order; a last segment
-        # holds the padding. (start, count) of the segments, (Q, K + 1), in positions 0 .. m-1.
-        perm, start, count = (None, None, None) if binary else (order, torch.cat([0 * n_real, n_real], 1),
-                                                                 torch.cat([n_real, m - n_real], 1))
+        # holds the padding. (start, count) of the segments, (Q, K + 1), in positions 0 .. m-1,
+        # and the segment of each position (Q, m)
+        if not binary:
+            perm, seg = order, (torch.arange(m, device=X.device) >= n_real).long()
+            start, count = torch.cat([0 * n_real, n_real], 1), torch.cat([n_real, m - n_real], 1)
         splits = []
         for level in range(depth):
             if binary:
-                f, thr = binary_split(up, valid, r, node, 2 ** level)
+                f, below, above = binary_split(up, valid, r, node, 2 ** level)
             else:
-                f, thr, seg = sorted_split(X, values, r, perm, start, count)
-            right = (X.gather(2, f.gather(1, node)[..., None])[..., 0] > thr.gather(1, node)) & valid
+                f, below, above = sorted_split(X, values, r, perm, seg, start, count)
+            # the threshold lies between the values below and above it: a sample goes right if x > below
+            right = (X.gather(2, f.gather(1, node)[..., None])[..., 0] > below.gather(1, node)) & valid
             if not binary and level < depth - 1:
-                perm, start, count = partition(perm, right, node, seg, start, count)
+                perm, seg, start, count = partition(perm, right, node, seg, start, count)
             node = 2 * node + right.long()
-            splits.append((f, thr))
+            splits.append((f, below.double() / 2 + above.double() / 2))  # the midpoint, as sklearn
         n_leaf = torch.zeros(Q, 2 ** depth, dtype=r.dtype, device=X.device).scatter_add(1, node, valid.to(r.dtype))
         leaf = torch.zeros_like(n_leaf).scatter_add(1, node, r) / n_leaf.clamp(min=1)  # mean residual
         q = torch.zeros(Q, 1, dtype=torch.long, device=X.device)
@@ -311,21 +314,22 @@ def binary_split(up, valid, r, node, K):
     n_left, s_left = total[:, :K] - n_right, total[:, K:] - s_right
     gain = s_left ** 2 / n_left.clamp(min=1) + s_right ** 2 / n_right.clamp(min=1)
     best, f = gain.masked_fill((n_left == 0) | (n_right == 0), -math.inf).max(2)  # (Q, K)
-    return f, torch.where(best > -math.inf, 0.0, math.inf).to(torch.float64)  # no split: all go left
+    split = best > -math.inf  # else all go left
+    return f, torch.where(split, -1.0, math.inf).to(up.dtype), torch.where(split, 1.0, math.inf).to(up.dtype)
 
 
-def sorted_split(X, values, r, perm, start, count):
+def sorted_split(X, values, r, perm, seg, start, count):
     """Best split of each node from every feature's sorted order: perm (Q, d, 1 + m) lists, after
     the empty sample m, the samples of node 0, then node 1, ..., each node sorted by the feature's
     value, so one cumulative sum gives every threshold's left sum. X (Q, m, d) as in fit_trees;
     values (Q, d, m), the features with the padding at inf, is given only when some are tied.
-    Returns the feature and threshold of each node (Q, K) and each position's segment (Q, m)."""
+    Returns each node's feature and the values on either side of its threshold (Q, K), inf if
+    it stays a leaf."""
     Q, d, m = perm.shape[0], perm.shape[1], perm.shape[2] - 1
     K = start.shape[1] - 1
     pos = torch.arange(m, device=r.device)
-    ends = start + count  # (Q, K + 1)
-    seg = (pos >= ends[..., None]).sum(1)  # (Q, m): segment of each position; K = padding
-    seg0, seg1 = start.gather(1, seg), ends.gather(1, seg)
+    seg0 = start.gather(1, seg)  # (Q, m): where the segment of each position starts and ends
+    seg1 = seg0 + count.gather(1, seg)
     cs = F.pad(r, (0, 1)).gather(1, perm.flatten(1)).view(Q, d, m + 1).cumsum(2)  # cs[..., 0] = 0
     # every feature's order holds the same samples before a segment and up to its end (the
     # nodes before it), so the segment's start sum and total T are read from the first feature
@@ -338,30 +342,33 @@ def sorted_split(X, values, r, perm, start, count):
     n_left = (pos + 1 - seg0).to(r.dtype)
     inv_right = (seg1 - 1 - pos).clamp_(min=1).to(r.dtype).reciprocal_()
     shift = before + n_left * total / (seg1 - seg0).clamp(min=1).to(r.dtype)  # cs - shift = D
-    gain = (cs[..., 1:] - shift[:, None]).square_().mul_((n_left.reciprocal() + inv_right)[:, None])
+    # a position's weight 1 / n_L + 1 / n_R is the same for every feature, so the best feature
+    # there has the largest |D|
+    excess = (cs[..., 1:] - shift[:, None]).abs_()  # |D|, (Q, d, m)
     if values is not None:  # no threshold between equal values
-        gain[..., :-1].masked_fill_(values.gather(2, perm[..., 1:]).diff(dim=2) <= 1e-7, -math.inf)
-    best = gain.amax(1)  # (Q, m): the best feature's gain at each position (max(1) is 10x slower)
-    ok = (seg1 - pos > 1) & (seg < K)  # a threshold needs samples of the node on both sides
-    best = best.masked_fill(~ok, -math.inf)
+        excess[..., :-1].masked_fill_(values.gather(2, perm[..., 1:]).diff(dim=2) <= 1e-7, -1)
+    top = excess.amax(1)  # (Q, m): the best feature's |D| at each position (max(1) is 10x slower)
+    ok = (seg1 - pos > 1) & (seg < K) & (top >= 0)  # a threshold needs samples of the node on both sides
+    best = (top.square() * (n_left.reciprocal() + inv_right)).masked_fill(~ok, -math.inf)
     node_best = torch.full((Q, K + 1), -math.inf, dtype=best.dtype, device=r.device).scatter_reduce(
         1, seg, best, "amax")
     first = torch.where((best == node_best.gather(1, seg)) & ok, pos, m)
     p = torch.full((Q, K + 1), m, device=r.device).scatter_reduce(1, seg, first, "amin")[:, :K]  # (Q, K)
     has = node_best[:, :K] > -math.inf  # else every value of the node is tied: it stays a leaf
     p = p.clamp(max=max(m - 2, 0))
-    f = gain.transpose(1, 2).gather(1, p[..., None].expand(Q, K, d)).argmax(2)  # the first best feature
+    f = excess.transpose(1, 2).gather(1, p[..., None].expand(Q, K, d)).argmax(2)  # the first best feature
     lo = perm.flatten(1).gather(1, f * (m + 1) + p + 1)  # the samples on either side of the threshold
     hi = perm.flatten(1).gather(1, f * (m + 1) + (p + 2).clamp(max=m))
     x = X.flatten(1)  # (Q, m d)
-    thr = x.gather(1, lo * d + f).double() / 2 + x.gather(1, hi * d + f).double() / 2  # the midpoint, as sklearn
-    return f, torch.where(has, thr, math.inf), seg
+    below, above = (x.gather(1, sample * d + f).masked_fill(~has, math.inf) for sample in (lo, hi))
+    return f, below, above
 
 
 def partition(perm, right, node, seg, start, count):
     """Split every segment of every feature's order stably into its left and right children,
     which keeps each child sorted: the k-th right-goer of a segment moves to its right child's
-    k-th place, and a left-goer back by the number of right-goers before it."""
+    k-th place, and a left-goer back by the number of right-goers before it. Returns the new
+    order, segment of each position, and (start, count) of each segment."""
     Q, d, m = perm.shape[0], perm.shape[1], perm.shape[2] - 1
     K = start.shape[1] - 1
     pos = torch.arange(m, device=perm.device)
@@ -373,7 +380,7 @@ def partition(perm, right, node, seg, start, count):
     n_right = torch.zeros_like(count).scatter_add(1, node, right.long())[:, :K]  # (Q, K)
     n_left = count[:, :K] - n_right
     right_start = start[:, :K] + n_left
-    into = F.pad(right_start, (0, 1)).gather(1, seg)  # (Q, m): where the segment's right child starts
+    into = F.pad(right_start, (0, 1), value=m).gather(1, seg)  # (Q, m): where the segment's right child starts
     # a left-goer moves to pos - (O - O_0), a right-goer to into + (O - O_0) - 1, that is,
     # new = to_left - O + bit (to_right - to_left + 2 O)
     to_left, to_right = (pos + before)[:, None], (into - before - 1)[:, None]
@@ -382,30 +389,37 @@ def partition(perm, right, node, seg, start, count):
     moved = torch.empty_like(perm)
     moved[..., 0] = m
     moved[..., 1:].scatter_(2, new, perm[..., 1:])
+    seg = 2 * seg + (pos >= into)  # the padding, K, becomes 2K
     start = torch.cat([torch.stack([start[:, :K], right_start], 2).flatten(1), start[:, K:]], 1)
     count = torch.cat([torch.stack([n_left, n_right], 2).flatten(1), count[:, K:]], 1)
-    return moved, start, count
+    return moved, seg, start, count
 
 
-def prefix_orders(xs, lo, hi):
+def prefix_orders(xs, order, lo, hi):
     """Each feature's order of the samples for the prefixes lo <= i < hi of prefix_problems:
     (Q, d, 1 + m), an empty sample m first, then the prefix's samples sorted by value, then the
-    others; and whether any two values are within 1e-7 (sklearn's "equal"). One sort per prompt,
-    then a stable filter per prefix: the first i samples keep their order and move to the front
-    (1.9x faster than a sort per prefix on a CPU). The filter is float32 arithmetic, exact below
-    2^24 and 2x faster there than torch.where."""
+    others; and whether any two values are within 1e-7 (sklearn's "equal"). From order (B, d, L),
+    every feature's sort of the first L >= m samples, by stable filters: the first m samples, then
+    each prefix's first i keep their order and move to the front (2.2x faster than sorting each
+    prefix, measured on a CPU)."""
     B, m = xs.shape[0], hi - 1
-    values, order = xs[:, :m].transpose(1, 2).sort(dim=2, stable=True)  # (B, d, m)
-    ties = bool((values.diff(dim=2) <= 1e-7).any())  # in the prefixes or not: checked when splitting
-    order = order.repeat_interleave(hi - lo, 0)  # (Q, d, m)
-    i = torch.arange(lo, hi, device=xs.device).repeat(B)[:, None, None]  # (Q, 1, 1)
-    keep = (order < i).float()
-    kept = keep.cumsum(2)  # kept samples up to each position
-    pos = torch.arange(1, m + 1, device=xs.device)  # positions after the empty sample
-    # a kept sample goes to kept, another to i + pos - kept: new = i + pos - kept + keep (2 kept - i - pos)
-    new = torch.addcmul(i + pos - kept, keep, 2 * kept - i - pos).long()
-    sorted_order = torch.full((len(order), order.shape[1], m + 1), m, device=xs.device)
-    return sorted_order.scatter_(2, new, order), ties
+    order = front(order, m, torch.empty_like(order))[..., :m]  # (B, d, m)
+    ties = bool((xs[:, :m].transpose(1, 2).gather(2, order).diff(dim=2) <= 1e-7).any())  # checked when splitting
+    i = torch.arange(lo, hi, device=xs.device)[:, None, None]  # (hi - lo, 1, 1)
+    out = torch.full((B, hi - lo, order.shape[1], m + 1), m, device=xs.device)
+    front(order[:, None], i, out[..., 1:])  # (B, hi - lo, d, m): every prefix of every prompt
+    return out.flatten(0, 1), ties
+
+
+def front(order, i, out):
+    """Write each row of order into out with the samples < i first, both parts in their order
+    (order and i broadcast). Float32 arithmetic: exact below 2^24, 2x faster than torch.where."""
+    keep = (i - order.float()).clamp_(0, 1)  # 1 for the samples < i (5x faster than (order < i).float())
+    kept = keep.cumsum(-1)  # kept samples up to each position
+    pos = torch.arange(order.shape[-1], device=order.device)
+    # a kept sample goes to kept - 1, another to i + pos - kept: new = i + pos - kept + keep (2 kept - i - pos - 1)
+    new = torch.addcmul(torch.sub(i + pos, kept), keep, torch.add(-1 - i - pos, kept, alpha=2)).long()
+    return out.scatter_(-1, new, order.expand_as(new))
 
 
 def tree_predictions(xs, ys, depth, n_trees=1, lr=1.0, sign=False, bucket=8):
@@ -413,18 +427,19 @@ def tree_predictions(xs, ys, depth, n_trees=1, lr=1.0, sign=False, bucket=8):
     grouped by length (bucket at a time) so that the padding stays small."""
     B, n, _ = xs.shape
     x = torch.sign(xs) if sign else xs
+    order = None if sign else xs[:, :n - 1].transpose(1, 2).argsort(dim=2, stable=True)  # (B, d, n - 1)
     preds = torch.zeros(B, n, dtype=torch.float64, device=xs.device)
     for lo in range(1, n, bucket):
         hi = min(lo + bucket, n)
         X, y, valid, query = prefix_problems(x, ys, lo, hi)
-        presorted = None if sign else prefix_orders(x, lo, hi)
+        presorted = None if sign else prefix_orders(x, order, lo, hi)
         preds[:, lo:hi] = fit_trees(X, y, valid, query, depth, n_trees, lr, presorted).view(B, hi - lo)
     return preds.to(ys.dtype)
 
 
 def greedy_tree(xs, ys):
     """A greedy regression tree of depth 2 on x (the paper's choice on raw inputs)."""
-    return by_prompts(tree_predictions, xs, ys, 32, 2)  # depth
+    return by_prompts(tree_predictions, xs, ys, 64, 2)  # depth
 
 
 def greedy_tree_sign(xs, ys):

@@ -295,7 +295,7 @@ def test_prefix_orders_are_each_prefix_sorted():
     xs, _ = draw64("decision_tree", B=3, n=12, d=4, seed=7)
     xs = torch.round(xs * 2) / 2  # tied values
     for lo, hi in [(1, 12), (5, 9)]:
-        order, ties = baselines.prefix_orders(xs, lo, hi)
+        order, ties = baselines.prefix_orders(xs, sort_features(xs), lo, hi)
         assert ties and order.shape == (3 * (hi - lo), 4, hi)
         for q in range(len(order)):
             b, i = q // (hi - lo), lo + q % (hi - lo)
@@ -303,14 +303,20 @@ def test_prefix_orders_are_each_prefix_sorted():
             for f in range(4):
                 assert order[q, f, 1:i + 1].tolist() == xs[b, :i, f].sort(stable=True).indices.tolist()
                 assert sorted(order[q, f, i + 1:].tolist()) == list(range(i, hi - 1))
-    assert not baselines.prefix_orders(torch.randn(2, 12, 4, dtype=torch.float64), 1, 12)[1]
+    xs = torch.randn(2, 12, 4, dtype=torch.float64)
+    assert not baselines.prefix_orders(xs, sort_features(xs), 1, 12)[1]
+
+
+def sort_features(xs):
+    """Every feature's stable sort of all the samples, (B, d, n), the order that prefix_orders filters."""
+    return xs.transpose(1, 2).argsort(dim=2, stable=True)
 
 
 def in_sample(xs, ys, depth, n_trees=1, lr=1.0, sign=False):
     """Our trees' prediction at x_0, a training point of every prefix (B, n); 0 at i = 0."""
     B, n, _ = xs.shape
     X, y, valid, _ = baselines.prefix_problems(torch.sign(xs) if sign else xs, ys, 1, n)
-    presorted = None if sign else baselines.prefix_orders(xs, 1, n)
+    presorted = None if sign else baselines.prefix_orders(xs, sort_features(xs), 1, n)
     out = baselines.fit_trees(X, y, valid, X[:, 0], depth, n_trees, lr, presorted).view(B, n - 1)
     return torch.nn.functional.pad(out, (1, 0))
 
