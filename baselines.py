@@ -406,7 +406,8 @@ def prefix_orders(xs, order, lo, hi):
     order = front(order, m, torch.empty_like(order))[..., :m]  # (B, d, m)
     ties = bool((xs[:, :m].transpose(1, 2).gather(2, order).diff(dim=2) <= 1e-7).any())  # checked when splitting
     i = torch.arange(lo, hi, device=xs.device)[:, None, None]  # (hi - lo, 1, 1)
-    out = torch.full((B, hi - lo, order.shape[1], m + 1), m, device=xs.device)
+    out = order.new_empty(B, hi - lo, order.shape[1], m + 1)
+    out[..., 0] = m
     front(order[:, None], i, out[..., 1:])  # (B, hi - lo, d, m): every prefix of every prompt
     return out.flatten(0, 1), ties
 
