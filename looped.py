@@ -141,6 +141,8 @@ def validate(cfg):
     for name in ["n_positions", "points_inc", "curriculum_every", "loops_every", "eval_loops"]:
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(cfg, name)}")
+    if 0 < cfg.eval_loops < cfg.n_loops:  # the evaluation reports the error at b loops
+        raise UserError(f"--eval_loops {cfg.eval_loops} is below --loops {cfg.n_loops}: evaluate at least b loops")
     if cfg.device not in ("auto", "cuda", "mps", "cpu") and not cfg.device.startswith("cuda:"):
         raise UserError(f"unknown device {cfg.device!r}: use auto, cuda, mps or cpu")
 
@@ -460,7 +462,8 @@ def eval_prompts(cfg, device, ood=None):
 def evaluate(model, cfg, device, ctx=nullcontext(), ood=None, classical=None):
     """Normalised squared error per position after every loop iteration, and for each of the
     task's baselines on the same prompts, with 90% bootstrap bands over the prompts.
-    classical: the baselines' entries of an evaluation on the same prompts, reused as they are.
+    classical: an evaluation on the same prompts, whose baselines are reused as they are, and
+    its solver iterates as far as they go (the first k iterates do not depend on how many run).
 
     Returns {"loops": (t, n) model errors after iterations 1..eval_loops, name: (n,) for each
     baseline, "band NAME": (2, n) for the model ("looped", at b loops) and each baseline, and
@@ -485,6 +488,10 @@ def evaluate(model, cfg, device, ctx=nullcontext(), ood=None, classical=None):
     if cfg.task in ("linreg", "noisy_linreg", "sparse_linreg") and not ood:  # solvers beside the loop
         for name, iterates in baselines.ITERATES.items():
             steps = eval_loops(cfg) if name == "gradient descent" else min(eval_loops(cfg), 40)
+            known = (classical or {}).get(f"iterates {name}")
+            if known is not None and len(known) >= steps:
+                errors[f"iterates {name}"] = known[:steps]
+                continue
             preds = iterates(xs, ys, steps)[:, :, -1]  # (P, steps): the last position only
             errors[f"iterates {name}"] = ((preds - ys[:, None, -1]).pow(2).mean(0) / norm).cpu()
     return errors

@@ -444,6 +444,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path):
     (["--loops", "0"], "--n_loops"),
     (["--loops", "5", "--window", "6"], "exceeds"),
     (["--window", "0"], "--loop_window"),
+    (["--loops", "6", "--window", "3", "--eval_loops", "4"], "below --loops"),
     (["--n_points", "50", "--n_positions", "40"], "position table"),
     (["--n_embd", "-4"], "--n_embd"),
     (["--batch_size", "0"], "--batch_size"),
@@ -547,6 +548,28 @@ def test_on_diagonal_takes_position_i_of_row_i():
     out = looped.on_diagonal(sq, 3)
     torch.testing.assert_close(out[:, :3], torch.tensor([[0.0, 5, 10], [12, 17, 22]]))
     assert out[:, 3].isnan().all()
+
+
+def test_evaluate_reuses_classical_results_on_the_same_prompts(monkeypatch):
+    """A second evaluation on the same prompts takes the baselines and as many solver iterates
+    as were computed; iterates beyond those are computed, and equal a fresh evaluation's."""
+    cfg = tiny_config(eval_loops=8)
+    model = looped.LoopedTransformer(cfg)
+    first = looped.evaluate(model, cfg, torch.device("cpu"))
+    fresh = looped.evaluate(model, tiny_config(eval_loops=12), torch.device("cpu"))
+    calls = []
+    for name, fn in list(baselines.ITERATES.items()):
+        monkeypatch.setitem(baselines.ITERATES, name, lambda *a, fn=fn: calls.append(a[2]) or fn(*a))
+    for name in baselines.TASK_BASELINES[cfg.task]:
+        monkeypatch.setitem(baselines.BASELINES, name, None)  # not called: reused
+    short = looped.evaluate(model, tiny_config(eval_loops=6), torch.device("cpu"), classical=first)
+    assert calls == [] and len(short["iterates gradient descent"]) == 6
+    torch.testing.assert_close(short["iterates Newton"], first["iterates Newton"][:6], rtol=0, atol=0)
+    longer = looped.evaluate(model, tiny_config(eval_loops=12), torch.device("cpu"), classical=first)
+    assert calls == [12, 12]
+    for name in baselines.ITERATES:
+        torch.testing.assert_close(longer[f"iterates {name}"], fresh[f"iterates {name}"], rtol=0, atol=0)
+        torch.testing.assert_close(fresh[f"iterates {name}"][:8], first[f"iterates {name}"], rtol=0, atol=0)
 
 
 def test_runs_of_the_same_model_get_distinct_labels():
