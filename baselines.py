@@ -292,7 +292,10 @@ def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, presorted=None):
             if not binary and level < depth - 1:
                 perm, seg, start, count = partition(perm, right, node, seg, start, count)
             node = 2 * node + right.long()
-            splits.append((f, below.double() / 2 + above.double() / 2))  # the midpoint, as sklearn
+            # the query goes by the midpoint, as in sklearn, which takes the value below when the
+            # midpoint rounds up to the value above (so a query there goes where its training twin went)
+            mid = below.double() / 2 + above.double() / 2
+            splits.append((f, torch.where(mid == above.double(), below.double(), mid)))
         n_leaf = torch.zeros(Q, 2 ** depth, dtype=r.dtype, device=X.device).scatter_add(1, node, valid.to(r.dtype))
         leaf = torch.zeros_like(n_leaf).scatter_add(1, node, r) / n_leaf.clamp(min=1)  # mean residual
         q = torch.zeros(Q, 1, dtype=torch.long, device=X.device)
@@ -314,8 +317,8 @@ def binary_split(up, valid, r, node, K):
     n_left, s_left = total[:, :K] - n_right, total[:, K:] - s_right
     gain = s_left ** 2 / n_left.clamp(min=1) + s_right ** 2 / n_right.clamp(min=1)
     best, f = gain.masked_fill((n_left == 0) | (n_right == 0), -math.inf).max(2)  # (Q, K)
-    split = best > -math.inf  # else all go left
-    return f, torch.where(split, -1.0, math.inf).to(up.dtype), torch.where(split, 1.0, math.inf).to(up.dtype)
+    thr = torch.where(best > -math.inf, 0.0, math.inf).to(up.dtype)  # no split: all go left
+    return f, thr, thr  # the values below and above the threshold, as far as routing goes
 
 
 def sorted_split(X, values, r, perm, seg, start, count):

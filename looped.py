@@ -463,7 +463,7 @@ def evaluate(model, cfg, device, ctx=nullcontext(), ood=None, classical=None):
     """Normalised squared error per position after every loop iteration, and for each of the
     task's baselines on the same prompts, with 90% bootstrap bands over the prompts.
     classical: an evaluation on the same prompts, whose baselines are reused as they are, and
-    its solver iterates as far as they go (the first k iterates do not depend on how many run).
+    its solver iterates when there are enough of them (the first k do not depend on how many run).
 
     Returns {"loops": (t, n) model errors after iterations 1..eval_loops, name: (n,) for each
     baseline, "band NAME": (2, n) for the model ("looped", at b loops) and each baseline, and

@@ -281,6 +281,23 @@ def test_greedy_tree_matches_sklearn(depth):
     xs[..., 3] = 0  # and a constant feature
     ref = reference(lambda i: DecisionTreeRegressor(max_depth=depth), xs, ys, at=0)
     torch.testing.assert_close(in_sample(xs, ys, depth), ref, rtol=0, atol=1e-12)
+    # float32, the benchmark's dtype: the same fitted values up to float32 round-off
+    xs32, ys32 = draw("decision_tree", B=6, n=20, d=4, active=4, seed=2)
+    ref = reference(lambda i: DecisionTreeRegressor(max_depth=depth), xs32.double(), ys32.double(), at=0)
+    torch.testing.assert_close(in_sample(xs32, ys32, depth).double(), ref, rtol=0, atol=1e-5)
+    # sign(x) = 0 goes left in the split search, the fit and the query alike (the sign path splits at
+    # 0 only; this data's best split is there, between 0 and 1)
+    xs = torch.tensor([[[0.0], [0.0], [1.0], [1.0], [-1.0], [0.0], [0.0]]], dtype=torch.float64)
+    ys = torch.tensor([[10.0, 10.0, 0.0, 0.0, 0.0, 5.0, 1.0]], dtype=torch.float64)
+    stump = lambda i: DecisionTreeRegressor(max_depth=1)  # noqa: E731
+    torch.testing.assert_close(baselines.tree_predictions(xs, ys, 1, sign=True), reference(stump, xs, ys, sign=True),
+                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(in_sample(xs, ys, 1, sign=True), reference(stump, xs, ys, at=0, sign=True),
+                               rtol=0, atol=1e-12)
+    # a midpoint that rounds up to the value above: the query at that value goes right, as its twin
+    xs = torch.tensor([[[2.0 ** 30 + 2.0 ** -22], [2.0 ** 30 + 2.0 ** -21], [2.0 ** 30 + 2.0 ** -21]]], dtype=torch.float64)
+    ys = torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64)
+    assert baselines.tree_predictions(xs, ys, depth)[0, 2] == 1.0
     # repeated rows: a node whose samples are tied on every feature stays a leaf (sklearn: 6 at x = 3)
     xs = torch.tensor([[[1.0, 4.0], [1.0, 4.0], [2.0, 4.0], [2.0, 4.0], [3.0, 4.0]]], dtype=torch.float64)
     ys = torch.tensor([[0.0, 0.0, 5.0, 7.0, 1.0]], dtype=torch.float64)
