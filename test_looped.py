@@ -596,6 +596,19 @@ def test_runs_of_the_same_model_get_distinct_labels():
     assert looped.labels([(a, None), (standard, None)]) == ["looped, b = 6, T = 3", "transformer, 2 layers"]
 
 
+def test_eval_of_several_runs_computes_the_solver_iterates_once_per_length(tmp_path, monkeypatch):
+    """--eval A B C on the same prompts: B needs more iterates than A and computes them; C reuses
+    B's, the longest so far."""
+    runs = [tmp_path / name for name in "abc"]
+    for run, loops in zip(runs, [6, 10, 10]):
+        looped.train(tiny_config(run, steps=2, eval_loops=loops), quiet=True)
+    calls = []
+    for name, fn in list(baselines.ITERATES.items()):
+        monkeypatch.setitem(baselines.ITERATES, name, lambda *a, fn=fn: calls.append(a[2]) or fn(*a))
+    looped.evaluate_runs([str(run) for run in runs], {"out": str(tmp_path / "cmp")}, None)
+    assert calls == [6, 6, 10, 10]
+
+
 def test_eval_of_two_runs_under_a_shift_draws_one_comparison(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     looped.train(tiny_config(a, steps=2), quiet=True)
