@@ -6,18 +6,12 @@ lines up with the transformer's (the prediction of y_i sees x_1, y_1, ..., x_{i-
 All are batched over prompts and prefix lengths in torch (no Python loop over prompts) and run
 on CPU or CUDA alike. The iterative solvers (gradient descent, Newton's iteration) also return
 their prediction after every iteration, to be drawn beside the looped model's iterations.
-
-    python baselines.py --task sparse_linreg      # every baseline's error at chosen k, no model
-    python baselines.py --bench                   # time against per-prompt scikit-learn fits
-
-The solvers import nothing from looped.py; only the command line borrows its task samplers.
+This file imports nothing of the project; the error tables are `python experiments.py baselines`,
+the timings against per-prompt scikit-learn fits `python bench.py baselines`.
 Shapes: B prompts, n points, d input dim, Q = B * (prefixes) independent fitting problems.
 """
-import argparse
 import ctypes
 import math
-import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -526,7 +520,7 @@ BASELINES = {
     "2-layer ReLU net": relu_network,
     "zero": zero,
 }
-# The classical learners each task's figures show: the paper's (PAPER.md), plus zero as the floor.
+# The classical learners each task's figures show: the paper's, plus zero as the floor.
 TASK_BASELINES = {
     "linreg": ["least squares", "averaging", "3-NN", "zero"],
     "noisy_linreg": ["least squares", "ridge", "averaging", "3-NN", "zero"],
@@ -537,124 +531,3 @@ TASK_BASELINES = {
 }
 # Solvers whose iterations are drawn beside the looped model's loop iterations.
 ITERATES = {"gradient descent": gradient_descent_iterates, "Newton": newton_iterates}
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-class UserError(Exception):
-    """A mistake in the command line: one line and exit code 2."""
-
-
-def error_table(task, n_dims, n_points, prompts, ks, seed, names):
-    """Every named baseline's normalised squared error at in-context examples ks, on fixed prompts."""
-    import looped  # the command line borrows the task samplers; the solvers above need nothing from it
-    gen = torch.Generator().manual_seed(seed)
-    xs, ys = looped.TASKS[task](prompts, n_points, n_dims, n_dims, gen)
-    norm = looped.error_normaliser(task, n_dims)
-    print(f"normalised squared error, {task}, d = {n_dims}, n = {n_points}, {prompts} prompts")
-    print(f"{'k (in-context examples)':<26}" + "".join(f"{k:>9}" for k in ks) + "   seconds")
-    for name in names:
-        t0 = time.perf_counter()
-        err = (BASELINES[name](xs, ys) - ys).pow(2).mean(0) / norm
-        print(f"{name:<26}" + "".join(f"{err[k].item():>9.4f}" for k in ks)
-              + f"{time.perf_counter() - t0:>10.1f}", flush=True)
-
-
-def sklearn_reference(name, xs, ys):
-    """The same fits one prompt and one prefix at a time with scikit-learn, as the original code
-    does (Garg et al.'s baselines loop over prefixes and prompts). None if there is no such model."""
-    import numpy as np
-    from sklearn.ensemble import GradientBoostingRegressor
-    from sklearn.linear_model import Lasso, LinearRegression, Ridge
-    from sklearn.neighbors import KNeighborsRegressor
-    from sklearn.tree import DecisionTreeRegressor
-    models = {
-        "least squares": lambda i: LinearRegression(fit_intercept=False),
-        "ridge": lambda i: Ridge(alpha=0.01, fit_intercept=False),
-        "3-NN": lambda i: KNeighborsRegressor(n_neighbors=min(3, i)),
-        "Lasso": lambda i: Lasso(alpha=0.01, fit_intercept=False, max_iter=100_000),
-        "greedy tree": lambda i: DecisionTreeRegressor(max_depth=2),
-        "greedy tree, sign(x)": lambda i: DecisionTreeRegressor(max_depth=4),
-        "boosted trees": lambda i: GradientBoostingRegressor(max_depth=4, learning_rate=0.1, n_estimators=50),
-        "boosted trees, sign(x)": lambda i: GradientBoostingRegressor(max_depth=4, learning_rate=0.1, n_estimators=50),
-    }
-    if name not in models:
-        return None
-    X = np.sign(xs.numpy()) if "sign" in name else xs.numpy()
-    Y = ys.numpy()
-    preds = np.zeros(Y.shape)
-    for b in range(len(X)):
-        for i in range(1, X.shape[1]):
-            preds[b, i] = models[name](i).fit(X[b, :i], Y[b, :i]).predict(X[b, i:i + 1])[0]
-    return preds
-
-
-def bench(prompts, ref_prompts, names):
-    """Time every baseline on `prompts` prompts of its task at paper scale beside per-prompt
-    scikit-learn fits on the same prompts. The task's prompts matter: how long a Lasso path or a
-    scikit-learn tree takes depends on the data (pure nodes stop growing, noise adds events)."""
-    try:
-        import sklearn  # noqa: F401  (a test and benchmark dependency only)
-    except ImportError:
-        raise UserError("--bench compares with scikit-learn: pip install scikit-learn") from None
-    import warnings
-    import looped  # for the task samplers
-    warnings.filterwarnings("ignore")  # sklearn's Lasso warns on the underdetermined prefixes
-    print(f"time to score {prompts} prompts of the baseline's task at every prefix length (d = 20; n = 41, "
-          f"or 101 for trees and networks); scikit-learn timed on {ref_prompts} prompts and scaled; "
-          f"{torch.get_num_threads()} threads")
-    print(f"{'baseline':<24}{'task':>15}{'n':>5}{'batched s':>12}{'sklearn s':>12}{'speed-up':>10}")
-    for name in names:
-        task = next((t for t, shown in TASK_BASELINES.items() if name in shown), "linreg")
-        n = 101 if task in ("decision_tree", "relu_2nn") else 41
-        xs, ys = looped.TASKS[task](prompts, n, 20, 20, torch.Generator().manual_seed(0))
-        BASELINES[name](xs[:2], ys[:2])  # warm-up, untimed: first calls pay for imports and caches
-        sklearn_reference(name, xs[:1], ys[:1])
-        t0 = time.perf_counter()
-        BASELINES[name](xs, ys)
-        ours = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        done = sklearn_reference(name, xs[:ref_prompts], ys[:ref_prompts])
-        ref = (time.perf_counter() - t0) * prompts / ref_prompts
-        row = f"{name:<24}{task:>15}{n:>5}{ours:>12.2f}"
-        print(row + (f"{'-':>12}{'-':>10}" if done is None else f"{ref:>12.1f}{ref / ours:>9.1f}x"), flush=True)
-
-
-def main(argv=None):
-    keep_freed_memory()
-    parser = argparse.ArgumentParser(description="Classical in-context learners: error tables and a benchmark.")
-    parser.add_argument("--task", default="linreg", help="function class, as in looped.py")
-    parser.add_argument("--n_dims", type=int, default=20, help="d (paper: 20)")
-    parser.add_argument("--n_points", type=int, default=0, help="n; 0: 41, or 101 for trees and networks")
-    parser.add_argument("--prompts", type=int, default=1280, help="test prompts (paper: 1280)")
-    parser.add_argument("--k", type=int, nargs="+", help="in-context examples to show; default d/2, d, 2d, n-1")
-    parser.add_argument("--seed", type=int, default=1234, help="seed of the prompts")
-    parser.add_argument("--only", nargs="+", help="baselines to run (default: the task's; see BASELINES)")
-    parser.add_argument("--bench", action="store_true", help="time against per-prompt scikit-learn fits")
-    parser.add_argument("--ref_prompts", type=int, default=16, help="prompts fitted by scikit-learn in --bench")
-    args = parser.parse_args(argv)
-    for name in args.only or []:
-        if name not in BASELINES:
-            raise UserError(f"unknown baseline {name!r}: use one of {', '.join(BASELINES)}")
-    if min(args.prompts, args.ref_prompts, args.n_dims) < 1 or args.n_points < 0:
-        raise UserError("--prompts, --ref_prompts and --n_dims must be at least 1, --n_points not negative")
-    if args.bench:
-        names = args.only or [name for name in BASELINES if name != "zero"]
-        return bench(args.prompts, min(args.ref_prompts, args.prompts), names)
-    if args.task not in TASK_BASELINES:
-        raise UserError(f"unknown task {args.task!r}: use one of {', '.join(TASK_BASELINES)}")
-    n = args.n_points or (101 if args.task in ("decision_tree", "relu_2nn") else 41)
-    d = args.n_dims
-    ks = args.k or sorted({k for k in (d // 2, d, 2 * d, n - 1) if 0 < k < n})
-    if any(not 0 <= k < n for k in ks):
-        raise UserError(f"--k must lie in 0 .. n-1 = {n - 1}")
-    error_table(args.task, d, n, args.prompts, ks, args.seed, args.only or TASK_BASELINES[args.task])
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"baselines.py: error: {e}", file=sys.stderr)
-        sys.exit(2)

@@ -2,7 +2,6 @@
 
     python export.py RUN_DIR --loops 30 -o linreg_b30.onnx   # unrolled at 30 loop iterations
     python export.py RUN_DIR --dynamic-loops -o linreg.onnx    # the loop count is an input
-    python export.py --bench RUN_DIR                          # PyTorch eager against onnxruntime
 
 The exported graph takes xs (batch, n, d) and ys (batch, n), float32, with batch and n dynamic
 (n up to the trained maximum), and returns the predictions (batch, n) after the last loop:
@@ -10,7 +9,8 @@ entry i predicts y_i from the pairs before it. It carries its own description in
 metadata (task, d, maximum points, loops, error normaliser, training config, version).
 
 `Predictor` needs only numpy and onnxruntime: this module imports torch, onnx and looped.py
-only inside the functions that export, verify or benchmark.
+only inside the functions that export and verify, so an app can copy this one file beside its
+code and `from export import Predictor`. Export latency: `python bench.py export RUN_DIR`.
 """
 import argparse
 import json
@@ -24,10 +24,6 @@ VERSION = "0.2.0"
 PARITY_TOL = 1e-4  # max |onnxruntime - PyTorch| on fresh prompts, float32 graphs
 PARITY_TOL_FP16 = 5e-2  # the same for --fp16 graphs: half precision keeps about 3 digits
 WIDE = 128  # from this D on, a batch smaller than the cores runs on all of them (see Predictor)
-
-
-class UserError(Exception):
-    """A mistake in the user's input: one line and exit code 2."""
 
 
 class VerificationError(Exception):
@@ -135,7 +131,7 @@ class Predictor:
 
 
 def wrappers():
-    """The two exportable forms of a trained model, built on looped.py's own modules."""
+    """The two exportable forms of a trained model, each calling the model's own loop body."""
     import torch
 
     class Unrolled(torch.nn.Module):
@@ -146,11 +142,7 @@ def wrappers():
             self.model, self.n_loops = model, n_loops
 
         def forward(self, xs, ys):
-            inject = self.model.embed(xs, ys)  # P + positions, (B, L, D)
-            Y = torch.zeros_like(inject)
-            for _ in range(self.n_loops):  # Y_{t+1} = M(Y_t + P)
-                Y = self.model.backbone(Y + inject)
-            return self.model.read(Y)  # (B, n)
+            return self.model(xs, ys, self.n_loops, self.n_loops - 1)[:, -1]  # (B, n)
 
     class DynamicLoops(torch.nn.Module):
         """The same with the loop count as an int64 input: torch.while_loop becomes ONNX Loop."""
@@ -160,10 +152,9 @@ def wrappers():
             self.model = model
 
         def forward(self, xs, ys, n_loops):
-            inject = self.model.embed(xs, ys)
-            _, Y = torch.while_loop(lambda t, Y: t < n_loops,
-                                    lambda t, Y: (t + 1, self.model.backbone(Y + inject)),
-                                    (torch.zeros_like(n_loops), torch.zeros_like(inject)))
+            P = self.model.embed(xs, ys)  # (B, L, D)
+            _, Y = torch.while_loop(lambda t, Y: t < n_loops, lambda t, Y: (t + 1, self.model.iterate(Y, P)),
+                                    (torch.zeros_like(n_loops), torch.zeros_like(P)))
             return self.model.read(Y)
 
     return Unrolled, DynamicLoops
@@ -191,12 +182,8 @@ def onnx_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, **_):
 def load_model(run_dir):
     """(model in eval mode on the CPU, its Config) from a looped.py run folder; UserError if not."""
     import looped
-    try:
-        ckpt, cfg = looped.load_checkpoint(run_dir)
-        model = looped.restore_model(ckpt, cfg, "cpu")
-    except looped.UserError as e:
-        raise UserError(str(e)) from None
-    return model.eval(), cfg
+    ckpt, cfg = looped.load_checkpoint(run_dir)
+    return looped.restore_model(ckpt, cfg, "cpu").eval(), cfg
 
 
 def export(run_dir, out, n_loops=None, dynamic_loops=False, fp16=False, say=print):
@@ -212,9 +199,9 @@ def export(run_dir, out, n_loops=None, dynamic_loops=False, fp16=False, say=prin
     if not dynamic_loops:
         n_loops = n_loops or cfg.n_loops
         if n_loops < 1:
-            raise UserError(f"--loops must be at least 1, got {n_loops}")
+            raise looped.UserError(f"--loops must be at least 1, got {n_loops}")
     check_writable(out)
-    max_points = looped.positions(cfg)
+    max_points = cfg.n_positions
     Unrolled, DynamicLoops = wrappers()
     # Example shapes must avoid 1 (a size-1 example freezes that axis) and the maximum.
     n_example = max(2, min(cfg.n_points, max_points) - 1)
@@ -259,6 +246,7 @@ def export(run_dir, out, n_loops=None, dynamic_loops=False, fp16=False, say=prin
 
 
 def check_writable(out):
+    from looped import UserError
     folder = os.path.dirname(os.path.abspath(out))
     if os.path.isdir(out):
         raise UserError(f"cannot write {out}: it is a folder")
@@ -287,7 +275,7 @@ def verify(path, model, cfg, n_loops, fp16=False):
     gen = torch.Generator().manual_seed(7)
     report, worst = {"checker": "passed", "symbolic axes": "batch, n_points"}, 0.0
     loops = [n_loops] if n_loops else [1, cfg.n_loops]
-    for batch, points in ((3, looped.positions(cfg)), (5, max(1, looped.positions(cfg) // 2 + 1))):
+    for batch, points in ((3, cfg.n_positions), (5, max(1, cfg.n_positions // 2 + 1))):
         xs, ys = looped.TASKS[cfg.task](batch, points, cfg.n_dims, cfg.n_dims, gen)
         for b in loops:
             with torch.no_grad():
@@ -296,87 +284,37 @@ def verify(path, model, cfg, n_loops, fp16=False):
             worst = max(worst, float(np.abs(got - expected).max()))
     tol = PARITY_TOL_FP16 if fp16 else PARITY_TOL
     report["parity"] = (f"max |onnxruntime - torch| = {worst:.2e} (tolerance {tol:g}) at batch 3 and 5, "
-                        f"n = {looped.positions(cfg)} and {looped.positions(cfg) // 2 + 1}, loops {loops}")
+                        f"n = {cfg.n_positions} and {cfg.n_positions // 2 + 1}, loops {loops}")
     report["provider"] = predictor.provider
     if not worst <= tol:
         raise VerificationError(report["parity"])
     return report
 
 
-# ---------------------------------------------------------------------------- benchmark
-
-
-def bench(run_dir, n_loops=None, repeats=20):
-    """Median latency of PyTorch eager and onnxruntime at batch 1 and 64, measured in one run."""
-    import tempfile
-
-    import torch
-    import looped
-    model, cfg = load_model(run_dir)
-    n_loops = n_loops or cfg.n_loops
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        export(run_dir, path, n_loops, say=lambda *a: None)
-        predictor = Predictor(path)
-        gen = torch.Generator().manual_seed(0)
-        print(f"{cfg.task}: d {cfg.n_dims}, n {cfg.n_points}, D {cfg.n_embd}, {n_loops} loops, "
-              f"{torch.get_num_threads()} threads, onnxruntime on {predictor.provider}; median of {repeats}")
-        print(f"{'batch':>6}{'torch eager ms':>16}{'onnxruntime ms':>16}{'speed-up':>10}")
-        for batch in (1, 64):
-            xs, ys = looped.TASKS[cfg.task](batch, cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
-            x_np, y_np = xs.numpy(), ys.numpy()
-            with torch.inference_mode():
-                eager = median_ms(lambda: model(xs, ys, n_loops, n_loops - 1), repeats)
-            ort_ms = median_ms(lambda: predictor(x_np, y_np), repeats)
-            print(f"{batch:>6}{eager:>16.2f}{ort_ms:>16.2f}{eager / ort_ms:>9.2f}x")
-
-
-def median_ms(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - t0))
-    return float(np.median(times))
-
-
 # ---------------------------------------------------------------------------- command line
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, not argparse's usage block
-        print(f"export.py: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv=None):
-    parser = Parser(description="Export a looped.py run to ONNX and verify it against PyTorch.")
+    import looped
+    parser = looped.Parser(prog="export.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("run_dir", help="a looped.py run folder (with ckpt.pt)")
     parser.add_argument("--loops", type=int, help="loop iterations to unroll (default: the trained b)")
     parser.add_argument("--dynamic-loops", action="store_true", help="the loop count is an int64 input instead")
     parser.add_argument("-o", "--out", help="output file (default: RUN_DIR/model.onnx)")
     parser.add_argument("--fp16", action="store_true", help="half-precision weights, for GPU inference")
-    parser.add_argument("--bench", action="store_true", help="latency of PyTorch eager against onnxruntime")
     args = parser.parse_args(argv)
     if args.loops is not None and args.loops < 1:
-        raise UserError(f"--loops must be at least 1, got {args.loops}")
+        raise looped.UserError(f"--loops must be at least 1, got {args.loops}")
     if args.dynamic_loops and args.loops is not None:
-        raise UserError("--loops and --dynamic-loops exclude each other: the loop count is an input")
-    if args.bench and (args.fp16 or args.out or args.dynamic_loops):
-        raise UserError("--bench times the fp32 unrolled graph and writes no file: drop --fp16, -o, --dynamic-loops")
-    if args.bench:
-        return bench(args.run_dir, args.loops)
-    export(args.run_dir, args.out or os.path.join(args.run_dir, "model.onnx"), args.loops,
-           args.dynamic_loops, args.fp16)
-
-
-if __name__ == "__main__":
+        raise looped.UserError("--loops and --dynamic-loops exclude each other: the loop count is an input")
     try:
-        main()
-    except UserError as e:
-        print(f"export.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        export(args.run_dir, args.out or os.path.join(args.run_dir, "model.onnx"), args.loops, args.dynamic_loops, args.fp16)
     except VerificationError as e:
         print(f"export.py: verification failed, file deleted: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    import looped
+    looped.cli(main)

@@ -1,0 +1,258 @@
+"""Every speed measurement of the project, one command each; each prints a table.
+
+    python bench.py train                  # a training step: eager and compiled, fp32 and bf16
+    python bench.py baselines              # the batched solvers against per-prompt scikit-learn
+    python bench.py export RUN_DIR         # PyTorch eager against onnxruntime on an exported run
+
+With --save the table also goes to results/bench_NAME.json, with the command, the machine and
+the torch version: `python experiments.py report` shows the saved tables in docs/results.md.
+Compare speeds only as ratios measured in one run: other work on the machine moves the seconds.
+"""
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+import warnings
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+import baselines
+import looped
+
+
+def seconds(fn, repeats, warmup=1, device=None):
+    """Median wall time of fn() over repeats calls, after the warm-up calls (which compile, fill
+    caches and pay for lazy imports); CUDA is synchronised around every call."""
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def machine():
+    """The hardware a number was measured on: the CPU's model and cores, and the GPU if any."""
+    cpu = open("/proc/cpuinfo").read() if os.path.isfile("/proc/cpuinfo") else ""
+    name = re.search(r"model name\s*: (.*)", cpu).group(1) if "model name" in cpu else platform.processor()
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{name}, {os.cpu_count()} cores{gpu}"
+
+
+class Table:
+    """Rows printed as they are measured, and kept for --save."""
+
+    def __init__(self, title, columns, widths):
+        self.title, self.columns, self.widths, self.rows = title, columns, widths, []
+        print(title)
+        print("".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(columns, widths))))
+
+    def add(self, *cells):
+        self.rows.append(list(cells))
+        text = [c if isinstance(c, str) else f"{c:.{2 if abs(c) < 100 else 1}f}" for c in cells]
+        print("".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(text, self.widths))), flush=True)
+
+    def save(self, path, command):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        record = {"command": command, "machine": machine(), "torch": torch.__version__,
+                  "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
+                  "title": self.title, "columns": self.columns, "rows": self.rows}
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+        print(f"saved {path}")
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def bench_train(device_name):
+    """ms per training step, prompts per second, and FLOP/s against this machine's matmul peak,
+    for the laptop preset and the paper's linear-regression model (b 20, T 15, D 256), eager and
+    compiled, fp32 and bf16 autocast; each at its final curriculum stage (full d, n and b)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    device, _ = looped.setup_device(looped.make_config(device=device_name))
+    peak = {amp: matmul_peak(device, torch.bfloat16 if amp else torch.float32) for amp in (False, True)}
+    table = Table(f"training step, batch 64, {device}, {torch.get_num_threads()} threads; matmul peak (4096^2): "
+                  f"fp32 {peak[False] / 1e9:.0f}, bf16 {peak[True] / 1e9:.0f} GFLOP/s",
+                  ["model", "mode", "dtype", "ms/step", "prompts/s", "GFLOP/s", "of peak %", "saved MB", "peak MB"],
+                  [8, 10, 6, 10, 11, 9, 11, 10, 9])
+    for preset, compiled, amp in itertools.product(("laptop", "paper"), (False, True), (False, True)):
+        cfg = looped.make_config("linreg", preset, device=device_name, amp=amp, eval_prompts=64)
+        torch.manual_seed(0)
+        model = looped.LoopedTransformer(cfg).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+        args = (*looped.eval_prompts(cfg, device)[:2], cfg.n_loops, cfg.n_loops - cfg.loop_window)  # batch 64
+        with FlopCounterMode(display=False) as counter:  # counted on the eager model
+            looped.train_step(model, opt, ctx, *args)
+        saved = activation_bytes(model, ctx, *args)
+        forward = torch.compile(model) if compiled else model
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        step = seconds(lambda: looped.train_step(forward, opt, ctx, *args), 20 if preset == "laptop" else 3,
+                       warmup=2, device=device)
+        flops = counter.get_total_flops() / step
+        table.add(preset, "compiled" if compiled else "eager", "bf16" if amp else "fp32", 1000 * step, 64 / step,
+                  flops / 1e9, 100 * flops / peak[amp], saved / 1e6,
+                  torch.cuda.max_memory_allocated() / 1e6 if device.type == "cuda" else "-")
+    return table
+
+
+def matmul_peak(device, dtype, size=4096):
+    """FLOP/s of a square matmul: the ceiling that the training step is measured against."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    return 2 * size ** 3 / seconds(lambda: a @ a, repeats=5, device=device)
+
+
+def activation_bytes(model, ctx, xs, ys, n_loops, n_no_grad):
+    """Bytes the forward pass keeps for the backward pass (the b - T no-grad iterations keep none)."""
+    storages = {}  # views of one tensor share its storage: count each storage once
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
+        model(xs, ys, n_loops, n_no_grad)
+    return sum(storages.values())
+
+
+# ---------------------------------------------------------------------------- baselines
+
+
+def sklearn_reference(name, xs, ys):
+    """The same fits one prompt and one prefix at a time with scikit-learn, as the original code
+    does (Garg et al.'s baselines loop over prefixes and prompts). None if there is no such model."""
+    from sklearn.ensemble import GradientBoostingRegressor
+    from sklearn.linear_model import Lasso, LinearRegression, Ridge
+    from sklearn.neighbors import KNeighborsRegressor
+    from sklearn.tree import DecisionTreeRegressor
+    models = {
+        "least squares": lambda i: LinearRegression(fit_intercept=False),
+        "ridge": lambda i: Ridge(alpha=0.01, fit_intercept=False),
+        "3-NN": lambda i: KNeighborsRegressor(n_neighbors=min(3, i)),
+        "Lasso": lambda i: Lasso(alpha=0.01, fit_intercept=False, max_iter=100_000),
+        "greedy tree": lambda i: DecisionTreeRegressor(max_depth=2),
+        "greedy tree, sign(x)": lambda i: DecisionTreeRegressor(max_depth=4),
+        "boosted trees": lambda i: GradientBoostingRegressor(max_depth=4, learning_rate=0.1, n_estimators=50),
+        "boosted trees, sign(x)": lambda i: GradientBoostingRegressor(max_depth=4, learning_rate=0.1, n_estimators=50),
+    }
+    if name not in models:
+        return None
+    X = np.sign(xs.numpy()) if "sign" in name else xs.numpy()
+    Y = ys.numpy()
+    preds = np.zeros(Y.shape)
+    for b in range(len(X)):
+        for i in range(1, X.shape[1]):
+            preds[b, i] = models[name](i).fit(X[b, :i], Y[b, :i]).predict(X[b, i:i + 1])[0]
+    return preds
+
+
+def bench_baselines(prompts, ref_prompts, names):
+    """Time every baseline on `prompts` prompts of its task at paper scale beside per-prompt
+    scikit-learn fits on the same prompts. The task's prompts matter: how long a Lasso path or a
+    scikit-learn tree takes depends on the data (pure nodes stop growing, noise adds events)."""
+    try:
+        import sklearn  # noqa: F401  (a test and benchmark dependency only)
+    except ImportError:
+        raise looped.UserError("bench.py baselines compares with scikit-learn: pip install scikit-learn") from None
+    warnings.filterwarnings("ignore")  # sklearn's Lasso warns on the underdetermined prefixes
+    baselines.keep_freed_memory()
+    table = Table(f"time to score {prompts} prompts of the baseline's task at every prefix length (d = 20, the paper's n); "
+                  f"scikit-learn timed on {ref_prompts} prompts and scaled; {torch.get_num_threads()} threads",
+                  ["baseline", "task", "n", "batched s", "sklearn s", "speed-up"], [24, 15, 5, 12, 12, 10])
+    for name in names:
+        task = next((t for t, shown in baselines.TASK_BASELINES.items() if name in shown), "linreg")
+        n = looped.PAPER_TASKS[task][2]
+        xs, ys = looped.TASKS[task](prompts, n, 20, 20, torch.Generator().manual_seed(0))
+        fit = baselines.BASELINES[name]
+        fit(xs[:2], ys[:2])  # warm-up, untimed: first calls pay for imports and caches
+        sklearn_reference(name, xs[:1], ys[:1])
+        ours = seconds(lambda: fit(xs, ys), repeats=1, warmup=0)
+        t0 = time.perf_counter()
+        done = sklearn_reference(name, xs[:ref_prompts], ys[:ref_prompts])
+        ref = (time.perf_counter() - t0) * prompts / ref_prompts
+        table.add(name, task, str(n), ours, *(["-", "-"] if done is None else [ref, ref / ours]))
+    return table
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def bench_export(run_dir, n_loops=None, repeats=20):
+    """Median latency of PyTorch eager and onnxruntime at batch 1 and 64, measured in one run."""
+    import export
+    model, cfg = export.load_model(run_dir)
+    n_loops = n_loops or cfg.n_loops
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        export.export(run_dir, path, n_loops, say=lambda *a: None)
+        predictor = export.Predictor(path)
+        gen = torch.Generator().manual_seed(0)
+        table = Table(f"{cfg.task}: d {cfg.n_dims}, n {cfg.n_points}, D {cfg.n_embd}, {n_loops} loops, "
+                      f"{torch.get_num_threads()} threads, onnxruntime on {predictor.provider}; median of {repeats}",
+                      ["batch", "torch eager ms", "onnxruntime ms", "speed-up"], [6, 16, 16, 10])
+        for batch in (1, 64):
+            xs, ys = looped.TASKS[cfg.task](batch, cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
+            x_np, y_np = xs.numpy(), ys.numpy()
+            with torch.inference_mode():
+                eager = 1000 * seconds(lambda: model(xs, ys, n_loops, n_loops - 1), repeats)
+            ort = 1000 * seconds(lambda: predictor(x_np, y_np), repeats)
+            table.add(str(batch), eager, ort, eager / ort)
+    return table
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = looped.Parser(prog="bench.py", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="training step speed (see bench_train)")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p = sub.add_parser("baselines", help="batched solvers against per-prompt scikit-learn fits")
+    p.add_argument("--prompts", type=int, default=1280, help="prompts scored by the batched solvers (paper: 1280)")
+    p.add_argument("--ref_prompts", type=int, default=16, help="prompts fitted by scikit-learn, scaled to --prompts")
+    p.add_argument("--only", nargs="+", metavar="NAME", help=f"baselines to time (default all): {', '.join(baselines.BASELINES)}")
+    p = sub.add_parser("export", help="PyTorch eager against onnxruntime on a trained run")
+    p.add_argument("run_dir", help="a looped.py run folder (with ckpt.pt)")
+    p.add_argument("--loops", type=int, help="loop iterations to unroll (default: the trained b)")
+    for p in sub.choices.values():
+        p.add_argument("--save", action="store_true", help="also write the table to results/bench_NAME.json")
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        looped.validate(looped.make_config(device=args.device))  # a bad device name is one line
+        table = bench_train(args.device)
+    elif args.command == "baselines":
+        for name in args.only or []:
+            if name not in baselines.BASELINES:
+                raise looped.UserError(f"unknown baseline {name!r}: use one of {', '.join(baselines.BASELINES)}")
+        if min(args.prompts, args.ref_prompts) < 1:
+            raise looped.UserError("--prompts and --ref_prompts must be at least 1")
+        names = args.only or [name for name in baselines.BASELINES if name != "zero"]
+        table = bench_baselines(args.prompts, min(args.ref_prompts, args.prompts), names)
+    else:
+        if args.loops is not None and args.loops < 1:
+            raise looped.UserError(f"--loops must be at least 1, got {args.loops}")
+        table = bench_export(args.run_dir, args.loops)
+    if args.save:
+        table.save(os.path.join("results", f"bench_{args.command}.json"), "python bench.py " + " ".join(argv))
+
+
+if __name__ == "__main__":
+    looped.cli(main)

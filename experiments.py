@@ -1,0 +1,483 @@
+"""The paper's claims as commands, at laptop scale, and the report that shows what they found.
+
+    python experiments.py claim1             # linear regression: looped (1 layer) against 12 layers
+    python experiments.py claim2             # sparse linear regression: the same
+    python experiments.py claim3             # decision trees and ReLU networks: the same
+    python experiments.py claim4             # the loop settles past b; the window T
+    python experiments.py claim5             # Garg et al.'s out-of-distribution suite (after claim1)
+    python experiments.py all                # claim1 ... claim5 in turn
+    python experiments.py report             # docs/results.md and figures/ from results/, no training
+
+Each claim trains its runs with looped.py's `train` into results/CLAIM/RUN (a run already
+evaluated there is kept, not trained again), and records beside each run's log.jsonl and
+eval.json a run.json: its config, the machine, the torch version and the wall time. Those files
+are committed; the checkpoints are not. `report` reads them alone and writes docs/results.md.
+
+Tools on top of looped.py, for any runs:
+
+    python experiments.py compare RUN_A RUN_B --out DIR   # several runs on the same prompts, one plot
+    python experiments.py ood RUN_A RUN_B --shift skewed  # the same under a distribution shift
+    python experiments.py baselines --task sparse_linreg  # every classical baseline's error, no model
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import baselines
+import bench
+import looped
+
+RESULTS, FIGURES, REPORT = "results", "figures", os.path.join("docs", "results.md")
+
+# ---------------------------------------------------------------------------- out of distribution
+# Garg et al.'s suite for linear regression ([G], `eval.py`). The first five change how x or y
+# are drawn. The last three change the query: the prompt predicting y_i is then
+# x_1 y_1 ... x_{i-1} y_{i-1} q_i, so each test prompt becomes m prompts, of which prompt i
+# is scored at position i only.
+SHIFTS = ["skewed", "half_subspace", "noisy_y", "scale_x=C", "scale_y=C", "random_quadrants", "orthogonal",
+          "overlapping"]
+GARG_SHIFTS = ["skewed", "half_subspace", "noisy_y", "scale_x=0.333", "scale_x=0.5", "scale_x=2", "scale_x=3",
+               "scale_y=0.333", "scale_y=0.5", "scale_y=2", "scale_y=3", "random_quadrants", "orthogonal", "overlapping"]
+
+
+def parse_shift(name):
+    """--shift NAME -> (kind, scale C, 1 when there is none); UserError for a name not in SHIFTS."""
+    kind, _, value = name.partition("=")
+    if kind not in [s.split("=")[0] for s in SHIFTS] or (value and not kind.startswith("scale")):
+        raise looped.UserError(f"unknown shift {name!r}: use one of {', '.join(SHIFTS)}")
+    if kind in ("scale_x", "scale_y") and not (value.replace(".", "", 1).isdigit() and float(value) > 0):
+        raise looped.UserError(f"shift {name}: give a positive scale, as in {kind}=2")
+    return kind, float(value) if value else 1.0
+
+
+def sample_shifted(name, B, n, d, gen):
+    """Linear-regression test prompts under a shift: (xs, ys, normaliser), xs (B, n, d) for a plain
+    batch or (B, m, n, d) for query prompts, ys to match. The normaliser is E[y^2] under the
+    shift, so that predicting 0 still scores about 1."""
+    kind, c = parse_shift(name)
+    dev = gen.device
+    z = torch.randn(B, n, d, generator=gen, device=dev)
+    w = torch.randn(B, d, 1, generator=gen, device=dev)
+    xs, queries = z, None
+    if kind in ("skewed", "half_subspace"):  # covariance U diag(eig) U^T, U a random rotation
+        i = torch.arange(1, d + 1, device=dev)  # skewed: [G] maps x by U diag(1/i) U^T, so eig ~ 1/i^2
+        eig = 1 / i ** 2 if kind == "skewed" else (i <= d // 2).float()
+        eig = eig * d / eig.sum()  # trace d, as N(0, I_d) has
+        U = torch.linalg.qr(torch.randn(B, d, d, generator=gen, device=dev)).Q  # (B, d, d)
+        xs = (z * eig.sqrt()) @ U.transpose(1, 2)
+    elif kind == "scale_x":
+        xs = c * z
+    elif kind == "random_quadrants":  # in-context x in one random orthant; queries anywhere
+        xs = z.abs() * torch.randn(B, 1, d, generator=gen, device=dev).sign()
+        queries = z
+    elif kind == "orthogonal":  # q_i orthogonal to x_1 .. x_{i-1}, |q_i| = |x_i|; exists for i <= d
+        queries = z.clone()
+        for i in range(1, min(n, d)):
+            Q = torch.linalg.qr(z[:, :i].transpose(1, 2)).Q  # (B, d, i): basis of the prefix
+            q = z[:, i] - (Q @ (Q.transpose(1, 2) @ z[:, i, :, None]))[..., 0]
+            queries[:, i] = q * z[:, i].norm(dim=1, keepdim=True) / q.norm(dim=1, keepdim=True)
+    elif kind == "overlapping":  # q_i is one of x_1 .. x_{i-1}, picked at random
+        pick = (torch.rand(B, n, generator=gen, device=dev) * torch.arange(n, device=dev)).long()
+        queries = z.gather(1, pick[..., None].expand(B, n, d))
+    scale, noise = (c if kind == "scale_y" else 1.0), (1.0 if kind == "noisy_y" else 0.0)
+    norm = d * c ** 2 + noise ** 2  # E[y^2]
+    if queries is None:
+        return xs, scale * (xs @ w)[..., 0] + noise * torch.randn(B, n, generator=gen, device=dev), norm
+    m = min(n, d) if kind == "orthogonal" else n  # m query prompts per drawn prompt
+    use_query = torch.arange(n, device=dev) >= torch.arange(m, device=dev)[:, None]  # (m, n): from position i on
+    xs = torch.where(use_query[None, :, :, None], queries[:, None], xs[:, None])  # (B, m, n, d)
+    return xs, scale * (xs.reshape(B, m * n, d) @ w)[..., 0].reshape(B, m, n), norm
+
+
+def shifted_errors(models, name, cfg, device):
+    """model_errors and classical_errors for each (cfg, model, ctx) on the shifted prompts of `name`.
+    Query prompts are scored one query position i at a time: column i of the errors comes from the
+    prompts that ask their query at i (NaN at positions with no query)."""
+    xs, ys, norm = sample_shifted(name, cfg.eval_prompts, cfg.n_points, cfg.n_dims,
+                                  torch.Generator(device).manual_seed(cfg.eval_seed))
+    score = lambda x, y: ([looped.model_errors(model, c, (x, y, norm), ctx) for c, model, ctx in models]  # noqa: E731
+                          + [looped.classical_errors(cfg.task, (x, y, norm))])
+    if xs.dim() == 3:
+        return score(xs, ys)
+    columns = [score(xs[:, i], ys[:, i]) for i in range(xs.shape[1])]  # m evaluations, each (..., n)
+    return [{key: F.pad(torch.stack([col[r][key][..., i] for i, col in enumerate(columns)], -1),
+                        (0, cfg.n_points - len(columns)), value=float("nan")) for key in columns[0][r]}
+            for r in range(len(columns[0]))]
+
+
+# ---------------------------------------------------------------------------- several runs
+
+
+def solver_errors(test, steps):
+    """Error at the last position after each iteration of gradient descent (steps) and Newton's
+    iteration (at most 40): what the loop's iterations are drawn against."""
+    xs, ys, norm = test
+    errors = {}
+    for name, iterates in baselines.ITERATES.items():
+        preds = iterates(xs, ys, steps if name == "gradient descent" else min(steps, 40))[:, :, -1]  # (P, t)
+        errors[name] = ((preds - ys[:, None, -1]).pow(2).mean(0) / norm).cpu()
+    return errors
+
+
+def labels(cfgs):
+    """A legend name per run: the model, and the run folder where models repeat."""
+    names = [looped.describe(c) for c in cfgs]
+    return [f"{name} ({os.path.basename(os.path.normpath(c.out))})" if names.count(name) > 1 else name
+            for name, c in zip(names, cfgs)]
+
+
+def load_runs(run_dirs, given):
+    """[(cfg, model, ctx)] of saved runs that can be compared: same task, d and n; UserError if not."""
+    runs = []
+    for run_dir in run_dirs:
+        ckpt, cfg = looped.saved_run(run_dir, given)
+        device, ctx = looped.setup_device(cfg)
+        runs.append((cfg, looped.restore_model(ckpt, cfg, device), ctx))
+    first = runs[0][0]
+    for cfg, _, _ in runs:
+        if (cfg.task, cfg.n_dims, cfg.n_points) != (first.task, first.n_dims, first.n_points):
+            raise looped.UserError(f"{cfg.out} ({cfg.task}, d {cfg.n_dims}, n {cfg.n_points}) cannot be compared "
+                                   f"with {first.out} ({first.task}, d {first.n_dims}, n {first.n_points})")
+    return runs
+
+
+def compare(run_dirs, out, given=None, shift=None):
+    """Evaluate saved runs on the same test prompts, the baselines once: one table, figures in out.
+    With shift, on Garg et al.'s shifted prompts (linear regression only). Returns the errors."""
+    runs = load_runs(run_dirs, given or {})
+    cfg = runs[0][0]
+    device = looped.setup_device(cfg)[0]
+    if shift and cfg.task not in ("linreg", "noisy_linreg"):
+        raise looped.UserError(f"the shifts are Garg et al.'s suite for linear regression, not {cfg.task}")
+    if shift:
+        *errors, classical = shifted_errors(runs, shift, cfg, device)
+        solvers = {}
+    else:
+        test = looped.eval_prompts(cfg, device)
+        errors = [looped.model_errors(model, c, test, ctx) for c, model, ctx in runs]
+        classical = looped.classical_errors(cfg.task, test)
+        linear = cfg.task in ("linreg", "noisy_linreg", "sparse_linreg")
+        solvers = solver_errors(test, max(c.eval_loops for c, _, _ in runs)) if linear else {}
+    names = labels([c for c, _, _ in runs])
+    named = [(name, c, {**e, **classical}) for name, (c, _, _), e in zip(names, runs, errors)]
+    os.makedirs(out, exist_ok=True)
+    title = f"{cfg.task}, shift {shift}" if shift else cfg.task
+    looped.plot(named, out, title, f"_{shift}" if shift else "", solvers, loops=not shift)
+    print(looped.table(named, title))
+    print(f"figures in {out}")
+    return named, solvers
+
+
+# ---------------------------------------------------------------------------- the claims
+
+
+def run(claim, name, task, **overrides):
+    """Train one run of a claim into results/CLAIM/NAME, unless it was evaluated there before;
+    record run.json beside its log and evaluation. Returns its folder."""
+    out = os.path.join(RESULTS, claim, name)
+    if os.path.isfile(os.path.join(out, "run.json")):
+        print(f"{out}: done before, kept")
+        return out
+    cfg = looped.make_config(task, out=out, **overrides)
+    t0 = time.perf_counter()
+    looped.train(cfg)
+    record = {"command": f"python experiments.py {claim}", "config": looped.asdict(cfg), "machine": bench.machine(),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0}
+    with open(os.path.join(out, "run.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    return out
+
+
+STANDARD = dict(n_layer=12, n_loops=1, eval_loops=1)  # the paper's 12-layer GPT-2, with the same budget
+CLAIMS = {  # claim: [(run name, task, overrides)]
+    "claim1": [("looped", "linreg", {}), ("standard", "linreg", STANDARD),
+               ("looped_seed43", "linreg", dict(seed=43)), ("looped_seed44", "linreg", dict(seed=44))],
+    "claim2": [("looped", "sparse_linreg", {}), ("standard", "sparse_linreg", STANDARD)],
+    "claim3": [("tree_looped", "decision_tree", {}), ("tree_standard", "decision_tree", STANDARD),
+               ("relu_looped", "relu_2nn", {}), ("relu_standard", "relu_2nn", STANDARD)],
+    "claim4": [("T5", "linreg", dict(loop_window=5)), ("T3", "linreg", dict(loop_window=3)),
+               ("T1", "linreg", dict(loop_window=1))],  # T = 10 is claim1's looped run
+}
+
+
+def claim(name):
+    for run_name, task, overrides in CLAIMS.get(name, []):
+        run(name, run_name, task, **overrides)
+    if name == "claim4":  # gradient descent and Newton on the same test prompts, iteration by iteration
+        cfg = looped.make_config("linreg")
+        solvers = solver_errors(looped.eval_prompts(cfg, torch.device("cpu")), cfg.eval_loops)
+        with open(os.path.join(RESULTS, "claim4", "solvers.json"), "w") as f:
+            json.dump({"machine": bench.machine(), **{k: v.tolist() for k, v in solvers.items()}}, f)
+    if name == "claim5":  # every shift, on claim1's two runs (their checkpoints)
+        runs = [os.path.join(RESULTS, "claim1", r) for r in ("looped", "standard")]
+        if not all(os.path.isfile(os.path.join(r, "ckpt.pt")) for r in runs):
+            raise looped.UserError("claim5 evaluates claim1's trained runs: run python experiments.py claim1 first")
+        for shift in GARG_SHIFTS:
+            named, _ = compare(runs, os.path.join(RESULTS, "claim5", "figures"), shift=shift)
+            save_errors(os.path.join(RESULTS, "claim5", f"{shift}.json"), named, shift=shift)
+
+
+def save_errors(path, named, **meta):
+    """A comparison's errors as JSON, with the machine it ran on."""
+    record = {**meta, "machine": bench.machine(), "torch": torch.__version__,
+              "runs": {name: {"config": looped.asdict(c), **{k: v.tolist() for k, v in e.items()}} for name, c, e in named}}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f)
+
+
+# ---------------------------------------------------------------------------- baselines alone
+
+
+def baseline_table(task, n_dims, n_points, prompts, ks, seed, names, save=False):
+    """Every named baseline's normalised squared error at in-context examples ks, on fixed prompts."""
+    gen = torch.Generator().manual_seed(seed)
+    xs, ys = looped.TASKS[task](prompts, n_points, n_dims, n_dims, gen)
+    norm = looped.error_normaliser(task, n_dims)
+    table = bench.Table(f"normalised squared error, {task}, d = {n_dims}, n = {n_points}, {prompts} prompts",
+                        ["k (in-context examples)", *map(str, ks), "seconds"], [26] + [9] * len(ks) + [10])
+    for name in names:
+        t0 = time.perf_counter()
+        err = (baselines.BASELINES[name](xs, ys) - ys).pow(2).mean(0) / norm
+        table.add(name, *(err[k].item() for k in ks), time.perf_counter() - t0)
+    if save:
+        table.save(os.path.join(RESULTS, f"baselines_{task}.json"), "python experiments.py " + " ".join(sys.argv[1:]))
+
+
+# ---------------------------------------------------------------------------- report
+# docs/results.md is written from the files under results/ alone, so that a clean checkout
+# rewrites it byte for byte. The paper's numbers: [LT]'s notebooks, full scale (d = 20, 500k steps).
+
+PAPER = {"claim1": "at k = 10, 20, 40 (d = 20): standard 0.519, 0.0204, 0.00048; looped 0.519, 0.0242, 0.00078; "
+                   "least squares 0.515, ~0, ~0",
+         "claim2": "at k = 10, 40 (d = 20, s = 3): standard 0.0848, 0.0017; looped 0.0213, 0.00061; Lasso 0.0498, 0.00013",
+         "claim3": "ReLU network at k = 100: standard 0.170, looped 0.180; decision tree: no number in the paper",
+         "claim4": "the looped model's error stays flat when run far past b (to 500 loops); a too-small T diverges there",
+         "claim5": "Garg et al.'s shifts: no table in the looped paper; its standard transformer degrades like least squares"}
+
+
+def read_run(folder):
+    """(cfg, errors as tensors, run record) of a claim's run folder."""
+    with open(os.path.join(folder, "run.json")) as f:
+        record = json.load(f)
+    with open(os.path.join(folder, "eval.json")) as f:
+        errors = {k: torch.tensor(v) for k, v in json.load(f).items()}
+    return looped.make_config(**record["config"]), errors, record
+
+
+def fmt(x):
+    return "-" if x != x else f"{x:.4f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.1e}"
+
+
+def markdown(columns, rows):
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(c) if isinstance(c, float) else str(c) for c in row) + " |"
+                              for row in rows])
+
+
+def at_k(cfg):
+    """The paper's k = d/2, d, 2d (10, 20, 40 at d = 20), where they fit in the prompt."""
+    return [k for k in (cfg.n_dims // 2, cfg.n_dims, 2 * cfg.n_dims) if 0 < k < cfg.n_points] or [cfg.n_points - 1]
+
+
+def compare_section(claim, pairs, lines):
+    """Looped against standard for each (task, looped run, standard run, the paper's finding, its
+    numbers) of a claim: a table, a figure, and whether the paper's finding reproduced."""
+    for task, a, b, expected, paper in pairs:
+        (ca, ea, ra), (cb, eb, rb) = read_run(os.path.join(RESULTS, claim, a)), read_run(os.path.join(RESULTS, claim, b))
+        names = labels([ca, cb])
+        named = [(names[0], ca, ea), (names[1], cb, eb)]  # the baselines: the first run's
+        looped.plot(named, FIGURES, task, f"_{claim}_{task}")
+        shown = [n for n in baselines.TASK_BASELINES[task] if n != "zero"][:4]
+        rows = [[k, ea["loops"][ca.n_loops - 1][k].item(), eb["loops"][0][k].item(), *(ea[n][k].item() for n in shown)]
+                for k in at_k(ca) + ([ca.n_points - 1] if ca.n_points - 1 not in at_k(ca) else [])]
+        lines += [f"**{task}**, d = {ca.n_dims}, n = {ca.n_points}, {ca.eval_prompts} test prompts: "
+                  f"{names[0]} ({looped.count_parameters(looped.LoopedTransformer(ca))[0]:,} parameters by the paper's "
+                  f"count) against {names[1]} ({looped.count_parameters(looped.LoopedTransformer(cb))[0]:,}), "
+                  f"{ca.steps} steps each at lr {ca.lr:g}.", "",
+                  markdown(["k", "looped", "standard", *shown], rows), "",
+                  f"![{task}: error against in-context examples](../{FIGURES}/error_vs_examples_{claim}_{task}.png)", ""]
+        k = at_k(ca)[-1]
+        L, S = ea["loops"][ca.n_loops - 1][k].item(), eb["loops"][0][k].item()
+        found = "match" if max(L, S) <= 1.25 * min(L, S) else "looped ahead" if L < S else "standard ahead"
+        outcome = f"here at k = {k} the looped model has {fmt(L)} and the standard one {fmt(S)} ({found.replace('match', 'within 25%: a match')})"
+        if expected:
+            verdict = "Reproduced" if found == expected else "Not reproduced"
+            lines += [f"**{verdict} at this scale.** The paper has {expected.replace('match', 'the two matching')} ({paper}); {outcome}.", ""]
+        else:
+            lines += [f"The paper gives no number ({paper}); {outcome}.", ""]
+        seeds = sorted(glob.glob(os.path.join(RESULTS, claim, f"{a}_seed*", "run.json")))
+        if seeds:  # the same looped run with other seeds: what a user should expect
+            spread = [(c.seed, e["loops"][c.n_loops - 1][k].item(), e["loops"][-1][k].item())
+                      for c, e, _ in (read_run(os.path.dirname(p)) for p in [os.path.join(RESULTS, claim, a, "run.json"), *seeds])]
+            lines += [f"The looped model at k = {k} over seeds (at b = {ca.n_loops} loops, and at {ca.eval_loops}): "
+                      + "; ".join(f"seed {s}: {fmt(x)}, {fmt(y)}" for s, x, y in spread) + ".", ""]
+
+
+def write_report():
+    """docs/results.md and its figures from results/ alone."""
+    os.makedirs(FIGURES, exist_ok=True)
+    os.makedirs(os.path.dirname(REPORT), exist_ok=True)
+    lines = ["# Results at laptop scale", "",
+             "Written by `python experiments.py report` from the files under `results/`; do not edit by hand.",
+             "Each claim's runs come from `python experiments.py CLAIM` (see the README); every number",
+             "below is read from a file there, which also records the machine and the torch version.", ""]
+    runs = sorted(glob.glob(os.path.join(RESULTS, "claim*", "*", "run.json")))
+    if runs:
+        rows = []
+        for path in runs:
+            with open(path) as f:
+                r = json.load(f)
+            c = looped.make_config(**r["config"])
+            rows.append([os.path.dirname(path), c.task, looped.describe(c), c.steps,
+                         f"{r['seconds'] / 60:.1f} min", r["machine"], r["torch"]])
+        lines += ["## Runs", "", markdown(["run", "task", "model", "steps", "wall time", "machine", "torch"], rows), ""]
+    sections = [("claim1", "Linear regression: the looped model against the 12-layer transformer",
+                 [("linreg", "looped", "standard", "match", "0.00078 against 0.00048 at k = 40, d = 20")]),
+                ("claim2", "Sparse linear regression",
+                 [("sparse_linreg", "looped", "standard", "looped ahead", "0.00061 against 0.0017 at k = 40, d = 20")]),
+                ("claim3", "Decision trees and ReLU networks",
+                 [("decision_tree", "tree_looped", "tree_standard", None, "for the decision tree"),
+                  ("relu_2nn", "relu_looped", "relu_standard", "match", "0.180 against 0.170 at k = 100, d = 20")])]
+    for claim_name, title, pairs in sections:
+        lines += [f"## {claim_name}: {title}", "", f"The paper: {PAPER[claim_name]}.", ""]
+        if all(os.path.isfile(os.path.join(RESULTS, claim_name, r, "run.json")) for _, a, b, *_ in pairs for r in (a, b)):
+            compare_section(claim_name, pairs, lines)
+        else:
+            lines += [f"Not run yet: `python experiments.py {claim_name}`.", ""]
+    window_section(lines)
+    shift_section(lines)
+    tables_section(lines, "Classical baselines at the paper's scale", "baselines_*.json",
+                   "The paper (d = 20, 1280 prompts): least squares 0.515 at k = 10; at k = 40 3-NN ~0.71, averaging "
+                   "~0.53; sparse regression: Lasso 0.0498 at k = 10, 0.00013 at k = 40.")
+    tables_section(lines, "Speed", "bench_*.json")
+    with open(REPORT, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {REPORT} and its figures in {FIGURES}/")
+
+
+def window_section(lines):
+    lines += ["## claim4: the loop settles past b; the window T", "", f"The paper: {PAPER['claim4']}.", ""]
+    folders = [os.path.join(RESULTS, "claim1", "looped")] + [os.path.join(RESULTS, "claim4", f"T{t}") for t in (5, 3, 1)]
+    if not all(os.path.isfile(os.path.join(f, "run.json")) for f in folders):
+        lines += ["Not run yet: `python experiments.py claim1 && python experiments.py claim4`.", ""]
+        return
+    named = [(f"T = {c.loop_window}", c, e) for c, e, _ in map(read_run, folders)]
+    with open(os.path.join(RESULTS, "claim4", "solvers.json")) as f:
+        solvers = {k: torch.tensor(v) for k, v in json.load(f).items() if k != "machine"}
+    looped.plot(named, FIGURES, "linreg, windows", "_claim4", solvers)
+    cfg = named[0][1]
+    last, b = cfg.n_points - 1, cfg.n_loops
+    rows = []
+    for name, c, e in named:
+        curve = e["loops"][:, last]
+        rows.append([name, curve[b - 1].item(), f"{fmt(curve.min().item())} ({curve.argmin().item() + 1})",
+                     curve[2 * b - 1].item(), curve[-1].item(), f"{curve[-1].item() / curve[b - 1].item():.2f}"])
+    lines += [f"Error at k = {last} against loop iterations, to {cfg.eval_loops} = {cfg.eval_loops // b} b "
+              f"(b = {b}); gradient descent and Newton's iteration on the same prompts in the figure.", "",
+              markdown(["window", "at b", "best (at loop)", "at 2b", f"at {cfg.eval_loops}", f"{cfg.eval_loops} / b"], rows), "",
+              f"![error against loop iterations, four windows](../{FIGURES}/error_vs_loops_claim4.png)", ""]
+    settled = [name for name, *_, ratio in rows if float(ratio) <= 1.5]
+    lines += [f"Error at {cfg.eval_loops} loops within 1.5x of the error at b: {', '.join(settled) or 'none'} "
+              f"of the {len(rows)} windows.", ""]
+
+
+def shift_section(lines):
+    lines += ["## claim5: out of distribution", "", f"The paper: {PAPER['claim5']}.", ""]
+    files = [os.path.join(RESULTS, "claim5", f"{s}.json") for s in GARG_SHIFTS]
+    if not all(map(os.path.isfile, files)):
+        lines += ["Not run yet: `python experiments.py claim1 && python experiments.py claim5`.", ""]
+        return
+    rows, ahead = [], 0
+    for path in files:
+        with open(path) as f:
+            record = json.load(f)
+        (a, ra), (b, rb) = record["runs"].items()
+        cfg = looped.make_config(**ra["config"])
+        ks = at_k(cfg)
+        L = [ra["loops"][cfg.n_loops - 1][k] for k in ks]
+        S = [rb["loops"][0][k] for k in ks]
+        rows.append([record["shift"], *L, *S, *(ra["least squares"][k] for k in ks)])
+        ahead += L[-1] < S[-1]
+    head = [f"{who}, k = {k}" for who in ("looped", "standard", "least squares") for k in ks]
+    lines += [f"Normalised by E[y^2] under the shift; {cfg.eval_prompts} prompts; runs of claim1.", "",
+              markdown(["shift", *head], rows), "",
+              f"The looped model is ahead of the standard one at k = {ks[-1]} under {ahead} of {len(rows)} shifts.", ""]
+
+
+def tables_section(lines, title, pattern, note=""):
+    """Saved tables (bench.Table.save) under a heading."""
+    files = sorted(glob.glob(os.path.join(RESULTS, pattern)))
+    if files:
+        lines += [f"## {title}", ""] + ([note, ""] if note else [])
+    for path in files:
+        with open(path) as f:
+            r = json.load(f)
+        lines += [f"`{r['command']}` on {r['machine']}, torch {r['torch']}, {r['threads']} threads, {r['date']}:", "",
+                  r["title"], "", markdown(r["columns"], r["rows"]), ""]
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def main(argv=None):
+    parser = looped.Parser(prog="experiments.py", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in [("claim1", "linear regression: the looped model against the 12-layer one"),
+                       ("claim2", "sparse linear regression: the same"),
+                       ("claim3", "decision trees and 2-layer ReLU networks: the same"),
+                       ("claim4", "the loop settles on a fixed point past b; windows T = 10, 5, 3, 1"),
+                       ("claim5", "out of distribution: Garg et al.'s shifts, on claim1's runs"),
+                       ("all", "claim1 ... claim5 in turn"),
+                       ("report", "write docs/results.md and its figures from results/, no training")]:
+        sub.add_parser(name, help=text)
+    p = sub.add_parser("compare", help="evaluate several runs on the same prompts: one table, one plot")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="looped.py run folders of one task, d and n")
+    p.add_argument("--out", help="folder for the figures (default runs/compare_TASK)")
+    p.add_argument("--eval_loops", type=int, help="loop iterations to run (default: each run's own)")
+    p.add_argument("--shift", help=f"Garg et al.'s shifted prompts for linear regression: {', '.join(SHIFTS)}")
+    p = sub.add_parser("baselines", help="every baseline's error at chosen k, no model (paper scale by default)")
+    p.add_argument("--task", default="linreg", help=f"function class: {', '.join(looped.TASKS)}")
+    p.add_argument("--n_dims", type=int, default=20, help="d (paper: 20)")
+    p.add_argument("--n_points", type=int, default=0, help="n; 0: the paper's (41, or 101 for trees and networks)")
+    p.add_argument("--prompts", type=int, default=1280, help="test prompts (paper: 1280)")
+    p.add_argument("--k", type=int, nargs="+", help="in-context examples to show; default d/2, d, 2d, n-1")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the prompts")
+    p.add_argument("--only", nargs="+", metavar="NAME", help=f"baselines to run (default: the task's): {', '.join(baselines.BASELINES)}")
+    p.add_argument("--save", action="store_true", help="also write the table to results/baselines_TASK.json")
+    args = parser.parse_args(argv)
+    baselines.keep_freed_memory()
+    if args.command == "compare":
+        if args.shift:
+            parse_shift(args.shift)  # a bad name fails here, before any work
+        given = {"eval_loops": args.eval_loops} if args.eval_loops else {}
+        first = looped.load_checkpoint(args.runs[0])[1]
+        compare(args.runs, args.out or os.path.join("runs", f"compare_{first.task}"), given, args.shift)
+    elif args.command == "baselines":
+        if args.task not in looped.TASKS:
+            raise looped.UserError(f"unknown task {args.task!r}: use one of {', '.join(looped.TASKS)}")
+        for name in args.only or []:
+            if name not in baselines.BASELINES:
+                raise looped.UserError(f"unknown baseline {name!r}: use one of {', '.join(baselines.BASELINES)}")
+        n, d = args.n_points or looped.PAPER_TASKS[args.task][2], args.n_dims
+        ks = args.k or sorted({k for k in (d // 2, d, 2 * d, n - 1) if 0 < k < n})
+        if min(args.prompts, d, n) < 1 or any(not 0 <= k < n for k in ks):
+            raise looped.UserError(f"--prompts, --n_dims and --n_points must be at least 1, --k in 0 .. n-1 = {n - 1}")
+        baseline_table(args.task, d, n, args.prompts, ks, args.seed, args.only or baselines.TASK_BASELINES[args.task],
+                       args.save)
+    elif args.command == "report":
+        write_report()
+    else:
+        for name in ["claim1", "claim2", "claim3", "claim4", "claim5"] if args.command == "all" else [args.command]:
+            claim(name)
+
+
+if __name__ == "__main__":
+    looped.cli(main)
