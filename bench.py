@@ -53,23 +53,26 @@ def machine():
 
 
 class Table:
-    """Rows printed as they are measured, and kept for --save."""
+    """Rows printed as they are measured, and kept for --save: the numbers and the cells as printed."""
 
-    def __init__(self, title, columns, widths):
-        self.title, self.columns, self.widths, self.rows = title, columns, widths, []
+    def __init__(self, title, columns, widths, digits=2):
+        self.title, self.columns, self.widths, self.digits, self.rows, self.text = title, columns, widths, digits, [], []
         print(title)
-        print("".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(columns, widths))))
+        print(self.line(columns))
+
+    def line(self, cells):
+        return "".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, self.widths)))
 
     def add(self, *cells):
         self.rows.append(list(cells))
-        text = [c if isinstance(c, str) else f"{c:.{2 if abs(c) < 100 else 1}f}" for c in cells]
-        print("".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(text, self.widths))), flush=True)
+        self.text.append([c if isinstance(c, str) else f"{c:.{self.digits if abs(c) < 100 else 1}f}" for c in cells])
+        print(self.line(self.text[-1]), flush=True)
 
     def save(self, path, command):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         record = {"command": command, "machine": machine(), "torch": torch.__version__,
                   "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
-                  "title": self.title, "columns": self.columns, "rows": self.rows}
+                  "title": self.title, "columns": self.columns, "rows": self.rows, "text": self.text}
         with open(path, "w") as f:
             json.dump(record, f, indent=1)
         print(f"saved {path}")
