@@ -346,8 +346,10 @@ def write_report():
                 r = json.load(f)
             c = looped.make_config(**r["config"])
             rows.append([os.path.dirname(path), c.task, looped.describe(c), c.steps,
-                         f"{r['seconds'] / 60:.1f} min", r["machine"], r["torch"]])
-        lines += ["## Runs", "", markdown(["run", "task", "model", "steps", "wall time", "machine", "torch"], rows), ""]
+                         f"{r['seconds'] / 60:.1f} min", r["machine"], r["threads"], r["torch"]])
+        lines += ["## Runs", "", "Wall time: training and evaluation, as `run` measured it; runs made side by side "
+                  "with one thread each took longer than one alone would.", "",
+                  markdown(["run", "task", "model", "steps", "wall time", "machine", "threads", "torch"], rows), ""]
     sections = [("claim1", "Linear regression: the looped model against the 12-layer transformer",
                  [("linreg", "looped", "standard", "match", "0.00078 against 0.00048 at k = 40, d = 20")]),
                 ("claim2", "Sparse linear regression",

@@ -40,7 +40,7 @@ class Predictor:
     session uses. On CUDA, inputs and outputs are bound to the device (IO binding), so repeated
     calls copy only the prompt in and the predictions out. On the CPU, a batch is split into one
     shard per core, each run on one thread: onnxruntime's own threads speed up this model's many
-    small operations little (measured with --bench: 1.35x at batch 64 on 2 cores). A batch
+    small operations little (measured with `bench.py export`: 1.35x at batch 64 on 2 cores). A batch
     smaller than the cores runs on one thread, or on all of them for a wide model (D >= 128)."""
 
     def __init__(self, path, device="auto"):

@@ -703,18 +703,19 @@ def test_unrolled_and_dynamic_exports_match_pytorch(trained_run, tmp_path):
     xs, ys = draw("linreg", B=7, n=5, d=4, active=4, seed=11)  # a shape unlike the export example's
     with torch.no_grad():
         expected = model(xs, ys, 4)[:, -1].numpy()
-    got = export.Predictor(unrolled)(xs.numpy(), ys.numpy())
+    got = export.Predictor(unrolled, device="cpu")(xs.numpy(), ys.numpy())
     assert got.shape == (7, 5) and abs(got - expected).max() < 1e-4
+    assert abs(export.Predictor(unrolled)(xs.numpy(), ys.numpy()) - expected).max() < 1e-4  # CUDA where there is one
     for cores in (1, 3, 16):  # the CPU splits a batch into one shard per core: same numbers
-        predictor = export.Predictor(unrolled)
+        predictor = export.Predictor(unrolled, device="cpu")
         predictor.cores = cores
         assert abs(predictor(xs.numpy(), ys.numpy()) - got).max() < 1e-6
     with pytest.MonkeyPatch.context() as m:  # a wide model's small batches use the multi-threaded session
         m.setattr(export, "WIDE", 0)
-        predictor = export.Predictor(unrolled)
+        predictor = export.Predictor(unrolled, device="cpu")
     predictor.cores = 16
     assert predictor.wide is not None and abs(predictor(xs.numpy(), ys.numpy()) - got).max() < 1e-6
-    at_b = export.Predictor(dynamic)(xs.numpy(), ys.numpy(), n_loops=4)
+    at_b = export.Predictor(dynamic, device="cpu")(xs.numpy(), ys.numpy(), n_loops=4)
     assert abs(at_b - got).max() < 1e-5  # the ONNX Loop at b loops equals the unrolled graph
     assert abs(export.Predictor(dynamic)(xs.numpy(), ys.numpy(), n_loops=9) - at_b).max() > 1e-6
 
