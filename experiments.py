@@ -273,6 +273,10 @@ CAVEATS = {"claim1": "The standard model is trained at the looped model's laptop
                      "weights are barely sparse, so Lasso has little to gain over least squares here."}
 
 
+FINDINGS = {"match": "the two matching (within 25%)", "looped ahead": "the looped model ahead",
+            "standard ahead": "the standard model ahead"}
+
+
 def read_run(folder):
     """(cfg, errors as tensors, run record) of a claim's run folder."""
     with open(os.path.join(folder, "run.json")) as f:
@@ -318,10 +322,10 @@ def compare_section(claim, pairs, lines):
         k = ca.n_points - 1 if task in ("decision_tree", "relu_2nn") else at_k(ca)[-1]  # where the paper reads them
         L, S = ea["loops"][ca.n_loops - 1][k].item(), eb["loops"][0][k].item()
         found = "match" if max(L, S) <= 1.25 * min(L, S) else "looped ahead" if L < S else "standard ahead"
-        outcome = f"here at k = {k} the looped model has {fmt(L)} and the standard one {fmt(S)} ({found.replace('match', 'within 25%: a match')})"
+        outcome = f"here at k = {k} the looped model has {fmt(L)} and the standard one {fmt(S)}: {FINDINGS[found]}"
         if expected:
             verdict = "Reproduced" if found == expected else "Not reproduced"
-            lines += [f"**{verdict} at this scale.** The paper has {expected.replace('match', 'the two matching')} ({paper}); {outcome}.", ""]
+            lines += [f"**{verdict} at this scale.** The paper has {FINDINGS[expected]}: {paper}; {outcome}.", ""]
         else:
             lines += [f"The paper gives no number ({paper}); {outcome}.", ""]
         seeds = sorted(glob.glob(os.path.join(RESULTS, claim, f"{a}_seed*", "run.json")))
