@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import sys
 import tempfile
 import time
@@ -254,7 +255,7 @@ def main(argv=None):
             raise looped.UserError(f"--loops must be at least 1, got {args.loops}")
         table = bench_export(args.run_dir, args.loops)
     if args.save:
-        table.save(os.path.join("results", f"bench_{args.command}.json"), "python bench.py " + " ".join(argv))
+        table.save(os.path.join("results", f"bench_{args.command}.json"), "python bench.py " + shlex.join(argv))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import argparse
 import glob
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -250,7 +251,7 @@ def baseline_table(task, n_dims, n_points, prompts, ks, seed, names, save=False)
         err = (baselines.BASELINES[name](xs, ys) - ys).pow(2).mean(0) / norm
         table.add(name, *(err[k].item() for k in ks), time.perf_counter() - t0)
     if save:
-        table.save(os.path.join(RESULTS, f"baselines_{task}.json"), "python experiments.py " + " ".join(sys.argv[1:]))
+        table.save(os.path.join(RESULTS, f"baselines_{task}.json"), "python experiments.py " + shlex.join(sys.argv[1:]))
 
 
 # ---------------------------------------------------------------------------- report
