@@ -13,7 +13,6 @@ import types
 from unittest import mock
 
 import pytest
-import numpy as np
 import torch
 import torch.nn.functional as F
 
