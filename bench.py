@@ -240,7 +240,7 @@ def main(argv=None):
         p.add_argument("--save", action="store_true", help="also write the table to results/bench_NAME.json")
     args = parser.parse_args(argv)
     if args.command == "train":
-        looped.validate(looped.make_config(device=args.device))  # a bad device name is one line
+        looped.make_config(device=args.device)  # a bad device name is one line, before any work
         table = bench_train(args.device)
     elif args.command == "baselines":
         for name in args.only or []:

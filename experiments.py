@@ -151,12 +151,13 @@ def load_runs(run_dirs, given):
     return runs
 
 
-def compare(run_dirs, out, given=None, shift=None):
-    """Evaluate saved runs on the same test prompts, the baselines once: one table, figures in out.
-    With shift, on Garg et al.'s shifted prompts (linear regression only). Returns the errors."""
+def compare(run_dirs, out=None, given=None, shift=None):
+    """Evaluate saved runs on the same test prompts, the baselines once: one table, figures in out
+    (default runs/compare_TASK). With shift, on Garg et al.'s shifted prompts (linear regression
+    only). Returns the errors."""
     runs = load_runs(run_dirs, given or {})
-    cfg = runs[0][0]
-    device = looped.setup_device(cfg)[0]
+    cfg, model, _ = runs[0]
+    device, out = model.read_out.weight.device, out or os.path.join("runs", f"compare_{cfg.task}")
     if shift and cfg.task not in ("linreg", "noisy_linreg"):
         raise looped.UserError(f"the shifts are Garg et al.'s suite for linear regression, not {cfg.task}")
     if shift:
@@ -484,9 +485,7 @@ def main(argv=None):
     if args.command == "compare":
         if args.shift:
             parse_shift(args.shift)  # a bad name fails here, before any work
-        given = {"eval_loops": args.eval_loops} if args.eval_loops else {}
-        first = looped.load_checkpoint(args.runs[0])[1]
-        compare(args.runs, args.out or os.path.join("runs", f"compare_{first.task}"), given, args.shift)
+        compare(args.runs, args.out, {"eval_loops": args.eval_loops} if args.eval_loops else {}, args.shift)
     elif args.command == "baselines":
         if args.task not in looped.TASKS:
             raise looped.UserError(f"unknown task {args.task!r}: use one of {', '.join(looped.TASKS)}")
