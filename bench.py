@@ -74,8 +74,7 @@ class Table:
         record = {"command": command, "machine": machine(), "torch": torch.__version__,
                   "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
                   "title": self.title, "columns": self.columns, "rows": self.rows, "text": self.text}
-        with open(path, "w") as f:
-            json.dump(record, f, indent=1)
+        looped.write_json(path, record, indent=1)
         print(f"saved {path}")
 
 

@@ -183,19 +183,23 @@ def compare(run_dirs, out=None, given=None, shift=None):
 
 
 def run(claim, name, task, **overrides):
-    """Train one run of a claim into results/CLAIM/NAME, unless it was evaluated there before;
-    record run.json beside its log and evaluation. Returns its folder."""
+    """Train one run of a claim into results/CLAIM/NAME, unless it was evaluated there before (an
+    interrupted one continues from its checkpoint); record run.json beside its log and evaluation.
+    Returns its folder."""
     out = os.path.join(RESULTS, claim, name)
     if os.path.isfile(os.path.join(out, "run.json")):
         print(f"{out}: done before, kept")
         return out
     cfg = looped.make_config(task, out=out, **overrides)
+    resume = looped.load_checkpoint(out)[0] if os.path.isfile(os.path.join(out, "ckpt.pt")) else None
+    if resume is not None and resume["config"] != looped.asdict(cfg):
+        raise looped.UserError(f"{out} holds a run of another config: delete it to train the claim's run there")
     t0 = time.perf_counter()
-    looped.train(cfg)
+    looped.train(cfg, resume=resume, overwrite=True)  # an interrupted run continues from its checkpoint
     record = {"command": f"python experiments.py {claim}", "config": looped.asdict(cfg), "machine": bench.machine(),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0}
-    with open(os.path.join(out, "run.json"), "w") as f:
-        json.dump(record, f, indent=1)
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0,
+              **({"resumed_at_step": resume["step"]} if resume else {})}  # then seconds count from there
+    looped.write_json(os.path.join(out, "run.json"), record, indent=1)
     return out
 
 
@@ -217,8 +221,8 @@ def claim(name):
     if name == "claim4":  # gradient descent and Newton on the same test prompts, iteration by iteration
         cfg = looped.make_config("linreg")
         solvers = solver_errors(looped.eval_prompts(cfg, torch.device("cpu")), cfg.eval_loops)
-        with open(os.path.join(RESULTS, "claim4", "solvers.json"), "w") as f:
-            json.dump({"machine": bench.machine(), **{k: v.tolist() for k, v in solvers.items()}}, f)
+        looped.write_json(os.path.join(RESULTS, "claim4", "solvers.json"),
+                          {"machine": bench.machine(), **{k: v.tolist() for k, v in solvers.items()}})
     if name == "claim5":  # every shift, on claim1's two runs (their checkpoints)
         runs = [os.path.join(RESULTS, "claim1", r) for r in ("looped", "standard")]
         if not all(os.path.isfile(os.path.join(r, "ckpt.pt")) for r in runs):
@@ -233,8 +237,7 @@ def save_errors(path, named, **meta):
     record = {**meta, "machine": bench.machine(), "torch": torch.__version__,
               "runs": {name: {"config": looped.asdict(c), **{k: v.tolist() for k, v in e.items()}} for name, c, e in named}}
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(record, f)
+    looped.write_json(path, record)
 
 
 # ---------------------------------------------------------------------------- baselines alone
@@ -378,7 +381,7 @@ def write_report():
                    "The paper (d = 20, 1280 prompts): least squares 0.515 at k = 10; at k = 40 3-NN ~0.71, averaging "
                    "~0.53; sparse regression: Lasso 0.0498 at k = 10, 0.00013 at k = 40.")
     tables_section(lines, "Speed", "bench_*.json")
-    with open(REPORT, "w") as f:
+    with looped.atomic(REPORT) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
     print(f"wrote {REPORT} and its figures in {FIGURES}/")
 
@@ -496,8 +499,12 @@ def main(argv=None):
         ks = args.k or sorted({k for k in (d // 2, d, 2 * d, n - 1) if 0 < k < n})
         if min(args.prompts, d, n) < 1 or any(not 0 <= k < n for k in ks):
             raise looped.UserError(f"--prompts, --n_dims and --n_points must be at least 1, --k in 0 .. n-1 = {n - 1}")
-        baseline_table(args.task, d, n, args.prompts, ks, args.seed, args.only or baselines.TASK_BASELINES[args.task],
-                       args.save)
+        # the prompts, and every prefix of 64 of them at once in a few (64, n, n, d) float64 tensors
+        need = 12 * args.prompts * n * (d + 1) + 32 * 64 * n * n * d
+        looped.check_memory({"evaluating the baselines": (need, "--prompts or --n_points")}, torch.device("cpu"))
+        with looped.memory_guard("--prompts or --n_points"):
+            baseline_table(args.task, d, n, args.prompts, ks, args.seed, args.only or baselines.TASK_BASELINES[args.task],
+                           args.save)
     elif args.command == "report":
         write_report()
     else:

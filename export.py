@@ -114,8 +114,6 @@ class Predictor:
                 raise ValueError(f"{name} must have rank {rank}, got shape {a.shape}")
             if not np.issubdtype(a.dtype, np.floating):
                 raise ValueError(f"{name} must be floating point, got {a.dtype}")
-            if not np.isfinite(a).all():
-                raise ValueError(f"{name} has NaN or infinite values")
         if xs.shape[2] != self.n_dims:
             raise ValueError(f"xs has d = {xs.shape[2]}, the model takes d = {self.n_dims}")
         if ys.shape != xs.shape[:2]:
@@ -124,7 +122,11 @@ class Predictor:
             raise ValueError(f"prompts have {xs.shape[1]} points; the model takes 1 to {self.max_points}")
         if xs.shape[0] < 1:
             raise ValueError("the batch is empty")
-        return np.ascontiguousarray(xs, dtype=np.float32), np.ascontiguousarray(ys, dtype=np.float32)
+        xs, ys = np.ascontiguousarray(xs, dtype=np.float32), np.ascontiguousarray(ys, dtype=np.float32)
+        for name, a in (("xs", xs), ("ys", ys)):  # after the cast: 1e300 in float64 is inf in float32
+            if not np.isfinite(a).all():
+                raise ValueError(f"{name} has NaN or infinite values, or values beyond float32's range (3.4e38)")
+        return xs, ys
 
 
 # ---------------------------------------------------------------------------- export (torch)
@@ -231,15 +233,13 @@ def export(run_dir, out, n_loops=None, dynamic_loops=False, fp16=False, say=prin
             "error_normaliser": looped.error_normaliser(cfg.task, cfg.n_dims), "precision": "fp16" if fp16 else "fp32",
             "config": json.dumps(looped.asdict(cfg)), "version": VERSION, "producer": "looped export.py"}
     onnx.helper.set_model_props(proto, {k: str(v) for k, v in meta.items()})
-    tmp = out + ".tmp"  # verified before it replaces anything at `out`
-    onnx.save(proto, tmp)  # one self-contained file: the weights are small
-    say(f"exported {out} ({os.path.getsize(tmp) / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
-    try:
-        report = verify(tmp, model, cfg, None if dynamic_loops else n_loops, fp16)
-    except Exception as e:  # any failure, not only a parity miss, leaves no file behind
-        os.remove(tmp)
-        raise e if isinstance(e, VerificationError) else VerificationError(f"{type(e).__name__}: {e}") from None
-    os.replace(tmp, out)
+    with looped.atomic(out) as tmp:  # verified before it replaces anything at `out`; a failure leaves no file
+        onnx.save(proto, tmp)  # one self-contained file: the weights are small
+        say(f"exported {out} ({os.path.getsize(tmp) / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+        try:
+            report = verify(tmp, model, cfg, None if dynamic_loops else n_loops, fp16)
+        except Exception as e:  # any failure, not only a parity miss
+            raise e if isinstance(e, VerificationError) else VerificationError(f"{type(e).__name__}: {e}") from None
     for key, value in report.items():
         say(f"  {key}: {value}")
     return report

@@ -32,10 +32,15 @@ import inspect
 import json
 import math
 import os
+import pickle
 import re
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -120,11 +125,16 @@ def make_config(task="linreg", preset="laptop", **overrides):
     validate(cfg)
     return cfg
 
+FLAG = {"n_loops": "--loops", "loop_window": "--window"}  # the paper's names; messages use them
+
+def flag(name):
+    return FLAG.get(name, f"--{name}")
+
 def validate(cfg):
     for f in fields(Config):
         low = 0 if f.name in ("points_inc", "curriculum_every", "loops_every") else 1
         if f.type in (int, "int") and "seed" not in f.name and getattr(cfg, f.name) < low:
-            raise UserError(f"--{f.name} must be at least {low}, got {getattr(cfg, f.name)}")
+            raise UserError(f"{flag(f.name)} must be at least {low}, got {getattr(cfg, f.name)}")
     if not cfg.lr > 0 or not math.isfinite(cfg.lr):
         raise UserError(f"--lr must be a positive number, got {cfg.lr}")
     if cfg.loop_window > cfg.n_loops:
@@ -399,6 +409,13 @@ def table(runs, title):
     lines += [f"{name:<{width}}" + "".join(f"{err[k].item():>9.4f}" for k in ks) for name, err in rows.items()]
     return "\n".join(lines)
 
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
 def plot(runs, out, title, suffix="", solvers={}, loops=True):
     """Figures in folder out for runs [(name, cfg, errors)] evaluated on the same prompts: error
     against in-context examples (every run and the first run's baselines) and, with loops, error at
@@ -417,9 +434,7 @@ def plot(runs, out, title, suffix="", solvers={}, loops=True):
     ax.set(xlabel="in-context examples k", ylabel="normalised squared error", ylim=(-0.05, 1.5),
            title=f"{title}, d = {cfg.n_dims} (90% bootstrap bands)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, f"error_vs_examples{suffix}.png"), dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, f"error_vs_examples{suffix}.png"))
     if not loops or all(c.eval_loops == 1 for _, c, _ in runs):
         return
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -435,22 +450,76 @@ def plot(runs, out, title, suffix="", solvers={}, loops=True):
            ylabel=f"normalised squared error at k = {last}", title=f"{title}: error against iterations",
            ylim=(max(floor / 3, 1e-8), None))  # exact solvers reach 1e-14
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, f"error_vs_loops{suffix}.png"), dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, f"error_vs_loops{suffix}.png"))
 
-# ---------------------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------------------- run folder and checkpoints
+# Nothing is lost: a used folder is refused, every file is written whole or not at all, and a
+# resumed run's log holds each step once.
+
+RUN_FILES = ("ckpt.pt", "log.jsonl", "eval.json", "error_vs_examples.png", "error_vs_loops.png")
+
+@contextmanager
+def atomic(path):
+    """Write path by way of a temporary file, synced and renamed: a crash leaves the old file whole."""
+    tmp = f"{path}.tmp"
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+def write_json(path, obj, **kw):
+    with atomic(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, **kw)
+
+def prepare_folder(out, reuse, overwrite):
+    """Refuse a folder that holds a run unless it is resumed or overwritten, and an unwritable one,
+    before any work; overwriting removes the old run's files first."""
+    used = [name for name in RUN_FILES[:2] if os.path.exists(os.path.join(out, name))]
+    if used and not reuse and not overwrite:
+        raise UserError(f"{out} already holds a run ({' and '.join(used)}): continue it with --resume {out}, "
+                        f"train into another --out, or replace it with --overwrite")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"cannot use {out} as the run folder: it is a file")
+    try:
+        os.makedirs(out, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()  # can we write there?
+        for name in RUN_FILES * (overwrite and not reuse):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+    except OSError as e:
+        raise UserError(f"cannot write the run folder {out}: {e.strerror or e}") from None
+
+def trim_log(path, step):
+    """Drop the log lines past the checkpoint's step (and a line cut short by a crash)."""
+    def logged(line):
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+    lines = open(path).readlines() if os.path.exists(path) else []
+    with atomic(path) as tmp, open(tmp, "w") as f:
+        f.writelines(line for line in lines if logged(line))
 
 def save_checkpoint(path, model, opt, cfg, step, data_states):
-    """One dict, written to a temporary file and renamed, so a crash never leaves half a file. data_states:
-    every process's prompt generator, so a resumed run draws the prompts an uninterrupted one would."""
+    """One dict, written atomically. data_states: every process's prompt generator, so a resumed
+    run draws the prompts an uninterrupted one would. A failed write keeps the previous file."""
     ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": asdict(cfg),
             "step": step, "rng": {"data": data_states, "torch": torch.get_rng_state()}}
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    try:
+        with atomic(path) as tmp:
+            torch.save(ckpt, tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise UserError(f"cannot write {path} at step {step} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}; "
+                        f"{free / 1e6:.0f} MB free on its disk); the previous checkpoint is intact") from None
 
 def load_checkpoint(run_dir):
-    """The run's checkpoint and its Config; UserError if missing, corrupt or incompatible."""
+    """The run's checkpoint and its Config; UserError if missing, corrupt or incompatible. Tensors and
+    plain data only (weights_only): a pickle that would run code is refused and never runs."""
     path = os.path.join(run_dir, "ckpt.pt")
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
@@ -459,16 +528,29 @@ def load_checkpoint(run_dir):
         cfg = make_config(**ckpt["config"])
     except UserError as e:
         raise UserError(f"{path} was made with an incompatible config: {e}") from None
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} holds more than tensors and plain data; refused, since loading it could run code") from None
     except Exception as e:
         raise UserError(f"{path} is corrupt or not a looped checkpoint ({type(e).__name__})") from None
     return ckpt, cfg
 
 def restore_model(ckpt, cfg, device):
+    """The model of a checkpoint; UserError naming the config value its weights disagree with."""
+    w = ckpt["model"]
+    try:
+        found = dict(n_embd=w["read_in.weight"].shape[0], n_dims=w["read_in.weight"].shape[1],
+                     n_positions=w["wpe.weight"].shape[0] // 2, n_layer=len({k.split(".")[1] for k in w if k[:7] == "blocks."}))
+    except (KeyError, IndexError, AttributeError, TypeError):
+        raise UserError("the checkpoint's weights are not a looped transformer's") from None
+    for name, value in found.items():
+        if value != getattr(cfg, name):
+            raise UserError(f"the checkpoint's weights do not match its config: {name} is {value} in the weights, "
+                            f"{getattr(cfg, name)} in the config")
     model = LoopedTransformer(cfg)
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(w)
     except (RuntimeError, KeyError) as e:
-        raise UserError(f"checkpoint weights do not match its config: {str(e).splitlines()[0]}") from None
+        raise UserError(f"checkpoint weights do not match its config: {str(e).splitlines()[-1].strip()[:200]}") from None
     return model.to(device)
 
 # ---------------------------------------------------------------------------- training
@@ -498,24 +580,93 @@ def setup_device(cfg):
     return device, ctx
 
 def setup_distributed(cfg, device):
-    """(rank, world size): under torchrun (WORLD_SIZE > 1) join the group, NCCL on CUDA, gloo on CPU."""
+    """(rank, world size, group for host-side agreement): under torchrun (WORLD_SIZE > 1) join the
+    group, NCCL on CUDA, gloo on CPU; on CUDA a second, gloo group agrees on stopping without a device sync."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
-        return 0, 1
+        return 0, 1, None
     if cfg.batch_size % world:
         raise UserError(f"--batch_size {cfg.batch_size} does not split over {world} processes")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world
+    return dist.get_rank(), world, dist.new_group(backend="gloo") if device.type == "cuda" else None
 
-def train(cfg, resume=None, quiet=False):
+STEP_FLAGS, EVAL_FLAGS = "--batch_size, --n_points or --window", "--n_points, --eval_loops or --eval_prompts"
+
+def memory_needed(cfg, training=True):
+    """Rough peak bytes, {what: (bytes, the flags that set them)}. A training step keeps about 19 D floats per
+    token, block and trained iteration for the backward pass (bench.activation_bytes measures it),
+    beside the weights, gradients and Adam's moments. The evaluation runs the model on 256 prompts
+    at a time, bootstraps over the prompts, and its baselines solve all n prefixes of 64 prompts at
+    once in a few (64, n, n, d) float64 tensors."""
+    L, D, n, P = 2 * cfg.n_points, cfg.n_embd, cfg.n_points, cfg.eval_prompts
+    step = 4 * cfg.batch_size * L * D * (20 * cfg.n_layer * cfg.loop_window + 20) + 16 * (12 * cfg.n_layer * D + L) * D
+    evaluation = 4 * 256 * (20 * L * D + 2 * cfg.eval_loops * n) + 32 * 64 * n * n * cfg.n_dims + 8 * P * (n * cfg.n_dims + 2000)
+    needs = {"the evaluation": (evaluation, EVAL_FLAGS)}
+    return {"a training step": (step, STEP_FLAGS), **needs} if training else needs
+
+def check_memory(needs, device):
+    """UserError, before any work, where an estimate {what: (bytes, flags)} exceeds the device's memory."""
+    try:
+        have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+                else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return  # unknown here: memory_guard still turns a failure into one line
+    for what, (need, flags) in needs.items():
+        if need > have:
+            raise UserError(f"{what} needs about {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB "
+                            f"of this {device.type} device: lower {flags}")
+
+@contextmanager
+def memory_guard(flags):
+    """An out-of-memory error that the estimate missed becomes one line naming the flags to lower."""
+    try:
+        yield
+    except RuntimeError as e:  # CUDA and MPS say "out of memory", a CPU "can't allocate memory"
+        if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
+            raise
+        raise UserError(f"out of memory ({str(e).split('.')[0][:80]}): lower {flags}") from None
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT or SIGTERM, its checkpoint saved: args (message, exit code)."""
+
+@contextmanager
+def stop_signals(world):
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) ask the loop to save and stop after
+    the current step: yields the signals received. A second one aborts at once, except under
+    torchrun, which forwards the signal it gets to every process and kills them 30 s later."""
+    received = []
+
+    def handle(signum, frame):
+        if received and world == 1:
+            raise KeyboardInterrupt
+        received.append(signum)
+    main = threading.current_thread() is threading.main_thread()  # where Python runs handlers
+    old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        yield received
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+def stop_now(received, world, group):
+    """Whether to stop after this step. Under torchrun every process stops at the same step: one
+    all-reduce of a host tensor over gloo, which syncs the processes, never a device."""
+    if world == 1:
+        return bool(received)
+    flag = torch.tensor([len(received)])
+    dist.all_reduce(flag, dist.ReduceOp.MAX, group=group)
+    return bool(flag.item())
+
+def train(cfg, resume=None, quiet=False, overwrite=False):
     """Train a looped transformer, then evaluate it; returns the evaluation errors (None on the
-    processes of a torchrun job other than rank 0, which alone logs, saves and evaluates)."""
+    processes of a torchrun job other than rank 0, which alone logs, saves and evaluates). A used
+    run folder is refused unless resumed or overwritten; SIGINT and SIGTERM save, then raise Interrupted."""
     device, ctx = setup_device(cfg)
-    rank, world = setup_distributed(cfg, device)
+    out, ckpt_path, log_path = cfg.out, os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "log.jsonl")
+    prepare_folder(out, resume is not None, overwrite and os.environ.get("RANK", "0") == "0")  # before any rank writes
+    check_memory(memory_needed(cfg), device)
+    rank, world, group = setup_distributed(cfg, device)
     say = (lambda *a: None) if quiet or rank else print
-    out = cfg.out
-    os.makedirs(out, exist_ok=True)
-    ckpt_path = os.path.join(out, "ckpt.pt")
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     model = LoopedTransformer(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
@@ -529,60 +680,70 @@ def train(cfg, resume=None, quiet=False):
         gen.set_state(resume["rng"]["data"][rank])
         torch.set_rng_state(resume["rng"]["torch"])
         step = resume["step"]
+        say(f"resuming {out} from step {step}")
+        if rank == 0:
+            trim_log(log_path, step)  # each step logged once, whatever a crash left past the checkpoint
     # DDP averages the gradients of the processes' half-batches: the step of the whole batch
     forward = DistributedDataParallel(model) if world > 1 else model
     forward = torch.compile(forward) if cfg.compile else forward
     backbone, total = count_parameters(model)
     say(f"{cfg.task}: {cfg.n_layer} layer(s) x {cfg.n_loops} loops, D {cfg.n_embd}, d {cfg.n_dims}, n {cfg.n_points} | "
         f"{backbone / 1e6:.3f}M parameters (paper convention), {total / 1e6:.3f}M total | {device} | run folder {out}")
-    log = open(os.path.join(out, "log.jsonl"), "a" if resume else "w") if rank == 0 else None
-    last, running = (time.perf_counter(), step), torch.zeros((), device=device)
-    while step < cfg.steps:
-        d, n, b = curriculum(cfg, step)
-        xs, ys = TASKS[cfg.task](cfg.batch_size // world, n, cfg.n_dims, d, gen)
-        loss = train_step(forward, opt, ctx, xs, ys, b, max(b - cfg.loop_window, 0))
-        running += loss / error_normaliser(cfg.task, d)  # on the device: no sync
-        step += 1
-        is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps
-        if step % cfg.log_every == 0 or is_ckpt:  # the only host-device syncs of the loop
-            # loss: normalised training loss, averaged over the steps since the last line
-            if world > 1:  # ... and over the processes, so that all of them agree on a NaN
-                dist.all_reduce(running)
-                running /= world
-            mean = running.item() / (step - last[1])
-            if not math.isfinite(mean) or not all(p.isfinite().all() for p in model.parameters()):
-                raise UserError(f"training diverged at step {step} (loss {mean}); lower --lr. "
-                                f"The last good checkpoint is kept in {ckpt_path}")
-            ms = 1000 * (time.perf_counter() - last[0]) / (step - last[1])
-            last, running = (time.perf_counter(), step), torch.zeros((), device=device)
-            say(f"step {step:6d} | loss {mean:.4f} | d {d} n {n} b {b} | {ms:.1f} ms/step")
-            if log:
-                print(json.dumps(dict(step=step, loss=mean, d=d, n=n, b=b, ms_per_step=ms)), file=log, flush=True)
-        if is_ckpt:
-            states = [gen.get_state()]
-            if world > 1:  # every process's prompt generator, for an exact resume
-                states = [None] * world
-                dist.all_gather_object(states, gen.get_state())
-            if rank == 0:
-                save_checkpoint(ckpt_path, model, opt, cfg, step, states)
+    log = open(log_path, "a" if resume else "w") if rank == 0 else None
+    last, running, stop = (time.perf_counter(), step), torch.zeros((), device=device), False
+    with stop_signals(world) as received, memory_guard(STEP_FLAGS):
+        while step < cfg.steps and not stop:
+            d, n, b = curriculum(cfg, step)
+            xs, ys = TASKS[cfg.task](cfg.batch_size // world, n, cfg.n_dims, d, gen)
+            loss = train_step(forward, opt, ctx, xs, ys, b, max(b - cfg.loop_window, 0))
+            running += loss / error_normaliser(cfg.task, d)  # on the device: no sync
+            step += 1
+            stop = stop_now(received, world, group)
+            is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or stop
+            if step % cfg.log_every == 0 or is_ckpt:  # the only host-device syncs of the loop
+                # loss: normalised training loss, averaged over the steps since the last line
+                if world > 1:  # ... and over the processes, so that all of them agree on a NaN
+                    dist.all_reduce(running)
+                    running /= world
+                mean = running.item() / (step - last[1])
+                if not math.isfinite(mean) or not all(p.isfinite().all() for p in model.parameters()):
+                    kept = f"the last good checkpoint is kept in {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
+                    raise UserError(f"training diverged at step {step} (loss {mean}); lower --lr; {kept}")
+                ms = 1000 * (time.perf_counter() - last[0]) / (step - last[1])
+                last, running = (time.perf_counter(), step), torch.zeros((), device=device)
+                say(f"step {step:6d} | loss {mean:.4f} | d {d} n {n} b {b} | {ms:.1f} ms/step")
+                if log:
+                    print(json.dumps(dict(step=step, loss=mean, d=d, n=n, b=b, ms_per_step=ms)), file=log, flush=True)
+            if is_ckpt:
+                states = [gen.get_state()]
+                if world > 1:  # every process's prompt generator, for an exact resume
+                    states = [None] * world
+                    dist.all_gather_object(states, gen.get_state())
+                if rank == 0:
+                    save_checkpoint(ckpt_path, model, opt, cfg, step, states)
     if world > 1:  # drop DDP (its reducer holds the process group), leave together, tear down:
         del forward  # a group still referenced at exit can abort gloo's threads (SIGABRT)
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0:
         log.close()
+    if stop:
+        sig = signal.Signals(received[0] if received else signal.SIGTERM)
+        raise Interrupted(f"stopped by {sig.name} at step {step}, checkpoint saved; continue with --resume {out}"
+                          * (rank == 0), 128 + sig)
+    if rank == 0:
         return finish(model, cfg, device, ctx, say)
 
 def finish(model, cfg, device, ctx, say=print):
     """Evaluate on the test prompts, write eval.json and the plots, print the table."""
-    out = cfg.out
+    check_memory(memory_needed(cfg, training=False), device)
     t0 = time.perf_counter()
-    errors = evaluate(model, cfg, device, ctx)
-    with open(os.path.join(out, "eval.json"), "w") as f:
-        json.dump({k: v.tolist() for k, v in errors.items()}, f)
-    plot([(describe(cfg), cfg, errors)], out, cfg.task)
+    with memory_guard(EVAL_FLAGS):
+        errors = evaluate(model, cfg, device, ctx)
+    write_json(os.path.join(cfg.out, "eval.json"), {k: v.tolist() for k, v in errors.items()})
+    plot([(describe(cfg), cfg, errors)], cfg.out, cfg.task)
     say(table([(describe(cfg), cfg, errors)], cfg.task))
-    say(f"evaluated in {time.perf_counter() - t0:.1f} s; plots in {out}")
+    say(f"evaluated in {time.perf_counter() - t0:.1f} s; plots in {cfg.out}")
     return errors
 
 # ---------------------------------------------------------------------------- command line
@@ -597,7 +758,7 @@ def add_config_flags(parser):
     comments = {name: (default, text) for name, default, text in
                 re.findall(r"^    (\w+): \w+ = (.*?)  # (.*)$", inspect.getsource(Config), re.M)}
     for f in fields(Config):
-        flags = [f"--{f.name}"] + {"n_loops": ["--loops"], "loop_window": ["--window"]}.get(f.name, [])  # the paper's
+        flags = sorted({f"--{f.name}", flag(f.name)}, key=len, reverse=True)  # --n_loops and --loops
         kind = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)
         help = f"{comments[f.name][1]} [{comments[f.name][0]}]"
         if kind is bool:
@@ -611,7 +772,7 @@ def saved_run(run_dir, given):
     free = {"steps", "out", "device", "log_every", "ckpt_every", "eval_prompts", "eval_loops", "n_points", "compile", "amp"}
     for name, value in given.items():
         if name not in free and value != getattr(saved, name):
-            raise UserError(f"--{name} {value} differs from the saved run's {getattr(saved, name)}; a saved run keeps its config")
+            raise UserError(f"{flag(name)} {value} differs from the saved run's {getattr(saved, name)}; a saved run keeps its config")
     return ckpt, make_config(**{**asdict(saved), "out": run_dir, **given})
 
 def main(argv=None):
@@ -621,30 +782,43 @@ def main(argv=None):
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint (--steps may grow)")
     parser.add_argument("--eval", metavar="RUN_DIR", help="re-evaluate a saved run, no training (several runs, "
                         "shifted prompts: experiments.py)")
+    parser.add_argument("--overwrite", action="store_true", help="train into a run folder that holds a run, "
+                        "replacing it (without this, a used folder is refused)")
     args = vars(parser.parse_args(argv))
     given = {f.name: args[f.name] for f in fields(Config) if args[f.name] is not None}
+    if args["overwrite"] and (args["eval"] or args["resume"]):
+        raise UserError("--overwrite starts a new run: it does not go with --eval or --resume")
     baselines.keep_freed_memory()  # the evaluation's solvers allocate many large temporaries
     if args["eval"] or args["resume"]:
         ckpt, cfg = saved_run(args["eval"] or args["resume"], given)
         device, ctx = setup_device(cfg)
         model = restore_model(ckpt, cfg, device)  # fails early, with one line, on mismatched weights
-        return finish(model, cfg, device, ctx) if args["eval"] else train(cfg, resume=ckpt)
-    return train(make_config(**given))
+        if args["resume"]:
+            return train(cfg, resume=ckpt)
+        prepare_folder(cfg.out, reuse=True, overwrite=False)  # --out may name another folder
+        return finish(model, cfg, device, ctx)
+    return train(make_config(**given), overwrite=args["overwrite"])
 
 def cli(main):
-    """Run a command line: a UserError is one line on stderr and exit code 2, never a traceback."""
-    prog = os.path.basename(sys.argv[0])
+    """Run a command line: a UserError is one line on stderr and exit code 2, never a traceback; a
+    training run stopped by a signal exits with the signal's conventional code (130, 143)."""
+    prog, code = os.path.basename(sys.argv[0]), 0
     try:
         main()
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # the last checkpoint is intact: say how to go on from it
-        print(f"\n{prog}: interrupted; continue a training run with --resume RUN_DIR", file=sys.stderr)
-        sys.exit(130)
+        code = 2
+    except Interrupted as e:  # saved; rank 0 alone says so
+        if e.args[0]:
+            print(f"\n{prog}: {e.args[0]}", file=sys.stderr)
+        code = e.args[1]
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
+        print(f"\n{prog}: interrupted; a training run continues from its last checkpoint with --resume RUN_DIR", file=sys.stderr)
+        code = 130
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: all is saved and the group is gone; skip the
+        sys.stdout.flush(), sys.stderr.flush()  # teardown, where gloo's threads can still abort (1 run in 20)
+        os._exit(code)
+    sys.exit(code)
 
 if __name__ == "__main__":
     cli(main)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: all is saved and the group is gone; skip the
-        sys.stdout.flush(), sys.stderr.flush()  # teardown, where gloo's threads can still abort (1 run in 20)
-        os._exit(0)
