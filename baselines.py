@@ -531,3 +531,31 @@ TASK_BASELINES = {
 }
 # Solvers whose iterations are drawn beside the looped model's loop iterations.
 ITERATES = {"gradient descent": gradient_descent_iterates, "Newton": newton_iterates}
+
+
+def task_errors(task, xs, ys, norm):
+    """Each of the task's baselines scored on test prompts: its normalised squared error per
+    position, "NAME" (n,), and the 90% bootstrap band of that mean over the prompts, "band NAME" (2, n)."""
+    errors = {}
+    for name in TASK_BASELINES[task]:
+        sq = (BASELINES[name](xs, ys) - ys).pow(2) / norm  # (P, n)
+        errors[name], errors[f"band {name}"] = sq.mean(0).cpu(), bootstrap_band(sq).cpu()
+    return errors
+
+
+def bootstrap_band(sq, resamples=1000, seed=0):
+    """90% bootstrap interval of the mean over prompts, per position: sq (P, n) -> (2, n).
+    A resample is a vector of counts per prompt, so all 1000 means are one matmul."""
+    P = len(sq)
+    gen = torch.Generator(sq.device).manual_seed(seed)
+    picks = torch.randint(0, P, (resamples, P), generator=gen, device=sq.device)
+    counts = torch.zeros(resamples, P, device=sq.device).scatter_add_(1, picks, torch.ones_like(picks, dtype=torch.float))
+    means = counts @ sq.float() / P  # (resamples, n)
+    return torch.quantile(means, torch.tensor([0.05, 0.95], device=sq.device), dim=0)
+
+
+def memory_needed(prompts, n, d):
+    """Rough peak bytes of scoring the baselines: the prompts, their predictions and bootstrap
+    counts, and a few (64, n, n, d) float64 tensors (least squares solves every prefix of 64 prompts
+    at once; the other solvers need less)."""
+    return 12 * prompts * (n * (d + 1) + 1000) + 32 * 64 * n * n * d

@@ -11,7 +11,6 @@ Compare speeds only as ratios measured in one run: other work on the machine mov
 import argparse
 import datetime
 import itertools
-import json
 import os
 import platform
 import re
@@ -27,6 +26,7 @@ import torch
 
 import baselines
 import looped
+import plumbing
 
 
 def seconds(fn, repeats, warmup=1, device=None):
@@ -74,7 +74,7 @@ class Table:
         record = {"command": command, "machine": machine(), "torch": torch.__version__,
                   "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
                   "title": self.title, "columns": self.columns, "rows": self.rows, "text": self.text}
-        looped.write_json(path, record, indent=1)
+        plumbing.write_json(path, record, indent=1)
         print(f"saved {path}")
 
 
@@ -171,7 +171,7 @@ def bench_baselines(prompts, ref_prompts, names):
     try:
         import sklearn  # noqa: F401  (a test and benchmark dependency only)
     except ImportError:
-        raise looped.UserError("bench.py baselines compares with scikit-learn: pip install scikit-learn") from None
+        raise plumbing.UserError("bench.py baselines compares with scikit-learn: pip install scikit-learn") from None
     warnings.filterwarnings("ignore")  # sklearn's Lasso warns on the underdetermined prefixes
     baselines.keep_freed_memory()
     table = Table(f"time to score {prompts} prompts of the baseline's task at every prefix length (d = 20, the paper's n); "
@@ -223,7 +223,7 @@ def bench_export(run_dir, n_loops=None, repeats=20):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    parser = looped.Parser(prog="bench.py", description=__doc__.split("\n\n")[0],
+    parser = plumbing.Parser(prog="bench.py", description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="training step speed (see bench_train)")
@@ -244,18 +244,18 @@ def main(argv=None):
     elif args.command == "baselines":
         for name in args.only or []:
             if name not in baselines.BASELINES:
-                raise looped.UserError(f"unknown baseline {name!r}: use one of {', '.join(baselines.BASELINES)}")
+                raise plumbing.UserError(f"unknown baseline {name!r}: use one of {', '.join(baselines.BASELINES)}")
         if min(args.prompts, args.ref_prompts) < 1:
-            raise looped.UserError("--prompts and --ref_prompts must be at least 1")
+            raise plumbing.UserError("--prompts and --ref_prompts must be at least 1")
         names = args.only or [name for name in baselines.BASELINES if name != "zero"]
         table = bench_baselines(args.prompts, min(args.ref_prompts, args.prompts), names)
     else:
         if args.loops is not None and args.loops < 1:
-            raise looped.UserError(f"--loops must be at least 1, got {args.loops}")
+            raise plumbing.UserError(f"--loops must be at least 1, got {args.loops}")
         table = bench_export(args.run_dir, args.loops)
     if args.save:
         table.save(os.path.join("results", f"bench_{args.command}.json"), "python bench.py " + shlex.join(argv))
 
 
 if __name__ == "__main__":
-    looped.cli(main)
+    plumbing.cli(main)

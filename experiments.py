@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import baselines
 import bench
 import looped
+import plumbing
 
 RESULTS, FIGURES, REPORT = "results", "figures", os.path.join("docs", "results.md")
 
@@ -54,9 +55,9 @@ def parse_shift(name):
     """--shift NAME -> (kind, scale C, 1 when there is none); UserError for a name not in SHIFTS."""
     kind, _, value = name.partition("=")
     if kind not in [s.split("=")[0] for s in SHIFTS] or (value and not kind.startswith("scale")):
-        raise looped.UserError(f"unknown shift {name!r}: use one of {', '.join(SHIFTS)}")
+        raise plumbing.UserError(f"unknown shift {name!r}: use one of {', '.join(SHIFTS)}")
     if kind in ("scale_x", "scale_y") and not (value.replace(".", "", 1).isdigit() and float(value) > 0):
-        raise looped.UserError(f"shift {name}: give a positive scale, as in {kind}=2")
+        raise plumbing.UserError(f"shift {name}: give a positive scale, as in {kind}=2")
     return kind, float(value) if value else 1.0
 
 
@@ -100,13 +101,13 @@ def sample_shifted(name, B, n, d, gen):
 
 
 def shifted_errors(models, name, cfg, device):
-    """model_errors and classical_errors for each (cfg, model, ctx) on the shifted prompts of `name`.
+    """model_errors and baselines.task_errors for each (cfg, model, ctx) on the shifted prompts of `name`.
     Query prompts are scored one query position i at a time: column i of the errors comes from the
     prompts that ask their query at i (NaN at positions with no query)."""
     xs, ys, norm = sample_shifted(name, cfg.eval_prompts, cfg.n_points, cfg.n_dims,
                                   torch.Generator(device).manual_seed(cfg.eval_seed))
     score = lambda x, y: ([looped.model_errors(model, c, (x, y, norm), ctx) for c, model, ctx in models]  # noqa: E731
-                          + [looped.classical_errors(cfg.task, (x, y, norm))])
+                          + [baselines.task_errors(cfg.task, x, y, norm)])
     if xs.dim() == 3:
         return score(xs, ys)
     columns = [score(xs[:, i], ys[:, i]) for i in range(xs.shape[1])]  # m evaluations, each (..., n)
@@ -146,7 +147,7 @@ def load_runs(run_dirs, given):
     first = runs[0][0]
     for cfg, _, _ in runs:
         if (cfg.task, cfg.n_dims, cfg.n_points) != (first.task, first.n_dims, first.n_points):
-            raise looped.UserError(f"{cfg.out} ({cfg.task}, d {cfg.n_dims}, n {cfg.n_points}) cannot be compared "
+            raise plumbing.UserError(f"{cfg.out} ({cfg.task}, d {cfg.n_dims}, n {cfg.n_points}) cannot be compared "
                                    f"with {first.out} ({first.task}, d {first.n_dims}, n {first.n_points})")
     return runs
 
@@ -159,14 +160,14 @@ def compare(run_dirs, out=None, given=None, shift=None):
     cfg, model, _ = runs[0]
     device, out = model.read_out.weight.device, out or os.path.join("runs", f"compare_{cfg.task}")
     if shift and cfg.task not in ("linreg", "noisy_linreg"):
-        raise looped.UserError(f"the shifts are Garg et al.'s suite for linear regression, not {cfg.task}")
+        raise plumbing.UserError(f"the shifts are Garg et al.'s suite for linear regression, not {cfg.task}")
     if shift:
         *errors, classical = shifted_errors(runs, shift, cfg, device)
         solvers = {}
     else:
         test = looped.eval_prompts(cfg, device)
         errors = [looped.model_errors(model, c, test, ctx) for c, model, ctx in runs]
-        classical = looped.classical_errors(cfg.task, test)
+        classical = baselines.task_errors(cfg.task, *test)
         linear = cfg.task in ("linreg", "noisy_linreg", "sparse_linreg")
         solvers = solver_errors(test, max(c.eval_loops for c, _, _ in runs)) if linear else {}
     names = labels([c for c, _, _ in runs])
@@ -193,13 +194,13 @@ def run(claim, name, task, **overrides):
     cfg = looped.make_config(task, out=out, **overrides)
     resume = looped.load_checkpoint(out)[0] if os.path.isfile(os.path.join(out, "ckpt.pt")) else None
     if resume is not None and resume["config"] != looped.asdict(cfg):
-        raise looped.UserError(f"{out} holds a run of another config: delete it to train the claim's run there")
+        raise plumbing.UserError(f"{out} holds a run of another config: delete it to train the claim's run there")
     t0 = time.perf_counter()
     looped.train(cfg, resume=resume, overwrite=True)  # an interrupted run continues from its checkpoint
     record = {"command": f"python experiments.py {claim}", "config": looped.asdict(cfg), "machine": bench.machine(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0,
               **({"resumed_at_step": resume["step"]} if resume else {})}  # then seconds count from there
-    looped.write_json(os.path.join(out, "run.json"), record, indent=1)
+    plumbing.write_json(os.path.join(out, "run.json"), record, indent=1)
     return out
 
 
@@ -221,12 +222,12 @@ def claim(name):
     if name == "claim4":  # gradient descent and Newton on the same test prompts, iteration by iteration
         cfg = looped.make_config("linreg")
         solvers = solver_errors(looped.eval_prompts(cfg, torch.device("cpu")), cfg.eval_loops)
-        looped.write_json(os.path.join(RESULTS, "claim4", "solvers.json"),
+        plumbing.write_json(os.path.join(RESULTS, "claim4", "solvers.json"),
                           {"machine": bench.machine(), **{k: v.tolist() for k, v in solvers.items()}})
     if name == "claim5":  # every shift, on claim1's two runs (their checkpoints)
         runs = [os.path.join(RESULTS, "claim1", r) for r in ("looped", "standard")]
         if not all(os.path.isfile(os.path.join(r, "ckpt.pt")) for r in runs):
-            raise looped.UserError("claim5 evaluates claim1's trained runs: run python experiments.py claim1 first")
+            raise plumbing.UserError("claim5 evaluates claim1's trained runs: run python experiments.py claim1 first")
         for shift in GARG_SHIFTS:
             named, _ = compare(runs, os.path.join(RESULTS, "claim5", "figures"), shift=shift)
             save_errors(os.path.join(RESULTS, "claim5", f"{shift}.json"), named, shift=shift)
@@ -237,7 +238,7 @@ def save_errors(path, named, **meta):
     record = {**meta, "machine": bench.machine(), "torch": torch.__version__,
               "runs": {name: {"config": looped.asdict(c), **{k: v.tolist() for k, v in e.items()}} for name, c, e in named}}
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    looped.write_json(path, record)
+    plumbing.write_json(path, record)
 
 
 # ---------------------------------------------------------------------------- baselines alone
@@ -381,7 +382,7 @@ def write_report():
                    "The paper (d = 20, 1280 prompts): least squares 0.515 at k = 10; at k = 40 3-NN ~0.71, averaging "
                    "~0.53; sparse regression: Lasso 0.0498 at k = 10, 0.00013 at k = 40.")
     tables_section(lines, "Speed", "bench_*.json")
-    with looped.atomic(REPORT) as tmp, open(tmp, "w") as f:
+    with plumbing.atomic(REPORT) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
     print(f"wrote {REPORT} and its figures in {FIGURES}/")
 
@@ -458,7 +459,7 @@ def tables_section(lines, title, pattern, note=""):
 
 
 def main(argv=None):
-    parser = looped.Parser(prog="experiments.py", description=__doc__.split("\n\n")[0],
+    parser = plumbing.Parser(prog="experiments.py", description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in [("claim1", "linear regression: the looped model against the 12-layer one"),
@@ -491,18 +492,17 @@ def main(argv=None):
         compare(args.runs, args.out, {"eval_loops": args.eval_loops} if args.eval_loops else {}, args.shift)
     elif args.command == "baselines":
         if args.task not in looped.TASKS:
-            raise looped.UserError(f"unknown task {args.task!r}: use one of {', '.join(looped.TASKS)}")
+            raise plumbing.UserError(f"unknown task {args.task!r}: use one of {', '.join(looped.TASKS)}")
         for name in args.only or []:
             if name not in baselines.BASELINES:
-                raise looped.UserError(f"unknown baseline {name!r}: use one of {', '.join(baselines.BASELINES)}")
+                raise plumbing.UserError(f"unknown baseline {name!r}: use one of {', '.join(baselines.BASELINES)}")
         n, d = args.n_points or looped.PAPER_TASKS[args.task][2], args.n_dims
         ks = args.k or sorted({k for k in (d // 2, d, 2 * d, n - 1) if 0 < k < n})
         if min(args.prompts, d, n) < 1 or any(not 0 <= k < n for k in ks):
-            raise looped.UserError(f"--prompts, --n_dims and --n_points must be at least 1, --k in 0 .. n-1 = {n - 1}")
+            raise plumbing.UserError(f"--prompts, --n_dims and --n_points must be at least 1, --k in 0 .. n-1 = {n - 1}")
         # the prompts, and every prefix of 64 of them at once in a few (64, n, n, d) float64 tensors
-        need = 12 * args.prompts * n * (d + 1) + 32 * 64 * n * n * d
-        looped.check_memory({"evaluating the baselines": (need, "--prompts or --n_points")}, torch.device("cpu"))
-        with looped.memory_guard("--prompts or --n_points"):
+        plumbing.fits(baselines.memory_needed(args.prompts, n, d), torch.device("cpu"), "the baselines", "--prompts or --n_points")
+        with plumbing.memory_guard("--prompts or --n_points"):
             baseline_table(args.task, d, n, args.prompts, ks, args.seed, args.only or baselines.TASK_BASELINES[args.task],
                            args.save)
     elif args.command == "report":
@@ -513,4 +513,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    looped.cli(main)
+    plumbing.cli(main)

@@ -197,11 +197,12 @@ def export(run_dir, out, n_loops=None, dynamic_loops=False, fp16=False, say=prin
     import onnx
     import torch
     import looped
+    import plumbing
     model, cfg = load_model(run_dir)
     if not dynamic_loops:
         n_loops = n_loops or cfg.n_loops
         if n_loops < 1:
-            raise looped.UserError(f"--loops must be at least 1, got {n_loops}")
+            raise plumbing.UserError(f"--loops must be at least 1, got {n_loops}")
     check_writable(out)
     max_points = cfg.n_positions
     Unrolled, DynamicLoops = wrappers()
@@ -233,7 +234,7 @@ def export(run_dir, out, n_loops=None, dynamic_loops=False, fp16=False, say=prin
             "error_normaliser": looped.error_normaliser(cfg.task, cfg.n_dims), "precision": "fp16" if fp16 else "fp32",
             "config": json.dumps(looped.asdict(cfg)), "version": VERSION, "producer": "looped export.py"}
     onnx.helper.set_model_props(proto, {k: str(v) for k, v in meta.items()})
-    with looped.atomic(out) as tmp:  # verified before it replaces anything at `out`; a failure leaves no file
+    with plumbing.atomic(out) as tmp:  # verified before it replaces anything at `out`; a failure leaves no file
         onnx.save(proto, tmp)  # one self-contained file: the weights are small
         say(f"exported {out} ({os.path.getsize(tmp) / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
         try:
@@ -246,7 +247,7 @@ def export(run_dir, out, n_loops=None, dynamic_loops=False, fp16=False, say=prin
 
 
 def check_writable(out):
-    from looped import UserError
+    from plumbing import UserError
     folder = os.path.dirname(os.path.abspath(out))
     if os.path.isdir(out):
         raise UserError(f"cannot write {out}: it is a folder")
@@ -295,9 +296,9 @@ def verify(path, model, cfg, n_loops, fp16=False):
 
 
 def main(argv=None):
-    import looped
-    parser = looped.Parser(prog="export.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                           epilog=__doc__.split("\n\n", 1)[1])
+    import plumbing
+    parser = plumbing.Parser(prog="export.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                             epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("run_dir", help="a looped.py run folder (with ckpt.pt)")
     parser.add_argument("--loops", type=int, help="loop iterations to unroll (default: the trained b)")
     parser.add_argument("--dynamic-loops", action="store_true", help="the loop count is an int64 input instead")
@@ -305,9 +306,9 @@ def main(argv=None):
     parser.add_argument("--fp16", action="store_true", help="half-precision weights, for GPU inference")
     args = parser.parse_args(argv)
     if args.loops is not None and args.loops < 1:
-        raise looped.UserError(f"--loops must be at least 1, got {args.loops}")
+        raise plumbing.UserError(f"--loops must be at least 1, got {args.loops}")
     if args.dynamic_loops and args.loops is not None:
-        raise looped.UserError("--loops and --dynamic-loops exclude each other: the loop count is an input")
+        raise plumbing.UserError("--loops and --dynamic-loops exclude each other: the loop count is an input")
     try:
         export(args.run_dir, args.out or os.path.join(args.run_dir, "model.onnx"), args.loops, args.dynamic_loops, args.fp16)
     except VerificationError as e:
@@ -316,5 +317,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import looped
-    looped.cli(main)
+    import plumbing
+    plumbing.cli(main)

@@ -26,21 +26,8 @@ Paper symbol -> code name:
     Y_t    the loop state after t iterations, Y_0 = 0
 Shapes: B batch, n points, d input dim, D width, L = 2n tokens, t loop iterations.
 """
-import argparse
-import functools
-import inspect
-import json
-import math
-import os
-import pickle
-import re
-import shutil
-import signal
-import sys
-import tempfile
-import threading
-import time
-from contextlib import contextmanager, nullcontext
+import argparse, functools, inspect, json, math, os, pickle, re, shutil, signal, time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -50,6 +37,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import baselines
+from plumbing import (Interrupted, Parser, UserError, atomic, cli, fits, memory_guard, prepare_folder, stop_signals,
+                      trim_log, write_json)
 
 # ---------------------------------------------------------------------------- config
 
@@ -98,9 +87,6 @@ PAPER = dict(n_dims=20, n_embd=256, n_head=8, n_layer=1, dims_start=5, curriculu
 # Laptop values per task where they differ from the dataclass (see the README, "Differences").
 LAPTOP_TASKS = {"decision_tree": dict(n_points=15, points_start=7),  # relu_2nn: its baseline trains 512 * 20 networks
                 "relu_2nn": dict(n_points=21, points_start=9, points_inc=4, n_loops=12, loop_window=5, eval_prompts=512)}
-
-class UserError(Exception):
-    """A mistake in the user's input: every command line reports it as one line and exit code 2."""
 
 def make_config(task="linreg", preset="laptop", **overrides):
     """Preset values for the task, then explicit overrides, then validation."""
@@ -361,31 +347,12 @@ def model_errors(model, cfg, test, ctx=nullcontext()):
         total, at_b = total + sq.sum(0), at_b + [sq[:, cfg.n_loops - 1]]
     model.train()
     at_b = torch.cat(at_b)
-    return {"loops": (total / len(at_b)).cpu(), "band looped": bootstrap_band(at_b).cpu()}
-
-def classical_errors(task, test):
-    """The same for each of the task's baselines on the same prompts: name (n,), "band NAME" (2, n)."""
-    xs, ys, norm = test
-    errors = {}
-    for name in baselines.TASK_BASELINES[task]:
-        sq = (baselines.BASELINES[name](xs, ys) - ys).pow(2) / norm  # (P, n)
-        errors[name], errors[f"band {name}"] = sq.mean(0).cpu(), bootstrap_band(sq).cpu()
-    return errors
+    return {"loops": (total / len(at_b)).cpu(), "band looped": baselines.bootstrap_band(at_b).cpu()}
 
 def evaluate(model, cfg, device, ctx=nullcontext()):
     """The model and its task's baselines on the run's fixed test prompts."""
     test = eval_prompts(cfg, device)
-    return {**model_errors(model, cfg, test, ctx), **classical_errors(cfg.task, test)}
-
-def bootstrap_band(sq, resamples=1000, seed=0):
-    """90% bootstrap interval of the mean over prompts, per position: sq (P, n) -> (2, n).
-    A resample is a vector of counts per prompt, so all 1000 means are one matmul."""
-    P = len(sq)
-    gen = torch.Generator(sq.device).manual_seed(seed)
-    picks = torch.randint(0, P, (resamples, P), generator=gen, device=sq.device)
-    counts = torch.zeros(resamples, P, device=sq.device).scatter_add_(1, picks, torch.ones_like(picks, dtype=torch.float))
-    means = counts @ sq.float() / P  # (resamples, n)
-    return torch.quantile(means, torch.tensor([0.05, 0.95], device=sq.device), dim=0)
+    return {**model_errors(model, cfg, test, ctx), **baselines.task_errors(cfg.task, *test)}
 
 def describe(cfg):
     """The model in a few words, for tables and legends."""
@@ -406,15 +373,7 @@ def table(runs, title):
     width = max(26, *map(len, rows)) + 2
     lines = [f"normalised squared error, {title}, d = {cfg.n_dims}, {cfg.eval_prompts} prompts",
              f"{'k (in-context examples)':<{width}}" + "".join(f"{k:>9}" for k in ks)]
-    lines += [f"{name:<{width}}" + "".join(f"{err[k].item():>9.4f}" for k in ks) for name, err in rows.items()]
-    return "\n".join(lines)
-
-def save_figure(fig, path):
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    with atomic(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    return "\n".join(lines + [f"{name:<{width}}" + "".join(f"{err[k].item():>9.4f}" for k in ks) for name, err in rows.items()])
 
 def plot(runs, out, title, suffix="", solvers={}, loops=True):
     """Figures in folder out for runs [(name, cfg, errors)] evaluated on the same prompts: error
@@ -433,123 +392,71 @@ def plot(runs, out, title, suffix="", solvers={}, loops=True):
         ax.fill_between(range(cfg.n_points), *band, color=f"C{i}", alpha=0.2, lw=0)
     ax.set(xlabel="in-context examples k", ylabel="normalised squared error", ylim=(-0.05, 1.5),
            title=f"{title}, d = {cfg.n_dims} (90% bootstrap bands)")
-    ax.legend(fontsize=8)
-    save_figure(fig, os.path.join(out, f"error_vs_examples{suffix}.png"))
-    if not loops or all(c.eval_loops == 1 for _, c, _ in runs):
-        return
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    last = cfg.n_points - 1
-    curves = [(name, e["loops"][:, last], 2.5, c.n_loops) for name, c, e in runs if c.eval_loops > 1]
-    curves += [(f"{name} iterations", err, 1.5, None) for name, err in solvers.items()]  # one iteration per loop
-    for i, (name, err, lw, b) in enumerate(curves):
-        ax.semilogy(range(1, len(err) + 1), err.clamp(min=1e-12), lw=lw, color=f"C{i}", label=name)
-        if b:
-            ax.axvline(b, color=f"C{i}", ls="--", lw=1)
-    floor = min(err.min().item() for _, err, _, _ in curves)
-    ax.set(xlabel="loop iteration" + " (or solver iteration)" * bool(solvers) + "; dashed: trained b",
-           ylabel=f"normalised squared error at k = {last}", title=f"{title}: error against iterations",
-           ylim=(max(floor / 3, 1e-8), None))  # exact solvers reach 1e-14
-    ax.legend(fontsize=8)
-    save_figure(fig, os.path.join(out, f"error_vs_loops{suffix}.png"))
+    figures = [(fig, ax, "examples")]
+    if loops and any(c.eval_loops > 1 for _, c, _ in runs):
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        last = cfg.n_points - 1
+        curves = [(name, e["loops"][:, last], 2.5, c.n_loops) for name, c, e in runs if c.eval_loops > 1]
+        curves += [(f"{name} iterations", err, 1.5, None) for name, err in solvers.items()]  # one iteration per loop
+        for i, (name, err, lw, b) in enumerate(curves):
+            ax.semilogy(range(1, len(err) + 1), err.clamp(min=1e-12), lw=lw, color=f"C{i}", label=name)
+            if b:
+                ax.axvline(b, color=f"C{i}", ls="--", lw=1)
+        floor = min(err.min().item() for _, err, _, _ in curves)
+        ax.set(xlabel="loop iteration" + " (or solver iteration)" * bool(solvers) + "; dashed: trained b",
+               ylabel=f"normalised squared error at k = {last}", title=f"{title}: error against iterations",
+               ylim=(max(floor / 3, 1e-8), None))  # exact solvers reach 1e-14
+        figures.append((fig, ax, "loops"))
+    for fig, ax, name in figures:
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        with atomic(os.path.join(out, f"error_vs_{name}{suffix}.png")) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+        plt.close(fig)
 
 # ---------------------------------------------------------------------------- run folder and checkpoints
-# Nothing is lost: a used folder is refused, every file is written whole or not at all, and a
-# resumed run's log holds each step once.
-
-RUN_FILES = ("ckpt.pt", "log.jsonl", "eval.json", "error_vs_examples.png", "error_vs_loops.png")
-
-@contextmanager
-def atomic(path):
-    """Write path by way of a temporary file, synced and renamed: a crash leaves the old file whole."""
-    tmp = f"{path}.tmp"
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-def write_json(path, obj, **kw):
-    with atomic(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, **kw)
-
-def prepare_folder(out, reuse, overwrite):
-    """Refuse a folder that holds a run unless it is resumed or overwritten, and an unwritable one,
-    before any work; overwriting removes the old run's files first."""
-    used = [name for name in RUN_FILES[:2] if os.path.exists(os.path.join(out, name))]
-    if used and not reuse and not overwrite:
-        raise UserError(f"{out} already holds a run ({' and '.join(used)}): continue it with --resume {out}, "
-                        f"train into another --out, or replace it with --overwrite")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"cannot use {out} as the run folder: it is a file")
-    try:
-        os.makedirs(out, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()  # can we write there?
-        for name in RUN_FILES * (overwrite and not reuse):
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
-    except OSError as e:
-        raise UserError(f"cannot write the run folder {out}: {e.strerror or e}") from None
-
-def trim_log(path, step):
-    """Drop the log lines past the checkpoint's step (and a line cut short by a crash)."""
-    def logged(line):
-        try:
-            return json.loads(line)["step"] <= step
-        except (ValueError, KeyError, TypeError):
-            return False
-    lines = open(path).readlines() if os.path.exists(path) else []
-    with atomic(path) as tmp, open(tmp, "w") as f:
-        f.writelines(line for line in lines if logged(line))
+# Nothing is lost: a used folder is refused, files are written whole or not at all, and a resumed
+# run's log holds each step once.
 
 def save_checkpoint(path, model, opt, cfg, step, data_states):
-    """One dict, written atomically. data_states: every process's prompt generator, so a resumed
-    run draws the prompts an uninterrupted one would. A failed write keeps the previous file."""
+    """One dict, written atomically (a failed write keeps the previous one). data_states: every
+    process's prompt generator, so a resumed run draws the prompts an uninterrupted one would."""
     ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": asdict(cfg),
             "step": step, "rng": {"data": data_states, "torch": torch.get_rng_state()}}
     try:
         with atomic(path) as tmp:
             torch.save(ckpt, tmp)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-        raise UserError(f"cannot write {path} at step {step} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}; "
-                        f"{free / 1e6:.0f} MB free on its disk); the previous checkpoint is intact") from None
+        why, free = getattr(e, "strerror", None) or str(e).splitlines()[0][-60:], shutil.disk_usage(os.path.dirname(path) or ".").free
+        raise UserError(f"cannot save {path} at step {step} ({why}; {free / 1e6:.0f} MB free); the previous one is intact") from None
 
 def load_checkpoint(run_dir):
-    """The run's checkpoint and its Config; UserError if missing, corrupt or incompatible. Tensors and
-    plain data only (weights_only): a pickle that would run code is refused and never runs."""
+    """The run's checkpoint and Config; UserError if missing, corrupt, or its weights disagree with its
+    config. Tensors and plain data only (weights_only): a pickle that would run code is refused unrun."""
     path = os.path.join(run_dir, "ckpt.pt")
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        cfg = make_config(**ckpt["config"])
+        cfg, w = make_config(**ckpt["config"]), ckpt["model"]
+        found = dict(n_embd=w["read_in.weight"].shape[0], n_dims=w["read_in.weight"].shape[1],
+                     n_positions=w["wpe.weight"].shape[0] // 2, n_layer=len({k.split(".")[1] for k in w if k[:7] == "blocks."}))
     except UserError as e:
         raise UserError(f"{path} was made with an incompatible config: {e}") from None
     except pickle.UnpicklingError:
-        raise UserError(f"{path} holds more than tensors and plain data; refused, since loading it could run code") from None
+        raise UserError(f"{path} holds more than tensors and plain data: refused, as loading it could run code") from None
     except Exception as e:
         raise UserError(f"{path} is corrupt or not a looped checkpoint ({type(e).__name__})") from None
+    wrong = [name for name, value in found.items() if value != getattr(cfg, name)]
+    if wrong:
+        raise UserError(f"{path}: its weights have {wrong[0]} {found[wrong[0]]}, its config {getattr(cfg, wrong[0])}")
     return ckpt, cfg
 
 def restore_model(ckpt, cfg, device):
-    """The model of a checkpoint; UserError naming the config value its weights disagree with."""
-    w = ckpt["model"]
-    try:
-        found = dict(n_embd=w["read_in.weight"].shape[0], n_dims=w["read_in.weight"].shape[1],
-                     n_positions=w["wpe.weight"].shape[0] // 2, n_layer=len({k.split(".")[1] for k in w if k[:7] == "blocks."}))
-    except (KeyError, IndexError, AttributeError, TypeError):
-        raise UserError("the checkpoint's weights are not a looped transformer's") from None
-    for name, value in found.items():
-        if value != getattr(cfg, name):
-            raise UserError(f"the checkpoint's weights do not match its config: {name} is {value} in the weights, "
-                            f"{getattr(cfg, name)} in the config")
     model = LoopedTransformer(cfg)
     try:
-        model.load_state_dict(w)
-    except (RuntimeError, KeyError) as e:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
         raise UserError(f"checkpoint weights do not match its config: {str(e).splitlines()[-1].strip()[:200]}") from None
     return model.to(device)
 
@@ -580,8 +487,8 @@ def setup_device(cfg):
     return device, ctx
 
 def setup_distributed(cfg, device):
-    """(rank, world size, group for host-side agreement): under torchrun (WORLD_SIZE > 1) join the
-    group, NCCL on CUDA, gloo on CPU; on CUDA a second, gloo group agrees on stopping without a device sync."""
+    """(rank, world size, a gloo group to agree on stopping without a device sync): under torchrun
+    (WORLD_SIZE > 1) join the process group, NCCL on CUDA, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
         return 0, 1, None
@@ -592,70 +499,15 @@ def setup_distributed(cfg, device):
 
 STEP_FLAGS, EVAL_FLAGS = "--batch_size, --n_points or --window", "--n_points, --eval_loops or --eval_prompts"
 
-def memory_needed(cfg, training=True):
-    """Rough peak bytes, {what: (bytes, the flags that set them)}. A training step keeps about 19 D floats per
-    token, block and trained iteration for the backward pass (bench.activation_bytes measures it),
-    beside the weights, gradients and Adam's moments. The evaluation runs the model on 256 prompts
-    at a time, bootstraps over the prompts, and its baselines solve all n prefixes of 64 prompts at
-    once in a few (64, n, n, d) float64 tensors."""
-    L, D, n, P = 2 * cfg.n_points, cfg.n_embd, cfg.n_points, cfg.eval_prompts
+def check_memory(cfg, device, training=True):
+    """Refuse, before any work, sizes whose rough peak memory exceeds the device's. A training step
+    keeps about 19 D floats per token, block and trained iteration (bench.activation_bytes measures
+    it) beside the weights and Adam's moments; the evaluation runs 256 prompts at a time, then the baselines."""
+    L, D, n = 2 * cfg.n_points, cfg.n_embd, cfg.n_points
     step = 4 * cfg.batch_size * L * D * (20 * cfg.n_layer * cfg.loop_window + 20) + 16 * (12 * cfg.n_layer * D + L) * D
-    evaluation = 4 * 256 * (20 * L * D + 2 * cfg.eval_loops * n) + 32 * 64 * n * n * cfg.n_dims + 8 * P * (n * cfg.n_dims + 2000)
-    needs = {"the evaluation": (evaluation, EVAL_FLAGS)}
-    return {"a training step": (step, STEP_FLAGS), **needs} if training else needs
-
-def check_memory(needs, device):
-    """UserError, before any work, where an estimate {what: (bytes, flags)} exceeds the device's memory."""
-    try:
-        have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
-                else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return  # unknown here: memory_guard still turns a failure into one line
-    for what, (need, flags) in needs.items():
-        if need > have:
-            raise UserError(f"{what} needs about {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB "
-                            f"of this {device.type} device: lower {flags}")
-
-@contextmanager
-def memory_guard(flags):
-    """An out-of-memory error that the estimate missed becomes one line naming the flags to lower."""
-    try:
-        yield
-    except RuntimeError as e:  # CUDA and MPS say "out of memory", a CPU "can't allocate memory"
-        if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
-            raise
-        raise UserError(f"out of memory ({str(e).split('.')[0][:80]}): lower {flags}") from None
-
-class Interrupted(Exception):
-    """Training stopped by SIGINT or SIGTERM, its checkpoint saved: args (message, exit code)."""
-
-@contextmanager
-def stop_signals(world):
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) ask the loop to save and stop after
-    the current step: yields the signals received. A second one aborts at once, except under
-    torchrun, which forwards the signal it gets to every process and kills them 30 s later."""
-    received = []
-
-    def handle(signum, frame):
-        if received and world == 1:
-            raise KeyboardInterrupt
-        received.append(signum)
-    main = threading.current_thread() is threading.main_thread()  # where Python runs handlers
-    old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
-    try:
-        yield received
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-def stop_now(received, world, group):
-    """Whether to stop after this step. Under torchrun every process stops at the same step: one
-    all-reduce of a host tensor over gloo, which syncs the processes, never a device."""
-    if world == 1:
-        return bool(received)
-    flag = torch.tensor([len(received)])
-    dist.all_reduce(flag, dist.ReduceOp.MAX, group=group)
-    return bool(flag.item())
+    evaluation = 4 * 256 * (20 * L * D + 2 * cfg.eval_loops * n) + baselines.memory_needed(cfg.eval_prompts, n, cfg.n_dims)
+    for what, need, flags in [("a training step", step, STEP_FLAGS)] * training + [("the evaluation", evaluation, EVAL_FLAGS)]:
+        fits(need, device, what, flags)
 
 def train(cfg, resume=None, quiet=False, overwrite=False):
     """Train a looped transformer, then evaluate it; returns the evaluation errors (None on the
@@ -664,7 +516,7 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
     device, ctx = setup_device(cfg)
     out, ckpt_path, log_path = cfg.out, os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "log.jsonl")
     prepare_folder(out, resume is not None, overwrite and os.environ.get("RANK", "0") == "0")  # before any rank writes
-    check_memory(memory_needed(cfg), device)
+    check_memory(cfg, device)
     rank, world, group = setup_distributed(cfg, device)
     say = (lambda *a: None) if quiet or rank else print
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
@@ -698,7 +550,10 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
             loss = train_step(forward, opt, ctx, xs, ys, b, max(b - cfg.loop_window, 0))
             running += loss / error_normaliser(cfg.task, d)  # on the device: no sync
             step += 1
-            stop = stop_now(received, world, group)
+            stop = torch.tensor(len(received))
+            if world > 1:  # every process stops at the same step: a host-side all-reduce, no device sync
+                dist.all_reduce(stop, dist.ReduceOp.MAX, group=group)
+            stop = bool(stop)
             is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or stop
             if step % cfg.log_every == 0 or is_ckpt:  # the only host-device syncs of the loop
                 # loss: normalised training loss, averaged over the steps since the last line
@@ -736,7 +591,7 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
 
 def finish(model, cfg, device, ctx, say=print):
     """Evaluate on the test prompts, write eval.json and the plots, print the table."""
-    check_memory(memory_needed(cfg, training=False), device)
+    check_memory(cfg, device, training=False)
     t0 = time.perf_counter()
     with memory_guard(EVAL_FLAGS):
         errors = evaluate(model, cfg, device, ctx)
@@ -747,11 +602,6 @@ def finish(model, cfg, device, ctx, say=print):
     return errors
 
 # ---------------------------------------------------------------------------- command line
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, not argparse's usage block
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 def add_config_flags(parser):
     """One flag per Config field, its help the field's comment above; a flag not given is None."""
@@ -798,27 +648,6 @@ def main(argv=None):
         prepare_folder(cfg.out, reuse=True, overwrite=False)  # --out may name another folder
         return finish(model, cfg, device, ctx)
     return train(make_config(**given), overwrite=args["overwrite"])
-
-def cli(main):
-    """Run a command line: a UserError is one line on stderr and exit code 2, never a traceback; a
-    training run stopped by a signal exits with the signal's conventional code (130, 143)."""
-    prog, code = os.path.basename(sys.argv[0]), 0
-    try:
-        main()
-    except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        code = 2
-    except Interrupted as e:  # saved; rank 0 alone says so
-        if e.args[0]:
-            print(f"\n{prog}: {e.args[0]}", file=sys.stderr)
-        code = e.args[1]
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
-        print(f"\n{prog}: interrupted; a training run continues from its last checkpoint with --resume RUN_DIR", file=sys.stderr)
-        code = 130
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: all is saved and the group is gone; skip the
-        sys.stdout.flush(), sys.stderr.flush()  # teardown, where gloo's threads can still abort (1 run in 20)
-        os._exit(code)
-    sys.exit(code)
 
 if __name__ == "__main__":
     cli(main)

@@ -26,17 +26,18 @@ import bench
 import experiments
 import export
 import looped
+import plumbing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 slow = pytest.mark.skipif(not os.environ.get("LOOPED_SLOW"), reason="slow on a CPU; LOOPED_SLOW=1 runs it")
 
 
 def run_cli(main, *args):
-    """A command line run in this process as its __main__ runs it (looped.cli): exit code and output."""
+    """A command line run in this process as its __main__ runs it (plumbing.cli): exit code and output."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            looped.cli(lambda: main(list(args)))
+            plumbing.cli(lambda: main(list(args)))
             code = 0
         except SystemExit as e:
             code = e.code
@@ -410,18 +411,18 @@ def test_every_task_names_known_baselines():
 
 
 def test_project_imports_form_the_designed_stack():
-    """Every import of a project file, lazy ones included: baselines.py is a leaf, looped.py needs
-    only it, and nothing imports in a circle."""
-    files = ["baselines", "looped", "export", "bench", "experiments"]
+    """Every import of a project file, lazy ones included: baselines.py and plumbing.py are leaves,
+    looped.py needs only them, and nothing imports in a circle."""
+    files = ["baselines", "plumbing", "looped", "export", "bench", "experiments"]
     imports = {}
     for name in files:
         tree = ast.parse(open(os.path.join(HERE, f"{name}.py")).read())
         found = {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
         found |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         imports[name] = found & set(files)
-    assert imports["baselines"] == set() and imports["looped"] == {"baselines"}
-    assert imports["export"] == {"looped"} and "experiments" not in imports["bench"]
-    order = ["baselines", "looped", "export", "bench", "experiments"]  # each imports only files before it
+    assert imports["baselines"] == imports["plumbing"] == set() and imports["looped"] == {"baselines", "plumbing"}
+    assert imports["export"] == {"looped", "plumbing"} and "experiments" not in imports["bench"]
+    order = ["baselines", "plumbing", "looped", "export", "bench", "experiments"]  # each imports only files before it
     assert all(order.index(dep) < order.index(name) for name in files for dep in imports[name])
 
 
@@ -480,7 +481,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path):
     assert r.returncode == 2 and "differs" in r.stderr
     poisoned = {**before, "model": {k: v.clone() for k, v in before["model"].items()}}
     poisoned["model"]["read_out.bias"].fill_(float("nan"))  # the run goes bad after step 4
-    with pytest.raises(looped.UserError, match="diverged"):
+    with pytest.raises(plumbing.UserError, match="diverged"):
         looped.train(tiny_config(tmp_path, steps=8, ckpt_every=2, log_every=2), resume=poisoned, quiet=True)
     after = state(out)
     assert after["step"] == 4
@@ -516,7 +517,7 @@ def test_corrupt_and_incompatible_run_folders(tmp_path):
     ckpt["config"]["n_embd"] = 48  # weights of width 32 under a config of width 48
     torch.save(ckpt, os.path.join(cfg.out, "ckpt.pt"))
     r = run_cli(looped.main, "--eval", cfg.out)
-    assert r.returncode == 2 and "n_embd is 32 in the weights, 48 in the config" in r.stderr, r.stderr
+    assert r.returncode == 2 and "its weights have n_embd 32, its config 48" in r.stderr, r.stderr
     assert len(r.stderr.splitlines()) == 1
     ckpt["config"]["loop_window"] = 99
     torch.save(ckpt, os.path.join(cfg.out, "ckpt.pt"))
