@@ -26,7 +26,7 @@ Paper symbol -> code name:
     Y_t    the loop state after t iterations, Y_0 = 0
 Shapes: B batch, n points, d input dim, D width, L = 2n tokens, t loop iterations.
 """
-import argparse, functools, inspect, json, math, os, pickle, re, shutil, signal, time
+import argparse, functools, inspect, json, math, os, pickle, re, signal, time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
@@ -414,21 +414,15 @@ def plot(runs, out, title, suffix="", solvers={}, loops=True):
             fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
 
-# ---------------------------------------------------------------------------- run folder and checkpoints
-# Nothing is lost: a used folder is refused, files are written whole or not at all, and a resumed
-# run's log holds each step once.
+# ---------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path, model, opt, cfg, step, data_states):
     """One dict, written atomically (a failed write keeps the previous one). data_states: every
     process's prompt generator, so a resumed run draws the prompts an uninterrupted one would."""
     ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": asdict(cfg),
             "step": step, "rng": {"data": data_states, "torch": torch.get_rng_state()}}
-    try:
-        with atomic(path) as tmp:
-            torch.save(ckpt, tmp)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        why, free = getattr(e, "strerror", None) or str(e).splitlines()[0][-60:], shutil.disk_usage(os.path.dirname(path) or ".").free
-        raise UserError(f"cannot save {path} at step {step} ({why}; {free / 1e6:.0f} MB free); the previous one is intact") from None
+    with atomic(path) as tmp:
+        torch.save(ckpt, tmp)
 
 def load_checkpoint(run_dir):
     """The run's checkpoint and Config; UserError if missing, corrupt, or its weights disagree with its

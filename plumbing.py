@@ -9,7 +9,7 @@ bench.py and experiments.py build on it.
 import argparse
 import json
 import os
-import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -60,12 +60,20 @@ def cli(main):
 
 @contextmanager
 def atomic(path):
-    """Write to path.tmp, fsync, rename: a crash mid-write leaves the previous file whole."""
+    """Write to path.tmp, fsync, rename: a crash mid-write leaves the previous file whole, and a
+    failed write (a full disk) is one line that says why."""
     try:
         yield path + ".tmp"
         with open(path + ".tmp", "rb+") as f:
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        if isinstance(e, RuntimeError) and "write" not in str(e):
+            raise
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0][-40:]
+        with suppress(OSError):
+            why += f"; {shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 1e6:,.0f} MB free on its disk"
+        raise UserError(f"cannot write {path} ({why}): the file there before, if any, is intact") from None
     finally:
         with suppress(FileNotFoundError):
             os.remove(path + ".tmp")
@@ -93,16 +101,23 @@ def prepare_folder(out, reuse=False, overwrite=False):
 
 
 def trim_log(path, step):
-    """Drop the log lines past the checkpoint's step, and a line that a crash cut short."""
-    lines = open(path).readlines() if os.path.exists(path) else []
+    """Keep the JSON lines of a log up to a checkpoint's step: a run resumed there logs each step
+    once, whatever a crash left past it (a line cut short goes too)."""
+    kept = []
+    for line in open(path) if os.path.exists(path) else []:
+        with suppress(ValueError, KeyError, TypeError):
+            if line.endswith("\n") and json.loads(line)["step"] <= step:
+                kept.append(line)
     with atomic(path) as tmp, open(tmp, "w") as f:
-        f.writelines(line for line in lines if (m := re.match(r'\{"step": (\d+),.*\}\n$', line)) and int(m[1]) <= step)
+        f.writelines(kept)
 
 
 # ---------------------------------------------------------------------------- memory and signals
 
 
 def fits(need, device, what, flags):
+    """UserError, before any work, where an estimate of `need` bytes for `what` exceeds the device's
+    memory (a GPU's, or the machine's for a CPU); the message names the flags that lower it."""
     with suppress(ValueError, OSError, AttributeError):  # where the device's memory cannot be read, no check
         have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
                 else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
@@ -131,6 +146,7 @@ def stop_signals(world):
         if received and world == 1:
             raise KeyboardInterrupt
         received.append(signum)
+
     received, main = [], threading.current_thread() is threading.main_thread()  # only it gets signals
     old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
