@@ -122,7 +122,8 @@ class Predictor:
             raise ValueError(f"prompts have {xs.shape[1]} points; the model takes 1 to {self.max_points}")
         if xs.shape[0] < 1:
             raise ValueError("the batch is empty")
-        xs, ys = np.ascontiguousarray(xs, dtype=np.float32), np.ascontiguousarray(ys, dtype=np.float32)
+        with np.errstate(over="ignore"):  # an overflow is reported below, as a ValueError
+            xs, ys = np.ascontiguousarray(xs, dtype=np.float32), np.ascontiguousarray(ys, dtype=np.float32)
         for name, a in (("xs", xs), ("ys", ys)):  # after the cast: 1e300 in float64 is inf in float32
             if not np.isfinite(a).all():
                 raise ValueError(f"{name} has NaN or infinite values, or values beyond float32's range (3.4e38)")

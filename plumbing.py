@@ -134,7 +134,7 @@ def memory_guard(flags):
     except RuntimeError as e:  # CUDA and MPS say "out of memory", a CPU "can't allocate memory"
         if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
             raise
-        raise UserError(f"out of memory ({str(e).split('.')[0][:80]}): lower {flags}") from None
+        raise UserError(f"out of memory on this device: lower {flags}") from None
 
 
 @contextmanager

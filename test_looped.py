@@ -4,11 +4,14 @@ the ONNX export, DDP on gloo, and every command line's errors. `python -m pytest
 default set on a CPU in a few minutes; LOOPED_SLOW=1 adds the slow ones (CI runs them all)."""
 import ast
 import contextlib
+import hashlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import types
 from unittest import mock
 
@@ -673,12 +676,202 @@ def test_claim_runs_are_recorded_kept_and_reported(tmp_path, monkeypatch):
     before = os.path.getmtime("results/claim1/looped/eval.json")
     experiments.claim("claim1")
     assert os.path.getmtime("results/claim1/looped/eval.json") == before  # kept, not trained again
+    os.remove("results/claim1/standard/run.json")  # as if interrupted after its last checkpoint
+    experiments.claim("claim1")  # continues from the checkpoint: nothing to train, evaluated again
+    assert json.load(open("results/claim1/standard/run.json"))["resumed_at_step"] == 4
     experiments.write_report()
     first = open("docs/results.md").read()
     experiments.write_report()
     assert open("docs/results.md").read() == first
     assert "## claim1" in first and "Not run yet: `python experiments.py claim2`" in first
     assert os.path.isfile("figures/error_vs_examples_claim1_linreg.png")
+
+
+# ---------------------------------------------------------------------------- nothing lost
+
+
+TINY_FLAGS = ["--n_dims", "4", "--n_points", "9", "--n_embd", "32", "--n_head", "2", "--loops", "6", "--window", "3",
+              "--batch_size", "8", "--eval_prompts", "16", "--device", "cpu"]
+
+
+def hashes(folder):
+    return {name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest() for name in os.listdir(folder)}
+
+
+def logged_steps(run_dir):
+    return [json.loads(line)["step"] for line in open(os.path.join(run_dir, "log.jsonl"))]
+
+
+def test_a_used_run_folder_is_refused_and_keeps_its_files(tmp_path):
+    out = str(tmp_path / "run")
+    assert run_cli(looped.main, *TINY_FLAGS, "--steps", "4", "--out", out).returncode == 0
+    before = hashes(out)
+    assert {"ckpt.pt", "log.jsonl", "eval.json", "error_vs_examples.png", "error_vs_loops.png"} <= set(before)
+    r = run_cli(looped.main, *TINY_FLAGS, "--steps", "4", "--seed", "7", "--out", out)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert out in r.stderr and f"--resume {out}" in r.stderr and "--overwrite" in r.stderr and "--out" in r.stderr
+    assert hashes(out) == before  # nothing written, nothing replaced
+    with pytest.raises(plumbing.UserError, match="already holds a run"):  # the API refuses too
+        looped.train(tiny_config(out), quiet=True)
+    assert run_cli(looped.main, *TINY_FLAGS, "--steps", "4", "--seed", "7", "--out", out, "--overwrite").returncode == 0
+    assert hashes(out)["ckpt.pt"] != before["ckpt.pt"] and logged_steps(out) == [4]
+    r = run_cli(looped.main, "--resume", out, "--overwrite")
+    assert r.returncode == 2 and "does not go with" in r.stderr
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_the_current_step_and_the_run_resumes(tmp_path, signum, code):
+    """A real training process, no periodic checkpoint before the signal: it saves where it is, says
+    how to go on in one line, exits with the signal's code; --resume continues, each step logged once."""
+    out = str(tmp_path)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "looped.py"), *TINY_FLAGS, "--steps", "100000",
+                             "--log_every", "5", "--ckpt_every", "100000", "--out", out],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 120
+    while not (os.path.exists(log) and open(log).read().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    step = state(out)["step"]
+    assert step >= 10 and f"at step {step}" in stderr and f"--resume {out}" in stderr
+    assert logged_steps(out)[-1] == step  # the partial interval is logged up to the saved step
+    r = run_cli(looped.main, "--resume", out, "--steps", str(step + 3), "--log_every", "1")
+    assert r.returncode == 0 and f"resuming {out} from step {step}" in r.stdout
+    steps = logged_steps(out)
+    assert steps == sorted(set(steps)) and steps[-3:] == [step + 1, step + 2, step + 3]
+
+
+def test_kill_9_loses_at_most_one_checkpoint_interval_and_the_log_stays_consistent(tmp_path):
+    out = str(tmp_path)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "looped.py"), *TINY_FLAGS, "--steps", "100000",
+                             "--log_every", "5", "--ckpt_every", "20", "--out", out],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 120
+    def past_a_checkpoint():  # the last line logged is at least 5 steps past a checkpoint
+        steps = list(logged_steps_tolerant(log)) if os.path.exists(log) else []
+        return steps and steps[-1] > 20 and steps[-1] % 20 >= 5
+    while not past_a_checkpoint() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    with open(log, "a") as f:
+        f.write('{"step": 99999, "lo')  # and a line cut short by the kill
+    step, last = state(out)["step"], max(s for s in logged_steps_tolerant(log))
+    assert 0 < step <= last < step + 20 + 5  # at most one checkpoint interval (and one log line) lost
+    r = run_cli(looped.main, "--resume", out, "--steps", str(step + 10))
+    assert r.returncode == 0 and f"resuming {out} from step {step}" in r.stdout
+    steps = logged_steps(out)
+    assert steps == sorted(set(steps)) and steps[-1] == step + 10
+
+
+def logged_steps_tolerant(path):
+    for line in open(path):
+        with contextlib.suppress(ValueError):
+            yield json.loads(line)["step"]
+
+
+def test_stop_signals_asks_once_and_aborts_on_a_second_signal():
+    previous = signal.getsignal(signal.SIGINT)
+    with plumbing.stop_signals(world=1) as received:
+        signal.raise_signal(signal.SIGTERM)
+        assert received == [signal.SIGTERM]
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is previous  # the handlers are put back
+    with plumbing.stop_signals(world=2) as received:  # torchrun forwards the signal again: no abort
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+    assert received == [signal.SIGINT, signal.SIGINT]
+
+
+def test_a_failed_or_interrupted_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "eval.json")
+    plumbing.write_json(path, {"a": 1})
+    with pytest.raises(ZeroDivisionError):
+        with plumbing.atomic(path) as tmp, open(tmp, "w") as f:
+            f.write("{half")
+            1 / 0  # a crash mid-write
+    assert json.load(open(path)) == {"a": 1} and os.listdir(tmp_path) == ["eval.json"]
+    # the disk fills while a checkpoint is written: one line that says why, the previous checkpoint intact
+    cfg = tiny_config(tmp_path / "run", steps=4, ckpt_every=2)
+    real_save = torch.save
+
+    def full_disk(obj, f):
+        if obj["step"] == 4:
+            open(f, "wb").write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing "
+                               "file data/3: file write failed")
+        real_save(obj, f)
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(plumbing.UserError, match="cannot write .*ckpt.pt .*file write failed.*MB free.*intact"):
+        looped.train(cfg, quiet=True)
+    assert state(cfg.out)["step"] == 2 and not os.path.exists(os.path.join(cfg.out, "ckpt.pt.tmp"))
+
+
+@pytest.mark.parametrize("out", ["FILE", "FILE/sub", "/proc/looped_test"])
+def test_an_unwritable_run_folder_is_refused_before_training(tmp_path, out):
+    (tmp_path / "FILE").write_text("a file")
+    out = out.replace("FILE", str(tmp_path / "FILE"))
+    r = run_cli(looped.main, *TINY_FLAGS, "--steps", "100000", "--out", out)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "cannot write the run folder" in r.stderr
+    assert r.stdout == ""  # refused before any training
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--batch_size", "1000000000"], "a training step needs about"),
+    (["--n_points", "100000"], "the evaluation needs about"),
+    (["--eval_prompts", "1000000000"], "lower --n_points, --eval_loops or --eval_prompts"),
+])
+def test_sizes_that_cannot_fit_are_refused_before_work(tmp_path, flags, words):
+    r = run_cli(looped.main, *TINY_FLAGS, "--steps", "100000", "--out", str(tmp_path), *flags)
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stdout == "" and not os.path.exists(tmp_path / "ckpt.pt")
+    r = run_cli(experiments.main, "baselines", "--prompts", "1000000000")
+    assert r.returncode == 2 and "lower --prompts" in r.stderr
+
+
+def test_an_out_of_memory_error_becomes_one_line_naming_the_flags():
+    with pytest.raises(plumbing.UserError, match="out of memory .*lower --batch_size"):
+        with plumbing.memory_guard("--batch_size"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    with pytest.raises(plumbing.UserError, match="out of memory .*lower --prompts"):
+        with plumbing.memory_guard("--prompts"):
+            torch.empty(2 ** 62, dtype=torch.uint8)  # a CPU allocation that cannot succeed
+    with pytest.raises(RuntimeError, match="shape"):  # any other error is not hidden
+        with plumbing.memory_guard("--batch_size"):
+            torch.zeros(2, 3) @ torch.zeros(2, 3)
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this runs os.makedirs(marker)
+        return os.makedirs, (self.marker,)
+
+
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused_unrun(tmp_path):
+    cfg = tiny_config(tmp_path / "run", steps=2)
+    looped.train(cfg, quiet=True)
+    ckpt, marker = state(cfg.out), str(tmp_path / "payload_ran")
+    ckpt["extra"] = Payload(marker)
+    torch.save(ckpt, os.path.join(cfg.out, "ckpt.pt"))
+    for main, args in [(looped.main, ["--eval", cfg.out]), (looped.main, ["--resume", cfg.out, "--steps", "4"]),
+                       (export.main, [cfg.out, "-o", str(tmp_path / "m.onnx")])]:
+        r = run_cli(main, *args)
+        assert r.returncode == 2 and "refused" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not os.path.exists(marker)  # the payload never ran
+    torch.load(os.path.join(cfg.out, "ckpt.pt"), weights_only=False)  # the test's payload is real: unsafe loading runs it
+    assert os.path.isdir(marker)
+
+
+def test_divergence_says_whether_a_checkpoint_was_kept(tmp_path):
+    r = run_cli(looped.main, *TINY_FLAGS, "--steps", "20", "--log_every", "2", "--lr", "1e30", "--out", str(tmp_path))
+    assert r.returncode == 2 and "diverged" in r.stderr and "no checkpoint was written" in r.stderr, r.stderr
 
 
 # ---------------------------------------------------------------------------- export
@@ -745,6 +938,10 @@ def test_metadata_round_trip_and_input_validation(trained_run, tmp_path):
         with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
             p(x, y)
     assert p(xs.astype("float64"), ys).dtype == "float32"  # float64 inputs are cast, not refused
+    huge = xs.astype("float64")
+    huge[0, 0, 0] = 1e300  # finite in float64, inf in float32
+    with pytest.raises(ValueError, match="float32's range"):
+        p(huge, ys)
     (tmp_path / "corrupt.onnx").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="not a loadable ONNX model"):
         export.Predictor(str(tmp_path / "corrupt.onnx"))
