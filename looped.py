@@ -509,7 +509,7 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
     run folder is refused unless resumed or overwritten; SIGINT and SIGTERM save, then raise Interrupted."""
     device, ctx = setup_device(cfg)
     out, ckpt_path, log_path = cfg.out, os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "log.jsonl")
-    prepare_folder(out, resume is not None, overwrite and os.environ.get("RANK", "0") == "0")  # before any rank writes
+    prepare_folder(out, reuse=resume is not None, overwrite=overwrite)  # every process, before any of them writes
     check_memory(cfg, device)
     rank, world, group = setup_distributed(cfg, device)
     say = (lambda *a: None) if quiet or rank else print

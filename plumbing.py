@@ -95,7 +95,8 @@ def prepare_folder(out, reuse=False, overwrite=False):
         os.makedirs(out, exist_ok=True)  # FileExistsError where out is a file
         tempfile.TemporaryFile(dir=out).close()
         for name in used * (not reuse):
-            os.remove(os.path.join(out, name))
+            with suppress(FileNotFoundError):  # under torchrun every process deletes, before any writes
+                os.remove(os.path.join(out, name))
     except OSError as e:
         raise UserError(f"cannot write the run folder {out}: {e.strerror}") from None
 
