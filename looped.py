@@ -26,7 +26,7 @@ Paper symbol -> code name:
     Y_t    the loop state after t iterations, Y_0 = 0
 Shapes: B batch, n points, d input dim, D width, L = 2n tokens, t loop iterations.
 """
-import argparse, functools, inspect, json, math, os, pickle, re, signal, time
+import argparse, functools, json, math, os, pickle, signal, time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import baselines
-from plumbing import (Interrupted, Parser, UserError, atomic, cli, fits, memory_guard, prepare_folder, stop_signals,
-                      trim_log, write_json)
+from plumbing import (Interrupted, Parser, UserError, add_dataclass_flags, atomic, cli, fits, memory_guard,
+                      prepare_folder, stop_signals, trim_log, write_json)
 
 # ---------------------------------------------------------------------------- config
 
@@ -373,7 +373,8 @@ def table(runs, title):
     width = max(26, *map(len, rows)) + 2
     lines = [f"normalised squared error, {title}, d = {cfg.n_dims}, {cfg.eval_prompts} prompts",
              f"{'k (in-context examples)':<{width}}" + "".join(f"{k:>9}" for k in ks)]
-    return "\n".join(lines + [f"{name:<{width}}" + "".join(f"{err[k].item():>9.4f}" for k in ks) for name, err in rows.items()])
+    lines += [f"{name:<{width}}" + "".join(f"{err[k].item():>9.4f}" for k in ks) for name, err in rows.items()]
+    return "\n".join(lines)
 
 def plot(runs, out, title, suffix="", solvers={}, loops=True):
     """Figures in folder out for runs [(name, cfg, errors)] evaluated on the same prompts: error
@@ -434,7 +435,7 @@ def load_checkpoint(run_dir):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         cfg, w = make_config(**ckpt["config"]), ckpt["model"]
         found = dict(n_embd=w["read_in.weight"].shape[0], n_dims=w["read_in.weight"].shape[1],
-                     n_positions=w["wpe.weight"].shape[0] // 2, n_layer=len({k.split(".")[1] for k in w if k[:7] == "blocks."}))
+                     n_positions=w["wpe.weight"].shape[0] // 2, n_layer=len({k.split(".")[1] for k in w if k.startswith("blocks.")}))
     except UserError as e:
         raise UserError(f"{path} was made with an incompatible config: {e}") from None
     except pickle.UnpicklingError:
@@ -500,8 +501,9 @@ def check_memory(cfg, device, training=True):
     L, D, n = 2 * cfg.n_points, cfg.n_embd, cfg.n_points
     step = 4 * cfg.batch_size * L * D * (20 * cfg.n_layer * cfg.loop_window + 20) + 16 * (12 * cfg.n_layer * D + L) * D
     evaluation = 4 * 256 * (20 * L * D + 2 * cfg.eval_loops * n) + baselines.memory_needed(cfg.eval_prompts, n, cfg.n_dims)
-    for what, need, flags in [("a training step", step, STEP_FLAGS)] * training + [("the evaluation", evaluation, EVAL_FLAGS)]:
-        fits(need, device, what, flags)
+    if training:
+        fits(step, device, "a training step", STEP_FLAGS)
+    fits(evaluation, device, "the evaluation", EVAL_FLAGS)
 
 def train(cfg, resume=None, quiet=False, overwrite=False):
     """Train a looped transformer, then evaluate it; returns the evaluation errors (None on the
@@ -544,8 +546,8 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
             loss = train_step(forward, opt, ctx, xs, ys, b, max(b - cfg.loop_window, 0))
             running += loss / error_normaliser(cfg.task, d)  # on the device: no sync
             step += 1
-            stop = torch.tensor(len(received))
-            if world > 1:  # every process stops at the same step: a host-side all-reduce, no device sync
+            stop = torch.tensor(len(received))  # signals received here (under torchrun, by any process:
+            if world > 1:  # a host-side all-reduce over gloo, no device sync, so all stop at the same step)
                 dist.all_reduce(stop, dist.ReduceOp.MAX, group=group)
             stop = bool(stop)
             is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or stop
@@ -576,10 +578,10 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
         dist.destroy_process_group()
     if rank == 0:
         log.close()
-    if stop:
+    if stop:  # saved above; rank 0 alone says so
         sig = signal.Signals(received[0] if received else signal.SIGTERM)
-        raise Interrupted(f"stopped by {sig.name} at step {step}, checkpoint saved; continue with --resume {out}"
-                          * (rank == 0), 128 + sig)
+        message = f"stopped by {sig.name} at step {step}, checkpoint saved; continue with --resume {out}"
+        raise Interrupted(message if rank == 0 else "", 128 + sig)  # 130 for SIGINT, 143 for SIGTERM
     if rank == 0:
         return finish(model, cfg, device, ctx, say)
 
@@ -597,19 +599,6 @@ def finish(model, cfg, device, ctx, say=print):
 
 # ---------------------------------------------------------------------------- command line
 
-def add_config_flags(parser):
-    """One flag per Config field, its help the field's comment above; a flag not given is None."""
-    comments = {name: (default, text) for name, default, text in
-                re.findall(r"^    (\w+): \w+ = (.*?)  # (.*)$", inspect.getsource(Config), re.M)}
-    for f in fields(Config):
-        flags = sorted({f"--{f.name}", flag(f.name)}, key=len, reverse=True)  # --n_loops and --loops
-        kind = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)
-        help = f"{comments[f.name][1]} [{comments[f.name][0]}]"
-        if kind is bool:
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=help)
-        else:
-            parser.add_argument(*flags, type=kind, dest=f.name, metavar=kind.__name__.upper(), help=help)
-
 def saved_run(run_dir, given):
     """A saved run's checkpoint and config: it keeps its config; only its length and evaluation change."""
     ckpt, saved = load_checkpoint(run_dir)
@@ -622,7 +611,7 @@ def saved_run(run_dir, given):
 def main(argv=None):
     parser = Parser(prog="looped.py", description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
                     epilog="[defaults] are the laptop preset's; --preset paper and --task change some of them.")
-    add_config_flags(parser)
+    add_dataclass_flags(parser, Config, FLAG)  # one flag per field, its comment the help
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint (--steps may grow)")
     parser.add_argument("--eval", metavar="RUN_DIR", help="re-evaluate a saved run, no training (several runs, "
                         "shifted prompts: experiments.py)")

@@ -1,14 +1,17 @@
 """What every command line of this project shares, so that nothing a user does loses work.
 
 One-line errors and exit codes (`UserError`: exit 2; a training run stopped by a signal: 130 or
-143), files written whole or not at all (`atomic`), the run-folder check before training, the
+143), flags generated from a config dataclass, files written whole or not at all (`atomic`), the run-folder check before training, the
 log trimmed to a checkpoint on resume, memory checks before work starts, and SIGINT / SIGTERM
 turned into a request to save and stop. It imports nothing of the project; looped.py, export.py,
 bench.py and experiments.py build on it.
 """
 import argparse
+import dataclasses
+import inspect
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -31,6 +34,21 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit code 2, not argparse's usage block
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def add_dataclass_flags(parser, cls, aliases={}):
+    """One flag per field of dataclass cls (and its alias, if any), its help the comment after the
+    field in the source, with the default; a flag not given parses to None."""
+    comments = {name: (default, text) for name, default, text in
+                re.findall(r"^    (\w+): \w+ = (.*?)  # (.*)$", inspect.getsource(cls), re.M)}
+    for f in dataclasses.fields(cls):
+        flags = [f"--{f.name}"] + ([aliases[f.name]] if f.name in aliases else [])
+        kind = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)
+        help = f"{comments[f.name][1]} [{comments[f.name][0]}]"
+        if kind is bool:
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=help)
+        else:
+            parser.add_argument(*flags, type=kind, dest=f.name, metavar=kind.__name__.upper(), help=help)
 
 
 def cli(main):
