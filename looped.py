@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import baselines
-from plumbing import (Interrupted, Parser, UserError, add_dataclass_flags, atomic, cli, fits, memory_guard,
-                      prepare_folder, stop_signals, trim_log, write_json)
+from plumbing import (Interrupted, Parser, UserError, add_dataclass_flags, atomic, cli, cpu_has_bf16, fits,
+                      memory_guard, prepare_folder, stop_signals, trim_log, write_json)
 
 # ---------------------------------------------------------------------------- config
 
@@ -69,7 +69,7 @@ class Config:
     seed: int = 42  # model init and training prompts (the test prompts have their own seed)
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, mps or cpu
-    amp: bool = False  # bf16 autocast for the forward pass
+    amp: bool = False  # bf16 autocast for the forward pass (a CPU without native bf16 stays in fp32)
     compile: bool = False  # torch.compile the model
     out: str = ""  # run folder for checkpoint, log, evaluation and plots (default runs/TASK)
     log_every: int = 100  # steps between log lines (and NaN checks)
@@ -282,8 +282,11 @@ class LoopedTransformer(nn.Module):
             nn.init.zeros_(module.bias)
 
     def iterate(self, Y, P):
-        """One loop iteration with input injection, Y_{t+1} = M(Y_t + P): the blocks, then ln_f."""
-        h = Y + P  # the prompt is added back every iteration, so the loop cannot forget it
+        """One loop iteration with input injection, Y_{t+1} = M(Y_t + P)."""
+        return self.backbone(Y + P)  # the prompt is added back every iteration, so the loop cannot forget it
+
+    def backbone(self, h):
+        """M: the blocks, then ln_f, (B, L, D) -> (B, L, D)."""
         for block in self.blocks:
             h = block(h)
         return self.ln_f(h)
@@ -478,7 +481,10 @@ def setup_device(cfg):
     device = torch.device(name)
     if device.type == "cuda":  # TF32 matmuls: ~fp32 accuracy at tensor-core speed
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp else nullcontext()
+    amp = cfg.amp and (device.type != "cpu" or cpu_has_bf16())
+    if cfg.amp and not amp:
+        print("--amp: this CPU has no native bf16, where bf16 autocast is several times slower; training in fp32")
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     return device, ctx
 
 def setup_distributed(cfg, device):
@@ -531,9 +537,10 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
         say(f"resuming {out} from step {step}")
         if rank == 0:
             trim_log(log_path, step)  # each step logged once, whatever a crash left past the checkpoint
+    if cfg.compile:  # M alone, for any b and n: the unrolled forward recompiled (minutes on a CPU) as b grew
+        model.backbone = torch.compile(model.backbone, dynamic=True)
     # DDP averages the gradients of the processes' half-batches: the step of the whole batch
     forward = DistributedDataParallel(model) if world > 1 else model
-    forward = torch.compile(forward) if cfg.compile else forward
     backbone, total = count_parameters(model)
     say(f"{cfg.task}: {cfg.n_layer} layer(s) x {cfg.n_loops} loops, D {cfg.n_embd}, d {cfg.n_dims}, n {cfg.n_points} | "
         f"{backbone / 1e6:.3f}M parameters (paper convention), {total / 1e6:.3f}M total | {device} | run folder {out}")

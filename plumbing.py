@@ -131,7 +131,18 @@ def trim_log(path, step):
         f.writelines(kept)
 
 
-# ---------------------------------------------------------------------------- memory and signals
+# ---------------------------------------------------------------------------- hardware, memory and signals
+
+
+def cpu_has_bf16():
+    """Whether this CPU computes in bf16 natively (x86: AVX512-BF16 or AMX; Arm: BF16), where bf16
+    autocast pays. Elsewhere oneDNN emulates bf16, several times slower than fp32: a step of the
+    authors' model took 541 ms with bf16 autocast against 72 ms in fp32 on an AVX2 AMD EPYC."""
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:  # not Linux: oneDNN's own test
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def fits(need, device, what, flags):

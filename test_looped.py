@@ -1087,11 +1087,30 @@ def test_torchrun_writes_one_checkpoint_and_one_log_and_resumes(tmp_path):
 
 
 @slow
-def test_compiled_training_saves_plain_checkpoint_keys(tmp_path):
-    cfg = tiny_config(tmp_path, steps=2, compile=True, amp=True)  # compiled, and bf16 autocast on CPU
+def test_compiled_training_compiles_twice_through_the_curriculum_and_saves_plain_keys(tmp_path):
+    """b grows 3 -> 6 and n 5 -> 9 during training, then the evaluation runs 8 loops on 16 prompts:
+    one graph with gradients and one without serve them all (the unrolled forward recompiled at
+    every b; dynamo gives up after 8)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = tiny_config(tmp_path, steps=8, loops_every=1, compile=True, amp=True)  # and bf16 autocast on CPU
     errors = looped.train(cfg, quiet=True)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     assert set(state(cfg.out)["model"]) == set(looped.LoopedTransformer(cfg).state_dict())  # no _orig_mod.
     assert errors["loops"].isfinite().all()
+
+
+def test_amp_on_a_cpu_without_native_bf16_trains_in_fp32(monkeypatch, capsys):
+    cfg = tiny_config(amp=True)
+    monkeypatch.setattr(looped, "cpu_has_bf16", lambda: False)
+    device, ctx = looped.setup_device(cfg)
+    assert isinstance(ctx, looped.nullcontext) and "no native bf16" in capsys.readouterr().out
+    monkeypatch.setattr(looped, "cpu_has_bf16", lambda: True)  # AVX512-BF16 or AMX: bf16 autocast as asked
+    device, ctx = looped.setup_device(cfg)
+    with ctx:
+        assert torch.is_autocast_enabled("cpu") and (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    assert isinstance(looped.setup_device(tiny_config())[1], looped.nullcontext)  # no --amp: fp32
 
 
 def test_gelu_written_for_compile_is_gpt2_gelu():
