@@ -555,7 +555,7 @@ def bootstrap_band(sq, resamples=1000, seed=0):
 
 
 def memory_needed(prompts, n, d):
-    """Rough peak bytes of scoring the baselines: the prompts, their predictions and bootstrap
-    counts, and a few (64, n, n, d) float64 tensors (least squares solves every prefix of 64 prompts
-    at once; the other solvers need less)."""
-    return 12 * prompts * (n * (d + 1) + 1000) + 32 * 64 * n * n * d
+    """Rough peak bytes of scoring the baselines, (the prompts, their predictions and bootstrap
+    counts; the solvers: a few (64, n, n, d) float64 tensors, as least squares solves every prefix
+    of 64 prompts at once and the other solvers need less)."""
+    return 12 * prompts * (n * (d + 1) + 1000), 32 * 64 * n * n * d

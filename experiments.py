@@ -172,7 +172,7 @@ def compare(run_dirs, out=None, given=None, shift=None):
         solvers = solver_errors(test, max(c.eval_loops for c, _, _ in runs)) if linear else {}
     names = labels([c for c, _, _ in runs])
     named = [(name, c, {**e, **classical}) for name, (c, _, _), e in zip(names, runs, errors)]
-    os.makedirs(out, exist_ok=True)
+    plumbing.check_folder(out)  # a run folder is refused: its own plots have these names
     title = f"{cfg.task}, shift {shift}" if shift else cfg.task
     looped.plot(named, out, title, f"_{shift}" if shift else "", solvers, loops=not shift)
     print(looped.table(named, title))
@@ -196,7 +196,11 @@ def run(claim, name, task, **overrides):
     if resume is not None and resume["config"] != looped.asdict(cfg):
         raise plumbing.UserError(f"{out} holds a run of another config: delete it to train the claim's run there")
     t0 = time.perf_counter()
-    looped.train(cfg, resume=resume, overwrite=True)  # an interrupted run continues from its checkpoint
+    try:
+        looped.train(cfg, resume=resume, overwrite=True)  # an interrupted run continues from its checkpoint
+    except plumbing.Interrupted as e:
+        raise plumbing.Interrupted(f"{e.message.split(';')[0]}; python experiments.py {claim} continues it",
+                                   e.code - 128) from None
     record = {"command": f"python experiments.py {claim}", "config": looped.asdict(cfg), "machine": bench.machine(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0,
               **({"resumed_at_step": resume["step"]} if resume else {})}  # then seconds count from there
@@ -501,8 +505,9 @@ def main(argv=None):
         if min(args.prompts, d, n) < 1 or any(not 0 <= k < n for k in ks):
             raise plumbing.UserError(f"--prompts, --n_dims and --n_points must be at least 1, --k in 0 .. n-1 = {n - 1}")
         # the prompts, and every prefix of 64 of them at once in a few (64, n, n, d) float64 tensors
-        plumbing.fits(baselines.memory_needed(args.prompts, n, d), torch.device("cpu"), "the baselines", "--prompts or --n_points")
-        with plumbing.memory_guard("--prompts or --n_points"):
+        prompts, prefixes = baselines.memory_needed(args.prompts, n, d)
+        plumbing.fits({"--prompts": prompts, "--n_points or --n_dims": prefixes}, torch.device("cpu"), "fitting the baselines")
+        with plumbing.memory_guard("--prompts, --n_points or --n_dims"):
             baseline_table(args.task, d, n, args.prompts, ks, args.seed, args.only or baselines.TASK_BASELINES[args.task],
                            args.save)
     elif args.command == "report":

@@ -26,7 +26,7 @@ Paper symbol -> code name:
     Y_t    the loop state after t iterations, Y_0 = 0
 Shapes: B batch, n points, d input dim, D width, L = 2n tokens, t loop iterations.
 """
-import argparse, functools, json, math, os, pickle, signal, time
+import argparse, functools, io, math, os, signal, time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import baselines
-from plumbing import (Interrupted, Parser, UserError, add_dataclass_flags, atomic, cli, cpu_has_bf16, fits,
-                      memory_guard, prepare_folder, stop_signals, trim_log, write_json)
+from plumbing import (Interrupted, Parser, UserError, add_dataclass_flags, append_line, atomic, check_folder, cli,
+                      cpu_has_bf16, fits, hold_folder, join_torchrun, load_tensors, memory_guard, remove_run, stop_signals,
+                      trim_log, write_json)
 
 # ---------------------------------------------------------------------------- config
 
@@ -425,8 +426,10 @@ def save_checkpoint(path, model, opt, cfg, step, data_states):
     process's prompt generator, so a resumed run draws the prompts an uninterrupted one would."""
     ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": asdict(cfg),
             "step": step, "rng": {"data": data_states, "torch": torch.get_rng_state()}}
-    with atomic(path) as tmp:
-        torch.save(ckpt, tmp)
+    buffer = io.BytesIO()  # serialised first, so that a failed write is an OSError, caught by atomic
+    torch.save(ckpt, buffer)
+    with atomic(path) as tmp, open(tmp, "wb") as f:
+        f.write(buffer.getbuffer())
 
 def load_checkpoint(run_dir):
     """The run's checkpoint and Config; UserError if missing, corrupt, or its weights disagree with its
@@ -434,15 +437,15 @@ def load_checkpoint(run_dir):
     path = os.path.join(run_dir, "ckpt.pt")
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
+    ckpt = load_tensors(path)  # a pickle that would run code is refused, unrun
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         cfg, w = make_config(**ckpt["config"]), ckpt["model"]
         found = dict(n_embd=w["read_in.weight"].shape[0], n_dims=w["read_in.weight"].shape[1],
                      n_positions=w["wpe.weight"].shape[0] // 2, n_layer=len({k.split(".")[1] for k in w if k.startswith("blocks.")}))
+        if not (isinstance(ckpt["step"], int) and "state" in ckpt["optimizer"] and ckpt["rng"]["data"]):
+            raise TypeError("step, optimizer or random states")
     except UserError as e:
         raise UserError(f"{path} was made with an incompatible config: {e}") from None
-    except pickle.UnpicklingError:
-        raise UserError(f"{path} holds more than tensors and plain data: refused, as loading it could run code") from None
     except Exception as e:
         raise UserError(f"{path} is corrupt or not a looped checkpoint ({type(e).__name__})") from None
     wrong = [name for name, value in found.items() if value != getattr(cfg, name)]
@@ -487,116 +490,112 @@ def setup_device(cfg):
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     return device, ctx
 
-def setup_distributed(cfg, device):
-    """(rank, world size, a gloo group to agree on stopping without a device sync): under torchrun
-    (WORLD_SIZE > 1) join the process group, NCCL on CUDA, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 1, None
-    if cfg.batch_size % world:
-        raise UserError(f"--batch_size {cfg.batch_size} does not split over {world} processes")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world, dist.new_group(backend="gloo") if device.type == "cuda" else None
-
-STEP_FLAGS, EVAL_FLAGS = "--batch_size, --n_points or --window", "--n_points, --eval_loops or --eval_prompts"
+STEP_FLAGS, WEIGHT_FLAGS = "--batch_size, --n_points or --window", "--n_embd, --n_layer, --n_positions or --n_dims"
 
 def check_memory(cfg, device, training=True):
-    """Refuse, before any work, sizes whose rough peak memory exceeds the device's. A training step
-    keeps about 19 D floats per token, block and trained iteration (bench.activation_bytes measures
-    it) beside the weights and Adam's moments; the evaluation runs 256 prompts at a time, then the baselines."""
+    """Refuse, before any work, sizes whose rough peak memory exceeds the device's. A training step keeps
+    about 19 D floats per token, block and trained iteration for the backward pass (bench.activation_bytes
+    measures it), beside 4 copies of the weights (with gradients and Adam's moments); the evaluation runs
+    256 prompts at a time, keeping the error after every iteration, then the baselines fit every prefix."""
     L, D, n = 2 * cfg.n_points, cfg.n_embd, cfg.n_points
-    step = 4 * cfg.batch_size * L * D * (20 * cfg.n_layer * cfg.loop_window + 20) + 16 * (12 * cfg.n_layer * D + L) * D
-    evaluation = 4 * 256 * (20 * L * D + 2 * cfg.eval_loops * n) + baselines.memory_needed(cfg.eval_prompts, n, cfg.n_dims)
+    weights = 4 * (12 * cfg.n_layer * D + 2 * cfg.n_positions + cfg.n_dims) * D  # the blocks, wpe, read_in
     if training:
-        fits(step, device, "a training step", STEP_FLAGS)
-    fits(evaluation, device, "the evaluation", EVAL_FLAGS)
+        fits({STEP_FLAGS: 4 * cfg.batch_size * L * D * (20 * cfg.n_layer * cfg.loop_window + 20),
+              WEIGHT_FLAGS: 4 * weights}, device, "a training step")
+    prompts, prefixes = baselines.memory_needed(cfg.eval_prompts, n, cfg.n_dims)
+    fits({"--n_points or --eval_loops": 4 * 256 * (20 * L * D + 2 * cfg.eval_loops * n), WEIGHT_FLAGS: weights,
+          "--eval_prompts": prompts, "--n_points or --n_dims": prefixes}, device, "the evaluation")
 
 def train(cfg, resume=None, quiet=False, overwrite=False):
-    """Train a looped transformer, then evaluate it; returns the evaluation errors (None on the
-    processes of a torchrun job other than rank 0, which alone logs, saves and evaluates). A used
-    run folder is refused unless resumed or overwritten; SIGINT and SIGTERM save, then raise Interrupted."""
+    """Train a looped transformer, then evaluate it; returns the evaluation errors (None on the processes
+    of a torchrun job other than rank 0, which alone logs, saves and evaluates). A used run folder is
+    refused unless resumed or overwritten; SIGINT and SIGTERM save, then raise Interrupted."""
     device, ctx = setup_device(cfg)
     out, ckpt_path, log_path = cfg.out, os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "log.jsonl")
-    prepare_folder(out, reuse=resume is not None, overwrite=overwrite)  # every process, before any of them writes
+    check_folder(out, reuse=resume is not None, overwrite=overwrite)  # every process, before any of them writes
     check_memory(cfg, device)
-    rank, world, group = setup_distributed(cfg, device)
-    say = (lambda *a: None) if quiet or rank else print
-    torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    model = LoopedTransformer(cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
-    gen = torch.Generator(device).manual_seed(cfg.seed + rank)  # each process its own prompts
-    step = 0
-    if resume is not None:  # continue exactly where the checkpoint left off
-        if len(resume["rng"]["data"]) != world:
-            raise UserError(f"the checkpoint was written by {len(resume['rng']['data'])} process(es): resume with as many")
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        gen.set_state(resume["rng"]["data"][rank])
-        torch.set_rng_state(resume["rng"]["torch"])
-        step = resume["step"]
-        say(f"resuming {out} from step {step}")
+    rank, world, group = join_torchrun(cfg.batch_size, device)  # (0, 1, None) outside torchrun
+    with hold_folder(out, rank == 0):  # one process at a time in a run folder, until the end
+        if overwrite and resume is None and rank == 0:  # every check has passed: the old run goes
+            remove_run(out)
+        say = (lambda *a: None) if quiet or rank else print
+        torch.manual_seed(cfg.seed)  # the same initial weights on every process
+        with memory_guard(WEIGHT_FLAGS):
+            model = LoopedTransformer(cfg).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
+        gen = torch.Generator(device).manual_seed(cfg.seed + rank)  # each process its own prompts
+        step = 0
+        if resume is not None:  # continue exactly where the checkpoint left off
+            if len(resume["rng"]["data"]) != world:
+                raise UserError(f"the checkpoint was written by {len(resume['rng']['data'])} process(es): resume with as many")
+            model.load_state_dict(resume["model"])
+            opt.load_state_dict(resume["optimizer"])
+            gen.set_state(resume["rng"]["data"][rank])
+            torch.set_rng_state(resume["rng"]["torch"])
+            step = resume["step"]
+            say(f"resuming from step {step}")
+            if rank == 0:
+                trim_log(log_path, step)  # each step logged once, whatever a crash left past the checkpoint
+        if cfg.compile:  # M alone, for any b and n: the unrolled forward recompiled (minutes on a CPU) as b grew
+            model.backbone = torch.compile(model.backbone, dynamic=True)
+        # DDP averages the gradients of the processes' half-batches: the step of the whole batch
+        forward = DistributedDataParallel(model) if world > 1 else model
+        backbone, total = count_parameters(model)
+        say(f"{cfg.task}: {cfg.n_layer} layer(s) x {cfg.n_loops} loops, D {cfg.n_embd}, d {cfg.n_dims}, n {cfg.n_points} | "
+            f"{backbone / 1e6:.3f}M parameters (paper convention), {total / 1e6:.3f}M total | {device} | run folder {out}")
+        log = open(log_path, "a" if resume else "w") if rank == 0 else None
+        last, running, stop = (time.perf_counter(), step), torch.zeros((), device=device), False
+        with stop_signals(world) as received, memory_guard(STEP_FLAGS):
+            while step < cfg.steps and not stop:
+                d, n, b = curriculum(cfg, step)
+                xs, ys = TASKS[cfg.task](cfg.batch_size // world, n, cfg.n_dims, d, gen)
+                loss = train_step(forward, opt, ctx, xs, ys, b, max(b - cfg.loop_window, 0))
+                running += loss / error_normaliser(cfg.task, d)  # on the device: no sync
+                step += 1
+                signals = torch.tensor(len(received))  # received here (under torchrun, by any process:
+                if world > 1:  # a host-side all-reduce over gloo, no device sync, so all stop at the same step)
+                    dist.all_reduce(signals, dist.ReduceOp.MAX, group=group)
+                stop = bool(signals)
+                is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or stop
+                if step % cfg.log_every == 0 or is_ckpt:  # the only host-device syncs of the loop
+                    # loss: normalised training loss, averaged over the steps since the last line
+                    if world > 1:  # ... and over the processes, so that all of them agree on a NaN
+                        dist.all_reduce(running)
+                        running /= world
+                    mean = running.item() / (step - last[1])
+                    if not math.isfinite(mean) or not all(p.isfinite().all() for p in model.parameters()):
+                        kept = f"the last good checkpoint is kept in {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
+                        raise UserError(f"training diverged at step {step} (loss {mean}); lower --lr; {kept}")
+                    ms = 1000 * (time.perf_counter() - last[0]) / (step - last[1])
+                    last, running = (time.perf_counter(), step), torch.zeros((), device=device)
+                    say(f"step {step:6d} | loss {mean:.4f} | d {d} n {n} b {b} | {ms:.1f} ms/step")
+                    if log:
+                        append_line(log, dict(step=step, loss=mean, d=d, n=n, b=b, ms_per_step=ms))
+                if is_ckpt:
+                    states = [gen.get_state()]
+                    if world > 1:  # every process's prompt generator, for an exact resume
+                        states = [None] * world
+                        dist.all_gather_object(states, gen.get_state())
+                    if rank == 0:
+                        save_checkpoint(ckpt_path, model, opt, cfg, step, states)
+        if world > 1:  # drop DDP (its reducer holds the process group), leave together, tear down:
+            del forward  # a group still referenced at exit can abort gloo's threads (SIGABRT)
+            dist.barrier()
+            dist.destroy_process_group()
         if rank == 0:
-            trim_log(log_path, step)  # each step logged once, whatever a crash left past the checkpoint
-    if cfg.compile:  # M alone, for any b and n: the unrolled forward recompiled (minutes on a CPU) as b grew
-        model.backbone = torch.compile(model.backbone, dynamic=True)
-    # DDP averages the gradients of the processes' half-batches: the step of the whole batch
-    forward = DistributedDataParallel(model) if world > 1 else model
-    backbone, total = count_parameters(model)
-    say(f"{cfg.task}: {cfg.n_layer} layer(s) x {cfg.n_loops} loops, D {cfg.n_embd}, d {cfg.n_dims}, n {cfg.n_points} | "
-        f"{backbone / 1e6:.3f}M parameters (paper convention), {total / 1e6:.3f}M total | {device} | run folder {out}")
-    log = open(log_path, "a" if resume else "w") if rank == 0 else None
-    last, running, stop = (time.perf_counter(), step), torch.zeros((), device=device), False
-    with stop_signals(world) as received, memory_guard(STEP_FLAGS):
-        while step < cfg.steps and not stop:
-            d, n, b = curriculum(cfg, step)
-            xs, ys = TASKS[cfg.task](cfg.batch_size // world, n, cfg.n_dims, d, gen)
-            loss = train_step(forward, opt, ctx, xs, ys, b, max(b - cfg.loop_window, 0))
-            running += loss / error_normaliser(cfg.task, d)  # on the device: no sync
-            step += 1
-            stop = torch.tensor(len(received))  # signals received here (under torchrun, by any process:
-            if world > 1:  # a host-side all-reduce over gloo, no device sync, so all stop at the same step)
-                dist.all_reduce(stop, dist.ReduceOp.MAX, group=group)
-            stop = bool(stop)
-            is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or stop
-            if step % cfg.log_every == 0 or is_ckpt:  # the only host-device syncs of the loop
-                # loss: normalised training loss, averaged over the steps since the last line
-                if world > 1:  # ... and over the processes, so that all of them agree on a NaN
-                    dist.all_reduce(running)
-                    running /= world
-                mean = running.item() / (step - last[1])
-                if not math.isfinite(mean) or not all(p.isfinite().all() for p in model.parameters()):
-                    kept = f"the last good checkpoint is kept in {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
-                    raise UserError(f"training diverged at step {step} (loss {mean}); lower --lr; {kept}")
-                ms = 1000 * (time.perf_counter() - last[0]) / (step - last[1])
-                last, running = (time.perf_counter(), step), torch.zeros((), device=device)
-                say(f"step {step:6d} | loss {mean:.4f} | d {d} n {n} b {b} | {ms:.1f} ms/step")
-                if log:
-                    print(json.dumps(dict(step=step, loss=mean, d=d, n=n, b=b, ms_per_step=ms)), file=log, flush=True)
-            if is_ckpt:
-                states = [gen.get_state()]
-                if world > 1:  # every process's prompt generator, for an exact resume
-                    states = [None] * world
-                    dist.all_gather_object(states, gen.get_state())
-                if rank == 0:
-                    save_checkpoint(ckpt_path, model, opt, cfg, step, states)
-    if world > 1:  # drop DDP (its reducer holds the process group), leave together, tear down:
-        del forward  # a group still referenced at exit can abort gloo's threads (SIGABRT)
-        dist.barrier()
-        dist.destroy_process_group()
-    if rank == 0:
-        log.close()
-    if stop:  # saved above; rank 0 alone says so
-        sig = signal.Signals(received[0] if received else signal.SIGTERM)
-        message = f"stopped by {sig.name} at step {step}, checkpoint saved; continue with --resume {out}"
-        raise Interrupted(message if rank == 0 else "", 128 + sig)  # 130 for SIGINT, 143 for SIGTERM
-    if rank == 0:
-        return finish(model, cfg, device, ctx, say)
+            log.close()
+        if stop or received:  # saved above (a signal during the last step or its save counts too)
+            sig = signal.Signals(received[0] if received else signal.SIGTERM)
+            message = f"stopped by {sig.name} at step {step}, checkpoint saved; continue with --resume {out}"
+            raise Interrupted(message if rank == 0 else "", sig)  # rank 0 alone says so
+        if rank == 0:
+            return finish(model, cfg, device, ctx, say)
 
 def finish(model, cfg, device, ctx, say=print):
     """Evaluate on the test prompts, write eval.json and the plots, print the table."""
     check_memory(cfg, device, training=False)
     t0 = time.perf_counter()
-    with memory_guard(EVAL_FLAGS):
+    with memory_guard("--n_points, --eval_loops or --eval_prompts"):
         errors = evaluate(model, cfg, device, ctx)
     write_json(os.path.join(cfg.out, "eval.json"), {k: v.tolist() for k, v in errors.items()})
     plot([(describe(cfg), cfg, errors)], cfg.out, cfg.task)
@@ -613,6 +612,8 @@ def saved_run(run_dir, given):
     for name, value in given.items():
         if name not in free and value != getattr(saved, name):
             raise UserError(f"{flag(name)} {value} differs from the saved run's {getattr(saved, name)}; a saved run keeps its config")
+    if os.path.abspath(given.get("out", run_dir)) != os.path.abspath(run_dir):
+        check_folder(given["out"])  # --out elsewhere is a new run folder: refused if it holds a run
     return ckpt, make_config(**{**asdict(saved), "out": run_dir, **given})
 
 def main(argv=None):
@@ -635,8 +636,8 @@ def main(argv=None):
         model = restore_model(ckpt, cfg, device)  # fails early, with one line, on mismatched weights
         if args["resume"]:
             return train(cfg, resume=ckpt)
-        prepare_folder(cfg.out, reuse=True, overwrite=False)  # --out may name another folder
-        return finish(model, cfg, device, ctx)
+        with hold_folder(cfg.out):
+            return finish(model, cfg, device, ctx)
     return train(make_config(**given), overwrite=args["overwrite"])
 
 if __name__ == "__main__":

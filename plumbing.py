@@ -1,33 +1,45 @@
 """What every command line of this project shares, so that nothing a user does loses work.
 
-One-line errors and exit codes (`UserError`: exit 2; a training run stopped by a signal: 130 or
-143), flags generated from a config dataclass, files written whole or not at all (`atomic`), the run-folder check before training, the
-log trimmed to a checkpoint on resume, memory checks before work starts, and SIGINT / SIGTERM
-turned into a request to save and stop. It imports nothing of the project; looped.py, export.py,
-bench.py and experiments.py build on it.
+One-line errors and exit codes (`UserError`: exit 2; a command stopped by a signal: 130 for
+SIGINT, 143 for SIGTERM), flags generated from a config dataclass, files written whole or not at
+all (`atomic`), the run-folder checks before training (a used folder is refused, one process at a
+time), the log trimmed to a checkpoint on resume, memory checks before work starts, and SIGINT /
+SIGTERM during training turned into a request to save and stop. It imports nothing of the
+project; looped.py, export.py, bench.py and experiments.py build on it.
 """
 import argparse
 import dataclasses
 import inspect
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
 import sys
 import tempfile
 import threading
+import warnings
 from contextlib import contextmanager, suppress
 
 import torch
+import torch.distributed as dist
+
+RUN_FILES = ("ckpt.pt", "log.jsonl", "eval.json", "error_vs_examples.png", "error_vs_loops.png")
 
 
 class UserError(Exception):
-    """A mistake in the user's input: every command line reports it as one line and exit code 2."""
+    """A mistake in the user's input, or a machine that cannot do what was asked (a full disk, too
+    little memory): every command line reports it as one line and exit code 2."""
 
 
 class Interrupted(Exception):
-    """Training stopped by SIGINT or SIGTERM, its checkpoint saved: args (message, exit code)."""
+    """A command stopped by SIGINT or SIGTERM: one line (empty on the processes of a torchrun job
+    other than rank 0) and the signal's conventional exit code, 128 + its number."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.message, self.code = message, 128 + signum
 
 
 class Parser(argparse.ArgumentParser):
@@ -36,9 +48,10 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def add_dataclass_flags(parser, cls, aliases={}):
+def add_dataclass_flags(parser, cls, aliases=None):
     """One flag per field of dataclass cls (and its alias, if any), its help the comment after the
     field in the source, with the default; a flag not given parses to None."""
+    aliases = aliases or {}
     comments = {name: (default, text) for name, default, text in
                 re.findall(r"^    (\w+): \w+ = (.*?)  # (.*)$", inspect.getsource(cls), re.M)}
     for f in dataclasses.fields(cls):
@@ -51,21 +64,28 @@ def add_dataclass_flags(parser, cls, aliases={}):
             parser.add_argument(*flags, type=kind, dest=f.name, metavar=kind.__name__.upper(), help=help)
 
 
+def stop_now(signum, frame):
+    """Outside the training loop a signal stops the command at once: nothing there is lost."""
+    raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
+
+
 def cli(main):
     """Run a command line: a UserError is one line on stderr and exit code 2, never a traceback; a
-    training run stopped by a signal exits with the signal's conventional code (130, 143)."""
+    signal stops it with one line and the signal's code (130, 143). A training run saves first."""
     prog, code = os.path.basename(sys.argv[0]), 0
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop_now)  # Ctrl-C raises KeyboardInterrupt, handled below
     try:
         main()
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         code = 2
-    except Interrupted as e:  # saved; rank 0 alone says so
-        if e.args[0]:
-            print(f"\n{prog}: {e.args[0]}", file=sys.stderr)
-        code = e.args[1]
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
-        print(f"\n{prog}: interrupted; a training run continues from its last checkpoint with --resume RUN_DIR", file=sys.stderr)
+    except Interrupted as e:
+        if e.message:
+            print(f"\n{prog}: {e.message}", file=sys.stderr)
+        code = e.code
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop
+        print(f"\n{prog}: stopped by SIGINT", file=sys.stderr)
         code = 130
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: all is saved and the group is gone; skip the
         sys.stdout.flush(), sys.stderr.flush()  # teardown, where gloo's threads can still abort (1 run in 20)
@@ -78,19 +98,22 @@ def cli(main):
 
 @contextmanager
 def atomic(path):
-    """Write to path.tmp, fsync, rename: a crash mid-write leaves the previous file whole, and a
-    failed write (a full disk) is one line that says why."""
+    """Write to path.tmp, fsync, rename, fsync the folder: a crash mid-write leaves the previous
+    file whole, and a failed write (a full disk) is one line that says why."""
+    folder = os.path.dirname(os.path.abspath(path))
     try:
         yield path + ".tmp"
         with open(path + ".tmp", "rb+") as f:
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        if isinstance(e, RuntimeError) and "write" not in str(e):
-            raise
-        why = getattr(e, "strerror", None) or str(e).splitlines()[0][-40:]
+        with suppress(OSError):  # the rename itself survives a power cut (POSIX; not on Windows)
+            fd = os.open(folder, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+    except OSError as e:
+        why = e.strerror or str(e)
         with suppress(OSError):
-            why += f"; {shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 1e6:,.0f} MB free on its disk"
+            why += f"; {shutil.disk_usage(folder).free / 1e6:,.0f} MB free on its disk"
         raise UserError(f"cannot write {path} ({why}): the file there before, if any, is intact") from None
     finally:
         with suppress(FileNotFoundError):
@@ -102,28 +125,78 @@ def write_json(path, obj, **kw):
         json.dump(obj, f, **kw)
 
 
-def prepare_folder(out, reuse=False, overwrite=False):
-    """Before any work: refuse a file, an unwritable folder, or one that holds a run unless it is
-    reused (--resume, --eval) or overwritten (its checkpoint and log are deleted)."""
-    used = [name for name in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(out, name))]
-    if used and not reuse and not overwrite:
-        raise UserError(f"{out} already holds a run ({' and '.join(used)}): continue it with --resume {out}, "
-                        f"train into another --out, or replace it with --overwrite")
+def append_line(log, record):
+    """One JSON line to an open log, flushed; a failed write (a full disk) is one line."""
     try:
-        os.makedirs(out, exist_ok=True)  # FileExistsError where out is a file
-        tempfile.TemporaryFile(dir=out).close()
-        for name in used * (not reuse):
-            with suppress(FileNotFoundError):  # under torchrun every process deletes, before any writes
-                os.remove(os.path.join(out, name))
+        print(json.dumps(record), file=log, flush=True)
     except OSError as e:
-        raise UserError(f"cannot write the run folder {out}: {e.strerror}") from None
+        raise UserError(f"cannot write {log.name} ({e.strerror}); the last checkpoint is intact") from None
+
+
+def check_folder(out, reuse=False, overwrite=False):
+    """Before any work: refuse a file, an unwritable folder, or one that holds a run, unless it is
+    reused (--resume, --eval of the run there) or to be overwritten."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"cannot use {out} as a run folder: it is a file")
+    used = [name for name in RUN_FILES[:2] if os.path.exists(os.path.join(out, name))]
+    if used and not reuse and not overwrite:
+        ways = f"continue it with --resume {out}, " if "ckpt.pt" in used else ""
+        raise UserError(f"{out} already holds a run ({' and '.join(used)}): {ways}train into another --out, "
+                        f"or replace it with --overwrite")
+    try:
+        os.makedirs(out, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise UserError(f"cannot write in the run folder {out} ({e.strerror})") from None
+
+
+@contextmanager
+def hold_folder(out, enabled=True):
+    """Hold the run folder for this process: a second training run, --resume or --eval in the same
+    folder at the same time is refused, where both would write its files (POSIX; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        enabled = False
+    if not enabled:
+        yield
+        return
+    with open(os.path.join(out, ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"another process is using the run folder {out}; wait for it, or use another --out") from None
+        yield
+
+
+def remove_run(out):
+    """Delete a run's files, for --overwrite, once every check has passed."""
+    for name in RUN_FILES:
+        with suppress(FileNotFoundError):
+            os.remove(os.path.join(out, name))
+
+
+def load_tensors(path):
+    """torch.load of tensors and plain data only (weights_only): a file whose pickle names other
+    objects, and so could run code, is refused with one line and its code never runs; a file that
+    is no torch checkpoint at all (truncated, empty, random) is one line too."""
+    try:
+        with warnings.catch_warnings():  # torch warns about some plain pickles before refusing them
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):  # "Trying to load unsupported GLOBAL os.system ..."
+            raise UserError(f"{path} holds more than tensors and plain data: refused, as loading it could run code") from None
+        raise UserError(f"{path} is corrupt or not a torch checkpoint") from None
+    except Exception as e:
+        raise UserError(f"{path} is corrupt or not a torch checkpoint ({type(e).__name__})") from None
 
 
 def trim_log(path, step):
     """Keep the JSON lines of a log up to a checkpoint's step: a run resumed there logs each step
-    once, whatever a crash left past it (a line cut short goes too)."""
+    once, whatever a crash left past it (a line cut short, or garbage, goes too)."""
     kept = []
-    for line in open(path) if os.path.exists(path) else []:
+    for line in open(path, errors="replace") if os.path.exists(path) else []:
         with suppress(ValueError, KeyError, TypeError):
             if line.endswith("\n") and json.loads(line)["step"] <= step:
                 kept.append(line)
@@ -132,6 +205,18 @@ def trim_log(path, step):
 
 
 # ---------------------------------------------------------------------------- hardware, memory and signals
+
+
+def join_torchrun(batch_size, device):
+    """(rank, world size, a gloo group to agree on stopping without a device sync): under torchrun
+    (WORLD_SIZE > 1) join the process group, NCCL on CUDA, gloo on CPU; (0, 1, None) outside it."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, None
+    if batch_size % world:
+        raise UserError(f"--batch_size {batch_size} does not split over {world} processes")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, dist.new_group(backend="gloo") if device.type == "cuda" else None
 
 
 def cpu_has_bf16():
@@ -145,15 +230,26 @@ def cpu_has_bf16():
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def fits(need, device, what, flags):
-    """UserError, before any work, where an estimate of `need` bytes for `what` exceeds the device's
-    memory (a GPU's, or the machine's for a CPU); the message names the flags that lower it."""
-    with suppress(ValueError, OSError, AttributeError):  # where the device's memory cannot be read, no check
-        have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
-                else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-        if need > have:
-            raise UserError(f"{what} needs about {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB "
-                            f"of this {device.type} device: lower {flags}")
+def device_memory(device):
+    """Bytes of memory the device has: a GPU's, or for a CPU the machine's (or the container's
+    cgroup limit, where lower); None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if not hasattr(os, "sysconf"):
+        return None
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    with suppress(OSError, ValueError):  # cgroup v2; "max" means no limit
+        have = min(have, int(open("/sys/fs/cgroup/memory.max").read()))
+    return have
+
+
+def fits(needs, device, what):
+    """UserError, before any work, where the estimate for `what`, {flags that set a term: its bytes},
+    exceeds the device's memory; the message names the flags of the largest term."""
+    need, have = sum(needs.values()), device_memory(device)
+    if have and need > have:
+        raise UserError(f"{what} needs about {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of "
+                        f"this {device.type} device: lower {max(needs, key=needs.get)}")
 
 
 @contextmanager
@@ -170,11 +266,12 @@ def memory_guard(flags):
 @contextmanager
 def stop_signals(world):
     """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) ask the loop to save and stop after the
-    current step: yields the signals received. A second one aborts at once, except under torchrun,
+    current step: yields the signals received. A second one stops at once, except under torchrun,
     which forwards the signal it got to every process and kills them 30 s later."""
     def handle(signum, frame):
         if received and world == 1:
-            raise KeyboardInterrupt
+            raise Interrupted(f"stopped by a second {signal.Signals(signum).name}: nothing saved since the last "
+                              f"checkpoint", signum)
         received.append(signum)
 
     received, main = [], threading.current_thread() is threading.main_thread()  # only it gets signals

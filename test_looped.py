@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -452,7 +453,7 @@ def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path):
     for name, tensor in ckpt["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
     with open(os.path.join(half.out, "log.jsonl")) as f:
-        assert [looped.json.loads(line)["step"] for line in f] == [2, 3, 4, 6]
+        assert [json.loads(line)["step"] for line in f] == [2, 3, 4, 6]
 
 
 @slow
@@ -535,7 +536,7 @@ def test_eval_re_evaluates_a_saved_run(tmp_path):
     r = run_cli(looped.main, "--eval", str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "least squares" in r.stdout and os.path.isfile(tmp_path / "error_vs_loops.png")
-    saved = looped.json.load(open(tmp_path / "eval.json"))
+    saved = json.load(open(tmp_path / "eval.json"))
     torch.testing.assert_close(torch.tensor(saved["loops"]), errors["loops"], rtol=1e-5, atol=1e-6)
 
 
@@ -702,21 +703,44 @@ def logged_steps(run_dir):
     return [json.loads(line)["step"] for line in open(os.path.join(run_dir, "log.jsonl"))]
 
 
+def logged_steps_tolerant(path):
+    for line in open(path, errors="replace"):
+        with contextlib.suppress(ValueError):
+            yield json.loads(line)["step"]
+
+
 def test_a_used_run_folder_is_refused_and_keeps_its_files(tmp_path):
-    out = str(tmp_path / "run")
+    out, other = str(tmp_path / "run"), str(tmp_path / "other")
     assert run_cli(looped.main, *TINY_FLAGS, "--steps", "4", "--out", out).returncode == 0
     before = hashes(out)
     assert {"ckpt.pt", "log.jsonl", "eval.json", "error_vs_examples.png", "error_vs_loops.png"} <= set(before)
     r = run_cli(looped.main, *TINY_FLAGS, "--steps", "4", "--seed", "7", "--out", out)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert out in r.stderr and f"--resume {out}" in r.stderr and "--overwrite" in r.stderr and "--out" in r.stderr
-    assert hashes(out) == before  # nothing written, nothing replaced
     with pytest.raises(plumbing.UserError, match="already holds a run"):  # the API refuses too
         looped.train(tiny_config(out), quiet=True)
+    # --overwrite with a size that is then refused: the old run stays
+    r = run_cli(looped.main, *TINY_FLAGS, "--steps", "4", "--out", out, "--overwrite", "--batch_size", "1000000000")
+    assert r.returncode == 2 and "needs about" in r.stderr
+    # --resume or --eval of another run with --out naming this one: refused too
+    assert run_cli(looped.main, *TINY_FLAGS, "--steps", "2", "--seed", "3", "--out", other).returncode == 0
+    for flag in ("--resume", "--eval"):
+        r = run_cli(looped.main, flag, other, "--out", out)
+        assert r.returncode == 2 and "already holds a run" in r.stderr, r.stderr
+    assert hashes(out) == before  # nothing written, nothing replaced, nothing deleted
     assert run_cli(looped.main, *TINY_FLAGS, "--steps", "4", "--seed", "7", "--out", out, "--overwrite").returncode == 0
     assert hashes(out)["ckpt.pt"] != before["ckpt.pt"] and logged_steps(out) == [4]
     r = run_cli(looped.main, "--resume", out, "--overwrite")
     assert r.returncode == 2 and "does not go with" in r.stderr
+
+
+def test_a_run_folder_is_held_by_one_process_at_a_time(tmp_path):
+    with plumbing.hold_folder(str(tmp_path)):
+        with pytest.raises(plumbing.UserError, match="another process is using"):
+            with plumbing.hold_folder(str(tmp_path)):
+                pass
+    with plumbing.hold_folder(str(tmp_path)):  # released on leaving
+        pass
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -739,9 +763,32 @@ def test_a_signal_saves_the_current_step_and_the_run_resumes(tmp_path, signum, c
     assert step >= 10 and f"at step {step}" in stderr and f"--resume {out}" in stderr
     assert logged_steps(out)[-1] == step  # the partial interval is logged up to the saved step
     r = run_cli(looped.main, "--resume", out, "--steps", str(step + 3), "--log_every", "1")
-    assert r.returncode == 0 and f"resuming {out} from step {step}" in r.stdout
+    assert r.returncode == 0 and f"resuming from step {step}" in r.stdout
     steps = logged_steps(out)
     assert steps == sorted(set(steps)) and steps[-3:] == [step + 1, step + 2, step + 3]
+
+
+def test_a_signal_in_the_last_step_stops_before_the_evaluation(tmp_path, monkeypatch):
+    cfg, step = tiny_config(tmp_path, steps=4, ckpt_every=100), looped.train_step
+    calls = []
+
+    def last_step_signalled(*args):
+        calls.append(1)
+        if len(calls) == cfg.steps:
+            signal.raise_signal(signal.SIGTERM)
+        return step(*args)
+    monkeypatch.setattr(looped, "train_step", last_step_signalled)
+    with pytest.raises(plumbing.Interrupted, match="SIGTERM at step 4") as e:
+        looped.train(cfg, quiet=True)
+    assert e.value.code == 143 and state(cfg.out)["step"] == 4 and not os.path.exists(tmp_path / "eval.json")
+
+
+def test_a_signal_outside_training_stops_the_command_with_its_code():
+    def evaluating(argv):
+        signal.raise_signal(signal.SIGTERM)
+        time.sleep(5)  # not reached
+    r = run_cli(evaluating)
+    assert r.returncode == 143 and r.stderr.strip().endswith(": stopped by SIGTERM"), r.stderr
 
 
 def test_kill_9_loses_at_most_one_checkpoint_interval_and_the_log_stays_consistent(tmp_path):
@@ -751,6 +798,7 @@ def test_kill_9_loses_at_most_one_checkpoint_interval_and_the_log_stays_consiste
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
     log = os.path.join(out, "log.jsonl")
     deadline = time.time() + 120
+
     def past_a_checkpoint():  # the last line logged is at least 5 steps past a checkpoint
         steps = list(logged_steps_tolerant(log)) if os.path.exists(log) else []
         return steps and steps[-1] > 20 and steps[-1] % 20 >= 5
@@ -758,29 +806,24 @@ def test_kill_9_loses_at_most_one_checkpoint_interval_and_the_log_stays_consiste
         time.sleep(0.05)
     proc.kill()
     proc.wait()
-    with open(log, "a") as f:
-        f.write('{"step": 99999, "lo')  # and a line cut short by the kill
-    step, last = state(out)["step"], max(s for s in logged_steps_tolerant(log))
+    with open(log, "ab") as f:
+        f.write(b'{"step": 99999, "lo\xff\xfe\n{"step": 5')  # garbage, and a line cut short by the kill
+    step, last = state(out)["step"], max(s for s in logged_steps_tolerant(log) if s != 99999)
     assert 0 < step <= last < step + 20 + 5  # at most one checkpoint interval (and one log line) lost
     r = run_cli(looped.main, "--resume", out, "--steps", str(step + 10))
-    assert r.returncode == 0 and f"resuming {out} from step {step}" in r.stdout
+    assert r.returncode == 0 and f"resuming from step {step}" in r.stdout
     steps = logged_steps(out)
     assert steps == sorted(set(steps)) and steps[-1] == step + 10
 
 
-def logged_steps_tolerant(path):
-    for line in open(path):
-        with contextlib.suppress(ValueError):
-            yield json.loads(line)["step"]
-
-
-def test_stop_signals_asks_once_and_aborts_on_a_second_signal():
+def test_stop_signals_asks_once_and_stops_on_a_second_signal():
     previous = signal.getsignal(signal.SIGINT)
     with plumbing.stop_signals(world=1) as received:
         signal.raise_signal(signal.SIGTERM)
         assert received == [signal.SIGTERM]
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(plumbing.Interrupted, match="second SIGINT") as e:
             signal.raise_signal(signal.SIGINT)
+        assert e.value.code == 130
     assert signal.getsignal(signal.SIGINT) is previous  # the handlers are put back
     with plumbing.stop_signals(world=2) as received:  # torchrun forwards the signal again: no abort
         signal.raise_signal(signal.SIGINT)
@@ -788,7 +831,7 @@ def test_stop_signals_asks_once_and_aborts_on_a_second_signal():
     assert received == [signal.SIGINT, signal.SIGINT]
 
 
-def test_a_failed_or_interrupted_write_keeps_the_previous_file(tmp_path, monkeypatch):
+def test_a_failed_or_interrupted_write_keeps_the_previous_file(tmp_path):
     path = str(tmp_path / "eval.json")
     plumbing.write_json(path, {"a": 1})
     with pytest.raises(ZeroDivisionError):
@@ -796,54 +839,69 @@ def test_a_failed_or_interrupted_write_keeps_the_previous_file(tmp_path, monkeyp
             f.write("{half")
             1 / 0  # a crash mid-write
     assert json.load(open(path)) == {"a": 1} and os.listdir(tmp_path) == ["eval.json"]
-    # the disk fills while a checkpoint is written: one line that says why, the previous checkpoint intact
-    cfg = tiny_config(tmp_path / "run", steps=4, ckpt_every=2)
-    real_save = torch.save
+    if not os.path.exists("/dev/full"):
+        return
+    # A full disk, for real: the temporary file of the next checkpoint is /dev/full, which says ENOSPC.
+    cfg = tiny_config(tmp_path / "run", steps=2, ckpt_every=2)
+    looped.train(cfg, quiet=True)
+    before = hashes(cfg.out)["ckpt.pt"]
+    os.symlink("/dev/full", os.path.join(cfg.out, "ckpt.pt.tmp"))
+    with pytest.raises(plumbing.UserError, match="cannot write .*ckpt.pt .No space left on device.*intact"):
+        looped.train(tiny_config(cfg.out, steps=4, ckpt_every=2), resume=state(cfg.out), quiet=True)
+    assert hashes(cfg.out)["ckpt.pt"] == before and not os.path.lexists(os.path.join(cfg.out, "ckpt.pt.tmp"))
+    log = open("/dev/full", "w")  # and the log's next line
+    with pytest.raises(plumbing.UserError, match="cannot write /dev/full .No space left on device"):
+        plumbing.append_line(log, {"step": 1})
+    with contextlib.suppress(OSError):
+        log.close()
 
-    def full_disk(obj, f):
-        if obj["step"] == 4:
-            open(f, "wb").write(b"partial")
-            raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing "
-                               "file data/3: file write failed")
-        real_save(obj, f)
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(plumbing.UserError, match="cannot write .*ckpt.pt .*file write failed.*MB free.*intact"):
-        looped.train(cfg, quiet=True)
-    assert state(cfg.out)["step"] == 2 and not os.path.exists(os.path.join(cfg.out, "ckpt.pt.tmp"))
 
-
-@pytest.mark.parametrize("out", ["FILE", "FILE/sub", "/proc/looped_test"])
-def test_an_unwritable_run_folder_is_refused_before_training(tmp_path, out):
+@pytest.mark.parametrize("out, words", [("FILE", "it is a file"), ("FILE/sub", "cannot write in the run folder"),
+                                        ("/proc/looped_test", "cannot write in the run folder")])
+def test_an_unwritable_run_folder_is_refused_before_training(tmp_path, out, words):
     (tmp_path / "FILE").write_text("a file")
     out = out.replace("FILE", str(tmp_path / "FILE"))
     r = run_cli(looped.main, *TINY_FLAGS, "--steps", "100000", "--out", out)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "cannot write the run folder" in r.stderr
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, r.stderr
     assert r.stdout == ""  # refused before any training
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--batch_size", "1000000000"], "a training step needs about"),
-    (["--n_points", "100000"], "the evaluation needs about"),
-    (["--eval_prompts", "1000000000"], "lower --n_points, --eval_loops or --eval_prompts"),
+    (["--batch_size", "1000000000"], "a training step needs about .* lower --batch_size, --n_points or --window"),
+    (["--n_embd", "20000", "--n_head", "1", "--n_layer", "50"], "a training step needs .* lower --n_embd, --n_layer"),
+    (["--n_points", "100000"], "the evaluation needs about .* lower --n_points or --n_dims"),
+    (["--eval_prompts", "1000000000"], "the evaluation needs about .* lower --eval_prompts"),
 ])
 def test_sizes_that_cannot_fit_are_refused_before_work(tmp_path, flags, words):
     r = run_cli(looped.main, *TINY_FLAGS, "--steps", "100000", "--out", str(tmp_path), *flags)
-    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.returncode == 2 and re.search(words, r.stderr) and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stdout == "" and not os.path.exists(tmp_path / "ckpt.pt")
+
+
+def test_sizes_that_cannot_fit_are_refused_by_eval_and_baselines(tmp_path):
+    cfg = tiny_config(tmp_path, steps=2)
+    looped.train(cfg, quiet=True)
+    r = run_cli(looped.main, "--eval", cfg.out, "--eval_prompts", "1000000000")
+    assert r.returncode == 2 and "lower --eval_prompts" in r.stderr, r.stderr
     r = run_cli(experiments.main, "baselines", "--prompts", "1000000000")
     assert r.returncode == 2 and "lower --prompts" in r.stderr
+    r = run_cli(experiments.main, "baselines", "--n_dims", "100000", "--prompts", "100")
+    assert r.returncode == 2 and "lower --n_points or --n_dims" in r.stderr
 
 
-def test_an_out_of_memory_error_becomes_one_line_naming_the_flags():
-    with pytest.raises(plumbing.UserError, match="out of memory .*lower --batch_size"):
-        with plumbing.memory_guard("--batch_size"):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+def test_an_out_of_memory_error_becomes_one_line_naming_the_flags(tmp_path, monkeypatch):
     with pytest.raises(plumbing.UserError, match="out of memory .*lower --prompts"):
         with plumbing.memory_guard("--prompts"):
             torch.empty(2 ** 62, dtype=torch.uint8)  # a CPU allocation that cannot succeed
     with pytest.raises(RuntimeError, match="shape"):  # any other error is not hidden
         with plumbing.memory_guard("--batch_size"):
             torch.zeros(2, 3) @ torch.zeros(2, 3)
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(looped, "train_step", out_of_memory)  # what training says when a step runs out
+    r = run_cli(looped.main, *TINY_FLAGS, "--steps", "4", "--out", str(tmp_path))
+    assert r.returncode == 2 and "out of memory on this device: lower --batch_size, --n_points or --window" in r.stderr
 
 
 class Payload:
@@ -867,6 +925,22 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused_unrun(tmp_path):
     assert not os.path.exists(marker)  # the payload never ran
     torch.load(os.path.join(cfg.out, "ckpt.pt"), weights_only=False)  # the test's payload is real: unsafe loading runs it
     assert os.path.isdir(marker)
+
+
+def test_files_that_are_not_checkpoints_are_called_corrupt_not_dangerous(tmp_path):
+    cfg = tiny_config(tmp_path / "run", steps=2)
+    looped.train(cfg, quiet=True)
+    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+    good = state(cfg.out)
+    for content in [open(tmp_path / "run" / "error_vs_loops.png", "rb").read(), b'{"a": 1}',
+                    __import__("pickle").dumps({"a": 1})]:
+        open(ckpt_path, "wb").write(content)
+        r = run_cli(looped.main, "--eval", cfg.out)
+        assert r.returncode == 2 and "corrupt" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for broken in [{k: v for k, v in good.items() if k != "rng"}, {**good, "step": "4"}]:  # edited by hand
+        torch.save(broken, ckpt_path)
+        r = run_cli(looped.main, "--resume", cfg.out, "--steps", "4")
+        assert r.returncode == 2 and "corrupt" in r.stderr, r.stderr
 
 
 def test_divergence_says_whether_a_checkpoint_was_kept(tmp_path):
@@ -926,7 +1000,7 @@ def test_metadata_round_trip_and_input_validation(trained_run, tmp_path):
     path = str(tmp_path / "m.onnx")
     export.export(trained_run, path, n_loops=3, say=lambda *a: None)
     p = export.Predictor(path)
-    cfg = looped.make_config(**looped.json.loads(p.meta["config"]))
+    cfg = looped.make_config(**json.loads(p.meta["config"]))
     assert (p.meta["task"], p.n_dims, p.max_points, p.meta["n_loops"]) == ("linreg", 4, 9, "3")
     assert cfg == export.load_model(trained_run)[1] and p.meta["version"] == export.VERSION
     assert float(p.meta["error_normaliser"]) == 4.0
@@ -1071,7 +1145,7 @@ def test_torchrun_writes_one_checkpoint_and_one_log_and_resumes(tmp_path):
     r = subprocess.run([*torchrun, *flags, "--steps", "4", "--out", str(tmp_path)],
                        capture_output=True, text=True, cwd=HERE, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "error_vs_examples.png", "error_vs_loops.png",
+    assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt", "error_vs_examples.png", "error_vs_loops.png",
                                              "eval.json", "log.jsonl"]
     assert r.stdout.count("step      4 |") == 1  # rank 0 alone logs
     ckpt = state(str(tmp_path))
@@ -1083,7 +1157,41 @@ def test_torchrun_writes_one_checkpoint_and_one_log_and_resumes(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert state(str(tmp_path))["step"] == 6
     with open(tmp_path / "log.jsonl") as f:
-        assert [looped.json.loads(line)["step"] for line in f] == [2, 3, 4, 6]
+        assert [json.loads(line)["step"] for line in f] == [2, 3, 4, 6]
+
+
+@slow
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_the_run_resumes(tmp_path):
+    out = str(tmp_path)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={free_port()}", os.path.join(HERE, "looped.py")]
+    proc = subprocess.Popen([*torchrun, *TINY_FLAGS, "--steps", "100000", "--log_every", "5", "--ckpt_every", "100000",
+                             "--out", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    log, deadline = os.path.join(out, "log.jsonl"), time.time() + 180
+    while not (os.path.exists(log) and open(log).read().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # to torchrun, which forwards it to both workers
+    stdout, stderr = proc.communicate(timeout=120)
+    ckpt = state(out)
+    assert ckpt["step"] >= 10 and len(ckpt["rng"]["data"]) == 2, stderr[-2000:]
+    assert f"stopped by SIGTERM at step {ckpt['step']}, checkpoint saved" in stderr
+    torchrun[5] = f"--master_port={free_port()}"
+    r = subprocess.run([*torchrun, "--resume", out, "--steps", str(ckpt["step"] + 2)], capture_output=True, text=True,
+                       cwd=HERE, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    steps = logged_steps(out)
+    assert steps == sorted(set(steps)) and steps[-1] == ckpt["step"] + 2
+
+
+def test_an_interrupted_claim_says_how_to_continue_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(cfg, **kw):
+        raise plumbing.Interrupted(f"stopped by SIGINT at step 3, checkpoint saved; continue with --resume {cfg.out}", 2)
+    monkeypatch.setattr(looped, "train", interrupted)
+    with pytest.raises(plumbing.Interrupted, match="step 3, checkpoint saved; python experiments.py claim2 continues") as e:
+        experiments.run("claim2", "looped", "sparse_linreg")
+    assert e.value.code == 130
 
 
 @slow
