@@ -161,7 +161,11 @@ def hold_folder(out, enabled=True):
     if not enabled:
         yield
         return
-    with open(os.path.join(out, ".lock"), "w") as lock:
+    try:
+        lock = open(os.path.join(out, ".lock"), "w")
+    except OSError as e:
+        raise UserError(f"cannot write in the run folder {out} ({e.strerror})") from None
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
