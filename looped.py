@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import baselines
 from plumbing import (Interrupted, Parser, UserError, add_dataclass_flags, append_line, atomic, check_folder, cli,
-                      cpu_has_bf16, fits, hold_folder, join_torchrun, load_tensors, memory_guard, remove_run, stop_signals,
+                      agreed_signal, cpu_has_bf16, fits, hold_folder, join_torchrun, load_tensors, memory_guard, remove_run, stop_signals,
                       trim_log, write_json)
 
 # ---------------------------------------------------------------------------- config
@@ -514,8 +514,8 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
     out, ckpt_path, log_path = cfg.out, os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "log.jsonl")
     check_folder(out, reuse=resume is not None, overwrite=overwrite)  # every process, before any of them writes
     check_memory(cfg, device)
-    rank, world, group = join_torchrun(cfg.batch_size, device)  # (0, 1, None) outside torchrun
-    with hold_folder(out, rank == 0):  # one process at a time in a run folder, until the end
+    with hold_folder(out, os.environ.get("RANK", "0") == "0"):  # one process at a time, taken before any joins
+        rank, world, group = join_torchrun(cfg.batch_size, device)  # (0, 1, None) outside torchrun
         if overwrite and resume is None and rank == 0:  # every check has passed: the old run goes
             remove_run(out)
         say = (lambda *a: None) if quiet or rank else print
@@ -544,19 +544,16 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
         say(f"{cfg.task}: {cfg.n_layer} layer(s) x {cfg.n_loops} loops, D {cfg.n_embd}, d {cfg.n_dims}, n {cfg.n_points} | "
             f"{backbone / 1e6:.3f}M parameters (paper convention), {total / 1e6:.3f}M total | {device} | run folder {out}")
         log = open(log_path, "a" if resume else "w") if rank == 0 else None
-        last, running, stop = (time.perf_counter(), step), torch.zeros((), device=device), False
+        last, running, signum = (time.perf_counter(), step), torch.zeros((), device=device), 0
         with stop_signals(world) as received, memory_guard(STEP_FLAGS):
-            while step < cfg.steps and not stop:
+            while step < cfg.steps and not signum:
                 d, n, b = curriculum(cfg, step)
                 xs, ys = TASKS[cfg.task](cfg.batch_size // world, n, cfg.n_dims, d, gen)
                 loss = train_step(forward, opt, ctx, xs, ys, b, max(b - cfg.loop_window, 0))
                 running += loss / error_normaliser(cfg.task, d)  # on the device: no sync
                 step += 1
-                signals = torch.tensor(len(received))  # received here (under torchrun, by any process:
-                if world > 1:  # a host-side all-reduce over gloo, no device sync, so all stop at the same step)
-                    dist.all_reduce(signals, dist.ReduceOp.MAX, group=group)
-                stop = bool(signals)
-                is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or stop
+                signum = agreed_signal(received, world, group)  # every process stops at the same step
+                is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or signum
                 if step % cfg.log_every == 0 or is_ckpt:  # the only host-device syncs of the loop
                     # loss: normalised training loss, averaged over the steps since the last line
                     if world > 1:  # ... and over the processes, so that all of them agree on a NaN
@@ -578,16 +575,16 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
                         dist.all_gather_object(states, gen.get_state())
                     if rank == 0:
                         save_checkpoint(ckpt_path, model, opt, cfg, step, states)
+            signum = signum or agreed_signal(received, world, group)  # one in the last step or its save
         if world > 1:  # drop DDP (its reducer holds the process group), leave together, tear down:
             del forward  # a group still referenced at exit can abort gloo's threads (SIGABRT)
             dist.barrier()
             dist.destroy_process_group()
         if rank == 0:
             log.close()
-        if stop or received:  # saved above (a signal during the last step or its save counts too)
-            sig = signal.Signals(received[0] if received else signal.SIGTERM)
-            message = f"stopped by {sig.name} at step {step}, checkpoint saved; continue with --resume {out}"
-            raise Interrupted(message if rank == 0 else "", sig)  # rank 0 alone says so
+        if signum:  # saved above
+            message = f"stopped by {signal.Signals(signum).name} at step {step}, checkpoint saved; continue with --resume {out}"
+            raise Interrupted(message if rank == 0 else "", signum)  # rank 0 alone says so
         if rank == 0:
             return finish(model, cfg, device, ctx, say)
 

@@ -80,12 +80,13 @@ def cli(main):
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         code = 2
-    except Interrupted as e:
-        if e.message:
+    except Interrupted as e:  # under torchrun rank 0 alone says so (torchrun also stops the others this way)
+        if e.message and os.environ.get("RANK", "0") == "0":
             print(f"\n{prog}: {e.message}", file=sys.stderr)
         code = e.code
     except KeyboardInterrupt:  # Ctrl-C outside the training loop
-        print(f"\n{prog}: stopped by SIGINT", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"\n{prog}: stopped by SIGINT", file=sys.stderr)
         code = 130
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: all is saved and the group is gone; skip the
         sys.stdout.flush(), sys.stderr.flush()  # teardown, where gloo's threads can still abort (1 run in 20)
@@ -265,6 +266,15 @@ def memory_guard(flags):
         if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
             raise
         raise UserError(f"out of memory on this device: lower {flags}") from None
+
+
+def agreed_signal(received, world, group=None):
+    """The signal to stop on, 0 for none: under torchrun the largest that any process received, by a
+    host-side all-reduce over gloo (no device sync), so that every process stops at the same step."""
+    signum = torch.tensor(received[0] if received else 0)
+    if world > 1:
+        dist.all_reduce(signum, dist.ReduceOp.MAX, group=group)
+    return int(signum)
 
 
 @contextmanager
