@@ -200,7 +200,7 @@ def run(claim, name, task, **overrides):
         looped.train(cfg, resume=resume, overwrite=True)  # an interrupted run continues from its checkpoint
     except plumbing.Interrupted as e:
         raise plumbing.Interrupted(f"{e.message.split(';')[0]}; python experiments.py {claim} continues it",
-                                   e.code - 128) from None
+                                   e.signum) from None
     record = {"command": f"python experiments.py {claim}", "config": looped.asdict(cfg), "machine": bench.machine(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0,
               **({"resumed_at_step": resume["step"]} if resume else {})}  # then seconds count from there
@@ -504,7 +504,6 @@ def main(argv=None):
         ks = args.k or sorted({k for k in (d // 2, d, 2 * d, n - 1) if 0 < k < n})
         if min(args.prompts, d, n) < 1 or any(not 0 <= k < n for k in ks):
             raise plumbing.UserError(f"--prompts, --n_dims and --n_points must be at least 1, --k in 0 .. n-1 = {n - 1}")
-        # the prompts, and every prefix of 64 of them at once in a few (64, n, n, d) float64 tensors
         prompts, prefixes = baselines.memory_needed(args.prompts, n, d)
         plumbing.fits({"--prompts": prompts, "--n_points or --n_dims": prefixes}, torch.device("cpu"), "fitting the baselines")
         with plumbing.memory_guard("--prompts, --n_points or --n_dims"):

@@ -39,7 +39,7 @@ class Interrupted(Exception):
 
     def __init__(self, message, signum):
         super().__init__(message)
-        self.message, self.code = message, 128 + signum
+        self.message, self.signum, self.code = message, signum, 128 + signum
 
 
 class Parser(argparse.ArgumentParser):
@@ -201,10 +201,12 @@ def trim_log(path, step):
     """Keep the JSON lines of a log up to a checkpoint's step: a run resumed there logs each step
     once, whatever a crash left past it (a line cut short, or garbage, goes too)."""
     kept = []
-    for line in open(path, errors="replace") if os.path.exists(path) else []:
-        with suppress(ValueError, KeyError, TypeError):
-            if line.endswith("\n") and json.loads(line)["step"] <= step:
-                kept.append(line)
+    if os.path.exists(path):
+        with open(path, errors="replace") as f:
+            for line in f:
+                with suppress(ValueError, KeyError, TypeError):
+                    if line.endswith("\n") and json.loads(line)["step"] <= step:
+                        kept.append(line)
     with atomic(path) as tmp, open(tmp, "w") as f:
         f.writelines(kept)
 
@@ -271,9 +273,10 @@ def memory_guard(flags):
 def agreed_signal(received, world, group=None):
     """The signal to stop on, 0 for none: under torchrun the largest that any process received, by a
     host-side all-reduce over gloo (no device sync), so that every process stops at the same step."""
+    if world == 1:  # called every step: no tensor, no collective
+        return received[0] if received else 0
     signum = torch.tensor(received[0] if received else 0)
-    if world > 1:
-        dist.all_reduce(signum, dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(signum, dist.ReduceOp.MAX, group=group)
     return int(signum)
 
 
