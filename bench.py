@@ -1,6 +1,7 @@
 """Every speed measurement of the project, one command each; each prints a table.
 
-    python bench.py train                  # a training step: eager and compiled, fp32 and bf16
+    python bench.py train                  # a training step: eager, compiled (and CUDA graphs), fp32 and bf16
+    python bench.py loop                   # the real training loop of --preset paper: steps per second
     python bench.py baselines              # the batched solvers against per-prompt scikit-learn
     python bench.py export RUN_DIR         # PyTorch eager against onnxruntime on an exported run
 
@@ -11,6 +12,7 @@ Compare speeds only as ratios measured in one run: other work on the machine mov
 import argparse
 import datetime
 import itertools
+import json
 import os
 import platform
 import re
@@ -84,7 +86,8 @@ class Table:
 def bench_train(device_name):
     """ms per training step, prompts per second, and FLOP/s against this machine's matmul peak,
     for the laptop preset and the paper's linear-regression model (b 20, T 15, D 256), eager and
-    compiled, fp32 and bf16 autocast; each at its final curriculum stage (full d, n and b)."""
+    compiled, fp32 and bf16 autocast; each at its final curriculum stage (full d, n and b). On CUDA
+    "compiled" is torch.compile's default mode and "graphs" what --compile runs there: CUDA graphs."""
     from torch.utils.flop_counter import FlopCounterMode
     device, _ = looped.setup_device(looped.make_config(device=device_name))
     peak = {amp: matmul_peak(device, torch.bfloat16 if amp else torch.float32) for amp in (False, True)}
@@ -92,7 +95,8 @@ def bench_train(device_name):
                   f"fp32 {peak[False] / 1e9:.0f}, bf16 {peak[True] / 1e9:.0f} GFLOP/s",
                   ["model", "mode", "dtype", "ms/step", "prompts/s", "GFLOP/s", "of peak %", "saved MB", "peak MB"],
                   [8, 10, 6, 10, 11, 9, 11, 10, 9])
-    for preset, compiled, amp in itertools.product(("laptop", "paper"), (False, True), (False, True)):
+    modes = ("eager", "compiled", "graphs") if device.type == "cuda" else ("eager", "compiled")
+    for preset, mode, amp in itertools.product(("laptop", "paper"), modes, (False, True)):
         cfg = looped.make_config("linreg", preset, device=device_name, amp=amp, eval_prompts=64)
         torch.manual_seed(0)
         model = looped.LoopedTransformer(cfg).to(device)
@@ -102,16 +106,48 @@ def bench_train(device_name):
         with FlopCounterMode(display=False) as counter:  # counted on the eager model
             looped.train_step(model, opt, ctx, *args)
         saved = activation_bytes(model, ctx, *args)
-        if compiled:  # as looped.train compiles: the backbone M
+        torch._dynamo.reset()  # each row compiles afresh: dynamo keeps at most 8 graphs of one function
+        if mode == "compiled":  # the backbone M, as looped.train compiles it on a CPU
             model.backbone = torch.compile(model.backbone, dynamic=True)
+        graphs = mode == "graphs" and looped.compile_backbone(model, device)  # as looped.train on CUDA
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        step = seconds(lambda: looped.train_step(model, opt, ctx, *args), 20 if preset == "laptop" else 3,
-                       warmup=2, device=device)
+        step = seconds(lambda: looped.train_step(model, opt, ctx, *args, graphs), 20 if preset == "laptop" or graphs else 3,
+                       warmup=3, device=device)  # graphs: the second call records, the third replays
         flops = counter.get_total_flops() / step
-        table.add(preset, "compiled" if compiled else "eager", "bf16" if amp else "fp32", 1000 * step, 64 / step,
+        table.add(preset, mode, "bf16" if amp else "fp32", 1000 * step, 64 / step,
                   flops / 1e9, 100 * flops / peak[amp], saved / 1e6,
                   torch.cuda.max_memory_allocated() / 1e6 if device.type == "cuda" else "-")
+    return table
+
+
+def bench_loop(device_name, preset, steps):
+    """Steps per second of the real training loop, looped.train on linear regression for its first steps:
+    curriculum changes (b every 500 steps, d and n every 5000 at the paper's), prompts drawn on the device,
+    logging every 100 steps and a checkpoint every 1000 included; the evaluation after it is not. Eager
+    and --compile (CUDA graphs on CUDA), in bf16 where the device has it."""
+    device, _ = looped.setup_device(looped.make_config(device=device_name))
+    amp = device.type != "cpu" or plumbing.cpu_has_bf16()
+    table = Table(f"training loop, linreg --preset {preset}, {steps} steps, {device}, {torch.get_num_threads()} threads",
+                  ["mode", "dtype", "steps/s", "steps/s after 1000", "first 1000 s", f"{steps} steps s", "500k steps h"],
+                  [10, 6, 9, 20, 14, 16, 14])
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = looped.make_config("linreg", preset, steps=steps, device=device_name, amp=amp, compile=compiled,
+                                     out=os.path.join(tmp, "run"), log_every=100, ckpt_every=1000, eval_prompts=16,
+                                     eval_loops=looped.make_config("linreg", preset).n_loops)
+            looped.train(cfg, quiet=True)
+            with open(os.path.join(cfg.out, "log.jsonl")) as f:
+                lines = [r for r in map(json.loads, f) if "ms_per_step" in r]
+        steps_at = [0] + [r["step"] for r in lines]  # each line: the mean ms per step since the line before
+        ms = [(b - a, r["ms_per_step"]) for a, b, r in zip(steps_at, steps_at[1:], lines)]
+        first = sum(k * m for (k, m), b in zip(ms, steps_at[1:]) if b <= 1000) / 1000
+        total = sum(k * m for k, m in ms) / 1000
+        late = max(steps - 1000, 1) / max(total - first, 1e-9)
+        rate = late if steps > 1000 else steps / total
+        table.add("compiled" if compiled else "eager", "bf16" if amp else "fp32", steps / total, late if steps > 1000 else "-",
+                  first if steps > 1000 else "-", total, 500_000 / rate / 3600)
     return table
 
 
@@ -229,6 +265,11 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="training step speed (see bench_train)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p = sub.add_parser("loop", help="steps per second of the real training loop (see bench_loop)")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.add_argument("--preset", default="paper", help="paper (a GPU) or laptop (a CPU)")
+    p.add_argument("--steps", type=int, default=6000, help="training steps per mode; the paper's curriculum first "
+                   "changes n at 5000")
     p = sub.add_parser("baselines", help="batched solvers against per-prompt scikit-learn fits")
     p.add_argument("--prompts", type=int, default=1280, help="prompts scored by the batched solvers (paper: 1280)")
     p.add_argument("--ref_prompts", type=int, default=16, help="prompts fitted by scikit-learn, scaled to --prompts")
@@ -242,6 +283,9 @@ def main(argv=None):
     if args.command == "train":
         looped.make_config(device=args.device)  # a bad device name is one line, before any work
         table = bench_train(args.device)
+    elif args.command == "loop":
+        looped.make_config(preset=args.preset, device=args.device, steps=args.steps)  # bad values: one line, first
+        table = bench_loop(args.device, args.preset, args.steps)
     elif args.command == "baselines":
         for name in args.only or []:
             if name not in baselines.BASELINES:

@@ -195,13 +195,16 @@ def run(claim, name, task, **overrides):
     resume = looped.load_checkpoint(out)[0] if os.path.isfile(os.path.join(out, "ckpt.pt")) else None
     if resume is not None and resume["config"] != looped.asdict(cfg):
         raise plumbing.UserError(f"{out} holds a run of another config: delete it to train the claim's run there")
-    t0 = time.perf_counter()
+    t0, diverged = time.perf_counter(), {}
     try:
         looped.train(cfg, resume=resume, overwrite=True)  # an interrupted run continues from its checkpoint
     except plumbing.Interrupted as e:
         raise plumbing.Interrupted(f"{e.message.split(';')[0]}; python experiments.py {claim} continues it",
                                    e.signum) from None
-    record = {"command": f"python experiments.py {claim}", "config": looped.asdict(cfg), "machine": bench.machine(),
+    except plumbing.Diverged as e:  # a result of a sweep, recorded as such: the run has no evaluation
+        print(f"{out}: {e}")
+        diverged = {"diverged": str(e).split(";")[0]}
+    record = {**diverged, "command": f"python experiments.py {claim}", "config": looped.asdict(cfg), "machine": bench.machine(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0,
               **({"resumed_at_step": resume["step"]} if resume else {})}  # then seconds count from there
     plumbing.write_json(os.path.join(out, "run.json"), record, indent=1)
@@ -209,9 +212,12 @@ def run(claim, name, task, **overrides):
 
 
 STANDARD = dict(n_layer=12, n_loops=1, eval_loops=1)  # the paper's 12-layer GPT-2, with the same budget
+MODELS = {"looped": {}, "standard": STANDARD}
+SWEEP = [1e-4, 3e-4, 6e-4, 1e-3, 2e-3]  # Adam's learning rate, the same five for both models
+CURVES = dict(eval_every=250)  # a learning-curve point every 250 steps, on validation prompts
 CLAIMS = {  # claim: [(run name, task, overrides)]
-    "claim1": [("looped", "linreg", {}), ("standard", "linreg", STANDARD),
-               ("looped_seed43", "linreg", dict(seed=43))],  # another seed: what a user should expect
+    "claim1": [(f"{model}_lr{lr:g}", "linreg", dict(overrides, lr=lr, **CURVES)) for lr in SWEEP
+               for model, overrides in MODELS.items()],  # then each model's best with another seed (claim)
     "claim2": [("looped", "sparse_linreg", {}), ("standard", "sparse_linreg", STANDARD)],
     "claim3": [("tree_looped", "decision_tree", {}), ("tree_standard", "decision_tree", STANDARD),
                ("relu_looped", "relu_2nn", {}), ("relu_standard", "relu_2nn", STANDARD)],

@@ -28,7 +28,7 @@ Shapes: B batch, n points, d input dim, D width, L = 2n tokens, t loop iteration
 """
 import argparse, functools, io, math, os, signal, time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import baselines
-from plumbing import (Interrupted, Parser, UserError, add_dataclass_flags, append_line, atomic, check_folder, cli,
+from plumbing import (Diverged, Interrupted, Parser, UserError, add_dataclass_flags, append_line, atomic, check_folder, cli,
                       agreed_signal, cpu_has_bf16, fits, hold_folder, join_torchrun, load_tensors, memory_guard, remove_run, stop_signals,
                       trim_log, write_json)
 
@@ -79,6 +79,7 @@ class Config:
     eval_prompts: int = 1280  # fixed test prompts (paper: 1280)
     eval_loops: int = 0  # loop iterations run at test time, at least b; 0: 5 b (paper: 500, trees 200)
     eval_seed: int = 1234  # seed of the test prompts, apart from training's
+    eval_every: int = 0  # steps between learning-curve points in log.jsonl: validation error, 256 prompts apart from the test's; 0: off
 
 # The paper's per-task values ([LT]'s configs): b, T, n, n at step 0, n's increment.
 PAPER_TASKS = {"linreg": (20, 15, 41, 11, 2), "noisy_linreg": (20, 15, 41, 11, 2), "sparse_linreg": (20, 10, 41, 11, 2),
@@ -119,7 +120,7 @@ def flag(name):
 
 def validate(cfg):
     for f in fields(Config):
-        low = 0 if f.name in ("points_inc", "curriculum_every", "loops_every") else 1
+        low = 0 if f.name in ("points_inc", "curriculum_every", "loops_every", "eval_every") else 1
         if f.type in (int, "int") and "seed" not in f.name and getattr(cfg, f.name) < low:
             raise UserError(f"{flag(f.name)} must be at least {low}, got {getattr(cfg, f.name)}")
     if not cfg.lr > 0 or not math.isfinite(cfg.lr):
@@ -463,8 +464,16 @@ def restore_model(ckpt, cfg, device):
 
 # ---------------------------------------------------------------------------- training
 
-def train_step(forward, opt, ctx, xs, ys, n_loops, n_no_grad):
+def compile_backbone(model, device):
+    """--compile: M alone, one graph for any b and n (the unrolled forward recompiled as b grew). On CUDA, where
+    kernel launches bound the step, its calls run as CUDA graphs, recorded once per shape (reduce-overhead)."""
+    model.backbone = torch.compile(model.backbone, dynamic=True, mode="reduce-overhead" if device.type == "cuda" else None)
+    return device.type == "cuda"
+
+def train_step(forward, opt, ctx, xs, ys, n_loops, n_no_grad, graphs=False):
     """One Adam step on the windowed loss; returns the loss, left on the device (no sync)."""
+    if graphs:  # CUDA graphs: the last step's graph outputs may be overwritten from here on
+        torch.compiler.cudagraph_mark_step_begin()
     with ctx:
         preds = forward(xs, ys, n_loops, n_no_grad)  # (B, min(b, T), n)
     loss = windowed_loss(preds, ys)
@@ -479,9 +488,7 @@ def setup_device(cfg):
     name = next(k for k, v in available.items() if v) if cfg.device == "auto" else cfg.device
     if not available[name.split(":")[0]]:
         raise UserError(f"--device {name} asked for, but it is not available here")
-    if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
-        name = f"cuda:{os.environ['LOCAL_RANK']}"
-    device = torch.device(name)
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if name == "cuda" and "LOCAL_RANK" in os.environ else name)  # torchrun
     if device.type == "cuda":  # TF32 matmuls: ~fp32 accuracy at tensor-core speed
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp = cfg.amp and (device.type != "cpu" or cpu_has_bf16())
@@ -536,20 +543,19 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
             say(f"resuming from step {step}")
             if rank == 0:
                 trim_log(log_path, step)  # each step logged once, whatever a crash left past the checkpoint
-        if cfg.compile:  # M alone, for any b and n: the unrolled forward recompiled (minutes on a CPU) as b grew
-            model.backbone = torch.compile(model.backbone, dynamic=True)
-        # DDP averages the gradients of the processes' half-batches: the step of the whole batch
-        forward = DistributedDataParallel(model) if world > 1 else model
+        graphs = cfg.compile and compile_backbone(model, device)  # True where its calls run as CUDA graphs
+        forward = DistributedDataParallel(model) if world > 1 else model  # the half-batches' mean gradient: the batch's
         backbone, total = count_parameters(model)
         say(f"{cfg.task}: {cfg.n_layer} layer(s) x {cfg.n_loops} loops, D {cfg.n_embd}, d {cfg.n_dims}, n {cfg.n_points} | "
             f"{backbone / 1e6:.3f}M parameters (paper convention), {total / 1e6:.3f}M total | {device} | run folder {out}")
         log = open(log_path, "a" if resume else "w") if rank == 0 else None
+        val = eval_prompts(replace(cfg, eval_prompts=256, eval_seed=cfg.eval_seed + 1), device) if cfg.eval_every else None
         last, running, signum = (time.perf_counter(), step), torch.zeros((), device=device), 0
         with stop_signals(world) as received, memory_guard(STEP_FLAGS):
             while step < cfg.steps and not signum:
                 d, n, b = curriculum(cfg, step)
                 xs, ys = TASKS[cfg.task](cfg.batch_size // world, n, cfg.n_dims, d, gen)
-                loss = train_step(forward, opt, ctx, xs, ys, b, max(b - cfg.loop_window, 0))
+                loss = train_step(forward, opt, ctx, xs, ys, b, max(b - cfg.loop_window, 0), graphs)
                 running += loss / error_normaliser(cfg.task, d)  # on the device: no sync
                 step += 1
                 signum = agreed_signal(received, world, group)  # every process stops at the same step
@@ -562,12 +568,15 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
                     mean = running.item() / (step - last[1])
                     if not math.isfinite(mean) or not all(p.isfinite().all() for p in model.parameters()):
                         kept = f"the last good checkpoint is kept in {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
-                        raise UserError(f"training diverged at step {step} (loss {mean}); lower --lr; {kept}")
+                        raise Diverged(f"training diverged at step {step} (loss {mean}); lower --lr; {kept}")
                     ms = 1000 * (time.perf_counter() - last[0]) / (step - last[1])
                     last, running = (time.perf_counter(), step), torch.zeros((), device=device)
                     say(f"step {step:6d} | loss {mean:.4f} | d {d} n {n} b {b} | {ms:.1f} ms/step")
                     if log:
                         append_line(log, dict(step=step, loss=mean, d=d, n=n, b=b, ms_per_step=ms))
+                if val and rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):  # before the checkpoint
+                    at_b = model_errors(model, replace(cfg, eval_loops=cfg.n_loops), val, ctx)["loops"][-1]
+                    append_line(log, dict(step=step, val_error=at_b.tolist()))  # a learning-curve point
                 if is_ckpt:
                     states = [gen.get_state()]
                     if world > 1:  # every process's prompt generator, for an exact resume
@@ -605,7 +614,7 @@ def finish(model, cfg, device, ctx, say=print):
 def saved_run(run_dir, given):
     """A saved run's checkpoint and config: it keeps its config; only its length and evaluation change."""
     ckpt, saved = load_checkpoint(run_dir)
-    free = {"steps", "out", "device", "log_every", "ckpt_every", "eval_prompts", "eval_loops", "n_points", "compile", "amp"}
+    free = {"steps", "out", "device", "log_every", "ckpt_every", "eval_prompts", "eval_loops", "n_points", "compile", "amp", "eval_every"}
     for name, value in given.items():
         if name not in free and value != getattr(saved, name):
             raise UserError(f"{flag(name)} {value} differs from the saved run's {getattr(saved, name)}; a saved run keeps its config")

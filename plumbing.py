@@ -33,6 +33,10 @@ class UserError(Exception):
     little memory): every command line reports it as one line and exit code 2."""
 
 
+class Diverged(UserError):
+    """Training reached a loss or a weight that is not finite (a sweep records it and goes on)."""
+
+
 class Interrupted(Exception):
     """A command stopped by SIGINT or SIGTERM: one line (empty on the processes of a torchrun job
     other than rank 0) and the signal's conventional exit code, 128 + its number."""

@@ -4,6 +4,7 @@ the ONNX export, DDP on gloo, and every command line's errors. `python -m pytest
 default set on a CPU in a few minutes; LOOPED_SLOW=1 adds the slow ones (CI runs them all)."""
 import ast
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -34,6 +35,7 @@ import plumbing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 slow = pytest.mark.skipif(not os.environ.get("LOOPED_SLOW"), reason="slow on a CPU; LOOPED_SLOW=1 runs it")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
 
 def run_cli(main, *args):
@@ -1207,6 +1209,77 @@ def test_compiled_training_compiles_twice_through_the_curriculum_and_saves_plain
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     assert set(state(cfg.out)["model"]) == set(looped.LoopedTransformer(cfg).state_dict())  # no _orig_mod.
     assert errors["loops"].isfinite().all()
+
+
+def test_learning_curve_points_are_logged_on_validation_prompts_and_leave_training_unchanged(tmp_path):
+    plain, curves = tiny_config(tmp_path / "plain"), tiny_config(tmp_path / "curves", eval_every=2)
+    looped.train(plain, quiet=True)
+    errors = looped.train(curves, quiet=True)
+    points = [r for r in map(json.loads, open(tmp_path / "curves" / "log.jsonl")) if "val_error" in r]
+    assert [r["step"] for r in points] == [2, 4, 6] and all(len(r["val_error"]) == curves.n_points for r in points)
+    test_at_b = errors["loops"][curves.n_loops - 1]  # the same model at the same b, on the test prompts
+    assert not torch.allclose(torch.tensor(points[-1]["val_error"]), test_at_b)  # other prompts
+    assert abs(torch.tensor(points[-1]["val_error"]).mean() - test_at_b.mean()) < 0.5 * test_at_b.mean()  # same task
+    a, b = state(plain.out)["model"], state(curves.out)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # evaluating on the way changed no weight
+
+
+def test_a_diverged_run_of_a_sweep_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def diverges(cfg, **kw):
+        os.makedirs(cfg.out)
+        raise plumbing.Diverged("training diverged at step 300 (loss nan); lower --lr; no checkpoint was written")
+    monkeypatch.setattr(looped, "train", diverges)
+    out = experiments.run("claim1", "standard_lr0.002", "linreg", lr=2e-3)
+    with open(os.path.join(out, "run.json")) as f:
+        record = json.load(f)
+    assert record["diverged"] == "training diverged at step 300 (loss nan)" and record["config"]["lr"] == 2e-3
+    assert not os.path.exists(os.path.join(out, "eval.json"))
+    monkeypatch.undo()  # a real divergence is a Diverged, which the command line reports as one line, exit 2
+    with pytest.raises(plumbing.Diverged, match="training diverged at step 2"):
+        looped.train(tiny_config(tmp_path / "real", lr=1e6), quiet=True)
+    assert issubclass(plumbing.Diverged, plumbing.UserError)
+
+
+@needs_cuda
+def test_cuda_graph_steps_give_eager_losses_and_weights():
+    """Five Adam steps with the backbone run as CUDA graphs (warm-up, recording, then replays) give the
+    eager steps' losses and weights, in fp32 without TF32, to float32 round-off grown over five steps."""
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = tiny_config(device="cuda")
+    xs, ys = (t.to(device) for t in draw("linreg", B=8, n=9, d=4, active=4))
+    runs = []
+    for graphs in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = looped.LoopedTransformer(cfg).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+        assert not graphs or looped.compile_backbone(model, device)  # True: CUDA graphs on CUDA
+        losses = [looped.train_step(model, opt, looped.nullcontext(), xs, ys, 6, 3, graphs).item() for _ in range(5)]
+        runs.append((torch.tensor(losses), model.state_dict()))
+    (eager, w_eager), (graph, w_graph) = runs
+    assert eager[-1] < eager[0]  # the steps did train
+    torch.testing.assert_close(graph, eager, rtol=1e-4, atol=1e-6)
+    for name in w_eager:
+        torch.testing.assert_close(w_graph[name], w_eager[name], rtol=1e-3, atol=1e-5)
+
+
+@needs_cuda
+def test_cuda_graph_training_goes_through_the_curriculum_without_recompiling(tmp_path):
+    """--compile on CUDA: b grows 3 -> 6 and n 5 -> 9, then the evaluation; two compiled graphs serve
+    them all, replayed as CUDA graphs, and the losses follow eager training's."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = tiny_config(tmp_path / "graphs", device="cuda", steps=12, loops_every=1, log_every=1, compile=True)
+    errors = looped.train(cfg, quiet=True)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert errors["loops"].isfinite().all()
+    looped.train(dataclasses.replace(cfg, compile=False, out=str(tmp_path / "eager")), quiet=True)
+    losses = [[json.loads(line)["loss"] for line in open(tmp_path / run / "log.jsonl")] for run in ("graphs", "eager")]
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-2, atol=1e-4)  # TF32 on
 
 
 def test_amp_on_a_cpu_without_native_bf16_trains_in_fp32(monkeypatch, capsys):
