@@ -18,6 +18,7 @@ Tools on top of looped.py, for any runs:
     python experiments.py compare RUN_A RUN_B --out DIR   # several runs on the same prompts, one plot
     python experiments.py ood RUN_A RUN_B --shift skewed  # the same under a distribution shift
     python experiments.py baselines --task sparse_linreg  # every classical baseline's error, no model
+    python experiments.py probe RUN_DIR                   # what linear probes read from the loop state
 
 Citations, as in looped.py: [LT] the authors' code, https://github.com/Leiay/looped_transformer;
 [G] Garg et al.'s, https://github.com/dtsip/in-context-learning.
@@ -222,21 +223,27 @@ CLAIMS = {  # claim: [(run name, task, overrides)]
     "claim3": [("tree_looped", "decision_tree", {}), ("tree_standard", "decision_tree", STANDARD),
                ("relu_looped", "relu_2nn", {}), ("relu_standard", "relu_2nn", STANDARD)],
     "claim4": [("T5", "linreg", dict(loop_window=5)), ("T3", "linreg", dict(loop_window=3)),
-               ("T1", "linreg", dict(loop_window=1))],  # T = 10 is claim1's looped run
+               ("T1", "linreg", dict(loop_window=1))],  # T = 10 is claim1's looped run at lr 6e-4
 }
 
 
 def claim(name):
     for run_name, task, overrides in CLAIMS.get(name, []):
         run(name, run_name, task, **overrides)
+    if name == "claim1":  # each model at its best learning rate, with another seed: what a user should expect
+        for model in MODELS:
+            folder = best_run("claim1", model)
+            if folder:
+                cfg = read_run(folder)[0]
+                run(name, f"{os.path.basename(folder)}_seed43", cfg.task, **{**config_overrides(cfg), "seed": 43})
     if name == "claim4":  # gradient descent and Newton on the same test prompts, iteration by iteration
         cfg = looped.make_config("linreg")
         solvers = solver_errors(looped.eval_prompts(cfg, torch.device("cpu")), cfg.eval_loops)
         plumbing.write_json(os.path.join(RESULTS, "claim4", "solvers.json"),
                           {"machine": bench.machine(), **{k: v.tolist() for k, v in solvers.items()}})
-    if name == "claim5":  # every shift, on claim1's two runs (their checkpoints)
-        runs = [os.path.join(RESULTS, "claim1", r) for r in ("looped", "standard")]
-        if not all(os.path.isfile(os.path.join(r, "ckpt.pt")) for r in runs):
+    if name == "claim5":  # every shift, on claim1's two models at their best learning rates (their checkpoints)
+        runs = [best_run("claim1", model) for model in MODELS]
+        if not all(r and os.path.isfile(os.path.join(r, "ckpt.pt")) for r in runs):
             raise plumbing.UserError("claim5 evaluates claim1's trained runs: run python experiments.py claim1 first")
         for shift in GARG_SHIFTS:
             named, _ = compare(runs, os.path.join(RESULTS, "claim5", "figures"), shift=shift)
@@ -249,6 +256,112 @@ def save_errors(path, named, **meta):
               "runs": {name: {"config": looped.asdict(c), **{k: v.tolist() for k, v in e.items()}} for name, c, e in named}}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     plumbing.write_json(path, record)
+
+
+# ---------------------------------------------------------------------------- probes of the loop state
+# Does the loop compute an iterative solver? After each iteration t, a linear probe (closed-form
+# ridge) reads a quantity of the in-context data from the loop state Y_t, fitted on half of fresh
+# prompts and scored on the other half. [LT]'s `scripts/model_probe.py` probes the loop state too.
+
+
+def probe_r2(fit_x, fit_y, test_x, test_y, alpha=1e-3):
+    """R^2 on (test_x, test_y) of a ridge map with intercept fitted on (fit_x, fit_y), all (P, features):
+    1 for a target that is a linear function of the state, about 0 (or below) for one that is not."""
+    mean_x, mean_y = fit_x.mean(0), fit_y.mean(0)
+    X, Y = (fit_x - mean_x).double(), (fit_y - mean_y).double()
+    ridge = alpha * X.pow(2).sum(0).mean() * torch.eye(X.shape[1], dtype=X.dtype)  # relative to the states' scale
+    W = torch.linalg.solve(X.T @ X + ridge, X.T @ Y)
+    pred = (test_x - mean_x).double() @ W + mean_y.double()
+    return 1 - ((pred - test_y).pow(2).sum() / (test_y - test_y.mean(0)).pow(2).sum()).item()
+
+
+def solver_weights(xs, ys, steps):
+    """For the last query, from the n - 1 pairs before it: {name: (steps, P, d)} the least-squares
+    solution, X^T y / k (one gradient step from 0, up to scale), and the iterates of gradient descent
+    and Newton's iteration, w_t after t steps as baselines.py runs them."""
+    X, y = xs[:, :-1].double(), ys[:, :-1].double()
+    G, c = X.transpose(1, 2) @ X, (X.transpose(1, 2) @ y[..., None])[..., 0]  # (P, d, d), (P, d)
+    top = torch.linalg.eigvalsh(G)[..., -1].clamp(min=1e-12)[:, None]  # (P, 1)
+    w, M, gd, newton = torch.zeros_like(c), G / top[..., None] ** 2, [], []
+    for _ in range(steps):
+        w = w - ((G @ w[..., None])[..., 0] - c) / top
+        M = 2 * M - M @ G @ M
+        gd.append(w)
+        newton.append((M @ c[..., None])[..., 0])
+    ols = torch.linalg.lstsq(G, c[..., None], driver="gelsd").solution[..., 0]
+    return {"least squares": ols.expand(steps, *ols.shape), "X^T y / k": (c / X.shape[1]).expand(steps, *c.shape),
+            "gradient descent iterate t": torch.stack(gd), "Newton iterate t": torch.stack(newton)}
+
+
+@torch.no_grad()
+def probe(run_dir, prompts=2048, loops=None):
+    """Probe a linear-regression run's loop state after each iteration; writes results/probe/RUN.json and
+    figures/probe_RUN.png, prints a table. Fresh prompts (seed eval_seed + 2): half fit, half score."""
+    ckpt, cfg = looped.load_checkpoint(run_dir)
+    if cfg.task not in ("linreg", "noisy_linreg") or cfg.n_loops == 1:
+        raise plumbing.UserError(f"{run_dir}: probes need a looped linear-regression run (this one: {looped.describe(cfg)}, {cfg.task})")
+    loops = loops or 2 * cfg.n_loops
+    model = looped.restore_model(ckpt, cfg, torch.device("cpu")).eval()
+    xs, ys = looped.TASKS[cfg.task](prompts, cfg.n_points, cfg.n_dims, cfg.n_dims,
+                                    torch.Generator().manual_seed(cfg.eval_seed + 2))
+    P = model.embed(xs, ys)
+    Y, states, preds = torch.zeros_like(P), {"last x token": [], "mean over tokens": []}, []
+    for _ in range(loops):
+        Y = model.iterate(Y, P)
+        states["last x token"].append(Y[:, -2])  # the token whose read-out predicts the last y
+        states["mean over tokens"].append(Y.mean(1))
+        preds.append(model.read(Y)[:, -1])
+    targets, half = solver_weights(xs, ys, loops), prompts // 2
+    r2 = {where: {name: [probe_r2(s[:half], target[t, :half], s[half:], target[t, half:]) for t, s in enumerate(states[where])]
+                  for name, target in targets.items()} for where in states}
+    preds, norm = torch.stack(preds, 1), looped.error_normaliser(cfg.task, cfg.n_dims)  # (P, t)
+    gap = {name: ((iterates(xs, ys, loops)[:, :, -1] - preds).pow(2).mean(0) / norm).tolist()
+           for name, iterates in baselines.ITERATES.items()}
+    name = os.path.basename(os.path.normpath(run_dir))
+    record = {"command": f"python experiments.py probe {run_dir}", "run": run_dir, "config": looped.asdict(cfg),
+              "machine": bench.machine(), "torch": torch.__version__, "prompts": prompts, "loops": loops, "r2": r2,
+              "prediction gap": gap, "error": ((preds - ys[:, -1:]).pow(2).mean(0) / norm).tolist()}
+    os.makedirs(os.path.join(RESULTS, "probe"), exist_ok=True)
+    plumbing.write_json(os.path.join(RESULTS, "probe", f"{name}.json"), record, indent=1)
+    plot_probe(record, os.path.join(FIGURES, f"probe_{name}.png"))
+    print(probe_table(record))
+    return record
+
+
+def probe_table(record):
+    """Markdown: the probes' R^2 at a few iterations, and the prediction's distance from the solvers'."""
+    b, loops = record["config"]["n_loops"], record["loops"]
+    ts = sorted({1, 2, 5, b // 2, b, loops} & set(range(1, loops + 1)))
+    rows = [[f"R^2, {target}, {where}", *(curve[t - 1] for t in ts)] for where, by in record["r2"].items() for target, curve in by.items()]
+    rows += [[f"gap to the {name} prediction after t steps", *(curve[t - 1] for t in ts)] for name, curve in record["prediction gap"].items()]
+    rows += [["the model's error at the last position", *(record["error"][t - 1] for t in ts)]]
+    return markdown(["after loop iteration t", *map(str, ts)], rows)
+
+
+def plot_probe(record, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    t = range(1, record["loops"] + 1)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, target in enumerate(record["r2"]["last x token"]):
+        for where, ls in (("last x token", "-"), ("mean over tokens", "--")):
+            a.plot(t, record["r2"][where][target], ls, color=f"C{i}", label=f"{target}, {where}")
+    a.set(xlabel="loop iteration t", ylabel="probe R^2 (held-out prompts)", ylim=(-0.1, 1.02),
+          title="what a linear probe reads from the loop state")
+    for i, (name, curve) in enumerate(record["prediction gap"].items()):
+        b.semilogy(t, curve, color=f"C{i}", label=f"model vs {name} after t steps")
+    b.semilogy(t, record["error"], "k", label="model's error")
+    b.axvline(record["config"]["n_loops"], color="gray", ls=":", lw=1)
+    b.set(xlabel="loop iteration t (dotted: trained b)", ylabel="normalised squared difference, last position",
+          title="the read-out against the solvers")
+    for ax in (a, b):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with plumbing.atomic(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------- baselines alone
@@ -282,11 +395,9 @@ PAPER = {"claim1": "at k = 10, 20, 40 (d = 20): standard 0.519, 0.0204, 0.00048;
                    "them much as least squares does"}
 
 
-CAVEATS = {"claim1": "The standard model is trained at the looped model's laptop learning rate (6e-4), with nothing "
-                      "tuned for it, and 6000 steps are 1.2% of the paper's budget: this compares the two at one "
-                      "setting, not at their best. A learning-rate sweep for both is the fair test; it is not run yet.",
-           "claim2": "As in claim1, the standard model's learning rate is the looped model's. At d = 5 with s = 3 the "
-                     "weights are barely sparse, so Lasso has little to gain over least squares here."}
+CAVEATS = {"claim1": "Each model is compared at its own best learning rate, picked on validation prompts, with one "
+                      "seed per learning rate; 6000 steps are 1.2% of the paper's budget, at d = 5 rather than 20.",
+           "claim2": "At d = 5 with s = 3 the weights are barely sparse, so Lasso has little to gain over least squares here."}
 
 
 FINDINGS = {"match": "the two matching (within 25%)", "looped ahead": "the looped model ahead",
@@ -294,12 +405,40 @@ FINDINGS = {"match": "the two matching (within 25%)", "looped ahead": "the loope
 
 
 def read_run(folder):
-    """(cfg, errors as tensors, run record) of a claim's run folder."""
+    """(cfg, errors as tensors or None for a run that diverged, run record) of a claim's run folder."""
     with open(os.path.join(folder, "run.json")) as f:
         record = json.load(f)
-    with open(os.path.join(folder, "eval.json")) as f:
-        errors = {k: torch.tensor(v) for k, v in json.load(f).items()}
+    errors = None
+    if "diverged" not in record:
+        with open(os.path.join(folder, "eval.json")) as f:
+            errors = {k: torch.tensor(v) for k, v in json.load(f).items()}
     return looped.make_config(**record["config"]), errors, record
+
+
+def config_overrides(cfg):
+    """A run's config as run()'s overrides, to train it again with a change."""
+    return {k: v for k, v in looped.asdict(cfg).items() if k not in ("task", "out")}
+
+
+def sweep_runs(claim, model):
+    """{lr: (folder, cfg, errors or None, validation curve [(step, error per position)])} of one model's
+    learning-rate sweep: the runs MODEL_lrLR of a claim (not their other seeds)."""
+    runs = {}
+    for folder in glob.glob(os.path.join(RESULTS, claim, f"{model}_lr*")):
+        if "_seed" not in os.path.basename(folder) and os.path.isfile(os.path.join(folder, "run.json")):
+            cfg, errors, _ = read_run(folder)
+            with open(os.path.join(folder, "log.jsonl")) as f:
+                curve = [(r["step"], r["val_error"]) for r in map(json.loads, f) if "val_error" in r]
+            runs[cfg.lr] = (folder, cfg, errors, curve)
+    return dict(sorted(runs.items()))
+
+
+def best_run(claim, model):
+    """The folder of a model's best learning rate: the lowest validation error at k = 2d at the last step
+    (prompts apart from the test prompts, so that the test stays fair to both models); None before a sweep."""
+    done = [(curve[-1][1][at_k(cfg)[-1]], folder) for folder, cfg, errors, curve in sweep_runs(claim, model).values()
+            if errors is not None and curve]
+    return min(done)[1] if done else None
 
 
 def fmt(x):
@@ -332,7 +471,7 @@ def compare_section(claim, pairs, lines):
         lines += [f"**{task}**, d = {ca.n_dims}, n = {ca.n_points}, {ca.eval_prompts} test prompts: "
                   f"{names[0]} ({looped.count_parameters(looped.LoopedTransformer(ca))[0]:,} parameters by the paper's "
                   f"count) against {names[1]} ({looped.count_parameters(looped.LoopedTransformer(cb))[0]:,}), "
-                  f"{ca.steps} steps each at lr {ca.lr:g}.", "",
+                  f"{ca.steps} steps each, at learning rates {ca.lr:g} and {cb.lr:g}.", "",
                   markdown(["k", "looped", "standard", *shown], rows), "",
                   f"![{task}: error against in-context examples](../{FIGURES}/error_vs_examples_{claim}_{task}.png)", ""]
         k = ca.n_points - 1 if task in ("decision_tree", "relu_2nn") else at_k(ca)[-1]  # where the paper reads them
@@ -344,12 +483,88 @@ def compare_section(claim, pairs, lines):
             lines += [f"**{verdict} at this scale.** The paper has {FINDINGS[expected]}: {paper}; {outcome}.", ""]
         else:
             lines += [f"The paper gives no number ({paper}); {outcome}.", ""]
-        seeds = sorted(glob.glob(os.path.join(RESULTS, claim, f"{a}_seed*", "run.json")))
-        if seeds:  # the same looped run with other seeds: what a user should expect
-            spread = [(c.seed, e["loops"][c.n_loops - 1][k].item(), e["loops"][-1][k].item())
-                      for c, e, _ in (read_run(os.path.dirname(p)) for p in [os.path.join(RESULTS, claim, a, "run.json"), *seeds])]
-            lines += [f"The looped model at k = {k} over seeds (at b = {ca.n_loops} loops, and at {ca.eval_loops}): "
-                      + "; ".join(f"seed {s}: {fmt(x)}, {fmt(y)}" for s, x, y in spread) + ".", ""]
+        for run_name, c in ((a, ca), (b, cb)):  # the same run with other seeds: what a user should expect
+            seeds = sorted(glob.glob(os.path.join(RESULTS, claim, f"{run_name}_seed*")))
+            if seeds:
+                spread = [(c.seed, e["loops"][c.n_loops - 1][k].item(), e["loops"][-1][k].item())
+                          for c, e, _ in map(read_run, [os.path.join(RESULTS, claim, run_name), *seeds])]
+                at = f"at b = {c.n_loops} loops, and at {c.eval_loops}" if c.eval_loops > c.n_loops else "at its one pass"
+                lines += [f"The {looped.describe(c)} at k = {k} over seeds ({at}): " + "; ".join(
+                    f"seed {s}: {fmt(x)}" + (f", {fmt(y)}" if c.eval_loops > c.n_loops else "") for s, x, y in spread) + ".", ""]
+
+
+def sweep_section(claim, lines):
+    """The learning-rate sweep of both models: a table, the error against the learning rate, and the
+    learning curves. Returns each model's best run (by validation prompts), or None before the sweep."""
+    sweeps = {model: sweep_runs(claim, model) for model in MODELS}
+    best = {model: best_run(claim, model) for model in MODELS}
+    if not all(best.values()):
+        return None
+    cfg = next(iter(sweeps["looped"].values()))[1]
+    ks, k = at_k(cfg), at_k(cfg)[-1]
+    rows = []
+    for model, runs in sweeps.items():
+        for lr, (folder, c, errors, curve) in runs.items():
+            name = model + " (best)" * (folder == best[model])
+            if errors is None:
+                rows.append([f"{lr:g}", name, "diverged", *["-"] * len(ks)])
+            else:
+                rows.append([f"{lr:g}", name, curve[-1][1][k], *(errors["loops"][c.n_loops - 1][j].item() for j in ks)])
+    lines += [f"Both models trained at each of {len(sweeps['looped'])} learning rates, with everything else the same "
+              f"({cfg.steps} steps, batch {cfg.batch_size}, the same prompts and curriculum). Each model's best "
+              f"learning rate is the one with the lowest error at k = {k} on 256 validation prompts at the last step, "
+              f"drawn apart from the {cfg.eval_prompts} test prompts that the table's other columns and the comparison "
+              f"below use.", "",
+              markdown(["lr", "model", f"validation, k = {k}", *(f"test, k = {j}" for j in ks)], rows), "",
+              f"![test error against learning rate](../{FIGURES}/lr_sweep_{claim}.png)", "",
+              f"![validation error against training step](../{FIGURES}/learning_curves_{claim}.png)", ""]
+    plot_sweep(sweeps, best, k, claim)
+    return [os.path.basename(best[model]) for model in MODELS]
+
+
+def plot_sweep(sweeps, best, k, claim):
+    """Two figures of a sweep: test error at k against learning rate, one line per model; validation
+    error at k against training step, one panel per model, one line per learning rate."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, (model, runs) in enumerate(sweeps.items()):
+        done = [(lr, r[2]["loops"][r[1].n_loops - 1][k].item()) for lr, r in runs.items() if r[2] is not None]
+        ax.loglog(*zip(*done), "o-", color=f"C{i}", label=looped.describe(next(iter(runs.values()))[1]))
+        ax.plot(*zip(*[(lr, e) for lr, e in done if runs[lr][0] == best[model]]), "*", ms=16, color=f"C{i}")
+        for lr in [lr for lr, r in runs.items() if r[2] is None]:
+            ax.axvline(lr, color=f"C{i}", ls=":", label=f"{model} diverged at lr {lr:g}")
+    ax.set(xlabel="Adam learning rate", ylabel=f"normalised squared error at k = {k} (test)",
+           title="learning-rate sweep (star: best by validation prompts)")
+    figures = [(fig, [ax], f"lr_sweep_{claim}")]
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(11, 4.2), sharey=True)
+    for ax, (model, runs) in zip(axes, sweeps.items()):
+        for i, (lr, (folder, c, errors, curve)) in enumerate(runs.items()):
+            ax.semilogy([s for s, _ in curve], [e[k] for _, e in curve], color=f"C{i}", lw=2.5 if folder == best[model] else 1.2,
+                        label=f"lr {lr:g}" + " (best)" * (folder == best[model]) + " (diverged)" * (errors is None))
+        ax.set(title=looped.describe(c), xlabel="training step", ylabel=f"validation error at k = {k}")
+    figures.append((fig, axes, f"learning_curves_{claim}"))
+    for fig, axes, name in figures:
+        for ax in axes:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        with plumbing.atomic(os.path.join(FIGURES, f"{name}.png")) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+        plt.close(fig)
+
+
+def learning_rate_caveat(claim, pairs):
+    """For a claim not swept: whether its models trained at the learning rates claim1's sweep found best."""
+    best = {model: best_run("claim1", model) for model in MODELS}
+    if claim == "claim1" or not all(best.values()):
+        return []
+    best_lr = {model: read_run(best[model])[0].lr for model in MODELS}
+    used = {"looped": {read_run(os.path.join(RESULTS, claim, a))[0].lr for _, a, *_ in pairs},
+            "standard": {read_run(os.path.join(RESULTS, claim, b))[0].lr for _, _, b, *_ in pairs}}
+    off = [f"the {model} model trained at lr {', '.join(f'{lr:g}' for lr in sorted(used[model]))}, where claim1's sweep "
+           f"found {best_lr[model]:g} best on linear regression" for model in MODELS if used[model] != {best_lr[model]}]
+    return [f"Not swept here: {'; '.join(off)}.", ""] if off else []
 
 
 def write_report():
@@ -367,13 +582,14 @@ def write_report():
             with open(path) as f:
                 r = json.load(f)
             c = looped.make_config(**r["config"])
-            rows.append([os.path.dirname(path), c.task, looped.describe(c), c.steps,
-                         f"{r['seconds'] / 60:.1f} min", r["machine"], r["threads"], r["torch"]])
+            rows.append([os.path.dirname(path), c.task, looped.describe(c), f"{c.lr:g}", c.steps,
+                         f"{r['seconds'] / 60:.1f} min" + (" (diverged)" if "diverged" in r else ""),
+                         r["machine"], r["threads"], r["torch"]])
         lines += ["## Runs", "", "Wall time: training and evaluation, as `run` measured it; runs made side by side "
                   "with one thread each took longer than one alone would.", "",
-                  markdown(["run", "task", "model", "steps", "wall time", "machine", "threads", "torch"], rows), ""]
+                  markdown(["run", "task", "model", "lr", "steps", "wall time", "machine", "threads", "torch"], rows), ""]
     sections = [("claim1", "Linear regression: the looped model against the 12-layer transformer",
-                 [("linreg", "looped", "standard", "match", "0.00078 against 0.00048 at k = 40, d = 20")]),
+                 [("linreg", "looped_lr*", "standard_lr*", "match", "0.00078 against 0.00048 at k = 40, d = 20")]),
                 ("claim2", "Sparse linear regression",
                  [("sparse_linreg", "looped", "standard", "looped ahead", "0.00061 against 0.0017 at k = 40, d = 20")]),
                 ("claim3", "Decision trees and ReLU networks",
@@ -381,13 +597,18 @@ def write_report():
                   ("relu_2nn", "relu_looped", "relu_standard", "match", "0.180 against 0.170 at k = 100, d = 20")])]
     for claim_name, title, pairs in sections:
         lines += [f"## {claim_name}: {title}", "", f"The paper: {PAPER[claim_name]}.", ""]
+        if claim_name == "claim1":  # the sweep, then each model at its best learning rate
+            best = sweep_section("claim1", lines)
+            pairs = [(pairs[0][0], *best, *pairs[0][3:])] if best else pairs
         if all(os.path.isfile(os.path.join(RESULTS, claim_name, r, "run.json")) for _, a, b, *_ in pairs for r in (a, b)):
             compare_section(claim_name, pairs, lines)
-            lines += [CAVEATS[claim_name], ""] if claim_name in CAVEATS else []
+            lines += [CAVEATS[claim_name], ""] if CAVEATS.get(claim_name) else []
+            lines += learning_rate_caveat(claim_name, pairs)
         else:
             lines += [f"Not run yet: `python experiments.py {claim_name}`.", ""]
     window_section(lines)
     shift_section(lines)
+    probe_section(lines)
     tables_section(lines, "Classical baselines at the paper's scale", "baselines_*.json",
                    "The paper (d = 20, 1280 prompts): least squares 0.515 at k = 10; at k = 40 3-NN ~0.71, averaging "
                    "~0.53; sparse regression: Lasso 0.0498 at k = 10, 0.00013 at k = 40.")
@@ -399,7 +620,7 @@ def write_report():
 
 def window_section(lines):
     lines += ["## claim4: the loop settles past b; the window T", "", f"The paper: {PAPER['claim4']}.", ""]
-    folders = [os.path.join(RESULTS, "claim1", "looped")] + [os.path.join(RESULTS, "claim4", f"T{t}") for t in (5, 3, 1)]
+    folders = [os.path.join(RESULTS, "claim1", "looped_lr0.0006")] + [os.path.join(RESULTS, "claim4", f"T{t}") for t in (5, 3, 1)]
     if not all(os.path.isfile(os.path.join(f, "run.json")) for f in folders):
         lines += ["Not run yet: `python experiments.py claim1 && python experiments.py claim4`.", ""]
         return
@@ -453,6 +674,23 @@ def shift_section(lines):
               + (f"; not under {', '.join(behind)} (a NaN, where no query exists, counts as not ahead)." if behind else "."), ""]
 
 
+def probe_section(lines):
+    files = sorted(glob.glob(os.path.join(RESULTS, "probe", "*.json")))
+    if files:
+        lines += ["## What the loop computes: linear probes of the loop state", "",
+                  "After each loop iteration t, a ridge probe (fitted on half of fresh prompts, R^2 on the other half) "
+                  "reads a quantity of the in-context data for the last query from the loop state: at the token whose "
+                  "read-out predicts the last y, or averaged over all tokens. The gaps compare the model's prediction "
+                  "after t loops with gradient descent's and Newton's after t steps, normalised like the error.", ""]
+    for path in files:
+        with open(path) as f:
+            record = json.load(f)
+        name = os.path.splitext(os.path.basename(path))[0]
+        lines += [f"`{record['command']}` on {record['machine']}, torch {record['torch']}, {record['prompts']} prompts:", "",
+                  probe_table(record), "", f"![probes of {name}](../{FIGURES}/probe_{name}.png)", ""]
+        plot_probe(record, os.path.join(FIGURES, f"probe_{name}.png"))
+
+
 def tables_section(lines, title, pattern, note=""):
     """Saved tables (bench.Table.save) under a heading."""
     files = sorted(glob.glob(os.path.join(RESULTS, pattern)))
@@ -485,6 +723,10 @@ def main(argv=None):
     p.add_argument("--out", help="folder for the figures (default runs/compare_TASK)")
     p.add_argument("--eval_loops", type=int, help="loop iterations to run (default: each run's own)")
     p.add_argument("--shift", help=f"Garg et al.'s shifted prompts for linear regression: {', '.join(SHIFTS)}")
+    p = sub.add_parser("probe", help="linear probes of a looped run's loop state, iteration by iteration")
+    p.add_argument("run", metavar="RUN_DIR", help="a looped linear-regression run folder (with ckpt.pt)")
+    p.add_argument("--prompts", type=int, default=2048, help="fresh prompts, half to fit the probes, half to score them")
+    p.add_argument("--loops", type=int, help="iterations to probe (default 2b)")
     p = sub.add_parser("baselines", help="every baseline's error at chosen k, no model (paper scale by default)")
     p.add_argument("--task", default="linreg", help=f"function class: {', '.join(looped.TASKS)}")
     p.add_argument("--n_dims", type=int, default=20, help="d (paper: 20)")
@@ -515,6 +757,10 @@ def main(argv=None):
         with plumbing.memory_guard("--prompts, --n_points or --n_dims"):
             baseline_table(args.task, d, n, args.prompts, ks, args.seed, args.only or baselines.TASK_BASELINES[args.task],
                            args.save)
+    elif args.command == "probe":
+        if args.prompts < 4 or (args.loops is not None and args.loops < 1):
+            raise plumbing.UserError("--prompts must be at least 4 and --loops at least 1")
+        probe(args.run, args.prompts, args.loops)
     elif args.command == "report":
         write_report()
     else:

@@ -668,26 +668,72 @@ def test_baselines_table_at_paper_scale_agrees_with_the_paper(capsys):
 
 def test_claim_runs_are_recorded_kept_and_reported(tmp_path, monkeypatch):
     """A claim trains its runs once (a second call keeps them), records run.json with the machine,
-    and report writes the same results.md twice from those files alone."""
+    and report writes the same results.md twice from those files alone. claim1 is a learning-rate
+    sweep of both models: each model's best by the validation prompts, then trained with another seed."""
     monkeypatch.chdir(tmp_path)
-    small = dict(n_dims=4, n_points=9, n_embd=32, n_head=2, steps=4, log_every=2, ckpt_every=4, eval_prompts=16)
-    monkeypatch.setitem(experiments.CLAIMS, "claim1", [("looped", "linreg", dict(small, n_loops=6, loop_window=3)),
-                                                       ("standard", "linreg", dict(small, n_layer=2, n_loops=1, eval_loops=1))])
+    small = dict(n_dims=4, n_points=9, n_embd=32, n_head=2, steps=4, log_every=2, ckpt_every=4, eval_prompts=16, eval_every=2)
+    models = {"looped": dict(small, n_loops=6, loop_window=3), "standard": dict(small, n_layer=2, n_loops=1, eval_loops=1)}
+    monkeypatch.setattr(experiments, "MODELS", models)
+    monkeypatch.setitem(experiments.CLAIMS, "claim1", [(f"{m}_lr{lr:g}", "linreg", dict(o, lr=lr))
+                                                       for lr in (1e-3, 3e-3) for m, o in models.items()])
     experiments.claim("claim1")
-    record = json.load(open("results/claim1/looped/run.json"))
+    record = json.load(open("results/claim1/looped_lr0.001/run.json"))
     assert record["machine"] == bench.machine() and record["config"]["steps"] == 4 and record["seconds"] > 0
-    before = os.path.getmtime("results/claim1/looped/eval.json")
+    before = os.path.getmtime("results/claim1/looped_lr0.001/eval.json")
     experiments.claim("claim1")
-    assert os.path.getmtime("results/claim1/looped/eval.json") == before  # kept, not trained again
-    os.remove("results/claim1/standard/run.json")  # as if interrupted after its last checkpoint
+    assert os.path.getmtime("results/claim1/looped_lr0.001/eval.json") == before  # kept, not trained again
+    os.remove("results/claim1/standard_lr0.001/run.json")  # as if interrupted after its last checkpoint
     experiments.claim("claim1")  # continues from the checkpoint: nothing to train, evaluated again
-    assert json.load(open("results/claim1/standard/run.json"))["resumed_at_step"] == 4
+    assert json.load(open("results/claim1/standard_lr0.001/run.json"))["resumed_at_step"] == 4
+    for model in models:  # the best: the lowest validation error at k = 2d = 8 at the last step
+        val = {lr: [json.loads(line) for line in open(f"results/claim1/{model}_lr{lr:g}/log.jsonl")][-1]["val_error"][8]
+               for lr in (1e-3, 3e-3)}
+        best = f"results/claim1/{model}_lr{min(val, key=val.get):g}"
+        assert experiments.best_run("claim1", model) == best
+        assert json.load(open(f"{best}_seed43/run.json"))["config"]["seed"] == 43
     experiments.write_report()
     first = open("docs/results.md").read()
     experiments.write_report()
     assert open("docs/results.md").read() == first
     assert "## claim1" in first and "Not run yet: `python experiments.py claim2`" in first
-    assert os.path.isfile("figures/error_vs_examples_claim1_linreg.png")
+    assert "| 0.003 | standard" in first and "over seeds" in first
+    for figure in ("error_vs_examples_claim1_linreg", "lr_sweep_claim1", "learning_curves_claim1"):
+        assert os.path.isfile(f"figures/{figure}.png")
+
+
+def test_a_probe_reads_a_linear_function_of_the_state_and_not_noise():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(2000, 5, generator=gen)
+    mix = torch.randn(5, 32, generator=gen)
+    states = w @ mix + 0.01 * torch.randn(2000, 32, generator=gen) + 3.0  # a known linear map, offset
+    assert experiments.probe_r2(states[:1000], w[:1000], states[1000:], w[1000:]) > 0.99
+    noise = torch.randn(2000, 32, generator=gen)
+    assert abs(experiments.probe_r2(noise[:1000], w[:1000], noise[1000:], w[1000:])) < 0.1
+
+
+def test_solver_weights_follow_gradient_descent_and_newton_to_least_squares():
+    xs, ys = draw("linreg", B=16, n=12, d=4, active=4)
+    targets = experiments.solver_weights(xs, ys, 300)
+    ols = targets["least squares"][0]
+    torch.testing.assert_close(targets["Newton iterate t"][-1], ols, rtol=1e-6, atol=1e-8)
+    assert (targets["gradient descent iterate t"][-1] - ols).abs().max() < 1e-3 < (targets["gradient descent iterate t"][0] - ols).abs().max()
+    pred = (targets["gradient descent iterate t"][:100].float() * xs[None, :, -1]).sum(-1).T  # (B, 100): as baselines runs it
+    torch.testing.assert_close(pred, baselines.gradient_descent_iterates(xs, ys, 100)[:, :, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_probe_command_writes_its_record_and_the_report_shows_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(tmp_path / "run")
+    looped.train(cfg, quiet=True)
+    record = experiments.probe(cfg.out, prompts=64, loops=4)
+    assert len(record["r2"]["last x token"]["least squares"]) == 4 and len(record["error"]) == 4
+    assert os.path.isfile("results/probe/run.json") and os.path.isfile("figures/probe_run.png")
+    experiments.write_report()
+    assert "linear probes of the loop state" in open("docs/results.md").read()
+    bad = tiny_config(tmp_path / "tree", task="decision_tree")
+    looped.train(bad, quiet=True)
+    r = run_cli(experiments.main, "probe", bad.out)
+    assert r.returncode == 2 and "probes need a looped linear-regression run" in r.stderr  # one line
 
 
 # ---------------------------------------------------------------------------- nothing lost
