@@ -19,6 +19,7 @@ Tools on top of looped.py, for any runs:
     python experiments.py ood RUN_A RUN_B --shift skewed  # the same under a distribution shift
     python experiments.py baselines --task sparse_linreg  # every classical baseline's error, no model
     python experiments.py probe RUN_DIR                   # what linear probes read from the loop state
+    python experiments.py adaptive RUN_DIR                # a loop that stops when it has converged
 
 Citations, as in looped.py: [LT] the authors' code, https://github.com/Leiay/looped_transformer;
 [G] Garg et al.'s, https://github.com/dtsip/in-context-learning.
@@ -364,6 +365,88 @@ def plot_probe(record, path):
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------- adaptive depth
+# The paper's users pick the loop count; export.wrappers' UntilConverged lets the model decide: a
+# prompt stops when its predictions (or its loop state) change by less than a tolerance.
+
+TOLERANCES = [0.1, 0.03, 0.01, 0.003, 0.001]
+
+
+@torch.no_grad()
+def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
+    """Error against compute of adaptive depth on a run's test prompts, both stopping signals and every
+    tolerance against the fixed b; writes results/adaptive/RUN.json and figures/adaptive_RUN.png."""
+    import export
+    model, cfg = export.load_model(run_dir)
+    if cfg.n_loops == 1:
+        raise plumbing.UserError(f"{run_dir} is not a looped model: there is no loop to stop")
+    max_loops = max_loops or cfg.eval_loops
+    xs, ys, norm = looped.eval_prompts(cfg, torch.device("cpu"))
+    fixed = looped.model_errors(model, cfg, (xs, ys, norm))["loops"][cfg.n_loops - 1]
+    rows = {f"fixed b = {cfg.n_loops}": {"error": fixed.tolist(), "mean loops": cfg.n_loops, "max loops": cfg.n_loops}}
+    for signal in ("prediction", "state"):
+        for tol in tolerances:
+            t0 = time.perf_counter()
+            preds, loops = export.wrappers()[2](model, tol, max_loops, signal)(xs, ys)
+            rows[f"{signal}, tol {tol:g}"] = {"signal": signal, "tol": tol, "error": ((preds - ys).pow(2).mean(0) / norm).tolist(),
+                                              "mean loops": loops.float().mean().item(), "max loops": loops.max().item(),
+                                              "seconds": time.perf_counter() - t0}
+    name = os.path.basename(os.path.normpath(run_dir))
+    record = {"command": f"python experiments.py adaptive {run_dir}", "config": looped.asdict(cfg), "machine": bench.machine(),
+              "torch": torch.__version__, "max_loops": max_loops, "rows": rows}
+    os.makedirs(os.path.join(RESULTS, "adaptive"), exist_ok=True)
+    plumbing.write_json(os.path.join(RESULTS, "adaptive", f"{name}.json"), record, indent=1)
+    plot_adaptive(record, os.path.join(FIGURES, f"adaptive_{name}.png"))
+    print(adaptive_table(record))
+    return record
+
+
+def adaptive_table(record):
+    cfg = looped.make_config(**record["config"])
+    ks = at_k(cfg)
+    rows = [[name, *(r["error"][k] for k in ks), f"{r['mean loops']:.1f}", r["max loops"]] for name, r in record["rows"].items()]
+    return markdown(["stopping rule", *(f"k = {k}" for k in ks), "mean loops", "max loops"], rows)
+
+
+def plot_adaptive(record, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cfg = looped.make_config(**record["config"])
+    k = at_k(cfg)[-1]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, signal in enumerate(("prediction", "state")):
+        rows = [r for r in record["rows"].values() if r.get("signal") == signal]
+        ax.plot([r["mean loops"] for r in rows], [r["error"][k] for r in rows], "o-", color=f"C{i}", label=f"stop on the {signal}")
+        for r in rows:
+            ax.annotate(f"{r['tol']:g}", (r["mean loops"], r["error"][k]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    fixed = next(iter(record["rows"].values()))
+    ax.plot([fixed["mean loops"]], [fixed["error"][k]], "k*", ms=14, label=f"fixed b = {cfg.n_loops}")
+    ax.set(xscale="log", yscale="log", xlabel="mean loops per prompt", ylabel=f"normalised squared error at k = {k}",
+           title=f"adaptive depth (labels: tolerance; at most {record['max_loops']} loops)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with plumbing.atomic(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def adaptive_section(lines):
+    files = sorted(glob.glob(os.path.join(RESULTS, "adaptive", "*.json")))
+    if files:
+        lines += ["## Adaptive depth: a loop that stops when it has converged", "",
+                  "Each test prompt runs until the relative change of its predictions (or of its loop state) between "
+                  "two iterations falls below the tolerance, then freezes; the same rule as `export.py --until-converged`.", ""]
+    for path in files:
+        with open(path) as f:
+            record = json.load(f)
+        name = os.path.splitext(os.path.basename(path))[0]
+        lines += [f"`{record['command']}` on {record['machine']}, torch {record['torch']}:", "", adaptive_table(record), "",
+                  f"![adaptive depth of {name}](../{FIGURES}/adaptive_{name}.png)", ""]
+        plot_adaptive(record, os.path.join(FIGURES, f"adaptive_{name}.png"))
+
+
 # ---------------------------------------------------------------------------- baselines alone
 
 
@@ -609,6 +692,7 @@ def write_report():
     window_section(lines)
     shift_section(lines)
     probe_section(lines)
+    adaptive_section(lines)
     tables_section(lines, "Classical baselines at the paper's scale", "baselines_*.json",
                    "The paper (d = 20, 1280 prompts): least squares 0.515 at k = 10; at k = 40 3-NN ~0.71, averaging "
                    "~0.53; sparse regression: Lasso 0.0498 at k = 10, 0.00013 at k = 40.")
@@ -727,6 +811,10 @@ def main(argv=None):
     p.add_argument("run", metavar="RUN_DIR", help="a looped linear-regression run folder (with ckpt.pt)")
     p.add_argument("--prompts", type=int, default=2048, help="fresh prompts, half to fit the probes, half to score them")
     p.add_argument("--loops", type=int, help="iterations to probe (default 2b)")
+    p = sub.add_parser("adaptive", help="adaptive depth: error and loops used for several tolerances, against fixed b")
+    p.add_argument("run", metavar="RUN_DIR", help="a looped.py run folder (with ckpt.pt)")
+    p.add_argument("--tolerances", type=float, nargs="+", default=TOLERANCES, help="relative changes to stop at")
+    p.add_argument("--max_loops", type=int, help="the most loops per prompt (default the run's --eval_loops)")
     p = sub.add_parser("baselines", help="every baseline's error at chosen k, no model (paper scale by default)")
     p.add_argument("--task", default="linreg", help=f"function class: {', '.join(looped.TASKS)}")
     p.add_argument("--n_dims", type=int, default=20, help="d (paper: 20)")
@@ -761,6 +849,10 @@ def main(argv=None):
         if args.prompts < 4 or (args.loops is not None and args.loops < 1):
             raise plumbing.UserError("--prompts must be at least 4 and --loops at least 1")
         probe(args.run, args.prompts, args.loops)
+    elif args.command == "adaptive":
+        if min(args.tolerances) <= 0 or (args.max_loops is not None and args.max_loops < 1):
+            raise plumbing.UserError("--tolerances must be positive and --max_loops at least 1")
+        adaptive(args.run, args.tolerances, args.max_loops)
     elif args.command == "report":
         write_report()
     else:

@@ -2,10 +2,13 @@
 
     python export.py RUN_DIR --loops 30 -o linreg_b30.onnx   # unrolled at 30 loop iterations
     python export.py RUN_DIR --dynamic-loops -o linreg.onnx    # the loop count is an input
+    python export.py RUN_DIR --until-converged 0.01 --max-loops 100 -o adaptive.onnx  # stops when settled
 
 The exported graph takes xs (batch, n, d) and ys (batch, n), float32, with batch and n dynamic
 (n up to the trained maximum), and returns the predictions (batch, n) after the last loop:
-entry i predicts y_i from the pairs before it. It carries its own description in the ONNX
+entry i predicts y_i from the pairs before it. An --until-converged graph is an ONNX Loop that
+stops each prompt when its predictions settle, and returns the loops each prompt used as a
+second output, "loops" (batch,) int64. It carries its own description in the ONNX
 metadata (task, d, maximum points, loops, error normaliser, training config, version).
 
 `Predictor` needs only numpy and onnxruntime: this module imports torch, onnx and looped.py
@@ -67,7 +70,8 @@ class Predictor:
             raise ValueError(f"{path} has no looped metadata: was it made by export.py?")
         self.meta = meta
         self.n_dims, self.max_points = int(meta["n_dims"]), int(meta["max_points"])
-        self.dynamic_loops = meta["n_loops"] == "dynamic"
+        self.dynamic_loops, self.adaptive = meta["n_loops"] == "dynamic", meta["n_loops"] == "adaptive"
+        self.outputs = ["preds", "loops"] if self.adaptive else ["preds"]
         self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.pool = None  # threads for the CPU shards, started on the first batch that needs them
         # With fewer prompts than cores, a wide model runs faster on all cores in one session
@@ -77,34 +81,45 @@ class Predictor:
         self.wide = (ort.InferenceSession(path, ort.SessionOptions(), providers=providers)
                      if self.device == "cpu" and wide else None)
 
-    def __call__(self, xs, ys, n_loops=None):
-        xs, ys = self.check(xs, ys)
+    def __call__(self, xs, ys, n_loops=None, return_loops=False):
+        """Predictions (B, n); with return_loops, for an --until-converged model, also the loops each
+        prompt used (B,)."""
+        if return_loops and not self.adaptive:
+            raise ValueError("only an --until-converged model reports the loops it used")
+        out = self.run(*self.check(xs, ys), n_loops)
+        return tuple(out) if return_loops else out[0]
+
+    def run(self, xs, ys, n_loops):
         feeds = {"xs": xs, "ys": ys}
         if self.dynamic_loops:
             if not isinstance(n_loops, (int, np.integer)) or n_loops < 1:
                 raise ValueError("this model takes the loop count per call: pass n_loops >= 1")
             feeds["n_loops"] = np.array(int(n_loops), dtype=np.int64)
+        elif self.adaptive and n_loops is not None:
+            raise ValueError(f"this model chooses its own loop count, at most {self.meta['max_loops']}")
         elif n_loops is not None and n_loops != int(self.meta["n_loops"]):
             raise ValueError(f"this model was exported at {self.meta['n_loops']} loops; "
                              f"export with --dynamic-loops to choose per call")
         if self.device == "cpu":  # one shard of the batch per core, each on one thread
             k = min(self.cores, len(xs))
             if k < self.cores and self.wide is not None:
-                return self.wide.run(["preds"], feeds)[0]
+                return self.wide.run(self.outputs, feeds)
             if k == 1:
-                return self.session.run(["preds"], feeds)[0]
+                return self.session.run(self.outputs, feeds)
             if self.pool is None:
                 from concurrent.futures import ThreadPoolExecutor
                 self.pool = ThreadPoolExecutor(self.cores)
-            run = lambda shard: self.session.run(["preds"], {**feeds, "xs": shard[0], "ys": shard[1]})[0]
-            return np.concatenate(list(self.pool.map(run, zip(np.array_split(xs, k), np.array_split(ys, k)))))
+            run = lambda shard: self.session.run(self.outputs, {**feeds, "xs": shard[0], "ys": shard[1]})
+            shards = list(self.pool.map(run, zip(np.array_split(xs, k), np.array_split(ys, k))))
+            return [np.concatenate(parts) for parts in zip(*shards)]
         import onnxruntime as ort
         binding = self.session.io_binding()
         for name, array in feeds.items():
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, self.device, 0))
-        binding.bind_output("preds", self.device)
+        for name in self.outputs:
+            binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return binding.copy_outputs_to_cpu()
 
     def check(self, xs, ys):
         """Inputs as float32 arrays of the right shape, or a ValueError that says what is wrong."""
@@ -160,7 +175,42 @@ def wrappers():
                                     (torch.zeros_like(n_loops), torch.zeros_like(P)))
             return self.model.read(Y)
 
-    return Unrolled, DynamicLoops
+    class UntilConverged(torch.nn.Module):
+        """Adaptive depth: iterate until the loop has converged, at most max_loops times. A prompt freezes
+        (its state, predictions and loop count stop changing) once the relative change of its predictions
+        (signal "prediction": ||p_t - p_{t-1}|| / ||p_t|| over its positions, p_0 the read-out of Y_0 = 0)
+        or of its loop state ("state": ||Y_t - Y_{t-1}|| / ||Y_t||) falls below tol; the loop ends when
+        every prompt has frozen. Freezing per prompt makes a prompt's answer independent of the rest of
+        its batch, so a batch split over cores gives the same numbers as one whole; a whole-batch stop
+        would make each answer depend on its neighbours. Returns (preds (B, n), loops used (B,) int64)."""
+
+        def __init__(self, model, tol, max_loops, signal="prediction"):
+            super().__init__()
+            self.model, self.tol, self.max_loops, self.signal = model, tol, max_loops, signal
+
+        def forward(self, xs, ys):
+            P = self.model.embed(xs, ys)  # (B, L, D)
+            Y = torch.zeros_like(P)
+            never = ys[:, 0] != ys[:, 0]  # (B,) False: no prompt has converged yet (NaN aside)
+            start = (torch.zeros((), dtype=torch.int64), Y, self.model.read(Y), never, torch.zeros_like(ys[:, 0], dtype=torch.int64))
+
+            def unfinished(t, Y, p, done, loops):
+                return (t < self.max_loops) & ~done.all()
+
+            def iteration(t, Y, p, done, loops):
+                Y_next = self.model.iterate(Y, P)
+                p_next = self.model.read(Y_next)  # (B, n)
+                if self.signal == "state":
+                    change = (Y_next - Y).flatten(1).norm(dim=1) / Y_next.flatten(1).norm(dim=1).clamp(min=1e-30)
+                else:
+                    change = (p_next - p).norm(dim=1) / p_next.norm(dim=1).clamp(min=1e-30)
+                return (t + 1, torch.where(done[:, None, None], Y, Y_next), torch.where(done[:, None], p, p_next),
+                        done | (change < self.tol), torch.where(done, loops, t + 1))
+
+            _, _, preds, _, loops = torch.while_loop(unfinished, iteration, start)
+            return preds, loops
+
+    return Unrolled, DynamicLoops, UntilConverged
 
 
 def onnx_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, **_):
@@ -189,8 +239,10 @@ def load_model(run_dir):
     return looped.restore_model(ckpt, cfg, "cpu").eval(), cfg
 
 
-def export(run_dir, out, n_loops=None, dynamic_loops=False, fp16=False, say=print):
-    """Export, write metadata, verify; returns the verification report (a dict)."""
+def export(run_dir, out, n_loops=None, dynamic_loops=False, fp16=False, say=print, until_converged=None, max_loops=None,
+           signal="prediction"):
+    """Export, write metadata, verify; returns the verification report (a dict). until_converged: the
+    tolerance of an adaptive graph (UntilConverged), run at most max_loops (default 5 b) times."""
     import logging
     import warnings
     from unittest import mock
@@ -200,13 +252,18 @@ def export(run_dir, out, n_loops=None, dynamic_loops=False, fp16=False, say=prin
     import looped
     import plumbing
     model, cfg = load_model(run_dir)
-    if not dynamic_loops:
+    adaptive = until_converged is not None
+    if adaptive:
+        max_loops = max_loops or 5 * cfg.n_loops
+        if not (until_converged > 0 and max_loops >= 1):
+            raise plumbing.UserError("--until-converged must be positive and --max-loops at least 1")
+    elif not dynamic_loops:
         n_loops = n_loops or cfg.n_loops
         if n_loops < 1:
             raise plumbing.UserError(f"--loops must be at least 1, got {n_loops}")
     check_writable(out)
     max_points = cfg.n_positions
-    Unrolled, DynamicLoops = wrappers()
+    Unrolled, DynamicLoops, UntilConverged = wrappers()
     # Example shapes must avoid 1 (a size-1 example freezes that axis) and the maximum.
     n_example = max(2, min(cfg.n_points, max_points) - 1)
     xs, ys = looped.TASKS[cfg.task](2, n_example, cfg.n_dims, cfg.n_dims, torch.Generator().manual_seed(0))
@@ -214,6 +271,8 @@ def export(run_dir, out, n_loops=None, dynamic_loops=False, fp16=False, say=prin
     shapes = {"xs": {0: batch, 1: points}, "ys": {0: batch, 1: points}}
     if dynamic_loops:
         wrapper, args, shapes["n_loops"] = DynamicLoops(model), (xs, ys, torch.tensor(3)), None
+    elif adaptive:
+        wrapper, args = UntilConverged(model, until_converged, max_loops, signal), (xs, ys)
     else:
         wrapper, args = Unrolled(model, n_loops), (xs, ys)
     t0 = time.perf_counter()
@@ -221,8 +280,8 @@ def export(run_dir, out, n_loops=None, dynamic_loops=False, fp16=False, say=prin
     with warnings.catch_warnings(), mock.patch("torch.nn.functional.scaled_dot_product_attention", onnx_attention):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapper, args, dynamo=True, dynamic_shapes=shapes, verbose=False,
-                                    input_names=list(shapes), output_names=["preds"],
-                                    optimize=not dynamic_loops and n_loops <= 20)
+                                    input_names=list(shapes), output_names=["preds", "loops"] if adaptive else ["preds"],
+                                    optimize=not (dynamic_loops or adaptive) and n_loops <= 20)
     proto = program.model_proto
     if fp16:
         from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -231,7 +290,8 @@ def export(run_dir, out, n_loops=None, dynamic_loops=False, fp16=False, say=prin
         half.topological_sort()  # the converter appends its input casts at the end of the graph
         proto = half.model
     meta = {"task": cfg.task, "n_dims": cfg.n_dims, "max_points": max_points,
-            "n_loops": "dynamic" if dynamic_loops else n_loops, "trained_loops": cfg.n_loops,
+            "n_loops": "adaptive" if adaptive else "dynamic" if dynamic_loops else n_loops, "trained_loops": cfg.n_loops,
+            **({"tolerance": until_converged, "max_loops": max_loops, "signal": signal} if adaptive else {}),
             "error_normaliser": looped.error_normaliser(cfg.task, cfg.n_dims), "precision": "fp16" if fp16 else "fp32",
             "config": json.dumps(looped.asdict(cfg)), "version": VERSION, "producer": "looped export.py"}
     onnx.helper.set_model_props(proto, {k: str(v) for k, v in meta.items()})
@@ -239,7 +299,8 @@ def export(run_dir, out, n_loops=None, dynamic_loops=False, fp16=False, say=prin
         onnx.save(proto, tmp)  # one self-contained file: the weights are small
         say(f"exported {out} ({os.path.getsize(tmp) / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
         try:
-            report = verify(tmp, model, cfg, None if dynamic_loops else n_loops, fp16)
+            adaptive_model = UntilConverged(model, until_converged, max_loops, signal) if adaptive else None
+            report = verify(tmp, model, cfg, None if dynamic_loops or adaptive else n_loops, fp16, adaptive_model)
         except Exception as e:  # any failure, not only a parity miss
             raise e if isinstance(e, VerificationError) else VerificationError(f"{type(e).__name__}: {e}") from None
     for key, value in report.items():
@@ -258,9 +319,10 @@ def check_writable(out):
         raise UserError(f"cannot write {out}: permission denied")
 
 
-def verify(path, model, cfg, n_loops, fp16=False):
+def verify(path, model, cfg, n_loops, fp16=False, adaptive=None):
     """The ONNX checker, symbolic batch and point axes, and parity with PyTorch on fresh prompts at a
-    batch size and prompt length unlike the export example. VerificationError on any failure."""
+    batch size and prompt length unlike the export example; for an adaptive graph, its PyTorch module
+    (UntilConverged) run the same way, the loop counts equal. VerificationError on any failure."""
     import onnx
     import torch
     import looped
@@ -279,6 +341,14 @@ def verify(path, model, cfg, n_loops, fp16=False):
     loops = [n_loops] if n_loops else [1, cfg.n_loops]
     for batch, points in ((3, cfg.n_positions), (5, max(1, cfg.n_positions // 2 + 1))):
         xs, ys = looped.TASKS[cfg.task](batch, points, cfg.n_dims, cfg.n_dims, gen)
+        if adaptive is not None:
+            with torch.no_grad():
+                expected, used = (t.numpy() for t in adaptive(xs, ys))
+            got, got_used = predictor(xs.numpy(), ys.numpy(), return_loops=True)
+            if not np.array_equal(got_used, used):
+                raise VerificationError(f"loops used: onnxruntime {got_used.tolist()}, torch {used.tolist()}")
+            worst, loops = max(worst, float(np.abs(got - expected).max())), f"until converged (used {used.tolist()})"
+            continue
         for b in loops:
             with torch.no_grad():
                 expected = model(xs, ys, b)[:, -1].numpy()  # (B, n) after loop b
@@ -305,13 +375,24 @@ def main(argv=None):
     parser.add_argument("--dynamic-loops", action="store_true", help="the loop count is an int64 input instead")
     parser.add_argument("-o", "--out", help="output file (default: RUN_DIR/model.onnx)")
     parser.add_argument("--fp16", action="store_true", help="half-precision weights, for GPU inference")
+    parser.add_argument("--until-converged", type=float, metavar="TOL", help="adaptive depth: stop each prompt when the "
+                        "relative change of its predictions (or --stop-on state) falls below TOL; a second output "
+                        "gives the loops used")
+    parser.add_argument("--max-loops", type=int, help="with --until-converged: the most loops (default 5 b)")
+    parser.add_argument("--stop-on", choices=["prediction", "state"], default="prediction",
+                        help="with --until-converged: the change that is tested [prediction]")
     args = parser.parse_args(argv)
+    if args.until_converged is not None and (args.loops or args.dynamic_loops):
+        raise plumbing.UserError("--until-converged chooses the loop count: it excludes --loops and --dynamic-loops")
+    if args.until_converged is None and args.max_loops is not None:
+        raise plumbing.UserError("--max-loops goes with --until-converged")
     if args.loops is not None and args.loops < 1:
         raise plumbing.UserError(f"--loops must be at least 1, got {args.loops}")
     if args.dynamic_loops and args.loops is not None:
         raise plumbing.UserError("--loops and --dynamic-loops exclude each other: the loop count is an input")
     try:
-        export(args.run_dir, args.out or os.path.join(args.run_dir, "model.onnx"), args.loops, args.dynamic_loops, args.fp16)
+        export(args.run_dir, args.out or os.path.join(args.run_dir, "model.onnx"), args.loops, args.dynamic_loops, args.fp16,
+               until_converged=args.until_converged, max_loops=args.max_loops, signal=args.stop_on)
     except VerificationError as e:
         print(f"export.py: verification failed, file deleted: {e}", file=sys.stderr)
         sys.exit(1)

@@ -18,6 +18,7 @@ import types
 from unittest import mock
 
 import pytest
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -730,6 +731,13 @@ def test_probe_command_writes_its_record_and_the_report_shows_it(tmp_path, monke
     assert os.path.isfile("results/probe/run.json") and os.path.isfile("figures/probe_run.png")
     experiments.write_report()
     assert "linear probes of the loop state" in open("docs/results.md").read()
+    record = experiments.adaptive(cfg.out, tolerances=[0.1, 1e-9], max_loops=5)
+    assert record["rows"]["prediction, tol 1e-09"]["mean loops"] == 5  # a tolerance never met: the maximum
+    model, c = export.load_model(cfg.out)
+    fixed = looped.model_errors(model, c, looped.eval_prompts(c, torch.device("cpu")))["loops"][c.n_loops - 1]
+    assert record["rows"]["fixed b = 6"]["error"] == fixed.tolist()
+    experiments.write_report()
+    assert "Adaptive depth" in open("docs/results.md").read() and os.path.isfile("figures/adaptive_run.png")
     bad = tiny_config(tmp_path / "tree", task="decision_tree")
     looped.train(bad, quiet=True)
     r = run_cli(experiments.main, "probe", bad.out)
@@ -1034,6 +1042,48 @@ def test_unrolled_and_dynamic_exports_match_pytorch(trained_run, tmp_path):
     at_b = export.Predictor(dynamic, device="cpu")(xs.numpy(), ys.numpy(), n_loops=4)
     assert abs(at_b - got).max() < 1e-5  # the ONNX Loop at b loops equals the unrolled graph
     assert abs(export.Predictor(dynamic)(xs.numpy(), ys.numpy(), n_loops=9) - at_b).max() > 1e-6
+
+
+def test_until_converged_stops_each_prompt_at_its_first_settled_iteration(trained_run):
+    """The stopping rule against a plain reading of it: the predictions after every iteration, and each
+    prompt's first t with ||p_t - p_{t-1}|| / ||p_t|| below the tolerance (p_0 the read-out of Y_0 = 0)."""
+    model, cfg = export.load_model(trained_run)
+    xs, ys = draw("linreg", B=32, n=9, d=4, active=4, seed=5)
+    with torch.no_grad():
+        every = model(xs, ys, 40)  # (B, 40, n)
+        p = torch.cat([model.read(torch.zeros_like(model.embed(xs, ys)))[:, None], every], 1)  # (B, 41, n)
+        change = (p[:, 1:] - p[:, :-1]).norm(dim=2) / p[:, 1:].norm(dim=2)  # (B, 40)
+        tol = change[:, 5:].median().item()  # about half of the prompts settle within 40 loops
+        settled = change < tol
+        first = torch.where(settled.any(1), settled.float().argmax(1) + 1, 40)  # loops used, 1-based
+        preds, loops = export.wrappers()[2](model, tol, 40)(xs, ys)
+    assert torch.equal(loops, first) and 1 < len(set(first.tolist()))  # prompts stop at different loops
+    torch.testing.assert_close(preds, every[torch.arange(32), first - 1], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        _, by_state = export.wrappers()[2](model, 1e-9, 12, signal="state")(xs, ys)
+    assert (by_state == 12).all()  # a tolerance never met: every prompt runs the maximum
+
+
+def test_adaptive_export_returns_its_loop_counts_and_matches_pytorch(trained_run, tmp_path):
+    path = str(tmp_path / "adaptive.onnx")
+    model, cfg = export.load_model(trained_run)
+    report = export.export(trained_run, path, until_converged=0.02, max_loops=30, say=lambda *a: None)
+    assert "until converged" in report["parity"]
+    xs, ys = draw("linreg", B=9, n=7, d=4, active=4, seed=3)
+    with torch.no_grad():
+        expected, used = export.wrappers()[2](model, 0.02, 30)(xs, ys)
+    predictor = export.Predictor(path, device="cpu")
+    preds, loops = predictor(xs.numpy(), ys.numpy(), return_loops=True)
+    assert loops.dtype == np.int64 and np.array_equal(loops, used.numpy()) and abs(preds - expected.numpy()).max() < 1e-4
+    assert 1 <= loops.min() and loops.max() <= 30 and predictor.meta["n_loops"] == "adaptive"
+    predictor.cores = 3  # shards of the batch: each prompt freezes on its own, so the same numbers
+    sharded, sharded_loops = predictor(xs.numpy(), ys.numpy(), return_loops=True)
+    assert np.array_equal(sharded_loops, loops) and abs(sharded - preds).max() < 1e-6
+    assert abs(predictor(xs.numpy(), ys.numpy()) - preds).max() == 0  # without return_loops: the predictions
+    with pytest.raises(ValueError, match="chooses its own loop count"):
+        predictor(xs.numpy(), ys.numpy(), n_loops=4)
+    r = run_cli(export.main, trained_run, "--until-converged", "0.01", "--loops", "3")
+    assert r.returncode == 2 and "excludes --loops" in r.stderr
 
 
 def test_export_attention_equals_sdpa():
