@@ -3,7 +3,7 @@
     python bench.py train                  # a training step: eager, compiled (and CUDA graphs), fp32 and bf16
     python bench.py loop                   # the real training loop of --preset paper: steps per second
     python bench.py baselines              # the batched solvers against per-prompt scikit-learn
-    python bench.py export RUN_DIR         # PyTorch eager against onnxruntime on an exported run
+    python bench.py export RUN_DIR         # PyTorch eager against onnxruntime: fixed b and adaptive depth
 
 With --save the table also goes to results/bench_NAME.json, with the command, the machine and
 the torch version: `python experiments.py report` shows the saved tables in docs/results.md.
@@ -232,26 +232,35 @@ def bench_baselines(prompts, ref_prompts, names):
 # ---------------------------------------------------------------------------- export
 
 
-def bench_export(run_dir, n_loops=None, repeats=20):
-    """Median latency of PyTorch eager and onnxruntime at batch 1 and 64, measured in one run."""
+def bench_export(run_dir, n_loops=None, repeats=20, tol=0.03):
+    """Median latency of PyTorch eager and onnxruntime at batch 1 and 64, measured in one run: the graph
+    unrolled at n_loops (default b), and the adaptive graph (--until-converged tol, at most 5 b loops)
+    with the mean loops it used and the error at k = n - 1 of both on those prompts."""
     import export
     model, cfg = export.load_model(run_dir)
     n_loops = n_loops or cfg.n_loops
+    norm = looped.error_normaliser(cfg.task, cfg.n_dims)
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        export.export(run_dir, path, n_loops, say=lambda *a: None)
-        predictor = export.Predictor(path)
+        fixed, adaptive = os.path.join(tmp, "model.onnx"), os.path.join(tmp, "adaptive.onnx")
+        export.export(run_dir, fixed, n_loops, say=lambda *a: None)
+        export.export(run_dir, adaptive, until_converged=tol, max_loops=5 * cfg.n_loops, say=lambda *a: None)
+        predictors = {f"{n_loops} loops": export.Predictor(fixed), f"until {tol:g}": export.Predictor(adaptive)}
+        until = export.wrappers()[2](model, tol, 5 * cfg.n_loops)
         gen = torch.Generator().manual_seed(0)
-        table = Table(f"{cfg.task}: d {cfg.n_dims}, n {cfg.n_points}, D {cfg.n_embd}, {n_loops} loops, "
-                      f"{torch.get_num_threads()} threads, onnxruntime on {predictor.provider}; median of {repeats}",
-                      ["batch", "torch eager ms", "onnxruntime ms", "speed-up"], [6, 16, 16, 10])
-        for batch in (1, 64):
+        table = Table(f"{cfg.task}: d {cfg.n_dims}, n {cfg.n_points}, D {cfg.n_embd}, {torch.get_num_threads()} threads, "
+                      f"onnxruntime on {predictors[f'{n_loops} loops'].provider}; median of {repeats}",
+                      ["graph", "batch", "torch eager ms", "onnxruntime ms", "speed-up", "mean loops", "error, last k"],
+                      [14, 6, 16, 16, 10, 12, 14], digits=3)
+        for (name, predictor), batch in itertools.product(predictors.items(), (1, 64)):
             xs, ys = looped.TASKS[cfg.task](batch, cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
             x_np, y_np = xs.numpy(), ys.numpy()
             with torch.inference_mode():
-                eager = 1000 * seconds(lambda: model(xs, ys, n_loops, n_loops - 1), repeats)
+                run = (lambda: until(xs, ys)) if predictor.adaptive else (lambda: model(xs, ys, n_loops, n_loops - 1))
+                eager = 1000 * seconds(run, repeats)
             ort = 1000 * seconds(lambda: predictor(x_np, y_np), repeats)
-            table.add(str(batch), eager, ort, eager / ort)
+            preds, loops = predictor(x_np, y_np, return_loops=True) if predictor.adaptive else (predictor(x_np, y_np), None)
+            table.add(name, str(batch), eager, ort, eager / ort, n_loops if loops is None else float(loops.mean()),
+                      float(((preds[:, -1] - y_np[:, -1]) ** 2).mean() / norm))
     return table
 
 

@@ -191,8 +191,9 @@ def wrappers():
         def forward(self, xs, ys):
             P = self.model.embed(xs, ys)  # (B, L, D)
             Y = torch.zeros_like(P)
-            never = ys[:, 0] != ys[:, 0]  # (B,) False: no prompt has converged yet (NaN aside)
-            start = (torch.zeros((), dtype=torch.int64), Y, self.model.read(Y), never, torch.zeros_like(ys[:, 0], dtype=torch.int64))
+            B = xs.shape[0]  # fresh (B,) tensors: the loop's carried values keep their strides (a view's would not)
+            start = (torch.zeros((), dtype=torch.int64), Y, self.model.read(Y), torch.zeros(B, dtype=torch.bool, device=xs.device),
+                     torch.zeros(B, dtype=torch.int64, device=xs.device))  # iterations, Y_0, p_0, converged, loops used
 
             def unfinished(t, Y, p, done, loops):
                 return (t < self.max_loops) & ~done.all()

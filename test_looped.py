@@ -1161,7 +1161,8 @@ def test_bench_tables_time_what_they_name(trained_run, tmp_path):
     assert [row[0] for row in table.rows] == ["least squares", "averaging"]
     assert table.rows[0][3] > 0 and table.rows[0][5] > 0 and table.rows[1][4] == "-"  # averaging: no sklearn model
     table = bench.bench_export(trained_run, n_loops=2, repeats=2)
-    assert [row[0] for row in table.rows] == ["1", "64"] and all(row[1] > 0 and row[2] > 0 for row in table.rows)
+    assert [row[:2] for row in table.rows] == [["2 loops", "1"], ["2 loops", "64"], ["until 0.03", "1"], ["until 0.03", "64"]]
+    assert all(row[2] > 0 and row[3] > 0 and 1 <= row[5] <= 30 and row[6] >= 0 for row in table.rows)
     table.save(str(tmp_path / "results" / "bench_export.json"), "python bench.py export RUN")
     saved = json.load(open(tmp_path / "results" / "bench_export.json"))
     assert saved["machine"] == bench.machine() and saved["rows"] == table.rows
