@@ -27,6 +27,7 @@ Citations, as in looped.py: [LT] the authors' code, https://github.com/Leiay/loo
 import argparse
 import glob
 import json
+import math
 import os
 import shlex
 import sys
@@ -215,7 +216,7 @@ def run(claim, name, task, **overrides):
 
 STANDARD = dict(n_layer=12, n_loops=1, eval_loops=1)  # the paper's 12-layer GPT-2, with the same budget
 MODELS = {"looped": {}, "standard": STANDARD}
-SWEEP = [1e-4, 3e-4, 6e-4, 1e-3, 2e-3]  # Adam's learning rate, the same five for both models
+SWEEP = [3e-5, 1e-4, 3e-4, 6e-4, 1e-3, 2e-3]  # Adam's learning rate, the same six for both models
 CURVES = dict(eval_every=250)  # a learning-curve point every 250 steps, on validation prompts
 CLAIMS = {  # claim: [(run name, task, overrides)]
     "claim1": [(f"{model}_lr{lr:g}", "linreg", dict(overrides, lr=lr, **CURVES)) for lr in SWEEP
@@ -386,11 +387,9 @@ def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
     rows = {f"fixed b = {cfg.n_loops}": {"error": fixed.tolist(), "mean loops": cfg.n_loops, "max loops": cfg.n_loops}}
     for signal in ("prediction", "state"):
         for tol in tolerances:
-            t0 = time.perf_counter()
             preds, loops = export.wrappers()[2](model, tol, max_loops, signal)(xs, ys)
             rows[f"{signal}, tol {tol:g}"] = {"signal": signal, "tol": tol, "error": ((preds - ys).pow(2).mean(0) / norm).tolist(),
-                                              "mean loops": loops.float().mean().item(), "max loops": loops.max().item(),
-                                              "seconds": time.perf_counter() - t0}
+                                              "mean loops": loops.float().mean().item(), "max loops": loops.max().item()}
     name = os.path.basename(os.path.normpath(run_dir))
     record = {"command": f"python experiments.py adaptive {run_dir}", "config": looped.asdict(cfg), "machine": bench.machine(),
               "torch": torch.__version__, "max_loops": max_loops, "rows": rows}
@@ -520,7 +519,7 @@ def best_run(claim, model):
     """The folder of a model's best learning rate: the lowest validation error at k = 2d at the last step
     (prompts apart from the test prompts, so that the test stays fair to both models); None before a sweep."""
     done = [(curve[-1][1][at_k(cfg)[-1]], folder) for folder, cfg, errors, curve in sweep_runs(claim, model).values()
-            if errors is not None and curve]
+            if errors is not None and curve and math.isfinite(curve[-1][1][at_k(cfg)[-1]])]
     return min(done)[1] if done else None
 
 
@@ -567,13 +566,14 @@ def compare_section(claim, pairs, lines):
         else:
             lines += [f"The paper gives no number ({paper}); {outcome}.", ""]
         for run_name, c in ((a, ca), (b, cb)):  # the same run with other seeds: what a user should expect
-            seeds = sorted(glob.glob(os.path.join(RESULTS, claim, f"{run_name}_seed*")))
+            seeds = [os.path.dirname(p) for p in sorted(glob.glob(os.path.join(RESULTS, claim, f"{run_name}_seed*", "run.json")))]
             if seeds:
-                spread = [(c.seed, e["loops"][c.n_loops - 1][k].item(), e["loops"][-1][k].item())
-                          for c, e, _ in map(read_run, [os.path.join(RESULTS, claim, run_name), *seeds])]
-                at = f"at b = {c.n_loops} loops, and at {c.eval_loops}" if c.eval_loops > c.n_loops else "at its one pass"
-                lines += [f"The {looped.describe(c)} at k = {k} over seeds ({at}): " + "; ".join(
-                    f"seed {s}: {fmt(x)}" + (f", {fmt(y)}" if c.eval_loops > c.n_loops else "") for s, x, y in spread) + ".", ""]
+                runs = [read_run(f) for f in [os.path.join(RESULTS, claim, run_name), *seeds]]
+                loops = c.eval_loops > c.n_loops
+                spread = [f"seed {s.seed}: diverged" if e is None else f"seed {s.seed}: {fmt(e['loops'][s.n_loops - 1][k].item())}"
+                          + (f", {fmt(e['loops'][-1][k].item())}" if loops else "") for s, e, _ in runs]
+                at = f"at b = {c.n_loops} loops, and at {c.eval_loops}" if loops else "at its one pass"
+                lines += [f"The {looped.describe(c)} at k = {k} over seeds ({at}): " + "; ".join(spread) + ".", ""]
 
 
 def sweep_section(claim, lines):
@@ -593,7 +593,8 @@ def sweep_section(claim, lines):
                 rows.append([f"{lr:g}", name, "diverged", *["-"] * len(ks)])
             else:
                 rows.append([f"{lr:g}", name, curve[-1][1][k], *(errors["loops"][c.n_loops - 1][j].item() for j in ks)])
-    lines += [f"Both models trained at each of {len(sweeps['looped'])} learning rates, with everything else the same "
+    lines += [f"Both models trained at each of {' and '.join(sorted({str(len(r)) for r in sweeps.values()}))} learning rates, "
+              f"with everything else the same "
               f"({cfg.steps} steps, batch {cfg.batch_size}, the same prompts and curriculum). Each model's best "
               f"learning rate is the one with the lowest error at k = {k} on 256 validation prompts at the last step, "
               f"drawn apart from the {cfg.eval_prompts} test prompts that the table's other columns and the comparison "

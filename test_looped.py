@@ -1146,6 +1146,9 @@ def test_predictor_needs_no_torch(trained_run, tmp_path):
     (["RUN", "-o", "/nonexistent/folder/m.onnx"], "does not exist"),
     (["RUN", "-o", "/tmp"], "is a folder"),
     (["RUN", "--loops", "3", "--dynamic-loops"], "exclude each other"),
+    (["RUN", "--until-converged", "0.01", "--fp16"], "does not go with --fp16"),
+    (["RUN", "--until-converged", "0.01", "--max-loops", "0"], "at least 1"),
+    (["RUN", "--max-loops", "9"], "goes with --until-converged"),
 ])
 def test_export_cli_errors(trained_run, args, words):
     args = [trained_run if a == "RUN" else a for a in args]
