@@ -761,7 +761,9 @@ def shift_section(lines):
         rows.append([record["shift"], *L, *S, *(ra["least squares"][k] for k in ks)])
         behind += [] if L[-1] < S[-1] else [record["shift"]]
     head = [f"{who}, k = {k}" for who in ("looped", "standard", "least squares") for k in ks]
-    lines += [f"Normalised by E[y^2] under the shift; {cfg.eval_prompts} prompts; runs of claim1.", "",
+    lrs = " and ".join(f"{looped.make_config(**r['config']).lr:g}" for r in record["runs"].values())
+    lines += [f"Normalised by E[y^2] under the shift; {cfg.eval_prompts} prompts; claim1's runs at learning rates {lrs} "
+              f"(looped, standard), each model's best.", "",
               markdown(["shift", *head], rows), "",
               f"With no number in the paper to reproduce: the looped model is ahead of the standard one at "
               f"k = {ks[-1]} under {len(rows) - len(behind)} of the {len(rows)} shifts"
