@@ -322,15 +322,29 @@ def probe(run_dir, prompts=2048, loops=None):
     preds, norm = torch.stack(preds, 1), looped.error_normaliser(cfg.task, cfg.n_dims)  # (P, t)
     gap = {name: ((iterates(xs, ys, loops)[:, :, -1] - preds).pow(2).mean(0) / norm).tolist()
            for name, iterates in baselines.ITERATES.items()}
-    name = os.path.basename(os.path.normpath(run_dir))
     record = {"command": f"python experiments.py probe {run_dir}", "run": run_dir, "config": looped.asdict(cfg),
               "machine": bench.machine(), "torch": torch.__version__, "prompts": prompts, "loops": loops, "r2": r2,
               "prediction gap": gap, "error": ((preds - ys[:, -1:]).pow(2).mean(0) / norm).tolist()}
-    os.makedirs(os.path.join(RESULTS, "probe"), exist_ok=True)
-    plumbing.write_json(os.path.join(RESULTS, "probe", f"{name}.json"), record, indent=1)
-    plot_probe(record, os.path.join(FIGURES, f"probe_{name}.png"))
-    print(probe_table(record))
+    return save_study("probe", run_dir, record, plot_probe, probe_table)
+
+
+def save_study(kind, run_dir, record, plot, table):
+    """A study of one run: results/KIND/RUN.json, figures/KIND_RUN.png, and its table printed."""
+    name = os.path.basename(os.path.normpath(run_dir))
+    os.makedirs(os.path.join(RESULTS, kind), exist_ok=True)
+    plumbing.write_json(os.path.join(RESULTS, kind, f"{name}.json"), record, indent=1)
+    plot(record, os.path.join(FIGURES, f"{kind}_{name}.png"))
+    print(table(record))
     return record
+
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with plumbing.atomic(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
 
 
 def probe_table(record):
@@ -362,11 +376,7 @@ def plot_probe(record, path):
           title="the read-out against the solvers")
     for ax in (a, b):
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with plumbing.atomic(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------- adaptive depth
@@ -393,14 +403,9 @@ def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
             preds, loops = export.wrappers()[2](model, tol, max_loops, signal)(xs, ys)
             rows[f"{signal}, tol {tol:g}"] = {"signal": signal, "tol": tol, "error": ((preds - ys).pow(2).mean(0) / norm).tolist(),
                                               "mean loops": loops.float().mean().item(), "max loops": loops.max().item()}
-    name = os.path.basename(os.path.normpath(run_dir))
     record = {"command": f"python experiments.py adaptive {run_dir}", "config": looped.asdict(cfg), "machine": bench.machine(),
               "torch": torch.__version__, "max_loops": max_loops, "rows": rows}
-    os.makedirs(os.path.join(RESULTS, "adaptive"), exist_ok=True)
-    plumbing.write_json(os.path.join(RESULTS, "adaptive", f"{name}.json"), record, indent=1)
-    plot_adaptive(record, os.path.join(FIGURES, f"adaptive_{name}.png"))
-    print(adaptive_table(record))
-    return record
+    return save_study("adaptive", run_dir, record, plot_adaptive, adaptive_table)
 
 
 def adaptive_table(record):
@@ -427,26 +432,8 @@ def plot_adaptive(record, path):
     ax.set(xscale="log", yscale="log", xlabel="mean loops per prompt", ylabel=f"normalised squared error at k = {k}",
            title=f"adaptive depth (labels: tolerance; at most {record['max_loops']} loops)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with plumbing.atomic(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
-
-def adaptive_section(lines):
-    files = sorted(glob.glob(os.path.join(RESULTS, "adaptive", "*.json")))
-    if files:
-        lines += ["## Adaptive depth: a loop that stops when it has converged", "",
-                  "Each test prompt runs until the relative change of its predictions (or of its loop state) between "
-                  "two iterations falls below the tolerance, then freezes; the same rule as `export.py --until-converged`.", ""]
-    for path in files:
-        with open(path) as f:
-            record = json.load(f)
-        name = os.path.splitext(os.path.basename(path))[0]
-        lines += [f"`{record['command']}` on {record['machine']}, torch {record['torch']}:", "", adaptive_table(record), "",
-                  f"![adaptive depth of {name}](../{FIGURES}/adaptive_{name}.png)", ""]
-        plot_adaptive(record, os.path.join(FIGURES, f"adaptive_{name}.png"))
 
 
 # ---------------------------------------------------------------------------- baselines alone
@@ -638,10 +625,7 @@ def plot_sweep(sweeps, best, k, claim):
     for fig, axes, name in figures:
         for ax in axes:
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        with plumbing.atomic(os.path.join(FIGURES, f"{name}.png")) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-        plt.close(fig)
+        save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
 
 
 def learning_rate_caveat(claim, pairs):
@@ -701,8 +685,16 @@ def write_report():
             lines += [f"Not run yet: `python experiments.py {claim_name}`.", ""]
     window_section(lines)
     shift_section(lines)
-    probe_section(lines)
-    adaptive_section(lines)
+    study_section(lines, "probe", "What the loop computes: linear probes of the loop state",
+                  "After each loop iteration t, a ridge probe (fitted on half of the fresh prompts, R^2 on the other "
+                  "half) reads a quantity of the in-context data for the last query from the loop state: at the token "
+                  "whose read-out predicts the last y, or averaged over all tokens. The gaps compare the model's "
+                  "prediction after t loops with gradient descent's and Newton's after t steps, normalised like the error.",
+                  probe_table, plot_probe)
+    study_section(lines, "adaptive", "Adaptive depth: a loop that stops when it has converged",
+                  "Each test prompt runs until the relative change of its predictions (or of its loop state) between "
+                  "two iterations falls below the tolerance, then freezes; the same rule as `export.py --until-converged`.",
+                  adaptive_table, plot_adaptive)
     tables_section(lines, "Classical baselines at the paper's scale", "baselines_*.json",
                    "The paper (d = 20, 1280 prompts): least squares 0.515 at k = 10; at k = 40 3-NN ~0.71, averaging "
                    "~0.53; sparse regression: Lasso 0.0498 at k = 10, 0.00013 at k = 40.")
@@ -770,21 +762,18 @@ def shift_section(lines):
               + (f"; not under {', '.join(behind)} (a NaN, where no query exists, counts as not ahead)." if behind else "."), ""]
 
 
-def probe_section(lines):
-    files = sorted(glob.glob(os.path.join(RESULTS, "probe", "*.json")))
+def study_section(lines, kind, title, intro, table, plot):
+    """The studies of single runs (save_study) of one kind: each one's command, table and figure."""
+    files = sorted(glob.glob(os.path.join(RESULTS, kind, "*.json")))
     if files:
-        lines += ["## What the loop computes: linear probes of the loop state", "",
-                  "After each loop iteration t, a ridge probe (fitted on half of fresh prompts, R^2 on the other half) "
-                  "reads a quantity of the in-context data for the last query from the loop state: at the token whose "
-                  "read-out predicts the last y, or averaged over all tokens. The gaps compare the model's prediction "
-                  "after t loops with gradient descent's and Newton's after t steps, normalised like the error.", ""]
+        lines += [f"## {title}", "", intro, ""]
     for path in files:
         with open(path) as f:
             record = json.load(f)
         name = os.path.splitext(os.path.basename(path))[0]
-        lines += [f"`{record['command']}` on {record['machine']}, torch {record['torch']}, {record['prompts']} prompts:", "",
-                  probe_table(record), "", f"![probes of {name}](../{FIGURES}/probe_{name}.png)", ""]
-        plot_probe(record, os.path.join(FIGURES, f"probe_{name}.png"))
+        lines += [f"`{record['command']}` on {record['machine']}, torch {record['torch']}:", "", table(record), "",
+                  f"![{kind} of {name}](../{FIGURES}/{kind}_{name}.png)", ""]
+        plot(record, os.path.join(FIGURES, f"{kind}_{name}.png"))
 
 
 def tables_section(lines, title, pattern, note=""):
