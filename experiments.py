@@ -238,8 +238,9 @@ def claim(name):
             if folder:
                 cfg = read_run(folder)[0]
                 run(name, f"{os.path.basename(folder)}_seed43", cfg.task, **{**config_overrides(cfg), "seed": 43})
-    if name == "claim2" and best_run("claim1", "standard"):  # the standard model also at claim1's best learning rate
-        lr = read_run(best_run("claim1", "standard"))[0].lr
+    best = best_run("claim1", "standard") if name == "claim2" else None
+    if best:  # the standard model also at claim1's best learning rate
+        lr = read_run(best)[0].lr
         run(name, f"standard_lr{lr:g}", "sparse_linreg", **STANDARD, lr=lr)
     if name == "claim4":  # gradient descent and Newton on the same test prompts, iteration by iteration
         cfg = looped.make_config("linreg")
@@ -505,10 +506,11 @@ def sweep_runs(claim, model):
     return dict(sorted(runs.items()))
 
 
-def best_run(claim, model):
+def best_run(claim, model, runs=None):
     """The folder of a model's best learning rate: the lowest validation error at k = 2d at the last step
-    (prompts apart from the test prompts, so that the test stays fair to both models); None before a sweep."""
-    done = [(curve[-1][1][at_k(cfg)[-1]], folder) for folder, cfg, errors, curve in sweep_runs(claim, model).values()
+    (prompts apart from the test prompts, so that the test stays fair to both models); None before a sweep.
+    runs: the sweep as sweep_runs reads it, when already read."""
+    done = [(curve[-1][1][at_k(cfg)[-1]], folder) for folder, cfg, errors, curve in (runs or sweep_runs(claim, model)).values()
             if errors is not None and curve and math.isfinite(curve[-1][1][at_k(cfg)[-1]])]
     return min(done)[1] if done else None
 
@@ -573,7 +575,7 @@ def sweep_section(claim, lines):
     """The learning-rate sweep of both models: a table, the error against the learning rate, and the
     learning curves. Returns each model's best run (by validation prompts), or None before the sweep."""
     sweeps = {model: sweep_runs(claim, model) for model in MODELS}
-    best = {model: best_run(claim, model) for model in MODELS}
+    best = {model: best_run(claim, model, sweeps[model]) for model in MODELS}
     if not all(best.values()):
         return None
     cfg = next(iter(sweeps["looped"].values()))[1]
