@@ -87,7 +87,8 @@ def bench_train(device_name):
     """ms per training step, prompts per second, and FLOP/s against this machine's matmul peak,
     for the laptop preset and the paper's linear-regression model (b 20, T 15, D 256), eager and
     compiled, fp32 and bf16 autocast; each at its final curriculum stage (full d, n and b). On CUDA
-    "compiled" is torch.compile's default mode and "graphs" what --compile runs there: CUDA graphs."""
+    "compiled" is torch.compile's default mode, "graphs" what --compile runs there (the backbone's calls
+    as CUDA graphs) and "captured" the whole step as one CUDA graph (captured_step)."""
     from torch.utils.flop_counter import FlopCounterMode
     device, _ = looped.setup_device(looped.make_config(device=device_name))
     peak = {amp: matmul_peak(device, torch.bfloat16 if amp else torch.float32) for amp in (False, True)}
@@ -95,13 +96,14 @@ def bench_train(device_name):
                   f"fp32 {peak[False] / 1e9:.0f}, bf16 {peak[True] / 1e9:.0f} GFLOP/s",
                   ["model", "mode", "dtype", "ms/step", "prompts/s", "GFLOP/s", "of peak %", "saved MB", "peak MB"],
                   [8, 10, 6, 10, 11, 9, 11, 10, 9])
-    modes = ("eager", "compiled", "graphs") if device.type == "cuda" else ("eager", "compiled")
+    modes = ("eager", "compiled", "graphs", "captured") if device.type == "cuda" else ("eager", "compiled")
     for preset, mode, amp in itertools.product(("laptop", "paper"), modes, (False, True)):
         cfg = looped.make_config("linreg", preset, device=device_name, amp=amp, eval_prompts=64)
         torch.manual_seed(0)
         model = looped.LoopedTransformer(cfg).to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
-        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+        captured = mode == "captured"
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, **({"capturable": True} if captured else {"fused": device.type == "cuda"}))
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not captured) if amp else nullcontext()
         args = (*looped.eval_prompts(cfg, device)[:2], cfg.n_loops, cfg.n_loops - cfg.loop_window)  # batch 64
         with FlopCounterMode(display=False) as counter:  # counted on the eager model
             looped.train_step(model, opt, ctx, *args)
@@ -112,13 +114,46 @@ def bench_train(device_name):
         graphs = mode == "graphs" and looped.compile_backbone(model, device)  # as looped.train on CUDA
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        step = seconds(lambda: looped.train_step(model, opt, ctx, *args, graphs), 20 if preset == "laptop" or graphs else 3,
-                       warmup=3, device=device)  # graphs: the second call records, the third replays
+        if captured:  # the same prompts copied in at every replay, as a training loop would copy new ones
+            try:
+                replay = captured_step(model, opt, ctx, *args)
+            except RuntimeError as e:  # say so and go on: the other rows still count
+                print(f"{preset} captured {'bf16' if amp else 'fp32'}: the capture failed: {str(e).splitlines()[0]}")
+                continue
+            step = seconds(lambda: replay(*args[:2]), 20, warmup=1, device=device)
+        else:
+            step = seconds(lambda: looped.train_step(model, opt, ctx, *args, graphs), 20 if preset == "laptop" or graphs else 3,
+                           warmup=3, device=device)  # graphs: the second call records, the third replays
         flops = counter.get_total_flops() / step
         table.add(preset, mode, "bf16" if amp else "fp32", 1000 * step, 64 / step,
                   flops / 1e9, 100 * flops / peak[amp], saved / 1e6,
                   torch.cuda.max_memory_allocated() / 1e6 if device.type == "cuda" else "-")
     return table
+
+
+def captured_step(model, opt, ctx, xs, ys, n_loops, n_no_grad):
+    """The whole training step (forward, backward and Adam) captured once as one CUDA graph with
+    torch.cuda.graph, on static prompt buffers, at one b and n: the candidate beside --compile's
+    reduce-overhead graphs. opt must be capturable (Adam(..., capturable=True)), and autocast's weight
+    cache off (the cache would hold tensors from outside the graph). Returns step(xs, ys): copy a
+    batch in, replay, and the loss (its buffer, overwritten by the next replay)."""
+    static = xs.clone(), ys.clone()
+    side = torch.cuda.Stream()  # warm-up off the default stream, as capture requires: Adam's state and
+    side.wait_stream(torch.cuda.current_stream())  # the .grad buffers exist before the capture
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            looped.train_step(model, opt, ctx, *static, n_loops, n_no_grad)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # train_step sets .grad to None first: backward allocates it in the graph's pool
+        loss = looped.train_step(model, opt, ctx, *static, n_loops, n_no_grad)
+
+    def step(new_xs, new_ys):
+        static[0].copy_(new_xs)
+        static[1].copy_(new_ys)
+        graph.replay()
+        return loss
+    return step
 
 
 def bench_loop(device_name, preset, steps):

@@ -238,10 +238,12 @@ def claim(name):
             if folder:
                 cfg = read_run(folder)[0]
                 run(name, f"{os.path.basename(folder)}_seed43", cfg.task, **{**config_overrides(cfg), "seed": 43})
-    best = best_run("claim1", "standard") if name == "claim2" else None
+    best = best_run("claim1", "standard") if name in ("claim2", "claim3") else None
     if best:  # the standard model also at claim1's best learning rate
         lr = read_run(best)[0].lr
-        run(name, f"standard_lr{lr:g}", "sparse_linreg", **STANDARD, lr=lr)
+        for run_name, task, overrides in CLAIMS[name]:
+            if overrides == STANDARD:
+                run(name, f"{run_name}_lr{lr:g}", task, **STANDARD, lr=lr)
     if name == "claim4":  # gradient descent and Newton on the same test prompts, iteration by iteration
         cfg = looped.make_config("linreg")
         solvers = solver_errors(looped.eval_prompts(cfg, torch.device("cpu")), cfg.eval_loops)
@@ -676,9 +678,11 @@ def write_report():
         if claim_name == "claim1":  # the sweep, then each model at its best learning rate
             best = sweep_section("claim1", lines)
             pairs = [(pairs[0][0], *best, *pairs[0][3:])] if best else pairs
-        swept = sorted(glob.glob(os.path.join(RESULTS, claim_name, "standard_lr*", "run.json")))
-        if claim_name == "claim2" and swept:  # the standard model at claim1's best learning rate, beside its 6e-4 run
-            pairs = [*pairs, (pairs[0][0], pairs[0][1], os.path.basename(os.path.dirname(swept[0])), *pairs[0][3:])]
+        else:  # each standard model also at claim1's best learning rate, where it ran: a pair after its 6e-4 pair
+            pairs = [p for task, a, b, *rest in pairs for p in [(task, a, b, *rest)] + [
+                (task, a, os.path.basename(os.path.dirname(f)), *rest)
+                for f in sorted(glob.glob(os.path.join(RESULTS, claim_name, f"{b}_lr*", "run.json")))
+                if read_run(os.path.dirname(f))[1] is not None]]  # not a diverged one
         if all(os.path.isfile(os.path.join(RESULTS, claim_name, r, "run.json")) for _, a, b, *_ in pairs for r in (a, b)):
             compare_section(claim_name, pairs, lines)
             lines += [CAVEATS[claim_name], ""] if CAVEATS.get(claim_name) else []

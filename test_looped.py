@@ -692,11 +692,21 @@ def test_claim_runs_are_recorded_kept_and_reported(tmp_path, monkeypatch):
         best = f"results/claim1/{model}_lr{min(val, key=val.get):g}"
         assert experiments.best_run("claim1", model) == best
         assert json.load(open(f"{best}_seed43/run.json"))["config"]["seed"] == 43
+    monkeypatch.setattr(experiments, "STANDARD", models["standard"])  # claim3: each standard run again at its best rate
+    monkeypatch.setitem(experiments.CLAIMS, "claim3", [(f"{name}_{m}", task, models[m]) for name, task in
+                                                       (("tree", "decision_tree"), ("relu", "relu_2nn")) for m in models])
+    experiments.claim("claim3")
+    lr = json.load(open(f"{experiments.best_run('claim1', 'standard')}/run.json"))["config"]["lr"]
+    assert sorted(os.listdir("results/claim3")) == sorted(["tree_looped", "tree_standard", f"tree_standard_lr{lr:g}",
+                                                            "relu_looped", "relu_standard", f"relu_standard_lr{lr:g}"])
     experiments.write_report()
     first = open("docs/results.md").read()
     experiments.write_report()
     assert open("docs/results.md").read() == first
     assert "## claim1" in first and "Not run yet: `python experiments.py claim2`" in first
+    claim3 = first.split("## claim3")[1].split("## claim4")[0]
+    assert claim3.count("**decision_tree**") == 2 and f"at learning rates 0.0006 and {lr:g}" in claim3
+    assert os.path.isfile(f"figures/error_vs_examples_claim3_relu_2nn_relu_standard_lr{lr:g}.png")
     assert "| 0.003 | standard" in first and "over seeds" in first
     for figure in ("error_vs_examples_claim1_linreg", "lr_sweep_claim1", "learning_curves_claim1"):
         assert os.path.isfile(f"figures/{figure}.png")
@@ -1363,6 +1373,36 @@ def test_cuda_graph_steps_give_eager_losses_and_weights():
         runs.append((torch.tensor(losses), model.state_dict()))
     (eager, w_eager), (graph, w_graph) = runs
     assert eager[-1] < eager[0]  # the steps did train
+    torch.testing.assert_close(graph, eager, rtol=1e-4, atol=1e-6)
+    for name in w_eager:
+        torch.testing.assert_close(w_graph[name], w_eager[name], rtol=1e-3, atol=1e-5)
+
+
+@needs_cuda
+def test_a_captured_step_replays_the_eager_steps():
+    """bench.captured_step, the whole step as one CUDA graph: replayed on new prompts, it gives the
+    eager steps' losses and weights (fp32 without TF32). Its 3 warm-up steps on the first batch train
+    too (the capture itself runs nothing), so eager takes the same 3 steps first."""
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = tiny_config(device="cuda")
+    batches = [tuple(t.to(device) for t in draw("linreg", B=8, n=9, d=4, active=4, seed=i)) for i in range(6)]
+    runs = []
+    for captured in (False, True):
+        torch.manual_seed(0)
+        model = looped.LoopedTransformer(cfg).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
+        ctx = looped.nullcontext()
+        if captured:
+            step = bench.captured_step(model, opt, ctx, *batches[0], 6, 3)
+            losses = [step(*batch).item() for batch in batches[1:]]
+        else:
+            for _ in range(3):
+                looped.train_step(model, opt, ctx, *batches[0], 6, 3)
+            losses = [looped.train_step(model, opt, ctx, *batch, 6, 3).item() for batch in batches[1:]]
+        runs.append((torch.tensor(losses), model.state_dict()))
+    (eager, w_eager), (graph, w_graph) = runs
+    assert len(set(eager.tolist())) == 5  # five different batches, five different losses
     torch.testing.assert_close(graph, eager, rtol=1e-4, atol=1e-6)
     for name in w_eager:
         torch.testing.assert_close(w_graph[name], w_eager[name], rtol=1e-3, atol=1e-5)
