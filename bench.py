@@ -97,12 +97,13 @@ def bench_train(device_name):
                   ["model", "mode", "dtype", "ms/step", "prompts/s", "GFLOP/s", "of peak %", "saved MB", "peak MB"],
                   [8, 10, 6, 10, 11, 9, 11, 10, 9])
     modes = ("eager", "compiled", "graphs", "captured") if device.type == "cuda" else ("eager", "compiled")
-    for preset, mode, amp in itertools.product(("laptop", "paper"), modes, (False, True)):
+    rows = sorted(itertools.product(("laptop", "paper"), modes, (False, True)), key=lambda r: r[1] == "captured")
+    for preset, mode, amp in rows:  # the captured rows last: a failed capture can leave CUDA unusable
         cfg = looped.make_config("linreg", preset, device=device_name, amp=amp, eval_prompts=64)
         torch.manual_seed(0)
         model = looped.LoopedTransformer(cfg).to(device)
         captured = mode == "captured"
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, **({"capturable": True} if captured else {"fused": device.type == "cuda"}))
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda", capturable=captured)
         ctx = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not captured) if amp else nullcontext()
         args = (*looped.eval_prompts(cfg, device)[:2], cfg.n_loops, cfg.n_loops - cfg.loop_window)  # batch 64
         with FlopCounterMode(display=False) as counter:  # counted on the eager model
@@ -118,9 +119,11 @@ def bench_train(device_name):
             try:
                 replay = captured_step(model, opt, ctx, *args)
             except RuntimeError as e:  # say so and go on: the other rows still count
-                print(f"{preset} captured {'bf16' if amp else 'fp32'}: the capture failed: {str(e).splitlines()[0]}")
+                cause = e.__context__ or e  # the capture's own error, not capture_end's that follows it
+                print(f"{preset} captured {'bf16' if amp else 'fp32'}: the capture failed: {str(cause).splitlines()[0]}")
                 continue
             step = seconds(lambda: replay(*args[:2]), 20, warmup=1, device=device)
+            del replay  # the graph and its memory pool
         else:
             step = seconds(lambda: looped.train_step(model, opt, ctx, *args, graphs), 20 if preset == "laptop" or graphs else 3,
                            warmup=3, device=device)  # graphs: the second call records, the third replays
@@ -134,7 +137,7 @@ def bench_train(device_name):
 def captured_step(model, opt, ctx, xs, ys, n_loops, n_no_grad):
     """The whole training step (forward, backward and Adam) captured once as one CUDA graph with
     torch.cuda.graph, on static prompt buffers, at one b and n: the candidate beside --compile's
-    reduce-overhead graphs. opt must be capturable (Adam(..., capturable=True)), and autocast's weight
+    reduce-overhead graphs. opt must be capturable (Adam(..., fused=True, capturable=True)), and autocast's weight
     cache off (the cache would hold tensors from outside the graph). Returns step(xs, ys): copy a
     batch in, replay, and the loss (its buffer, overwritten by the next replay)."""
     static = xs.clone(), ys.clone()

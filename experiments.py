@@ -242,7 +242,7 @@ def claim(name):
     if best:  # the standard model also at claim1's best learning rate
         lr = read_run(best)[0].lr
         for run_name, task, overrides in CLAIMS[name]:
-            if overrides == STANDARD:
+            if overrides == STANDARD and lr != looped.make_config(task).lr:  # not the run it already has
                 run(name, f"{run_name}_lr{lr:g}", task, **STANDARD, lr=lr)
     if name == "claim4":  # gradient descent and Newton on the same test prompts, iteration by iteration
         cfg = looped.make_config("linreg")
@@ -682,7 +682,7 @@ def write_report():
             pairs = [p for task, a, b, *rest in pairs for p in [(task, a, b, *rest)] + [
                 (task, a, os.path.basename(os.path.dirname(f)), *rest)
                 for f in sorted(glob.glob(os.path.join(RESULTS, claim_name, f"{b}_lr*", "run.json")))
-                if read_run(os.path.dirname(f))[1] is not None]]  # not a diverged one
+                if "_seed" not in f and read_run(os.path.dirname(f))[1] is not None]]  # not a diverged one
         if all(os.path.isfile(os.path.join(RESULTS, claim_name, r, "run.json")) for _, a, b, *_ in pairs for r in (a, b)):
             compare_section(claim_name, pairs, lines)
             lines += [CAVEATS[claim_name], ""] if CAVEATS.get(claim_name) else []

@@ -1355,11 +1355,11 @@ def test_a_diverged_run_of_a_sweep_is_recorded_and_the_sweep_goes_on(tmp_path, m
 
 
 @needs_cuda
-def test_cuda_graph_steps_give_eager_losses_and_weights():
+def test_cuda_graph_steps_give_eager_losses_and_weights(monkeypatch):
     """Five Adam steps with the backbone run as CUDA graphs (warm-up, recording, then replays) give the
     eager steps' losses and weights, in fp32 without TF32, to float32 round-off grown over five steps."""
     device = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     cfg = tiny_config(device="cuda")
     xs, ys = (t.to(device) for t in draw("linreg", B=8, n=9, d=4, active=4))
     runs = []
@@ -1379,19 +1379,19 @@ def test_cuda_graph_steps_give_eager_losses_and_weights():
 
 
 @needs_cuda
-def test_a_captured_step_replays_the_eager_steps():
+def test_a_captured_step_replays_the_eager_steps(monkeypatch):
     """bench.captured_step, the whole step as one CUDA graph: replayed on new prompts, it gives the
     eager steps' losses and weights (fp32 without TF32). Its 3 warm-up steps on the first batch train
     too (the capture itself runs nothing), so eager takes the same 3 steps first."""
     device = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     cfg = tiny_config(device="cuda")
     batches = [tuple(t.to(device) for t in draw("linreg", B=8, n=9, d=4, active=4, seed=i)) for i in range(6)]
     runs = []
     for captured in (False, True):
         torch.manual_seed(0)
         model = looped.LoopedTransformer(cfg).to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True, capturable=True)  # as bench.py's
         ctx = looped.nullcontext()
         if captured:
             step = bench.captured_step(model, opt, ctx, *batches[0], 6, 3)
