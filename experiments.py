@@ -238,12 +238,13 @@ def claim(name):
             if folder:
                 cfg = read_run(folder)[0]
                 run(name, f"{os.path.basename(folder)}_seed43", cfg.task, **{**config_overrides(cfg), "seed": 43})
-    best = best_run("claim1", "standard") if name in ("claim2", "claim3") else None
-    if best:  # the standard model also at claim1's best learning rate
-        lr = read_run(best)[0].lr
-        for run_name, task, overrides in CLAIMS[name]:
-            if overrides == STANDARD and lr != looped.make_config(task).lr:  # not the run it already has
-                run(name, f"{run_name}_lr{lr:g}", task, **STANDARD, lr=lr)
+    if name in ("claim2", "claim3"):  # each model also at claim1's best learning rate for it
+        for model, model_overrides in MODELS.items():
+            best = best_run("claim1", model)
+            lr = best and read_run(best)[0].lr
+            for run_name, task, overrides in CLAIMS[name]:
+                if best and overrides == model_overrides and lr != looped.make_config(task).lr:  # a new run
+                    run(name, f"{run_name}_lr{lr:g}", task, **overrides, lr=lr)
     if name == "claim4":  # gradient descent and Newton on the same test prompts, iteration by iteration
         cfg = looped.make_config("linreg")
         solvers = solver_errors(looped.eval_prompts(cfg, torch.device("cpu")), cfg.eval_loops)
@@ -517,6 +518,18 @@ def best_run(claim, model, runs=None):
     return min(done)[1] if done else None
 
 
+def at_best_rates(claim, names):
+    """A claim's looped and standard run names, each at claim1's best learning rate for its model where
+    that run (NAME_lrLR) finished, else as given: trained at the default rate."""
+    found = []
+    for model, name in zip(MODELS, names):
+        best = best_run("claim1", model)
+        folder = best and os.path.join(RESULTS, claim, f"{name}_lr{read_run(best)[0].lr:g}")
+        done = folder and os.path.isfile(os.path.join(folder, "run.json")) and read_run(folder)[1] is not None
+        found.append(os.path.basename(folder) if done else name)
+    return found
+
+
 def fmt(x):
     """Four digits; ~0 below 1e-8, where exact solvers leave round-off that changes with the CPU."""
     return "-" if x != x else "~0" if abs(x) < 1e-8 else f"{x:.4f}" if abs(x) >= 1e-3 else f"{x:.1e}"
@@ -678,11 +691,9 @@ def write_report():
         if claim_name == "claim1":  # the sweep, then each model at its best learning rate
             best = sweep_section("claim1", lines)
             pairs = [(pairs[0][0], *best, *pairs[0][3:])] if best else pairs
-        else:  # each standard model also at claim1's best learning rate, where it ran: a pair after its 6e-4 pair
-            pairs = [p for task, a, b, *rest in pairs for p in [(task, a, b, *rest)] + [
-                (task, a, os.path.basename(os.path.dirname(f)), *rest)
-                for f in sorted(glob.glob(os.path.join(RESULTS, claim_name, f"{b}_lr*", "run.json")))
-                if "_seed" not in f and read_run(os.path.dirname(f))[1] is not None]]  # not a diverged one
+        else:  # and each model at claim1's best learning rate for it, where those runs exist: a second pair
+            pairs = [p for task, a, b, *rest in pairs for p in dict.fromkeys(
+                [(task, a, b, *rest), (task, *at_best_rates(claim_name, [a, b]), *rest)])]
         if all(os.path.isfile(os.path.join(RESULTS, claim_name, r, "run.json")) for _, a, b, *_ in pairs for r in (a, b)):
             compare_section(claim_name, pairs, lines)
             lines += [CAVEATS[claim_name], ""] if CAVEATS.get(claim_name) else []

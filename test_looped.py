@@ -692,20 +692,20 @@ def test_claim_runs_are_recorded_kept_and_reported(tmp_path, monkeypatch):
         best = f"results/claim1/{model}_lr{min(val, key=val.get):g}"
         assert experiments.best_run("claim1", model) == best
         assert json.load(open(f"{best}_seed43/run.json"))["config"]["seed"] == 43
-    monkeypatch.setattr(experiments, "STANDARD", models["standard"])  # claim3: each standard run again at its best rate
     monkeypatch.setitem(experiments.CLAIMS, "claim3", [(f"{name}_{m}", task, models[m]) for name, task in
                                                        (("tree", "decision_tree"), ("relu", "relu_2nn")) for m in models])
-    experiments.claim("claim3")
-    lr = json.load(open(f"{experiments.best_run('claim1', 'standard')}/run.json"))["config"]["lr"]
-    assert sorted(os.listdir("results/claim3")) == sorted(["tree_looped", "tree_standard", f"tree_standard_lr{lr:g}",
-                                                            "relu_looped", "relu_standard", f"relu_standard_lr{lr:g}"])
+    experiments.claim("claim3")  # each run at the default 6e-4, then again at claim1's best rate for its model
+    lrs = {m: json.load(open(f"{experiments.best_run('claim1', m)}/run.json"))["config"]["lr"] for m in models}
+    assert sorted(os.listdir("results/claim3")) == sorted(f"{name}_{m}{suffix}" for name in ("tree", "relu")
+                                                          for m in models for suffix in ("", f"_lr{lrs[m]:g}"))
+    lr = lrs["standard"]
     experiments.write_report()
     first = open("docs/results.md").read()
     experiments.write_report()
     assert open("docs/results.md").read() == first
     assert "## claim1" in first and "Not run yet: `python experiments.py claim2`" in first
     claim3 = first.split("## claim3")[1].split("## claim4")[0]
-    assert claim3.count("**decision_tree**") == 2 and f"at learning rates 0.0006 and {lr:g}" in claim3
+    assert claim3.count("**decision_tree**") == 2 and f"at learning rates {lrs['looped']:g} and {lr:g}" in claim3
     assert os.path.isfile(f"figures/error_vs_examples_claim3_relu_2nn_relu_standard_lr{lr:g}.png")
     assert "| 0.003 | standard" in first and "over seeds" in first
     for figure in ("error_vs_examples_claim1_linreg", "lr_sweep_claim1", "learning_curves_claim1"):
