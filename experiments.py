@@ -655,7 +655,11 @@ def learning_rate_caveat(claim, pairs):
             "standard": {read_run(os.path.join(RESULTS, claim, b))[0].lr for _, _, b, *_ in pairs}}
     off = [f"the {model} model trained at lr {', '.join(f'{lr:g}' for lr in sorted(used[model]))}, where claim1's sweep "
            f"found {best_lr[model]:g} best on linear regression" for model in MODELS if best_lr[model] not in used[model]]
-    return [f"Not swept here: {'; '.join(off)}.", ""] if off else []
+    if off:
+        return [f"Not swept here: {'; '.join(off)}.", ""]
+    return [f"Not swept here: a task's second pair has each model at the learning rate claim1's sweep found best for it "
+            f"on linear regression ({', '.join(f'{m} {best_lr[m]:g}' for m in MODELS)}), one seed each; which rate is "
+            f"best on this task is not measured.", ""]
 
 
 def write_report():
