@@ -245,6 +245,8 @@ def claim(name):
             for run_name, task, overrides in CLAIMS[name]:
                 if best and overrides == model_overrides and lr != looped.make_config(task).lr:  # a new run
                     run(name, f"{run_name}_lr{lr:g}", task, **overrides, lr=lr)
+                    if name == "claim3":  # where the ReLU network's verdict turned on the rate: another seed
+                        run(name, f"{run_name}_lr{lr:g}_seed43", task, **overrides, lr=lr, seed=43)
     if name == "claim4":  # gradient descent and Newton on the same test prompts, iteration by iteration
         cfg = looped.make_config("linreg")
         solvers = solver_errors(looped.eval_prompts(cfg, torch.device("cpu")), cfg.eval_loops)

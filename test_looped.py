@@ -696,8 +696,8 @@ def test_claim_runs_are_recorded_kept_and_reported(tmp_path, monkeypatch):
                                                        (("tree", "decision_tree"), ("relu", "relu_2nn")) for m in models])
     experiments.claim("claim3")  # each run at the default 6e-4, then again at claim1's best rate for its model
     lrs = {m: json.load(open(f"{experiments.best_run('claim1', m)}/run.json"))["config"]["lr"] for m in models}
-    assert sorted(os.listdir("results/claim3")) == sorted(f"{name}_{m}{suffix}" for name in ("tree", "relu")
-                                                          for m in models for suffix in ("", f"_lr{lrs[m]:g}"))
+    assert sorted(os.listdir("results/claim3")) == sorted(f"{name}_{m}{suffix}" for name in ("tree", "relu") for m in models
+                                                          for suffix in ("", f"_lr{lrs[m]:g}", f"_lr{lrs[m]:g}_seed43"))
     lr = lrs["standard"]
     experiments.write_report()
     first = open("docs/results.md").read()
@@ -706,6 +706,7 @@ def test_claim_runs_are_recorded_kept_and_reported(tmp_path, monkeypatch):
     assert "## claim1" in first and "Not run yet: `python experiments.py claim2`" in first
     claim3 = first.split("## claim3")[1].split("## claim4")[0]
     assert claim3.count("**decision_tree**") == 2 and f"at learning rates {lrs['looped']:g} and {lr:g}" in claim3
+    assert claim3.count("over seeds") == 4  # each best-rate run of each task, with its seed-43 run
     assert os.path.isfile(f"figures/error_vs_examples_claim3_relu_2nn_relu_standard_lr{lr:g}.png")
     assert "| 0.003 | standard" in first and "over seeds" in first
     for figure in ("error_vs_examples_claim1_linreg", "lr_sweep_claim1", "learning_curves_claim1"):
