@@ -239,11 +239,11 @@ def claim(name):
                 cfg = read_run(folder)[0]
                 run(name, f"{os.path.basename(folder)}_seed43", cfg.task, **{**config_overrides(cfg), "seed": 43})
     if name in ("claim2", "claim3"):  # each model also at claim1's best learning rate for it
+        rates = best_rates()
         for model, model_overrides in MODELS.items():
-            best = best_run("claim1", model)
-            lr = best and read_run(best)[0].lr
+            lr = rates[model]
             for run_name, task, overrides in CLAIMS[name]:
-                if best and overrides == model_overrides and lr != looped.make_config(task).lr:  # a new run
+                if lr and overrides == model_overrides and lr != looped.make_config(task).lr:  # a new run
                     run(name, f"{run_name}_lr{lr:g}", task, **overrides, lr=lr)
                     if name == "claim3":  # where the ReLU network's verdict turned on the rate: another seed
                         run(name, f"{run_name}_lr{lr:g}_seed43", task, **overrides, lr=lr, seed=43)
@@ -520,13 +520,17 @@ def best_run(claim, model, runs=None):
     return min(done)[1] if done else None
 
 
-def at_best_rates(claim, names):
-    """A claim's looped and standard run names, each at claim1's best learning rate for its model where
-    that run (NAME_lrLR) finished, else as given: trained at the default rate."""
+def best_rates():
+    """claim1's best learning rate for each model (best_run), or None before its sweep."""
+    return {model: (best := best_run("claim1", model)) and read_run(best)[0].lr for model in MODELS}
+
+
+def at_best_rates(claim, names, rates):
+    """A claim's looped and standard run names, each at its model's rate in rates where that run
+    (NAME_lrLR) finished, else as given: trained at the default rate."""
     found = []
     for model, name in zip(MODELS, names):
-        best = best_run("claim1", model)
-        folder = best and os.path.join(RESULTS, claim, f"{name}_lr{read_run(best)[0].lr:g}")
+        folder = rates[model] and os.path.join(RESULTS, claim, f"{name}_lr{rates[model]:g}")
         done = folder and os.path.isfile(os.path.join(folder, "run.json")) and read_run(folder)[1] is not None
         found.append(os.path.basename(folder) if done else name)
     return found
@@ -647,12 +651,10 @@ def plot_sweep(sweeps, best, k, claim):
         save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
 
 
-def learning_rate_caveat(claim, pairs):
+def learning_rate_caveat(claim, pairs, best_lr):
     """For a claim not swept: whether its models trained at the learning rates claim1's sweep found best."""
-    best = {model: best_run("claim1", model) for model in MODELS}
-    if claim == "claim1" or not all(best.values()):
+    if claim == "claim1" or not all(best_lr.values()):
         return []
-    best_lr = {model: read_run(best[model])[0].lr for model in MODELS}
     used = {"looped": {read_run(os.path.join(RESULTS, claim, a))[0].lr for _, a, *_ in pairs},
             "standard": {read_run(os.path.join(RESULTS, claim, b))[0].lr for _, _, b, *_ in pairs}}
     off = [f"the {model} model trained at lr {', '.join(f'{lr:g}' for lr in sorted(used[model]))}, where claim1's sweep "
@@ -660,8 +662,8 @@ def learning_rate_caveat(claim, pairs):
     if off:
         return [f"Not swept here: {'; '.join(off)}.", ""]
     return [f"Not swept here: a task's second pair has each model at the learning rate claim1's sweep found best for it "
-            f"on linear regression ({', '.join(f'{m} {best_lr[m]:g}' for m in MODELS)}), one seed each; which rate is "
-            f"best on this task is not measured.", ""]
+            f"on linear regression ({', '.join(f'{m} {best_lr[m]:g}' for m in MODELS)}); which rate is best on this "
+            f"task is not measured.", ""]
 
 
 def write_report():
@@ -692,6 +694,7 @@ def write_report():
                 ("claim3", "Decision trees and ReLU networks",
                  [("decision_tree", "tree_looped", "tree_standard", None, "for the decision tree"),
                   ("relu_2nn", "relu_looped", "relu_standard", "match", "0.180 against 0.170 at k = 100, d = 20")])]
+    rates = best_rates()  # claim1's, read once: claims 2 and 3 compare at them too
     for claim_name, title, pairs in sections:
         lines += [f"## {claim_name}: {title}", "", f"The paper: {PAPER[claim_name]}.", ""]
         if claim_name == "claim1":  # the sweep, then each model at its best learning rate
@@ -699,11 +702,11 @@ def write_report():
             pairs = [(pairs[0][0], *best, *pairs[0][3:])] if best else pairs
         else:  # and each model at claim1's best learning rate for it, where those runs exist: a second pair
             pairs = [p for task, a, b, *rest in pairs for p in dict.fromkeys(
-                [(task, a, b, *rest), (task, *at_best_rates(claim_name, [a, b]), *rest)])]
+                [(task, a, b, *rest), (task, *at_best_rates(claim_name, [a, b], rates), *rest)])]
         if all(os.path.isfile(os.path.join(RESULTS, claim_name, r, "run.json")) for _, a, b, *_ in pairs for r in (a, b)):
             compare_section(claim_name, pairs, lines)
             lines += [CAVEATS[claim_name], ""] if CAVEATS.get(claim_name) else []
-            lines += learning_rate_caveat(claim_name, pairs)
+            lines += learning_rate_caveat(claim_name, pairs, rates)
         else:
             lines += [f"Not run yet: `python experiments.py {claim_name}`.", ""]
     window_section(lines)
