@@ -1,12 +1,13 @@
 """Every speed measurement of the project, one command each; each prints a table.
 
-    python bench.py train                  # a training step: eager, compiled (and CUDA graphs), fp32 and bf16
+    python bench.py train                  # a training step: eager, compiled (CUDA graphs on CUDA), fp32 and bf16
     python bench.py loop                   # the real training loop of --preset paper: steps per second
     python bench.py baselines              # the batched solvers against per-prompt scikit-learn
     python bench.py export RUN_DIR         # PyTorch eager against onnxruntime: fixed b and adaptive depth
 
-With --save the table also goes to results/bench_NAME.json, with the command, the machine and
-the torch version: `python experiments.py report` shows the saved tables in docs/results.md.
+With --save the table also goes to results/bench_NAME.json (bench_NAME_cuda.json on a GPU), with
+the command, the machine and the torch version: `python experiments.py report` shows the saved
+tables in docs/results.md.
 Compare speeds only as ratios measured in one run: other work on the machine moves the seconds.
 """
 import argparse
@@ -83,87 +84,66 @@ class Table:
 # ---------------------------------------------------------------------------- training
 
 
-def bench_train(device_name):
+def bench_train(device_name, presets=("laptop", "paper")):
     """ms per training step, prompts per second, and FLOP/s against this machine's matmul peak,
-    for the laptop preset and the paper's linear-regression model (b 20, T 15, D 256), eager and
-    compiled, fp32 and bf16 autocast; each at its final curriculum stage (full d, n and b). On CUDA
-    "compiled" is torch.compile's default mode, "graphs" what --compile runs there (the backbone's calls
-    as CUDA graphs) and "captured" the whole step as one CUDA graph (captured_step)."""
+    for the laptop preset and the paper's linear-regression model (b 20, T 15, D 256), fp32 and bf16
+    autocast, each at its final curriculum stage (full d, n and b). Modes: "eager"; "compiled", the
+    backbone M compiled as --compile compiles it (all --compile does on a CPU or under torchrun); on
+    CUDA also "captured", what --compile runs on one GPU (the compiled M, the whole step captured as
+    a CUDA graph by plumbing.CapturedSteps), "captured eager" (the same capture of the eager model)
+    and "reduce-overhead" (M's calls as torch.compile's CUDA graphs, the rest of the step eager)."""
     from torch.utils.flop_counter import FlopCounterMode
     device, _ = looped.setup_device(looped.make_config(device=device_name))
     peak = {amp: matmul_peak(device, torch.bfloat16 if amp else torch.float32) for amp in (False, True)}
     table = Table(f"training step, batch 64, {device}, {torch.get_num_threads()} threads; matmul peak (4096^2): "
                   f"fp32 {peak[False] / 1e9:.0f}, bf16 {peak[True] / 1e9:.0f} GFLOP/s",
                   ["model", "mode", "dtype", "ms/step", "prompts/s", "GFLOP/s", "of peak %", "saved MB", "peak MB"],
-                  [8, 10, 6, 10, 11, 9, 11, 10, 9])
-    modes = ("eager", "compiled", "graphs", "captured") if device.type == "cuda" else ("eager", "compiled")
-    rows = sorted(itertools.product(("laptop", "paper"), modes, (False, True)), key=lambda r: r[1] == "captured")
+                  [8, 17, 6, 10, 11, 9, 11, 10, 9])
+    modes = ("eager", "compiled", "reduce-overhead", "captured", "captured eager") if device.type == "cuda" else ("eager", "compiled")
+    rows = sorted(itertools.product(presets, modes, (False, True)), key=lambda r: r[1].startswith("captured"))
     for preset, mode, amp in rows:  # the captured rows last: a failed capture can leave CUDA unusable
-        cfg = looped.make_config("linreg", preset, device=device_name, amp=amp, eval_prompts=64)
+        cfg = looped.make_config("linreg", preset, device=device_name, eval_prompts=64)
         torch.manual_seed(0)
         model = looped.LoopedTransformer(cfg).to(device)
-        captured = mode == "captured"
+        captured = mode.startswith("captured")
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda", capturable=captured)
-        ctx = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not captured) if amp else nullcontext()
+        # bf16 autocast, even on a CPU without native bf16 (looped.py trains in fp32 there); as --compile, no cache
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=mode == "eager") if amp else nullcontext()
         args = (*looped.eval_prompts(cfg, device)[:2], cfg.n_loops, cfg.n_loops - cfg.loop_window)  # batch 64
         with FlopCounterMode(display=False) as counter:  # counted on the eager model
             looped.train_step(model, opt, ctx, *args)
         saved = activation_bytes(model, ctx, *args)
         torch._dynamo.reset()  # each row compiles afresh: dynamo keeps at most 8 graphs of one function
-        if mode == "compiled":  # the backbone M, as looped.train compiles it on a CPU
-            model.backbone = torch.compile(model.backbone, dynamic=True)
-        graphs = mode == "graphs" and looped.compile_backbone(model, device)  # as looped.train on CUDA
+        if mode in ("compiled", "captured"):
+            looped.compile_backbone(model)
+        elif mode == "reduce-overhead":
+            model.backbone = torch.compile(model.backbone, dynamic=True, mode="reduce-overhead")
+        step = plumbing.CapturedSteps(looped.train_step) if captured else looped.train_step
+
+        def run():
+            if mode == "reduce-overhead":  # a new step: the last step's graph outputs may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
+            return step(model, opt, ctx, *args)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        if captured:  # the same prompts copied in at every replay, as a training loop would copy new ones
-            try:
-                replay = captured_step(model, opt, ctx, *args)
-            except RuntimeError as e:  # say so and go on: the other rows still count
-                cause = e.__context__ or e  # the capture's own error, not capture_end's that follows it
-                print(f"{preset} captured {'bf16' if amp else 'fp32'}: the capture failed: {str(cause).splitlines()[0]}")
-                continue
-            step = seconds(lambda: replay(*args[:2]), 20, warmup=1, device=device)
-            del replay  # the graph and its memory pool
-        else:
-            step = seconds(lambda: looped.train_step(model, opt, ctx, *args, graphs), 20 if preset == "laptop" or graphs else 3,
-                           warmup=3, device=device)  # graphs: the second call records, the third replays
-        flops = counter.get_total_flops() / step
-        table.add(preset, mode, "bf16" if amp else "fp32", 1000 * step, 64 / step,
+        seconds_per_step = seconds(run, 20 if preset == "laptop" or device.type == "cuda" else 3,
+                                   warmup=4 if captured else 3, device=device)  # captured: 3 warm-up steps, then the capture
+        if captured and step.failed:  # said by CapturedSteps; the eager fallback is not this row
+            continue
+        flops = counter.get_total_flops() / seconds_per_step
+        table.add(preset, mode, "bf16" if amp else "fp32", 1000 * seconds_per_step, 64 / seconds_per_step,
                   flops / 1e9, 100 * flops / peak[amp], saved / 1e6,
                   torch.cuda.max_memory_allocated() / 1e6 if device.type == "cuda" else "-")
+        del step, run  # a captured graph and its memory pool
     return table
-
-
-def captured_step(model, opt, ctx, xs, ys, n_loops, n_no_grad):
-    """The whole training step (forward, backward and Adam) captured once as one CUDA graph with
-    torch.cuda.graph, on static prompt buffers, at one b and n: the candidate beside --compile's
-    reduce-overhead graphs. opt must be capturable (Adam(..., fused=True, capturable=True)), and autocast's weight
-    cache off (the cache would hold tensors from outside the graph). Returns step(xs, ys): copy a
-    batch in, replay, and the loss (its buffer, overwritten by the next replay)."""
-    static = xs.clone(), ys.clone()
-    side = torch.cuda.Stream()  # warm-up off the default stream, as capture requires: Adam's state and
-    side.wait_stream(torch.cuda.current_stream())  # the .grad buffers exist before the capture
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            looped.train_step(model, opt, ctx, *static, n_loops, n_no_grad)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # train_step sets .grad to None first: backward allocates it in the graph's pool
-        loss = looped.train_step(model, opt, ctx, *static, n_loops, n_no_grad)
-
-    def step(new_xs, new_ys):
-        static[0].copy_(new_xs)
-        static[1].copy_(new_ys)
-        graph.replay()
-        return loss
-    return step
 
 
 def bench_loop(device_name, preset, steps):
     """Steps per second of the real training loop, looped.train on linear regression for its first steps:
     curriculum changes (b every 500 steps, d and n every 5000 at the paper's), prompts drawn on the device,
     logging every 100 steps and a checkpoint every 1000 included; the evaluation after it is not. Eager
-    and --compile (CUDA graphs on CUDA), in bf16 where the device has it. The 500k-step hours are at the
+    and --compile (on one GPU the whole step captured as CUDA graphs, one per curriculum stage), in bf16
+    where the device has it. The 500k-step hours are at the
     rate past step 1000, with the curriculum's short prompts: later, longer prompts take longer where the
     step is bound by arithmetic rather than by kernel launches."""
     device, _ = looped.setup_device(looped.make_config(device=device_name))
@@ -314,6 +294,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="training step speed (see bench_train)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.add_argument("--preset", choices=("laptop", "paper"), help="one model only (default: both)")
     p = sub.add_parser("loop", help="steps per second of the real training loop (see bench_loop)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--preset", help="paper or laptop (default: paper on CUDA, laptop elsewhere)")
@@ -327,11 +308,12 @@ def main(argv=None):
     p.add_argument("run_dir", help="a looped.py run folder (with ckpt.pt)")
     p.add_argument("--loops", type=int, help="loop iterations to unroll (default: the trained b)")
     for p in sub.choices.values():
-        p.add_argument("--save", action="store_true", help="also write the table to results/bench_NAME.json")
+        p.add_argument("--save", action="store_true", help="also write the table to results/bench_NAME.json "
+                       "(bench_NAME_cuda.json on a GPU)")
     args = parser.parse_args(argv)
     if args.command == "train":
         looped.make_config(device=args.device)  # a bad device name is one line, before any work
-        table = bench_train(args.device)
+        table = bench_train(args.device, [args.preset] if args.preset else ("laptop", "paper"))
     elif args.command == "loop":
         looped.make_config(preset=args.preset or "laptop", device=args.device, steps=args.steps)  # bad values: one line
         preset = args.preset or ("paper" if looped.setup_device(looped.make_config(device=args.device))[0].type == "cuda" else "laptop")
@@ -348,8 +330,10 @@ def main(argv=None):
         if args.loops is not None and args.loops < 1:
             raise plumbing.UserError(f"--loops must be at least 1, got {args.loops}")
         table = bench_export(args.run_dir, args.loops)
-    if args.save:
-        table.save(os.path.join("results", f"bench_{args.command}.json"), "python bench.py " + shlex.join(argv))
+    if args.save:  # a GPU's tables beside the CPU's: results/bench_train_cuda.json
+        device = looped.setup_device(looped.make_config(device=getattr(args, "device", "cpu")))[0]
+        name = f"bench_{args.command}" + ("" if device.type == "cpu" else f"_{device.type}")
+        table.save(os.path.join("results", f"{name}.json"), "python bench.py " + shlex.join(argv))
 
 
 if __name__ == "__main__":

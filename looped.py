@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import baselines
-from plumbing import (Diverged, Interrupted, Parser, UserError, add_dataclass_flags, append_line, atomic, check_folder, cli,
+from plumbing import (CapturedSteps, Diverged, Interrupted, Parser, UserError, add_dataclass_flags, append_line, atomic, check_folder, cli,
                       agreed_signal, cpu_has_bf16, fits, hold_folder, join_torchrun, load_tensors, memory_guard, remove_run, stop_signals,
                       trim_log, write_json)
 
@@ -464,16 +464,12 @@ def restore_model(ckpt, cfg, device):
 
 # ---------------------------------------------------------------------------- training
 
-def compile_backbone(model, device):
-    """--compile: M alone, one graph for any b and n (the unrolled forward recompiled as b grew). On CUDA, where
-    kernel launches bound the step, its calls run as CUDA graphs, recorded once per shape (reduce-overhead)."""
-    model.backbone = torch.compile(model.backbone, dynamic=True, mode="reduce-overhead" if device.type == "cuda" else None)
-    return device.type == "cuda"
+def compile_backbone(model):
+    """--compile: M alone, one graph for every b and n (the unrolled forward recompiled as b grew)."""
+    model.backbone = torch.compile(model.backbone, dynamic=True)
 
-def train_step(forward, opt, ctx, xs, ys, n_loops, n_no_grad, graphs=False):
+def train_step(forward, opt, ctx, xs, ys, n_loops, n_no_grad):
     """One Adam step on the windowed loss; returns the loss, left on the device (no sync)."""
-    if graphs:  # CUDA graphs: the last step's graph outputs may be overwritten from here on
-        torch.compiler.cudagraph_mark_step_begin()
     with ctx:
         preds = forward(xs, ys, n_loops, n_no_grad)  # (B, min(b, T), n)
     loss = windowed_loss(preds, ys)
@@ -494,8 +490,8 @@ def setup_device(cfg):
     amp = cfg.amp and (device.type != "cpu" or cpu_has_bf16())
     if cfg.amp and not amp:
         print("--amp: this CPU has no native bf16, where bf16 autocast is several times slower; training in fp32")
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
-    return device, ctx
+    # bf16 autocast; under --compile without its cache of cast weights, which a CUDA graph cannot hold
+    return device, torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not cfg.compile) if amp else nullcontext()
 
 STEP_FLAGS, WEIGHT_FLAGS = "--batch_size, --n_points or --window", "--n_embd, --n_layer, --n_positions or --n_dims"
 
@@ -529,21 +525,25 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
         with memory_guard(WEIGHT_FLAGS):
             model = LoopedTransformer(cfg).to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
+        captured = cfg.compile and device.type == "cuda" and world == 1  # the whole step as CUDA graphs
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda", capturable=captured)
         gen = torch.Generator(device).manual_seed(cfg.seed + rank)  # each process its own prompts
         step = 0
         if resume is not None:  # continue exactly where the checkpoint left off
             if len(resume["rng"]["data"]) != world:
                 raise UserError(f"the checkpoint was written by {len(resume['rng']['data'])} process(es): resume with as many")
             model.load_state_dict(resume["model"])
-            opt.load_state_dict(resume["optimizer"])
+            saved = resume["optimizer"]  # its values, stepped as this run steps (fused, capturable), not as the saver did
+            opt.load_state_dict({**saved, "param_groups": [{**g, **opt.defaults} for g in saved["param_groups"]]})
             gen.set_state(resume["rng"]["data"][rank])
             torch.set_rng_state(resume["rng"]["torch"])
             step = resume["step"]
             say(f"resuming from step {step}")
             if rank == 0:
                 trim_log(log_path, step)  # each step logged once, whatever a crash left past the checkpoint
-        graphs = cfg.compile and compile_backbone(model, device)  # True where its calls run as CUDA graphs
+        if cfg.compile:
+            compile_backbone(model)
+        step_fn = CapturedSteps(train_step) if captured else train_step  # on a GPU kernel launches bound the step
         forward = DistributedDataParallel(model) if world > 1 else model  # the half-batches' mean gradient: the batch's
         backbone, total = count_parameters(model)
         say(f"{cfg.task}: {cfg.n_layer} layer(s) x {cfg.n_loops} loops, D {cfg.n_embd}, d {cfg.n_dims}, n {cfg.n_points} | "
@@ -555,7 +555,7 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
             while step < cfg.steps and not signum:
                 d, n, b = curriculum(cfg, step)
                 xs, ys = TASKS[cfg.task](cfg.batch_size // world, n, cfg.n_dims, d, gen)
-                loss = train_step(forward, opt, ctx, xs, ys, b, max(b - cfg.loop_window, 0), graphs)
+                loss = step_fn(forward, opt, ctx, xs, ys, b, max(b - cfg.loop_window, 0))
                 running += loss / error_normaliser(cfg.task, d)  # on the device: no sync
                 step += 1
                 signum = agreed_signal(received, world, group)  # every process stops at the same step

@@ -241,6 +241,54 @@ def cpu_has_bf16():
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+class CapturedSteps:
+    """fn, a training step, run as CUDA graphs: recorded once per shape of its arguments (forward,
+    backward and optimizer step, thousands of kernels) and replayed with one launch per step. fn must
+    read its tensors only from its arguments, sync nothing with the host and draw no random numbers;
+    its optimizer must be capturable. Every call is a real step on its own arguments: the first
+    `warmup` calls of a new shape run eagerly on a side stream (as capture requires), the next one is
+    captured on that stream, and from then on a call copies its tensors into the graph's static inputs
+    and replays it, returning the graph's output (overwritten by the next replay). A new shape frees
+    the old graph (a curriculum never returns to one); a capture that fails is said once, then fn runs
+    eagerly. https://docs.pytorch.org/docs/stable/notes/cuda.html#whole-network-capture"""
+
+    def __init__(self, fn, warmup=3):
+        self.fn, self.warmup, self.stream = fn, warmup, torch.cuda.Stream()
+        self.key, self.graph, self.failed, self.captures = None, None, False, 0
+
+    def __call__(self, *args):
+        if self.failed:
+            return self.fn(*args)
+        key = tuple((a.shape, a.dtype) if torch.is_tensor(a) else a if isinstance(a, (int, float)) else id(a) for a in args)
+        if key != self.key:  # a new curriculum stage: the old graph and its memory pool go
+            self.key, self.calls, self.graph, self.out = key, 0, None, None
+        self.calls += 1
+        if self.calls <= self.warmup:
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                out = self.fn(*args)
+            torch.cuda.current_stream().wait_stream(self.stream)
+            out.record_stream(torch.cuda.current_stream())  # made on the side stream, used on this one
+            return out
+        if self.graph is None:
+            self.inputs, graph = [a.clone() if torch.is_tensor(a) else a for a in args], torch.cuda.CUDAGraph()
+            try:
+                # records, runs nothing: this call's step is the first replay. The outer stream context restores
+                with torch.cuda.stream(self.stream), torch.cuda.graph(graph, stream=self.stream):  # the stream if capture fails
+                    self.out = self.fn(*self.inputs)
+            except RuntimeError as e:
+                cause = e.__context__ or e  # the capture's own error, not capture_end's that follows it
+                print(f"CUDA graph capture failed ({str(cause).splitlines()[0][:200]}): the steps run without CUDA graphs")
+                self.failed, self.inputs, self.out = True, None, None
+                return self.fn(*args)
+            self.graph, self.captures = graph, self.captures + 1
+        for static, a in zip(self.inputs, args):
+            if torch.is_tensor(a):
+                static.copy_(a)
+        self.graph.replay()
+        return self.out
+
+
 def device_memory(device):
     """Bytes of memory the device has: a GPU's, or for a CPU the machine's (or the container's
     cgroup limit, where lower); None where it cannot be read."""

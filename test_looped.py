@@ -1356,73 +1356,65 @@ def test_a_diverged_run_of_a_sweep_is_recorded_and_the_sweep_goes_on(tmp_path, m
 
 
 @needs_cuda
-def test_cuda_graph_steps_give_eager_losses_and_weights(monkeypatch):
-    """Five Adam steps with the backbone run as CUDA graphs (warm-up, recording, then replays) give the
-    eager steps' losses and weights, in fp32 without TF32, to float32 round-off grown over five steps."""
+def test_captured_steps_give_the_uncaptured_steps_through_curriculum_stages(monkeypatch):
+    """plumbing.CapturedSteps over 15 steps whose shapes change as the curriculum changes them (n 5 -> 9,
+    then b 3 -> 6), 5 steps a stage: 3 eager warm-up steps, a capture whose step is its first replay, one
+    more replay. Each step trains on its own batch, so the losses and weights are those of the same steps
+    uncaptured (fp32 without TF32), for the eager model and for the compiled backbone (what --compile runs),
+    with one graph captured per stage."""
     device = torch.device("cuda")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     cfg = tiny_config(device="cuda")
-    xs, ys = (t.to(device) for t in draw("linreg", B=8, n=9, d=4, active=4))
-    runs = []
-    for graphs in (False, True):
+    stages = [(5, 3)] * 5 + [(9, 3)] * 5 + [(9, 6)] * 5  # (n, b) of each step
+    batches = [tuple(t.to(device) for t in draw("linreg", B=8, n=n, d=4, active=4, seed=i)) + (b, max(b - 3, 0))
+               for i, (n, b) in enumerate(stages)]
+    runs = {}
+    for compiled, captured in [(False, False), (False, True), (True, False), (True, True)]:
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = looped.LoopedTransformer(cfg).to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-        assert not graphs or looped.compile_backbone(model, device)  # True: CUDA graphs on CUDA
-        losses = [looped.train_step(model, opt, looped.nullcontext(), xs, ys, 6, 3, graphs).item() for _ in range(5)]
-        runs.append((torch.tensor(losses), model.state_dict()))
-    (eager, w_eager), (graph, w_graph) = runs
-    assert eager[-1] < eager[0]  # the steps did train
-    torch.testing.assert_close(graph, eager, rtol=1e-4, atol=1e-6)
-    for name in w_eager:
-        torch.testing.assert_close(w_graph[name], w_eager[name], rtol=1e-3, atol=1e-5)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True, capturable=captured)
+        if compiled:
+            looped.compile_backbone(model)
+        step = plumbing.CapturedSteps(looped.train_step) if captured else looped.train_step
+        losses = torch.tensor([step(model, opt, looped.nullcontext(), *batch).item() for batch in batches])
+        assert not captured or (step.captures == 3 and not step.failed)
+        runs[compiled, captured] = losses, model.state_dict()
+    assert len(set(runs[False, False][0].tolist())) == 15 and runs[False, False][0][-5:].mean() < runs[False, False][0][:5].mean()
+    for compiled in (False, True):
+        (plain, w_plain), (graph, w_graph) = runs[compiled, False], runs[compiled, True]
+        torch.testing.assert_close(graph, plain, rtol=1e-4, atol=1e-6)
+        for name in w_plain:
+            torch.testing.assert_close(w_graph[name], w_plain[name], rtol=1e-3, atol=1e-5)
 
 
 @needs_cuda
-def test_a_captured_step_replays_the_eager_steps(monkeypatch):
-    """bench.captured_step, the whole step as one CUDA graph: replayed on new prompts, it gives the
-    eager steps' losses and weights (fp32 without TF32). Its 3 warm-up steps on the first batch train
-    too (the capture itself runs nothing), so eager takes the same 3 steps first."""
-    device = torch.device("cuda")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    cfg = tiny_config(device="cuda")
-    batches = [tuple(t.to(device) for t in draw("linreg", B=8, n=9, d=4, active=4, seed=i)) for i in range(6)]
-    runs = []
-    for captured in (False, True):
-        torch.manual_seed(0)
-        model = looped.LoopedTransformer(cfg).to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True, capturable=True)  # as bench.py's
-        ctx = looped.nullcontext()
-        if captured:
-            step = bench.captured_step(model, opt, ctx, *batches[0], 6, 3)
-            losses = [step(*batch).item() for batch in batches[1:]]
-        else:
-            for _ in range(3):
-                looped.train_step(model, opt, ctx, *batches[0], 6, 3)
-            losses = [looped.train_step(model, opt, ctx, *batch, 6, 3).item() for batch in batches[1:]]
-        runs.append((torch.tensor(losses), model.state_dict()))
-    (eager, w_eager), (graph, w_graph) = runs
-    assert len(set(eager.tolist())) == 5  # five different batches, five different losses
-    torch.testing.assert_close(graph, eager, rtol=1e-4, atol=1e-6)
-    for name in w_eager:
-        torch.testing.assert_close(w_graph[name], w_eager[name], rtol=1e-3, atol=1e-5)
-
-
-@needs_cuda
-def test_cuda_graph_training_goes_through_the_curriculum_without_recompiling(tmp_path):
-    """--compile on CUDA: b grows 3 -> 6 and n 5 -> 9, then the evaluation; two compiled graphs serve
-    them all, replayed as CUDA graphs, and the losses follow eager training's."""
+def test_compiled_training_on_a_gpu_captures_each_stage_without_recompiling(tmp_path, monkeypatch):
+    """--compile on one GPU: through four curriculum stages (b 3 -> 5 -> 6, n 5 -> 7 -> 9) and the
+    evaluation, two compiled graphs serve every shape, each stage's step is captured once, and the
+    logged losses follow eager training's (TF32 on); resuming the run without --compile works."""
     from torch._dynamo.utils import counters
+    made = []
+
+    class Recorded(plumbing.CapturedSteps):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+    monkeypatch.setattr(looped, "CapturedSteps", Recorded)
     torch._dynamo.reset()
     counters.clear()
-    cfg = tiny_config(tmp_path / "graphs", device="cuda", steps=12, loops_every=1, log_every=1, compile=True)
+    cfg = tiny_config(tmp_path / "graphs", device="cuda", steps=24, loops_every=4, curriculum_every=8, log_every=1,
+                      ckpt_every=12, compile=True)
     errors = looped.train(cfg, quiet=True)
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert len(made) == 1 and made[0].captures == 4 and not made[0].failed
     assert errors["loops"].isfinite().all()
     looped.train(dataclasses.replace(cfg, compile=False, out=str(tmp_path / "eager")), quiet=True)
     losses = [[json.loads(line)["loss"] for line in open(tmp_path / run / "log.jsonl")] for run in ("graphs", "eager")]
-    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-2, atol=1e-4)  # TF32 on
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-2, atol=1e-4)
+    for steps, device in (("26", "cuda"), ("28", "cpu")):  # its checkpoint resumes uncaptured, on the CPU too
+        r = run_cli(looped.main, "--resume", cfg.out, "--steps", steps, "--device", device, "--no-compile")
+        assert r.returncode == 0 and state(cfg.out)["step"] == int(steps), r.stderr
 
 
 def test_amp_on_a_cpu_without_native_bf16_trains_in_fp32(monkeypatch, capsys):
