@@ -231,9 +231,8 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, L, D))
 
 def gelu(x):
-    """GPT-2's activation, 0.5 x (1 + tanh u), u = sqrt(2 / pi) (x + 0.044715 x^3). Compiled, it is
-    written x sigmoid(2u), the same function: inductor's tanh is slow on a CPU (on an AMD EPYC, compile's
-    gain was 1.22x with it, 1.07x without). Eager runs and the ONNX export keep F.gelu."""
+    """GPT-2's activation, 0.5 x (1 + tanh u), u = sqrt(2 / pi) (x + 0.044715 x^3). Compiled, it is written x sigmoid(2u),
+    the same function: inductor's tanh is slow on a CPU (AMD EPYC: compile gained 1.22x so, 1.07x not). Eager and ONNX keep F.gelu."""
     if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         return x * torch.sigmoid(math.sqrt(8 / math.pi) * (x + 0.044715 * x ** 3))
     return F.gelu(x, approximate="tanh")
@@ -433,8 +432,7 @@ def save_checkpoint(path, model, opt, cfg, step, data_states):
         f.write(buffer.getbuffer())
 
 def load_checkpoint(run_dir):
-    """The run's checkpoint and Config; UserError if missing, corrupt, or its weights disagree with its
-    config. Tensors and plain data only (weights_only): a pickle that would run code is refused unrun."""
+    """The run's checkpoint and Config; UserError if missing, corrupt, or its weights disagree with its config."""
     path = os.path.join(run_dir, "ckpt.pt")
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
@@ -485,8 +483,9 @@ def setup_device(cfg):
     if not available[name.split(":")[0]]:
         raise UserError(f"--device {name} asked for, but it is not available here")
     device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if name == "cuda" and "LOCAL_RANK" in os.environ else name)  # torchrun
-    if device.type == "cuda":  # TF32 matmuls: ~fp32 accuracy at tensor-core speed
+    if device.type == "cuda":  # TF32 matmuls: ~fp32 accuracy at tensor-core speed; cuda:N the current device (streams)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.set_device(device.index or 0)
     amp = cfg.amp and (device.type != "cpu" or cpu_has_bf16())
     if cfg.amp and not amp:
         print("--amp: this CPU has no native bf16, where bf16 autocast is several times slower; training in fp32")
@@ -530,12 +529,13 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
         gen = torch.Generator(device).manual_seed(cfg.seed + rank)  # each process its own prompts
         step = 0
         if resume is not None:  # continue exactly where the checkpoint left off
-            if len(resume["rng"]["data"]) != world:
-                raise UserError(f"the checkpoint was written by {len(resume['rng']['data'])} process(es): resume with as many")
+            data = resume["rng"]["data"]  # each process's prompt generator: a CUDA one's state is not a CPU one's
+            if len(data) != world or data[rank].numel() != gen.get_state().numel():
+                raise UserError(f"resume with as many processes ({len(data)}), on the kind of device, as wrote the checkpoint")
             model.load_state_dict(resume["model"])
             saved = resume["optimizer"]  # its values, stepped as this run steps (fused, capturable), not as the saver did
             opt.load_state_dict({**saved, "param_groups": [{**g, **opt.defaults} for g in saved["param_groups"]]})
-            gen.set_state(resume["rng"]["data"][rank])
+            gen.set_state(data[rank])
             torch.set_rng_state(resume["rng"]["torch"])
             step = resume["step"]
             say(f"resuming from step {step}")
@@ -585,8 +585,8 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
                     if rank == 0:
                         save_checkpoint(ckpt_path, model, opt, cfg, step, states)
             signum = signum or agreed_signal(received, world, group)  # one in the last step or its save
-        if world > 1:  # drop DDP (its reducer holds the process group), leave together, tear down:
-            del forward  # a group still referenced at exit can abort gloo's threads (SIGABRT)
+        del forward, step_fn  # DDP's reducer holds the process group, a captured graph its memory
+        if world > 1:  # leave together, tear down: a group still referenced at exit can abort gloo's threads (SIGABRT)
             dist.barrier()
             dist.destroy_process_group()
         if rank == 0:

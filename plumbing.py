@@ -250,7 +250,8 @@ class CapturedSteps:
     captured on that stream, and from then on a call copies its tensors into the graph's static inputs
     and replays it, returning the graph's output (overwritten by the next replay). A new shape frees
     the old graph (a curriculum never returns to one); a capture that fails is said once, then fn runs
-    eagerly. https://docs.pytorch.org/docs/stable/notes/cuda.html#whole-network-capture"""
+    eagerly (what the failed capture allocated may stay reserved). Tensors must be on the current device.
+    https://docs.pytorch.org/docs/stable/notes/cuda.html#whole-network-capture"""
 
     def __init__(self, fn, warmup=3):
         self.fn, self.warmup, self.stream = fn, warmup, torch.cuda.Stream()
@@ -259,13 +260,14 @@ class CapturedSteps:
     def __call__(self, *args):
         if self.failed:
             return self.fn(*args)
-        key = tuple((a.shape, a.dtype) if torch.is_tensor(a) else a if isinstance(a, (int, float)) else id(a) for a in args)
+        key = tuple((a.shape, a.dtype) if torch.is_tensor(a) else a for a in args)  # objects kept, compared by identity
         if key != self.key:  # a new curriculum stage: the old graph and its memory pool go
             self.key, self.calls, self.graph, self.out = key, 0, None, None
         self.calls += 1
         if self.calls <= self.warmup:
             self.stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.stream):
+            with torch.cuda.stream(self.stream), warnings.catch_warnings():  # uncaptured on purpose: no advice wanted
+                warnings.filterwarnings("ignore", "This instance was constructed with capturable=True")
                 out = self.fn(*args)
             torch.cuda.current_stream().wait_stream(self.stream)
             out.record_stream(torch.cuda.current_stream())  # made on the side stream, used on this one
@@ -276,7 +278,9 @@ class CapturedSteps:
                 # records, runs nothing: this call's step is the first replay. The outer stream context restores
                 with torch.cuda.stream(self.stream), torch.cuda.graph(graph, stream=self.stream):  # the stream if capture fails
                     self.out = self.fn(*self.inputs)
-            except RuntimeError as e:
+            except Interrupted:
+                raise
+            except Exception as e:  # RuntimeError from CUDA, others from a compiler
                 cause = e.__context__ or e  # the capture's own error, not capture_end's that follows it
                 print(f"CUDA graph capture failed ({str(cause).splitlines()[0][:200]}): the steps run without CUDA graphs")
                 self.failed, self.inputs, self.out = True, None, None

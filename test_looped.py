@@ -461,6 +461,11 @@ def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path):
     ckpt["optimizer"]["param_groups"][0].update(capturable=True, fused=False)
     torch.save(ckpt, os.path.join(half.out, "ckpt.pt"))
     assert run_cli(looped.main, "--resume", half.out, "--steps", "7").returncode == 0 and state(half.out)["step"] == 7
+    ckpt = state(half.out)  # a GPU drew its prompts: a CUDA generator's state (16 bytes) cannot go on in a CPU's
+    ckpt["rng"]["data"] = [torch.zeros(16, dtype=torch.uint8)]
+    torch.save(ckpt, os.path.join(half.out, "ckpt.pt"))
+    r = run_cli(looped.main, "--resume", half.out, "--steps", "8")
+    assert r.returncode == 2 and "on the kind of device, as wrote the checkpoint" in r.stderr, r.stderr
 
 
 @slow
@@ -1377,14 +1382,16 @@ def test_captured_steps_give_the_uncaptured_steps_through_curriculum_stages(monk
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = looped.LoopedTransformer(cfg).to(device)
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True, capturable=captured)
         if compiled:
             looped.compile_backbone(model)
-        step = plumbing.CapturedSteps(looped.train_step) if captured else looped.train_step
-        losses = torch.tensor([step(model, opt, looped.nullcontext(), *batch).item() for batch in batches])
+        step, ctx = plumbing.CapturedSteps(looped.train_step) if captured else looped.train_step, looped.nullcontext()
+        losses = torch.tensor([step(model, opt, ctx, *batch).item() for batch in batches])
         assert not captured or (step.captures == 3 and not step.failed)
         runs[compiled, captured] = losses, model.state_dict()
-    assert len(set(runs[False, False][0].tolist())) == 15 and runs[False, False][0][-5:].mean() < runs[False, False][0][:5].mean()
+    assert len(set(runs[False, False][0].tolist())) == 15  # fifteen batches, fifteen losses
+    assert all((runs[True, True][1][k] - initial[k]).abs().max() > 1e-3 for k in initial)  # it trained
     for compiled in (False, True):
         (plain, w_plain), (graph, w_graph) = runs[compiled, False], runs[compiled, True]
         torch.testing.assert_close(graph, plain, rtol=1e-4, atol=1e-6)
@@ -1416,9 +1423,8 @@ def test_compiled_training_on_a_gpu_captures_each_stage_without_recompiling(tmp_
     looped.train(dataclasses.replace(cfg, compile=False, out=str(tmp_path / "eager")), quiet=True)
     losses = [[json.loads(line)["loss"] for line in open(tmp_path / run / "log.jsonl")] for run in ("graphs", "eager")]
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-2, atol=1e-4)
-    for steps, device in (("26", "cuda"), ("28", "cpu")):  # its checkpoint resumes uncaptured, on the CPU too
-        r = run_cli(looped.main, "--resume", cfg.out, "--steps", steps, "--device", device, "--no-compile")
-        assert r.returncode == 0 and state(cfg.out)["step"] == int(steps), r.stderr
+    r = run_cli(looped.main, "--resume", cfg.out, "--steps", "26", "--no-compile")  # its checkpoint resumes uncaptured
+    assert r.returncode == 0 and state(cfg.out)["step"] == 26, r.stderr
 
 
 def test_amp_on_a_cpu_without_native_bf16_trains_in_fp32(monkeypatch, capsys):
