@@ -93,6 +93,7 @@ def bench_train(device_name, presets=("laptop", "paper")):
     a CUDA graph by plumbing.CapturedSteps), "captured eager" (the same capture of the eager model)
     and "reduce-overhead" (M's calls as torch.compile's CUDA graphs, the rest of the step eager)."""
     from torch.utils.flop_counter import FlopCounterMode
+    warnings.filterwarnings("ignore", "This instance was constructed with capturable=True")  # the uncaptured steps: on purpose
     device, _ = looped.setup_device(looped.make_config(device=device_name))
     peak = {amp: matmul_peak(device, torch.bfloat16 if amp else torch.float32) for amp in (False, True)}
     table = Table(f"training step, batch 64, {device}, {torch.get_num_threads()} threads; matmul peak (4096^2): "
