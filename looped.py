@@ -531,7 +531,7 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
         if resume is not None:  # continue exactly where the checkpoint left off
             data = resume["rng"]["data"]  # each process's prompt generator: a CUDA one's state is not a CPU one's
             if len(data) != world or data[rank].numel() != gen.get_state().numel():
-                raise UserError(f"resume with as many processes ({len(data)}), on the kind of device, as wrote the checkpoint")
+                raise UserError(f"resume on the kind of device (GPU or CPU) and with the processes ({len(data)}) that wrote the checkpoint")
             model.load_state_dict(resume["model"])
             saved = resume["optimizer"]  # its values, stepped as this run steps (fused, capturable), not as the saver did
             opt.load_state_dict({**saved, "param_groups": [{**g, **opt.defaults} for g in saved["param_groups"]]})
@@ -543,7 +543,7 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
                 trim_log(log_path, step)  # each step logged once, whatever a crash left past the checkpoint
         if cfg.compile:
             compile_backbone(model)
-        step_fn = CapturedSteps(train_step) if captured else train_step  # on a GPU kernel launches bound the step
+        step_fn = CapturedSteps(train_step) if captured else train_step  # on a GPU, launches bound the step, not arithmetic
         forward = DistributedDataParallel(model) if world > 1 else model  # the half-batches' mean gradient: the batch's
         backbone, total = count_parameters(model)
         say(f"{cfg.task}: {cfg.n_layer} layer(s) x {cfg.n_loops} loops, D {cfg.n_embd}, d {cfg.n_dims}, n {cfg.n_points} | "
