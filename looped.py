@@ -71,7 +71,7 @@ class Config:
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, mps or cpu
     amp: bool = False  # bf16 autocast for the forward pass (a CPU without native bf16 stays in fp32)
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the backbone M; on one GPU also replay each training step as a CUDA graph
     out: str = ""  # run folder for checkpoint, log, evaluation and plots (default runs/TASK)
     log_every: int = 100  # steps between log lines (and NaN checks)
     ckpt_every: int = 1000  # steps between checkpoints (always one at the end)
