@@ -144,9 +144,9 @@ def bench_loop(device_name, preset, steps):
     curriculum changes (b every 500 steps, d and n every 5000 at the paper's), prompts drawn on the device,
     logging every 100 steps and a checkpoint every 1000 included; the evaluation after it is not. Eager
     and --compile (on one GPU the whole step captured as CUDA graphs, one per curriculum stage), in bf16
-    where the device has it. The 500k-step hours are at the
-    rate past step 1000, with the curriculum's short prompts: later, longer prompts take longer where the
-    step is bound by arithmetic rather than by kernel launches."""
+    where the device has it. The 500k-step hours are at the rate past step 1000, with the curriculum's
+    short prompts: later, longer prompts take longer where the step is bound by arithmetic rather than
+    by kernel launches."""
     device, _ = looped.setup_device(looped.make_config(device=device_name))
     amp = device.type != "cpu" or plumbing.cpu_has_bf16()
     table = Table(f"training loop, linreg --preset {preset}, {steps} steps, {device}, {torch.get_num_threads()} threads",
