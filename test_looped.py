@@ -1427,6 +1427,57 @@ def test_compiled_training_on_a_gpu_captures_each_stage_without_recompiling(tmp_
     assert r.returncode == 0 and state(cfg.out)["step"] == 26, r.stderr
 
 
+def test_captured_steps_bookkeeping_with_stand_ins_for_cuda(monkeypatch, capsys):
+    """CapturedSteps on a CPU, CUDA's streams and graphs replaced by stand-ins (the CUDA tests above run
+    the real ones): each stage, a new shape or a new non-tensor argument, runs 3 calls eagerly, captures
+    the 4th and replays it, then replays on each call's own tensors; a failed capture is said in one
+    line and every call from then on runs eagerly."""
+    log, mode = [], ["eager"]
+
+    def fn(x, k):  # a "step": logs how it was run
+        if fail and mode[0] == "capture":
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+        log.append(mode[0])
+        return x * k
+
+    class Graph:  # replays the captured call: fn on the static inputs, into the captured output
+        def replay(self):
+            mode[0] = "replay"
+            step.out.copy_(fn(*step.inputs))
+            mode[0] = "eager"
+
+    @contextlib.contextmanager
+    def capture(graph, stream):
+        mode[0] = "capture"
+        try:
+            yield
+        except RuntimeError:  # as torch.cuda.graph's exit: capture_end fails in turn
+            raise RuntimeError("capture_end: invalidated")
+        finally:
+            mode[0] = "eager"
+
+    stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    for name, value in dict(Stream=lambda: stream, current_stream=lambda: stream, stream=lambda s: contextlib.nullcontext(),
+                            graph=capture, CUDAGraph=Graph).items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: None)
+    step, fail = plumbing.CapturedSteps(fn), False
+    for shape, k in [(2, 3), (3, 3), (3, 5)]:  # three stages of 5 calls
+        for i in range(5):
+            x = torch.arange(shape, dtype=torch.float32) + i
+            assert torch.equal(step(x, k), x * k)  # each call's own tensors
+    assert log == (["eager"] * 3 + ["capture", "replay", "replay"]) * 3 and step.captures == 3 and not step.failed
+    log.clear()
+    fail = True
+    for i in range(6):  # a fourth stage whose capture fails
+        x = torch.arange(4, dtype=torch.float32) + i
+        assert torch.equal(step(x, 3), x * 3)
+    assert log == ["eager"] * 6 and step.failed and step.captures == 3
+    said = capsys.readouterr().out.splitlines()
+    assert said == ["CUDA graph capture failed (operation not permitted when stream is capturing): "
+                    "the steps run without CUDA graphs"]
+
+
 def test_amp_on_a_cpu_without_native_bf16_trains_in_fp32(monkeypatch, capsys):
     cfg = tiny_config(amp=True)
     monkeypatch.setattr(looped, "cpu_has_bf16", lambda: False)
