@@ -261,8 +261,8 @@ class CapturedSteps:
         if self.failed:
             return self.fn(*args)
         key = tuple((a.shape, a.dtype) if torch.is_tensor(a) else a for a in args)  # objects kept, compared by identity
-        if key != self.key:  # a new curriculum stage: the old graph and its memory pool go
-            self.key, self.calls, self.graph, self.out = key, 0, None, None
+        if key != self.key:  # a new curriculum stage: the old graph, its memory pool and static inputs go
+            self.key, self.calls, self.graph, self.inputs, self.out = key, 0, None, None, None
         self.calls += 1
         if self.calls <= self.warmup:
             self.stream.wait_stream(torch.cuda.current_stream())
