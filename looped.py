@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import baselines
-from plumbing import (CapturedSteps, Diverged, Interrupted, Parser, UserError, add_dataclass_flags, append_line, atomic, check_folder, cli,
+from plumbing import (CapturedSteps, Diverged, Interrupted, Parser, Progress, UserError, duration, add_dataclass_flags, append_line, atomic, check_folder, cli,
                       agreed_signal, cpu_has_bf16, fits, hold_folder, join_torchrun, load_tensors, memory_guard, remove_run, stop_signals,
                       trim_log, write_json)
 
@@ -66,7 +66,9 @@ class Config:
     # optimisation
     steps: int = 6000  # training steps (paper: 500,000)
     batch_size: int = 64  # prompts per step, freshly drawn every step (paper: 64)
-    lr: float = 6e-4  # Adam learning rate, constant (paper: 1e-4)
+    lr: float = 6e-4  # Adam's peak learning rate (paper: 1e-4)
+    warmup: int = 0  # steps of linear learning-rate warm-up from 0 (paper: none)
+    cosine: bool = False  # after the warm-up, decay the learning rate to 0 at --steps on a cosine (paper: constant)
     seed: int = 42  # model init and training prompts (the test prompts have their own seed)
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, mps or cpu
@@ -120,7 +122,7 @@ def flag(name):
 
 def validate(cfg):
     for f in fields(Config):
-        low = 0 if f.name in ("points_inc", "curriculum_every", "loops_every", "eval_every") else 1
+        low = 0 if f.name in ("points_inc", "curriculum_every", "loops_every", "eval_every", "warmup") else 1
         if f.type in (int, "int") and "seed" not in f.name and getattr(cfg, f.name) < low:
             raise UserError(f"{flag(f.name)} must be at least {low}, got {getattr(cfg, f.name)}")
     if not cfg.lr > 0 or not math.isfinite(cfg.lr):
@@ -208,6 +210,21 @@ def curriculum(cfg, step):
     # the loops start at T and grow by 2 ([LT])
     b = min(cfg.loop_window + 2 * (step // cfg.loops_every), cfg.n_loops) if cfg.loops_every else cfg.n_loops
     return d, n, b
+
+def step_cost(cfg, step):
+    """A training step's relative cost, for the time-left estimate: tokens times iterations, each
+    of the last min(b, T) counted three times (its forward pass and a backward pass of about two)."""
+    d, n, b = curriculum(cfg, step)
+    return n * (b + 2 * min(b, cfg.loop_window))
+
+def learning_rate(cfg, step):
+    """Adam's rate at a step: a linear warm-up over the first cfg.warmup steps, then constant, or
+    with cfg.cosine falling on a half cosine from cfg.lr to 0 at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if not cfg.cosine:
+        return cfg.lr
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)))
 
 # ---------------------------------------------------------------------------- model
 # GPT-2 as in nanoGPT: pre-LayerNorm, causal attention, tanh-GELU MLP, biases, no dropout.
@@ -512,6 +529,7 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
     """Train a looped transformer, then evaluate it; returns the evaluation errors (None on the processes
     of a torchrun job other than rank 0, which alone logs, saves and evaluates). A used run folder is
     refused unless resumed or overwritten; SIGINT and SIGTERM save, then raise Interrupted."""
+    started = time.perf_counter()
     device, ctx = setup_device(cfg)
     out, ckpt_path, log_path = cfg.out, os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "log.jsonl")
     check_folder(out, reuse=resume is not None, overwrite=overwrite)  # every process, before any of them writes
@@ -525,7 +543,8 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
         with memory_guard(WEIGHT_FLAGS):
             model = LoopedTransformer(cfg).to(device)
         captured = cfg.compile and device.type == "cuda" and world == 1  # the whole step as CUDA graphs
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda", capturable=captured)
+        lr = torch.tensor(cfg.lr, device=device) if captured else cfg.lr  # a tensor: a CUDA graph reads its changes
+        opt = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type == "cuda", capturable=captured)
         gen = torch.Generator(device).manual_seed(cfg.seed + rank)  # each process its own prompts
         step = 0
         if resume is not None:  # continue exactly where the checkpoint left off
@@ -551,9 +570,14 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
         log = open(log_path, "a" if resume else "w") if rank == 0 else None
         val = eval_prompts(replace(cfg, eval_prompts=256, eval_seed=cfg.eval_seed + 1), device) if cfg.eval_every else None
         last, running, signum = (time.perf_counter(), step), torch.zeros((), device=device), 0
+        clock = Progress([step_cost(cfg, s) for s in range(cfg.steps)], step)
         with stop_signals(world) as received, memory_guard(STEP_FLAGS):
             while step < cfg.steps and not signum:
                 d, n, b = curriculum(cfg, step)
+                if captured:
+                    opt.param_groups[0]["lr"].fill_(learning_rate(cfg, step))
+                else:
+                    opt.param_groups[0]["lr"] = learning_rate(cfg, step)
                 xs, ys = TASKS[cfg.task](cfg.batch_size // world, n, cfg.n_dims, d, gen)
                 loss = step_fn(forward, opt, ctx, xs, ys, b, max(b - cfg.loop_window, 0))
                 running += loss / error_normaliser(cfg.task, d)  # on the device: no sync
@@ -571,7 +595,7 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
                         raise Diverged(f"training diverged at step {step} (loss {mean}); lower --lr; {kept}")
                     ms = 1000 * (time.perf_counter() - last[0]) / (step - last[1])
                     last, running = (time.perf_counter(), step), torch.zeros((), device=device)
-                    say(f"step {step:6d} | loss {mean:.4f} | d {d} n {n} b {b} | {ms:.1f} ms/step")
+                    say(f"step {step:6d} | loss {mean:.4f} | d {d} n {n} b {b} | {ms:.1f} ms/step | {clock(step)}")
                     if log:
                         append_line(log, dict(step=step, loss=mean, d=d, n=n, b=b, ms_per_step=ms))
                 if val and rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):  # before the checkpoint
@@ -595,10 +619,11 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
             message = f"stopped by {signal.Signals(signum).name} at step {step}, checkpoint saved; continue with --resume {out}"
             raise Interrupted(message if rank == 0 else "", signum)  # rank 0 alone says so
         if rank == 0:
-            return finish(model, cfg, device, ctx, say)
+            return finish(model, cfg, device, ctx, say, started)
 
-def finish(model, cfg, device, ctx, say=print):
-    """Evaluate on the test prompts, write eval.json and the plots, print the table."""
+def finish(model, cfg, device, ctx, say=print, started=None):
+    """Evaluate on the test prompts, write eval.json and the plots, print the table and the time
+    taken (since started, when training came first)."""
     check_memory(cfg, device, training=False)
     t0 = time.perf_counter()
     with memory_guard("--n_points, --eval_loops or --eval_prompts"):
@@ -606,7 +631,9 @@ def finish(model, cfg, device, ctx, say=print):
     write_json(os.path.join(cfg.out, "eval.json"), {k: v.tolist() for k, v in errors.items()})
     plot([(describe(cfg), cfg, errors)], cfg.out, cfg.task)
     say(table([(describe(cfg), cfg, errors)], cfg.task))
-    say(f"evaluated in {time.perf_counter() - t0:.1f} s; plots in {cfg.out}")
+    now = time.perf_counter()
+    total = f", done in {duration(now - started)}" if started else ""
+    say(f"evaluated in {duration(now - t0)}{total}; plots in {cfg.out}")
     return errors
 
 # ---------------------------------------------------------------------------- command line

@@ -19,6 +19,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from contextlib import contextmanager, suppress
 
@@ -136,6 +137,29 @@ def append_line(log, record):
         print(json.dumps(record), file=log, flush=True)
     except OSError as e:
         raise UserError(f"cannot write {log.name} ({e.strerror}); the last checkpoint is intact") from None
+
+
+def duration(seconds):
+    """45s, 3m05s or 2h07m: a time as a person reads it."""
+    s = round(seconds)
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s // 60 % 60:02d}m"
+
+
+class Progress:
+    """The time since training started and an estimate of the time left. costs[i] is step i's cost
+    in any unit (the curriculum makes later steps dearer); the seconds per unit are measured over
+    the steps since the previous report, so the estimate follows the machine's actual speed."""
+
+    def __init__(self, costs, step):
+        self.done = torch.tensor([0.0, *costs], dtype=torch.float64).cumsum(0)  # cost of steps < i
+        self.start = self.last = (time.perf_counter(), step)
+
+    def __call__(self, step):
+        now, (then, before) = time.perf_counter(), self.last
+        per_unit = (now - then) / max(self.done[step] - self.done[before], 1e-12)
+        left = float(per_unit * (self.done[-1] - self.done[step]))
+        self.last = (now, step)
+        return f"{duration(now - self.start[0])}, ~{duration(left)} left"
 
 
 def check_folder(out, reuse=False, overwrite=False):

@@ -223,6 +223,23 @@ def test_curriculum_values():
     assert looped.curriculum(off, 0) == (4, 9, 6)
 
 
+def test_learning_rate_warms_up_then_falls_on_a_cosine():
+    paper = looped.make_config(task="linreg", preset="paper")
+    assert {looped.learning_rate(paper, s) for s in (0, 1, 250_000, 499_999)} == {1e-4}  # constant
+    cfg = tiny_config(lr=1e-3, warmup=4, cosine=True, steps=104)
+    assert [looped.learning_rate(cfg, s) for s in range(5)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert looped.learning_rate(cfg, 54) == pytest.approx(5e-4)  # half way through the decay
+    assert 0 < looped.learning_rate(cfg, 103) < 1e-6
+    assert looped.learning_rate(tiny_config(lr=1e-3, warmup=4, cosine=False, steps=104), 103) == 1e-3
+
+
+def test_step_cost_follows_the_curriculum():
+    cfg = looped.make_config(task="linreg", preset="paper")  # b, T = 20, 15: n (b + 2 min(b, T))
+    assert looped.step_cost(cfg, 0) == 11 * (15 + 2 * 15)
+    assert looped.step_cost(cfg, 1500) == 11 * (20 + 2 * 15)
+    assert looped.step_cost(cfg, 75_000) == 41 * (20 + 2 * 15)
+
+
 # ---------------------------------------------------------------------------- baselines
 # Each solver against scikit-learn (a test-only dependency) on the same data, one prompt and one
 # prefix at a time, as the original code fits them. Inputs are float64, so "exact" means 1e-8.
@@ -466,6 +483,53 @@ def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path):
     torch.save(ckpt, os.path.join(half.out, "ckpt.pt"))
     r = run_cli(looped.main, "--resume", half.out, "--steps", "8")
     assert r.returncode == 2 and "on the kind of device (GPU or CPU)" in r.stderr, r.stderr
+
+
+def test_training_steps_at_the_scheduled_rate_and_an_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
+    """Warm-up and cosine decay: every step's Adam rate is learning_rate's, and a run stopped by a
+    signal mid-decay and resumed ends with the weights of an uninterrupted one."""
+    step, rates = looped.train_step, []
+
+    def recorded(forward, opt, *args):
+        rates.append(opt.param_groups[0]["lr"])
+        if len(rates) == stop_at:
+            signal.raise_signal(signal.SIGTERM)
+        return step(forward, opt, *args)
+    monkeypatch.setattr(looped, "train_step", recorded)
+    full, stop_at = tiny_config(tmp_path / "full", lr=1e-2, warmup=3, cosine=True, steps=6), 0
+    looped.train(full, quiet=True)
+    assert rates == [looped.learning_rate(full, s) for s in range(6)] and len(set(rates)) == 5
+    cut, stop_at, rates = tiny_config(tmp_path / "cut", lr=1e-2, warmup=3, cosine=True, steps=6), 4, []
+    with pytest.raises(plumbing.Interrupted):
+        looped.train(cut, quiet=True)
+    assert state(cut.out)["step"] == 4
+    r = run_cli(looped.main, "--resume", cut.out)
+    assert r.returncode == 0 and rates[4:] == [looped.learning_rate(full, s) for s in (4, 5)]
+    for name, tensor in state(full.out)["model"].items():
+        assert torch.equal(tensor, state(cut.out)["model"][name]), name
+
+
+def test_progress_lines_give_the_time_taken_and_left(tmp_path):
+    r = run_cli(looped.main, *TINY_FLAGS, "--steps", "4", "--log_every", "2", "--out", str(tmp_path))
+    lines = [line for line in r.stdout.splitlines() if line.startswith("step")]
+    assert r.returncode == 0 and len(lines) == 2
+    assert all(re.search(r"ms/step \| \d+s, ~\d+s left$", line) for line in lines), lines
+    assert re.search(r"evaluated in \d+s, done in \d+s; plots in", r.stdout), r.stdout
+
+
+def test_progress_estimates_the_time_left_from_each_steps_cost(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(plumbing.time, "perf_counter", lambda: now[0])
+    clock = plumbing.Progress([1] * 10 + [3] * 10, 0)  # the second half three times as dear
+    now[0] += 10  # 10 steps in 10 s: 1 s per unit, 30 units left
+    assert clock(10) == "10s, ~30s left"
+    now[0] += 30  # 5 steps in 30 s: the machine slowed to 2 s per unit, 15 units left
+    assert clock(15) == "40s, ~30s left"
+    resumed = plumbing.Progress([2] * 4000, 1000)  # a resumed run counts from its own start
+    now[0] += 400  # 100 steps, 200 units in 400 s
+    assert resumed(1100) == "6m40s, ~3h13m left"  # 2900 steps, 5800 units at 2 s
+    assert [plumbing.duration(s) for s in (0, 44.6, 59.6, 185, 3599.4, 7626)] == \
+        ["0s", "45s", "1m00s", "3m05s", "59m59s", "2h07m"]
 
 
 @slow
