@@ -68,7 +68,7 @@ class Config:
     batch_size: int = 64  # prompts per step, freshly drawn every step (paper: 64)
     lr: float = 6e-4  # Adam's peak learning rate (paper: 1e-4)
     warmup: int = 0  # steps of linear learning-rate warm-up from 0 (paper: none)
-    cosine: bool = False  # after the warm-up, decay the learning rate to 0 at --steps on a cosine (paper: constant)
+    decay: int = 0  # the last steps, in which the learning rate falls linearly to 0 (paper: none)
     seed: int = 42  # model init and training prompts (the test prompts have their own seed)
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, mps or cpu
@@ -122,7 +122,7 @@ def flag(name):
 
 def validate(cfg):
     for f in fields(Config):
-        low = 0 if f.name in ("points_inc", "curriculum_every", "loops_every", "eval_every", "warmup") else 1
+        low = 0 if f.name in ("points_inc", "curriculum_every", "loops_every", "eval_every", "warmup", "decay") else 1
         if f.type in (int, "int") and "seed" not in f.name and getattr(cfg, f.name) < low:
             raise UserError(f"{flag(f.name)} must be at least {low}, got {getattr(cfg, f.name)}")
     if not cfg.lr > 0 or not math.isfinite(cfg.lr):
@@ -218,13 +218,11 @@ def step_cost(cfg, step):
     return n * (b + 2 * min(b, cfg.loop_window))
 
 def learning_rate(cfg, step):
-    """Adam's rate at a step: a linear warm-up over the first cfg.warmup steps, then constant, or
-    with cfg.cosine falling on a half cosine from cfg.lr to 0 at the last step."""
+    """Adam's rate at a step: a linear warm-up over the first cfg.warmup steps, then constant, and
+    over the last cfg.decay steps a linear fall to 0."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    if not cfg.cosine:
-        return cfg.lr
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)))
+    return cfg.lr * min(1, (cfg.steps - step) / cfg.decay) if cfg.decay else cfg.lr
 
 # ---------------------------------------------------------------------------- model
 # GPT-2 as in nanoGPT: pre-LayerNorm, causal attention, tanh-GELU MLP, biases, no dropout.

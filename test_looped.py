@@ -223,14 +223,15 @@ def test_curriculum_values():
     assert looped.curriculum(off, 0) == (4, 9, 6)
 
 
-def test_learning_rate_warms_up_then_falls_on_a_cosine():
+def test_learning_rate_warms_up_holds_then_falls_to_zero():
     paper = looped.make_config(task="linreg", preset="paper")
     assert {looped.learning_rate(paper, s) for s in (0, 1, 250_000, 499_999)} == {1e-4}  # constant
-    cfg = tiny_config(lr=1e-3, warmup=4, cosine=True, steps=104)
+    cfg = tiny_config(lr=1e-3, warmup=4, decay=100, steps=204)
     assert [looped.learning_rate(cfg, s) for s in range(5)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
-    assert looped.learning_rate(cfg, 54) == pytest.approx(5e-4)  # half way through the decay
-    assert 0 < looped.learning_rate(cfg, 103) < 1e-6
-    assert looped.learning_rate(tiny_config(lr=1e-3, warmup=4, cosine=False, steps=104), 103) == 1e-3
+    assert looped.learning_rate(cfg, 104) == 1e-3  # the last step before the decay
+    assert looped.learning_rate(cfg, 154) == pytest.approx(5e-4)  # half way down
+    assert looped.learning_rate(cfg, 203) == pytest.approx(1e-5)  # the last step: 1 / decay of the peak
+    assert looped.learning_rate(tiny_config(lr=1e-3, warmup=4, steps=204), 203) == 1e-3
 
 
 def test_step_cost_follows_the_curriculum():
@@ -486,8 +487,8 @@ def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path):
 
 
 def test_training_steps_at_the_scheduled_rate_and_an_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
-    """Warm-up and cosine decay: every step's Adam rate is learning_rate's, and a run stopped by a
-    signal mid-decay and resumed ends with the weights of an uninterrupted one."""
+    """Warm-up and decay: every step's Adam rate is learning_rate's, and a run stopped by a signal
+    in the decay and resumed ends with the weights of an uninterrupted one."""
     step, rates = looped.train_step, []
 
     def recorded(forward, opt, *args):
@@ -496,10 +497,10 @@ def test_training_steps_at_the_scheduled_rate_and_an_interrupted_run_resumes_exa
             signal.raise_signal(signal.SIGTERM)
         return step(forward, opt, *args)
     monkeypatch.setattr(looped, "train_step", recorded)
-    full, stop_at = tiny_config(tmp_path / "full", lr=1e-2, warmup=3, cosine=True, steps=6), 0
+    full, stop_at = tiny_config(tmp_path / "full", lr=1e-2, warmup=2, decay=3, steps=6), 0
     looped.train(full, quiet=True)
-    assert rates == [looped.learning_rate(full, s) for s in range(6)] and len(set(rates)) == 5
-    cut, stop_at, rates = tiny_config(tmp_path / "cut", lr=1e-2, warmup=3, cosine=True, steps=6), 4, []
+    assert rates == [looped.learning_rate(full, s) for s in range(6)] and len(set(rates)) == 4
+    cut, stop_at, rates = tiny_config(tmp_path / "cut", lr=1e-2, warmup=2, decay=3, steps=6), 4, []
     with pytest.raises(plumbing.Interrupted):
         looped.train(cut, quiet=True)
     assert state(cut.out)["step"] == 4
