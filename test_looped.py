@@ -235,10 +235,10 @@ def test_learning_rate_warms_up_holds_then_falls_to_zero():
 
 
 def test_step_cost_follows_the_curriculum():
-    cfg = looped.make_config(task="linreg", preset="paper")  # b, T = 20, 15: n (b + 2 min(b, T))
-    assert looped.step_cost(cfg, 0) == 11 * (15 + 2 * 15)
-    assert looped.step_cost(cfg, 1500) == 11 * (20 + 2 * 15)
-    assert looped.step_cost(cfg, 75_000) == 41 * (20 + 2 * 15)
+    cfg = looped.make_config(task="linreg", preset="paper")  # b, T = 20, 15: (n + 8) (b + 2 min(b, T))
+    assert looped.step_cost(cfg, 0) == 19 * (15 + 2 * 15)
+    assert looped.step_cost(cfg, 1500) == 19 * (20 + 2 * 15)
+    assert looped.step_cost(cfg, 75_000) == 49 * (20 + 2 * 15)
 
 
 # ---------------------------------------------------------------------------- baselines
@@ -1271,7 +1271,8 @@ def test_every_command_line_explains_its_flags():
     help = " ".join(run_cli(looped.main, "--help").stdout.split())
     for field in looped.fields(looped.Config):  # every flag carries its Config comment and default
         assert f"--{field.name}" in help
-    assert "loop iterations at the end of the loop curriculum [20]" in help and "Adam learning rate" in help
+    assert "loop iterations at the end of the loop curriculum [20]" in help and "Adam's peak learning rate" in help
+    assert "falls linearly to 0 (paper: none) [0]" in help
     help = run_cli(experiments.main, "--help").stdout
     assert all(name in help for name in ["claim1", "claim2", "claim3", "claim4", "claim5", "all", "report"])
 
