@@ -213,11 +213,9 @@ def curriculum(cfg, step):
 
 def step_cost(cfg, step):
     """A training step's relative cost, for the time-left estimate: tokens times iterations, each
-    of the last min(b, T) counted three times (its forward pass and a backward pass of about two).
-    Every iteration also costs about as much as 8 more points, whatever n (its operations' fixed
-    cost, as measured on a 2-core CPU at the laptop preset)."""
+    of the last min(b, T) counted three times (its forward pass and a backward pass of about two)."""
     d, n, b = curriculum(cfg, step)
-    return (n + 8) * (b + 2 * min(b, cfg.loop_window))
+    return n * (b + 2 * min(b, cfg.loop_window))
 
 def learning_rate(cfg, step):
     """Adam's rate at a step: a linear warm-up over the first cfg.warmup steps, then constant, and

@@ -235,10 +235,10 @@ def test_learning_rate_warms_up_holds_then_falls_to_zero():
 
 
 def test_step_cost_follows_the_curriculum():
-    cfg = looped.make_config(task="linreg", preset="paper")  # b, T = 20, 15: (n + 8) (b + 2 min(b, T))
-    assert looped.step_cost(cfg, 0) == 19 * (15 + 2 * 15)
-    assert looped.step_cost(cfg, 1500) == 19 * (20 + 2 * 15)
-    assert looped.step_cost(cfg, 75_000) == 49 * (20 + 2 * 15)
+    cfg = looped.make_config(task="linreg", preset="paper")  # b, T = 20, 15: n (b + 2 min(b, T))
+    assert looped.step_cost(cfg, 0) == 11 * (15 + 2 * 15)
+    assert looped.step_cost(cfg, 1500) == 11 * (20 + 2 * 15)
+    assert looped.step_cost(cfg, 75_000) == 41 * (20 + 2 * 15)
 
 
 # ---------------------------------------------------------------------------- baselines
