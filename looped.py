@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import baselines
-from plumbing import (CapturedSteps, Diverged, Interrupted, Parser, Progress, UserError, duration, add_dataclass_flags, append_line, atomic, check_folder, cli,
-                      agreed_signal, cpu_has_bf16, fits, hold_folder, join_torchrun, load_tensors, memory_guard, remove_run, stop_signals,
-                      trim_log, write_json)
+from plumbing import (CapturedSteps, Diverged, Interrupted, Parser, Progress, UserError,
+                      add_dataclass_flags, agreed_signal, append_line, atomic, check_folder, cli,
+                      cpu_has_bf16, duration, fits, hold_folder, join_torchrun, load_tensors,
+                      memory_guard, remove_run, stop_signals, trim_log, write_json)
 
 # ---------------------------------------------------------------------------- config
 
@@ -122,7 +123,8 @@ def flag(name):
 
 def validate(cfg):
     for f in fields(Config):
-        low = 0 if f.name in ("points_inc", "curriculum_every", "loops_every", "eval_every", "warmup", "decay") else 1
+        zero_ok = ("points_inc", "curriculum_every", "loops_every", "eval_every", "warmup", "decay")
+        low = 0 if f.name in zero_ok else 1
         if f.type in (int, "int") and "seed" not in f.name and getattr(cfg, f.name) < low:
             raise UserError(f"{flag(f.name)} must be at least {low}, got {getattr(cfg, f.name)}")
     if not cfg.lr > 0 or not math.isfinite(cfg.lr):
@@ -213,7 +215,7 @@ def curriculum(cfg, step):
 
 def step_cost(cfg, step):
     """A training step's relative cost, for the time-left estimate: tokens times iterations, each
-    of the last min(b, T) counted three times (its forward pass and a backward pass of about two)."""
+    of the last min(b, T) counted three times (a forward pass and a backward pass of about two)."""
     d, n, b = curriculum(cfg, step)
     return n * (b + 2 * min(b, cfg.loop_window))
 
@@ -541,8 +543,10 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
         with memory_guard(WEIGHT_FLAGS):
             model = LoopedTransformer(cfg).to(device)
         captured = cfg.compile and device.type == "cuda" and world == 1  # the whole step as CUDA graphs
-        lr = torch.tensor(cfg.lr, device=device) if captured else cfg.lr  # a tensor: a CUDA graph reads its changes
-        opt = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type == "cuda", capturable=captured)
+        # Under CUDA graphs the rate is a tensor changed in place, which the replayed step reads.
+        lr = torch.tensor(cfg.lr, device=device) if captured else cfg.lr
+        opt = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type == "cuda",
+                               capturable=captured)
         gen = torch.Generator(device).manual_seed(cfg.seed + rank)  # each process its own prompts
         step = 0
         if resume is not None:  # continue exactly where the checkpoint left off
@@ -567,7 +571,7 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
             f"{backbone / 1e6:.3f}M parameters (paper convention), {total / 1e6:.3f}M total | {device} | run folder {out}")
         log = open(log_path, "a" if resume else "w") if rank == 0 else None
         val = eval_prompts(replace(cfg, eval_prompts=256, eval_seed=cfg.eval_seed + 1), device) if cfg.eval_every else None
-        last, running, signum = (time.perf_counter(), step), torch.zeros((), device=device), 0
+        last, running, signum = step, torch.zeros((), device=device), 0
         clock = Progress([step_cost(cfg, s) for s in range(cfg.steps)], step)
         with stop_signals(world) as received, memory_guard(STEP_FLAGS):
             while step < cfg.steps and not signum:
@@ -587,13 +591,14 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
                     if world > 1:  # ... and over the processes, so that all of them agree on a NaN
                         dist.all_reduce(running)
                         running /= world
-                    mean = running.item() / (step - last[1])
+                    mean = running.item() / (step - last)
                     if not math.isfinite(mean) or not all(p.isfinite().all() for p in model.parameters()):
                         kept = f"the last good checkpoint is kept in {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
                         raise Diverged(f"training diverged at step {step} (loss {mean}); lower --lr; {kept}")
-                    ms = 1000 * (time.perf_counter() - last[0]) / (step - last[1])
-                    last, running = (time.perf_counter(), step), torch.zeros((), device=device)
-                    say(f"step {step:6d} | loss {mean:.4f} | d {d} n {n} b {b} | {ms:.1f} ms/step | {clock(step)}")
+                    ms, times = clock(step)
+                    last, running = step, torch.zeros((), device=device)
+                    say(f"step {step:6d} | loss {mean:.4f} | d {d} n {n} b {b} | "
+                        f"{ms:.1f} ms/step | {times}")
                     if log:
                         append_line(log, dict(step=step, loss=mean, d=d, n=n, b=b, ms_per_step=ms))
                 if val and rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):  # before the checkpoint

@@ -142,13 +142,16 @@ def append_line(log, record):
 def duration(seconds):
     """45s, 3m05s or 2h07m: a time as a person reads it."""
     s = round(seconds)
-    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s // 60 % 60:02d}m"
+    if s < 60:
+        return f"{s}s"
+    return f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s // 60 % 60:02d}m"
 
 
 class Progress:
-    """The time since training started and an estimate of the time left. costs[i] is step i's cost
-    in any unit (the curriculum makes later steps dearer); the seconds per unit are measured over
-    the steps since the previous report, so the estimate follows the machine's actual speed."""
+    """Each report: the milliseconds per step since the previous report, and the time since
+    training started with an estimate of the time left. costs[i] is step i's cost in any unit (the
+    curriculum makes later steps dearer); the seconds per unit are measured over the steps since
+    the previous report, so the estimate follows the machine's actual speed."""
 
     def __init__(self, costs, step):
         self.done = torch.tensor([0.0, *costs], dtype=torch.float64).cumsum(0)  # cost of steps < i
@@ -159,7 +162,8 @@ class Progress:
         per_unit = (now - then) / max(self.done[step] - self.done[before], 1e-12)
         left = float(per_unit * (self.done[-1] - self.done[step]))
         self.last = (now, step)
-        return f"{duration(now - self.start[0])}, ~{duration(left)} left"
+        ms = 1000 * (now - then) / max(step - before, 1)
+        return ms, f"{duration(now - self.start[0])}, ~{duration(left)} left"
 
 
 def check_folder(out, reuse=False, overwrite=False):

@@ -227,10 +227,11 @@ def test_learning_rate_warms_up_holds_then_falls_to_zero():
     paper = looped.make_config(task="linreg", preset="paper")
     assert {looped.learning_rate(paper, s) for s in (0, 1, 250_000, 499_999)} == {1e-4}  # constant
     cfg = tiny_config(lr=1e-3, warmup=4, decay=100, steps=204)
-    assert [looped.learning_rate(cfg, s) for s in range(5)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    rates = [looped.learning_rate(cfg, s) for s in range(5)]
+    assert rates == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
     assert looped.learning_rate(cfg, 104) == 1e-3  # the last step before the decay
     assert looped.learning_rate(cfg, 154) == pytest.approx(5e-4)  # half way down
-    assert looped.learning_rate(cfg, 203) == pytest.approx(1e-5)  # the last step: 1 / decay of the peak
+    assert looped.learning_rate(cfg, 203) == pytest.approx(1e-5)  # the last step: the peak / decay
     assert looped.learning_rate(tiny_config(lr=1e-3, warmup=4, steps=204), 203) == 1e-3
 
 
@@ -486,7 +487,8 @@ def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path):
     assert r.returncode == 2 and "on the kind of device (GPU or CPU)" in r.stderr, r.stderr
 
 
-def test_training_steps_at_the_scheduled_rate_and_an_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
+def test_training_steps_at_the_scheduled_rate_and_an_interrupted_run_resumes_exactly(
+        tmp_path, monkeypatch):
     """Warm-up and decay: every step's Adam rate is learning_rate's, and a run stopped by a signal
     in the decay and resumed ends with the weights of an uninterrupted one."""
     step, rates = looped.train_step, []
@@ -511,7 +513,8 @@ def test_training_steps_at_the_scheduled_rate_and_an_interrupted_run_resumes_exa
 
 
 def test_progress_lines_give_the_time_taken_and_left(tmp_path):
-    r = run_cli(looped.main, *TINY_FLAGS, "--steps", "4", "--log_every", "2", "--out", str(tmp_path))
+    flags = ["--steps", "4", "--log_every", "2", "--out", str(tmp_path)]
+    r = run_cli(looped.main, *TINY_FLAGS, *flags)
     lines = [line for line in r.stdout.splitlines() if line.startswith("step")]
     assert r.returncode == 0 and len(lines) == 2
     assert all(re.search(r"ms/step \| \d+s, ~\d+s left$", line) for line in lines), lines
@@ -523,12 +526,12 @@ def test_progress_estimates_the_time_left_from_each_steps_cost(monkeypatch):
     monkeypatch.setattr(plumbing.time, "perf_counter", lambda: now[0])
     clock = plumbing.Progress([1] * 10 + [3] * 10, 0)  # the second half three times as dear
     now[0] += 10  # 10 steps in 10 s: 1 s per unit, 30 units left
-    assert clock(10) == "10s, ~30s left"
+    assert clock(10) == (1000, "10s, ~30s left")
     now[0] += 30  # 5 steps in 30 s: the machine slowed to 2 s per unit, 15 units left
-    assert clock(15) == "40s, ~30s left"
+    assert clock(15) == (6000, "40s, ~30s left")
     resumed = plumbing.Progress([2] * 4000, 1000)  # a resumed run counts from its own start
     now[0] += 400  # 100 steps, 200 units in 400 s
-    assert resumed(1100) == "6m40s, ~3h13m left"  # 2900 steps, 5800 units at 2 s
+    assert resumed(1100) == (4000, "6m40s, ~3h13m left")  # 2900 steps, 5800 units at 2 s
     assert [plumbing.duration(s) for s in (0, 44.6, 59.6, 185, 3599.4, 7626)] == \
         ["0s", "45s", "1m00s", "3m05s", "59m59s", "2h07m"]
 
@@ -1271,7 +1274,8 @@ def test_every_command_line_explains_its_flags():
     help = " ".join(run_cli(looped.main, "--help").stdout.split())
     for field in looped.fields(looped.Config):  # every flag carries its Config comment and default
         assert f"--{field.name}" in help
-    assert "loop iterations at the end of the loop curriculum [20]" in help and "Adam's peak learning rate" in help
+    assert "loop iterations at the end of the loop curriculum [20]" in help
+    assert "Adam's peak learning rate" in help
     assert "falls linearly to 0 (paper: none) [0]" in help
     help = run_cli(experiments.main, "--help").stdout
     assert all(name in help for name in ["claim1", "claim2", "claim3", "claim4", "claim5", "all", "report"])
