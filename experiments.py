@@ -5,7 +5,8 @@
     python experiments.py claim3             # decision trees and ReLU networks: the same
     python experiments.py claim4             # the loop settles past b; the window T
     python experiments.py claim5             # Garg et al.'s out-of-distribution suite (after claim1)
-    python experiments.py all                # claim1 ... claim5 in turn
+    python experiments.py seeds              # the default command with ten seeds: its spread
+    python experiments.py all                # claim1 ... claim5 and seeds in turn
     python experiments.py report             # docs/results.md and figures/ from results/, no training
 
 Each claim trains its runs with looped.py's `train` into results/CLAIM/RUN (a run already
@@ -30,6 +31,7 @@ import json
 import math
 import os
 import shlex
+import statistics
 import sys
 import time
 
@@ -191,10 +193,14 @@ def run(claim, name, task, **overrides):
     interrupted one continues from its checkpoint); record run.json beside its log and evaluation.
     Returns its folder."""
     out = os.path.join(RESULTS, claim, name)
+    cfg = looped.make_config(task, out=out, **overrides)
     if os.path.isfile(os.path.join(out, "run.json")):
+        with open(os.path.join(out, "run.json")) as f:
+            if run_config(json.load(f)) != cfg:
+                raise plumbing.UserError(f"{out} holds a run of another config (an earlier preset?): delete it "
+                                         f"to train the claim's run there")
         print(f"{out}: done before, kept")
         return out
-    cfg = looped.make_config(task, out=out, **overrides)
     resume = looped.load_checkpoint(out)[0] if os.path.isfile(os.path.join(out, "ckpt.pt")) else None
     if resume is not None and resume["config"] != looped.asdict(cfg):
         raise plumbing.UserError(f"{out} holds a run of another config: delete it to train the claim's run there")
@@ -217,6 +223,7 @@ def run(claim, name, task, **overrides):
 STANDARD = dict(n_layer=12, n_loops=1, eval_loops=1)  # the paper's 12-layer GPT-2, with the same budget
 MODELS = {"looped": {}, "standard": STANDARD}
 SWEEP = [3e-5, 1e-4, 3e-4, 6e-4, 1e-3, 2e-3]  # Adam's learning rate, the same six for both models
+SEEDS = range(42, 52)  # the default command's spread over seeds
 CURVES = dict(eval_every=250)  # a learning-curve point every 250 steps, on validation prompts
 CLAIMS = {  # claim: [(run name, task, overrides)]
     "claim1": [(f"{model}_lr{lr:g}", "linreg", dict(overrides, lr=lr, **CURVES)) for lr in SWEEP
@@ -226,6 +233,7 @@ CLAIMS = {  # claim: [(run name, task, overrides)]
                ("relu_looped", "relu_2nn", {}), ("relu_standard", "relu_2nn", STANDARD)],
     "claim4": [("T5", "linreg", dict(loop_window=5)), ("T3", "linreg", dict(loop_window=3)),
                ("T1", "linreg", dict(loop_window=1))],  # T = 10 is claim1's looped run at lr 6e-4
+    "seeds": [(f"seed{seed}", "linreg", dict(seed=seed)) for seed in SEEDS],  # the default command, ten seeds
 }
 
 
@@ -415,7 +423,7 @@ def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
 
 
 def adaptive_table(record):
-    cfg = looped.make_config(**record["config"])
+    cfg = run_config(record)
     ks = at_k(cfg)
     rows = [[name, *(r["error"][k] for k in ks), f"{r['mean loops']:.1f}", r["max loops"]] for name, r in record["rows"].items()]
     return markdown(["stopping rule", *(f"k = {k}" for k in ks), "mean loops", "max loops"], rows)
@@ -425,7 +433,7 @@ def plot_adaptive(record, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    cfg = looped.make_config(**record["config"])
+    cfg = run_config(record)
     k = at_k(cfg)[-1]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for i, signal in enumerate(("prediction", "state")):
@@ -490,7 +498,12 @@ def read_run(folder):
     if "diverged" not in record:
         with open(os.path.join(folder, "eval.json")) as f:
             errors = {k: torch.tensor(v) for k, v in json.load(f).items()}
-    return looped.make_config(**record["config"]), errors, record
+    return run_config(record), errors, record
+
+
+def run_config(record):
+    """The config of a run.json record; runs made before the learning-rate schedule existed had none."""
+    return looped.make_config(**{"warmup": 0, "decay": 0, **record["config"]})
 
 
 def config_overrides(cfg):
@@ -680,13 +693,14 @@ def write_report():
         for path in runs:
             with open(path) as f:
                 r = json.load(f)
-            c = looped.make_config(**r["config"])
+            c = run_config(r)
             rows.append([os.path.dirname(path), c.task, looped.describe(c), f"{c.lr:g}", c.steps,
                          f"{r['seconds'] / 60:.1f} min" + (" (diverged)" if "diverged" in r else ""),
                          r["machine"], r["threads"], r["torch"]])
         lines += ["## Runs", "", "Wall time: training and evaluation, as `run` measured it; runs made side by side "
                   "with one thread each took longer than one alone would.", "",
                   markdown(["run", "task", "model", "lr", "steps", "wall time", "machine", "threads", "torch"], rows), ""]
+    seeds_section(lines)
     sections = [("claim1", "Linear regression: the looped model against the 12-layer transformer",
                  [("linreg", "looped_lr*", "standard_lr*", "match", "0.00078 against 0.00048 at k = 40, d = 20")]),
                 ("claim2", "Sparse linear regression",
@@ -728,6 +742,54 @@ def write_report():
     with plumbing.atomic(REPORT) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
     print(f"wrote {REPORT} and its figures in {FIGURES}/")
+
+
+def seeds_section(lines):
+    """The default command over ten seeds: each one's error at the paper's k, the spread at k = 2d,
+    and a figure of their training losses (where a seed sits on the plateau, and for how long)."""
+    folders = [os.path.join(RESULTS, "seeds", f"seed{seed}") for seed in SEEDS]
+    runs = [read_run(f) for f in folders if os.path.isfile(os.path.join(f, "run.json"))]
+    lines += ["## The default command over ten seeds", ""]
+    if not runs:
+        lines += ["Not run yet: `python experiments.py seeds`.", ""]
+        return
+    cfg = runs[0][0]
+    ks, k2d, b = at_k(cfg), 2 * cfg.n_dims, cfg.n_loops
+    rows, ends = [], []
+    for c, errors, record in runs:
+        ends.append(errors["loops"][b - 1][k2d].item())
+        rows.append([c.seed, *[errors["loops"][b - 1][k].item() for k in ks], errors["loops"][-1][k2d].item(),
+                     f"{record['seconds'] / 60:.1f} min"])
+    ends.sort()
+    good = sum(e <= 0.05 for e in ends)
+    lines += [f"`python looped.py --task linreg --loops 20 --seed S` for S = {SEEDS[0]} to {SEEDS[-1]} "
+              f"({cfg.steps} steps; Adam's rate up to {cfg.lr:g} over {cfg.warmup} steps, down to 0 over the last "
+              f"{cfg.decay}), made by `python experiments.py seeds` on {runs[0][2]['machine']} with "
+              f"{runs[0][2]['threads']} thread per run, two runs side by side: one alone with two threads is faster.", "",
+              markdown(["seed", *[f"k = {k}" for k in ks], f"k = {k2d}, {cfg.eval_loops} loops", "wall time"], rows), "",
+              f"At k = 2d = {k2d} after b = {b} loops, over {len(ends)} seeds: median {fmt(statistics.median(ends))}, "
+              f"from {fmt(ends[0])} to {fmt(ends[-1])}; {good} of {len(ends)} at most 0.05.", "",
+              "![training loss of each seed](../figures/seeds.png)", ""]
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, ((c, errors, _), folder) in enumerate(zip(runs, folders)):
+        with open(os.path.join(folder, "log.jsonl")) as f:
+            log = [r for r in map(json.loads, f) if "loss" in r]
+        ax.semilogy([r["step"] for r in log], [r["loss"] for r in log], color=f"C{i % 10}", lw=1.2,
+                    label=f"seed {c.seed}: {fmt(errors['loops'][b - 1][k2d].item())} at k = {k2d}")
+    # The loss at the last stage's d and n of two estimators, averaged over the n positions (k = 0 .. n-1):
+    # least squares, (d - k) / d for k < d, and one step of gradient descent from 0 with the best step
+    # for each k, w = X^T y / (k + d + 1), whose error is (d + 1) / (k + d + 1) (a Wishart moment).
+    d, n = cfg.n_dims, cfg.n_points
+    for level, name, style in [(sum(max(d - k, 0) / d for k in range(n)) / n, "least squares", ":"),
+                               (sum((d + 1) / (k + d + 1) for k in range(n)) / n, "one step of gradient descent", "--")]:
+        ax.axhline(level, color="k", ls=style, lw=1, label=f"{name} (d = {d}, n = {n})")
+    ax.set(xlabel="training step", ylabel="training loss / d (d grows by the curriculum)",
+           title="the default command over ten seeds")
+    ax.legend(fontsize=7, ncol=2)
+    save_figure(fig, os.path.join(FIGURES, "seeds.png"))
 
 
 def window_section(lines):
@@ -772,14 +834,14 @@ def shift_section(lines):
         with open(path) as f:
             record = json.load(f)
         (a, ra), (b, rb) = record["runs"].items()
-        cfg = looped.make_config(**ra["config"])
+        cfg = run_config(ra)
         ks = at_k(cfg)
         L = [ra["loops"][cfg.n_loops - 1][k] for k in ks]
         S = [rb["loops"][0][k] for k in ks]
         rows.append([record["shift"], *L, *S, *(ra["least squares"][k] for k in ks)])
         behind += [] if L[-1] < S[-1] else [record["shift"]]
     head = [f"{who}, k = {k}" for who in ("looped", "standard", "least squares") for k in ks]
-    lrs = " and ".join(f"{looped.make_config(**r['config']).lr:g}" for r in record["runs"].values())
+    lrs = " and ".join(f"{run_config(r).lr:g}" for r in record["runs"].values())
     lines += [f"Normalised by E[y^2] under the shift; {cfg.eval_prompts} prompts; claim1's runs at learning rates {lrs} "
               f"(looped, standard), each model's best.", "",
               markdown(["shift", *head], rows), "",
@@ -826,7 +888,8 @@ def main(argv=None):
                        ("claim3", "decision trees and 2-layer ReLU networks: the same"),
                        ("claim4", "the loop settles on a fixed point past b; windows T = 10, 5, 3, 1"),
                        ("claim5", "out of distribution: Garg et al.'s shifts, on claim1's best runs"),
-                       ("all", "claim1 ... claim5 in turn"),
+                       ("seeds", "the default command (laptop preset, linear regression) with seeds 42 to 51"),
+                       ("all", "claim1 ... claim5 and seeds in turn"),
                        ("report", "write docs/results.md and its figures from results/, no training")]:
         sub.add_parser(name, help=text)
     p = sub.add_parser("compare", help="evaluate several runs on the same prompts: one table, one plot")
@@ -883,7 +946,7 @@ def main(argv=None):
     elif args.command == "report":
         write_report()
     else:
-        for name in ["claim1", "claim2", "claim3", "claim4", "claim5"] if args.command == "all" else [args.command]:
+        for name in ["claim1", "claim2", "claim3", "claim4", "claim5", "seeds"] if args.command == "all" else [args.command]:
             claim(name)
 
 

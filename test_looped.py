@@ -55,7 +55,7 @@ def tiny_config(tmp_path=None, **overrides):
     values = dict(n_dims=4, n_points=9, n_embd=32, n_head=2, n_loops=6, loop_window=3,
                   dims_start=2, points_start=5, curriculum_every=2, loops_every=2, steps=6,
                   batch_size=8, log_every=2, ckpt_every=3, eval_prompts=16, eval_loops=8,
-                  device="cpu", out=str(tmp_path or ""))
+                  warmup=0, decay=0, device="cpu", out=str(tmp_path or ""))
     values.update(overrides)
     return looped.make_config(**values)
 
@@ -760,6 +760,8 @@ def test_claim_runs_are_recorded_kept_and_reported(tmp_path, monkeypatch):
     before = os.path.getmtime("results/claim1/looped_lr0.001/eval.json")
     experiments.claim("claim1")
     assert os.path.getmtime("results/claim1/looped_lr0.001/eval.json") == before  # kept, not trained again
+    with pytest.raises(plumbing.UserError, match="holds a run of another config"):  # not kept: made by another preset
+        experiments.run("claim1", "looped_lr0.001", "linreg", **dict(models["looped"], lr=1e-3, steps=5))
     os.remove("results/claim1/standard_lr0.001/run.json")  # as if interrupted after its last checkpoint
     experiments.claim("claim1")  # continues from the checkpoint: nothing to train, evaluated again
     assert json.load(open("results/claim1/standard_lr0.001/run.json"))["resumed_at_step"] == 4
@@ -788,6 +790,24 @@ def test_claim_runs_are_recorded_kept_and_reported(tmp_path, monkeypatch):
     assert "| 0.003 | standard" in first and "over seeds" in first
     for figure in ("error_vs_examples_claim1_linreg", "lr_sweep_claim1", "learning_curves_claim1"):
         assert os.path.isfile(f"figures/{figure}.png")
+
+
+def test_the_seeds_claim_reports_each_seed_and_the_spread(tmp_path, monkeypatch):
+    """seeds trains one run per seed; the report gives each seed's row and the median and range at
+    k = 2d after b loops, read from the runs' eval.json."""
+    monkeypatch.chdir(tmp_path)
+    small = dict(n_dims=4, n_points=9, n_embd=32, n_head=2, n_loops=6, loop_window=3, steps=4, log_every=2,
+                 ckpt_every=4, eval_prompts=16)
+    monkeypatch.setattr(experiments, "SEEDS", range(7, 10))
+    monkeypatch.setitem(experiments.CLAIMS, "seeds", [(f"seed{s}", "linreg", dict(small, seed=s)) for s in range(7, 10)])
+    experiments.claim("seeds")
+    ends = sorted(json.load(open(f"results/seeds/seed{s}/eval.json"))["loops"][5][8] for s in range(7, 10))
+    experiments.write_report()
+    section = open("docs/results.md").read().split("## The default command over ten seeds")[1].split("## ")[0]
+    assert section.count("\n| 8 |") == 1 and section.count("min |") == 3
+    fmt = experiments.fmt
+    assert f"median {fmt(ends[1])}, from {fmt(ends[0])} to {fmt(ends[2])}; {sum(e <= 0.05 for e in ends)} of 3" in section
+    assert os.path.isfile("figures/seeds.png")
 
 
 def test_a_probe_reads_a_linear_function_of_the_state_and_not_noise():
@@ -1276,7 +1296,7 @@ def test_every_command_line_explains_its_flags():
         assert f"--{field.name}" in help
     assert "loop iterations at the end of the loop curriculum [20]" in help
     assert "Adam's peak learning rate" in help
-    assert "falls linearly to 0 (paper: none) [0]" in help
+    assert "falls linearly to 0 (paper: none, 0) [1000]" in help
     help = run_cli(experiments.main, "--help").stdout
     assert all(name in help for name in ["claim1", "claim2", "claim3", "claim4", "claim5", "all", "report"])
 
