@@ -65,7 +65,7 @@ class Config:
     curriculum_every: int = 500  # steps between increments of d and n (paper: 5000); 0: off
     loops_every: int = 250  # b starts at T and grows by 2 every this many steps (paper: 500); 0: off
     # optimisation
-    steps: int = 2900  # training steps (paper: 500,000)
+    steps: int = 3400  # training steps (paper: 500,000)
     batch_size: int = 64  # prompts per step, freshly drawn every step (paper: 64)
     lr: float = 1e-3  # Adam's peak learning rate (paper: 1e-4)
     warmup: int = 100  # steps of linear learning-rate warm-up from 0 (paper: none, 0)

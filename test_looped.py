@@ -543,8 +543,8 @@ def test_short_training_beats_the_averaging_baseline(tmp_path):
     predictor (about 1). Measured here: 0.37 against 0.70."""
     cfg = looped.make_config(n_dims=3, n_points=7, n_embd=64, n_head=4, n_loops=5,
                              loop_window=5, curriculum_every=0, loops_every=0, steps=1500,
-                             batch_size=64, lr=3e-4, log_every=500, ckpt_every=1500,
-                             eval_prompts=256, device="cpu", out=str(tmp_path))
+                             batch_size=64, lr=3e-4, warmup=0, decay=0, log_every=500,
+                             ckpt_every=1500, eval_prompts=256, device="cpu", out=str(tmp_path))
     errors = looped.train(cfg, quiet=True)
     k = 6
     model, avg = errors["loops"][4, k].item(), errors["averaging"][k].item()
