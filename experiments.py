@@ -232,7 +232,7 @@ CLAIMS = {  # claim: [(run name, task, overrides)]
     "claim3": [("tree_looped", "decision_tree", {}), ("tree_standard", "decision_tree", STANDARD),
                ("relu_looped", "relu_2nn", {}), ("relu_standard", "relu_2nn", STANDARD)],
     "claim4": [("T5", "linreg", dict(loop_window=5)), ("T3", "linreg", dict(loop_window=3)),
-               ("T1", "linreg", dict(loop_window=1))],  # T = 10 is claim1's looped run at lr 6e-4
+               ("T1", "linreg", dict(loop_window=1))],  # T = 10: claim1's looped run at the default rate
     "seeds": [(f"seed{seed}", "linreg", dict(seed=seed)) for seed in SEEDS],  # the default command, ten seeds
 }
 
@@ -794,7 +794,8 @@ def seeds_section(lines):
 
 def window_section(lines):
     lines += ["## claim4: the loop settles past b; the window T", "", f"The paper: {PAPER['claim4']}.", ""]
-    folders = [os.path.join(RESULTS, "claim1", "looped_lr0.0006")] + [os.path.join(RESULTS, "claim4", f"T{t}") for t in (5, 3, 1)]
+    default = os.path.join(RESULTS, "claim1", f"looped_lr{looped.make_config('linreg').lr:g}")  # T = 10
+    folders = [default] + [os.path.join(RESULTS, "claim4", f"T{t}") for t in (5, 3, 1)]
     if not all(os.path.isfile(os.path.join(f, "run.json")) for f in folders):
         lines += ["Not run yet: `python experiments.py claim1 && python experiments.py claim4`.", ""]
         return
