@@ -6,7 +6,8 @@
     python experiments.py claim4             # the loop settles past b; the window T
     python experiments.py claim5             # Garg et al.'s out-of-distribution suite (after claim1)
     python experiments.py seeds              # the default command with ten seeds: its spread
-    python experiments.py all                # claim1 ... claim5 and seeds in turn
+    python experiments.py converge           # claim1's best runs for 8 times the steps (hours; after claim1)
+    python experiments.py all                # claim1 ... claim5 and seeds in turn (not converge)
     python experiments.py report             # docs/results.md and figures/ from results/, no training
 
 Each claim trains its runs with looped.py's `train` into results/CLAIM/RUN (a run already
@@ -26,6 +27,7 @@ Citations, as in looped.py: [LT] the authors' code, https://github.com/Leiay/loo
 [G] Garg et al.'s, https://github.com/dtsip/in-context-learning.
 """
 import argparse
+import contextlib
 import glob
 import json
 import math
@@ -237,8 +239,29 @@ CLAIMS = {  # claim: [(run name, task, overrides)]
 }
 
 
+CONVERGE = 8  # claim1 to convergence: each model at its best rate, for this many times the preset's steps
+THRESHOLDS = [0.2, 0.1, 0.05]  # validation errors at k = 2d whose first step converge reports
+
+
+def converge_runs():
+    """claim1 to convergence: [(run name, task, overrides)], each model as claim1's sweep trained it at
+    the learning rate found best for it, but for CONVERGE times the steps, seeds 42 and 43. Each run may
+    take several sessions: an interrupted one continues from its checkpoint (every 500 steps)."""
+    best = {model: best_run("claim1", model) for model in MODELS}
+    if not all(best.values()):
+        raise plumbing.UserError("converge trains each model at claim1's best learning rate: run python "
+                                 "experiments.py claim1 first")
+    runs = []
+    for model, folder in best.items():
+        cfg = read_run(folder)[0]
+        for seed in (42, 43):
+            runs.append((f"{model}_lr{cfg.lr:g}" + (f"_seed{seed}" if seed != 42 else ""), cfg.task,
+                         {**config_overrides(cfg), "steps": CONVERGE * cfg.steps, "seed": seed, "ckpt_every": 500}))
+    return runs
+
+
 def claim(name):
-    for run_name, task, overrides in CLAIMS.get(name, []):
+    for run_name, task, overrides in converge_runs() if name == "converge" else CLAIMS.get(name, []):
         run(name, run_name, task, **overrides)
     if name == "claim1":  # each model at its best learning rate, with another seed: what a user should expect
         for model in MODELS:
@@ -482,7 +505,7 @@ PAPER = {"claim1": "at k = 10, 20, 40 (d = 20): standard 0.519, 0.0204, 0.00048;
 
 
 CAVEATS = {"claim1": "Each model is compared at its own best learning rate, picked on validation prompts, with one "
-                      "seed per learning rate; 6000 steps are 1.2% of the paper's budget, at d = 5 rather than 20.",
+                      "seed per learning rate; {steps} steps are {share:.2%} of the paper's 500k, at d = {d} rather than 20.",
            "claim2": "At d = 5 with s = 3 the weights are barely sparse, so Lasso has little to gain over least squares here."}
 
 
@@ -687,7 +710,8 @@ def write_report():
              "Written by `python experiments.py report` from the files under `results/`; do not edit by hand.",
              "Each claim's runs come from `python experiments.py CLAIM` (see the README); every number",
              "below is read from a file there, which also records the machine and the torch version.", ""]
-    runs = sorted(glob.glob(os.path.join(RESULTS, "claim*", "*", "run.json")))
+    runs = sorted(glob.glob(os.path.join(RESULTS, "claim*", "*", "run.json")) +
+                  glob.glob(os.path.join(RESULTS, "converge", "*", "run.json")))
     if runs:
         rows = []
         for path in runs:
@@ -719,10 +743,13 @@ def write_report():
                 [(task, a, b, *rest), (task, *at_best_rates(claim_name, [a, b], rates), *rest)])]
         if all(os.path.isfile(os.path.join(RESULTS, claim_name, r, "run.json")) for _, a, b, *_ in pairs for r in (a, b)):
             compare_section(claim_name, pairs, lines)
-            lines += [CAVEATS[claim_name], ""] if CAVEATS.get(claim_name) else []
+            c = read_run(os.path.join(RESULTS, claim_name, pairs[0][1]))[0]
+            caveat = CAVEATS.get(claim_name, "").format(steps=c.steps, share=c.steps / 500_000, d=c.n_dims)
+            lines += [caveat, ""] if caveat else []
             lines += learning_rate_caveat(claim_name, pairs, rates)
         else:
             lines += [f"Not run yet: `python experiments.py {claim_name}`.", ""]
+    converge_section(lines)
     window_section(lines)
     shift_section(lines)
     study_section(lines, "probe", "What the loop computes: linear probes of the loop state",
@@ -790,6 +817,118 @@ def seeds_section(lines):
            title="the default command over ten seeds")
     ax.legend(fontsize=7, ncol=2)
     save_figure(fig, os.path.join(FIGURES, "seeds.png"))
+
+
+def step_flops(cfg):
+    """Floating-point operations of one training step at the last curriculum stage (full d, n and b),
+    batch cfg.batch_size, as torch's FlopCounterMode counts them: b block passes forward and T
+    backward for the looped model, 12 of each for the standard one."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    model = looped.LoopedTransformer(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(0)
+    xs, ys = looped.TASKS[cfg.task](cfg.batch_size, cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
+    with FlopCounterMode(display=False) as counter:
+        looped.train_step(model, opt, contextlib.nullcontext(), xs, ys, cfg.n_loops, cfg.n_loops - cfg.loop_window)
+    return counter.get_total_flops()
+
+
+def training_seconds(folder):
+    """A run's training time from its log (ms per step on each line), summed over every session it took."""
+    with open(os.path.join(folder, "log.jsonl")) as f:
+        log = [r for r in map(json.loads, f) if "ms_per_step" in r]
+    return sum(r["ms_per_step"] * (r["step"] - last["step"]) for last, r in zip([{"step": 0}] + log, log)) / 1000
+
+
+def first_step(curve, k, level):
+    """The first step whose validation error at k is at most level; None if none is."""
+    return next((step for step, errors in curve if errors[k] <= level), None)
+
+
+def converge_section(lines):
+    """claim1 to convergence: the final errors, both learning curves on one figure, the steps (and
+    training FLOPs) each model takes to reach given errors, and the verdict by the paper's criterion
+    (within 25% at k = 2d), or the model still improving when its curve still falls by more than the
+    seed spread over the last eighth of the steps at the peak rate."""
+    folders = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(RESULTS, "converge", "*", "run.json")))
+    lines += [f"## claim1 to convergence: both models for {CONVERGE} times the steps", ""]
+    runs = {}
+    for folder in folders:
+        cfg, errors, record = read_run(folder)
+        with open(os.path.join(folder, "log.jsonl")) as f:
+            curve = [(r["step"], r["val_error"]) for r in map(json.loads, f) if "val_error" in r]
+        runs[os.path.basename(folder)] = (cfg, errors, record, curve, folder)
+    models = {m: [r for r in runs.values() if (r[0].n_layer > 1) == (m == "standard")] for m in MODELS}
+    if not all(models.values()) or any(r[1] is None for r in runs.values()):
+        lines += ["Not run yet (or a run diverged): `python experiments.py converge`, after claim1.", ""]
+        return
+    cfg = models["looped"][0][0]
+    ks, k = at_k(cfg), at_k(cfg)[-1]
+    final = {m: [r[1]["loops"][r[0].n_loops - 1][k].item() for r in rs] for m, rs in models.items()}
+    target = statistics.mean(final["looped"])
+    flops = {m: step_flops(rs[0][0]) for m, rs in models.items()}
+    rows, reach = [], []
+    for name, (c, errors, record, curve, folder) in runs.items():
+        model = "standard" if c.n_layer > 1 else "looped"
+        rows.append([name, looped.describe(c), c.seed, f"{c.lr:g}", *(errors["loops"][c.n_loops - 1][j].item() for j in ks)])
+        steps = [first_step(curve, k, level) for level in THRESHOLDS + [target]]
+        reach.append([name, *("-" if s is None else f"{s:,} ({s * flops[model] / 1e12:.3g})" for s in steps),
+                      f"{flops[model] / 1e9:.2f}", f"{training_seconds(folder) / 60:.0f} min"])
+    rows.append(["least squares", "", "", "", *(models["looped"][0][1]["least squares"][j].item() for j in ks)])
+    lines += [f"Each model at the learning rate claim1's sweep found best for it, for {cfg.steps:,} steps "
+              f"({CONVERGE} times the preset's; Adam's rate warmed up over {cfg.warmup} steps and decayed to 0 over "
+              f"the last {cfg.decay}), seeds 42 and 43, a validation point (256 prompts) every {cfg.eval_every} "
+              f"steps; made by `python experiments.py converge` on {models['looped'][0][2]['machine']}.", "",
+              markdown(["run", "model", "seed", "lr", *(f"test, k = {j}" for j in ks)], rows), "",
+              f"![validation error of both models against training step](../{FIGURES}/converge.png)", "",
+              f"The first step whose validation error at k = {k} is at most each level (in brackets: the training "
+              f"TFLOP to get there, at the full-size step's count; the curriculum's early steps cost less), the "
+              f"GFLOP of one step at full size (batch {cfg.batch_size}), and the training time from the log:", "",
+              markdown(["run", *(f"to {fmt(x)}" for x in THRESHOLDS), f"to {fmt(target)} (looped's final)",
+                        "GFLOP per step", "training time"], reach), ""]
+    # the verdict, from the mean over seeds of each model's test error at k = 2d
+    L, S = statistics.mean(final["looped"]), statistics.mean(final["standard"])
+    behind = "standard" if S > L else "looped"
+    flat_end = cfg.steps - cfg.decay  # the last step at the peak rate: the decay's own drop is not progress
+    still = []
+    for model, rs in models.items():
+        def at(curve, step):  # the validation error at k at the curve's point nearest the step
+            return min(curve, key=lambda p: abs(p[0] - step))[1][k]
+        first = [r[3] for r in rs if r[0].seed == 42][0]
+        fall = at(first, flat_end * 7 / 8) - at(first, flat_end)
+        ends = [at(r[3], flat_end) for r in rs]
+        spread = max(ends) - min(ends)
+        if fall > spread:
+            still.append((model, fall, spread))
+    found = "match" if max(L, S) <= 1.25 * min(L, S) else "looped ahead" if L < S else "standard ahead"
+    outcome = (f"at k = {k}, the mean over two seeds of the test error is {fmt(L)} for the looped model and {fmt(S)} "
+               f"for the standard one: {FINDINGS[found]}")
+    if found == "match":
+        verdict = f"**Reproduced at this scale.** The paper has {FINDINGS['match']}; {outcome}."
+    elif any(model == behind for model, *_ in still):
+        _, fall, spread = next(x for x in still if x[0] == behind)
+        verdict = (f"**Not settled: the {behind} model is still improving at {cfg.steps:,} steps.** {outcome[0].upper()}"
+                   f"{outcome[1:]}; over the last eighth of the steps at the peak rate (to step {flat_end:,}) its "
+                   f"validation error (seed 42) fell by {fmt(fall)}, more than the spread over seeds ({fmt(spread)}).")
+    else:
+        verdict = (f"**Not reproduced at this scale.** The paper has {FINDINGS['match']}; {outcome}; the {behind} "
+                   f"model's curve fell by less than the spread over seeds over the last eighth of its peak-rate steps.")
+    lines += [verdict, ""]
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (model, rs) in enumerate(models.items()):
+        for c, _, _, curve, _ in rs:
+            ax.semilogy([p[0] for p in curve], [p[1][k] for p in curve], color=f"C{i}", ls="-" if c.seed == 42 else "--",
+                        label=f"{looped.describe(c)}, lr {c.lr:g}, seed {c.seed}")
+    for level in THRESHOLDS:
+        ax.axhline(level, color="gray", lw=0.6, ls=":")
+    ax.axvline(flat_end, color="k", lw=0.8, ls=":", label="the learning rate's decay starts")
+    ax.set(xlabel="training step", ylabel=f"validation error at k = {k}", title="claim1 to convergence")
+    ax.legend(fontsize=7)
+    save_figure(fig, os.path.join(FIGURES, "converge.png"))
 
 
 def window_section(lines):
@@ -890,7 +1029,9 @@ def main(argv=None):
                        ("claim4", "the loop settles on a fixed point past b; windows T = 10, 5, 3, 1"),
                        ("claim5", "out of distribution: Garg et al.'s shifts, on claim1's best runs"),
                        ("seeds", "the default command (laptop preset, linear regression) with seeds 42 to 51"),
-                       ("all", "claim1 ... claim5 and seeds in turn"),
+                       ("converge", f"claim1's two models at their best rates for {CONVERGE}x the steps, "
+                                    "two seeds: hours on a CPU; an interrupted run continues"),
+                       ("all", "claim1 ... claim5 and seeds in turn (not converge)"),
                        ("report", "write docs/results.md and its figures from results/, no training")]:
         sub.add_parser(name, help=text)
     p = sub.add_parser("compare", help="evaluate several runs on the same prompts: one table, one plot")

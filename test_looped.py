@@ -792,6 +792,58 @@ def test_claim_runs_are_recorded_kept_and_reported(tmp_path, monkeypatch):
         assert os.path.isfile(f"figures/{figure}.png")
 
 
+def test_converge_trains_claim1s_best_runs_longer_and_reads_the_verdict_from_the_curves(tmp_path, monkeypatch):
+    """converge trains each model at claim1's best rate for CONVERGE times its steps, two seeds; the
+    report's verdict follows the paper's 25% criterion, unless the model behind still improves (its
+    curve falls over the last eighth by more than the seed spread)."""
+    monkeypatch.chdir(tmp_path)
+    small = dict(n_dims=4, n_points=9, n_embd=32, n_head=2, steps=4, log_every=2, ckpt_every=4, eval_prompts=16,
+                 eval_every=2, warmup=0, decay=0)
+    models = {"looped": dict(small, n_loops=6, loop_window=3), "standard": dict(small, n_layer=2, n_loops=1, eval_loops=1)}
+    monkeypatch.setattr(experiments, "MODELS", models)
+    monkeypatch.setitem(experiments.CLAIMS, "claim1", [(f"{m}_lr{lr:g}", "linreg", dict(o, lr=lr))
+                                                       for lr in (1e-3, 3e-3) for m, o in models.items()])
+    with pytest.raises(plumbing.UserError, match="run python experiments.py claim1 first"):
+        experiments.claim("converge")
+    for name, task, overrides in experiments.CLAIMS["claim1"]:  # the sweep alone: no seed-43 runs
+        experiments.run("claim1", name, task, **overrides)
+    experiments.claim("converge")
+    lrs = {m: json.load(open(f"{experiments.best_run('claim1', m)}/run.json"))["config"]["lr"] for m in models}
+    names = [f"{m}_lr{lrs[m]:g}{seed}" for m in models for seed in ("", "_seed43")]
+    assert sorted(os.listdir("results/converge")) == sorted(names)
+    configs = {n: json.load(open(f"results/converge/{n}/run.json"))["config"] for n in names}
+    assert {(c["steps"], c["seed"], c["lr"]) for n, c in configs.items() if n.startswith("looped")} == \
+        {(4 * experiments.CONVERGE, 42, lrs["looped"]), (4 * experiments.CONVERGE, 43, lrs["looped"])}
+
+    def verdict(looped_end, standard_ends, standard_fall):
+        """The report's verdict with the test errors at k = 8 and the standard model's curves set."""
+        for n in names:
+            folder, standard = f"results/converge/{n}", n.startswith("standard")
+            end = standard_ends[n.endswith("seed43")] if standard else looped_end
+            errors = json.load(open(f"{folder}/eval.json"))
+            errors["loops"] = [[end] * 9 for _ in errors["loops"]]
+            json.dump(errors, open(f"{folder}/eval.json", "w"))
+            log = [json.loads(line) for line in open(f"{folder}/log.jsonl")]
+            for r in log:  # the curve: falling linearly by standard_fall to its end at the last step
+                if "val_error" in r:
+                    fall = standard_fall * (1 - r["step"] / configs[n]["steps"]) if standard else 0
+                    r["val_error"] = [end + fall] * 9
+            open(f"{folder}/log.jsonl", "w").write("".join(json.dumps(r) + "\n" for r in log))
+        lines = []
+        experiments.converge_section(lines)
+        return next(line for line in lines if line.startswith("**"))
+
+    assert verdict(0.02, (0.021, 0.023), 0.5).startswith("**Reproduced")  # within 25%
+    assert verdict(0.02, (0.2, 0.21), 0.0).startswith("**Not reproduced")  # flat, 10 times the error
+    assert verdict(0.02, (0.2, 0.21), 0.5).startswith("**Not settled: the standard model is still improving")
+    assert verdict(0.02, (0.2, 0.4), 0.05).startswith("**Not reproduced")  # falls, but less than its seed spread
+    lines = []
+    experiments.converge_section(lines)
+    text = "\n".join(lines)
+    assert text.count("\n| looped_lr") == text.count("\n| standard_lr") == 4  # errors, then steps to reach
+    assert "to 0.0200 (looped's final)" in text and os.path.isfile("figures/converge.png")
+
+
 def test_the_seeds_claim_reports_each_seed_and_the_spread(tmp_path, monkeypatch):
     """seeds trains one run per seed; the report gives each seed's row and the median and range at
     k = 2d after b loops, read from the runs' eval.json."""
