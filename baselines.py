@@ -10,6 +10,7 @@ This file imports nothing of the project; the error tables are `python experimen
 the timings against per-prompt scikit-learn fits `python bench.py baselines`.
 Shapes: B prompts, n points, d input dim, Q = B * (prefixes) independent fitting problems.
 """
+
 import ctypes
 import math
 
@@ -28,14 +29,18 @@ def keep_freed_memory():
     except (OSError, AttributeError):
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))  # glibc's maxima
+    return bool(
+        mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    )  # glibc's maxima
 
 
 def by_prompts(fn, xs, ys, size, *args):
     """Run fn on chunks of prompts: every solver is independent per prompt, and chunks bound
     the memory of the (B, n, n, d) or (B, n, d, d) tensors at paper scale. Small chunks also
     keep the iterative solvers' working set in cache (Lasso, trees: 1.4x to 1.9x on a CPU)."""
-    return torch.cat([fn(xs[s:s + size], ys[s:s + size], *args) for s in range(0, len(xs), size)])
+    return torch.cat(
+        [fn(xs[s : s + size], ys[s : s + size], *args) for s in range(0, len(xs), size)]
+    )
 
 
 def prefix_gram(xs, ys):
@@ -119,7 +124,9 @@ def _nearest_neighbours(xs, ys, k):
     k = min(k, n)
     idx = dist.masked_fill(future, math.inf).topk(k, dim=2, largest=False).indices  # (B, n, k)
     neighbours = ys.gather(1, idx.flatten(1)).view(B, n, k)
-    seen = torch.arange(k, device=xs.device)[None] < torch.arange(n, device=xs.device)[:, None]  # (n, k)
+    seen = (
+        torch.arange(k, device=xs.device)[None] < torch.arange(n, device=xs.device)[:, None]
+    )  # (n, k)
     return (neighbours * seen).sum(-1) / seen.sum(-1).clamp(min=1)
 
 
@@ -258,14 +265,20 @@ def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, presorted=None):
     Q, m, d = X.shape
     y = y * valid
     n_real = valid.sum(1, keepdim=True)  # (Q, 1)
-    fit = (y.sum(1, keepdim=True) / n_real.clamp(min=1)).expand(Q, m) if n_trees > 1 else torch.zeros_like(y)
+    fit = (
+        (y.sum(1, keepdim=True) / n_real.clamp(min=1)).expand(Q, m)
+        if n_trees > 1
+        else torch.zeros_like(y)
+    )
     at_query = fit[:, 0].clone()
     binary = presorted is None
     if binary:
         up = (X > 0).to(y.dtype)  # (Q, m, d)
     else:
         order, ties = presorted
-        values = X.transpose(1, 2).masked_fill(~valid[:, None], math.inf) if ties else None  # (Q, d, m)
+        values = (
+            X.transpose(1, 2).masked_fill(~valid[:, None], math.inf) if ties else None
+        )  # (Q, d, m)
     for _ in range(n_trees):
         r = (y - fit) * valid  # residuals, (Q, m)
         node = torch.zeros(Q, m, dtype=torch.long, device=X.device)
@@ -278,11 +291,13 @@ def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, presorted=None):
         splits = []
         for level in range(depth):
             if binary:
-                f, below, above = binary_split(up, valid, r, node, 2 ** level)
+                f, below, above = binary_split(up, valid, r, node, 2**level)
             else:
                 f, below, above = sorted_split(X, values, r, perm, seg, start, count)
             # the threshold lies between the values below and above it: a sample goes right if x > below
-            right = (X.gather(2, f.gather(1, node)[..., None])[..., 0] > below.gather(1, node)) & valid
+            right = (
+                X.gather(2, f.gather(1, node)[..., None])[..., 0] > below.gather(1, node)
+            ) & valid
             if not binary and level < depth - 1:
                 perm, seg, start, count = partition(perm, right, node, seg, start, count)
             node = 2 * node + right.long()
@@ -290,8 +305,12 @@ def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, presorted=None):
             # midpoint rounds up to the value above (so a query there goes where its training twin went)
             mid = below.double() / 2 + above.double() / 2
             splits.append((f, torch.where(mid == above.double(), below.double(), mid)))
-        n_leaf = torch.zeros(Q, 2 ** depth, dtype=r.dtype, device=X.device).scatter_add(1, node, valid.to(r.dtype))
-        leaf = torch.zeros_like(n_leaf).scatter_add(1, node, r) / n_leaf.clamp(min=1)  # mean residual
+        n_leaf = torch.zeros(Q, 2**depth, dtype=r.dtype, device=X.device).scatter_add(
+            1, node, valid.to(r.dtype)
+        )
+        leaf = torch.zeros_like(n_leaf).scatter_add(1, node, r) / n_leaf.clamp(
+            min=1
+        )  # mean residual
         q = torch.zeros(Q, 1, dtype=torch.long, device=X.device)
         for f, thr in splits:  # route the query down the same splits
             q = 2 * q + (query.gather(1, f.gather(1, q)) > thr.gather(1, q)).long()
@@ -309,7 +328,7 @@ def binary_split(up, valid, r, node, K):
     right, total = both.transpose(1, 2) @ up, both.sum(1)[..., None]  # (Q, 2K, d), (Q, 2K, 1)
     n_right, s_right = right[:, :K], right[:, K:]
     n_left, s_left = total[:, :K] - n_right, total[:, K:] - s_right
-    gain = s_left ** 2 / n_left.clamp(min=1) + s_right ** 2 / n_right.clamp(min=1)
+    gain = s_left**2 / n_left.clamp(min=1) + s_right**2 / n_right.clamp(min=1)
     best, f = gain.masked_fill((n_left == 0) | (n_right == 0), -math.inf).max(2)  # (Q, K)
     thr = torch.where(best > -math.inf, 0.0, math.inf).to(up.dtype)  # no split: all go left
     return f, thr, thr  # the values below and above the threshold, as far as routing goes
@@ -345,16 +364,25 @@ def sorted_split(X, values, r, perm, seg, start, count):
     if values is not None:  # no threshold between equal values
         excess[..., :-1].masked_fill_(values.gather(2, perm[..., 1:]).diff(dim=2) <= 1e-7, -1)
     top = excess.amax(1)  # (Q, m): the best feature's |D| at each position (max(1) is 10x slower)
-    ok = (seg1 - pos > 1) & (seg < K) & (top >= 0)  # a threshold needs samples of the node on both sides
+    ok = (
+        (seg1 - pos > 1) & (seg < K) & (top >= 0)
+    )  # a threshold needs samples of the node on both sides
     best = (top.square() * (n_left.reciprocal() + inv_right)).masked_fill(~ok, -math.inf)
     node_best = torch.full((Q, K + 1), -math.inf, dtype=best.dtype, device=r.device).scatter_reduce(
-        1, seg, best, "amax")
+        1, seg, best, "amax"
+    )
     first = torch.where((best == node_best.gather(1, seg)) & ok, pos, m)
-    p = torch.full((Q, K + 1), m, device=r.device).scatter_reduce(1, seg, first, "amin")[:, :K]  # (Q, K)
+    p = torch.full((Q, K + 1), m, device=r.device).scatter_reduce(1, seg, first, "amin")[
+        :, :K
+    ]  # (Q, K)
     has = node_best[:, :K] > -math.inf  # else every value of the node is tied: it stays a leaf
     p = p.clamp(max=max(m - 2, 0))
-    f = excess.transpose(1, 2).gather(1, p[..., None].expand(Q, K, d)).argmax(2)  # the first best feature
-    lo = perm.flatten(1).gather(1, f * (m + 1) + p + 1)  # the samples on either side of the threshold
+    f = (
+        excess.transpose(1, 2).gather(1, p[..., None].expand(Q, K, d)).argmax(2)
+    )  # the first best feature
+    lo = perm.flatten(1).gather(
+        1, f * (m + 1) + p + 1
+    )  # the samples on either side of the threshold
     hi = perm.flatten(1).gather(1, f * (m + 1) + (p + 2).clamp(max=m))
     x = X.flatten(1)  # (Q, m d)
     below, above = (x.gather(1, sample * d + f).masked_fill(~has, math.inf) for sample in (lo, hi))
@@ -371,18 +399,24 @@ def partition(perm, right, node, seg, start, count):
     pos = torch.arange(m, device=perm.device)
     # in float32, exact for counts and positions below 2^24: torch.where and integer arithmetic are
     # 2x slower on a CPU
-    bits = F.pad(right.float(), (0, 1)).gather(1, perm.flatten(1)).view(Q, d, m + 1)  # bits[..., 0] = 0
+    bits = (
+        F.pad(right.float(), (0, 1)).gather(1, perm.flatten(1)).view(Q, d, m + 1)
+    )  # bits[..., 0] = 0
     ones = bits.cumsum(2)  # right-goers up to each position, O
     before = ones[:, 0].gather(1, start.gather(1, seg))  # ... before the segment, O_0 (as above)
     n_right = torch.zeros_like(count).scatter_add(1, node, right.long())[:, :K]  # (Q, K)
     n_left = count[:, :K] - n_right
     right_start = start[:, :K] + n_left
-    into = F.pad(right_start, (0, 1), value=m).gather(1, seg)  # (Q, m): where the segment's right child starts
+    into = F.pad(right_start, (0, 1), value=m).gather(
+        1, seg
+    )  # (Q, m): where the segment's right child starts
     # a left-goer moves to pos - (O - O_0), a right-goer to into + (O - O_0) - 1, that is,
     # new = to_left - O + bit (to_right - to_left + 2 O)
     to_left, to_right = (pos + before)[:, None], (into - before - 1)[:, None]
     ones = ones[..., 1:]
-    new = torch.addcmul(to_left - ones, bits[..., 1:], torch.add(to_right - to_left, ones, alpha=2)).long()
+    new = torch.addcmul(
+        to_left - ones, bits[..., 1:], torch.add(to_right - to_left, ones, alpha=2)
+    ).long()
     moved = torch.empty_like(perm)
     moved[..., 0] = m
     moved[..., 1:].scatter_(2, new, perm[..., 1:])
@@ -401,7 +435,9 @@ def prefix_orders(xs, order, lo, hi):
     prefix, measured on a CPU)."""
     B, m = xs.shape[0], hi - 1
     order = front(order, m, torch.empty_like(order))[..., :m]  # (B, d, m)
-    ties = bool((xs[:, :m].transpose(1, 2).gather(2, order).diff(dim=2) <= 1e-7).any())  # checked when splitting
+    ties = bool(
+        (xs[:, :m].transpose(1, 2).gather(2, order).diff(dim=2) <= 1e-7).any()
+    )  # checked when splitting
     i = torch.arange(lo, hi, device=xs.device)[:, None, None]  # (hi - lo, 1, 1)
     out = order.new_empty(B, hi - lo, order.shape[1], m + 1)
     out[..., 0] = m
@@ -412,11 +448,15 @@ def prefix_orders(xs, order, lo, hi):
 def front(order, i, out):
     """Write each row of order into out with the samples < i first, both parts in their order
     (order and i broadcast). Float32 arithmetic: exact below 2^24, 2x faster than torch.where."""
-    keep = (i - order.float()).clamp_(0, 1)  # 1 for the samples < i (5x faster than (order < i).float())
+    keep = (i - order.float()).clamp_(
+        0, 1
+    )  # 1 for the samples < i (5x faster than (order < i).float())
     kept = keep.cumsum(-1)  # kept samples up to each position
     pos = torch.arange(order.shape[-1], device=order.device)
     # a kept sample goes to kept - 1, another to i + pos - kept: new = i + pos - kept + keep (2 kept - i - pos - 1)
-    new = torch.addcmul(torch.sub(i + pos, kept), keep, torch.add(-1 - i - pos, kept, alpha=2)).long()
+    new = torch.addcmul(
+        torch.sub(i + pos, kept), keep, torch.add(-1 - i - pos, kept, alpha=2)
+    ).long()
     return out.scatter_(-1, new, order.expand_as(new))
 
 
@@ -425,13 +465,17 @@ def tree_predictions(xs, ys, depth, n_trees=1, lr=1.0, sign=False, bucket=8):
     grouped by length (bucket at a time) so that the padding stays small."""
     B, n, _ = xs.shape
     x = torch.sign(xs) if sign else xs
-    order = None if sign else xs[:, :n - 1].transpose(1, 2).argsort(dim=2, stable=True)  # (B, d, n - 1)
+    order = (
+        None if sign else xs[:, : n - 1].transpose(1, 2).argsort(dim=2, stable=True)
+    )  # (B, d, n - 1)
     preds = torch.zeros(B, n, dtype=torch.float64, device=xs.device)
     for lo in range(1, n, bucket):
         hi = min(lo + bucket, n)
         X, y, valid, query = prefix_problems(x, ys, lo, hi)
         presorted = None if sign else prefix_orders(x, order, lo, hi)
-        preds[:, lo:hi] = fit_trees(X, y, valid, query, depth, n_trees, lr, presorted).view(B, hi - lo)
+        preds[:, lo:hi] = fit_trees(X, y, valid, query, depth, n_trees, lr, presorted).view(
+            B, hi - lo
+        )
     return preds.to(ys.dtype)
 
 
@@ -464,8 +508,12 @@ def relu_network(xs, ys, hidden=100, steps=1000, batch=10, lr=5e-3, seed=0):
     al. do. All the networks are slices of one batched model: their losses are summed, and
     since Adam works element by element, each one trains exactly as it would alone."""
     chunk = 16  # prompts trained together: Adam's state stays in cache (1.5x faster than 64)
-    return torch.cat([_relu_network(xs[s:s + chunk], ys[s:s + chunk], hidden, steps, batch, lr, seed + s)
-                      for s in range(0, len(xs), chunk)])  # each chunk of prompts its own seed
+    return torch.cat(
+        [
+            _relu_network(xs[s : s + chunk], ys[s : s + chunk], hidden, steps, batch, lr, seed + s)
+            for s in range(0, len(xs), chunk)
+        ]
+    )  # each chunk of prompts its own seed
 
 
 def _relu_network(xs, ys, hidden, steps, batch, lr, seed):
@@ -473,21 +521,33 @@ def _relu_network(xs, ys, hidden, steps, batch, lr, seed):
     gen = torch.Generator(xs.device).manual_seed(seed)
     Q = B * (n - 1)  # problem (b, i): prompt b, fitted on its first i = 1 .. n-1 pairs
     size = torch.arange(1, n, device=xs.device).repeat(B)  # (Q,): i
-    first = torch.arange(B, device=xs.device).repeat_interleave(n - 1) * n  # (Q,): row of x_1 in the flat prompts
+    first = (
+        torch.arange(B, device=xs.device).repeat_interleave(n - 1) * n
+    )  # (Q,): row of x_1 in the flat prompts
     flat_x, flat_y = xs.reshape(B * n, d), ys.reshape(B * n)
 
     def uniform(*shape, fan_in):  # torch.nn.Linear's default initialisation
         bound = 1 / math.sqrt(fan_in)
-        return ((torch.rand(*shape, generator=gen, device=xs.device, dtype=xs.dtype) * 2 - 1) * bound).requires_grad_()
+        return (
+            (torch.rand(*shape, generator=gen, device=xs.device, dtype=xs.dtype) * 2 - 1) * bound
+        ).requires_grad_()
 
-    params = [uniform(Q, d, hidden, fan_in=d), uniform(Q, 1, hidden, fan_in=d),
-              uniform(Q, hidden, 1, fan_in=hidden), uniform(Q, 1, 1, fan_in=hidden)]
+    params = [
+        uniform(Q, d, hidden, fan_in=d),
+        uniform(Q, 1, hidden, fan_in=d),
+        uniform(Q, hidden, 1, fan_in=hidden),
+        uniform(Q, 1, 1, fan_in=hidden),
+    ]
     opt = torch.optim.Adam(params, lr=lr, fused=True)
     with torch.enable_grad():  # evaluation may run under no_grad
         for _ in range(steps):
-            pick = (torch.rand(Q, batch, generator=gen, device=xs.device) * size[:, None]).long()  # j < i
+            pick = (
+                torch.rand(Q, batch, generator=gen, device=xs.device) * size[:, None]
+            ).long()  # j < i
             rows = first[:, None] + pick  # (Q, batch)
-            loss = (two_layer(params, flat_x[rows]) - flat_y[rows]).pow(2).mean(1).sum()  # each network's own MSE
+            loss = (
+                (two_layer(params, flat_x[rows]) - flat_y[rows]).pow(2).mean(1).sum()
+            )  # each network's own MSE
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -525,8 +585,16 @@ TASK_BASELINES = {
     "linreg": ["least squares", "averaging", "3-NN", "zero"],
     "noisy_linreg": ["least squares", "ridge", "averaging", "3-NN", "zero"],
     "sparse_linreg": ["least squares", "Lasso", "averaging", "3-NN", "zero"],
-    "decision_tree": ["greedy tree", "greedy tree, sign(x)", "boosted trees", "boosted trees, sign(x)",
-                      "least squares", "3-NN", "averaging", "zero"],
+    "decision_tree": [
+        "greedy tree",
+        "greedy tree, sign(x)",
+        "boosted trees",
+        "boosted trees, sign(x)",
+        "least squares",
+        "3-NN",
+        "averaging",
+        "zero",
+    ],
     "relu_2nn": ["2-layer ReLU net", "least squares", "3-NN", "averaging", "zero"],
 }
 # Solvers whose iterations are drawn beside the looped model's loop iterations.
@@ -549,7 +617,9 @@ def bootstrap_band(sq, resamples=1000, seed=0):
     P = len(sq)
     gen = torch.Generator(sq.device).manual_seed(seed)
     picks = torch.randint(0, P, (resamples, P), generator=gen, device=sq.device)
-    counts = torch.zeros(resamples, P, device=sq.device).scatter_add_(1, picks, torch.ones_like(picks, dtype=torch.float))
+    counts = torch.zeros(resamples, P, device=sq.device).scatter_add_(
+        1, picks, torch.ones_like(picks, dtype=torch.float)
+    )
     means = counts @ sq.float() / P  # (resamples, n)
     return torch.quantile(means, torch.tensor([0.05, 0.95], device=sq.device), dim=0)
 

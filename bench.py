@@ -10,6 +10,7 @@ the command, the machine and the torch version: `python experiments.py report` s
 tables in docs/results.md.
 Compare speeds only as ratios measured in one run: other work on the machine moves the seconds.
 """
+
 import argparse
 import datetime
 import itertools
@@ -28,14 +29,16 @@ import numpy as np
 import torch
 
 import baselines
+import harness
 import looped
-import plumbing
 
 
 def seconds(fn, repeats, warmup=1, device=None):
     """Median wall time of fn() over repeats calls, after the warm-up calls (which compile, fill
     caches and pay for lazy imports); CUDA is synchronised around every call."""
-    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
+    sync = (
+        torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
+    )
     for _ in range(warmup):
         fn()
     times = []
@@ -51,7 +54,11 @@ def seconds(fn, repeats, warmup=1, device=None):
 def machine():
     """The hardware a number was measured on: the CPU's model and cores, and the GPU if any."""
     cpu = open("/proc/cpuinfo").read() if os.path.isfile("/proc/cpuinfo") else ""
-    name = re.search(r"model name\s*: (.*)", cpu).group(1) if "model name" in cpu else platform.processor()
+    name = (
+        re.search(r"model name\s*: (.*)", cpu).group(1)
+        if "model name" in cpu
+        else platform.processor()
+    )
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"{name}, {os.cpu_count()} cores{gpu}"
 
@@ -60,24 +67,47 @@ class Table:
     """Rows printed as they are measured, and kept for --save: the numbers and the cells as printed."""
 
     def __init__(self, title, columns, widths, digits=2):
-        self.title, self.columns, self.widths, self.digits, self.rows, self.text = title, columns, widths, digits, [], []
+        self.title, self.columns, self.widths, self.digits, self.rows, self.text = (
+            title,
+            columns,
+            widths,
+            digits,
+            [],
+            [],
+        )
         print(title)
         print(self.line(columns))
 
     def line(self, cells):
-        return "".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, self.widths)))
+        return "".join(
+            f"{c:<{w}}" if i == 0 else f"{c:>{w}}"
+            for i, (c, w) in enumerate(zip(cells, self.widths))
+        )
 
     def add(self, *cells):
         self.rows.append(list(cells))
-        self.text.append([c if isinstance(c, str) else f"{c:.{self.digits if abs(c) < 100 else 1}f}" for c in cells])
+        self.text.append(
+            [
+                c if isinstance(c, str) else f"{c:.{self.digits if abs(c) < 100 else 1}f}"
+                for c in cells
+            ]
+        )
         print(self.line(self.text[-1]), flush=True)
 
     def save(self, path, command):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        record = {"command": command, "machine": machine(), "torch": torch.__version__,
-                  "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
-                  "title": self.title, "columns": self.columns, "rows": self.rows, "text": self.text}
-        plumbing.write_json(path, record, indent=1)
+        record = {
+            "command": command,
+            "machine": machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "date": datetime.date.today().isoformat(),
+            "title": self.title,
+            "columns": self.columns,
+            "rows": self.rows,
+            "text": self.text,
+        }
+        harness.write_json(path, record, indent=1)
         print(f"saved {path}")
 
 
@@ -90,27 +120,64 @@ def bench_train(device_name, presets=("laptop", "paper")):
     autocast, each at its final curriculum stage (full d, n and b). Modes: "eager"; "compiled", the
     backbone M compiled as --compile compiles it (all --compile does on a CPU or under torchrun); on
     CUDA also "captured", what --compile runs on one GPU (the compiled M, the whole step captured as
-    a CUDA graph by plumbing.CapturedSteps), "captured eager" (the same capture of the eager model)
+    a CUDA graph by harness.CapturedSteps), "captured eager" (the same capture of the eager model)
     and "reduce-overhead" (M's calls as torch.compile's CUDA graphs, the rest of the step eager)."""
     from torch.utils.flop_counter import FlopCounterMode
-    warnings.filterwarnings("ignore", "This instance was constructed with capturable=True")  # the uncaptured steps: on purpose
+
+    warnings.filterwarnings(
+        "ignore", "This instance was constructed with capturable=True"
+    )  # the uncaptured steps: on purpose
     device, _ = looped.setup_device(looped.make_config(device=device_name))
-    peak = {amp: matmul_peak(device, torch.bfloat16 if amp else torch.float32) for amp in (False, True)}
-    table = Table(f"training step, batch 64, {device}, {torch.get_num_threads()} threads; matmul peak (4096^2): "
-                  f"fp32 {peak[False] / 1e9:.0f}, bf16 {peak[True] / 1e9:.0f} GFLOP/s",
-                  ["model", "mode", "dtype", "ms/step", "prompts/s", "GFLOP/s", "of peak %", "saved MB", "peak MB"],
-                  [8, 17, 6, 10, 11, 9, 11, 10, 9])
-    modes = ("eager", "compiled", "reduce-overhead", "captured", "captured eager") if device.type == "cuda" else ("eager", "compiled")
-    rows = sorted(itertools.product(presets, modes, (False, True)), key=lambda r: r[1].startswith("captured"))
-    for preset, mode, amp in rows:  # the captured rows last: a failed capture can leave CUDA unusable
+    peak = {
+        amp: matmul_peak(device, torch.bfloat16 if amp else torch.float32) for amp in (False, True)
+    }
+    table = Table(
+        f"training step, batch 64, {device}, {torch.get_num_threads()} threads; matmul peak (4096^2): "
+        f"fp32 {peak[False] / 1e9:.0f}, bf16 {peak[True] / 1e9:.0f} GFLOP/s",
+        [
+            "model",
+            "mode",
+            "dtype",
+            "ms/step",
+            "prompts/s",
+            "GFLOP/s",
+            "of peak %",
+            "saved MB",
+            "peak MB",
+        ],
+        [8, 17, 6, 10, 11, 9, 11, 10, 9],
+    )
+    modes = (
+        ("eager", "compiled", "reduce-overhead", "captured", "captured eager")
+        if device.type == "cuda"
+        else ("eager", "compiled")
+    )
+    rows = sorted(
+        itertools.product(presets, modes, (False, True)), key=lambda r: r[1].startswith("captured")
+    )
+    for (
+        preset,
+        mode,
+        amp,
+    ) in rows:  # the captured rows last: a failed capture can leave CUDA unusable
         cfg = looped.make_config("linreg", preset, device=device_name, eval_prompts=64)
         torch.manual_seed(0)
         model = looped.LoopedTransformer(cfg).to(device)
         captured = mode.startswith("captured")
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda", capturable=captured)
+        opt = torch.optim.Adam(
+            model.parameters(), lr=cfg.lr, fused=device.type == "cuda", capturable=captured
+        )
         # bf16 autocast, even on a CPU without native bf16 (looped.py trains in fp32 there); as --compile, no cache
-        ctx = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=mode == "eager") if amp else nullcontext()
-        args = (*looped.eval_prompts(cfg, device)[:2], cfg.n_loops, cfg.n_loops - cfg.loop_window)  # batch 64
+        ctx = (
+            torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=mode == "eager")
+            if amp
+            else nullcontext()
+        )
+        args = (
+            *looped.eval_prompts(cfg, device)[:2],
+            cfg.n_loops,
+            cfg.n_loops - cfg.loop_window,
+        )  # batch 64
         with FlopCounterMode(display=False) as counter:  # counted on the eager model
             looped.train_step(model, opt, ctx, *args)
         saved = activation_bytes(model, ctx, *args)
@@ -119,22 +186,37 @@ def bench_train(device_name, presets=("laptop", "paper")):
             looped.compile_backbone(model)
         elif mode == "reduce-overhead":
             model.backbone = torch.compile(model.backbone, dynamic=True, mode="reduce-overhead")
-        step = plumbing.CapturedSteps(looped.train_step) if captured else looped.train_step
+        step = harness.CapturedSteps(looped.train_step) if captured else looped.train_step
 
         def run():
-            if mode == "reduce-overhead":  # a new step: the last step's graph outputs may be overwritten
+            if (
+                mode == "reduce-overhead"
+            ):  # a new step: the last step's graph outputs may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
             return step(model, opt, ctx, *args)
+
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        seconds_per_step = seconds(run, 20 if preset == "laptop" or device.type == "cuda" else 3,
-                                   warmup=4 if captured else 3, device=device)  # captured: 3 warm-up steps, then the capture
+        seconds_per_step = seconds(
+            run,
+            20 if preset == "laptop" or device.type == "cuda" else 3,
+            warmup=4 if captured else 3,
+            device=device,
+        )  # captured: 3 warm-up steps, then the capture
         if captured and step.failed:  # said by CapturedSteps; the eager fallback is not this row
             continue
         flops = counter.get_total_flops() / seconds_per_step
-        table.add(preset, mode, "bf16" if amp else "fp32", 1000 * seconds_per_step, 64 / seconds_per_step,
-                  flops / 1e9, 100 * flops / peak[amp], saved / 1e6,
-                  torch.cuda.max_memory_allocated() / 1e6 if device.type == "cuda" else "-")
+        table.add(
+            preset,
+            mode,
+            "bf16" if amp else "fp32",
+            1000 * seconds_per_step,
+            64 / seconds_per_step,
+            flops / 1e9,
+            100 * flops / peak[amp],
+            saved / 1e6,
+            torch.cuda.max_memory_allocated() / 1e6 if device.type == "cuda" else "-",
+        )
         del step, run  # a captured graph and its memory pool
     return table
 
@@ -148,34 +230,63 @@ def bench_loop(device_name, preset, steps):
     short prompts: later, longer prompts take longer where the step is bound by arithmetic rather than
     by kernel launches."""
     device, _ = looped.setup_device(looped.make_config(device=device_name))
-    amp = device.type != "cpu" or plumbing.cpu_has_bf16()
-    table = Table(f"training loop, linreg --preset {preset}, {steps} steps, {device}, {torch.get_num_threads()} threads",
-                  ["mode", "dtype", "steps/s", "steps/s after 1000", "first 1000 s", f"{steps} steps s", "500k at that rate h"],
-                  [10, 6, 9, 20, 14, 16, 21])
+    amp = device.type != "cpu" or harness.cpu_has_bf16()
+    table = Table(
+        f"training loop, linreg --preset {preset}, {steps} steps, {device}, {torch.get_num_threads()} threads",
+        [
+            "mode",
+            "dtype",
+            "steps/s",
+            "steps/s after 1000",
+            "first 1000 s",
+            f"{steps} steps s",
+            "500k at that rate h",
+        ],
+        [10, 6, 9, 20, 14, 16, 21],
+    )
     for compiled in (False, True):
         torch._dynamo.reset()
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = looped.make_config("linreg", preset, steps=steps, device=device_name, amp=amp, compile=compiled,
-                                     out=os.path.join(tmp, "run"), log_every=100, ckpt_every=1000, eval_prompts=16,
-                                     eval_loops=looped.make_config("linreg", preset).n_loops)
+            cfg = looped.make_config(
+                "linreg",
+                preset,
+                steps=steps,
+                device=device_name,
+                amp=amp,
+                compile=compiled,
+                out=os.path.join(tmp, "run"),
+                log_every=100,
+                ckpt_every=1000,
+                eval_prompts=16,
+                eval_loops=looped.make_config("linreg", preset).n_loops,
+            )
             looped.train(cfg, quiet=True)
             with open(os.path.join(cfg.out, "log.jsonl")) as f:
                 lines = [r for r in map(json.loads, f) if "ms_per_step" in r]
-        steps_at = [0] + [r["step"] for r in lines]  # each line: the mean ms per step since the line before
+        steps_at = [0] + [
+            r["step"] for r in lines
+        ]  # each line: the mean ms per step since the line before
         ms = [(b - a, r["ms_per_step"]) for a, b, r in zip(steps_at, steps_at[1:], lines)]
         first = sum(k * m for (k, m), b in zip(ms, steps_at[1:]) if b <= 1000) / 1000
         total = sum(k * m for k, m in ms) / 1000
         late = max(steps - 1000, 1) / max(total - first, 1e-9)
         rate = late if steps > 1000 else steps / total
-        table.add("compiled" if compiled else "eager", "bf16" if amp else "fp32", steps / total, late if steps > 1000 else "-",
-                  first if steps > 1000 else "-", total, 500_000 / rate / 3600)
+        table.add(
+            "compiled" if compiled else "eager",
+            "bf16" if amp else "fp32",
+            steps / total,
+            late if steps > 1000 else "-",
+            first if steps > 1000 else "-",
+            total,
+            500_000 / rate / 3600,
+        )
     return table
 
 
 def matmul_peak(device, dtype, size=4096):
     """FLOP/s of a square matmul: the ceiling that the training step is measured against."""
     a = torch.randn(size, size, device=device).to(dtype)
-    return 2 * size ** 3 / seconds(lambda: a @ a, repeats=5, device=device)
+    return 2 * size**3 / seconds(lambda: a @ a, repeats=5, device=device)
 
 
 def activation_bytes(model, ctx, xs, ys, n_loops, n_no_grad):
@@ -201,6 +312,7 @@ def sklearn_reference(name, xs, ys):
     from sklearn.linear_model import Lasso, LinearRegression, Ridge
     from sklearn.neighbors import KNeighborsRegressor
     from sklearn.tree import DecisionTreeRegressor
+
     models = {
         "least squares": lambda i: LinearRegression(fit_intercept=False),
         "ridge": lambda i: Ridge(alpha=0.01, fit_intercept=False),
@@ -208,8 +320,12 @@ def sklearn_reference(name, xs, ys):
         "Lasso": lambda i: Lasso(alpha=0.01, fit_intercept=False, max_iter=100_000),
         "greedy tree": lambda i: DecisionTreeRegressor(max_depth=2),
         "greedy tree, sign(x)": lambda i: DecisionTreeRegressor(max_depth=4),
-        "boosted trees": lambda i: GradientBoostingRegressor(max_depth=4, learning_rate=0.1, n_estimators=50),
-        "boosted trees, sign(x)": lambda i: GradientBoostingRegressor(max_depth=4, learning_rate=0.1, n_estimators=50),
+        "boosted trees": lambda i: GradientBoostingRegressor(
+            max_depth=4, learning_rate=0.1, n_estimators=50
+        ),
+        "boosted trees, sign(x)": lambda i: GradientBoostingRegressor(
+            max_depth=4, learning_rate=0.1, n_estimators=50
+        ),
     }
     if name not in models:
         return None
@@ -218,7 +334,7 @@ def sklearn_reference(name, xs, ys):
     preds = np.zeros(Y.shape)
     for b in range(len(X)):
         for i in range(1, X.shape[1]):
-            preds[b, i] = models[name](i).fit(X[b, :i], Y[b, :i]).predict(X[b, i:i + 1])[0]
+            preds[b, i] = models[name](i).fit(X[b, :i], Y[b, :i]).predict(X[b, i : i + 1])[0]
     return preds
 
 
@@ -229,15 +345,20 @@ def bench_baselines(prompts, ref_prompts, names):
     try:
         import sklearn  # noqa: F401  (a test and benchmark dependency only)
     except ImportError:
-        raise plumbing.UserError("bench.py baselines compares with scikit-learn: pip install scikit-learn") from None
+        raise harness.UserError(
+            "bench.py baselines compares with scikit-learn: pip install scikit-learn"
+        ) from None
     warnings.filterwarnings("ignore")  # sklearn's Lasso warns on the underdetermined prefixes
     baselines.keep_freed_memory()
-    table = Table(f"time to score {prompts} prompts of the baseline's task at every prefix length (d = 20, the paper's n); "
-                  f"scikit-learn timed on {ref_prompts} prompts and scaled; {torch.get_num_threads()} threads",
-                  ["baseline", "task", "n", "batched s", "sklearn s", "speed-up"], [24, 15, 5, 12, 12, 10])
+    table = Table(
+        f"time to score {prompts} prompts of the baseline's task at every prefix length (d = 20, the paper's n); "
+        f"scikit-learn timed on {ref_prompts} prompts and scaled; {torch.get_num_threads()} threads",
+        ["baseline", "task", "n", "batched s", "sklearn s", "speed-up"],
+        [24, 15, 5, 12, 12, 10],
+    )
     for name in names:
         task = next((t for t, shown in baselines.TASK_BASELINES.items() if name in shown), "linreg")
-        n = looped.PAPER_TASKS[task][2]
+        n = looped.PAPER_TASKS[task]["n_points"]
         xs, ys = looped.TASKS[task](prompts, n, 20, 20, torch.Generator().manual_seed(0))
         fit = baselines.BASELINES[name]
         fit(xs[:2], ys[:2])  # warm-up, untimed: first calls pay for imports and caches
@@ -258,30 +379,62 @@ def bench_export(run_dir, n_loops=None, repeats=20, tol=0.03):
     unrolled at n_loops (default b), and the adaptive graph (--until-converged tol, at most 5 b loops)
     with the mean loops it used and the error at k = n - 1 of both on those prompts."""
     import export
+
     model, cfg = export.load_model(run_dir)
     n_loops = n_loops or cfg.n_loops
     norm = looped.error_normaliser(cfg.task, cfg.n_dims)
     with tempfile.TemporaryDirectory() as tmp:
         fixed, adaptive = os.path.join(tmp, "model.onnx"), os.path.join(tmp, "adaptive.onnx")
         export.export(run_dir, fixed, n_loops, say=lambda *a: None)
-        export.export(run_dir, adaptive, until_converged=tol, max_loops=5 * cfg.n_loops, say=lambda *a: None)
-        predictors = {f"{n_loops} loops": export.Predictor(fixed), f"until {tol:g}": export.Predictor(adaptive)}
+        export.export(
+            run_dir, adaptive, until_converged=tol, max_loops=5 * cfg.n_loops, say=lambda *a: None
+        )
+        predictors = {
+            f"{n_loops} loops": export.Predictor(fixed),
+            f"until {tol:g}": export.Predictor(adaptive),
+        }
         until = export.wrappers()[2](model, tol, 5 * cfg.n_loops)
         gen = torch.Generator().manual_seed(0)
-        table = Table(f"{cfg.task}: d {cfg.n_dims}, n {cfg.n_points}, D {cfg.n_embd}, {torch.get_num_threads()} threads, "
-                      f"onnxruntime on {predictors[f'{n_loops} loops'].provider}; median of {repeats}",
-                      ["graph", "batch", "torch eager ms", "onnxruntime ms", "speed-up", "mean loops", "error, last k"],
-                      [14, 6, 16, 16, 10, 12, 14], digits=3)
+        table = Table(
+            f"{cfg.task}: d {cfg.n_dims}, n {cfg.n_points}, D {cfg.n_embd}, {torch.get_num_threads()} threads, "
+            f"onnxruntime on {predictors[f'{n_loops} loops'].provider}; median of {repeats}",
+            [
+                "graph",
+                "batch",
+                "torch eager ms",
+                "onnxruntime ms",
+                "speed-up",
+                "mean loops",
+                "error, last k",
+            ],
+            [14, 6, 16, 16, 10, 12, 14],
+            digits=3,
+        )
         for (name, predictor), batch in itertools.product(predictors.items(), (1, 64)):
             xs, ys = looped.TASKS[cfg.task](batch, cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
             x_np, y_np = xs.numpy(), ys.numpy()
             with torch.inference_mode():
-                run = (lambda: until(xs, ys)) if predictor.adaptive else (lambda: model(xs, ys, n_loops, n_loops - 1))
+                run = (
+                    (lambda: until(xs, ys))
+                    if predictor.adaptive
+                    else (lambda: model(xs, ys, n_loops, n_loops - 1))
+                )
                 eager = 1000 * seconds(run, repeats)
             ort = 1000 * seconds(lambda: predictor(x_np, y_np), repeats)
-            preds, loops = predictor(x_np, y_np, return_loops=True) if predictor.adaptive else (predictor(x_np, y_np), None)
-            table.add(name, str(batch), eager, ort, eager / ort, n_loops if loops is None else float(loops.mean()),
-                      float(((preds[:, -1] - y_np[:, -1]) ** 2).mean() / norm))
+            preds, loops = (
+                predictor(x_np, y_np, return_loops=True)
+                if predictor.adaptive
+                else (predictor(x_np, y_np), None)
+            )
+            table.add(
+                name,
+                str(batch),
+                eager,
+                ort,
+                eager / ort,
+                n_loops if loops is None else float(loops.mean()),
+                float(((preds[:, -1] - y_np[:, -1]) ** 2).mean() / norm),
+            )
     return table
 
 
@@ -290,8 +443,12 @@ def bench_export(run_dir, n_loops=None, repeats=20, tol=0.03):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    parser = plumbing.Parser(prog="bench.py", description=__doc__.split("\n\n")[0],
-                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser = harness.Parser(
+        prog="bench.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="training step speed (see bench_train)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
@@ -299,37 +456,67 @@ def main(argv=None):
     p = sub.add_parser("loop", help="steps per second of the real training loop (see bench_loop)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--preset", help="paper or laptop (default: paper on CUDA, laptop elsewhere)")
-    p.add_argument("--steps", type=int, default=6000, help="training steps per mode; the paper's curriculum first "
-                   "changes n at 5000")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=6000,
+        help="training steps per mode; the paper's curriculum first changes n at 5000",
+    )
     p = sub.add_parser("baselines", help="batched solvers against per-prompt scikit-learn fits")
-    p.add_argument("--prompts", type=int, default=1280, help="prompts scored by the batched solvers (paper: 1280)")
-    p.add_argument("--ref_prompts", type=int, default=16, help="prompts fitted by scikit-learn, scaled to --prompts")
-    p.add_argument("--only", nargs="+", metavar="NAME", help=f"baselines to time (default all): {', '.join(baselines.BASELINES)}")
+    p.add_argument(
+        "--prompts",
+        type=int,
+        default=1280,
+        help="prompts scored by the batched solvers (paper: 1280)",
+    )
+    p.add_argument(
+        "--ref_prompts",
+        type=int,
+        default=16,
+        help="prompts fitted by scikit-learn, scaled to --prompts",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help=f"baselines to time (default all): {', '.join(baselines.BASELINES)}",
+    )
     p = sub.add_parser("export", help="PyTorch eager against onnxruntime on a trained run")
     p.add_argument("run_dir", help="a looped.py run folder (with ckpt.pt)")
     p.add_argument("--loops", type=int, help="loop iterations to unroll (default: the trained b)")
     for p in sub.choices.values():
-        p.add_argument("--save", action="store_true", help="also write the table to results/bench_NAME.json "
-                       "(bench_NAME_cuda.json on a GPU)")
+        p.add_argument(
+            "--save",
+            action="store_true",
+            help="also write the table to results/bench_NAME.json (bench_NAME_cuda.json on a GPU)",
+        )
     args = parser.parse_args(argv)
     if args.command == "train":
         looped.make_config(device=args.device)  # a bad device name is one line, before any work
         table = bench_train(args.device, [args.preset] if args.preset else ("laptop", "paper"))
     elif args.command == "loop":
-        looped.make_config(preset=args.preset or "laptop", device=args.device, steps=args.steps)  # bad values: one line
-        preset = args.preset or ("paper" if looped.setup_device(looped.make_config(device=args.device))[0].type == "cuda" else "laptop")
+        looped.make_config(
+            preset=args.preset or "laptop", device=args.device, steps=args.steps
+        )  # bad values: one line
+        preset = args.preset or (
+            "paper"
+            if looped.setup_device(looped.make_config(device=args.device))[0].type == "cuda"
+            else "laptop"
+        )
         table = bench_loop(args.device, preset, args.steps)
     elif args.command == "baselines":
         for name in args.only or []:
             if name not in baselines.BASELINES:
-                raise plumbing.UserError(f"unknown baseline {name!r}: use one of {', '.join(baselines.BASELINES)}")
+                raise harness.UserError(
+                    f"unknown baseline {name!r}: use one of {', '.join(baselines.BASELINES)}"
+                )
         if min(args.prompts, args.ref_prompts) < 1:
-            raise plumbing.UserError("--prompts and --ref_prompts must be at least 1")
+            raise harness.UserError("--prompts and --ref_prompts must be at least 1")
         names = args.only or [name for name in baselines.BASELINES if name != "zero"]
         table = bench_baselines(args.prompts, min(args.ref_prompts, args.prompts), names)
     else:
         if args.loops is not None and args.loops < 1:
-            raise plumbing.UserError(f"--loops must be at least 1, got {args.loops}")
+            raise harness.UserError(f"--loops must be at least 1, got {args.loops}")
         table = bench_export(args.run_dir, args.loops)
     if args.save:  # a GPU's tables beside the CPU's: results/bench_train_cuda.json
         device = looped.setup_device(looped.make_config(device=getattr(args, "device", "cpu")))[0]
@@ -338,4 +525,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    plumbing.cli(main)
+    harness.cli(main)

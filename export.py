@@ -15,6 +15,7 @@ metadata (task, d, maximum points, loops, error normaliser, training config, ver
 only inside the functions that export and verify, so an app can copy this one file beside its
 code and `from export import Predictor`. Export latency: `python bench.py export RUN_DIR`.
 """
+
 import argparse
 import json
 import os
@@ -48,9 +49,12 @@ class Predictor:
 
     def __init__(self, path, device="auto"):
         import onnxruntime as ort
+
         if device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
-        ort.set_default_logger_severity(4)  # the CUDA fallback on a machine without a GPU is not an error
+        ort.set_default_logger_severity(
+            4
+        )  # the CUDA fallback on a machine without a GPU is not an error
         providers = ["CPUExecutionProvider"]
         if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
@@ -61,7 +65,9 @@ class Predictor:
         try:
             self.session = ort.InferenceSession(path, options, providers=providers)
         except Exception as e:  # onnxruntime raises its own types for unreadable graphs
-            raise ValueError(f"{path} is not a loadable ONNX model: {str(e).splitlines()[0][:200]}") from None
+            raise ValueError(
+                f"{path} is not a loadable ONNX model: {str(e).splitlines()[0][:200]}"
+            ) from None
         # get_available_providers lists CUDA even without a GPU; the session knows what it got
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
@@ -70,16 +76,26 @@ class Predictor:
             raise ValueError(f"{path} has no looped metadata: was it made by export.py?")
         self.meta = meta
         self.n_dims, self.max_points = int(meta["n_dims"]), int(meta["max_points"])
-        self.dynamic_loops, self.adaptive = meta["n_loops"] == "dynamic", meta["n_loops"] == "adaptive"
+        self.dynamic_loops, self.adaptive = (
+            meta["n_loops"] == "dynamic",
+            meta["n_loops"] == "adaptive",
+        )
         self.outputs = ["preds", "loops"] if self.adaptive else ["preds"]
-        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.cores = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1
+        )
         self.pool = None  # threads for the CPU shards, started on the first batch that needs them
         # With fewer prompts than cores, a wide model runs faster on all cores in one session
         # (measured at batch 1, D = 256: 16.3 ms against 23.6 on one thread; a D = 64 model is
         # faster on one: 1.16 ms against 1.46).
         wide = json.loads(meta["config"]).get("n_embd", 0) >= WIDE
-        self.wide = (ort.InferenceSession(path, ort.SessionOptions(), providers=providers)
-                     if self.device == "cpu" and wide else None)
+        self.wide = (
+            ort.InferenceSession(path, ort.SessionOptions(), providers=providers)
+            if self.device == "cpu" and wide
+            else None
+        )
 
     def __call__(self, xs, ys, n_loops=None, return_loops=False):
         """Predictions (B, n); with return_loops, for an --until-converged model, also the loops each
@@ -96,10 +112,14 @@ class Predictor:
                 raise ValueError("this model takes the loop count per call: pass n_loops >= 1")
             feeds["n_loops"] = np.array(int(n_loops), dtype=np.int64)
         elif self.adaptive and n_loops is not None:
-            raise ValueError(f"this model chooses its own loop count, at most {self.meta['max_loops']}")
+            raise ValueError(
+                f"this model chooses its own loop count, at most {self.meta['max_loops']}"
+            )
         elif n_loops is not None and n_loops != int(self.meta["n_loops"]):
-            raise ValueError(f"this model was exported at {self.meta['n_loops']} loops; "
-                             f"export with --dynamic-loops to choose per call")
+            raise ValueError(
+                f"this model was exported at {self.meta['n_loops']} loops; "
+                f"export with --dynamic-loops to choose per call"
+            )
         if self.device == "cpu":  # one shard of the batch per core, each on one thread
             k = min(self.cores, len(xs))
             if k < self.cores and self.wide is not None:
@@ -108,14 +128,20 @@ class Predictor:
                 return self.session.run(self.outputs, feeds)
             if self.pool is None:
                 from concurrent.futures import ThreadPoolExecutor
+
                 self.pool = ThreadPoolExecutor(self.cores)
-            run = lambda shard: self.session.run(self.outputs, {**feeds, "xs": shard[0], "ys": shard[1]})
+            run = lambda shard: self.session.run(
+                self.outputs, {**feeds, "xs": shard[0], "ys": shard[1]}
+            )
             shards = list(self.pool.map(run, zip(np.array_split(xs, k), np.array_split(ys, k))))
             return [np.concatenate(parts) for parts in zip(*shards)]
         import onnxruntime as ort
+
         binding = self.session.io_binding()
         for name, array in feeds.items():
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, self.device, 0))
+            binding.bind_ortvalue_input(
+                name, ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
+            )
         for name in self.outputs:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
@@ -134,14 +160,24 @@ class Predictor:
         if ys.shape != xs.shape[:2]:
             raise ValueError(f"ys has shape {ys.shape}, expected (batch, n) = {xs.shape[:2]}")
         if not 1 <= xs.shape[1] <= self.max_points:
-            raise ValueError(f"prompts have {xs.shape[1]} points; the model takes 1 to {self.max_points}")
+            raise ValueError(
+                f"prompts have {xs.shape[1]} points; the model takes 1 to {self.max_points}"
+            )
         if xs.shape[0] < 1:
             raise ValueError("the batch is empty")
         with np.errstate(over="ignore"):  # an overflow is reported below, as a ValueError
-            xs, ys = np.ascontiguousarray(xs, dtype=np.float32), np.ascontiguousarray(ys, dtype=np.float32)
-        for name, a in (("xs", xs), ("ys", ys)):  # after the cast: 1e300 in float64 is inf in float32
+            xs, ys = (
+                np.ascontiguousarray(xs, dtype=np.float32),
+                np.ascontiguousarray(ys, dtype=np.float32),
+            )
+        for name, a in (
+            ("xs", xs),
+            ("ys", ys),
+        ):  # after the cast: 1e300 in float64 is inf in float32
             if not np.isfinite(a).all():
-                raise ValueError(f"{name} has NaN or infinite values, or values beyond float32's range (3.4e38)")
+                raise ValueError(
+                    f"{name} has NaN or infinite values, or values beyond float32's range (3.4e38)"
+                )
         return xs, ys
 
 
@@ -171,8 +207,11 @@ def wrappers():
 
         def forward(self, xs, ys, n_loops):
             P = self.model.embed(xs, ys)  # (B, L, D)
-            _, Y = torch.while_loop(lambda t, Y: t < n_loops, lambda t, Y: (t + 1, self.model.iterate(Y, P)),
-                                    (torch.zeros_like(n_loops), torch.zeros_like(P)))
+            _, Y = torch.while_loop(
+                lambda t, Y: t < n_loops,
+                lambda t, Y: (t + 1, self.model.iterate(Y, P)),
+                (torch.zeros_like(n_loops), torch.zeros_like(P)),
+            )
             return self.model.read(Y)
 
     class UntilConverged(torch.nn.Module):
@@ -191,9 +230,16 @@ def wrappers():
         def forward(self, xs, ys):
             P = self.model.embed(xs, ys)  # (B, L, D)
             Y = torch.zeros_like(P)
-            B = xs.shape[0]  # fresh (B,) tensors: the loop's carried values keep their strides (a view's would not)
-            start = (torch.zeros((), dtype=torch.int64), Y, self.model.read(Y), torch.zeros(B, dtype=torch.bool, device=xs.device),
-                     torch.zeros(B, dtype=torch.int64, device=xs.device))  # iterations, Y_0, p_0, converged, loops used
+            B = xs.shape[
+                0
+            ]  # fresh (B,) tensors: the loop's carried values keep their strides (a view's would not)
+            start = (
+                torch.zeros((), dtype=torch.int64),
+                Y,
+                self.model.read(Y),
+                torch.zeros(B, dtype=torch.bool, device=xs.device),
+                torch.zeros(B, dtype=torch.int64, device=xs.device),
+            )  # iterations, Y_0, p_0, converged, loops used
 
             def unfinished(t, Y, p, done, loops):
                 return (t < self.max_loops) & ~done.all()
@@ -202,11 +248,18 @@ def wrappers():
                 Y_next = self.model.iterate(Y, P)
                 p_next = self.model.read(Y_next)  # (B, n)
                 if self.signal == "state":
-                    change = (Y_next - Y).flatten(1).norm(dim=1) / Y_next.flatten(1).norm(dim=1).clamp(min=1e-30)
+                    change = (Y_next - Y).flatten(1).norm(dim=1) / Y_next.flatten(1).norm(
+                        dim=1
+                    ).clamp(min=1e-30)
                 else:
                     change = (p_next - p).norm(dim=1) / p_next.norm(dim=1).clamp(min=1e-30)
-                return (t + 1, torch.where(done[:, None, None], Y, Y_next), torch.where(done[:, None], p, p_next),
-                        done | (change < self.tol), torch.where(done, loops, t + 1))
+                return (
+                    t + 1,
+                    torch.where(done[:, None, None], Y, Y_next),
+                    torch.where(done[:, None], p, p_next),
+                    done | (change < self.tol),
+                    torch.where(done, loops, t + 1),
+                )
 
             if torch.compiler.is_exporting():  # one ONNX Loop
                 _, _, preds, _, loops = torch.while_loop(unfinished, iteration, start)
@@ -227,7 +280,10 @@ def onnx_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, **_):
     + causal mask) v; export() swaps it in for the trace only, and verify() checks the result
     against the untouched model."""
     import torch
-    assert attn_mask is None and dropout_p == 0 and is_causal, "written out for causal attention only"
+
+    assert attn_mask is None and dropout_p == 0 and is_causal, (
+        "written out for causal attention only"
+    )
     L = q.shape[-2]
     causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
     keep = causal.to(q.dtype)  # (L, L): 1 for a key already seen, 0 for a later one
@@ -241,12 +297,22 @@ def onnx_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, **_):
 def load_model(run_dir):
     """(model in eval mode on the CPU, its Config) from a looped.py run folder; UserError if not."""
     import looped
+
     ckpt, cfg = looped.load_checkpoint(run_dir)
     return looped.restore_model(ckpt, cfg, "cpu").eval(), cfg
 
 
-def export(run_dir, out, n_loops=None, dynamic_loops=False, fp16=False, say=print, until_converged=None, max_loops=None,
-           signal="prediction"):
+def export(
+    run_dir,
+    out,
+    n_loops=None,
+    dynamic_loops=False,
+    fp16=False,
+    say=print,
+    until_converged=None,
+    max_loops=None,
+    signal="prediction",
+):
     """Export, write metadata, verify; returns the verification report (a dict). until_converged: the
     tolerance of an adaptive graph (UntilConverged), run at most max_loops (default 5 b) times."""
     import logging
@@ -255,27 +321,34 @@ def export(run_dir, out, n_loops=None, dynamic_loops=False, fp16=False, say=prin
 
     import onnx
     import torch
+
+    import harness
     import looped
-    import plumbing
+
     model, cfg = load_model(run_dir)
     adaptive = until_converged is not None
     if adaptive:
         max_loops = 5 * cfg.n_loops if max_loops is None else max_loops
         if not (until_converged > 0 and max_loops >= 1):
-            raise plumbing.UserError("--until-converged must be positive and --max-loops at least 1")
+            raise harness.UserError("--until-converged must be positive and --max-loops at least 1")
         if fp16:  # half precision rounds the change it tests by about as much as the tolerances
-            raise plumbing.UserError("--until-converged needs fp32: it does not go with --fp16")
+            raise harness.UserError("--until-converged needs fp32: it does not go with --fp16")
     elif not dynamic_loops:
         n_loops = n_loops or cfg.n_loops
         if n_loops < 1:
-            raise plumbing.UserError(f"--loops must be at least 1, got {n_loops}")
+            raise harness.UserError(f"--loops must be at least 1, got {n_loops}")
     check_writable(out)
     max_points = cfg.n_positions
     Unrolled, DynamicLoops, UntilConverged = wrappers()
     # Example shapes must avoid 1 (a size-1 example freezes that axis) and the maximum.
     n_example = max(2, min(cfg.n_points, max_points) - 1)
-    xs, ys = looped.TASKS[cfg.task](2, n_example, cfg.n_dims, cfg.n_dims, torch.Generator().manual_seed(0))
-    batch, points = torch.export.Dim("batch", min=1), torch.export.Dim("n_points", min=1, max=max_points)
+    xs, ys = looped.TASKS[cfg.task](
+        2, n_example, cfg.n_dims, cfg.n_dims, torch.Generator().manual_seed(0)
+    )
+    batch, points = (
+        torch.export.Dim("batch", min=1),
+        torch.export.Dim("n_points", min=1, max=max_points),
+    )
     shapes = {"xs": {0: batch, 1: points}, "ys": {0: batch, 1: points}}
     if dynamic_loops:
         wrapper, args, shapes["n_loops"] = DynamicLoops(model), (xs, ys, torch.tensor(3)), None
@@ -285,39 +358,82 @@ def export(run_dir, out, n_loops=None, dynamic_loops=False, fp16=False, say=prin
         wrapper, args = Unrolled(model, n_loops), (xs, ys)
     t0 = time.perf_counter()
     logging.getLogger("torch").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), mock.patch("torch.nn.functional.scaled_dot_product_attention", onnx_attention):
+    with (
+        warnings.catch_warnings(),
+        mock.patch("torch.nn.functional.scaled_dot_product_attention", onnx_attention),
+    ):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(wrapper, args, dynamo=True, dynamic_shapes=shapes, verbose=False,
-                                    input_names=list(shapes), output_names=["preds", "loops"] if adaptive else ["preds"],
-                                    optimize=not (dynamic_loops or adaptive) and n_loops <= 20)
+        program = torch.onnx.export(
+            wrapper,
+            args,
+            dynamo=True,
+            dynamic_shapes=shapes,
+            verbose=False,
+            input_names=list(shapes),
+            output_names=["preds", "loops"] if adaptive else ["preds"],
+            optimize=not (dynamic_loops or adaptive) and n_loops <= 20,
+        )
     proto = program.model_proto
     if fp16:
         from onnxruntime.transformers.float16 import convert_float_to_float16
         from onnxruntime.transformers.onnx_model import OnnxModel
-        half = OnnxModel(convert_float_to_float16(proto, keep_io_types=True))  # inputs, outputs stay float32
+
+        half = OnnxModel(
+            convert_float_to_float16(proto, keep_io_types=True)
+        )  # inputs, outputs stay float32
         half.topological_sort()  # the converter appends its input casts at the end of the graph
         proto = half.model
-    meta = {"task": cfg.task, "n_dims": cfg.n_dims, "max_points": max_points,
-            "n_loops": "adaptive" if adaptive else "dynamic" if dynamic_loops else n_loops, "trained_loops": cfg.n_loops,
-            **({"tolerance": until_converged, "max_loops": max_loops, "signal": signal} if adaptive else {}),
-            "error_normaliser": looped.error_normaliser(cfg.task, cfg.n_dims), "precision": "fp16" if fp16 else "fp32",
-            "config": json.dumps(looped.asdict(cfg)), "version": VERSION, "producer": "looped export.py"}
+    meta = {
+        "task": cfg.task,
+        "n_dims": cfg.n_dims,
+        "max_points": max_points,
+        "n_loops": "adaptive" if adaptive else "dynamic" if dynamic_loops else n_loops,
+        "trained_loops": cfg.n_loops,
+        **(
+            {"tolerance": until_converged, "max_loops": max_loops, "signal": signal}
+            if adaptive
+            else {}
+        ),
+        "error_normaliser": looped.error_normaliser(cfg.task, cfg.n_dims),
+        "precision": "fp16" if fp16 else "fp32",
+        "config": json.dumps(looped.asdict(cfg)),
+        "version": VERSION,
+        "producer": "looped export.py",
+    }
     onnx.helper.set_model_props(proto, {k: str(v) for k, v in meta.items()})
-    with plumbing.atomic(out) as tmp:  # verified before it replaces anything at `out`; a failure leaves no file
+    with harness.atomic(
+        out
+    ) as tmp:  # verified before it replaces anything at `out`; a failure leaves no file
         onnx.save(proto, tmp)  # one self-contained file: the weights are small
-        say(f"exported {out} ({os.path.getsize(tmp) / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+        say(
+            f"exported {out} ({os.path.getsize(tmp) / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s"
+        )
         try:
-            adaptive_model = UntilConverged(model, until_converged, max_loops, signal) if adaptive else None
-            report = verify(tmp, model, cfg, None if dynamic_loops or adaptive else n_loops, fp16, adaptive_model)
+            adaptive_model = (
+                UntilConverged(model, until_converged, max_loops, signal) if adaptive else None
+            )
+            report = verify(
+                tmp,
+                model,
+                cfg,
+                None if dynamic_loops or adaptive else n_loops,
+                fp16,
+                adaptive_model,
+            )
         except Exception as e:  # any failure, not only a parity miss
-            raise e if isinstance(e, VerificationError) else VerificationError(f"{type(e).__name__}: {e}") from None
+            raise (
+                e
+                if isinstance(e, VerificationError)
+                else VerificationError(f"{type(e).__name__}: {e}")
+            ) from None
     for key, value in report.items():
         say(f"  {key}: {value}")
     return report
 
 
 def check_writable(out):
-    from plumbing import UserError
+    from harness import UserError
+
     folder = os.path.dirname(os.path.abspath(out))
     if os.path.isdir(out):
         raise UserError(f"cannot write {out}: it is a folder")
@@ -333,7 +449,9 @@ def verify(path, model, cfg, n_loops, fp16=False, adaptive=None):
     (UntilConverged) run the same way, the loop counts equal. VerificationError on any failure."""
     import onnx
     import torch
+
     import looped
+
     try:
         onnx.checker.check_model(path, full_check=True)
     except Exception as e:
@@ -355,9 +473,14 @@ def verify(path, model, cfg, n_loops, fp16=False, adaptive=None):
             got, got_used = predictor(xs.numpy(), ys.numpy(), return_loops=True)
             # a change within round-off of the tolerance may stop one loop apart: the counts may differ by one
             if np.abs(got_used - used).max() > 1:
-                raise VerificationError(f"loops used: onnxruntime {got_used.tolist()}, torch {used.tolist()}")
+                raise VerificationError(
+                    f"loops used: onnxruntime {got_used.tolist()}, torch {used.tolist()}"
+                )
             same = got_used == used
-            worst, loops = max(worst, float(np.abs(got - expected)[same].max(initial=0))), f"until converged (used {used.tolist()})"
+            worst, loops = (
+                max(worst, float(np.abs(got - expected)[same].max(initial=0))),
+                f"until converged (used {used.tolist()})",
+            )
             continue
         for b in loops:
             with torch.no_grad():
@@ -365,8 +488,10 @@ def verify(path, model, cfg, n_loops, fp16=False, adaptive=None):
             got = predictor(xs.numpy(), ys.numpy(), b if n_loops is None else None)
             worst = max(worst, float(np.abs(got - expected).max()))
     tol = PARITY_TOL_FP16 if fp16 else PARITY_TOL
-    report["parity"] = (f"max |onnxruntime - torch| = {worst:.2e} (tolerance {tol:g}) at batch 3 and 5, "
-                        f"n = {cfg.n_positions} and {cfg.n_positions // 2 + 1}, loops {loops}")
+    report["parity"] = (
+        f"max |onnxruntime - torch| = {worst:.2e} (tolerance {tol:g}) at batch 3 and 5, "
+        f"n = {cfg.n_positions} and {cfg.n_positions // 2 + 1}, loops {loops}"
+    )
     report["provider"] = predictor.provider
     if not worst <= tol:
         raise VerificationError(report["parity"])
@@ -377,37 +502,72 @@ def verify(path, model, cfg, n_loops, fp16=False, adaptive=None):
 
 
 def main(argv=None):
-    import plumbing
-    parser = plumbing.Parser(prog="export.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                             epilog=__doc__.split("\n\n", 1)[1])
+    import harness
+
+    parser = harness.Parser(
+        prog="export.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("run_dir", help="a looped.py run folder (with ckpt.pt)")
-    parser.add_argument("--loops", type=int, help="loop iterations to unroll (default: the trained b)")
-    parser.add_argument("--dynamic-loops", action="store_true", help="the loop count is an int64 input instead")
+    parser.add_argument(
+        "--loops", type=int, help="loop iterations to unroll (default: the trained b)"
+    )
+    parser.add_argument(
+        "--dynamic-loops", action="store_true", help="the loop count is an int64 input instead"
+    )
     parser.add_argument("-o", "--out", help="output file (default: RUN_DIR/model.onnx)")
-    parser.add_argument("--fp16", action="store_true", help="half-precision weights, for GPU inference")
-    parser.add_argument("--until-converged", type=float, metavar="TOL", help="adaptive depth: stop each prompt when the "
-                        "relative change of its predictions (or --stop-on state) falls below TOL; a second output "
-                        "gives the loops used")
-    parser.add_argument("--max-loops", type=int, help="with --until-converged: the most loops (default 5 b)")
-    parser.add_argument("--stop-on", choices=["prediction", "state"], default="prediction",
-                        help="with --until-converged: the change that is tested [prediction]")
+    parser.add_argument(
+        "--fp16", action="store_true", help="half-precision weights, for GPU inference"
+    )
+    parser.add_argument(
+        "--until-converged",
+        type=float,
+        metavar="TOL",
+        help="adaptive depth: stop each prompt when the "
+        "relative change of its predictions (or --stop-on state) falls below TOL; a second output "
+        "gives the loops used",
+    )
+    parser.add_argument(
+        "--max-loops", type=int, help="with --until-converged: the most loops (default 5 b)"
+    )
+    parser.add_argument(
+        "--stop-on",
+        choices=["prediction", "state"],
+        default="prediction",
+        help="with --until-converged: the change that is tested [prediction]",
+    )
     args = parser.parse_args(argv)
     if args.until_converged is not None and (args.loops or args.dynamic_loops):
-        raise plumbing.UserError("--until-converged chooses the loop count: it excludes --loops and --dynamic-loops")
+        raise harness.UserError(
+            "--until-converged chooses the loop count: it excludes --loops and --dynamic-loops"
+        )
     if args.until_converged is None and args.max_loops is not None:
-        raise plumbing.UserError("--max-loops goes with --until-converged")
+        raise harness.UserError("--max-loops goes with --until-converged")
     if args.loops is not None and args.loops < 1:
-        raise plumbing.UserError(f"--loops must be at least 1, got {args.loops}")
+        raise harness.UserError(f"--loops must be at least 1, got {args.loops}")
     if args.dynamic_loops and args.loops is not None:
-        raise plumbing.UserError("--loops and --dynamic-loops exclude each other: the loop count is an input")
+        raise harness.UserError(
+            "--loops and --dynamic-loops exclude each other: the loop count is an input"
+        )
     try:
-        export(args.run_dir, args.out or os.path.join(args.run_dir, "model.onnx"), args.loops, args.dynamic_loops, args.fp16,
-               until_converged=args.until_converged, max_loops=args.max_loops, signal=args.stop_on)
+        export(
+            args.run_dir,
+            args.out or os.path.join(args.run_dir, "model.onnx"),
+            args.loops,
+            args.dynamic_loops,
+            args.fp16,
+            until_converged=args.until_converged,
+            max_loops=args.max_loops,
+            signal=args.stop_on,
+        )
     except VerificationError as e:
         print(f"export.py: verification failed, file deleted: {e}", file=sys.stderr)
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    import plumbing
-    plumbing.cli(main)
+    import harness
+
+    harness.cli(main)

@@ -26,7 +26,14 @@ Paper symbol -> code name:
     Y_t    the loop state after t iterations, Y_0 = 0
 Shapes: B batch, n points, d input dim, D width, L = 2n tokens, t loop iterations.
 """
-import argparse, functools, io, math, os, signal, time
+
+import argparse
+import functools
+import io
+import math
+import os
+import signal
+import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -37,78 +44,167 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import baselines
-from plumbing import (CapturedSteps, Diverged, Interrupted, Parser, Progress, UserError,
-                      add_dataclass_flags, agreed_signal, append_line, atomic, check_folder, cli,
-                      cpu_has_bf16, duration, fits, hold_folder, join_torchrun, load_tensors,
-                      memory_guard, remove_run, stop_signals, trim_log, write_json)
+from harness import (
+    CapturedSteps,
+    Diverged,
+    Interrupted,
+    Parser,
+    Progress,
+    UserError,
+    add_dataclass_flags,
+    agreed_signal,
+    append_line,
+    atomic,
+    check_folder,
+    cli,
+    cpu_has_bf16,
+    duration,
+    fits,
+    hold_folder,
+    join_torchrun,
+    load_tensors,
+    memory_guard,
+    remove_run,
+    stop_signals,
+    trim_log,
+    write_json,
+)
 
 # ---------------------------------------------------------------------------- config
 
+
 @dataclass
 class Config:
-    task: str = "linreg"  # function class: linreg, noisy_linreg, sparse_linreg, decision_tree or relu_2nn
-    preset: str = "laptop"  # laptop (2-core CPU, minutes) or paper (the paper's values, a GPU)
-    # problem
-    n_dims: int = 5  # d, input dimension at the end of the curriculum (paper: 20)
-    n_points: int = 11  # n, (x, y) pairs per prompt (paper: 41 regression, 101 tree and ReLU)
-    n_positions: int = 0  # longest prompt the position table holds, in pairs; 0: n_points
-    # model
-    n_embd: int = 64  # D, width (paper: 256)
-    n_head: int = 4  # attention heads; must divide D (paper: 8)
-    n_layer: int = 1  # blocks in the looped backbone M (the standard GPT-2: 12, with --loops 1)
-    n_loops: int = 20  # b, loop iterations at the end of the loop curriculum
-    loop_window: int = 10  # T <= b, last iterations in the loss; the first b - T run without grad
-    # curriculum: every curriculum_every steps d grows by 1 and n by points_inc
-    dims_start: int = 2  # d at step 0
-    points_start: int = 5  # n at step 0
-    points_inc: int = 2  # n's increment (paper: 2 regression, 5 tree and ReLU)
-    curriculum_every: int = 500  # steps between increments of d and n (paper: 5000); 0: off
-    loops_every: int = 250  # b starts at T and grows by 2 every this many steps (paper: 500); 0: off
-    # optimisation
-    steps: int = 3400  # training steps (paper: 500,000)
-    batch_size: int = 64  # prompts per step, freshly drawn every step (paper: 64)
-    lr: float = 1e-3  # Adam's peak learning rate (paper: 1e-4)
-    warmup: int = 100  # steps of linear learning-rate warm-up from 0 (paper: none, 0)
-    decay: int = 1000  # the last steps, in which the learning rate falls linearly to 0 (paper: none, 0)
-    seed: int = 42  # model init and training prompts (the test prompts have their own seed)
-    # system
-    device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, mps or cpu
-    amp: bool = False  # bf16 autocast for the forward pass (a CPU without native bf16 stays in fp32)
-    compile: bool = False  # torch.compile the backbone M; on one GPU also replay each training step as a CUDA graph
-    out: str = ""  # run folder for checkpoint, log, evaluation and plots (default runs/TASK)
-    log_every: int = 100  # steps between log lines (and NaN checks)
-    ckpt_every: int = 1000  # steps between checkpoints (always one at the end)
-    # evaluation
-    eval_prompts: int = 1280  # fixed test prompts (paper: 1280)
-    eval_loops: int = 0  # loop iterations run at test time, at least b; 0: 5 b (paper: 500, trees 200)
-    eval_seed: int = 1234  # seed of the test prompts, apart from training's
-    eval_every: int = 0  # steps between learning-curve points in log.jsonl: validation error, 256 prompts apart from the test's; 0: off
+    """Every setting of a run. The defaults are the laptop preset; `--preset paper` takes the
+    paper's values (PAPER below). Each field's docstring is its `--help` line."""
 
-# The paper's per-task values ([LT]'s configs): b, T, n, n at step 0, n's increment.
-PAPER_TASKS = {"linreg": (20, 15, 41, 11, 2), "noisy_linreg": (20, 15, 41, 11, 2), "sparse_linreg": (20, 10, 41, 11, 2),
-               "decision_tree": (70, 15, 101, 26, 5), "relu_2nn": (12, 5, 101, 26, 5)}
-PAPER = dict(n_dims=20, n_embd=256, n_head=8, n_layer=1, dims_start=5, curriculum_every=5000,
-             loops_every=500, steps=500_000, batch_size=64, lr=1e-4, warmup=0, decay=0)
-# Laptop values per task where they differ from the dataclass (see the README, "Differences").
-LAPTOP_TASKS = {"decision_tree": dict(n_points=15, points_start=7),  # relu_2nn: its baseline trains 512 * 20 networks
-                "relu_2nn": dict(n_points=21, points_start=9, points_inc=4, n_loops=12, loop_window=5, eval_prompts=512)}
+    task: str = "linreg"
+    """function class: linreg, noisy_linreg, sparse_linreg, decision_tree or relu_2nn"""
+    preset: str = "laptop"
+    """laptop (a 2-core CPU, minutes) or paper (the paper's values, for a GPU)"""
+
+    # The problem.
+    n_dims: int = 5
+    """d, the input dimension at the end of the curriculum (paper: 20)"""
+    n_points: int = 11
+    """n, (x, y) pairs per prompt (paper: 41 for regression, 101 for trees and ReLU networks)"""
+    n_positions: int = 0
+    """the longest prompt the position table holds, in pairs; 0: n_points"""
+
+    # The model.
+    n_embd: int = 64
+    """D, the width (paper: 256)"""
+    n_head: int = 4
+    """attention heads; must divide D (paper: 8)"""
+    n_layer: int = 1
+    """blocks in the looped backbone M (the standard GPT-2: 12, with --loops 1)"""
+    n_loops: int = 20
+    """b, loop iterations at the end of the loop curriculum"""
+    loop_window: int = 10
+    """T <= b, the last iterations in the loss; the first b - T run without a gradient"""
+
+    # The curriculum: every curriculum_every steps d grows by 1 and n by points_inc.
+    dims_start: int = 2
+    """d at step 0"""
+    points_start: int = 5
+    """n at step 0"""
+    points_inc: int = 2
+    """n's increment (paper: 2 for regression, 5 for trees and ReLU networks)"""
+    curriculum_every: int = 500
+    """steps between increments of d and n (paper: 5000); 0: off"""
+    loops_every: int = 250
+    """b starts at T and grows by 2 every this many steps (paper: 500); 0: off"""
+
+    # The optimisation.
+    steps: int = 3400
+    """training steps (paper: 500,000)"""
+    batch_size: int = 64
+    """prompts per step, freshly drawn every step (paper: 64)"""
+    lr: float = 1e-3
+    """Adam's peak learning rate (paper: 1e-4)"""
+    warmup: int = 100
+    """steps of linear learning-rate warm-up from 0 (paper: none, 0)"""
+    decay: int = 1000
+    """the last steps, in which the learning rate falls linearly to 0 (paper: none, 0)"""
+    seed: int = 42
+    """model initialisation and training prompts (the test prompts have their own seed)"""
+
+    # The system.
+    device: str = "auto"
+    """auto (cuda, then mps, then cpu), cuda, mps or cpu"""
+    amp: bool = False
+    """bf16 autocast for the forward pass (a CPU without native bf16 stays in fp32)"""
+    compile: bool = False
+    """torch.compile the backbone M; on one GPU also replay each training step as a CUDA graph"""
+    out: str = ""
+    """run folder for the checkpoint, log, evaluation and plots (default runs/TASK)"""
+    log_every: int = 100
+    """steps between log lines (and NaN checks)"""
+    ckpt_every: int = 1000
+    """steps between checkpoints (there is always one at the end)"""
+
+    # The evaluation.
+    eval_prompts: int = 1280
+    """fixed test prompts (paper: 1280)"""
+    eval_loops: int = 0
+    """loop iterations run at test time, at least b; 0: 5 b (paper: 500, trees 200)"""
+    eval_seed: int = 1234
+    """seed of the test prompts, apart from training's"""
+    eval_every: int = 0
+    """steps between learning-curve points in log.jsonl (validation error on 256 prompts drawn
+    apart from the test's); 0: off"""
+
+
+# The paper's values ([LT]'s configs): those of every task, then each task's own.
+PAPER = dict(
+    n_dims=20,
+    n_embd=256,
+    n_head=8,
+    n_layer=1,
+    dims_start=5,
+    curriculum_every=5000,
+    loops_every=500,
+    steps=500_000,
+    batch_size=64,
+    lr=1e-4,
+    warmup=0,
+    decay=0,
+    n_positions=101,
+    eval_loops=500,
+)
+PAPER_TASKS = {
+    "linreg": dict(n_loops=20, loop_window=15, n_points=41, points_start=11, points_inc=2),
+    "noisy_linreg": dict(n_loops=20, loop_window=15, n_points=41, points_start=11, points_inc=2),
+    "sparse_linreg": dict(n_loops=20, loop_window=10, n_points=41, points_start=11, points_inc=2),
+    "decision_tree": dict(
+        n_loops=70, loop_window=15, n_points=101, points_start=26, points_inc=5, eval_loops=200
+    ),
+    "relu_2nn": dict(n_loops=12, loop_window=5, n_points=101, points_start=26, points_inc=5),
+}
+# The laptop values are the dataclass's, except for two tasks (see the README, "Differences"): the
+# ReLU network's baseline trains one network per test prompt and prefix, so it gets fewer prompts.
+LAPTOP_TASKS = {
+    "decision_tree": dict(n_points=15, points_start=7),
+    "relu_2nn": dict(
+        n_points=21, points_start=9, points_inc=4, n_loops=12, loop_window=5, eval_prompts=512
+    ),
+}
+PRESETS = {"laptop": ({}, LAPTOP_TASKS), "paper": (PAPER, PAPER_TASKS)}
+
 
 def make_config(task="linreg", preset="laptop", **overrides):
-    """Preset values for the task, then explicit overrides, then validation."""
-    if preset not in ("laptop", "paper"):
+    """The preset's values for the task, then explicit overrides, then validation."""
+    if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}: use laptop or paper")
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
-    values = dict(task=task, preset=preset)
-    if preset == "paper":
-        b, T, n, n0, inc = PAPER_TASKS[task]
-        values.update(PAPER, n_loops=b, loop_window=T, n_points=n, points_start=n0, points_inc=inc,
-                      n_positions=101, eval_loops=200 if task == "decision_tree" else 500)
-    else:
-        values.update(LAPTOP_TASKS.get(task, {}))
+    common, per_task = PRESETS[preset]
+    values = {"task": task, "preset": preset, **common, **per_task.get(task, {})}
     values.update(overrides)
     if "loop_window" not in overrides and "n_loops" in overrides:  # T defaults to min(T, b)
-        values["loop_window"] = min(values.get("loop_window", Config.loop_window), values["n_loops"])
+        values["loop_window"] = min(
+            values.get("loop_window", Config.loop_window), values["n_loops"]
+        )
     cfg = Config(**values)
     cfg.out = cfg.out or os.path.join("runs", task)  # the derived values, set once here
     cfg.n_positions = cfg.n_positions or cfg.n_points
@@ -116,10 +212,13 @@ def make_config(task="linreg", preset="laptop", **overrides):
     validate(cfg)
     return cfg
 
+
 FLAG = {"n_loops": "--loops", "loop_window": "--window"}  # the paper's names; messages use them
+
 
 def flag(name):
     return FLAG.get(name, f"--{name}")
+
 
 def validate(cfg):
     for f in fields(Config):
@@ -134,21 +233,28 @@ def validate(cfg):
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
     if cfg.n_points > cfg.n_positions:
-        raise UserError(f"--n_points {cfg.n_points} is beyond the position table (n_positions {cfg.n_positions})")
+        raise UserError(
+            f"--n_points {cfg.n_points} is beyond the position table (n_positions {cfg.n_positions})"
+        )
     if cfg.eval_loops < cfg.n_loops:  # the evaluation reports the error at b loops
-        raise UserError(f"--eval_loops {cfg.eval_loops} is below --loops {cfg.n_loops}: evaluate at least b loops")
+        raise UserError(
+            f"--eval_loops {cfg.eval_loops} is below --loops {cfg.n_loops}: evaluate at least b loops"
+        )
     if cfg.device.split(":")[0] not in ("auto", "cuda", "mps", "cpu"):
         raise UserError(f"unknown device {cfg.device!r}: use auto, cuda, mps or cpu")
+
 
 # ---------------------------------------------------------------------------- tasks
 # Each sampler draws one function per prompt and n points x ~ N(0, I): coordinates from
 # active_dims on are zero (the dimension curriculum). Signature (B, n, d, active_dims, generator)
 # -> xs (B, n, d), ys (B, n); everything is drawn on the generator's device.
 
+
 def gaussian_points(B, n, d, active, gen):
     xs = torch.randn(B, n, d, generator=gen, device=gen.device)
     xs[..., active:] = 0
     return xs  # (B, n, d)
+
 
 def sample_linear_regression(B, n, d, active, gen, noise_std=0.0):
     """y = w . x with w ~ N(0, I_d), restricted to the active dimensions."""
@@ -160,6 +266,7 @@ def sample_linear_regression(B, n, d, active, gen, noise_std=0.0):
         ys = ys + noise_std * torch.randn(B, n, generator=gen, device=gen.device)
     return xs, ys
 
+
 def sample_sparse_linear_regression(B, n, d, active, gen, s=3):
     """y = w . x where w keeps s random active coordinates of N(0, I) ([G]: among active dims)."""
     xs = gaussian_points(B, n, d, active, gen)
@@ -168,12 +275,13 @@ def sample_sparse_linear_regression(B, n, d, active, gen, s=3):
     w = w * torch.zeros(B, d, device=w.device).scatter_(1, keep, 1.0)
     return xs, (xs @ w[:, :, None])[..., 0]
 
+
 def sample_decision_tree(B, n, d, active, gen, depth=4):
     """A full binary tree: node k tests x[coord_k] > 0 (right) or not; leaves ~ N(0, 1).
     Nodes are numbered heap-style (children of k are 2k+1, 2k+2); every example descends all
     levels at once, so there is no loop over prompts or points."""
     xs = gaussian_points(B, n, d, active, gen)
-    n_inner = 2 ** depth - 1
+    n_inner = 2**depth - 1
     coords = torch.randint(0, active, (B, n_inner), generator=gen, device=gen.device)
     leaves = torch.randn(B, n_inner + 1, generator=gen, device=gen.device)
     node = torch.zeros(B, n, dtype=torch.long, device=xs.device)  # (B, n)
@@ -183,12 +291,14 @@ def sample_decision_tree(B, n, d, active, gen, depth=4):
         node = 2 * node + 1 + right.long()
     return xs, leaves.gather(1, node - n_inner)
 
+
 def sample_relu_2nn(B, n, d, active, gen, hidden=100):
     """y = sqrt(2 / hidden) relu(x W1) W2, with W1 (d, 100) and W2 (100,) entries ~ N(0, 1)."""
     xs = gaussian_points(B, n, d, active, gen)
     W1 = torch.randn(B, d, hidden, generator=gen, device=gen.device)
     W2 = torch.randn(B, hidden, 1, generator=gen, device=gen.device)
     return xs, math.sqrt(2 / hidden) * (F.relu(xs @ W1) @ W2)[..., 0]
+
 
 TASKS = {
     "linreg": sample_linear_regression,
@@ -198,11 +308,14 @@ TASKS = {
     "relu_2nn": sample_relu_2nn,
 }
 
+
 def error_normaliser(task, d):
     """E[y^2] of the task, so that predicting 0 scores about 1: d, s = 3, or 1 for trees."""
     return {"sparse_linreg": 3.0, "decision_tree": 1.0}.get(task, float(d))
 
+
 # ---------------------------------------------------------------------------- curriculum
+
 
 def curriculum(cfg, step):
     """(d, n, b) in force at a training step: start small, grow by steps, cap at the target."""
@@ -210,14 +323,20 @@ def curriculum(cfg, step):
     d = min(cfg.dims_start + grown, cfg.n_dims)
     n = min(cfg.points_start + grown * cfg.points_inc, cfg.n_points)
     # the loops start at T and grow by 2 ([LT])
-    b = min(cfg.loop_window + 2 * (step // cfg.loops_every), cfg.n_loops) if cfg.loops_every else cfg.n_loops
+    b = (
+        min(cfg.loop_window + 2 * (step // cfg.loops_every), cfg.n_loops)
+        if cfg.loops_every
+        else cfg.n_loops
+    )
     return d, n, b
+
 
 def step_cost(cfg, step):
     """A training step's relative cost, for the time-left estimate: tokens times iterations, each
     of the last min(b, T) counted three times (a forward pass and a backward pass of about two)."""
     d, n, b = curriculum(cfg, step)
     return n * (b + 2 * min(b, cfg.loop_window))
+
 
 def learning_rate(cfg, step):
     """Adam's rate at a step: a linear warm-up over the first cfg.warmup steps, then constant, and
@@ -226,8 +345,10 @@ def learning_rate(cfg, step):
         return cfg.lr * (step + 1) / cfg.warmup
     return cfg.lr * min(1, (cfg.steps - step) / cfg.decay) if cfg.decay else cfg.lr
 
+
 # ---------------------------------------------------------------------------- model
 # GPT-2 as in nanoGPT: pre-LayerNorm, causal attention, tanh-GELU MLP, biases, no dropout.
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
@@ -247,12 +368,14 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, L, hs)
         return self.c_proj(y.transpose(1, 2).reshape(B, L, D))
 
+
 def gelu(x):
     """GPT-2's activation, 0.5 x (1 + tanh u), u = sqrt(2 / pi) (x + 0.044715 x^3). Compiled, it is written x sigmoid(2u),
     the same function: inductor's tanh is slow on a CPU (AMD EPYC: compile gained 1.22x so, 1.07x not). Eager and ONNX keep F.gelu."""
     if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
-        return x * torch.sigmoid(math.sqrt(8 / math.pi) * (x + 0.044715 * x ** 3))
+        return x * torch.sigmoid(math.sqrt(8 / math.pi) * (x + 0.044715 * x**3))
     return F.gelu(x, approximate="tanh")
+
 
 class MLP(nn.Module):
     def __init__(self, cfg):
@@ -262,6 +385,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.c_proj(gelu(self.c_fc(x)))
+
 
 class Block(nn.Module):
     def __init__(self, cfg):
@@ -274,6 +398,7 @@ class Block(nn.Module):
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
+
 
 class LoopedTransformer(nn.Module):
     """Y_{t+1} = M(Y_t + P), Y_0 = 0, with a read-out after every iteration.
@@ -301,7 +426,9 @@ class LoopedTransformer(nn.Module):
 
     def iterate(self, Y, P):
         """One loop iteration with input injection, Y_{t+1} = M(Y_t + P)."""
-        return self.backbone(Y + P)  # the prompt is added back every iteration, so the loop cannot forget it
+        return self.backbone(
+            Y + P
+        )  # the prompt is added back every iteration, so the loop cannot forget it
 
     def backbone(self, h):
         """M: the blocks, then ln_f, (B, L, D) -> (B, L, D)."""
@@ -313,7 +440,9 @@ class LoopedTransformer(nn.Module):
         """The prompt as tokens x1 y1 x2 y2 ..., embedded with their positions: (B, L, D)."""
         B, n, d = xs.shape
         y_tokens = F.pad(ys[..., None], (0, d - 1))  # (B, n, d): y becomes (y, 0, ..., 0)
-        tokens = torch.stack([xs, y_tokens], dim=2).reshape(B, 2 * n, d)  # (B, L, d): x1 y1 x2 y2 ...
+        tokens = torch.stack([xs, y_tokens], dim=2).reshape(
+            B, 2 * n, d
+        )  # (B, L, d): x1 y1 x2 y2 ...
         # [LT] re-adds the position embeddings inside every backbone call, so they are part of
         # what is injected: in code Y_{t+1} = ln_f(Block(Y_t + P)) with P = read_in(prompt) + PE.
         return self.read_in(tokens) + self.wpe.weight[: 2 * n]  # (B, L, D)
@@ -336,22 +465,27 @@ class LoopedTransformer(nn.Module):
             preds.append(self.read(Y))  # (B, n)
         return torch.stack(preds, dim=1)  # (B, t, n)
 
+
 def count_parameters(model):
     """(paper convention: blocks + ln_f, as nanoGPT counts; total: everything)."""
     backbone = sum(p.numel() for p in [*model.blocks.parameters(), *model.ln_f.parameters()])
     return backbone, sum(p.numel() for p in model.parameters())
 
+
 # ---------------------------------------------------------------------------- loss and evaluation
+
 
 def windowed_loss(preds, ys):
     """Mean over the window's iterations, the batch and all positions of (y_hat - y)^2."""
     return (preds.float() - ys[:, None]).pow(2).mean()
+
 
 def eval_prompts(cfg, device):
     """Fixed test prompts at the final d and n, from their own generator: (xs, ys, normaliser)."""
     gen = torch.Generator(device).manual_seed(cfg.eval_seed)
     xs, ys = TASKS[cfg.task](cfg.eval_prompts, cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
     return xs, ys, error_normaliser(cfg.task, cfg.n_dims)
+
 
 @torch.no_grad()
 def model_errors(model, cfg, test, ctx=nullcontext()):
@@ -363,28 +497,39 @@ def model_errors(model, cfg, test, ctx=nullcontext()):
     total, at_b = 0, []
     for s in range(0, len(xs), 256):  # chunks bound the activations at paper scale
         with ctx:
-            preds = model(xs[s:s + 256], ys[s:s + 256], cfg.eval_loops).float()  # (B, t, n)
-        sq = (preds - ys[s:s + 256, None]).pow(2) / norm  # (B, t, n)
+            preds = model(xs[s : s + 256], ys[s : s + 256], cfg.eval_loops).float()  # (B, t, n)
+        sq = (preds - ys[s : s + 256, None]).pow(2) / norm  # (B, t, n)
         total, at_b = total + sq.sum(0), at_b + [sq[:, cfg.n_loops - 1]]
     model.train()
     at_b = torch.cat(at_b)
     return {"loops": (total / len(at_b)).cpu(), "band looped": baselines.bootstrap_band(at_b).cpu()}
+
 
 def evaluate(model, cfg, device, ctx=nullcontext()):
     """The model and its task's baselines on the run's fixed test prompts."""
     test = eval_prompts(cfg, device)
     return {**model_errors(model, cfg, test, ctx), **baselines.task_errors(cfg.task, *test)}
 
+
 def describe(cfg):
     """The model in a few words, for tables and legends."""
     if cfg.n_loops == 1:
         return f"transformer, {cfg.n_layer} layers"
-    return f"looped, b = {cfg.n_loops}, T = {cfg.loop_window}" + (f", {cfg.n_layer} layers" if cfg.n_layer > 1 else "")
+    return f"looped, b = {cfg.n_loops}, T = {cfg.loop_window}" + (
+        f", {cfg.n_layer} layers" if cfg.n_layer > 1 else ""
+    )
+
 
 def table(runs, title):
     """Error at a few k for runs [(name, cfg, errors)] on the same prompts, and the first run's baselines."""
     _, cfg, errors = runs[0]
-    ks = sorted({k for k in (1, cfg.n_dims // 2, cfg.n_dims, 2 * cfg.n_dims, cfg.n_points - 1) if 0 < k < cfg.n_points})
+    ks = sorted(
+        {
+            k
+            for k in (1, cfg.n_dims // 2, cfg.n_dims, 2 * cfg.n_dims, cfg.n_points - 1)
+            if 0 < k < cfg.n_points
+        }
+    )
     rows = {}
     for name, c, e in runs:
         rows[name] = e["loops"][c.n_loops - 1]
@@ -392,10 +537,16 @@ def table(runs, title):
             rows[f"{name}: {c.eval_loops} loops"] = e["loops"][-1]
     rows.update({name: errors[name] for name in baselines.TASK_BASELINES[cfg.task]})
     width = max(26, *map(len, rows)) + 2
-    lines = [f"normalised squared error, {title}, d = {cfg.n_dims}, {cfg.eval_prompts} prompts",
-             f"{'k (in-context examples)':<{width}}" + "".join(f"{k:>9}" for k in ks)]
-    lines += [f"{name:<{width}}" + "".join(f"{err[k].item():>9.4f}" for k in ks) for name, err in rows.items()]
+    lines = [
+        f"normalised squared error, {title}, d = {cfg.n_dims}, {cfg.eval_prompts} prompts",
+        f"{'k (in-context examples)':<{width}}" + "".join(f"{k:>9}" for k in ks),
+    ]
+    lines += [
+        f"{name:<{width}}" + "".join(f"{err[k].item():>9.4f}" for k in ks)
+        for name, err in rows.items()
+    ]
     return "\n".join(lines)
+
 
 def plot(runs, out, title, suffix="", solvers={}, loops=True):
     """Figures in folder out for runs [(name, cfg, errors)] evaluated on the same prompts: error
@@ -403,31 +554,51 @@ def plot(runs, out, title, suffix="", solvers={}, loops=True):
     the last position against loop iterations (every looped run; solvers: name -> error after each
     of its iterations, drawn one iteration per loop)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     _, cfg, errors = runs[0]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     curves = [(name, e["loops"][c.n_loops - 1], e["band looped"], 2.5) for name, c, e in runs]
-    curves += [(name, errors[name], errors[f"band {name}"], 1.5) for name in baselines.TASK_BASELINES[cfg.task]]
+    curves += [
+        (name, errors[name], errors[f"band {name}"], 1.5)
+        for name in baselines.TASK_BASELINES[cfg.task]
+    ]
     for i, (name, err, band, lw) in enumerate(curves):
         ax.plot(err, lw=lw, color=f"C{i}", label=name)
         ax.fill_between(range(cfg.n_points), *band, color=f"C{i}", alpha=0.2, lw=0)
-    ax.set(xlabel="in-context examples k", ylabel="normalised squared error", ylim=(-0.05, 1.5),
-           title=f"{title}, d = {cfg.n_dims} (90% bootstrap bands)")
+    ax.set(
+        xlabel="in-context examples k",
+        ylabel="normalised squared error",
+        ylim=(-0.05, 1.5),
+        title=f"{title}, d = {cfg.n_dims} (90% bootstrap bands)",
+    )
     figures = [(fig, ax, "examples")]
     if loops and any(c.eval_loops > 1 for _, c, _ in runs):
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         last = cfg.n_points - 1
-        curves = [(name, e["loops"][:, last], 2.5, c.n_loops) for name, c, e in runs if c.eval_loops > 1]
-        curves += [(f"{name} iterations", err, 1.5, None) for name, err in solvers.items()]  # one iteration per loop
+        curves = [
+            (name, e["loops"][:, last], 2.5, c.n_loops) for name, c, e in runs if c.eval_loops > 1
+        ]
+        curves += [
+            (f"{name} iterations", err, 1.5, None) for name, err in solvers.items()
+        ]  # one iteration per loop
         for i, (name, err, lw, b) in enumerate(curves):
-            ax.semilogy(range(1, len(err) + 1), err.clamp(min=1e-12), lw=lw, color=f"C{i}", label=name)
+            ax.semilogy(
+                range(1, len(err) + 1), err.clamp(min=1e-12), lw=lw, color=f"C{i}", label=name
+            )
             if b:
                 ax.axvline(b, color=f"C{i}", ls="--", lw=1)
         floor = min(err.min().item() for _, err, _, _ in curves)
-        ax.set(xlabel="loop iteration" + " (or solver iteration)" * bool(solvers) + "; dashed: trained b",
-               ylabel=f"normalised squared error at k = {last}", title=f"{title}: error against iterations",
-               ylim=(max(floor / 3, 1e-8), None))  # exact solvers reach 1e-14
+        ax.set(
+            xlabel="loop iteration"
+            + " (or solver iteration)" * bool(solvers)
+            + "; dashed: trained b",
+            ylabel=f"normalised squared error at k = {last}",
+            title=f"{title}: error against iterations",
+            ylim=(max(floor / 3, 1e-8), None),
+        )  # exact solvers reach 1e-14
         figures.append((fig, ax, "loops"))
     for fig, ax, name in figures:
         ax.legend(fontsize=8)
@@ -436,17 +607,27 @@ def plot(runs, out, title, suffix="", solvers={}, loops=True):
             fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
 
+
 # ---------------------------------------------------------------------------- checkpoints
+
 
 def save_checkpoint(path, model, opt, cfg, step, data_states):
     """One dict, written atomically (a failed write keeps the previous one). data_states: every
     process's prompt generator, so a resumed run draws the prompts an uninterrupted one would."""
-    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": asdict(cfg),
-            "step": step, "rng": {"data": data_states, "torch": torch.get_rng_state()}}
-    buffer = io.BytesIO()  # serialised first, so that a failed write is an OSError, caught by atomic
+    ckpt = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "config": asdict(cfg),
+        "step": step,
+        "rng": {"data": data_states, "torch": torch.get_rng_state()},
+    }
+    buffer = (
+        io.BytesIO()
+    )  # serialised first, so that a failed write is an OSError, caught by atomic
     torch.save(ckpt, buffer)
     with atomic(path) as tmp, open(tmp, "wb") as f:
         f.write(buffer.getbuffer())
+
 
 def load_checkpoint(run_dir):
     """The run's checkpoint and Config; UserError if missing, corrupt, or its weights disagree with its config."""
@@ -456,32 +637,48 @@ def load_checkpoint(run_dir):
     ckpt = load_tensors(path)  # a pickle that would run code is refused, unrun
     try:
         cfg, w = make_config(**ckpt["config"]), ckpt["model"]
-        found = dict(n_embd=w["read_in.weight"].shape[0], n_dims=w["read_in.weight"].shape[1],
-                     n_positions=w["wpe.weight"].shape[0] // 2, n_layer=len({k.split(".")[1] for k in w if k.startswith("blocks.")}))
-        if not (isinstance(ckpt["step"], int) and "state" in ckpt["optimizer"] and ckpt["rng"]["data"]):
+        found = dict(
+            n_embd=w["read_in.weight"].shape[0],
+            n_dims=w["read_in.weight"].shape[1],
+            n_positions=w["wpe.weight"].shape[0] // 2,
+            n_layer=len({k.split(".")[1] for k in w if k.startswith("blocks.")}),
+        )
+        if not (
+            isinstance(ckpt["step"], int) and "state" in ckpt["optimizer"] and ckpt["rng"]["data"]
+        ):
             raise TypeError("step, optimizer or random states")
     except UserError as e:
         raise UserError(f"{path} was made with an incompatible config: {e}") from None
     except Exception as e:
-        raise UserError(f"{path} is corrupt or not a looped checkpoint ({type(e).__name__})") from None
+        raise UserError(
+            f"{path} is corrupt or not a looped checkpoint ({type(e).__name__})"
+        ) from None
     wrong = [name for name, value in found.items() if value != getattr(cfg, name)]
     if wrong:
-        raise UserError(f"{path}: its weights have {wrong[0]} {found[wrong[0]]}, its config {getattr(cfg, wrong[0])}")
+        raise UserError(
+            f"{path}: its weights have {wrong[0]} {found[wrong[0]]}, its config {getattr(cfg, wrong[0])}"
+        )
     return ckpt, cfg
+
 
 def restore_model(ckpt, cfg, device):
     model = LoopedTransformer(cfg)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise UserError(f"checkpoint weights do not match its config: {str(e).splitlines()[-1].strip()[:200]}") from None
+        raise UserError(
+            f"checkpoint weights do not match its config: {str(e).splitlines()[-1].strip()[:200]}"
+        ) from None
     return model.to(device)
 
+
 # ---------------------------------------------------------------------------- training
+
 
 def compile_backbone(model):
     """--compile: M alone, one graph for every b and n (the unrolled forward recompiled as b grew)."""
     model.backbone = torch.compile(model.backbone, dynamic=True)
+
 
 def train_step(forward, opt, ctx, xs, ys, n_loops, n_no_grad):
     """One Adam step on the windowed loss; returns the loss, left on the device (no sync)."""
@@ -493,23 +690,43 @@ def train_step(forward, opt, ctx, xs, ys, n_loops, n_no_grad):
     opt.step()
     return loss.detach()
 
+
 def setup_device(cfg):
     """Device and precision, decided once: (device, autocast context or a null one)."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+        "cpu": True,
+    }
     name = next(k for k, v in available.items() if v) if cfg.device == "auto" else cfg.device
     if not available[name.split(":")[0]]:
         raise UserError(f"--device {name} asked for, but it is not available here")
-    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if name == "cuda" and "LOCAL_RANK" in os.environ else name)  # torchrun
-    if device.type == "cuda":  # TF32 matmuls: ~fp32 accuracy at tensor-core speed; cuda:N the current device (streams)
+    device = torch.device(
+        f"cuda:{os.environ['LOCAL_RANK']}"
+        if name == "cuda" and "LOCAL_RANK" in os.environ
+        else name
+    )  # torchrun
+    if (
+        device.type == "cuda"
+    ):  # TF32 matmuls: ~fp32 accuracy at tensor-core speed; cuda:N the current device (streams)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.cuda.set_device(device.index or 0)
     amp = cfg.amp and (device.type != "cpu" or cpu_has_bf16())
     if cfg.amp and not amp:
-        print("--amp: this CPU has no native bf16, where bf16 autocast is several times slower; training in fp32")
+        print(
+            "--amp: this CPU has no native bf16, where bf16 autocast is several times slower; training in fp32"
+        )
     # bf16 autocast; under --compile without its cache of cast weights, which a CUDA graph cannot hold
-    return device, torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not cfg.compile) if amp else nullcontext()
+    return device, torch.autocast(
+        device.type, dtype=torch.bfloat16, cache_enabled=not cfg.compile
+    ) if amp else nullcontext()
 
-STEP_FLAGS, WEIGHT_FLAGS = "--batch_size, --n_points or --window", "--n_embd, --n_layer, --n_positions or --n_dims"
+
+STEP_FLAGS, WEIGHT_FLAGS = (
+    "--batch_size, --n_points or --window",
+    "--n_embd, --n_layer, --n_positions or --n_dims",
+)
+
 
 def check_memory(cfg, device, training=True):
     """Refuse, before any work, sizes whose rough peak memory exceeds the device's. A training step keeps
@@ -517,13 +734,30 @@ def check_memory(cfg, device, training=True):
     measures it), beside 4 copies of the weights (with gradients and Adam's moments); the evaluation runs
     256 prompts at a time, keeping the error after every iteration, then the baselines fit every prefix."""
     L, D, n = 2 * cfg.n_points, cfg.n_embd, cfg.n_points
-    weights = 4 * (12 * cfg.n_layer * D + 2 * cfg.n_positions + cfg.n_dims) * D  # the blocks, wpe, read_in
+    weights = (
+        4 * (12 * cfg.n_layer * D + 2 * cfg.n_positions + cfg.n_dims) * D
+    )  # the blocks, wpe, read_in
     if training:
-        fits({STEP_FLAGS: 4 * cfg.batch_size * L * D * (20 * cfg.n_layer * cfg.loop_window + 20),
-              WEIGHT_FLAGS: 4 * weights}, device, "a training step")
+        fits(
+            {
+                STEP_FLAGS: 4 * cfg.batch_size * L * D * (20 * cfg.n_layer * cfg.loop_window + 20),
+                WEIGHT_FLAGS: 4 * weights,
+            },
+            device,
+            "a training step",
+        )
     prompts, prefixes = baselines.memory_needed(cfg.eval_prompts, n, cfg.n_dims)
-    fits({"--n_points or --eval_loops": 4 * 256 * (20 * L * D + 2 * cfg.eval_loops * n), WEIGHT_FLAGS: weights,
-          "--eval_prompts": prompts, "--n_points or --n_dims": prefixes}, device, "the evaluation")
+    fits(
+        {
+            "--n_points or --eval_loops": 4 * 256 * (20 * L * D + 2 * cfg.eval_loops * n),
+            WEIGHT_FLAGS: weights,
+            "--eval_prompts": prompts,
+            "--n_points or --n_dims": prefixes,
+        },
+        device,
+        "the evaluation",
+    )
+
 
 def train(cfg, resume=None, quiet=False, overwrite=False):
     """Train a looped transformer, then evaluate it; returns the evaluation errors (None on the processes
@@ -531,10 +765,18 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
     refused unless resumed or overwritten; SIGINT and SIGTERM save, then raise Interrupted."""
     started = time.perf_counter()
     device, ctx = setup_device(cfg)
-    out, ckpt_path, log_path = cfg.out, os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "log.jsonl")
-    check_folder(out, reuse=resume is not None, overwrite=overwrite)  # every process, before any of them writes
+    out, ckpt_path, log_path = (
+        cfg.out,
+        os.path.join(cfg.out, "ckpt.pt"),
+        os.path.join(cfg.out, "log.jsonl"),
+    )
+    check_folder(
+        out, reuse=resume is not None, overwrite=overwrite
+    )  # every process, before any of them writes
     check_memory(cfg, device)
-    with hold_folder(out, os.environ.get("RANK", "0") == "0"):  # one process at a time, taken before any joins
+    with hold_folder(
+        out, os.environ.get("RANK", "0") == "0"
+    ):  # one process at a time, taken before any joins
         rank, world, group = join_torchrun(cfg.batch_size, device)  # (0, 1, None) outside torchrun
         if overwrite and resume is None and rank == 0:  # every check has passed: the old run goes
             remove_run(out)
@@ -542,35 +784,58 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
         with memory_guard(WEIGHT_FLAGS):
             model = LoopedTransformer(cfg).to(device)
-        captured = cfg.compile and device.type == "cuda" and world == 1  # the whole step as CUDA graphs
+        captured = (
+            cfg.compile and device.type == "cuda" and world == 1
+        )  # the whole step as CUDA graphs
         # Under CUDA graphs the rate is a tensor changed in place, which the replayed step reads.
         lr = torch.tensor(cfg.lr, device=device) if captured else cfg.lr
-        opt = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type == "cuda",
-                               capturable=captured)
+        opt = torch.optim.Adam(
+            model.parameters(), lr=lr, fused=device.type == "cuda", capturable=captured
+        )
         gen = torch.Generator(device).manual_seed(cfg.seed + rank)  # each process its own prompts
         step = 0
         if resume is not None:  # continue exactly where the checkpoint left off
-            data = resume["rng"]["data"]  # each process's prompt generator: a CUDA one's state is not a CPU one's
+            data = resume["rng"][
+                "data"
+            ]  # each process's prompt generator: a CUDA one's state is not a CPU one's
             if len(data) != world or data[rank].numel() != gen.get_state().numel():
-                raise UserError(f"resume on the kind of device (GPU or CPU) and with the processes ({len(data)}) that wrote the checkpoint")
+                raise UserError(
+                    f"resume on the kind of device (GPU or CPU) and with the processes ({len(data)}) that wrote the checkpoint"
+                )
             model.load_state_dict(resume["model"])
-            saved = resume["optimizer"]  # its values, stepped as this run steps (fused, capturable), not as the saver did
-            opt.load_state_dict({**saved, "param_groups": [{**g, **opt.defaults} for g in saved["param_groups"]]})
+            saved = resume[
+                "optimizer"
+            ]  # its values, stepped as this run steps (fused, capturable), not as the saver did
+            opt.load_state_dict(
+                {**saved, "param_groups": [{**g, **opt.defaults} for g in saved["param_groups"]]}
+            )
             gen.set_state(data[rank])
             torch.set_rng_state(resume["rng"]["torch"])
             step = resume["step"]
             say(f"resuming from step {step}")
             if rank == 0:
-                trim_log(log_path, step)  # each step logged once, whatever a crash left past the checkpoint
+                trim_log(
+                    log_path, step
+                )  # each step logged once, whatever a crash left past the checkpoint
         if cfg.compile:
             compile_backbone(model)
-        step_fn = CapturedSteps(train_step) if captured else train_step  # on a GPU, launches bound the step, not arithmetic
-        forward = DistributedDataParallel(model) if world > 1 else model  # the half-batches' mean gradient: the batch's
+        step_fn = (
+            CapturedSteps(train_step) if captured else train_step
+        )  # on a GPU, launches bound the step, not arithmetic
+        forward = (
+            DistributedDataParallel(model) if world > 1 else model
+        )  # the half-batches' mean gradient: the batch's
         backbone, total = count_parameters(model)
-        say(f"{cfg.task}: {cfg.n_layer} layer(s) x {cfg.n_loops} loops, D {cfg.n_embd}, d {cfg.n_dims}, n {cfg.n_points} | "
-            f"{backbone / 1e6:.3f}M parameters (paper convention), {total / 1e6:.3f}M total | {device} | run folder {out}")
+        say(
+            f"{cfg.task}: {cfg.n_layer} layer(s) x {cfg.n_loops} loops, D {cfg.n_embd}, d {cfg.n_dims}, n {cfg.n_points} | "
+            f"{backbone / 1e6:.3f}M parameters (paper convention), {total / 1e6:.3f}M total | {device} | run folder {out}"
+        )
         log = open(log_path, "a" if resume else "w") if rank == 0 else None
-        val = eval_prompts(replace(cfg, eval_prompts=256, eval_seed=cfg.eval_seed + 1), device) if cfg.eval_every else None
+        val = (
+            eval_prompts(replace(cfg, eval_prompts=256, eval_seed=cfg.eval_seed + 1), device)
+            if cfg.eval_every
+            else None
+        )
         last, running, signum = step, torch.zeros((), device=device), 0
         clock = Progress([step_cost(cfg, s) for s in range(cfg.steps)], step)
         with stop_signals(world) as received, memory_guard(STEP_FLAGS):
@@ -584,7 +849,9 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
                 loss = step_fn(forward, opt, ctx, xs, ys, b, max(b - cfg.loop_window, 0))
                 running += loss / error_normaliser(cfg.task, d)  # on the device: no sync
                 step += 1
-                signum = agreed_signal(received, world, group)  # every process stops at the same step
+                signum = agreed_signal(
+                    received, world, group
+                )  # every process stops at the same step
                 is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or signum
                 if step % cfg.log_every == 0 or is_ckpt:  # the only host-device syncs of the loop
                     # loss: normalised training loss, averaged over the steps since the last line
@@ -592,18 +859,34 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
                         dist.all_reduce(running)
                         running /= world
                     mean = running.item() / (step - last)
-                    if not math.isfinite(mean) or not all(p.isfinite().all() for p in model.parameters()):
-                        kept = f"the last good checkpoint is kept in {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
-                        raise Diverged(f"training diverged at step {step} (loss {mean}); lower --lr; {kept}")
+                    if not math.isfinite(mean) or not all(
+                        p.isfinite().all() for p in model.parameters()
+                    ):
+                        kept = (
+                            f"the last good checkpoint is kept in {ckpt_path}"
+                            if os.path.exists(ckpt_path)
+                            else "no checkpoint was written"
+                        )
+                        raise Diverged(
+                            f"training diverged at step {step} (loss {mean}); lower --lr; {kept}"
+                        )
                     ms, times = clock(step)
                     last, running = step, torch.zeros((), device=device)
-                    say(f"step {step:6d} | loss {mean:.4f} | d {d} n {n} b {b} | "
-                        f"{ms:.1f} ms/step | {times}")
+                    say(
+                        f"step {step:6d} | loss {mean:.4f} | d {d} n {n} b {b} | "
+                        f"{ms:.1f} ms/step | {times}"
+                    )
                     if log:
                         append_line(log, dict(step=step, loss=mean, d=d, n=n, b=b, ms_per_step=ms))
-                if val and rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):  # before the checkpoint
-                    at_b = model_errors(model, replace(cfg, eval_loops=cfg.n_loops), val, ctx)["loops"][-1]
-                    append_line(log, dict(step=step, val_error=at_b.tolist()))  # a learning-curve point
+                if (
+                    val and rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps)
+                ):  # before the checkpoint
+                    at_b = model_errors(model, replace(cfg, eval_loops=cfg.n_loops), val, ctx)[
+                        "loops"
+                    ][-1]
+                    append_line(
+                        log, dict(step=step, val_error=at_b.tolist())
+                    )  # a learning-curve point
                 if is_ckpt:
                     states = [gen.get_state()]
                     if world > 1:  # every process's prompt generator, for an exact resume
@@ -611,9 +894,13 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
                         dist.all_gather_object(states, gen.get_state())
                     if rank == 0:
                         save_checkpoint(ckpt_path, model, opt, cfg, step, states)
-            signum = signum or agreed_signal(received, world, group)  # one in the last step or its save
+            signum = signum or agreed_signal(
+                received, world, group
+            )  # one in the last step or its save
         del forward, step_fn  # DDP's reducer holds the process group, a captured graph its memory
-        if world > 1:  # leave together, tear down: a group still referenced at exit can abort gloo's threads (SIGABRT)
+        if (
+            world > 1
+        ):  # leave together, tear down: a group still referenced at exit can abort gloo's threads (SIGABRT)
             dist.barrier()
             dist.destroy_process_group()
         if rank == 0:
@@ -623,6 +910,7 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
             raise Interrupted(message if rank == 0 else "", signum)  # rank 0 alone says so
         if rank == 0:
             return finish(model, cfg, device, ctx, say, started)
+
 
 def finish(model, cfg, device, ctx, say=print, started=None):
     """Evaluate on the test prompts, write eval.json and the plots, print the table and the time
@@ -639,28 +927,58 @@ def finish(model, cfg, device, ctx, say=print, started=None):
     say(f"evaluated in {duration(now - t0)}{total}; plots in {cfg.out}")
     return errors
 
+
 # ---------------------------------------------------------------------------- command line
+
 
 def saved_run(run_dir, given):
     """A saved run's checkpoint and config: it keeps its config; only its length and evaluation change."""
     ckpt, saved = load_checkpoint(run_dir)
-    free = {"steps", "out", "device", "log_every", "ckpt_every", "eval_prompts", "eval_loops", "n_points", "compile", "amp", "eval_every"}
+    free = {
+        "steps",
+        "out",
+        "device",
+        "log_every",
+        "ckpt_every",
+        "eval_prompts",
+        "eval_loops",
+        "n_points",
+        "compile",
+        "amp",
+        "eval_every",
+    }
     for name, value in given.items():
         if name not in free and value != getattr(saved, name):
-            raise UserError(f"{flag(name)} {value} differs from the saved run's {getattr(saved, name)}; a saved run keeps its config")
+            raise UserError(
+                f"{flag(name)} {value} differs from the saved run's {getattr(saved, name)}; a saved run keeps its config"
+            )
     if os.path.abspath(given.get("out", run_dir)) != os.path.abspath(run_dir):
         check_folder(given["out"])  # --out elsewhere is a new run folder: refused if it holds a run
     return ckpt, make_config(**{**asdict(saved), "out": run_dir, **given})
 
+
 def main(argv=None):
-    parser = Parser(prog="looped.py", description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
-                    epilog="[defaults] are the laptop preset's; --preset paper and --task change some of them.")
+    parser = Parser(
+        prog="looped.py",
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="[defaults] are the laptop preset's; --preset paper and --task change some of them.",
+    )
     add_dataclass_flags(parser, Config, FLAG)  # one flag per field, its comment the help
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint (--steps may grow)")
-    parser.add_argument("--eval", metavar="RUN_DIR", help="re-evaluate a saved run, no training (several runs, "
-                        "shifted prompts: experiments.py)")
-    parser.add_argument("--overwrite", action="store_true", help="train into a run folder that holds a run, "
-                        "replacing it (without this, a used folder is refused)")
+    parser.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a run from its checkpoint (--steps may grow)"
+    )
+    parser.add_argument(
+        "--eval",
+        metavar="RUN_DIR",
+        help="re-evaluate a saved run, no training (several runs, shifted prompts: experiments.py)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train into a run folder that holds a run, "
+        "replacing it (without this, a used folder is refused)",
+    )
     args = vars(parser.parse_args(argv))
     given = {f.name: args[f.name] for f in fields(Config) if args[f.name] is not None}
     if args["overwrite"] and (args["eval"] or args["resume"]):
@@ -669,12 +987,15 @@ def main(argv=None):
     if args["eval"] or args["resume"]:
         ckpt, cfg = saved_run(args["eval"] or args["resume"], given)
         device, ctx = setup_device(cfg)
-        model = restore_model(ckpt, cfg, device)  # fails early, with one line, on mismatched weights
+        model = restore_model(
+            ckpt, cfg, device
+        )  # fails early, with one line, on mismatched weights
         if args["resume"]:
             return train(cfg, resume=ckpt)
         with hold_folder(cfg.out):
             return finish(model, cfg, device, ctx)
     return train(make_config(**given), overwrite=args["overwrite"])
+
 
 if __name__ == "__main__":
     cli(main)

@@ -7,7 +7,9 @@ time), the log trimmed to a checkpoint on resume, memory checks before work star
 SIGTERM during training turned into a request to save and stop. It imports nothing of the
 project; looped.py, export.py, bench.py and experiments.py build on it.
 """
+
 import argparse
+import ast
 import dataclasses
 import inspect
 import json
@@ -18,6 +20,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import warnings
@@ -53,20 +56,38 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def field_docs(cls):
+    """{field name: the docstring under it} for a dataclass written as cleanrl writes its Args."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {
+        field.target.id: " ".join(doc.value.value.split())
+        for field, doc in zip(body, body[1:])
+        if isinstance(field, ast.AnnAssign)
+        and isinstance(doc, ast.Expr)
+        and isinstance(doc.value, ast.Constant)
+        and isinstance(doc.value.value, str)
+    }
+
+
 def add_dataclass_flags(parser, cls, aliases=None):
-    """One flag per field of dataclass cls (and its alias, if any), its help the comment after the
-    field in the source, with the default; a flag not given parses to None."""
-    aliases = aliases or {}
-    comments = {name: (default, text) for name, default, text in
-                re.findall(r"^    (\w+): \w+ = (.*?)  # (.*)$", inspect.getsource(cls), re.M)}
+    """One flag per field of dataclass cls (and its alias, if any), its help the field's docstring
+    with the default; a flag not given parses to None, so that a preset can tell it apart."""
+    aliases, docs = aliases or {}, field_docs(cls)
     for f in dataclasses.fields(cls):
         flags = [f"--{f.name}"] + ([aliases[f.name]] if f.name in aliases else [])
         kind = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)
-        help = f"{comments[f.name][1]} [{comments[f.name][0]}]"
+        help = (
+            f"{docs[f.name]} [{f.default!r}]"
+            if f.default == ""
+            else f"{docs[f.name]} [{f.default}]"
+        )
         if kind is bool:
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=help)
+            parser.add_argument(
+                *flags, action=argparse.BooleanOptionalAction, default=None, help=help
+            )
         else:
-            parser.add_argument(*flags, type=kind, dest=f.name, metavar=kind.__name__.upper(), help=help)
+            metavar = kind.__name__.upper()
+            parser.add_argument(*flags, type=kind, dest=f.name, metavar=metavar, help=help)
 
 
 def stop_now(signum, frame):
@@ -85,7 +106,9 @@ def cli(main):
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         code = 2
-    except Interrupted as e:  # under torchrun rank 0 alone says so (torchrun also stops the others this way)
+    except (
+        Interrupted
+    ) as e:  # under torchrun rank 0 alone says so (torchrun also stops the others this way)
         if e.message and os.environ.get("RANK", "0") == "0":
             print(f"\n{prog}: {e.message}", file=sys.stderr)
         code = e.code
@@ -93,8 +116,13 @@ def cli(main):
         if os.environ.get("RANK", "0") == "0":
             print(f"\n{prog}: stopped by SIGINT", file=sys.stderr)
         code = 130
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: all is saved and the group is gone; skip the
-        sys.stdout.flush(), sys.stderr.flush()  # teardown, where gloo's threads can still abort (1 run in 20)
+    if (
+        int(os.environ.get("WORLD_SIZE", 1)) > 1
+    ):  # torchrun: all is saved and the group is gone; skip the
+        (
+            sys.stdout.flush(),
+            sys.stderr.flush(),
+        )  # teardown, where gloo's threads can still abort (1 run in 20)
         os._exit(code)
     sys.exit(code)
 
@@ -120,7 +148,9 @@ def atomic(path):
         why = e.strerror or str(e)
         with suppress(OSError):
             why += f"; {shutil.disk_usage(folder).free / 1e6:,.0f} MB free on its disk"
-        raise UserError(f"cannot write {path} ({why}): the file there before, if any, is intact") from None
+        raise UserError(
+            f"cannot write {path} ({why}): the file there before, if any, is intact"
+        ) from None
     finally:
         with suppress(FileNotFoundError):
             os.remove(path + ".tmp")
@@ -136,7 +166,9 @@ def append_line(log, record):
     try:
         print(json.dumps(record), file=log, flush=True)
     except OSError as e:
-        raise UserError(f"cannot write {log.name} ({e.strerror}); the last checkpoint is intact") from None
+        raise UserError(
+            f"cannot write {log.name} ({e.strerror}); the last checkpoint is intact"
+        ) from None
 
 
 def duration(seconds):
@@ -174,8 +206,10 @@ def check_folder(out, reuse=False, overwrite=False):
     used = [name for name in RUN_FILES[:2] if os.path.exists(os.path.join(out, name))]
     if used and not reuse and not overwrite:
         ways = f"continue it with --resume {out}, " if "ckpt.pt" in used else ""
-        raise UserError(f"{out} already holds a run ({' and '.join(used)}): {ways}train into another --out, "
-                        f"or replace it with --overwrite")
+        raise UserError(
+            f"{out} already holds a run ({' and '.join(used)}): {ways}train into another --out, "
+            f"or replace it with --overwrite"
+        )
     try:
         os.makedirs(out, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()
@@ -202,7 +236,9 @@ def hold_folder(out, enabled=True):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise UserError(f"another process is using the run folder {out}; wait for it, or use another --out") from None
+            raise UserError(
+                f"another process is using the run folder {out}; wait for it, or use another --out"
+            ) from None
         yield
 
 
@@ -223,10 +259,14 @@ def load_tensors(path):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e):  # "Trying to load unsupported GLOBAL os.system ..."
-            raise UserError(f"{path} holds more than tensors and plain data: refused, as loading it could run code") from None
+            raise UserError(
+                f"{path} holds more than tensors and plain data: refused, as loading it could run code"
+            ) from None
         raise UserError(f"{path} is corrupt or not a torch checkpoint") from None
     except Exception as e:
-        raise UserError(f"{path} is corrupt or not a torch checkpoint ({type(e).__name__})") from None
+        raise UserError(
+            f"{path} is corrupt or not a torch checkpoint ({type(e).__name__})"
+        ) from None
 
 
 def trim_log(path, step):
@@ -288,29 +328,50 @@ class CapturedSteps:
     def __call__(self, *args):
         if self.failed:
             return self.fn(*args)
-        key = tuple((a.shape, a.dtype) if torch.is_tensor(a) else a for a in args)  # objects kept, compared by identity
-        if key != self.key:  # a new curriculum stage: the old graph, its memory pool and static inputs go
+        key = tuple(
+            (a.shape, a.dtype) if torch.is_tensor(a) else a for a in args
+        )  # objects kept, compared by identity
+        if (
+            key != self.key
+        ):  # a new curriculum stage: the old graph, its memory pool and static inputs go
             self.key, self.calls, self.graph, self.inputs, self.out = key, 0, None, None, None
         self.calls += 1
         if self.calls <= self.warmup:
             self.stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.stream), warnings.catch_warnings():  # uncaptured on purpose: no advice wanted
-                warnings.filterwarnings("ignore", "This instance was constructed with capturable=True")
+            with (
+                torch.cuda.stream(self.stream),
+                warnings.catch_warnings(),
+            ):  # uncaptured on purpose: no advice wanted
+                warnings.filterwarnings(
+                    "ignore", "This instance was constructed with capturable=True"
+                )
                 out = self.fn(*args)
             torch.cuda.current_stream().wait_stream(self.stream)
-            out.record_stream(torch.cuda.current_stream())  # made on the side stream, used on this one
+            out.record_stream(
+                torch.cuda.current_stream()
+            )  # made on the side stream, used on this one
             return out
         if self.graph is None:
-            self.inputs, graph = [a.clone() if torch.is_tensor(a) else a for a in args], torch.cuda.CUDAGraph()
+            self.inputs, graph = (
+                [a.clone() if torch.is_tensor(a) else a for a in args],
+                torch.cuda.CUDAGraph(),
+            )
             try:
                 # records, runs nothing: this call's step is the first replay. The outer stream context restores
-                with torch.cuda.stream(self.stream), torch.cuda.graph(graph, stream=self.stream):  # the stream if capture fails
+                with (
+                    torch.cuda.stream(self.stream),
+                    torch.cuda.graph(graph, stream=self.stream),
+                ):  # the stream if capture fails
                     self.out = self.fn(*self.inputs)
             except Interrupted:
                 raise
             except Exception as e:  # RuntimeError from CUDA, others from a compiler
-                cause = e.__context__ or e  # the capture's own error, not capture_end's that follows it
-                print(f"CUDA graph capture failed ({str(cause).splitlines()[0][:200]}): the steps run without CUDA graphs")
+                cause = (
+                    e.__context__ or e
+                )  # the capture's own error, not capture_end's that follows it
+                print(
+                    f"CUDA graph capture failed ({str(cause).splitlines()[0][:200]}): the steps run without CUDA graphs"
+                )
                 self.failed, self.inputs, self.out = True, None, None
                 return self.fn(*args)
             self.graph, self.captures = graph, self.captures + 1
@@ -339,8 +400,10 @@ def fits(needs, device, what):
     exceeds the device's memory; the message names the flags of the largest term."""
     need, have = sum(needs.values()), device_memory(device)
     if have and need > have:
-        raise UserError(f"{what} needs about {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of "
-                        f"this {device.type} device: lower {max(needs, key=needs.get)}")
+        raise UserError(
+            f"{what} needs about {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of "
+            f"this {device.type} device: lower {max(needs, key=needs.get)}"
+        )
 
 
 @contextmanager
@@ -369,13 +432,20 @@ def stop_signals(world):
     """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) ask the loop to save and stop after the
     current step: yields the signals received. A second one stops at once, except under torchrun,
     which forwards the signal it got to every process and kills them 30 s later."""
+
     def handle(signum, frame):
         if received and world == 1:
-            raise Interrupted(f"stopped by a second {signal.Signals(signum).name}: nothing saved since the last "
-                              f"checkpoint", signum)
+            raise Interrupted(
+                f"stopped by a second {signal.Signals(signum).name}: nothing saved since the last "
+                f"checkpoint",
+                signum,
+            )
         received.append(signum)
 
-    received, main = [], threading.current_thread() is threading.main_thread()  # only it gets signals
+    received, main = (
+        [],
+        threading.current_thread() is threading.main_thread(),
+    )  # only it gets signals
     old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         yield received

@@ -1,0 +1,198 @@
+"""Tests of export.py: the ONNX graphs against PyTorch, the metadata, the Predictor and the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from common import ROOT, draw, run_cli
+
+import export
+import looped
+
+
+def test_unrolled_and_dynamic_exports_match_pytorch(trained_run, tmp_path):
+    model, cfg = export.load_model(trained_run)
+    unrolled, dynamic = str(tmp_path / "b4.onnx"), str(tmp_path / "dyn.onnx")
+    report = export.export(trained_run, unrolled, n_loops=4, say=lambda *a: None)
+    assert report["checker"] == "passed" and report["provider"] in (
+        "CPUExecutionProvider",
+        "CUDAExecutionProvider",
+    )
+    import onnx  # the masked softmax is written out (export.onnx_attention): no slow Softmax node
+
+    ops = {node.op_type for node in onnx.load(unrolled).graph.node}
+    assert (
+        "Softmax" not in ops and "Gelu" in ops and "Sigmoid" not in ops
+    )  # not gelu's compiled form
+    export.export(trained_run, dynamic, dynamic_loops=True, say=lambda *a: None)
+    xs, ys = draw("linreg", B=7, n=5, d=4, active=4, seed=11)  # a shape unlike the export example's
+    with torch.no_grad():
+        expected = model(xs, ys, 4)[:, -1].numpy()
+    got = export.Predictor(unrolled, device="cpu")(xs.numpy(), ys.numpy())
+    assert got.shape == (7, 5) and abs(got - expected).max() < 1e-4
+    assert (
+        abs(export.Predictor(unrolled)(xs.numpy(), ys.numpy()) - expected).max() < 1e-4
+    )  # CUDA where there is one
+    for cores in (1, 3, 16):  # the CPU splits a batch into one shard per core: same numbers
+        predictor = export.Predictor(unrolled, device="cpu")
+        predictor.cores = cores
+        assert abs(predictor(xs.numpy(), ys.numpy()) - got).max() < 1e-6
+    with (
+        pytest.MonkeyPatch.context() as m
+    ):  # a wide model's small batches use the multi-threaded session
+        m.setattr(export, "WIDE", 0)
+        predictor = export.Predictor(unrolled, device="cpu")
+    predictor.cores = 16
+    assert predictor.wide is not None and abs(predictor(xs.numpy(), ys.numpy()) - got).max() < 1e-6
+    at_b = export.Predictor(dynamic, device="cpu")(xs.numpy(), ys.numpy(), n_loops=4)
+    assert abs(at_b - got).max() < 1e-5  # the ONNX Loop at b loops equals the unrolled graph
+    assert abs(export.Predictor(dynamic)(xs.numpy(), ys.numpy(), n_loops=9) - at_b).max() > 1e-6
+
+
+def test_until_converged_stops_each_prompt_at_its_first_settled_iteration(trained_run):
+    """The stopping rule against a plain reading of it: the predictions after every iteration, and each
+    prompt's first t with ||p_t - p_{t-1}|| / ||p_t|| below the tolerance (p_0 the read-out of Y_0 = 0)."""
+    model, cfg = export.load_model(trained_run)
+    xs, ys = draw("linreg", B=32, n=9, d=4, active=4, seed=5)
+    with torch.no_grad():
+        every = model(xs, ys, 40)  # (B, 40, n)
+        p = torch.cat(
+            [model.read(torch.zeros_like(model.embed(xs, ys)))[:, None], every], 1
+        )  # (B, 41, n)
+        change = (p[:, 1:] - p[:, :-1]).norm(dim=2) / p[:, 1:].norm(dim=2)  # (B, 40)
+        middle = (
+            change[:, 5:].flatten().sort().values[len(change) * 35 // 4 : len(change) * 35 * 3 // 4]
+        )
+        gap = (
+            middle[1:] / middle[:-1]
+        ).argmax()  # a tolerance far from every change, in the middle of them
+        tol = (middle[gap] * middle[gap + 1]).sqrt().item()
+        settled = change < tol
+        first = torch.where(
+            settled.any(1), settled.float().argmax(1) + 1, 40
+        )  # loops used, 1-based
+        preds, loops = export.wrappers()[2](model, tol, 40)(xs, ys)
+    assert torch.equal(loops, first) and 1 < len(
+        set(first.tolist())
+    )  # prompts stop at different loops
+    torch.testing.assert_close(preds, every[torch.arange(32), first - 1], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        _, by_state = export.wrappers()[2](model, 1e-9, 12, signal="state")(xs, ys)
+    assert (by_state == 12).all()  # a tolerance never met: every prompt runs the maximum
+
+
+def test_adaptive_export_returns_its_loop_counts_and_matches_pytorch(trained_run, tmp_path):
+    path = str(tmp_path / "adaptive.onnx")
+    model, cfg = export.load_model(trained_run)
+    report = export.export(
+        trained_run, path, until_converged=0.02, max_loops=30, say=lambda *a: None
+    )
+    assert "until converged" in report["parity"]
+    xs, ys = draw("linreg", B=9, n=7, d=4, active=4, seed=3)
+    with torch.no_grad():
+        expected, used = export.wrappers()[2](model, 0.02, 30)(xs, ys)
+    predictor = export.Predictor(path, device="cpu")
+    preds, loops = predictor(xs.numpy(), ys.numpy(), return_loops=True)
+    assert (
+        loops.dtype == np.int64
+        and np.array_equal(loops, used.numpy())
+        and abs(preds - expected.numpy()).max() < 1e-4
+    )
+    assert 1 <= loops.min() and loops.max() <= 30 and predictor.meta["n_loops"] == "adaptive"
+    predictor.cores = 3  # shards of the batch: each prompt freezes on its own, so the same numbers
+    sharded, sharded_loops = predictor(xs.numpy(), ys.numpy(), return_loops=True)
+    assert np.array_equal(sharded_loops, loops) and abs(sharded - preds).max() < 1e-6
+    assert (
+        abs(predictor(xs.numpy(), ys.numpy()) - preds).max() == 0
+    )  # without return_loops: the predictions
+    with pytest.raises(ValueError, match="chooses its own loop count"):
+        predictor(xs.numpy(), ys.numpy(), n_loops=4)
+    r = run_cli(export.main, trained_run, "--until-converged", "0.01", "--loops", "3")
+    assert r.returncode == 2 and "excludes --loops" in r.stderr
+
+
+def test_export_attention_equals_sdpa():
+    gen = torch.Generator().manual_seed(0)
+    for L in (1, 5, 22):
+        q, k, v = torch.randn(3, 3, 2, L, 8, generator=gen, dtype=torch.float64)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert (export.onnx_attention(q, k, v, is_causal=True) - ref).abs().max() < 1e-12
+
+
+def test_metadata_round_trip_and_input_validation(trained_run, tmp_path):
+    path = str(tmp_path / "m.onnx")
+    export.export(trained_run, path, n_loops=3, say=lambda *a: None)
+    p = export.Predictor(path)
+    cfg = looped.make_config(**json.loads(p.meta["config"]))
+    assert (p.meta["task"], p.n_dims, p.max_points, p.meta["n_loops"]) == ("linreg", 4, 9, "3")
+    assert cfg == export.load_model(trained_run)[1] and p.meta["version"] == export.VERSION
+    assert float(p.meta["error_normaliser"]) == 4.0
+    xs, ys = torch.randn(2, 5, 4).numpy(), torch.randn(2, 5).numpy()
+    bad = {
+        "rank": (xs[0], ys),
+        "floating": (xs.astype("int64"), ys),
+        "d = 3": (xs[..., :3], ys),
+        "points": (torch.randn(2, 10, 4).numpy(), torch.randn(2, 10).numpy()),
+        "NaN": (xs * float("nan"), ys),
+        "expected (batch, n)": (xs, ys[:, :4]),
+    }
+    for words, (x, y) in bad.items():
+        with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            p(x, y)
+    assert p(xs.astype("float64"), ys).dtype == "float32"  # float64 inputs are cast, not refused
+    huge = xs.astype("float64")
+    huge[0, 0, 0] = 1e300  # finite in float64, inf in float32
+    with pytest.raises(ValueError, match="float32's range"):
+        p(huge, ys)
+    (tmp_path / "corrupt.onnx").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a loadable ONNX model"):
+        export.Predictor(str(tmp_path / "corrupt.onnx"))
+
+
+def test_failed_verification_deletes_the_file(trained_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "PARITY_TOL", -1.0)  # no graph can pass: the check must fail
+    path = tmp_path / "bad.onnx"
+    with pytest.raises(export.VerificationError, match="onnxruntime - torch"):
+        export.export(trained_run, str(path), n_loops=2, say=lambda *a: None)
+    assert os.listdir(tmp_path) == []
+    path.write_bytes(b"an earlier model")  # a failed export leaves what was there
+    with pytest.raises(export.VerificationError):
+        export.export(trained_run, str(path), n_loops=2, say=lambda *a: None)
+    assert path.read_bytes() == b"an earlier model" and os.listdir(tmp_path) == ["bad.onnx"]
+
+
+def test_predictor_needs_no_torch(trained_run, tmp_path):
+    path = str(tmp_path / "m.onnx")
+    export.export(trained_run, path, n_loops=2, say=lambda *a: None)
+    code = (
+        "import sys, numpy as np, export; p = export.Predictor(sys.argv[1]); "
+        "print(p(np.zeros((2, 3, 4)), np.zeros((2, 3))).shape); assert 'torch' not in sys.modules"
+    )
+    r = subprocess.run([sys.executable, "-c", code, path], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "(2, 3)" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["/nonexistent/run"], "no checkpoint"),
+        (["RUN", "--loops", "0"], "--loops must be at least 1"),
+        (["RUN", "-o", "/nonexistent/folder/m.onnx"], "does not exist"),
+        (["RUN", "-o", "/tmp"], "is a folder"),
+        (["RUN", "--loops", "3", "--dynamic-loops"], "exclude each other"),
+        (["RUN", "--until-converged", "0.01", "--fp16"], "does not go with --fp16"),
+        (["RUN", "--until-converged", "0.01", "--max-loops", "0"], "at least 1"),
+        (["RUN", "--max-loops", "9"], "goes with --until-converged"),
+    ],
+)
+def test_export_cli_errors(trained_run, args, words):
+    args = [trained_run if a == "RUN" else a for a in args]
+    r = run_cli(export.main, *args)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, (
+        r.stderr
+    )

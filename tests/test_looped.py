@@ -1,0 +1,475 @@
+"""Tests of looped.py, in its order: the tasks, the curriculum and the learning rate, the model,
+the checkpoints, training (a short run must beat a baseline), and the command line."""
+
+import json
+import os
+import re
+import signal
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from common import TINY_FLAGS, draw, run_cli, slow, state, tiny_config
+
+import bench
+import harness
+import looped
+
+
+@pytest.mark.parametrize("task", list(looped.TASKS))
+def test_inactive_dimensions_are_zero(task):
+    xs, ys = draw(task)
+    assert xs.shape == (64, 30, 6) and ys.shape == (64, 30)
+    assert (xs[..., 4:] == 0).all() and (xs[..., :4] != 0).all()
+    assert ys.isfinite().all()
+
+
+def fit_weights(xs, ys, active):
+    """Least squares in float64 on the active dimensions (n > d, so it is exact)."""
+    X = xs[..., :active].double()
+    w = torch.linalg.lstsq(X, ys.double()[..., None]).solution  # (B, active, 1)
+    return w[..., 0], (X @ w)[..., 0] - ys.double()
+
+
+def test_linear_regression_is_linear_with_gaussian_weights():
+    xs, ys = draw("linreg", B=512)
+    w, residual = fit_weights(xs, ys, 4)
+    assert residual.abs().max() < 1e-4  # float32 sampling, float64 fit
+    assert abs(w.std().item() - 1) < 0.05  # w ~ N(0, I): 2048 draws, std within 5%
+
+
+def test_noisy_linear_regression_noise_level():
+    xs, ys = draw("noisy_linreg", B=512, n=60)
+    _, residual = fit_weights(xs, ys, 4)
+    # residual of a 4-parameter fit on 60 points has variance 0.01 * (60 - 4) / 60
+    assert abs(residual.pow(2).mean().sqrt().item() - 0.1 * (56 / 60) ** 0.5) < 0.005
+
+
+def test_sparse_linear_regression_has_s_nonzero_active_weights():
+    xs, ys = draw("sparse_linreg", B=256, d=10, active=6)
+    w, residual = fit_weights(xs, ys, 6)
+    assert residual.abs().max() < 1e-4
+    assert ((w.abs() > 1e-3).sum(1) == 3).all()  # exactly s = 3 among the 6 active dims
+    xs2, ys2 = draw("sparse_linreg", B=256, d=10, active=2)
+    w2, residual2 = fit_weights(xs2, ys2, 2)
+    assert residual2.abs().max() < 1e-4 and ((w2.abs() > 1e-3).sum(1) <= 2).all()
+
+
+def test_decision_tree_matches_per_example_routing():
+    B, n, d, active, depth = 16, 20, 6, 4, 4
+    xs, ys = draw("decision_tree", B, n, d, active, seed=3)
+    gen = torch.Generator().manual_seed(3)  # redraw the same tree parameters, in the same order
+    torch.randn(B, n, d, generator=gen)
+    coords = torch.randint(0, active, (B, 15), generator=gen)
+    leaves = torch.randn(B, 16, generator=gen)
+    for b in range(B):
+        for i in range(n):
+            node = 0
+            for _ in range(depth):  # heap order: children of k are 2k+1 (left), 2k+2 (right)
+                node = 2 * node + (2 if xs[b, i, coords[b, node]] > 0 else 1)
+            assert ys[b, i].item() == leaves[b, node - 15].item()
+    assert coords.max() < active
+
+
+def test_relu_network_formula_in_float64():
+    B, n, d, active = 8, 10, 6, 4
+    xs, ys = draw("relu_2nn", B, n, d, active, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    torch.randn(B, n, d, generator=gen)
+    W1 = torch.randn(B, d, 100, generator=gen).double()
+    W2 = torch.randn(B, 100, 1, generator=gen).double()
+    ref = (2 / 100) ** 0.5 * (torch.relu(xs.double() @ W1) @ W2)[..., 0]
+    torch.testing.assert_close(ys.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_normaliser_makes_zero_predictor_score_one():
+    for task in looped.TASKS:
+        xs, ys = draw(task, B=4096, n=10, d=6, active=6)
+        ratio = ys.pow(2).mean().item() / looped.error_normaliser(task, 6)
+        assert abs(ratio - 1) < 0.1, (task, ratio)  # 40,960 draws: within 10%
+
+
+def test_curriculum_values():
+    cfg = looped.make_config(task="linreg", preset="paper")
+    assert looped.curriculum(cfg, 0) == (5, 11, 15)
+    assert looped.curriculum(cfg, 499) == (5, 11, 15)
+    assert looped.curriculum(cfg, 500) == (5, 11, 17)
+    assert looped.curriculum(cfg, 1500) == (5, 11, 20)  # b capped at 20
+    assert looped.curriculum(cfg, 5000) == (6, 13, 20)
+    assert looped.curriculum(cfg, 75_000) == (20, 41, 20)
+    assert looped.curriculum(cfg, 500_000) == (20, 41, 20)
+    tree = looped.make_config(task="decision_tree", preset="paper")
+    assert looped.curriculum(tree, 10_000) == (7, 36, 55)  # b: 15 + 2 * 20
+    off = tiny_config(curriculum_every=0, loops_every=0)
+    assert looped.curriculum(off, 0) == (4, 9, 6)
+
+
+def test_learning_rate_warms_up_holds_then_falls_to_zero():
+    paper = looped.make_config(task="linreg", preset="paper")
+    assert {looped.learning_rate(paper, s) for s in (0, 1, 250_000, 499_999)} == {1e-4}  # constant
+    cfg = tiny_config(lr=1e-3, warmup=4, decay=100, steps=204)
+    rates = [looped.learning_rate(cfg, s) for s in range(5)]
+    assert rates == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert looped.learning_rate(cfg, 104) == 1e-3  # the last step before the decay
+    assert looped.learning_rate(cfg, 154) == pytest.approx(5e-4)  # half way down
+    assert looped.learning_rate(cfg, 203) == pytest.approx(1e-5)  # the last step: the peak / decay
+    assert looped.learning_rate(tiny_config(lr=1e-3, warmup=4, steps=204), 203) == 1e-3
+
+
+def test_step_cost_follows_the_curriculum():
+    cfg = looped.make_config(task="linreg", preset="paper")  # b, T = 20, 15: n (b + 2 min(b, T))
+    assert looped.step_cost(cfg, 0) == 11 * (15 + 2 * 15)
+    assert looped.step_cost(cfg, 1500) == 11 * (20 + 2 * 15)
+    assert looped.step_cost(cfg, 75_000) == 41 * (20 + 2 * 15)
+
+
+def test_parameter_counts_match_the_paper():
+    paper = looped.make_config(task="linreg", preset="paper")
+    assert looped.count_parameters(looped.LoopedTransformer(paper))[0] == 790_272  # 0.79M
+    standard = looped.make_config(task="linreg", preset="paper", n_layer=12, n_loops=1)
+    assert standard.loop_window == 1  # T defaults to min(T, b)
+    assert looped.count_parameters(looped.LoopedTransformer(standard))[0] == 9_477_632  # 9.48M
+
+
+def test_prediction_of_y_i_cannot_see_y_i():
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = looped.LoopedTransformer(cfg).eval()
+    xs, ys = draw("linreg", B=3, n=9, d=4, active=4)
+    i = 4
+    ys2 = ys.clone()
+    ys2[:, i] += 1.0
+    with torch.no_grad():
+        p1, p2 = model(xs, ys, 3), model(xs, ys2, 3)  # (B, t, n)
+    assert torch.equal(p1[..., : i + 1], p2[..., : i + 1])  # predictions 0..i unchanged
+    assert ((p1[..., i + 1 :] - p2[..., i + 1 :]).abs() > 1e-6).all()  # later ones change
+
+
+def test_more_loops_extend_the_same_iterates():
+    cfg = tiny_config()
+    model = looped.LoopedTransformer(cfg).eval()
+    xs, ys = draw("linreg", B=3, n=9, d=4, active=4)
+    with torch.no_grad():
+        five, two = model(xs, ys, 5), model(xs, ys, 2)
+    assert five.shape == (3, 5, 9) and two.shape == (3, 2, 9)
+    torch.testing.assert_close(five[:, :2], two, rtol=0, atol=1e-6)
+    assert not torch.allclose(five[:, 2], five[:, 1])  # the loop does move
+
+
+def grads(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_no_gradient_through_the_first_b_minus_T_iterations():
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = looped.LoopedTransformer(cfg)
+    xs, ys = draw("linreg", B=4, n=9, d=4, active=4)
+    b, T = 6, 3
+    looped.windowed_loss(model(xs, ys, b, b - T), ys).backward()
+    ours = grads(model)
+
+    def reference(detach):  # the loop written out, with the state cut after b - T iterations
+        model.zero_grad()
+        tokens = torch.stack([xs, torch.nn.functional.pad(ys[..., None], (0, 3))], 2).view(4, 18, 4)
+        inject = model.read_in(tokens) + model.wpe.weight[:18]
+        Y, preds = torch.zeros_like(inject), []
+        for t in range(b):
+            Y = model.iterate(Y, inject)
+            if t == b - T - 1 and detach:
+                Y = Y.detach()
+            if t >= b - T:
+                preds.append(model.read_out(Y[:, ::2])[..., 0])
+        looped.windowed_loss(torch.stack(preds, 1), ys).backward()
+        return grads(model)
+
+    for g, r in zip(ours, reference(detach=True)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(g, r, rtol=1e-3) for g, r in zip(ours, reference(detach=False)))
+
+
+def test_no_grad_iterations_keep_no_activations():
+    """What bench.py train reports as saved bytes: 6 loops with the first 3 under no_grad keep
+    exactly what 3 loops keep, and 6 loops all with gradient keep more."""
+    cfg = tiny_config()
+    model = looped.LoopedTransformer(cfg)
+    xs, ys = draw("linreg", B=4, n=9, d=4, active=4)
+    ctx = looped.nullcontext()
+    windowed, short = (
+        bench.activation_bytes(model, ctx, xs, ys, 6, 3),
+        bench.activation_bytes(model, ctx, xs, ys, 3, 0),
+    )
+    assert windowed == short and bench.activation_bytes(model, ctx, xs, ys, 6, 0) > 1.5 * short
+    assert (
+        bench.matmul_peak(torch.device("cpu"), torch.float32, size=256) > 1e8
+    )  # a positive rate, timed
+
+
+def test_gelu_written_for_compile_is_gpt2_gelu():
+    """The sigmoid form the model uses under torch.compile is the tanh GELU, to float64 round-off."""
+    x = torch.linspace(-8, 8, 1001, dtype=torch.float64)
+    with mock.patch("torch.compiler.is_compiling", return_value=True):
+        compiled_form = looped.gelu(x)
+    torch.testing.assert_close(compiled_form, F.gelu(x, approximate="tanh"), rtol=1e-14, atol=1e-15)
+    assert not torch.equal(compiled_form, F.gelu(x, approximate="tanh"))  # the other branch did run
+
+
+def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path):
+    full = tiny_config(tmp_path / "full")
+    looped.train(full, quiet=True)
+    ckpt = state(full.out)
+    assert ckpt["step"] == 6 and ckpt["config"] == looped.asdict(full)
+    model = looped.restore_model(ckpt, full, "cpu")
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), ckpt["model"].values())
+    )
+
+    half = tiny_config(tmp_path / "half", steps=3)
+    looped.train(half, quiet=True)
+    assert run_cli(looped.main, "--resume", half.out, "--steps", "6").returncode == 0
+    resumed = state(half.out)
+    assert resumed["step"] == 6
+    for name, tensor in ckpt["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    with open(os.path.join(half.out, "log.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [2, 3, 4, 6]
+    ckpt = state(
+        half.out
+    )  # as a GPU run's optimizer saves itself: capturable (CUDA graphs); a CPU run steps as a CPU can
+    ckpt["optimizer"]["param_groups"][0].update(capturable=True, fused=False)
+    torch.save(ckpt, os.path.join(half.out, "ckpt.pt"))
+    assert (
+        run_cli(looped.main, "--resume", half.out, "--steps", "7").returncode == 0
+        and state(half.out)["step"] == 7
+    )
+    ckpt = state(
+        half.out
+    )  # a GPU drew its prompts: a CUDA generator's state (16 bytes) cannot go on in a CPU's
+    ckpt["rng"]["data"] = [torch.zeros(16, dtype=torch.uint8)]
+    torch.save(ckpt, os.path.join(half.out, "ckpt.pt"))
+    r = run_cli(looped.main, "--resume", half.out, "--steps", "8")
+    assert r.returncode == 2 and "on the kind of device (GPU or CPU)" in r.stderr, r.stderr
+
+
+def test_training_steps_at_the_scheduled_rate_and_an_interrupted_run_resumes_exactly(
+    tmp_path, monkeypatch
+):
+    """Warm-up and decay: every step's Adam rate is learning_rate's, and a run stopped by a signal
+    in the decay and resumed ends with the weights of an uninterrupted one."""
+    step, rates = looped.train_step, []
+
+    def recorded(forward, opt, *args):
+        rates.append(opt.param_groups[0]["lr"])
+        if len(rates) == stop_at:
+            signal.raise_signal(signal.SIGTERM)
+        return step(forward, opt, *args)
+
+    monkeypatch.setattr(looped, "train_step", recorded)
+    full, stop_at = tiny_config(tmp_path / "full", lr=1e-2, warmup=2, decay=3, steps=6), 0
+    looped.train(full, quiet=True)
+    assert rates == [looped.learning_rate(full, s) for s in range(6)] and len(set(rates)) == 4
+    cut, stop_at, rates = tiny_config(tmp_path / "cut", lr=1e-2, warmup=2, decay=3, steps=6), 4, []
+    with pytest.raises(harness.Interrupted):
+        looped.train(cut, quiet=True)
+    assert state(cut.out)["step"] == 4
+    r = run_cli(looped.main, "--resume", cut.out)
+    assert r.returncode == 0 and rates[4:] == [looped.learning_rate(full, s) for s in (4, 5)]
+    for name, tensor in state(full.out)["model"].items():
+        assert torch.equal(tensor, state(cut.out)["model"][name]), name
+
+
+def test_progress_lines_give_the_time_taken_and_left(tmp_path):
+    flags = ["--steps", "4", "--log_every", "2", "--out", str(tmp_path)]
+    r = run_cli(looped.main, *TINY_FLAGS, *flags)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("step")]
+    assert r.returncode == 0 and len(lines) == 2
+    assert all(re.search(r"ms/step \| \d+s, ~\d+s left$", line) for line in lines), lines
+    assert re.search(r"evaluated in \d+s, done in \d+s; plots in", r.stdout), r.stdout
+
+
+def test_learning_curve_points_are_logged_on_validation_prompts_and_leave_training_unchanged(
+    tmp_path,
+):
+    plain, curves = tiny_config(tmp_path / "plain"), tiny_config(tmp_path / "curves", eval_every=2)
+    looped.train(plain, quiet=True)
+    errors = looped.train(curves, quiet=True)
+    points = [
+        r for r in map(json.loads, open(tmp_path / "curves" / "log.jsonl")) if "val_error" in r
+    ]
+    assert [r["step"] for r in points] == [2, 4, 6] and all(
+        len(r["val_error"]) == curves.n_points for r in points
+    )
+    test_at_b = errors["loops"][
+        curves.n_loops - 1
+    ]  # the same model at the same b, on the test prompts
+    assert not torch.allclose(torch.tensor(points[-1]["val_error"]), test_at_b)  # other prompts
+    assert (
+        abs(torch.tensor(points[-1]["val_error"]).mean() - test_at_b.mean())
+        < 0.5 * test_at_b.mean()
+    )  # same task
+    a, b = state(plain.out)["model"], state(curves.out)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # evaluating on the way changed no weight
+
+
+def test_amp_on_a_cpu_without_native_bf16_trains_in_fp32(monkeypatch, capsys):
+    cfg = tiny_config(amp=True)
+    monkeypatch.setattr(looped, "cpu_has_bf16", lambda: False)
+    device, ctx = looped.setup_device(cfg)
+    assert isinstance(ctx, looped.nullcontext) and "no native bf16" in capsys.readouterr().out
+    monkeypatch.setattr(
+        looped, "cpu_has_bf16", lambda: True
+    )  # AVX512-BF16 or AMX: bf16 autocast as asked
+    device, ctx = looped.setup_device(cfg)
+    with ctx:
+        assert (
+            torch.is_autocast_enabled("cpu")
+            and (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+        )
+    assert isinstance(looped.setup_device(tiny_config())[1], looped.nullcontext)  # no --amp: fp32
+
+
+@slow
+def test_compiled_training_compiles_twice_through_the_curriculum_and_saves_plain_keys(tmp_path):
+    """b grows 3 -> 6 and n 5 -> 9 during training, then the evaluation runs 8 loops on 16 prompts:
+    one graph with gradients and one without serve them all (the unrolled forward recompiled at
+    every b; dynamo gives up after 8)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = tiny_config(
+        tmp_path, steps=8, loops_every=1, compile=True, amp=True
+    )  # and bf16 autocast on CPU
+    errors = looped.train(cfg, quiet=True)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert set(state(cfg.out)["model"]) == set(
+        looped.LoopedTransformer(cfg).state_dict()
+    )  # no _orig_mod.
+    assert errors["loops"].isfinite().all()
+
+
+@slow
+def test_short_training_beats_the_averaging_baseline(tmp_path):
+    """1500 steps of a 5-loop model on 3-dimensional linear regression (about a minute): at
+    the last position (k = 6) it must clearly beat averaging (about 0.7 there) and the zero
+    predictor (about 1). Measured here: 0.37 against 0.70."""
+    cfg = looped.make_config(
+        n_dims=3,
+        n_points=7,
+        n_embd=64,
+        n_head=4,
+        n_loops=5,
+        loop_window=5,
+        curriculum_every=0,
+        loops_every=0,
+        steps=1500,
+        batch_size=64,
+        lr=3e-4,
+        warmup=0,
+        decay=0,
+        log_every=500,
+        ckpt_every=1500,
+        eval_prompts=256,
+        device="cpu",
+        out=str(tmp_path),
+    )
+    errors = looped.train(cfg, quiet=True)
+    k = 6
+    model, avg = errors["loops"][4, k].item(), errors["averaging"][k].item()
+    assert model < 0.6 * avg and model < 0.5, (model, avg)
+    assert os.path.isfile(tmp_path / "error_vs_examples.png")
+    assert os.path.isfile(tmp_path / "error_vs_loops.png")
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, steps=4, ckpt_every=2, log_every=2)
+    looped.train(cfg, quiet=True)
+    before = state(cfg.out)
+    out = str(tmp_path)
+    r = run_cli(
+        looped.main, "--resume", out, "--steps", "8", "--lr", "1e30"
+    )  # lr is part of the config
+    assert r.returncode == 2 and "differs" in r.stderr
+    poisoned = {**before, "model": {k: v.clone() for k, v in before["model"].items()}}
+    poisoned["model"]["read_out.bias"].fill_(float("nan"))  # the run goes bad after step 4
+    with pytest.raises(harness.UserError, match="diverged"):
+        looped.train(
+            tiny_config(tmp_path, steps=8, ckpt_every=2, log_every=2), resume=poisoned, quiet=True
+        )
+    after = state(out)
+    assert after["step"] == 4
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+
+
+def test_divergence_says_whether_a_checkpoint_was_kept(tmp_path):
+    r = run_cli(
+        looped.main,
+        *TINY_FLAGS,
+        "--steps",
+        "20",
+        "--log_every",
+        "2",
+        "--lr",
+        "1e30",
+        "--out",
+        str(tmp_path),
+    )
+    assert (
+        r.returncode == 2 and "diverged" in r.stderr and "no checkpoint was written" in r.stderr
+    ), r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--task", "quadratic"], "quadratic"),
+        (["--loops", "0"], "--loops must"),
+        (["--loops", "5", "--window", "6"], "exceeds"),
+        (["--window", "0"], "--window must"),
+        (["--loops", "6", "--window", "3", "--eval_loops", "4"], "below --loops"),
+        (["--n_points", "50", "--n_positions", "40"], "position table"),
+        (["--n_embd", "-4"], "--n_embd"),
+        (["--batch_size", "0"], "--batch_size"),
+        (["--steps", "abc"], "invalid int"),
+        (["--eval", "/nonexistent/run"], "no checkpoint"),
+        (["--resume", "/nonexistent/run"], "no checkpoint"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_code_2(args, words):
+    r = (
+        run_cli(looped.main, *args, "--steps", "1")
+        if "--steps" not in args
+        else run_cli(looped.main, *args)
+    )
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, r.stderr
+
+
+def test_corrupt_and_incompatible_run_folders(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    r = run_cli(looped.main, "--eval", str(tmp_path))
+    assert r.returncode == 2 and "corrupt" in r.stderr and len(r.stderr.splitlines()) == 1
+    cfg = tiny_config(tmp_path / "run", steps=2)
+    looped.train(cfg, quiet=True)
+    ckpt = state(cfg.out)
+    ckpt["config"]["n_embd"] = 48  # weights of width 32 under a config of width 48
+    torch.save(ckpt, os.path.join(cfg.out, "ckpt.pt"))
+    r = run_cli(looped.main, "--eval", cfg.out)
+    assert r.returncode == 2 and "its weights have n_embd 32, its config 48" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1
+    ckpt["config"]["loop_window"] = 99
+    torch.save(ckpt, os.path.join(cfg.out, "ckpt.pt"))
+    r = run_cli(looped.main, "--resume", cfg.out)
+    assert r.returncode == 2 and "incompatible" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_eval_re_evaluates_a_saved_run(tmp_path):
+    cfg = tiny_config(tmp_path, steps=2)
+    errors = looped.train(cfg, quiet=True)
+    os.remove(tmp_path / "error_vs_loops.png")
+    r = run_cli(looped.main, "--eval", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "least squares" in r.stdout and os.path.isfile(tmp_path / "error_vs_loops.png")
+    saved = json.load(open(tmp_path / "eval.json"))
+    torch.testing.assert_close(torch.tensor(saved["loops"]), errors["loops"], rtol=1e-5, atol=1e-6)
