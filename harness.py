@@ -12,10 +12,11 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import io
 import json
+import math
 import os
 import pickle
-import re
 import shutil
 import signal
 import sys
@@ -24,10 +25,11 @@ import textwrap
 import threading
 import time
 import warnings
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 RUN_FILES = ("ckpt.pt", "log.jsonl", "eval.json", "error_vs_examples.png", "error_vs_loops.png")
 
@@ -452,3 +454,226 @@ def stop_signals(world):
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+# ---------------------------------------------------------------------------- a training run
+
+
+def save_checkpoint(path, model, opt, cfg, step, data_states):
+    """One dict, written atomically (a failed write keeps the previous one). data_states: every
+    process's prompt generator, so that a resumed run draws the prompts an uninterrupted one would."""
+    ckpt = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "config": dataclasses.asdict(cfg),
+        "step": step,
+        "rng": {"data": data_states, "torch": torch.get_rng_state()},
+    }
+    buffer = (
+        io.BytesIO()
+    )  # serialised first, so that a failed write is an OSError, caught by atomic
+    torch.save(ckpt, buffer)
+    with atomic(path) as tmp, open(tmp, "wb") as f:
+        f.write(buffer.getbuffer())
+
+
+class TrainingRun:
+    """What a training loop needs around the method, so that the loop itself shows only the method:
+
+        with TrainingRun(cfg, model, device, ...) as run:
+            for step in run.steps():
+                loss = run.step(train_step, *batch, lr=...)
+                run.log(loss, d=d, n=n, b=b)
+
+    Entering it checks and holds the run folder (a used one is refused unless resumed or
+    overwritten), joins torchrun, makes Adam and the prompt generator (`run.prompts`, one per
+    process) and, with `resume` (a checkpoint), restores the weights, Adam, the generators and the
+    log, so that the run continues exactly. `run.step` runs the step function on the model (wrapped
+    in DDP under torchrun) and Adam, as CUDA graphs under --compile on one GPU, at the given rate.
+    `run.log` counts the step, checks for NaN, writes the log line and the learning-curve point
+    (`validate`, a function of no arguments), and saves a checkpoint every cfg.ckpt_every steps.
+    SIGINT and SIGTERM end `run.steps()` after a saved step, which then raises Interrupted; under
+    torchrun every process stops at the same step. Only rank 0 writes and talks (`run.say`)."""
+
+    def __init__(
+        self,
+        cfg,
+        model,
+        device,
+        resume=None,
+        overwrite=False,
+        quiet=False,
+        costs=None,
+        validate=None,
+        memory_flags="",
+    ):
+        self.cfg, self.model, self.device, self.resume = cfg, model, device, resume
+        self.overwrite, self.quiet, self.costs, self.validate = overwrite, quiet, costs, validate
+        self.memory_flags, self.log_file, self.loop = memory_flags, None, None
+        self.ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+        self.log_path = os.path.join(cfg.out, "log.jsonl")
+
+    def __enter__(self):
+        cfg, device, resume = self.cfg, self.device, self.resume
+        check_folder(cfg.out, reuse=resume is not None, overwrite=self.overwrite)  # every process
+        self.held = hold_folder(cfg.out, os.environ.get("RANK", "0") == "0")  # before any joins
+        self.held.__enter__()
+        try:
+            self.rank, self.world, self.group = join_torchrun(cfg.batch_size, device)
+            if self.overwrite and resume is None and self.rank == 0:  # every check has passed
+                remove_run(cfg.out)
+            self.say = (lambda *a: None) if self.quiet or self.rank else print
+            self.batch_size = cfg.batch_size // self.world  # each process its share of the batch
+            # Under CUDA graphs Adam's rate is a tensor changed in place, which the replay reads.
+            self.captured = cfg.compile and device.type == "cuda" and self.world == 1
+            lr = torch.tensor(cfg.lr, device=device) if self.captured else cfg.lr
+            cuda = device.type == "cuda"
+            self.opt = torch.optim.Adam(
+                self.model.parameters(), lr=lr, fused=cuda, capturable=self.captured
+            )
+            self.prompts = torch.Generator(device).manual_seed(cfg.seed + self.rank)
+            self.taken = self.restore() if resume is not None else 0
+            self.graphs = None  # under --compile on one GPU, the step as CUDA graphs (step())
+            # DDP: each process's half-batch gradient, averaged, is the whole batch's gradient.
+            self.forward = DistributedDataParallel(self.model) if self.world > 1 else self.model
+            if self.rank == 0:
+                self.log_file = open(self.log_path, "a" if resume else "w")
+        except BaseException:
+            self.held.__exit__(None, None, None)
+            raise
+        return self
+
+    def restore(self):
+        """Continue exactly where the checkpoint left off; returns its step."""
+        resume, gen = self.resume, self.prompts
+        data = resume["rng"]["data"]  # a CUDA generator's state is not a CPU one's
+        if len(data) != self.world or data[self.rank].numel() != gen.get_state().numel():
+            raise UserError(
+                f"resume on the kind of device (GPU or CPU) and with the processes "
+                f"({len(data)}) that wrote the checkpoint"
+            )
+        self.model.load_state_dict(resume["model"])
+        # Adam's saved values, stepped as this run steps (fused, capturable), not as the saver did.
+        saved = resume["optimizer"]
+        groups = [{**g, **self.opt.defaults} for g in saved["param_groups"]]
+        self.opt.load_state_dict({**saved, "param_groups": groups})
+        gen.set_state(data[self.rank])
+        torch.set_rng_state(resume["rng"]["torch"])
+        self.say(f"resuming from step {resume['step']}")
+        if self.rank == 0:  # each step logged once, whatever a crash left past the checkpoint
+            trim_log(self.log_path, resume["step"])
+        return resume["step"]
+
+    def steps(self):
+        """The steps to take, from 0 or the checkpoint's, until cfg.steps or a signal."""
+        self.loop = self._steps()
+        return self.loop
+
+    def _steps(self):
+        self.running, self.last = torch.zeros((), device=self.device), self.taken
+        self.clock = Progress(self.costs or [1] * self.cfg.steps, self.taken)
+        self.signum = 0
+        with stop_signals(self.world) as self.received:
+            while self.taken < self.cfg.steps and not self.signum:
+                yield self.taken
+            # a signal in the last step or its save
+            self.signum = self.signum or agreed_signal(self.received, self.world, self.group)
+        del self.forward, self.graphs  # DDP's reducer holds the process group, a graph its memory
+        if self.world > 1:  # leave together: a group still referenced at exit can abort gloo
+            dist.barrier()
+            dist.destroy_process_group()
+        if self.signum:  # saved in log()
+            out, name = self.cfg.out, signal.Signals(self.signum).name
+            message = f"stopped by {name} at step {self.taken}, checkpoint saved; continue with --resume {out}"
+            raise Interrupted(
+                message if self.rank == 0 else "", self.signum
+            )  # rank 0 alone says so
+
+    def step(self, fn, *args, lr):
+        """fn(forward, opt, *args) at Adam's rate lr: one training step, its loss left on the device."""
+        if self.captured:  # on a GPU, launches bound a small model's step, not arithmetic
+            self.graphs = self.graphs or CapturedSteps(fn)
+            self.opt.param_groups[0]["lr"].fill_(lr)
+        else:
+            self.opt.param_groups[0]["lr"] = lr
+        with memory_guard(self.memory_flags):
+            return (self.graphs or fn)(self.forward, self.opt, *args)
+
+    def log(self, loss, **fields):
+        """After a step: count it, agree on a signal, and every log_every steps (the only host-device
+        syncs) check the loss and weights for NaN and log the mean loss since the last line with
+        fields; then the learning-curve point and the checkpoint, when due."""
+        cfg, world = self.cfg, self.world
+        self.running += loss  # on the device: no sync
+        self.taken += 1
+        step = self.taken
+        self.signum = agreed_signal(self.received, world, self.group)  # all stop at one step
+        is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or self.signum
+        if step % cfg.log_every == 0 or is_ckpt:
+            if world > 1:  # the mean over the processes too, so that all of them agree on a NaN
+                dist.all_reduce(self.running)
+                self.running /= world
+            mean = self.running.item() / (step - self.last)
+            if not math.isfinite(mean) or not all(
+                p.isfinite().all() for p in self.model.parameters()
+            ):
+                kept = (
+                    f"the last good checkpoint is kept in {self.ckpt_path}"
+                    if os.path.exists(self.ckpt_path)
+                    else "no checkpoint was written"
+                )
+                raise Diverged(
+                    f"training diverged at step {step} (loss {mean}); lower --lr; {kept}"
+                )
+            ms, times = self.clock(step)
+            self.last, self.running = step, torch.zeros((), device=self.device)
+            shown = " ".join(f"{k} {v}" for k, v in fields.items())
+            self.say(f"step {step:6d} | loss {mean:.4f} | {shown} | {ms:.1f} ms/step | {times}")
+            if self.log_file:
+                append_line(self.log_file, dict(step=step, loss=mean, **fields, ms_per_step=ms))
+        due = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
+        if self.validate and due and self.rank == 0:  # before the checkpoint, which keeps it
+            append_line(self.log_file, dict(step=step, val_error=self.validate()))
+        if is_ckpt:
+            states = [self.prompts.get_state()]
+            if world > 1:  # every process's prompt generator, for an exact resume
+                states = [None] * world
+                dist.all_gather_object(states, self.prompts.get_state())
+            if self.rank == 0:
+                save_checkpoint(self.ckpt_path, self.model, self.opt, cfg, step, states)
+
+    def __exit__(self, *exc):
+        if self.loop is not None:
+            self.loop.close()  # on an error in the loop: the signal handlers go back
+        if self.log_file:
+            self.log_file.close()
+        self.held.__exit__(*exc)
+
+
+def setup_device(cfg):
+    """Device and precision, decided once from cfg.device, cfg.amp and cfg.compile: (device,
+    autocast context or a null one). Under torchrun each process takes its LOCAL_RANK's GPU."""
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+        "cpu": True,
+    }
+    name = next(k for k, v in available.items() if v) if cfg.device == "auto" else cfg.device
+    if not available[name.split(":")[0]]:
+        raise UserError(f"--device {name} asked for, but it is not available here")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
+    device = torch.device(name)
+    if device.type == "cuda":  # TF32 matmuls: about fp32's accuracy at tensor-core speed
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.set_device(device.index or 0)  # cuda:N the current device, for its streams
+    amp = cfg.amp and (device.type != "cpu" or cpu_has_bf16())
+    if cfg.amp and not amp:
+        print(
+            "--amp: this CPU has no native bf16, where bf16 autocast is several times slower; "
+            "training in fp32"
+        )
+    if not amp:
+        return device, nullcontext()
+    # Under --compile without autocast's cache of cast weights, which a CUDA graph cannot hold.
+    return device, torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not cfg.compile)

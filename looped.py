@@ -29,44 +29,31 @@ Shapes: B batch, n points, d input dim, D width, L = 2n tokens, t loop iteration
 
 import argparse
 import functools
-import io
 import math
 import os
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 import baselines
 from harness import (
-    CapturedSteps,
-    Diverged,
-    Interrupted,
     Parser,
-    Progress,
+    TrainingRun,
     UserError,
     add_dataclass_flags,
-    agreed_signal,
-    append_line,
     atomic,
     check_folder,
     cli,
-    cpu_has_bf16,
     duration,
     fits,
     hold_folder,
-    join_torchrun,
     load_tensors,
     memory_guard,
-    remove_run,
-    stop_signals,
-    trim_log,
+    setup_device,
     write_json,
 )
 
@@ -611,24 +598,6 @@ def plot(runs, out, title, suffix="", solvers={}, loops=True):
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path, model, opt, cfg, step, data_states):
-    """One dict, written atomically (a failed write keeps the previous one). data_states: every
-    process's prompt generator, so a resumed run draws the prompts an uninterrupted one would."""
-    ckpt = {
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "config": asdict(cfg),
-        "step": step,
-        "rng": {"data": data_states, "torch": torch.get_rng_state()},
-    }
-    buffer = (
-        io.BytesIO()
-    )  # serialised first, so that a failed write is an OSError, caught by atomic
-    torch.save(ckpt, buffer)
-    with atomic(path) as tmp, open(tmp, "wb") as f:
-        f.write(buffer.getbuffer())
-
-
 def load_checkpoint(run_dir):
     """The run's checkpoint and Config; UserError if missing, corrupt, or its weights disagree with its config."""
     path = os.path.join(run_dir, "ckpt.pt")
@@ -680,6 +649,33 @@ def compile_backbone(model):
     model.backbone = torch.compile(model.backbone, dynamic=True)
 
 
+STEP_FLAGS = "--batch_size, --n_points or --window"
+WEIGHT_FLAGS = "--n_embd, --n_layer, --n_positions or --n_dims"
+
+
+def check_memory(cfg, device, training=True):
+    """Refuse, before any work, sizes whose rough peak memory exceeds the device's. A training step
+    keeps about 19 D floats per token, block and trained iteration for the backward pass
+    (bench.activation_bytes measures it), beside 4 copies of the weights (with their gradients and
+    Adam's moments); the evaluation runs 256 prompts at a time, keeping the error after every
+    iteration, then the baselines fit every prefix."""
+    L, D, n = 2 * cfg.n_points, cfg.n_embd, cfg.n_points
+    weights = (
+        4 * (12 * cfg.n_layer * D + 2 * cfg.n_positions + cfg.n_dims) * D
+    )  # blocks, wpe, read_in
+    if training:
+        step = 4 * cfg.batch_size * L * D * (20 * cfg.n_layer * cfg.loop_window + 20)
+        fits({STEP_FLAGS: step, WEIGHT_FLAGS: 4 * weights}, device, "a training step")
+    prompts, prefixes = baselines.memory_needed(cfg.eval_prompts, n, cfg.n_dims)
+    needs = {
+        "--n_points or --eval_loops": 4 * 256 * (20 * L * D + 2 * cfg.eval_loops * n),
+        WEIGHT_FLAGS: weights,
+        "--eval_prompts": prompts,
+        "--n_points or --n_dims": prefixes,
+    }
+    fits(needs, device, "the evaluation")
+
+
 def train_step(forward, opt, ctx, xs, ys, n_loops, n_no_grad):
     """One Adam step on the windowed loss; returns the loss, left on the device (no sync)."""
     with ctx:
@@ -691,225 +687,44 @@ def train_step(forward, opt, ctx, xs, ys, n_loops, n_no_grad):
     return loss.detach()
 
 
-def setup_device(cfg):
-    """Device and precision, decided once: (device, autocast context or a null one)."""
-    available = {
-        "cuda": torch.cuda.is_available(),
-        "mps": torch.backends.mps.is_available(),
-        "cpu": True,
-    }
-    name = next(k for k, v in available.items() if v) if cfg.device == "auto" else cfg.device
-    if not available[name.split(":")[0]]:
-        raise UserError(f"--device {name} asked for, but it is not available here")
-    device = torch.device(
-        f"cuda:{os.environ['LOCAL_RANK']}"
-        if name == "cuda" and "LOCAL_RANK" in os.environ
-        else name
-    )  # torchrun
-    if (
-        device.type == "cuda"
-    ):  # TF32 matmuls: ~fp32 accuracy at tensor-core speed; cuda:N the current device (streams)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.cuda.set_device(device.index or 0)
-    amp = cfg.amp and (device.type != "cpu" or cpu_has_bf16())
-    if cfg.amp and not amp:
-        print(
-            "--amp: this CPU has no native bf16, where bf16 autocast is several times slower; training in fp32"
-        )
-    # bf16 autocast; under --compile without its cache of cast weights, which a CUDA graph cannot hold
-    return device, torch.autocast(
-        device.type, dtype=torch.bfloat16, cache_enabled=not cfg.compile
-    ) if amp else nullcontext()
-
-
-STEP_FLAGS, WEIGHT_FLAGS = (
-    "--batch_size, --n_points or --window",
-    "--n_embd, --n_layer, --n_positions or --n_dims",
-)
-
-
-def check_memory(cfg, device, training=True):
-    """Refuse, before any work, sizes whose rough peak memory exceeds the device's. A training step keeps
-    about 19 D floats per token, block and trained iteration for the backward pass (bench.activation_bytes
-    measures it), beside 4 copies of the weights (with gradients and Adam's moments); the evaluation runs
-    256 prompts at a time, keeping the error after every iteration, then the baselines fit every prefix."""
-    L, D, n = 2 * cfg.n_points, cfg.n_embd, cfg.n_points
-    weights = (
-        4 * (12 * cfg.n_layer * D + 2 * cfg.n_positions + cfg.n_dims) * D
-    )  # the blocks, wpe, read_in
-    if training:
-        fits(
-            {
-                STEP_FLAGS: 4 * cfg.batch_size * L * D * (20 * cfg.n_layer * cfg.loop_window + 20),
-                WEIGHT_FLAGS: 4 * weights,
-            },
-            device,
-            "a training step",
-        )
-    prompts, prefixes = baselines.memory_needed(cfg.eval_prompts, n, cfg.n_dims)
-    fits(
-        {
-            "--n_points or --eval_loops": 4 * 256 * (20 * L * D + 2 * cfg.eval_loops * n),
-            WEIGHT_FLAGS: weights,
-            "--eval_prompts": prompts,
-            "--n_points or --n_dims": prefixes,
-        },
-        device,
-        "the evaluation",
-    )
+def learning_curve(model, cfg, device, ctx):
+    """--eval_every: a function of no arguments giving the error at every k after b loops, on 256
+    validation prompts drawn apart from the test prompts."""
+    val = eval_prompts(replace(cfg, eval_prompts=256, eval_seed=cfg.eval_seed + 1), device)
+    at_b = replace(cfg, eval_loops=cfg.n_loops)
+    return lambda: model_errors(model, at_b, val, ctx)["loops"][-1].tolist()
 
 
 def train(cfg, resume=None, quiet=False, overwrite=False):
-    """Train a looped transformer, then evaluate it; returns the evaluation errors (None on the processes
-    of a torchrun job other than rank 0, which alone logs, saves and evaluates). A used run folder is
-    refused unless resumed or overwritten; SIGINT and SIGTERM save, then raise Interrupted."""
+    """Train a looped transformer, then evaluate it; returns the evaluation's errors (None on the
+    processes of a torchrun job other than rank 0). The run folder, resuming, torchrun, signals
+    and checkpoints are the harness's TrainingRun; the loop below is the method."""
     started = time.perf_counter()
     device, ctx = setup_device(cfg)
-    out, ckpt_path, log_path = (
-        cfg.out,
-        os.path.join(cfg.out, "ckpt.pt"),
-        os.path.join(cfg.out, "log.jsonl"),
-    )
-    check_folder(
-        out, reuse=resume is not None, overwrite=overwrite
-    )  # every process, before any of them writes
     check_memory(cfg, device)
-    with hold_folder(
-        out, os.environ.get("RANK", "0") == "0"
-    ):  # one process at a time, taken before any joins
-        rank, world, group = join_torchrun(cfg.batch_size, device)  # (0, 1, None) outside torchrun
-        if overwrite and resume is None and rank == 0:  # every check has passed: the old run goes
-            remove_run(out)
-        say = (lambda *a: None) if quiet or rank else print
-        torch.manual_seed(cfg.seed)  # the same initial weights on every process
-        with memory_guard(WEIGHT_FLAGS):
-            model = LoopedTransformer(cfg).to(device)
-        captured = (
-            cfg.compile and device.type == "cuda" and world == 1
-        )  # the whole step as CUDA graphs
-        # Under CUDA graphs the rate is a tensor changed in place, which the replayed step reads.
-        lr = torch.tensor(cfg.lr, device=device) if captured else cfg.lr
-        opt = torch.optim.Adam(
-            model.parameters(), lr=lr, fused=device.type == "cuda", capturable=captured
-        )
-        gen = torch.Generator(device).manual_seed(cfg.seed + rank)  # each process its own prompts
-        step = 0
-        if resume is not None:  # continue exactly where the checkpoint left off
-            data = resume["rng"][
-                "data"
-            ]  # each process's prompt generator: a CUDA one's state is not a CPU one's
-            if len(data) != world or data[rank].numel() != gen.get_state().numel():
-                raise UserError(
-                    f"resume on the kind of device (GPU or CPU) and with the processes ({len(data)}) that wrote the checkpoint"
-                )
-            model.load_state_dict(resume["model"])
-            saved = resume[
-                "optimizer"
-            ]  # its values, stepped as this run steps (fused, capturable), not as the saver did
-            opt.load_state_dict(
-                {**saved, "param_groups": [{**g, **opt.defaults} for g in saved["param_groups"]]}
-            )
-            gen.set_state(data[rank])
-            torch.set_rng_state(resume["rng"]["torch"])
-            step = resume["step"]
-            say(f"resuming from step {step}")
-            if rank == 0:
-                trim_log(
-                    log_path, step
-                )  # each step logged once, whatever a crash left past the checkpoint
-        if cfg.compile:
-            compile_backbone(model)
-        step_fn = (
-            CapturedSteps(train_step) if captured else train_step
-        )  # on a GPU, launches bound the step, not arithmetic
-        forward = (
-            DistributedDataParallel(model) if world > 1 else model
-        )  # the half-batches' mean gradient: the batch's
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    with memory_guard(WEIGHT_FLAGS):
+        model = LoopedTransformer(cfg).to(device)
+    if cfg.compile:
+        compile_backbone(model)
+    costs = [step_cost(cfg, s) for s in range(cfg.steps)]  # for the time-left estimate
+    curve = learning_curve(model, cfg, device, ctx) if cfg.eval_every else None
+    with TrainingRun(cfg, model, device, resume, overwrite, quiet, costs, curve, STEP_FLAGS) as run:
         backbone, total = count_parameters(model)
-        say(
-            f"{cfg.task}: {cfg.n_layer} layer(s) x {cfg.n_loops} loops, D {cfg.n_embd}, d {cfg.n_dims}, n {cfg.n_points} | "
-            f"{backbone / 1e6:.3f}M parameters (paper convention), {total / 1e6:.3f}M total | {device} | run folder {out}"
+        run.say(
+            f"{cfg.task}: {cfg.n_layer} layer(s) x {cfg.n_loops} loops, D {cfg.n_embd}, "
+            f"d {cfg.n_dims}, n {cfg.n_points} | {backbone / 1e6:.3f}M parameters (paper "
+            f"convention), {total / 1e6:.3f}M total | {device} | run folder {cfg.out}"
         )
-        log = open(log_path, "a" if resume else "w") if rank == 0 else None
-        val = (
-            eval_prompts(replace(cfg, eval_prompts=256, eval_seed=cfg.eval_seed + 1), device)
-            if cfg.eval_every
-            else None
-        )
-        last, running, signum = step, torch.zeros((), device=device), 0
-        clock = Progress([step_cost(cfg, s) for s in range(cfg.steps)], step)
-        with stop_signals(world) as received, memory_guard(STEP_FLAGS):
-            while step < cfg.steps and not signum:
-                d, n, b = curriculum(cfg, step)
-                if captured:
-                    opt.param_groups[0]["lr"].fill_(learning_rate(cfg, step))
-                else:
-                    opt.param_groups[0]["lr"] = learning_rate(cfg, step)
-                xs, ys = TASKS[cfg.task](cfg.batch_size // world, n, cfg.n_dims, d, gen)
-                loss = step_fn(forward, opt, ctx, xs, ys, b, max(b - cfg.loop_window, 0))
-                running += loss / error_normaliser(cfg.task, d)  # on the device: no sync
-                step += 1
-                signum = agreed_signal(
-                    received, world, group
-                )  # every process stops at the same step
-                is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or signum
-                if step % cfg.log_every == 0 or is_ckpt:  # the only host-device syncs of the loop
-                    # loss: normalised training loss, averaged over the steps since the last line
-                    if world > 1:  # ... and over the processes, so that all of them agree on a NaN
-                        dist.all_reduce(running)
-                        running /= world
-                    mean = running.item() / (step - last)
-                    if not math.isfinite(mean) or not all(
-                        p.isfinite().all() for p in model.parameters()
-                    ):
-                        kept = (
-                            f"the last good checkpoint is kept in {ckpt_path}"
-                            if os.path.exists(ckpt_path)
-                            else "no checkpoint was written"
-                        )
-                        raise Diverged(
-                            f"training diverged at step {step} (loss {mean}); lower --lr; {kept}"
-                        )
-                    ms, times = clock(step)
-                    last, running = step, torch.zeros((), device=device)
-                    say(
-                        f"step {step:6d} | loss {mean:.4f} | d {d} n {n} b {b} | "
-                        f"{ms:.1f} ms/step | {times}"
-                    )
-                    if log:
-                        append_line(log, dict(step=step, loss=mean, d=d, n=n, b=b, ms_per_step=ms))
-                if (
-                    val and rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps)
-                ):  # before the checkpoint
-                    at_b = model_errors(model, replace(cfg, eval_loops=cfg.n_loops), val, ctx)[
-                        "loops"
-                    ][-1]
-                    append_line(
-                        log, dict(step=step, val_error=at_b.tolist())
-                    )  # a learning-curve point
-                if is_ckpt:
-                    states = [gen.get_state()]
-                    if world > 1:  # every process's prompt generator, for an exact resume
-                        states = [None] * world
-                        dist.all_gather_object(states, gen.get_state())
-                    if rank == 0:
-                        save_checkpoint(ckpt_path, model, opt, cfg, step, states)
-            signum = signum or agreed_signal(
-                received, world, group
-            )  # one in the last step or its save
-        del forward, step_fn  # DDP's reducer holds the process group, a captured graph its memory
-        if (
-            world > 1
-        ):  # leave together, tear down: a group still referenced at exit can abort gloo's threads (SIGABRT)
-            dist.barrier()
-            dist.destroy_process_group()
-        if rank == 0:
-            log.close()
-        if signum:  # saved above
-            message = f"stopped by {signal.Signals(signum).name} at step {step}, checkpoint saved; continue with --resume {out}"
-            raise Interrupted(message if rank == 0 else "", signum)  # rank 0 alone says so
-        if rank == 0:
-            return finish(model, cfg, device, ctx, say, started)
+        for step in run.steps():
+            d, n, b = curriculum(cfg, step)
+            xs, ys = TASKS[cfg.task](run.batch_size, n, cfg.n_dims, d, run.prompts)  # fresh prompts
+            # The paper's truncated loss: of the b iterations only the last T get a gradient.
+            n_no_grad = max(b - cfg.loop_window, 0)
+            loss = run.step(train_step, ctx, xs, ys, b, n_no_grad, lr=learning_rate(cfg, step))
+            run.log(loss / error_normaliser(cfg.task, d), d=d, n=n, b=b)  # scaled as the error is
+        if run.rank == 0:  # the evaluation, in the run folder still held
+            return finish(model, cfg, device, ctx, run.say, started)
 
 
 def finish(model, cfg, device, ctx, say=print, started=None):

@@ -67,7 +67,7 @@ def test_compiled_training_on_a_gpu_captures_each_stage_without_recompiling(tmp_
             super().__init__(*args)
             made.append(self)
 
-    monkeypatch.setattr(looped, "CapturedSteps", Recorded)
+    monkeypatch.setattr(harness, "CapturedSteps", Recorded)
     torch._dynamo.reset()
     counters.clear()
     cfg = tiny_config(

@@ -314,12 +314,11 @@ def test_learning_curve_points_are_logged_on_validation_prompts_and_leave_traini
 
 def test_amp_on_a_cpu_without_native_bf16_trains_in_fp32(monkeypatch, capsys):
     cfg = tiny_config(amp=True)
-    monkeypatch.setattr(looped, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(harness, "cpu_has_bf16", lambda: False)
     device, ctx = looped.setup_device(cfg)
     assert isinstance(ctx, looped.nullcontext) and "no native bf16" in capsys.readouterr().out
-    monkeypatch.setattr(
-        looped, "cpu_has_bf16", lambda: True
-    )  # AVX512-BF16 or AMX: bf16 autocast as asked
+    # AVX512-BF16 or AMX: bf16 autocast, as asked
+    monkeypatch.setattr(harness, "cpu_has_bf16", lambda: True)
     device, ctx = looped.setup_device(cfg)
     with ctx:
         assert (
