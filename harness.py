@@ -222,7 +222,8 @@ def check_folder(out, reuse=False, overwrite=False):
 @contextmanager
 def hold_folder(out, enabled=True):
     """Hold the run folder for this process: a second training run, --resume or --eval in the same
-    folder at the same time is refused, where both would write its files (POSIX; elsewhere no lock)."""
+    folder at the same time is refused, where both would write its files (POSIX; elsewhere no lock).
+    """
     try:
         import fcntl
     except ImportError:
@@ -262,7 +263,8 @@ def load_tensors(path):
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e):  # "Trying to load unsupported GLOBAL os.system ..."
             raise UserError(
-                f"{path} holds more than tensors and plain data: refused, as loading it could run code"
+                f"{path} holds more than tensors and plain data: refused, as loading it "
+                "could run code"
             ) from None
         raise UserError(f"{path} is corrupt or not a torch checkpoint") from None
     except Exception as e:
@@ -285,7 +287,7 @@ def trim_log(path, step):
         f.writelines(kept)
 
 
-# ---------------------------------------------------------------------------- hardware, memory and signals
+# ---------------------------------------------------------------- hardware, memory and signals
 
 
 def join_torchrun(batch_size, device):
@@ -313,14 +315,15 @@ def cpu_has_bf16():
 
 class CapturedSteps:
     """fn, a training step, run as CUDA graphs: recorded once per shape of its arguments (forward,
-    backward and optimizer step, thousands of kernels) and replayed with one launch per step. fn must
-    read its tensors only from its arguments, sync nothing with the host and draw no random numbers;
-    its optimizer must be capturable. Every call is a real step on its own arguments: the first
-    `warmup` calls of a new shape run eagerly on a side stream (as capture requires), the next one is
-    captured on that stream, and from then on a call copies its tensors into the graph's static inputs
-    and replays it, returning the graph's output (overwritten by the next replay). A new shape frees
-    the old graph (a curriculum never returns to one); a capture that fails is said once, then fn runs
-    eagerly (what the failed capture allocated may stay reserved). Tensors must be on the current device.
+    backward and optimizer step, thousands of kernels) and replayed with one launch per step. fn
+    must read its tensors only from its arguments, sync nothing with the host and draw no random
+    numbers; its optimizer must be capturable. Every call is a real step on its own arguments: the
+    first `warmup` calls of a new shape run eagerly on a side stream (as capture requires), the next
+    one is captured on that stream, and from then on a call copies its tensors into the graph's
+    static inputs and replays it, returning the graph's output (overwritten by the next replay). A
+    new shape frees the old graph (a curriculum never returns to one); a capture that fails is said
+    once, then fn runs eagerly (what the failed capture allocated may stay reserved). Tensors must
+    be on the current device.
     https://docs.pytorch.org/docs/stable/notes/cuda.html#whole-network-capture"""
 
     def __init__(self, fn, warmup=3):
@@ -359,11 +362,12 @@ class CapturedSteps:
                 torch.cuda.CUDAGraph(),
             )
             try:
-                # records, runs nothing: this call's step is the first replay. The outer stream context restores
+                # Capture records and runs nothing: this call's step is the first replay. The
+                # outer stream context restores the stream if the capture fails.
                 with (
                     torch.cuda.stream(self.stream),
                     torch.cuda.graph(graph, stream=self.stream),
-                ):  # the stream if capture fails
+                ):
                     self.out = self.fn(*self.inputs)
             except Interrupted:
                 raise
@@ -372,7 +376,8 @@ class CapturedSteps:
                     e.__context__ or e
                 )  # the capture's own error, not capture_end's that follows it
                 print(
-                    f"CUDA graph capture failed ({str(cause).splitlines()[0][:200]}): the steps run without CUDA graphs"
+                    f"CUDA graph capture failed ({str(cause).splitlines()[0][:200]}): the steps "
+                    "run without CUDA graphs"
                 )
                 self.failed, self.inputs, self.out = True, None, None
                 return self.fn(*args)
@@ -398,8 +403,8 @@ def device_memory(device):
 
 
 def fits(needs, device, what):
-    """UserError, before any work, where the estimate for `what`, {flags that set a term: its bytes},
-    exceeds the device's memory; the message names the flags of the largest term."""
+    """UserError, before any work, where the estimate for `what`, {flags that set a term: its
+    bytes}, exceeds the device's memory; the message names the flags of the largest term."""
     need, have = sum(needs.values()), device_memory(device)
     if have and need > have:
         raise UserError(
@@ -410,7 +415,7 @@ def fits(needs, device, what):
 
 @contextmanager
 def memory_guard(flags):
-    """An out-of-memory error that the estimate missed becomes one line naming the flags to lower."""
+    """An out-of-memory error that the estimate missed: one line naming the flags to lower."""
     try:
         yield
     except RuntimeError as e:  # CUDA and MPS say "out of memory", a CPU "can't allocate memory"
@@ -421,7 +426,8 @@ def memory_guard(flags):
 
 def agreed_signal(received, world, group=None):
     """The signal to stop on, 0 for none: under torchrun the largest that any process received, by a
-    host-side all-reduce over gloo (no device sync), so that every process stops at the same step."""
+    host-side all-reduce over gloo (no device sync), so that every process stops at the same step.
+    """
     if world == 1:  # called every step: no tensor, no collective
         return received[0] if received else 0
     signum = torch.tensor(received[0] if received else 0)
@@ -431,9 +437,9 @@ def agreed_signal(received, world, group=None):
 
 @contextmanager
 def stop_signals(world):
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) ask the loop to save and stop after the
-    current step: yields the signals received. A second one stops at once, except under torchrun,
-    which forwards the signal it got to every process and kills them 30 s later."""
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) ask the loop to save and stop after
+    the current step: yields the signals received. A second one stops at once, except under
+    torchrun, which forwards the signal it got to every process and kills them 30 s later."""
 
     def handle(signum, frame):
         if received and world == 1:
@@ -461,7 +467,8 @@ def stop_signals(world):
 
 def save_checkpoint(path, model, opt, cfg, step, data_states):
     """One dict, written atomically (a failed write keeps the previous one). data_states: every
-    process's prompt generator, so that a resumed run draws the prompts an uninterrupted one would."""
+    process's prompt generator, so that a resumed run draws the prompts an uninterrupted one would.
+    """
     ckpt = {
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
@@ -584,13 +591,17 @@ class TrainingRun:
             dist.destroy_process_group()
         if self.signum:  # saved in log()
             out, name = self.cfg.out, signal.Signals(self.signum).name
-            message = f"stopped by {name} at step {self.taken}, checkpoint saved; continue with --resume {out}"
+            message = (
+                f"stopped by {name} at step {self.taken}, checkpoint saved; continue with "
+                f"--resume {out}"
+            )
             raise Interrupted(
                 message if self.rank == 0 else "", self.signum
             )  # rank 0 alone says so
 
     def step(self, fn, *args, lr):
-        """fn(forward, opt, *args) at Adam's rate lr: one training step, its loss left on the device."""
+        """fn(forward, opt, *args) at Adam's rate lr: one training step, its loss left on the
+        device."""
         if self.captured:  # on a GPU, launches bound a small model's step, not arithmetic
             self.graphs = self.graphs or CapturedSteps(fn)
             self.opt.param_groups[0]["lr"].fill_(lr)
@@ -600,9 +611,9 @@ class TrainingRun:
             return (self.graphs or fn)(self.forward, self.opt, *args)
 
     def log(self, loss, **fields):
-        """After a step: count it, agree on a signal, and every log_every steps (the only host-device
-        syncs) check the loss and weights for NaN and log the mean loss since the last line with
-        fields; then the learning-curve point and the checkpoint, when due."""
+        """After a step: count it, agree on a signal, and every log_every steps (the only
+        host-device syncs) check the loss and weights for NaN and log the mean loss since the last
+        line with fields; then the learning-curve point and the checkpoint, when due."""
         cfg, world = self.cfg, self.world
         self.running += loss  # on the device: no sync
         self.taken += 1

@@ -221,11 +221,13 @@ def validate(cfg):
         raise UserError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
     if cfg.n_points > cfg.n_positions:
         raise UserError(
-            f"--n_points {cfg.n_points} is beyond the position table (n_positions {cfg.n_positions})"
+            f"--n_points {cfg.n_points} is beyond the position table "
+            f"(n_positions {cfg.n_positions})"
         )
     if cfg.eval_loops < cfg.n_loops:  # the evaluation reports the error at b loops
         raise UserError(
-            f"--eval_loops {cfg.eval_loops} is below --loops {cfg.n_loops}: evaluate at least b loops"
+            f"--eval_loops {cfg.eval_loops} is below --loops {cfg.n_loops}: evaluate at least "
+            "b loops"
         )
     if cfg.device.split(":")[0] not in ("auto", "cuda", "mps", "cpu"):
         raise UserError(f"unknown device {cfg.device!r}: use auto, cuda, mps or cpu")
@@ -348,7 +350,7 @@ class CausalSelfAttention(nn.Module):
         B, L, D = x.shape
         q, k, v = self.c_attn(x).split(D, dim=2)
         q, k, v = (t.view(B, L, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # Under bf16 autocast on a CPU attention runs in fp32 (its bf16 backward is 7x slower there).
+        # Under bf16 autocast on a CPU, attention runs in fp32: its bf16 backward is slow there.
         fp32 = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
         with torch.autocast("cpu", enabled=False) if fp32 else nullcontext():
             q, k, v = (t.float() if fp32 else t for t in (q, k, v))
@@ -357,8 +359,9 @@ class CausalSelfAttention(nn.Module):
 
 
 def gelu(x):
-    """GPT-2's activation, 0.5 x (1 + tanh u), u = sqrt(2 / pi) (x + 0.044715 x^3). Compiled, it is written x sigmoid(2u),
-    the same function: inductor's tanh is slow on a CPU (AMD EPYC: compile gained 1.22x so, 1.07x not). Eager and ONNX keep F.gelu."""
+    """GPT-2's activation, 0.5 x (1 + tanh u) with u = sqrt(2 / pi) (x + 0.044715 x^3). Under
+    torch.compile it is written x sigmoid(2u), the same function, because inductor's tanh is slow
+    on a CPU (`python bench.py train --compile` measures it); eager and ONNX keep F.gelu."""
     if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         return x * torch.sigmoid(math.sqrt(8 / math.pi) * (x + 0.044715 * x**3))
     return F.gelu(x, approximate="tanh")
@@ -413,9 +416,8 @@ class LoopedTransformer(nn.Module):
 
     def iterate(self, Y, P):
         """One loop iteration with input injection, Y_{t+1} = M(Y_t + P)."""
-        return self.backbone(
-            Y + P
-        )  # the prompt is added back every iteration, so the loop cannot forget it
+        # The prompt is added back at every iteration, so that the loop cannot forget it.
+        return self.backbone(Y + P)
 
     def backbone(self, h):
         """M: the blocks, then ln_f, (B, L, D) -> (B, L, D)."""
@@ -427,9 +429,7 @@ class LoopedTransformer(nn.Module):
         """The prompt as tokens x1 y1 x2 y2 ..., embedded with their positions: (B, L, D)."""
         B, n, d = xs.shape
         y_tokens = F.pad(ys[..., None], (0, d - 1))  # (B, n, d): y becomes (y, 0, ..., 0)
-        tokens = torch.stack([xs, y_tokens], dim=2).reshape(
-            B, 2 * n, d
-        )  # (B, L, d): x1 y1 x2 y2 ...
+        tokens = torch.stack([xs, y_tokens], dim=2).reshape(B, 2 * n, d)  # (B, L, d): x1 y1 x2 ...
         # [LT] re-adds the position embeddings inside every backbone call, so they are part of
         # what is injected: in code Y_{t+1} = ln_f(Block(Y_t + P)) with P = read_in(prompt) + PE.
         return self.read_in(tokens) + self.wpe.weight[: 2 * n]  # (B, L, D)
@@ -475,7 +475,7 @@ def eval_prompts(cfg, device):
 
 
 @torch.no_grad()
-def model_errors(model, cfg, test, ctx=nullcontext()):
+def model_errors(model, cfg, test, ctx=None):
     """Normalised squared error per position after every loop iteration, on test prompts
     (xs, ys, normaliser): {"loops": (t, n) after iterations 1..eval_loops, "band looped":
     (2, n) the 90% bootstrap band over the prompts at b loops}."""
@@ -483,7 +483,7 @@ def model_errors(model, cfg, test, ctx=nullcontext()):
     xs, ys, norm = test
     total, at_b = 0, []
     for s in range(0, len(xs), 256):  # chunks bound the activations at paper scale
-        with ctx:
+        with ctx or nullcontext():  # ctx: the run's autocast, if any
             preds = model(xs[s : s + 256], ys[s : s + 256], cfg.eval_loops).float()  # (B, t, n)
         sq = (preds - ys[s : s + 256, None]).pow(2) / norm  # (B, t, n)
         total, at_b = total + sq.sum(0), at_b + [sq[:, cfg.n_loops - 1]]
@@ -492,7 +492,7 @@ def model_errors(model, cfg, test, ctx=nullcontext()):
     return {"loops": (total / len(at_b)).cpu(), "band looped": baselines.bootstrap_band(at_b).cpu()}
 
 
-def evaluate(model, cfg, device, ctx=nullcontext()):
+def evaluate(model, cfg, device, ctx=None):
     """The model and its task's baselines on the run's fixed test prompts."""
     test = eval_prompts(cfg, device)
     return {**model_errors(model, cfg, test, ctx), **baselines.task_errors(cfg.task, *test)}
@@ -508,7 +508,8 @@ def describe(cfg):
 
 
 def table(runs, title):
-    """Error at a few k for runs [(name, cfg, errors)] on the same prompts, and the first run's baselines."""
+    """Error at a few k for runs [(name, cfg, errors)] on the same prompts, and the first run's
+    baselines."""
     _, cfg, errors = runs[0]
     ks = sorted(
         {
@@ -535,7 +536,7 @@ def table(runs, title):
     return "\n".join(lines)
 
 
-def plot(runs, out, title, suffix="", solvers={}, loops=True):
+def plot(runs, out, title, suffix="", solvers=None, loops=True):
     """Figures in folder out for runs [(name, cfg, errors)] evaluated on the same prompts: error
     against in-context examples (every run and the first run's baselines) and, with loops, error at
     the last position against loop iterations (every looped run; solvers: name -> error after each
@@ -569,7 +570,7 @@ def plot(runs, out, title, suffix="", solvers={}, loops=True):
             (name, e["loops"][:, last], 2.5, c.n_loops) for name, c, e in runs if c.eval_loops > 1
         ]
         curves += [
-            (f"{name} iterations", err, 1.5, None) for name, err in solvers.items()
+            (f"{name} iterations", err, 1.5, None) for name, err in (solvers or {}).items()
         ]  # one iteration per loop
         for i, (name, err, lw, b) in enumerate(curves):
             ax.semilogy(
@@ -599,7 +600,8 @@ def plot(runs, out, title, suffix="", solvers={}, loops=True):
 
 
 def load_checkpoint(run_dir):
-    """The run's checkpoint and Config; UserError if missing, corrupt, or its weights disagree with its config."""
+    """The run's checkpoint and Config; UserError if missing, corrupt, or its weights disagree with
+    its config."""
     path = os.path.join(run_dir, "ckpt.pt")
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
@@ -625,7 +627,8 @@ def load_checkpoint(run_dir):
     wrong = [name for name, value in found.items() if value != getattr(cfg, name)]
     if wrong:
         raise UserError(
-            f"{path}: its weights have {wrong[0]} {found[wrong[0]]}, its config {getattr(cfg, wrong[0])}"
+            f"{path}: its weights have {wrong[0]} {found[wrong[0]]}, its config "
+            f"{getattr(cfg, wrong[0])}"
         )
     return ckpt, cfg
 
@@ -645,7 +648,8 @@ def restore_model(ckpt, cfg, device):
 
 
 def compile_backbone(model):
-    """--compile: M alone, one graph for every b and n (the unrolled forward recompiled as b grew)."""
+    """--compile: M alone, so that one graph serves every b and n (a compiled unrolled forward
+    would be compiled again each time b grew)."""
     model.backbone = torch.compile(model.backbone, dynamic=True)
 
 
@@ -747,7 +751,8 @@ def finish(model, cfg, device, ctx, say=print, started=None):
 
 
 def saved_run(run_dir, given):
-    """A saved run's checkpoint and config: it keeps its config; only its length and evaluation change."""
+    """A saved run's checkpoint and config: it keeps its config; only its length and evaluation
+    change."""
     ckpt, saved = load_checkpoint(run_dir)
     free = {
         "steps",
@@ -765,7 +770,8 @@ def saved_run(run_dir, given):
     for name, value in given.items():
         if name not in free and value != getattr(saved, name):
             raise UserError(
-                f"{flag(name)} {value} differs from the saved run's {getattr(saved, name)}; a saved run keeps its config"
+                f"{flag(name)} {value} differs from the saved run's {getattr(saved, name)}; "
+                "a saved run keeps its config"
             )
     if os.path.abspath(given.get("out", run_dir)) != os.path.abspath(run_dir):
         check_folder(given["out"])  # --out elsewhere is a new run folder: refused if it holds a run

@@ -19,7 +19,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 
 
 def run_cli(main, *args):
-    """A command line run in this process as its __main__ runs it (harness.cli): exit code and output."""
+    """A command line run in this process as its __main__ runs it (harness.cli): exit code and
+    output."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -76,23 +77,7 @@ def state(run_dir):
     return torch.load(os.path.join(run_dir, "ckpt.pt"), weights_only=True)
 
 
-TINY_FLAGS = [
-    "--n_dims",
-    "4",
-    "--n_points",
-    "9",
-    "--n_embd",
-    "32",
-    "--n_head",
-    "2",
-    "--loops",
-    "6",
-    "--window",
-    "3",
-    "--batch_size",
-    "8",
-    "--eval_prompts",
-    "16",
-    "--device",
-    "cpu",
-]
+TINY_FLAGS = (
+    "--n_dims 4 --n_points 9 --n_embd 32 --n_head 2 --loops 6 --window 3 "
+    "--batch_size 8 --eval_prompts 16 --device cpu"
+).split()

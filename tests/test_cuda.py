@@ -12,11 +12,11 @@ import looped
 
 @needs_cuda
 def test_captured_steps_give_the_uncaptured_steps_through_curriculum_stages(monkeypatch):
-    """harness.CapturedSteps over 15 steps whose shapes change as the curriculum changes them (n 5 -> 9,
-    then b 3 -> 6), 5 steps a stage: 3 eager warm-up steps, a capture whose step is its first replay, one
-    more replay. Each step trains on its own batch, so the losses and weights are those of the same steps
-    uncaptured (fp32 without TF32), for the eager model and for the compiled backbone (what --compile runs),
-    with one graph captured per stage."""
+    """harness.CapturedSteps over 15 steps whose shapes change as the curriculum changes them (n 5
+    -> 9, then b 3 -> 6), 5 steps a stage: 3 eager warm-up steps, a capture whose step is its first
+    replay, one more replay. Each step trains on its own batch, so the losses and weights are those
+    of the same steps uncaptured (fp32 without TF32), for the eager model and for the compiled
+    backbone (what --compile runs), with one graph captured per stage."""
     device = torch.device("cuda")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     cfg = tiny_config(device="cuda")

@@ -1,5 +1,6 @@
 """Tests of harness.py: nothing lost (run folders, locks, signals, atomic writes, memory checks,
-safe checkpoint loading), the command lines' help, torchrun and DDP on gloo, and CUDA-graph bookkeeping."""
+safe checkpoint loading), the command lines' help, torchrun and DDP on gloo, and CUDA-graph
+bookkeeping."""
 
 import ast
 import contextlib
@@ -32,7 +33,9 @@ def test_project_imports_form_the_designed_stack():
     imports = {}
     for name in files:
         tree = ast.parse(open(os.path.join(ROOT, f"{name}.py")).read())
-        found = {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+        found = {
+            a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names
+        }
         found |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         imports[name] = found & set(files)
     assert imports["baselines"] == imports["harness"] == set()
@@ -150,7 +153,8 @@ def test_a_run_folder_is_held_by_one_process_at_a_time(tmp_path):
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_saves_the_current_step_and_the_run_resumes(tmp_path, signum, code):
     """A real training process, no periodic checkpoint before the signal: it saves where it is, says
-    how to go on in one line, exits with the signal's code; --resume continues, each step logged once."""
+    how to go on in one line, exits with the signal's code; --resume continues, each step logged
+    once."""
     out = str(tmp_path)
     proc = subprocess.Popen(
         [
@@ -282,14 +286,17 @@ def test_stop_signals_asks_once_and_stops_on_a_second_signal():
 def test_a_failed_or_interrupted_write_keeps_the_previous_file(tmp_path):
     path = str(tmp_path / "eval.json")
     harness.write_json(path, {"a": 1})
-    with pytest.raises(ZeroDivisionError):
+    with pytest.raises(RuntimeError, match="crash"):
         with harness.atomic(path) as tmp, open(tmp, "w") as f:
             f.write("{half")
-            1 / 0  # a crash mid-write
+            raise RuntimeError("a crash mid-write")
     assert json.load(open(path)) == {"a": 1} and os.listdir(tmp_path) == ["eval.json"]
-    if not os.path.exists("/dev/full"):
-        return
-    # A full disk, for real: the temporary file of the next checkpoint is /dev/full, which says ENOSPC.
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_disk_keeps_the_last_checkpoint_and_says_so(tmp_path):
+    """A full disk, for real: the temporary file of the next checkpoint is /dev/full, which says
+    ENOSPC; so is the log's next line."""
     cfg = tiny_config(tmp_path / "run", steps=2, ckpt_every=2)
     looped.train(cfg, quiet=True)
     before = hashes(cfg.out)["ckpt.pt"]
@@ -298,10 +305,9 @@ def test_a_failed_or_interrupted_write_keeps_the_previous_file(tmp_path):
         harness.UserError, match="cannot write .*ckpt.pt .No space left on device.*intact"
     ):
         looped.train(tiny_config(cfg.out, steps=4, ckpt_every=2), resume=state(cfg.out), quiet=True)
-    assert hashes(cfg.out)["ckpt.pt"] == before and not os.path.lexists(
-        os.path.join(cfg.out, "ckpt.pt.tmp")
-    )
-    log = open("/dev/full", "w")  # and the log's next line
+    assert hashes(cfg.out)["ckpt.pt"] == before
+    assert not os.path.lexists(os.path.join(cfg.out, "ckpt.pt.tmp"))
+    log = open("/dev/full", "w")
     with pytest.raises(harness.UserError, match="cannot write /dev/full .No space left on device"):
         harness.append_line(log, {"step": 1})
     with contextlib.suppress(OSError):
@@ -500,41 +506,31 @@ def test_ddp_step_over_half_batches_equals_one_step_over_the_batch(tmp_path):
     assert any(not torch.equal(start[k], ddp[k]) for k in start)  # the step did move the weights
 
 
-def test_torchrun_writes_one_checkpoint_and_one_log_and_resumes(tmp_path):
-    flags = [
-        "--n_dims",
-        "4",
-        "--n_points",
-        "9",
-        "--n_embd",
-        "32",
-        "--n_head",
-        "2",
-        "--loops",
-        "6",
-        "--window",
-        "3",
-        "--dims_start",
-        "2",
-        "--points_start",
-        "5",
-        "--curriculum_every",
-        "2",
-        "--loops_every",
-        "2",
-        "--batch_size",
-        "8",
-        "--log_every",
-        "2",
-        "--ckpt_every",
-        "3",
-        "--eval_prompts",
-        "16",
-        "--eval_loops",
-        "8",
-        "--device",
-        "cpu",
-    ]
+def one_process_reference(cfg, world):
+    """What DDP over `world` processes should compute, in one process and without DDP: each step,
+    the prompts of every process (each drawn from its own generator, seed + rank) in one batch,
+    and one Adam step on their mean loss."""
+    torch.manual_seed(cfg.seed)
+    model = looped.LoopedTransformer(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    gens = [torch.Generator().manual_seed(cfg.seed + rank) for rank in range(world)]
+    for step in range(cfg.steps):
+        d, n, b = looped.curriculum(cfg, step)
+        parts = [looped.TASKS[cfg.task](cfg.batch_size // world, n, cfg.n_dims, d, g) for g in gens]
+        xs, ys = (torch.cat(tensors) for tensors in zip(*parts))
+        opt.param_groups[0]["lr"] = looped.learning_rate(cfg, step)
+        looped.train_step(model, opt, contextlib.nullcontext(), xs, ys, b, b - cfg.loop_window)
+    return model.state_dict()
+
+
+def test_torchrun_trains_as_one_process_on_both_batches_and_resumes(tmp_path):
+    """Two processes under torchrun: one checkpoint and one log, the weights of one process
+    stepping on both processes' prompts (DDP averages their gradients), and an exact resume."""
+    flags = (
+        "--n_dims 4 --n_points 9 --n_embd 32 --n_head 2 --loops 6 --window 3 --dims_start 2 "
+        "--points_start 5 --curriculum_every 2 --loops_every 2 --batch_size 8 --log_every 2 "
+        "--ckpt_every 3 --eval_prompts 16 --eval_loops 8 --device cpu"
+    ).split()
     torchrun = [
         sys.executable,
         "-m",
@@ -563,9 +559,10 @@ def test_torchrun_writes_one_checkpoint_and_one_log_and_resumes(tmp_path):
     assert r.stdout.count("step      4 |") == 1  # rank 0 alone logs
     ckpt = state(str(tmp_path))
     assert ckpt["step"] == 4 and len(ckpt["rng"]["data"]) == 2
-    assert not torch.equal(
-        ckpt["rng"]["data"][0], ckpt["rng"]["data"][1]
-    )  # each rank its own prompts
+    assert not torch.equal(ckpt["rng"]["data"][0], ckpt["rng"]["data"][1])  # their own prompts
+    reference = one_process_reference(looped.make_config(**ckpt["config"]), world=2)
+    for name, tensor in ckpt["model"].items():
+        torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-7, msg=name)
     torchrun[5] = f"--master_port={free_port()}"
     r = subprocess.run(
         [*torchrun, "--resume", str(tmp_path), "--steps", "6"],
@@ -634,10 +631,10 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_the_run_resumes(tm
 
 
 def test_captured_steps_bookkeeping_with_stand_ins_for_cuda(monkeypatch, capsys):
-    """CapturedSteps on a CPU, CUDA's streams and graphs replaced by stand-ins (the CUDA tests above run
-    the real ones): each stage, a new shape or a new non-tensor argument, runs 3 calls eagerly, captures
-    the 4th and replays it, then replays on each call's own tensors; a failed capture is said in one
-    line and every call from then on runs eagerly."""
+    """CapturedSteps on a CPU, CUDA's streams and graphs replaced by stand-ins (the CUDA tests above
+    run the real ones): each stage, a new shape or a new non-tensor argument, runs 3 calls eagerly,
+    captures the 4th and replays it, then replays on each call's own tensors; a failed capture is
+    said in one line and every call from then on runs eagerly."""
     log, mode = [], ["eager"]
 
     def fn(x, k):  # a "step": logs how it was run
@@ -657,8 +654,8 @@ def test_captured_steps_bookkeeping_with_stand_ins_for_cuda(monkeypatch, capsys)
         mode[0] = "capture"
         try:
             yield
-        except RuntimeError:  # as torch.cuda.graph's exit: capture_end fails in turn
-            raise RuntimeError("capture_end: invalidated")
+        except RuntimeError as e:  # as torch.cuda.graph's exit: capture_end fails in turn
+            raise RuntimeError("capture_end: invalidated") from e
         finally:
             mode[0] = "eager"
 

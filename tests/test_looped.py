@@ -2,6 +2,7 @@
 the checkpoints, training (a short run must beat a baseline), and the command line."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -157,36 +158,57 @@ def test_more_loops_extend_the_same_iterates():
     assert not torch.allclose(five[:, 2], five[:, 1])  # the loop does move
 
 
-def grads(model):
-    return [p.grad.clone() for p in model.parameters()]
+def loop_from_raw_weights(w, xs, ys, b, T, n_head, cut):
+    """The looped transformer written out from its weights w (a state dict), independent of the
+    model's methods: the last T read-outs of b iterations; with cut, the loop state is detached
+    after the first b - T iterations, so that only the last T iterations carry a gradient."""
+    B, n, d = xs.shape
+    tokens = torch.stack([xs, F.pad(ys[..., None], (0, d - 1))], 2).reshape(B, 2 * n, d)
+    P = tokens @ w["read_in.weight"].T + w["read_in.bias"] + w["wpe.weight"][: 2 * n]
+    L, D = P.shape[1:]
+
+    def norm(h, name):
+        return F.layer_norm(h, (D,), w[f"{name}.weight"], w[f"{name}.bias"])
+
+    def linear(h, name):
+        return h @ w[f"{name}.weight"].T + w[f"{name}.bias"]
+
+    future = torch.ones(L, L, dtype=torch.bool).triu(1)  # a token sees itself and the past
+    Y, preds = torch.zeros_like(P), []
+    for t in range(b):
+        h = Y + P  # input injection
+        q, k, v = linear(norm(h, "blocks.0.ln_1"), "blocks.0.attn.c_attn").split(D, -1)
+        q, k, v = (x.view(B, L, n_head, D // n_head).transpose(1, 2) for x in (q, k, v))
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(D // n_head)).masked_fill(future, -math.inf)
+        att = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, L, D)
+        h = h + linear(att, "blocks.0.attn.c_proj")
+        hidden = F.gelu(linear(norm(h, "blocks.0.ln_2"), "blocks.0.mlp.c_fc"), approximate="tanh")
+        h = h + linear(hidden, "blocks.0.mlp.c_proj")
+        Y = norm(h, "ln_f")
+        if cut and t == b - T - 1:
+            Y = Y.detach()
+        if t >= b - T:
+            preds.append(linear(Y[:, ::2], "read_out")[..., 0])
+    return ((torch.stack(preds, 1) - ys[:, None]) ** 2).mean()  # the mean over the window
 
 
-def test_no_gradient_through_the_first_b_minus_T_iterations():
-    cfg = tiny_config()
+def test_only_the_last_T_of_b_iterations_get_a_gradient():
+    """The model's windowed loss and its gradient equal the loop written out from the raw weights,
+    with b - T = 5 iterations cut from the gradient and T = 2 in the loss (b - T != T, so that
+    swapping the two counts shows), and differ from the uncut loop's gradient."""
+    cfg, (b, T) = tiny_config(), (7, 2)
     torch.manual_seed(0)
     model = looped.LoopedTransformer(cfg)
     xs, ys = draw("linreg", B=4, n=9, d=4, active=4)
-    b, T = 6, 3
-    looped.windowed_loss(model(xs, ys, b, b - T), ys).backward()
-    ours = grads(model)
-
-    def reference(detach):  # the loop written out, with the state cut after b - T iterations
-        model.zero_grad()
-        tokens = torch.stack([xs, torch.nn.functional.pad(ys[..., None], (0, 3))], 2).view(4, 18, 4)
-        inject = model.read_in(tokens) + model.wpe.weight[:18]
-        Y, preds = torch.zeros_like(inject), []
-        for t in range(b):
-            Y = model.iterate(Y, inject)
-            if t == b - T - 1 and detach:
-                Y = Y.detach()
-            if t >= b - T:
-                preds.append(model.read_out(Y[:, ::2])[..., 0])
-        looped.windowed_loss(torch.stack(preds, 1), ys).backward()
-        return grads(model)
-
-    for g, r in zip(ours, reference(detach=True)):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
-    assert any(not torch.allclose(g, r, rtol=1e-3) for g, r in zip(ours, reference(detach=False)))
+    loss = looped.windowed_loss(model(xs, ys, b, b - T), ys)
+    ours = torch.autograd.grad(loss, list(model.parameters()))
+    w = dict(model.named_parameters())
+    for cut in (True, False):
+        ref_loss = loop_from_raw_weights(w, xs, ys, b, T, cfg.n_head, cut)
+        ref = torch.autograd.grad(ref_loss, list(w.values()))
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
+        same = all(torch.allclose(g, r, rtol=1e-4, atol=1e-7) for g, r in zip(ours, ref))
+        assert same == cut, "the gradient flows through exactly the last T iterations"
 
 
 def test_no_grad_iterations_keep_no_activations():
@@ -207,7 +229,7 @@ def test_no_grad_iterations_keep_no_activations():
 
 
 def test_gelu_written_for_compile_is_gpt2_gelu():
-    """The sigmoid form the model uses under torch.compile is the tanh GELU, to float64 round-off."""
+    """The sigmoid form the model uses under torch.compile is the tanh GELU, to round-off."""
     x = torch.linspace(-8, 8, 1001, dtype=torch.float64)
     with mock.patch("torch.compiler.is_compiling", return_value=True):
         compiled_form = looped.gelu(x)
@@ -234,9 +256,9 @@ def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(tensor, resumed["model"][name]), name
     with open(os.path.join(half.out, "log.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [2, 3, 4, 6]
-    ckpt = state(
-        half.out
-    )  # as a GPU run's optimizer saves itself: capturable (CUDA graphs); a CPU run steps as a CPU can
+    # As a GPU run's optimizer saves itself (capturable, for CUDA graphs): a CPU run that resumes
+    # it must step as a CPU can.
+    ckpt = state(half.out)
     ckpt["optimizer"]["param_groups"][0].update(capturable=True, fused=False)
     torch.save(ckpt, os.path.join(half.out, "ckpt.pt"))
     assert (
@@ -250,6 +272,22 @@ def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path):
     torch.save(ckpt, os.path.join(half.out, "ckpt.pt"))
     r = run_cli(looped.main, "--resume", half.out, "--steps", "8")
     assert r.returncode == 2 and "on the kind of device (GPU or CPU)" in r.stderr, r.stderr
+
+
+def test_each_training_step_trains_the_last_T_of_the_curriculums_b_iterations(
+    tmp_path, monkeypatch
+):
+    """T = 3 and b = 3, 3, 5, 5, 6, 6 over the six steps: the first 0, 0, 2, 2, 3, 3 iterations run
+    without a gradient."""
+    calls, step = [], looped.train_step
+
+    def recorded(forward, opt, ctx, xs, ys, n_loops, n_no_grad):
+        calls.append((n_loops, n_no_grad))
+        return step(forward, opt, ctx, xs, ys, n_loops, n_no_grad)
+
+    monkeypatch.setattr(looped, "train_step", recorded)
+    looped.train(tiny_config(tmp_path), quiet=True)
+    assert calls == [(3, 0), (3, 0), (5, 2), (5, 2), (6, 3), (6, 3)]
 
 
 def test_training_steps_at_the_scheduled_rate_and_an_interrupted_run_resumes_exactly(
@@ -346,6 +384,36 @@ def test_compiled_training_compiles_twice_through_the_curriculum_and_saves_plain
         looped.LoopedTransformer(cfg).state_dict()
     )  # no _orig_mod.
     assert errors["loops"].isfinite().all()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_few_hundred_steps_beat_the_zero_predictor_and_3_nn(tmp_path, seed):
+    """600 steps at d = 2, n = 6 (about 10 s): at k = 5 the model must be under 0.7 of the zero
+    predictor's error (about 1.0) and under 3-NN's (0.75). Measured over seeds 0 to 5 on an AMD
+    EPYC: 0.528 to 0.584. A batch of 256 makes every seed leave the zero predictor's plateau in
+    time (with 128, seed 3 of 6 stayed on it)."""
+    cfg = tiny_config(
+        tmp_path,
+        n_dims=2,
+        n_points=6,
+        n_loops=2,
+        loop_window=2,
+        curriculum_every=0,
+        loops_every=0,
+        steps=600,
+        batch_size=256,
+        lr=5e-3,
+        decay=200,
+        eval_prompts=256,
+        eval_loops=2,
+        log_every=100,
+        ckpt_every=600,
+        seed=seed,
+    )
+    errors, k = looped.train(cfg, quiet=True), 5
+    model = errors["loops"][cfg.n_loops - 1, k].item()
+    zero, knn = errors["zero"][k].item(), errors["3-NN"][k].item()
+    assert model < 0.7 * zero and model < knn, (model, zero, knn)
 
 
 @slow
