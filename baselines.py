@@ -23,15 +23,15 @@ def keep_freed_memory():
     back to the OS and page-faults them in again at the next allocation, and the batched solvers
     allocate many such temporaries: measured here, Newton's iteration 1.8x, the greedy tree 1.6x
     and Lasso 1.3x faster. The effect of the jemalloc or tcmalloc that PyTorch's CPU tuning guide
-    advises, without a preload; the command lines call it. False where there is no glibc (a no-op)."""
+    advises, without a preload; the command lines call it. False where there is no glibc (a
+    no-op)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(
-        mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
-    )  # glibc's maxima
+    # Both at glibc's maxima; mallopt returns 0 for a value it refuses.
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def by_prompts(fn, xs, ys, size, *args):
@@ -81,7 +81,8 @@ def _least_squares(xs, ys):
 
 
 def ridge(xs, ys, alpha=0.01):
-    """Ridge without intercept: w_i = (G_i + alpha I)^-1 c_i, minimising ||X w - y||^2 + alpha ||w||^2.
+    """Ridge without intercept: w_i = (G_i + alpha I)^-1 c_i, the minimum of
+    ||X w - y||^2 + alpha ||w||^2.
 
     alpha = 0.01 = noise variance / prior variance of w is the Bayes-optimal predictor for
     noisy linear regression (noise std 0.1, w ~ N(0, I))."""
@@ -124,9 +125,8 @@ def _nearest_neighbours(xs, ys, k):
     k = min(k, n)
     idx = dist.masked_fill(future, math.inf).topk(k, dim=2, largest=False).indices  # (B, n, k)
     neighbours = ys.gather(1, idx.flatten(1)).view(B, n, k)
-    seen = (
-        torch.arange(k, device=xs.device)[None] < torch.arange(n, device=xs.device)[:, None]
-    )  # (n, k)
+    # (n, k): query i has seen min(i, k) neighbours
+    seen = torch.arange(k, device=xs.device)[None] < torch.arange(n, device=xs.device)[:, None]
     return (neighbours * seen).sum(-1) / seen.sum(-1).clamp(min=1)
 
 
@@ -134,7 +134,8 @@ def _nearest_neighbours(xs, ys, k):
 
 
 def lasso(xs, ys, alpha=0.01):
-    """Lasso without intercept, scikit-learn's convention: min_w ||y - X w||^2 / (2 i) + alpha ||w||_1.
+    """Lasso without intercept, in scikit-learn's convention:
+    min_w ||y - X w||^2 / (2 i) + alpha ||w||_1.
 
     Solved exactly by the Lasso homotopy (LARS with drops, Efron et al. 2004) on the Gram
     matrices of all prompts and prefixes at once: the solution is piecewise linear in the
@@ -211,9 +212,10 @@ def _gradient_descent(xs, ys, steps):
 
 
 def newton_iterates(xs, ys, steps=30):
-    """Iterative Newton (Newton-Schulz) for the pseudo-inverse of G_i = X^T X: M_0 = G / lambda_max^2,
-    M_{k+1} = 2 M_k - M_k G M_k, w_k = M_k c. Converges to minimum-norm least squares,
-    quadratically once started, in far fewer steps than gradient descent. (B, steps, n)."""
+    """Iterative Newton (Newton-Schulz) for the pseudo-inverse of G_i = X^T X:
+    M_0 = G / lambda_max^2, M_{k+1} = 2 M_k - M_k G M_k, w_k = M_k c. Converges to minimum-norm
+    least squares, quadratically once started, in far fewer steps than gradient descent.
+    (B, steps, n)."""
     return by_prompts(_newton, xs, ys, 256, steps)
 
 
@@ -276,9 +278,7 @@ def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, presorted=None):
         up = (X > 0).to(y.dtype)  # (Q, m, d)
     else:
         order, ties = presorted
-        values = (
-            X.transpose(1, 2).masked_fill(~valid[:, None], math.inf) if ties else None
-        )  # (Q, d, m)
+        values = X.transpose(1, 2).masked_fill(~valid[:, None], math.inf) if ties else None
     for _ in range(n_trees):
         r = (y - fit) * valid  # residuals, (Q, m)
         node = torch.zeros(Q, m, dtype=torch.long, device=X.device)
@@ -294,23 +294,24 @@ def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, presorted=None):
                 f, below, above = binary_split(up, valid, r, node, 2**level)
             else:
                 f, below, above = sorted_split(X, values, r, perm, seg, start, count)
-            # the threshold lies between the values below and above it: a sample goes right if x > below
+            # The threshold lies between the values below and above it: a sample goes right if
+            # its value is above `below`.
             right = (
                 X.gather(2, f.gather(1, node)[..., None])[..., 0] > below.gather(1, node)
             ) & valid
             if not binary and level < depth - 1:
                 perm, seg, start, count = partition(perm, right, node, seg, start, count)
             node = 2 * node + right.long()
-            # the query goes by the midpoint, as in sklearn, which takes the value below when the
-            # midpoint rounds up to the value above (so a query there goes where its training twin went)
+            # The query goes by the midpoint, as in sklearn, which takes the value below when the
+            # midpoint rounds up to the value above, so that a query there goes where its training
+            # twin went.
             mid = below.double() / 2 + above.double() / 2
             splits.append((f, torch.where(mid == above.double(), below.double(), mid)))
         n_leaf = torch.zeros(Q, 2**depth, dtype=r.dtype, device=X.device).scatter_add(
             1, node, valid.to(r.dtype)
         )
-        leaf = torch.zeros_like(n_leaf).scatter_add(1, node, r) / n_leaf.clamp(
-            min=1
-        )  # mean residual
+        leaf_sum = torch.zeros_like(n_leaf).scatter_add(1, node, r)
+        leaf = leaf_sum / n_leaf.clamp(min=1)  # the mean residual of each leaf
         q = torch.zeros(Q, 1, dtype=torch.long, device=X.device)
         for f, thr in splits:  # route the query down the same splits
             q = 2 * q + (query.gather(1, f.gather(1, q)) > thr.gather(1, q)).long()
@@ -364,25 +365,19 @@ def sorted_split(X, values, r, perm, seg, start, count):
     if values is not None:  # no threshold between equal values
         excess[..., :-1].masked_fill_(values.gather(2, perm[..., 1:]).diff(dim=2) <= 1e-7, -1)
     top = excess.amax(1)  # (Q, m): the best feature's |D| at each position (max(1) is 10x slower)
-    ok = (
-        (seg1 - pos > 1) & (seg < K) & (top >= 0)
-    )  # a threshold needs samples of the node on both sides
+    ok = (seg1 - pos > 1) & (seg < K) & (top >= 0)  # the node has samples on both sides
     best = (top.square() * (n_left.reciprocal() + inv_right)).masked_fill(~ok, -math.inf)
     node_best = torch.full((Q, K + 1), -math.inf, dtype=best.dtype, device=r.device).scatter_reduce(
         1, seg, best, "amax"
     )
     first = torch.where((best == node_best.gather(1, seg)) & ok, pos, m)
-    p = torch.full((Q, K + 1), m, device=r.device).scatter_reduce(1, seg, first, "amin")[
-        :, :K
-    ]  # (Q, K)
+    p = torch.full((Q, K + 1), m, device=r.device).scatter_reduce(1, seg, first, "amin")
+    p = p[:, :K]  # (Q, K)
     has = node_best[:, :K] > -math.inf  # else every value of the node is tied: it stays a leaf
     p = p.clamp(max=max(m - 2, 0))
-    f = (
-        excess.transpose(1, 2).gather(1, p[..., None].expand(Q, K, d)).argmax(2)
-    )  # the first best feature
-    lo = perm.flatten(1).gather(
-        1, f * (m + 1) + p + 1
-    )  # the samples on either side of the threshold
+    # the first best feature, and the samples on either side of its threshold
+    f = excess.transpose(1, 2).gather(1, p[..., None].expand(Q, K, d)).argmax(2)
+    lo = perm.flatten(1).gather(1, f * (m + 1) + p + 1)
     hi = perm.flatten(1).gather(1, f * (m + 1) + (p + 2).clamp(max=m))
     x = X.flatten(1)  # (Q, m d)
     below, above = (x.gather(1, sample * d + f).masked_fill(~has, math.inf) for sample in (lo, hi))
@@ -397,19 +392,16 @@ def partition(perm, right, node, seg, start, count):
     Q, d, m = perm.shape[0], perm.shape[1], perm.shape[2] - 1
     K = start.shape[1] - 1
     pos = torch.arange(m, device=perm.device)
-    # in float32, exact for counts and positions below 2^24: torch.where and integer arithmetic are
-    # 2x slower on a CPU
-    bits = (
-        F.pad(right.float(), (0, 1)).gather(1, perm.flatten(1)).view(Q, d, m + 1)
-    )  # bits[..., 0] = 0
+    # In float32, which is exact for counts and positions below 2^24, because torch.where and
+    # integer arithmetic are 2x slower on a CPU. bits[..., 0] = 0, the empty sample.
+    bits = F.pad(right.float(), (0, 1)).gather(1, perm.flatten(1)).view(Q, d, m + 1)
     ones = bits.cumsum(2)  # right-goers up to each position, O
     before = ones[:, 0].gather(1, start.gather(1, seg))  # ... before the segment, O_0 (as above)
     n_right = torch.zeros_like(count).scatter_add(1, node, right.long())[:, :K]  # (Q, K)
     n_left = count[:, :K] - n_right
     right_start = start[:, :K] + n_left
-    into = F.pad(right_start, (0, 1), value=m).gather(
-        1, seg
-    )  # (Q, m): where the segment's right child starts
+    # (Q, m): where the right child of each position's segment starts
+    into = F.pad(right_start, (0, 1), value=m).gather(1, seg)
     # a left-goer moves to pos - (O - O_0), a right-goer to into + (O - O_0) - 1, that is,
     # new = to_left - O + bit (to_right - to_left + 2 O)
     to_left, to_right = (pos + before)[:, None], (into - before - 1)[:, None]
@@ -435,9 +427,8 @@ def prefix_orders(xs, order, lo, hi):
     prefix, measured on a CPU)."""
     B, m = xs.shape[0], hi - 1
     order = front(order, m, torch.empty_like(order))[..., :m]  # (B, d, m)
-    ties = bool(
-        (xs[:, :m].transpose(1, 2).gather(2, order).diff(dim=2) <= 1e-7).any()
-    )  # checked when splitting
+    # Ties are checked when splitting: no threshold may fall between two equal values.
+    ties = bool((xs[:, :m].transpose(1, 2).gather(2, order).diff(dim=2) <= 1e-7).any())
     i = torch.arange(lo, hi, device=xs.device)[:, None, None]  # (hi - lo, 1, 1)
     out = order.new_empty(B, hi - lo, order.shape[1], m + 1)
     out[..., 0] = m
@@ -448,12 +439,12 @@ def prefix_orders(xs, order, lo, hi):
 def front(order, i, out):
     """Write each row of order into out with the samples < i first, both parts in their order
     (order and i broadcast). Float32 arithmetic: exact below 2^24, 2x faster than torch.where."""
-    keep = (i - order.float()).clamp_(
-        0, 1
-    )  # 1 for the samples < i (5x faster than (order < i).float())
+    # 1 for the samples < i, 0 for the others: 5x faster than (order < i).float()
+    keep = (i - order.float()).clamp_(0, 1)
     kept = keep.cumsum(-1)  # kept samples up to each position
     pos = torch.arange(order.shape[-1], device=order.device)
-    # a kept sample goes to kept - 1, another to i + pos - kept: new = i + pos - kept + keep (2 kept - i - pos - 1)
+    # A kept sample goes to kept - 1 and another to i + pos - kept, which is, in one expression,
+    # new = i + pos - kept + keep (2 kept - i - pos - 1).
     new = torch.addcmul(
         torch.sub(i + pos, kept), keep, torch.add(-1 - i - pos, kept, alpha=2)
     ).long()
@@ -465,9 +456,8 @@ def tree_predictions(xs, ys, depth, n_trees=1, lr=1.0, sign=False, bucket=8):
     grouped by length (bucket at a time) so that the padding stays small."""
     B, n, _ = xs.shape
     x = torch.sign(xs) if sign else xs
-    order = (
-        None if sign else xs[:, : n - 1].transpose(1, 2).argsort(dim=2, stable=True)
-    )  # (B, d, n - 1)
+    # (B, d, n - 1): every feature's order, filtered for each prefix by prefix_orders
+    order = None if sign else xs[:, : n - 1].transpose(1, 2).argsort(dim=2, stable=True)
     preds = torch.zeros(B, n, dtype=torch.float64, device=xs.device)
     for lo in range(1, n, bucket):
         hi = min(lo + bucket, n)
@@ -508,12 +498,13 @@ def relu_network(xs, ys, hidden=100, steps=1000, batch=10, lr=5e-3, seed=0):
     al. do. All the networks are slices of one batched model: their losses are summed, and
     since Adam works element by element, each one trains exactly as it would alone."""
     chunk = 16  # prompts trained together: Adam's state stays in cache (1.5x faster than 64)
+    # Each chunk of prompts draws from its own seed.
     return torch.cat(
         [
             _relu_network(xs[s : s + chunk], ys[s : s + chunk], hidden, steps, batch, lr, seed + s)
             for s in range(0, len(xs), chunk)
         ]
-    )  # each chunk of prompts its own seed
+    )
 
 
 def _relu_network(xs, ys, hidden, steps, batch, lr, seed):
@@ -521,9 +512,8 @@ def _relu_network(xs, ys, hidden, steps, batch, lr, seed):
     gen = torch.Generator(xs.device).manual_seed(seed)
     Q = B * (n - 1)  # problem (b, i): prompt b, fitted on its first i = 1 .. n-1 pairs
     size = torch.arange(1, n, device=xs.device).repeat(B)  # (Q,): i
-    first = (
-        torch.arange(B, device=xs.device).repeat_interleave(n - 1) * n
-    )  # (Q,): row of x_1 in the flat prompts
+    # (Q,): the row of each problem's x_1 in the flat prompts
+    first = torch.arange(B, device=xs.device).repeat_interleave(n - 1) * n
     flat_x, flat_y = xs.reshape(B * n, d), ys.reshape(B * n)
 
     def uniform(*shape, fan_in):  # torch.nn.Linear's default initialisation
@@ -541,13 +531,11 @@ def _relu_network(xs, ys, hidden, steps, batch, lr, seed):
     opt = torch.optim.Adam(params, lr=lr, fused=True)
     with torch.enable_grad():  # evaluation may run under no_grad
         for _ in range(steps):
-            pick = (
-                torch.rand(Q, batch, generator=gen, device=xs.device) * size[:, None]
-            ).long()  # j < i
+            # each problem's minibatch: pairs j < i, drawn with replacement
+            pick = (torch.rand(Q, batch, generator=gen, device=xs.device) * size[:, None]).long()
             rows = first[:, None] + pick  # (Q, batch)
-            loss = (
-                (two_layer(params, flat_x[rows]) - flat_y[rows]).pow(2).mean(1).sum()
-            )  # each network's own MSE
+            # the sum of each network's own mean squared error
+            loss = (two_layer(params, flat_x[rows]) - flat_y[rows]).pow(2).mean(1).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -603,7 +591,8 @@ ITERATES = {"gradient descent": gradient_descent_iterates, "Newton": newton_iter
 
 def task_errors(task, xs, ys, norm):
     """Each of the task's baselines scored on test prompts: its normalised squared error per
-    position, "NAME" (n,), and the 90% bootstrap band of that mean over the prompts, "band NAME" (2, n)."""
+    position, "NAME" (n,), and the 90% bootstrap band of that mean over the prompts,
+    "band NAME" (2, n)."""
     errors = {}
     for name in TASK_BASELINES[task]:
         sq = (BASELINES[name](xs, ys) - ys).pow(2) / norm  # (P, n)

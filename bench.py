@@ -1,9 +1,9 @@
 """Every speed measurement of the project, one command each; each prints a table.
 
-    python bench.py train                  # a training step: eager, compiled (CUDA graphs on CUDA), fp32 and bf16
-    python bench.py loop                   # the real training loop of --preset paper: steps per second
-    python bench.py baselines              # the batched solvers against per-prompt scikit-learn
-    python bench.py export RUN_DIR         # PyTorch eager against onnxruntime: fixed b and adaptive depth
+    python bench.py train           # a training step: eager, compiled, CUDA graphs; fp32, bf16
+    python bench.py loop            # steps per second of the real training loop
+    python bench.py baselines       # the batched solvers against per-prompt scikit-learn
+    python bench.py export RUN_DIR  # PyTorch eager against onnxruntime: fixed b, adaptive depth
 
 With --save the table also goes to results/bench_NAME.json (bench_NAME_cuda.json on a GPU), with
 the command, the machine and the torch version: `python experiments.py report` shows the saved
@@ -13,6 +13,8 @@ Compare speeds only as ratios measured in one run: other work on the machine mov
 
 import argparse
 import datetime
+import functools
+import importlib.util
 import itertools
 import json
 import os
@@ -64,7 +66,8 @@ def machine():
 
 
 class Table:
-    """Rows printed as they are measured, and kept for --save: the numbers and the cells as printed."""
+    """Rows printed as they are measured, and kept for --save: the numbers and the cells as
+    printed."""
 
     def __init__(self, title, columns, widths, digits=2):
         self.title, self.columns, self.widths, self.digits, self.rows, self.text = (
@@ -124,15 +127,16 @@ def bench_train(device_name, presets=("laptop", "paper")):
     and "reduce-overhead" (M's calls as torch.compile's CUDA graphs, the rest of the step eager)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    warnings.filterwarnings(
-        "ignore", "This instance was constructed with capturable=True"
-    )  # the uncaptured steps: on purpose
+    # A captured row's optimiser is capturable, and CapturedSteps runs its warm-up steps
+    # uncaptured on purpose: the optimiser's warning about that says nothing here.
+    warnings.filterwarnings("ignore", "This instance was constructed with capturable=True")
     device, _ = looped.setup_device(looped.make_config(device=device_name))
     peak = {
         amp: matmul_peak(device, torch.bfloat16 if amp else torch.float32) for amp in (False, True)
     }
+    threads = torch.get_num_threads()
     table = Table(
-        f"training step, batch 64, {device}, {torch.get_num_threads()} threads; matmul peak (4096^2): "
+        f"training step, batch 64, {device}, {threads} threads; matmul peak (4096^2): "
         f"fp32 {peak[False] / 1e9:.0f}, bf16 {peak[True] / 1e9:.0f} GFLOP/s",
         [
             "model",
@@ -152,14 +156,11 @@ def bench_train(device_name, presets=("laptop", "paper")):
         if device.type == "cuda"
         else ("eager", "compiled")
     )
+    # The captured rows go last: a failed capture can leave CUDA unusable for the rows after it.
     rows = sorted(
         itertools.product(presets, modes, (False, True)), key=lambda r: r[1].startswith("captured")
     )
-    for (
-        preset,
-        mode,
-        amp,
-    ) in rows:  # the captured rows last: a failed capture can leave CUDA unusable
+    for preset, mode, amp in rows:
         cfg = looped.make_config("linreg", preset, device=device_name, eval_prompts=64)
         torch.manual_seed(0)
         model = looped.LoopedTransformer(cfg).to(device)
@@ -167,42 +168,35 @@ def bench_train(device_name, presets=("laptop", "paper")):
         opt = torch.optim.Adam(
             model.parameters(), lr=cfg.lr, fused=device.type == "cuda", capturable=captured
         )
-        # bf16 autocast, even on a CPU without native bf16 (looped.py trains in fp32 there); as --compile, no cache
+        # bf16 autocast even on a CPU without native bf16, where looped.py trains in fp32; the
+        # compiled modes turn autocast's weight cache off, as --compile does.
         ctx = (
             torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=mode == "eager")
             if amp
             else nullcontext()
         )
-        args = (
-            *looped.eval_prompts(cfg, device)[:2],
-            cfg.n_loops,
-            cfg.n_loops - cfg.loop_window,
-        )  # batch 64
+        xs, ys = looped.eval_prompts(cfg, device)[:2]  # batch 64
+        args = (xs, ys, cfg.n_loops, cfg.n_loops - cfg.loop_window)
         with FlopCounterMode(display=False) as counter:  # counted on the eager model
             looped.train_step(model, opt, ctx, *args)
         saved = activation_bytes(model, ctx, *args)
-        torch._dynamo.reset()  # each row compiles afresh: dynamo keeps at most 8 graphs of one function
+        # Each row compiles afresh, since dynamo keeps at most 8 graphs of one function.
+        torch._dynamo.reset()
         if mode in ("compiled", "captured"):
             looped.compile_backbone(model)
         elif mode == "reduce-overhead":
             model.backbone = torch.compile(model.backbone, dynamic=True, mode="reduce-overhead")
         step = harness.CapturedSteps(looped.train_step) if captured else looped.train_step
-
-        def run():
-            if (
-                mode == "reduce-overhead"
-            ):  # a new step: the last step's graph outputs may be overwritten
-                torch.compiler.cudagraph_mark_step_begin()
-            return step(model, opt, ctx, *args)
-
+        run = step_runner(step, model, opt, ctx, args, new_graphs=mode == "reduce-overhead")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        # CapturedSteps runs 3 warm-up steps, then the capture: one more untimed call.
         seconds_per_step = seconds(
             run,
             20 if preset == "laptop" or device.type == "cuda" else 3,
             warmup=4 if captured else 3,
             device=device,
-        )  # captured: 3 warm-up steps, then the capture
+        )
         if captured and step.failed:  # said by CapturedSteps; the eager fallback is not this row
             continue
         flops = counter.get_total_flops() / seconds_per_step
@@ -221,18 +215,32 @@ def bench_train(device_name, presets=("laptop", "paper")):
     return table
 
 
+def step_runner(step, model, opt, ctx, args, new_graphs=False):
+    """One training step as a call without arguments, for seconds(). new_graphs: tell
+    torch.compile's CUDA graphs ("reduce-overhead") that a new step begins, so that they may
+    overwrite the outputs of the step before."""
+
+    def run():
+        if new_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return step(model, opt, ctx, *args)
+
+    return run
+
+
 def bench_loop(device_name, preset, steps):
-    """Steps per second of the real training loop, looped.train on linear regression for its first steps:
-    curriculum changes (b every 500 steps, d and n every 5000 at the paper's), prompts drawn on the device,
-    logging every 100 steps and a checkpoint every 1000 included; the evaluation after it is not. Eager
-    and --compile (on one GPU the whole step captured as CUDA graphs, one per curriculum stage), in bf16
-    where the device has it. The 500k-step hours are at the rate past step 1000, with the curriculum's
-    short prompts: later, longer prompts take longer where the step is bound by arithmetic rather than
-    by kernel launches."""
+    """Steps per second of the real training loop, looped.train on linear regression for its first
+    steps: curriculum changes (b every 500 steps, d and n every 5000 at the paper's), prompts drawn
+    on the device, logging every 100 steps and a checkpoint every 1000 included; the evaluation
+    after it is not. Eager and --compile (on one GPU the whole step captured as CUDA graphs, one
+    per curriculum stage), in bf16 where the device has it. The 500k-step hours are at the rate
+    past step 1000, with the curriculum's short prompts: later, longer prompts take longer where
+    the step is bound by arithmetic rather than by kernel launches."""
     device, _ = looped.setup_device(looped.make_config(device=device_name))
     amp = device.type != "cpu" or harness.cpu_has_bf16()
+    threads = torch.get_num_threads()
     table = Table(
-        f"training loop, linreg --preset {preset}, {steps} steps, {device}, {torch.get_num_threads()} threads",
+        f"training loop, linreg --preset {preset}, {steps} steps, {device}, {threads} threads",
         [
             "mode",
             "dtype",
@@ -263,9 +271,8 @@ def bench_loop(device_name, preset, steps):
             looped.train(cfg, quiet=True)
             with open(os.path.join(cfg.out, "log.jsonl")) as f:
                 lines = [r for r in map(json.loads, f) if "ms_per_step" in r]
-        steps_at = [0] + [
-            r["step"] for r in lines
-        ]  # each line: the mean ms per step since the line before
+        # Each log line holds the mean ms per step since the line before it.
+        steps_at = [0] + [r["step"] for r in lines]
         ms = [(b - a, r["ms_per_step"]) for a, b, r in zip(steps_at, steps_at[1:], lines)]
         first = sum(k * m for (k, m), b in zip(ms, steps_at[1:]) if b <= 1000) / 1000
         total = sum(k * m for k, m in ms) / 1000
@@ -290,7 +297,8 @@ def matmul_peak(device, dtype, size=4096):
 
 
 def activation_bytes(model, ctx, xs, ys, n_loops, n_no_grad):
-    """Bytes the forward pass keeps for the backward pass (the b - T no-grad iterations keep none)."""
+    """Bytes the forward pass keeps for the backward pass (the b - T no-grad iterations keep
+    none)."""
     storages = {}  # views of one tensor share its storage: count each storage once
 
     def pack(t):
@@ -307,7 +315,8 @@ def activation_bytes(model, ctx, xs, ys, n_loops, n_no_grad):
 
 def sklearn_reference(name, xs, ys):
     """The same fits one prompt and one prefix at a time with scikit-learn, as the original code
-    does (Garg et al.'s baselines loop over prefixes and prompts). None if there is no such model."""
+    does (Garg et al.'s baselines loop over prefixes and prompts). None if there is no such
+    model."""
     from sklearn.ensemble import GradientBoostingRegressor
     from sklearn.linear_model import Lasso, LinearRegression, Ridge
     from sklearn.neighbors import KNeighborsRegressor
@@ -342,17 +351,17 @@ def bench_baselines(prompts, ref_prompts, names):
     """Time every baseline on `prompts` prompts of its task at paper scale beside per-prompt
     scikit-learn fits on the same prompts. The task's prompts matter: how long a Lasso path or a
     scikit-learn tree takes depends on the data (pure nodes stop growing, noise adds events)."""
-    try:
-        import sklearn  # noqa: F401  (a test and benchmark dependency only)
-    except ImportError:
+    if importlib.util.find_spec("sklearn") is None:  # a test and benchmark dependency only
         raise harness.UserError(
             "bench.py baselines compares with scikit-learn: pip install scikit-learn"
-        ) from None
+        )
     warnings.filterwarnings("ignore")  # sklearn's Lasso warns on the underdetermined prefixes
     baselines.keep_freed_memory()
+    threads = torch.get_num_threads()
     table = Table(
-        f"time to score {prompts} prompts of the baseline's task at every prefix length (d = 20, the paper's n); "
-        f"scikit-learn timed on {ref_prompts} prompts and scaled; {torch.get_num_threads()} threads",
+        f"time to score {prompts} prompts of the baseline's task at every prefix length "
+        f"(d = 20, the paper's n); scikit-learn timed on {ref_prompts} prompts and scaled; "
+        f"{threads} threads",
         ["baseline", "task", "n", "batched s", "sklearn s", "speed-up"],
         [24, 15, 5, 12, 12, 10],
     )
@@ -363,7 +372,7 @@ def bench_baselines(prompts, ref_prompts, names):
         fit = baselines.BASELINES[name]
         fit(xs[:2], ys[:2])  # warm-up, untimed: first calls pay for imports and caches
         sklearn_reference(name, xs[:1], ys[:1])
-        ours = seconds(lambda: fit(xs, ys), repeats=1, warmup=0)
+        ours = seconds(functools.partial(fit, xs, ys), repeats=1, warmup=0)
         t0 = time.perf_counter()
         done = sklearn_reference(name, xs[:ref_prompts], ys[:ref_prompts])
         ref = (time.perf_counter() - t0) * prompts / ref_prompts
@@ -375,9 +384,9 @@ def bench_baselines(prompts, ref_prompts, names):
 
 
 def bench_export(run_dir, n_loops=None, repeats=20, tol=0.03):
-    """Median latency of PyTorch eager and onnxruntime at batch 1 and 64, measured in one run: the graph
-    unrolled at n_loops (default b), and the adaptive graph (--until-converged tol, at most 5 b loops)
-    with the mean loops it used and the error at k = n - 1 of both on those prompts."""
+    """Median latency of PyTorch eager and onnxruntime at batch 1 and 64, measured in one run: the
+    graph unrolled at n_loops (default b), and the adaptive graph (--until-converged tol, at most
+    5 b loops) with the mean loops it used, and the error at k = n - 1 of both on those prompts."""
     import export
 
     model, cfg = export.load_model(run_dir)
@@ -393,10 +402,11 @@ def bench_export(run_dir, n_loops=None, repeats=20, tol=0.03):
             f"{n_loops} loops": export.Predictor(fixed),
             f"until {tol:g}": export.Predictor(adaptive),
         }
-        until = export.wrappers()[2](model, tol, 5 * cfg.n_loops)
+        until = export.wrappers().UntilConverged(model, tol, 5 * cfg.n_loops)
         gen = torch.Generator().manual_seed(0)
+        threads = torch.get_num_threads()
         table = Table(
-            f"{cfg.task}: d {cfg.n_dims}, n {cfg.n_points}, D {cfg.n_embd}, {torch.get_num_threads()} threads, "
+            f"{cfg.task}: d {cfg.n_dims}, n {cfg.n_points}, D {cfg.n_embd}, {threads} threads, "
             f"onnxruntime on {predictors[f'{n_loops} loops'].provider}; median of {repeats}",
             [
                 "graph",
@@ -413,14 +423,13 @@ def bench_export(run_dir, n_loops=None, repeats=20, tol=0.03):
         for (name, predictor), batch in itertools.product(predictors.items(), (1, 64)):
             xs, ys = looped.TASKS[cfg.task](batch, cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
             x_np, y_np = xs.numpy(), ys.numpy()
+            if predictor.adaptive:
+                run = functools.partial(until, xs, ys)
+            else:
+                run = functools.partial(model, xs, ys, n_loops, n_loops - 1)
             with torch.inference_mode():
-                run = (
-                    (lambda: until(xs, ys))
-                    if predictor.adaptive
-                    else (lambda: model(xs, ys, n_loops, n_loops - 1))
-                )
                 eager = 1000 * seconds(run, repeats)
-            ort = 1000 * seconds(lambda: predictor(x_np, y_np), repeats)
+            ort = 1000 * seconds(functools.partial(predictor, x_np, y_np), repeats)
             preds, loops = (
                 predictor(x_np, y_np, return_loops=True)
                 if predictor.adaptive
@@ -495,9 +504,8 @@ def main(argv=None):
         looped.make_config(device=args.device)  # a bad device name is one line, before any work
         table = bench_train(args.device, [args.preset] if args.preset else ("laptop", "paper"))
     elif args.command == "loop":
-        looped.make_config(
-            preset=args.preset or "laptop", device=args.device, steps=args.steps
-        )  # bad values: one line
+        # Bad values are reported in one line, before any work.
+        looped.make_config(preset=args.preset or "laptop", device=args.device, steps=args.steps)
         preset = args.preset or (
             "paper"
             if looped.setup_device(looped.make_config(device=args.device))[0].type == "cuda"

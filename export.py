@@ -1,8 +1,8 @@
 """Export a trained looped transformer to ONNX, verify it, and run it in any app with onnxruntime.
 
-    python export.py RUN_DIR --loops 30 -o linreg_b30.onnx   # unrolled at 30 loop iterations
-    python export.py RUN_DIR --dynamic-loops -o linreg.onnx    # the loop count is an input
-    python export.py RUN_DIR --until-converged 0.01 --max-loops 100 -o adaptive.onnx  # stops when settled
+    python export.py RUN_DIR --loops 30 -o linreg_b30.onnx      # unrolled at 30 loop iterations
+    python export.py RUN_DIR --dynamic-loops -o linreg.onnx     # the loop count is an input
+    python export.py RUN_DIR --until-converged 0.01 -o adaptive.onnx  # stops when settled
 
 The exported graph takes xs (batch, n, d) and ys (batch, n), float32, with batch and n dynamic
 (n up to the trained maximum), and returns the predictions (batch, n) after the last loop:
@@ -17,6 +17,7 @@ code and `from export import Predictor`. Export latency: `python bench.py export
 """
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -34,7 +35,7 @@ class VerificationError(Exception):
     """The exported graph does not compute what PyTorch computes: exit code 1, file deleted."""
 
 
-# ---------------------------------------------------------------------------- inference (numpy + onnxruntime)
+# -------------------------------------------------------------- inference (numpy + onnxruntime)
 
 
 class Predictor:
@@ -44,17 +45,19 @@ class Predictor:
     session uses. On CUDA, inputs and outputs are bound to the device (IO binding), so repeated
     calls copy only the prompt in and the predictions out. On the CPU, a batch is split into one
     shard per core, each run on one thread: onnxruntime's own threads speed up this model's many
-    small operations little (measured with `bench.py export`: 1.35x at batch 64 on 2 cores). A batch
-    smaller than the cores runs on one thread, or on all of them for a wide model (D >= 128)."""
+    small operations little (measured with `bench.py export`: 1.35x at batch 64 on 2 cores). A
+    batch smaller than the cores runs on one thread, or on all of them for a wide model (D >= 128,
+    WIDE): measured at batch 1, D = 256 takes 16.3 ms on all cores against 23.6 on one, while
+    D = 64 takes 1.46 ms on all against 1.16 on one."""
 
     def __init__(self, path, device="auto"):
         import onnxruntime as ort
 
         if device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
-        ort.set_default_logger_severity(
-            4
-        )  # the CUDA fallback on a machine without a GPU is not an error
+        # Fatal messages only: on a machine without a GPU, onnxruntime logs its fallback from CUDA
+        # to the CPU as an error, though the CPU is what such a machine should use.
+        ort.set_default_logger_severity(4)
         providers = ["CPUExecutionProvider"]
         if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
@@ -87,9 +90,7 @@ class Predictor:
             else os.cpu_count() or 1
         )
         self.pool = None  # threads for the CPU shards, started on the first batch that needs them
-        # With fewer prompts than cores, a wide model runs faster on all cores in one session
-        # (measured at batch 1, D = 256: 16.3 ms against 23.6 on one thread; a D = 64 model is
-        # faster on one: 1.16 ms against 1.46).
+        # With fewer prompts than cores, a wide model runs faster on all cores in one session.
         wide = json.loads(meta["config"]).get("n_embd", 0) >= WIDE
         self.wide = (
             ort.InferenceSession(path, ort.SessionOptions(), providers=providers)
@@ -98,8 +99,8 @@ class Predictor:
         )
 
     def __call__(self, xs, ys, n_loops=None, return_loops=False):
-        """Predictions (B, n); with return_loops, for an --until-converged model, also the loops each
-        prompt used (B,)."""
+        """Predictions (B, n); with return_loops, for an --until-converged model, also the loops
+        each prompt used (B,)."""
         if return_loops and not self.adaptive:
             raise ValueError("only an --until-converged model reports the loops it used")
         out = self.run(*self.check(xs, ys), n_loops)
@@ -130,9 +131,10 @@ class Predictor:
                 from concurrent.futures import ThreadPoolExecutor
 
                 self.pool = ThreadPoolExecutor(self.cores)
-            run = lambda shard: self.session.run(
-                self.outputs, {**feeds, "xs": shard[0], "ys": shard[1]}
-            )
+
+            def run(shard):
+                return self.session.run(self.outputs, {**feeds, "xs": shard[0], "ys": shard[1]})
+
             shards = list(self.pool.map(run, zip(np.array_split(xs, k), np.array_split(ys, k))))
             return [np.concatenate(parts) for parts in zip(*shards)]
         import onnxruntime as ort
@@ -170,10 +172,8 @@ class Predictor:
                 np.ascontiguousarray(xs, dtype=np.float32),
                 np.ascontiguousarray(ys, dtype=np.float32),
             )
-        for name, a in (
-            ("xs", xs),
-            ("ys", ys),
-        ):  # after the cast: 1e300 in float64 is inf in float32
+        # Checked after the cast, since a value finite in float64 (1e300) can be inf in float32.
+        for name, a in (("xs", xs), ("ys", ys)):
             if not np.isfinite(a).all():
                 raise ValueError(
                     f"{name} has NaN or infinite values, or values beyond float32's range (3.4e38)"
@@ -184,8 +184,13 @@ class Predictor:
 # ---------------------------------------------------------------------------- export (torch)
 
 
+Wrappers = collections.namedtuple("Wrappers", "Unrolled DynamicLoops UntilConverged")
+
+
 def wrappers():
-    """The two exportable forms of a trained model, each calling the model's own loop body."""
+    """The exportable forms of a trained model, each a torch module that calls the model's own
+    loop body, by name: `wrappers().UntilConverged(model, tol, max_loops)`. They are made in a
+    function so that importing this module does not import torch (see Predictor)."""
     import torch
 
     class Unrolled(torch.nn.Module):
@@ -215,13 +220,15 @@ def wrappers():
             return self.model.read(Y)
 
     class UntilConverged(torch.nn.Module):
-        """Adaptive depth: iterate until the loop has converged, at most max_loops times. A prompt freezes
-        (its state, predictions and loop count stop changing) once the relative change of its predictions
-        (signal "prediction": ||p_t - p_{t-1}|| / ||p_t|| over its positions, p_0 the read-out of Y_0 = 0)
-        or of its loop state ("state": ||Y_t - Y_{t-1}|| / ||Y_t||) falls below tol; the loop ends when
-        every prompt has frozen. Freezing per prompt makes a prompt's answer independent of the rest of
-        its batch, so a batch split over cores gives the same numbers as one whole; a whole-batch stop
-        would make each answer depend on its neighbours. Returns (preds (B, n), loops used (B,) int64)."""
+        """Adaptive depth: iterate until the loop has converged, at most max_loops times.
+
+        A prompt freezes (its state, predictions and loop count stop changing) once the relative
+        change of its predictions (signal "prediction": ||p_t - p_{t-1}|| / ||p_t|| over its
+        positions, p_0 the read-out of Y_0 = 0) or of its loop state ("state":
+        ||Y_t - Y_{t-1}|| / ||Y_t||) falls below tol; the loop ends when every prompt has frozen.
+        Freezing per prompt makes a prompt's answer independent of the rest of its batch, so a
+        batch split over cores gives the same numbers as one whole; a whole-batch stop would make
+        each answer depend on its neighbours. Returns (preds (B, n), loops used (B,) int64)."""
 
         def __init__(self, model, tol, max_loops, signal="prediction"):
             super().__init__()
@@ -230,9 +237,10 @@ def wrappers():
         def forward(self, xs, ys):
             P = self.model.embed(xs, ys)  # (B, L, D)
             Y = torch.zeros_like(P)
-            B = xs.shape[
-                0
-            ]  # fresh (B,) tensors: the loop's carried values keep their strides (a view's would not)
+            B = xs.shape[0]
+            # The flags and counts are fresh (B,) tensors rather than views: the values the
+            # loop carries must keep their strides from one iteration to the next, and a view's
+            # would not.
             start = (
                 torch.zeros((), dtype=torch.int64),
                 Y,
@@ -247,12 +255,9 @@ def wrappers():
             def iteration(t, Y, p, done, loops):
                 Y_next = self.model.iterate(Y, P)
                 p_next = self.model.read(Y_next)  # (B, n)
-                if self.signal == "state":
-                    change = (Y_next - Y).flatten(1).norm(dim=1) / Y_next.flatten(1).norm(
-                        dim=1
-                    ).clamp(min=1e-30)
-                else:
-                    change = (p_next - p).norm(dim=1) / p_next.norm(dim=1).clamp(min=1e-30)
+                new, old = (Y_next, Y) if self.signal == "state" else (p_next, p)
+                size = new.flatten(1).norm(dim=1).clamp(min=1e-30)
+                change = (new - old).flatten(1).norm(dim=1) / size
                 return (
                     t + 1,
                     torch.where(done[:, None, None], Y, Y_next),
@@ -264,12 +269,13 @@ def wrappers():
             if torch.compiler.is_exporting():  # one ONNX Loop
                 _, _, preds, _, loops = torch.while_loop(unfinished, iteration, start)
                 return preds, loops
-            state = start  # eager: the same functions in a plain loop (torch.while_loop would trace them)
+            # Eagerly, the same functions go round a plain loop: torch.while_loop would trace them.
+            state = start
             while unfinished(*state):
                 state = iteration(*state)
             return state[2], state[4]
 
-    return Unrolled, DynamicLoops, UntilConverged
+    return Wrappers(Unrolled, DynamicLoops, UntilConverged)
 
 
 def onnx_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, **_):
@@ -313,8 +319,10 @@ def export(
     max_loops=None,
     signal="prediction",
 ):
-    """Export, write metadata, verify; returns the verification report (a dict). until_converged: the
-    tolerance of an adaptive graph (UntilConverged), run at most max_loops (default 5 b) times."""
+    """Export, write metadata, verify; returns the verification report (a dict).
+
+    until_converged: the tolerance of an adaptive graph (UntilConverged), which runs at most
+    max_loops (default 5 b) loops."""
     import logging
     import warnings
     from unittest import mock
@@ -339,7 +347,7 @@ def export(
             raise harness.UserError(f"--loops must be at least 1, got {n_loops}")
     check_writable(out)
     max_points = cfg.n_positions
-    Unrolled, DynamicLoops, UntilConverged = wrappers()
+    forms = wrappers()
     # Example shapes must avoid 1 (a size-1 example freezes that axis) and the maximum.
     n_example = max(2, min(cfg.n_points, max_points) - 1)
     xs, ys = looped.TASKS[cfg.task](
@@ -351,11 +359,12 @@ def export(
     )
     shapes = {"xs": {0: batch, 1: points}, "ys": {0: batch, 1: points}}
     if dynamic_loops:
-        wrapper, args, shapes["n_loops"] = DynamicLoops(model), (xs, ys, torch.tensor(3)), None
+        wrapper = forms.DynamicLoops(model)
+        args, shapes["n_loops"] = (xs, ys, torch.tensor(3)), None
     elif adaptive:
-        wrapper, args = UntilConverged(model, until_converged, max_loops, signal), (xs, ys)
+        wrapper, args = forms.UntilConverged(model, until_converged, max_loops, signal), (xs, ys)
     else:
-        wrapper, args = Unrolled(model, n_loops), (xs, ys)
+        wrapper, args = forms.Unrolled(model, n_loops), (xs, ys)
     t0 = time.perf_counter()
     logging.getLogger("torch").setLevel(logging.ERROR)
     with (
@@ -378,9 +387,8 @@ def export(
         from onnxruntime.transformers.float16 import convert_float_to_float16
         from onnxruntime.transformers.onnx_model import OnnxModel
 
-        half = OnnxModel(
-            convert_float_to_float16(proto, keep_io_types=True)
-        )  # inputs, outputs stay float32
+        # keep_io_types: the inputs and outputs stay float32, so an app feeds the same arrays.
+        half = OnnxModel(convert_float_to_float16(proto, keep_io_types=True))
         half.topological_sort()  # the converter appends its input casts at the end of the graph
         proto = half.model
     meta = {
@@ -401,16 +409,16 @@ def export(
         "producer": "looped export.py",
     }
     onnx.helper.set_model_props(proto, {k: str(v) for k, v in meta.items()})
-    with harness.atomic(
-        out
-    ) as tmp:  # verified before it replaces anything at `out`; a failure leaves no file
+    # The graph is verified before it replaces anything at `out`: a failure leaves no file.
+    with harness.atomic(out) as tmp:
         onnx.save(proto, tmp)  # one self-contained file: the weights are small
-        say(
-            f"exported {out} ({os.path.getsize(tmp) / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s"
-        )
+        size, seconds = os.path.getsize(tmp) / 1e6, time.perf_counter() - t0
+        say(f"exported {out} ({size:.1f} MB) in {seconds:.1f} s")
         try:
             adaptive_model = (
-                UntilConverged(model, until_converged, max_loops, signal) if adaptive else None
+                forms.UntilConverged(model, until_converged, max_loops, signal)
+                if adaptive
+                else None
             )
             report = verify(
                 tmp,
@@ -444,9 +452,10 @@ def check_writable(out):
 
 
 def verify(path, model, cfg, n_loops, fp16=False, adaptive=None):
-    """The ONNX checker, symbolic batch and point axes, and parity with PyTorch on fresh prompts at a
-    batch size and prompt length unlike the export example; for an adaptive graph, its PyTorch module
-    (UntilConverged) run the same way, the loop counts equal. VerificationError on any failure."""
+    """The ONNX checker, symbolic batch and point axes, and parity with PyTorch on fresh prompts
+    at a batch size and prompt length unlike the export example; for an adaptive graph, its
+    PyTorch module (UntilConverged) run the same way, the loop counts equal. VerificationError on
+    any failure."""
     import onnx
     import torch
 
@@ -471,7 +480,8 @@ def verify(path, model, cfg, n_loops, fp16=False, adaptive=None):
             with torch.no_grad():
                 expected, used = (t.numpy() for t in adaptive(xs, ys))
             got, got_used = predictor(xs.numpy(), ys.numpy(), return_loops=True)
-            # a change within round-off of the tolerance may stop one loop apart: the counts may differ by one
+            # A change within round-off of the tolerance may stop one loop apart in the two, so
+            # the counts may differ by one; the predictions are compared where the counts agree.
             if np.abs(got_used - used).max() > 1:
                 raise VerificationError(
                     f"loops used: onnxruntime {got_used.tolist()}, torch {used.tolist()}"

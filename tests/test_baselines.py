@@ -58,9 +58,8 @@ def test_keep_freed_memory_sets_glibc_options_where_there_is_glibc():
     import platform
 
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-    assert (
-        baselines.keep_freed_memory() is glibc
-    )  # mallopt accepted both values (it returns 0 if not)
+    # True only if mallopt accepted both values: it returns 0 for one it refuses.
+    assert baselines.keep_freed_memory() is glibc
 
 
 def test_averaging_estimator():
@@ -111,11 +110,14 @@ def test_greedy_tree_matches_sklearn(depth):
         lambda i: DecisionTreeRegressor(max_depth=depth), xs32.double(), ys32.double(), at=0
     )
     torch.testing.assert_close(in_sample(xs32, ys32, depth).double(), ref, rtol=0, atol=1e-5)
-    # sign(x) = 0 goes left in the split search, the fit and the query alike (the sign path splits at
-    # 0 only; this data's best split is there, between 0 and 1)
+    # sign(x) = 0 goes left in the split search, the fit and the query alike. The sign path can
+    # split at 0 only, and this data's best split is there (between 0 and 1), as in sklearn.
     xs = torch.tensor([[[0.0], [0.0], [1.0], [1.0], [-1.0], [0.0], [0.0]]], dtype=torch.float64)
     ys = torch.tensor([[10.0, 10.0, 0.0, 0.0, 0.0, 5.0, 1.0]], dtype=torch.float64)
-    stump = lambda i: DecisionTreeRegressor(max_depth=1)  # noqa: E731
+
+    def stump(i):
+        return DecisionTreeRegressor(max_depth=1)
+
     torch.testing.assert_close(
         baselines.tree_predictions(xs, ys, 1, sign=True),
         reference(stump, xs, ys, sign=True),
@@ -134,7 +136,8 @@ def test_greedy_tree_matches_sklearn(depth):
     )
     ys = torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64)
     assert baselines.tree_predictions(xs, ys, depth)[0, 2] == 1.0
-    # repeated rows: a node whose samples are tied on every feature stays a leaf (sklearn: 6 at x = 3)
+    # Repeated rows: a node whose samples are tied on every feature stays a leaf (sklearn
+    # predicts 6 at x = 3).
     xs = torch.tensor(
         [[[1.0, 4.0], [1.0, 4.0], [2.0, 4.0], [2.0, 4.0], [3.0, 4.0]]], dtype=torch.float64
     )
@@ -170,7 +173,8 @@ def test_prefix_orders_are_each_prefix_sorted():
 
 
 def sort_features(xs):
-    """Every feature's stable sort of all the samples, (B, d, n), the order that prefix_orders filters."""
+    """Every feature's stable sort of all the samples, (B, d, n): the order that prefix_orders
+    filters."""
     return xs.transpose(1, 2).argsort(dim=2, stable=True)
 
 
@@ -186,7 +190,10 @@ def in_sample(xs, ys, depth, n_trees=1, lr=1.0, sign=False):
 def test_boosted_trees_match_sklearn():
     """The same two checks for 50 boosted trees of depth 4 (learning rate 0.1): a tie changes no
     fitted value, so neither any later residual, and the fit at x_0 stays comparable."""
-    gbr = lambda i: GradientBoostingRegressor(max_depth=4, learning_rate=0.1, n_estimators=50)  # noqa: E731
+
+    def gbr(i):
+        return GradientBoostingRegressor(max_depth=4, learning_rate=0.1, n_estimators=50)
+
     xs, ys = draw64("linreg", B=3, n=16, d=1, seed=3)
     ys = ys + torch.randn(ys.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     torch.testing.assert_close(
@@ -207,12 +214,14 @@ def test_gradient_descent_and_newton_converge_to_least_squares():
     within 300 steps; Newton-Schulz needs far fewer iterations for the same accuracy."""
     xs, ys = draw64("linreg", B=8, n=41, d=5, seed=5)
     lsq = baselines.least_squares(xs, ys)[:, -1]
-    gd = (
-        (baselines.gradient_descent_iterates(xs, ys, 300)[:, :, -1] - lsq[:, None]).abs().amax(0)
-    )  # (steps,)
-    newton = (baselines.newton_iterates(xs, ys, 30)[:, :, -1] - lsq[:, None]).abs().amax(0)
+    # the largest distance to least squares at the last position after each step, (steps,)
+    gd = baselines.gradient_descent_iterates(xs, ys, 300)[:, :, -1].sub(lsq[:, None]).abs().amax(0)
+    newton = baselines.newton_iterates(xs, ys, 30)[:, :, -1].sub(lsq[:, None]).abs().amax(0)
     assert gd[-1] < 1e-8 and newton[-1] < 1e-8
-    first = lambda err: int((err < 1e-8).nonzero()[0])  # noqa: E731  (first iteration that is there)
+
+    def first(err):  # the first iteration within 1e-8
+        return int((err < 1e-8).nonzero()[0])
+
     assert 3 * first(newton) < first(gd), (first(newton), first(gd))
     assert gd[0] > 1e-2 and newton[0] > 1e-2  # neither is there from the start
 
@@ -221,9 +230,8 @@ def test_solvers_take_float64_and_two_point_prompts():
     xs, ys = draw64("decision_tree", B=3, n=2, d=3)  # one prefix of one pair: no split is possible
     for name, solver in baselines.BASELINES.items():
         preds = solver(xs, ys) if name != "2-layer ReLU net" else solver(xs, ys, steps=5)
-        assert (
-            preds.shape == (3, 2) and preds.dtype == torch.float64 and (preds[:, 0] == 0).all()
-        ), name
+        assert preds.shape == (3, 2) and preds.dtype == torch.float64, name
+        assert (preds[:, 0] == 0).all(), name
     for name in ("greedy tree", "boosted trees", "3-NN"):  # one pair seen: predict its y
         torch.testing.assert_close(baselines.BASELINES[name](xs, ys)[:, 1], ys[:, 0], msg=name)
 
@@ -232,11 +240,13 @@ def test_relu_network_learns_the_relu_task():
     """The per-prompt networks (fewer steps than the paper's 1000, to stay fast) must clearly beat
     least squares and the zero predictor at the last position of the ReLU task."""
     xs, ys = draw("relu_2nn", B=24, n=31, d=2, active=2, seed=6)
-    err = lambda p: (p[:, -1] - ys[:, -1]).pow(2).mean().item()  # noqa: E731
+
+    def err(preds):
+        return (preds[:, -1] - ys[:, -1]).pow(2).mean().item()
+
     net = err(baselines.relu_network(xs, ys, steps=300))
-    assert net < 0.5 * err(baselines.least_squares(xs, ys)) and net < 0.25 * err(
-        torch.zeros_like(ys)
-    ), net
+    assert net < 0.5 * err(baselines.least_squares(xs, ys)), net
+    assert net < 0.25 * err(torch.zeros_like(ys)), net
 
 
 def test_every_task_names_known_baselines():

@@ -1,38 +1,94 @@
 """Tests of bench.py: each table times what it names."""
 
 import json
+import types
 
+import numpy as np
+import pytest
+import torch
 from common import run_cli
 
+import baselines
 import bench
+import export
+import looped
 
 
-def test_bench_tables_time_what_they_name(trained_run, tmp_path):
+def test_seconds_is_the_median_of_the_timed_calls_after_the_warm_up(monkeypatch):
+    clock = types.SimpleNamespace(now=0.0)
+    durations = iter([100.0, 5.0, 1.0, 2.0])  # the warm-up call, then the three timed ones
+
+    def call():  # a fifth call would raise StopIteration
+        clock.now += next(durations)
+
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    assert bench.seconds(call, repeats=3, warmup=1) == 2.0
+
+
+def test_bench_baselines_times_each_solver_beside_the_same_fits_in_sklearn():
     table = bench.bench_baselines(4, 2, ["least squares", "averaging"])
-    assert [row[0] for row in table.rows] == ["least squares", "averaging"]
-    assert (
-        table.rows[0][3] > 0 and table.rows[0][5] > 0 and table.rows[1][4] == "-"
-    )  # averaging: no sklearn model
-    table = bench.bench_export(trained_run, n_loops=2, repeats=2)
+    n = str(looped.PAPER_TASKS["linreg"]["n_points"])
+    assert [row[:3] for row in table.rows] == [
+        ["least squares", "linreg", n],
+        ["averaging", "linreg", n],
+    ]
+    ours, ref, speed_up = table.rows[0][3:]
+    assert speed_up == pytest.approx(ref / ours)
+    assert table.rows[1][4:] == ["-", "-"]  # averaging: no scikit-learn model
+    # The timed scikit-learn fits compute what the batched solvers compute.
+    xs, ys = looped.TASKS["noisy_linreg"](2, 12, 5, 5, torch.Generator().manual_seed(1))
+    xs, ys = xs.double(), ys.double()
+    for name in ("least squares", "ridge", "3-NN"):
+        expected = baselines.BASELINES[name](xs, ys).numpy()
+        np.testing.assert_allclose(bench.sklearn_reference(name, xs, ys), expected, atol=1e-8)
+    assert bench.sklearn_reference("averaging", xs, ys) is None
+
+
+def test_bench_export_reports_each_graph_on_its_own_prompts(trained_run, tmp_path):
+    # At this tolerance the tiny model's prompts stop after 4 to 22 loops, so that a mean of the
+    # loops differs from their maximum or minimum.
+    table = bench.bench_export(trained_run, n_loops=2, repeats=2, tol=0.01)
     assert [row[:2] for row in table.rows] == [
         ["2 loops", "1"],
         ["2 loops", "64"],
-        ["until 0.03", "1"],
-        ["until 0.03", "64"],
+        ["until 0.01", "1"],
+        ["until 0.01", "64"],
     ]
-    assert all(
-        row[2] > 0 and row[3] > 0 and 1 <= row[5] <= 30 and row[6] >= 0 for row in table.rows
-    )
-    table.save(str(tmp_path / "results" / "bench_export.json"), "python bench.py export RUN")
-    saved = json.load(open(tmp_path / "results" / "bench_export.json"))
-    assert saved["machine"] == bench.machine() and saved["rows"] == table.rows
-    assert bench.seconds(lambda: None, repeats=3) < 0.01
-    for args, words in [
+    # The loops and errors again, from PyTorch on the same prompts: bench_export draws each
+    # row's prompts in turn from one generator seeded 0.
+    model, cfg = export.load_model(trained_run)
+    until = export.wrappers().UntilConverged(model, 0.01, 5 * cfg.n_loops)
+    norm = looped.error_normaliser(cfg.task, cfg.n_dims)
+    gen = torch.Generator().manual_seed(0)
+    for name, batch, eager, ort, speed_up, mean_loops, error in table.rows:
+        xs, ys = looped.TASKS[cfg.task](int(batch), cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
+        with torch.no_grad():
+            if name == "2 loops":
+                preds, loops = model(xs, ys, 2)[:, -1], torch.tensor([2])
+            else:
+                preds, loops = until(xs, ys)
+                assert batch == "1" or len(set(loops.tolist())) > 2
+        assert speed_up == pytest.approx(eager / ort)
+        assert mean_loops == pytest.approx(loops.float().mean().item()), name
+        expected = ((preds[:, -1] - ys[:, -1]) ** 2).mean().item() / norm
+        assert error == pytest.approx(expected, rel=1e-3), name
+    path = tmp_path / "results" / "bench_export.json"
+    table.save(str(path), "python bench.py export RUN")
+    saved = json.loads(path.read_text())
+    assert saved["machine"] == bench.machine() and saved["command"] == "python bench.py export RUN"
+    assert saved["rows"] == table.rows and saved["text"] == table.text
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
         (["baselines", "--only", "ridge regression"], "unknown baseline"),
         (["baselines", "--prompts", "0"], "at least 1"),
         (["export", "/nonexistent/run"], "no checkpoint"),
         (["train", "--device", "tpu"], "unknown device"),
         (["fly"], "invalid choice"),
-    ]:
-        r = run_cli(bench.main, *args)
-        assert r.returncode == 2 and words in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    ],
+)
+def test_bench_cli_errors(args, words):
+    r = run_cli(bench.main, *args)
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr

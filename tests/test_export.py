@@ -1,4 +1,5 @@
-"""Tests of export.py: the ONNX graphs against PyTorch, the metadata, the Predictor and the command line."""
+"""Tests of export.py: the ONNX graphs against PyTorch, the metadata, the Predictor and the
+command line."""
 
 import json
 import os
@@ -6,6 +7,8 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,32 +22,43 @@ def test_unrolled_and_dynamic_exports_match_pytorch(trained_run, tmp_path):
     model, cfg = export.load_model(trained_run)
     unrolled, dynamic = str(tmp_path / "b4.onnx"), str(tmp_path / "dyn.onnx")
     report = export.export(trained_run, unrolled, n_loops=4, say=lambda *a: None)
-    assert report["checker"] == "passed" and report["provider"] in (
-        "CPUExecutionProvider",
-        "CUDAExecutionProvider",
-    )
-    import onnx  # the masked softmax is written out (export.onnx_attention): no slow Softmax node
+    assert report["checker"] == "passed"
+    # The report names the provider that a session really gets: onnxruntime-gpu lists CUDA even
+    # where it cannot use it, and a session there falls back to the CPU.
+    both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    wanted = [p for p in both if p in ort.get_available_providers()]
+    assert report["provider"] == ort.InferenceSession(unrolled, providers=wanted).get_providers()[0]
+    # Where onnxruntime lists CUDA, "auto" asks for it first and "cpu" keeps it out.
+    asked, session = [], ort.InferenceSession
 
+    def recording(*args, providers, **kwargs):
+        asked.append(providers)
+        return session(*args, providers=["CPUExecutionProvider"], **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ort, "get_available_providers", lambda: both)
+        m.setattr(ort, "InferenceSession", recording)
+        export.Predictor(unrolled, device="cpu")
+        export.Predictor(unrolled, device="auto")
+    assert asked == [["CPUExecutionProvider"], both]
+    # The masked softmax is written out (export.onnx_attention), so there is no slow Softmax node,
+    # and GELU is one node, not the Sigmoid of its compiled form.
     ops = {node.op_type for node in onnx.load(unrolled).graph.node}
-    assert (
-        "Softmax" not in ops and "Gelu" in ops and "Sigmoid" not in ops
-    )  # not gelu's compiled form
+    assert "Softmax" not in ops and "Gelu" in ops and "Sigmoid" not in ops
     export.export(trained_run, dynamic, dynamic_loops=True, say=lambda *a: None)
     xs, ys = draw("linreg", B=7, n=5, d=4, active=4, seed=11)  # a shape unlike the export example's
     with torch.no_grad():
         expected = model(xs, ys, 4)[:, -1].numpy()
     got = export.Predictor(unrolled, device="cpu")(xs.numpy(), ys.numpy())
     assert got.shape == (7, 5) and abs(got - expected).max() < 1e-4
-    assert (
-        abs(export.Predictor(unrolled)(xs.numpy(), ys.numpy()) - expected).max() < 1e-4
-    )  # CUDA where there is one
+    on_any = export.Predictor(unrolled)(xs.numpy(), ys.numpy())  # CUDA where there is one
+    assert abs(on_any - expected).max() < 1e-4
     for cores in (1, 3, 16):  # the CPU splits a batch into one shard per core: same numbers
         predictor = export.Predictor(unrolled, device="cpu")
         predictor.cores = cores
         assert abs(predictor(xs.numpy(), ys.numpy()) - got).max() < 1e-6
-    with (
-        pytest.MonkeyPatch.context() as m
-    ):  # a wide model's small batches use the multi-threaded session
+    # A wide model's batches smaller than the cores run on the multi-threaded session.
+    with pytest.MonkeyPatch.context() as m:
         m.setattr(export, "WIDE", 0)
         predictor = export.Predictor(unrolled, device="cpu")
     predictor.cores = 16
@@ -54,36 +68,41 @@ def test_unrolled_and_dynamic_exports_match_pytorch(trained_run, tmp_path):
     assert abs(export.Predictor(dynamic)(xs.numpy(), ys.numpy(), n_loops=9) - at_b).max() > 1e-6
 
 
-def test_until_converged_stops_each_prompt_at_its_first_settled_iteration(trained_run):
-    """The stopping rule against a plain reading of it: the predictions after every iteration, and each
-    prompt's first t with ||p_t - p_{t-1}|| / ||p_t|| below the tolerance (p_0 the read-out of Y_0 = 0)."""
+@pytest.mark.parametrize("signal", ["prediction", "state"])
+def test_until_converged_stops_each_prompt_at_its_first_settled_iteration(trained_run, signal):
+    """The stopping rule against a plain reading of it: the loop state and predictions after
+    every iteration, and each prompt's first t whose relative change is below the tolerance:
+    ||p_t - p_{t-1}|| / ||p_t|| (p_0 the read-out of Y_0 = 0), or ||Y_t - Y_{t-1}|| / ||Y_t||."""
     model, cfg = export.load_model(trained_run)
     xs, ys = draw("linreg", B=32, n=9, d=4, active=4, seed=5)
+    UntilConverged = export.wrappers().UntilConverged
     with torch.no_grad():
         every = model(xs, ys, 40)  # (B, 40, n)
-        p = torch.cat(
-            [model.read(torch.zeros_like(model.embed(xs, ys)))[:, None], every], 1
-        )  # (B, 41, n)
-        change = (p[:, 1:] - p[:, :-1]).norm(dim=2) / p[:, 1:].norm(dim=2)  # (B, 40)
-        middle = (
-            change[:, 5:].flatten().sort().values[len(change) * 35 // 4 : len(change) * 35 * 3 // 4]
-        )
-        gap = (
-            middle[1:] / middle[:-1]
-        ).argmax()  # a tolerance far from every change, in the middle of them
+        P = model.embed(xs, ys)
+        states = [torch.zeros_like(P)]  # Y_0 .. Y_40
+        for _ in range(40):
+            states.append(model.iterate(states[-1], P))
+        if signal == "state":
+            seq = torch.stack(states, 1).flatten(2)  # (B, 41, L D)
+        else:
+            seq = torch.cat([model.read(states[0])[:, None], every], 1)  # (B, 41, n)
+        change = (seq[:, 1:] - seq[:, :-1]).norm(dim=2) / seq[:, 1:].norm(dim=2)  # (B, 40)
+        # A tolerance far from every change, so that round-off cannot move a stop, and in the
+        # middle of them, so that prompts stop at different loops: the widest gap of the middle
+        # half of the changes, from iteration 6 on.
+        changes = change[:, 5:].flatten().sort().values
+        middle = changes[len(changes) // 4 : len(changes) * 3 // 4]
+        gap = (middle[1:] / middle[:-1]).argmax()
         tol = (middle[gap] * middle[gap + 1]).sqrt().item()
         settled = change < tol
-        first = torch.where(
-            settled.any(1), settled.float().argmax(1) + 1, 40
-        )  # loops used, 1-based
-        preds, loops = export.wrappers()[2](model, tol, 40)(xs, ys)
-    assert torch.equal(loops, first) and 1 < len(
-        set(first.tolist())
-    )  # prompts stop at different loops
+        first = torch.where(settled.any(1), settled.float().argmax(1) + 1, 40)  # 1-based
+        preds, loops = UntilConverged(model, tol, 40, signal)(xs, ys)
+    assert torch.equal(loops, first)
+    assert 1 < len(set(first.tolist()))  # prompts stop at different loops
     torch.testing.assert_close(preds, every[torch.arange(32), first - 1], rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        _, by_state = export.wrappers()[2](model, 1e-9, 12, signal="state")(xs, ys)
-    assert (by_state == 12).all()  # a tolerance never met: every prompt runs the maximum
+        _, never = UntilConverged(model, 1e-9, 12, signal)(xs, ys)
+    assert (never == 12).all()  # a tolerance never met: every prompt runs the maximum
 
 
 def test_adaptive_export_returns_its_loop_counts_and_matches_pytorch(trained_run, tmp_path):
@@ -95,21 +114,17 @@ def test_adaptive_export_returns_its_loop_counts_and_matches_pytorch(trained_run
     assert "until converged" in report["parity"]
     xs, ys = draw("linreg", B=9, n=7, d=4, active=4, seed=3)
     with torch.no_grad():
-        expected, used = export.wrappers()[2](model, 0.02, 30)(xs, ys)
+        expected, used = export.wrappers().UntilConverged(model, 0.02, 30)(xs, ys)
     predictor = export.Predictor(path, device="cpu")
     preds, loops = predictor(xs.numpy(), ys.numpy(), return_loops=True)
-    assert (
-        loops.dtype == np.int64
-        and np.array_equal(loops, used.numpy())
-        and abs(preds - expected.numpy()).max() < 1e-4
-    )
+    assert loops.dtype == np.int64 and np.array_equal(loops, used.numpy())
+    assert abs(preds - expected.numpy()).max() < 1e-4
     assert 1 <= loops.min() and loops.max() <= 30 and predictor.meta["n_loops"] == "adaptive"
     predictor.cores = 3  # shards of the batch: each prompt freezes on its own, so the same numbers
     sharded, sharded_loops = predictor(xs.numpy(), ys.numpy(), return_loops=True)
     assert np.array_equal(sharded_loops, loops) and abs(sharded - preds).max() < 1e-6
-    assert (
-        abs(predictor(xs.numpy(), ys.numpy()) - preds).max() == 0
-    )  # without return_loops: the predictions
+    # Without return_loops, the call returns the predictions alone.
+    assert abs(predictor(xs.numpy(), ys.numpy()) - preds).max() == 0
     with pytest.raises(ValueError, match="chooses its own loop count"):
         predictor(xs.numpy(), ys.numpy(), n_loops=4)
     r = run_cli(export.main, trained_run, "--until-converged", "0.01", "--loops", "3")
