@@ -1,42 +1,42 @@
 """The paper's claims as commands, at laptop scale, and the report that shows what they found.
 
-    python experiments.py claim1             # linear regression: looped (1 layer) against 12 layers, lr swept
-    python experiments.py claim2             # sparse linear regression: the same
-    python experiments.py claim3             # decision trees and ReLU networks: the same
-    python experiments.py claim4             # the loop settles past b; the window T
-    python experiments.py claim5             # Garg et al.'s out-of-distribution suite (after claim1)
-    python experiments.py seeds              # the default command with ten seeds: its spread
-    python experiments.py converge           # claim1's best runs for 8 times the steps (hours; after claim1)
-    python experiments.py all                # claim1 ... claim5 and seeds in turn (not converge)
-    python experiments.py report             # docs/results.md and figures/ from results/, no training
+    python experiments.py claim1    # linear regression: looped against 12 layers, lr swept
+    python experiments.py claim2    # sparse linear regression: the same
+    python experiments.py claim3    # decision trees and ReLU networks: the same
+    python experiments.py claim4    # the loop settles past b; the window T
+    python experiments.py claim5    # Garg et al.'s out-of-distribution suite (after claim1)
+    python experiments.py seeds     # the default command with ten seeds: its spread
+    python experiments.py converge  # claim1's best runs for 8 times the steps (hours; after claim1)
+    python experiments.py all       # claim1 ... claim5 and seeds in turn (not converge)
+    python experiments.py report    # docs/results.md and figures/ from results/, no training
 
 Each claim trains its runs with looped.py's `train` into results/CLAIM/RUN (a run already
 evaluated there is kept, not trained again), and records beside each run's log.jsonl and
 eval.json a run.json: its config, the machine, the torch version and the wall time. Those files
-are committed; the checkpoints are not. `report` reads them alone and writes docs/results.md.
+are committed; the checkpoints are not. `report` (report.py) reads them alone and writes
+docs/results.md.
 
 Tools on top of looped.py, for any runs:
 
-    python experiments.py compare RUN_A RUN_B --out DIR   # several runs on the same prompts, one plot
-    python experiments.py compare RUN_A RUN_B --shift skewed  # the same under a distribution shift
-    python experiments.py baselines --task sparse_linreg  # every classical baseline's error, no model
-    python experiments.py probe RUN_DIR                   # what linear probes read from the loop state
-    python experiments.py adaptive RUN_DIR                # a loop that stops when it has converged
+    python experiments.py compare RUN_A RUN_B --out DIR       # several runs on the same prompts
+    python experiments.py compare RUN_A RUN_B --shift skewed  # the same, shifted
+    python experiments.py baselines --task sparse_linreg      # each classical baseline, no model
+    python experiments.py probe RUN_DIR                       # linear probes of the loop state
+    python experiments.py adaptive RUN_DIR                    # a loop that stops once converged
 
 Citations, as in looped.py: [LT] the authors' code, https://github.com/Leiay/looped_transformer;
 [G] Garg et al.'s, https://github.com/dtsip/in-context-learning.
 """
 
 import argparse
-import contextlib
-import glob
+import dataclasses
+import functools
 import json
-import math
 import os
 import shlex
-import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +45,8 @@ import baselines
 import bench
 import harness
 import looped
-
-RESULTS, FIGURES, REPORT = "results", "figures", os.path.join("docs", "results.md")
+import report
+from report import FIGURES, RESULTS
 
 # ---------------------------------------------------------------------------- out of distribution
 # Garg et al.'s suite for linear regression ([G], `src/eval.py`). The first five change how x or y
@@ -103,9 +103,8 @@ def sample_shifted(name, B, n, d, gen):
     w = torch.randn(B, d, 1, generator=gen, device=dev)
     xs, queries = z, None
     if kind in ("skewed", "half_subspace"):  # covariance U diag(eig) U^T, U a random rotation
-        i = torch.arange(
-            1, d + 1, device=dev
-        )  # skewed: [G] maps x by U diag(1/i) U^T, so eig ~ 1/i^2
+        # Skewed: [G] maps x by U diag(1/i) U^T, so the eigenvalues go as 1/i^2.
+        i = torch.arange(1, d + 1, device=dev)
         eig = 1 / i**2 if kind == "skewed" else (i <= d // 2).float()
         eig = eig * d / eig.sum()  # trace d, as N(0, I_d) has
         U = torch.linalg.qr(torch.randn(B, d, d, generator=gen, device=dev)).Q  # (B, d, d)
@@ -133,17 +132,16 @@ def sample_shifted(name, B, n, d, gen):
             norm,
         )
     m = min(n, d) if kind == "orthogonal" else n  # m query prompts per drawn prompt
-    use_query = (
-        torch.arange(n, device=dev) >= torch.arange(m, device=dev)[:, None]
-    )  # (m, n): from position i on
+    # Query prompt i holds queries from position i on: (m, n).
+    use_query = torch.arange(n, device=dev) >= torch.arange(m, device=dev)[:, None]
     xs = torch.where(use_query[None, :, :, None], queries[:, None], xs[:, None])  # (B, m, n, d)
     return xs, scale * (xs.reshape(B, m * n, d) @ w)[..., 0].reshape(B, m, n), norm
 
 
 def shifted_errors(models, name, cfg, device):
-    """model_errors and baselines.task_errors for each (cfg, model, ctx) on the shifted prompts of `name`.
-    Query prompts are scored one query position i at a time: column i of the errors comes from the
-    prompts that ask their query at i (NaN at positions with no query)."""
+    """model_errors for each (cfg, model, ctx), then baselines.task_errors, on the prompts of shift
+    `name`. Query prompts are scored one query position i at a time: column i of the errors comes
+    from the prompts that ask their query at i (NaN at positions with no query)."""
     xs, ys, norm = sample_shifted(
         name,
         cfg.eval_prompts,
@@ -151,15 +149,15 @@ def shifted_errors(models, name, cfg, device):
         cfg.n_dims,
         torch.Generator(device).manual_seed(cfg.eval_seed),
     )
-    score = lambda x, y: (
-        [looped.model_errors(model, c, (x, y, norm), ctx) for c, model, ctx in models]  # noqa: E731
-        + [baselines.task_errors(cfg.task, x, y, norm)]
-    )
+
+    def score(x, y):
+        errors = [looped.model_errors(model, c, (x, y, norm), ctx) for c, model, ctx in models]
+        return errors + [baselines.task_errors(cfg.task, x, y, norm)]
+
     if xs.dim() == 3:
         return score(xs, ys)
-    columns = [
-        score(xs[:, i], ys[:, i]) for i in range(xs.shape[1])
-    ]  # m evaluations, each (..., n)
+    # One evaluation per query position, each with errors at every position (..., n).
+    columns = [score(xs[:, i], ys[:, i]) for i in range(xs.shape[1])]
     return [
         {
             key: F.pad(
@@ -182,24 +180,15 @@ def solver_errors(test, steps):
     xs, ys, norm = test
     errors = {}
     for name, iterates in baselines.ITERATES.items():
-        preds = iterates(xs, ys, steps if name == "gradient descent" else min(steps, 40))[
-            :, :, -1
-        ]  # (P, t)
+        iterations = steps if name == "gradient descent" else min(steps, 40)
+        preds = iterates(xs, ys, iterations)[:, :, -1]  # (P, t)
         errors[name] = ((preds - ys[:, None, -1]).pow(2).mean(0) / norm).cpu()
     return errors
 
 
-def labels(cfgs):
-    """A legend name per run: the model, and the run folder where models repeat."""
-    names = [looped.describe(c) for c in cfgs]
-    return [
-        f"{name} ({os.path.basename(os.path.normpath(c.out))})" if names.count(name) > 1 else name
-        for name, c in zip(names, cfgs)
-    ]
-
-
 def load_runs(run_dirs, given):
-    """[(cfg, model, ctx)] of saved runs that can be compared: same task, d and n; UserError if not."""
+    """[(cfg, model, ctx)] of saved runs that can be compared (the same task, d and n); a UserError
+    for runs that cannot."""
     runs = []
     for run_dir in run_dirs:
         ckpt, cfg = looped.saved_run(run_dir, given)
@@ -235,7 +224,7 @@ def compare(run_dirs, out=None, given=None, shift=None):
         classical = baselines.task_errors(cfg.task, *test)
         linear = cfg.task in ("linreg", "noisy_linreg", "sparse_linreg")
         solvers = solver_errors(test, max(c.eval_loops for c, _, _ in runs)) if linear else {}
-    names = labels([c for c, _, _ in runs])
+    names = report.labels([c for c, _, _ in runs])
     named = [(name, c, {**e, **classical}) for name, (c, _, _), e in zip(names, runs, errors)]
     harness.check_folder(out)  # a run folder is refused: its own plots have these names
     title = f"{cfg.task}, shift {shift}" if shift else cfg.task
@@ -248,181 +237,288 @@ def compare(run_dirs, out=None, given=None, shift=None):
 # ---------------------------------------------------------------------------- the claims
 
 
+def provenance():
+    """What a result file records about where it was made: the machine, torch, torch's threads."""
+    return {
+        "machine": bench.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
 def run(claim, name, task, **overrides):
     """Train one run of a claim into results/CLAIM/NAME, unless it was evaluated there before (an
     interrupted one continues from its checkpoint); record run.json beside its log and evaluation.
     Returns its folder."""
     out = os.path.join(RESULTS, claim, name)
     cfg = looped.make_config(task, out=out, **overrides)
-    if os.path.isfile(os.path.join(out, "run.json")):
+    if report.done(out):
         with open(os.path.join(out, "run.json")) as f:
-            if run_config(json.load(f)) != cfg:
+            if report.run_config(json.load(f)) != cfg:
                 raise harness.UserError(
                     f"{out} holds a run of another config (an earlier preset?): delete it "
                     f"to train the claim's run there"
                 )
         print(f"{out}: done before, kept")
         return out
-    resume = (
-        looped.load_checkpoint(out)[0] if os.path.isfile(os.path.join(out, "ckpt.pt")) else None
-    )
+    resume = None
+    if os.path.isfile(os.path.join(out, "ckpt.pt")):
+        resume = looped.load_checkpoint(out)[0]
     if resume is not None and resume["config"] != looped.asdict(cfg):
         raise harness.UserError(
             f"{out} holds a run of another config: delete it to train the claim's run there"
         )
     t0, diverged = time.perf_counter(), {}
     try:
-        looped.train(
-            cfg, resume=resume, overwrite=True
-        )  # an interrupted run continues from its checkpoint
+        looped.train(cfg, resume=resume, overwrite=True)
     except harness.Interrupted as e:
         raise harness.Interrupted(
             f"{e.message.split(';')[0]}; python experiments.py {claim} continues it", e.signum
         ) from None
-    except (
-        harness.Diverged
-    ) as e:  # a result of a sweep, recorded as such: the run has no evaluation
+    except harness.Diverged as e:
+        # A run that diverges is a result of the sweep, recorded as such, without an evaluation.
         print(f"{out}: {e}")
         diverged = {"diverged": str(e).split(";")[0]}
     record = {
         **diverged,
         "command": f"python experiments.py {claim}",
         "config": looped.asdict(cfg),
-        "machine": bench.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **provenance(),
+        # A resumed run's seconds count from the step it resumed at.
         "seconds": time.perf_counter() - t0,
         **({"resumed_at_step": resume["step"]} if resume else {}),
-    }  # then seconds count from there
+    }
     harness.write_json(os.path.join(out, "run.json"), record, indent=1)
     return out
 
 
-STANDARD = dict(
-    n_layer=12, n_loops=1, eval_loops=1
-)  # the paper's 12-layer GPT-2, with the same budget
+def config_overrides(cfg):
+    """A run's config as run()'s overrides, to train it again with a change."""
+    return {k: v for k, v in looped.asdict(cfg).items() if k not in ("task", "out")}
+
+
+def train_best_with_another_seed(name, claim):
+    """After a sweep: each model at its best learning rate again, with seed 43, which tells what a
+    user of that rate should expect."""
+    for model in MODELS:
+        folder = report.best_run(name, model)
+        if folder:
+            cfg = report.read_run(folder)[0]
+            overrides = {**config_overrides(cfg), "seed": 43}
+            run(name, report.variant(os.path.basename(folder), seed=43), cfg.task, **overrides)
+
+
+def train_at_best_rates(name, claim, seeds=()):
+    """Each of the claim's runs of a model also at the learning rate that the sweep of the claim it
+    needs found best for that model, where that is not the default; and with each of seeds."""
+    rates = report.best_rates(claim.needs, MODELS)
+    for model, model_overrides in MODELS.items():
+        lr = rates[model]
+        for run_name, task, overrides in claim.runs:
+            if lr and overrides == model_overrides and lr != looped.make_config(task).lr:
+                run(name, report.variant(run_name, lr), task, **overrides, lr=lr)
+                for seed in seeds:
+                    at_seed = report.variant(run_name, lr, seed)
+                    run(name, at_seed, task, **overrides, lr=lr, seed=seed)
+
+
+def solve_the_test_prompts(name, claim):
+    """Gradient descent and Newton's iteration on the default run's test prompts, iteration by
+    iteration, for the report to draw beside the loop's error."""
+    cfg = looped.make_config("linreg")
+    solvers = solver_errors(looped.eval_prompts(cfg, torch.device("cpu")), cfg.eval_loops)
+    harness.write_json(
+        os.path.join(RESULTS, name, "solvers.json"),
+        {**provenance(), **{k: v.tolist() for k, v in solvers.items()}},
+    )
+
+
+def evaluate_shifts(name, claim):
+    """Every shift of Garg et al.'s suite, on the two models of the claim it needs, each at its best
+    learning rate (their checkpoints)."""
+    runs = [report.best_run(claim.needs, model) for model in MODELS]
+    if not all(r and os.path.isfile(os.path.join(r, "ckpt.pt")) for r in runs):
+        raise harness.UserError(
+            f"{name} evaluates {claim.needs}'s trained runs: run python experiments.py "
+            f"{claim.needs} first"
+        )
+    for shift in GARG_SHIFTS:
+        named, _ = compare(runs, os.path.join(RESULTS, name, "figures"), shift=shift)
+        save_errors(os.path.join(RESULTS, name, f"{shift}.json"), named, shift=shift)
+
+
+def converge_runs(claim):
+    """The best runs of the sweep in the claim named, to convergence: [(run name, task, overrides)],
+    each model as the sweep trained it at the learning rate found best for it, but for CONVERGE
+    times the steps, seeds 42 and 43. A run may take several sessions: an interrupted one
+    continues from its checkpoint (every 500 steps)."""
+    best = {model: report.best_run(claim, model) for model in MODELS}
+    if not all(best.values()):
+        raise harness.UserError(
+            f"converge trains each model at {claim}'s best learning rate: run python "
+            f"experiments.py {claim} first"
+        )
+    runs = []
+    for model, folder in best.items():
+        cfg = report.read_run(folder)[0]
+        for seed in (42, 43):
+            overrides = {
+                **config_overrides(cfg),
+                "steps": CONVERGE * cfg.steps,
+                "seed": seed,
+                "ckpt_every": 500,
+            }
+            # Seed 42 is the preset's, which the sweep trained with: its name has no seed.
+            name = report.variant(model, cfg.lr, None if seed == 42 else seed)
+            runs.append((name, cfg.task, overrides))
+    return runs
+
+
+def train_to_convergence(name, claim):
+    """The runs of converge_runs, each continued from its checkpoint where one was interrupted."""
+    for run_name, task, overrides in converge_runs(claim.needs):
+        run(name, run_name, task, **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """One of the paper's claims: what its command trains, and what the report says of it."""
+
+    help: str  # the command's line in --help
+    heading: str  # its section's heading in docs/results.md
+    section: Callable  # report's writer of that section: (lines, name, claims, models)
+    # [(run name, task, overrides)]: what the command trains, in results/NAME/. Where the report
+    # compares the two models on a task, the task's runs come in the order of MODELS.
+    runs: list = ()
+    then: Callable = None  # what the command does next, (name, claim): more runs, or evaluations
+    needs: str = ""  # the claim whose runs this one builds on: its best rates, its trained models
+    paper: str = ""  # the paper's finding, as the report quotes it
+    # [(task, the paper's finding or None, the paper's numbers)]: the report compares the looped
+    # and standard runs of each task and reads whether the paper's finding reproduced.
+    verdicts: list = ()
+    # A remark after the comparison; {steps}, {share} of the paper's 500k and {d} are its runs'.
+    caveat: str = ""
+    in_all: bool = True  # whether `python experiments.py all` trains it
+
+
+STANDARD = dict(n_layer=12, n_loops=1, eval_loops=1)  # the paper's 12-layer GPT-2, the same budget
 MODELS = {"looped": {}, "standard": STANDARD}
 SWEEP = [3e-5, 1e-4, 3e-4, 6e-4, 1e-3, 2e-3]  # Adam's learning rate, the same six for both models
 SEEDS = range(42, 52)  # the default command's spread over seeds
 CURVES = dict(eval_every=250)  # a learning-curve point every 250 steps, on validation prompts
-CLAIMS = {  # claim: [(run name, task, overrides)]
-    "claim1": [
-        (f"{model}_lr{lr:g}", "linreg", dict(overrides, lr=lr, **CURVES))
-        for lr in SWEEP
-        for model, overrides in MODELS.items()
-    ],  # then each model's best with another seed (claim)
-    "claim2": [("looped", "sparse_linreg", {}), ("standard", "sparse_linreg", STANDARD)],
-    "claim3": [
-        ("tree_looped", "decision_tree", {}),
-        ("tree_standard", "decision_tree", STANDARD),
-        ("relu_looped", "relu_2nn", {}),
-        ("relu_standard", "relu_2nn", STANDARD),
-    ],
-    "claim4": [
-        ("T5", "linreg", dict(loop_window=5)),
-        ("T3", "linreg", dict(loop_window=3)),
-        ("T1", "linreg", dict(loop_window=1)),
-    ],  # T = 10: claim1's looped run at the default rate
-    "seeds": [
-        (f"seed{seed}", "linreg", dict(seed=seed)) for seed in SEEDS
-    ],  # the default command, ten seeds
+CONVERGE = 8  # converge trains claim1's best runs for this many times the preset's steps
+# The paper's numbers come from [LT]'s notebooks, at full scale (d = 20, 500k steps).
+CLAIMS = {
+    "claim1": Claim(
+        help="linear regression: the looped model against the 12-layer one, each over 6 learning "
+        "rates",
+        heading="claim1: Linear regression: the looped model against the 12-layer transformer",
+        section=functools.partial(report.pairs_section, sweep=True),
+        runs=[
+            (report.variant(model, lr), "linreg", dict(overrides, lr=lr, **CURVES))
+            for lr in SWEEP
+            for model, overrides in MODELS.items()
+        ],
+        then=train_best_with_another_seed,
+        paper="at k = 10, 20, 40 (d = 20): standard 0.519, 0.0204, 0.00048; looped 0.519, 0.0242, "
+        "0.00078; least squares 0.515, ~0, ~0",
+        verdicts=[("linreg", "match", "0.00078 against 0.00048 at k = 40, d = 20")],
+        caveat="Each model is compared at its own best learning rate, picked on validation "
+        "prompts, with one seed per learning rate; {steps} steps are {share:.2%} of the paper's "
+        "500k, at d = {d} rather than 20.",
+    ),
+    "claim2": Claim(
+        help="sparse linear regression: the same",
+        heading="claim2: Sparse linear regression",
+        section=report.pairs_section,
+        runs=[("looped", "sparse_linreg", {}), ("standard", "sparse_linreg", STANDARD)],
+        then=train_at_best_rates,
+        needs="claim1",
+        paper="at k = 10, 40 (d = 20, s = 3): standard 0.0848, 0.0017; looped 0.0213, 0.00061; "
+        "Lasso 0.0498, 0.00013",
+        verdicts=[("sparse_linreg", "looped ahead", "0.00061 against 0.0017 at k = 40, d = 20")],
+        caveat="At d = 5 with s = 3 the weights are barely sparse, so Lasso has little to gain "
+        "over least squares here.",
+    ),
+    "claim3": Claim(
+        help="decision trees and 2-layer ReLU networks: the same",
+        heading="claim3: Decision trees and ReLU networks",
+        section=report.pairs_section,
+        runs=[
+            ("tree_looped", "decision_tree", {}),
+            ("tree_standard", "decision_tree", STANDARD),
+            ("relu_looped", "relu_2nn", {}),
+            ("relu_standard", "relu_2nn", STANDARD),
+        ],
+        # The ReLU network's verdict turned on the learning rate: another seed there.
+        then=functools.partial(train_at_best_rates, seeds=[43]),
+        needs="claim1",
+        paper="ReLU network at k = 100: standard 0.170, looped 0.180; decision tree: no number in "
+        "the paper",
+        verdicts=[
+            ("decision_tree", None, "for the decision tree"),
+            ("relu_2nn", "match", "0.180 against 0.170 at k = 100, d = 20"),
+        ],
+    ),
+    "claim4": Claim(
+        help="the loop settles on a fixed point past b; windows T = 10, 5, 3, 1",
+        heading="claim4: the loop settles past b; the window T",
+        # T = 10, the default window, is claim1's looped run at the default rate.
+        section=functools.partial(
+            report.window_section, base=report.variant("looped", looped.make_config("linreg").lr)
+        ),
+        runs=[(f"T{t}", "linreg", dict(loop_window=t)) for t in (5, 3, 1)],
+        then=solve_the_test_prompts,
+        needs="claim1",
+        paper="the looped model's error stays flat when run far past b (to 500 loops); a "
+        "too-small T diverges there",
+    ),
+    "claim5": Claim(
+        help="out of distribution: Garg et al.'s shifts, on claim1's best runs",
+        heading="claim5: out of distribution",
+        section=functools.partial(report.shift_section, shifts=GARG_SHIFTS),
+        then=evaluate_shifts,
+        needs="claim1",
+        paper="no number for Garg et al.'s shifts; Garg et al. find that a trained transformer "
+        "degrades under them much as least squares does",
+    ),
+    "seeds": Claim(
+        help="the default command (laptop preset, linear regression) with seeds 42 to 51",
+        heading="The default command over ten seeds",
+        section=report.seeds_section,
+        runs=[(f"seed{seed}", "linreg", dict(seed=seed)) for seed in SEEDS],
+    ),
+    "converge": Claim(
+        help=f"claim1's two models at their best rates for {CONVERGE}x the steps, two seeds: "
+        "hours on a CPU; an interrupted run continues",
+        heading=f"claim1 to convergence: both models for {CONVERGE} times the steps",
+        section=functools.partial(report.converge_section, times=CONVERGE),
+        then=train_to_convergence,
+        needs="claim1",
+        in_all=False,
+    ),
 }
 
 
-CONVERGE = (
-    8  # claim1 to convergence: each model at its best rate, for this many times the preset's steps
-)
-THRESHOLDS = [0.2, 0.1, 0.05]  # validation errors at k = 2d whose first step converge reports
-
-
-def converge_runs():
-    """claim1 to convergence: [(run name, task, overrides)], each model as claim1's sweep trained it at
-    the learning rate found best for it, but for CONVERGE times the steps, seeds 42 and 43. Each run may
-    take several sessions: an interrupted one continues from its checkpoint (every 500 steps)."""
-    best = {model: best_run("claim1", model) for model in MODELS}
-    if not all(best.values()):
-        raise harness.UserError(
-            "converge trains each model at claim1's best learning rate: run python "
-            "experiments.py claim1 first"
-        )
-    runs = []
-    for model, folder in best.items():
-        cfg = read_run(folder)[0]
-        for seed in (42, 43):
-            runs.append(
-                (
-                    f"{model}_lr{cfg.lr:g}" + (f"_seed{seed}" if seed != 42 else ""),
-                    cfg.task,
-                    {
-                        **config_overrides(cfg),
-                        "steps": CONVERGE * cfg.steps,
-                        "seed": seed,
-                        "ckpt_every": 500,
-                    },
-                )
-            )
-    return runs
-
-
 def claim(name):
-    for run_name, task, overrides in (
-        converge_runs() if name == "converge" else CLAIMS.get(name, [])
-    ):
+    """Train a claim's runs, then whatever else its record asks for."""
+    record = CLAIMS[name]
+    for run_name, task, overrides in record.runs:
         run(name, run_name, task, **overrides)
-    if (
-        name == "claim1"
-    ):  # each model at its best learning rate, with another seed: what a user should expect
-        for model in MODELS:
-            folder = best_run("claim1", model)
-            if folder:
-                cfg = read_run(folder)[0]
-                run(
-                    name,
-                    f"{os.path.basename(folder)}_seed43",
-                    cfg.task,
-                    **{**config_overrides(cfg), "seed": 43},
-                )
-    if name in ("claim2", "claim3"):  # each model also at claim1's best learning rate for it
-        rates = best_rates()
-        for model, model_overrides in MODELS.items():
-            lr = rates[model]
-            for run_name, task, overrides in CLAIMS[name]:
-                if (
-                    lr and overrides == model_overrides and lr != looped.make_config(task).lr
-                ):  # a new run
-                    run(name, f"{run_name}_lr{lr:g}", task, **overrides, lr=lr)
-                    if (
-                        name == "claim3"
-                    ):  # where the ReLU network's verdict turned on the rate: another seed
-                        run(name, f"{run_name}_lr{lr:g}_seed43", task, **overrides, lr=lr, seed=43)
-    if (
-        name == "claim4"
-    ):  # gradient descent and Newton on the same test prompts, iteration by iteration
-        cfg = looped.make_config("linreg")
-        solvers = solver_errors(looped.eval_prompts(cfg, torch.device("cpu")), cfg.eval_loops)
-        harness.write_json(
-            os.path.join(RESULTS, "claim4", "solvers.json"),
-            {"machine": bench.machine(), **{k: v.tolist() for k, v in solvers.items()}},
-        )
-    if (
-        name == "claim5"
-    ):  # every shift, on claim1's two models at their best learning rates (their checkpoints)
-        runs = [best_run("claim1", model) for model in MODELS]
-        if not all(r and os.path.isfile(os.path.join(r, "ckpt.pt")) for r in runs):
-            raise harness.UserError(
-                "claim5 evaluates claim1's trained runs: run python experiments.py claim1 first"
-            )
-        for shift in GARG_SHIFTS:
-            named, _ = compare(runs, os.path.join(RESULTS, "claim5", "figures"), shift=shift)
-            save_errors(os.path.join(RESULTS, "claim5", f"{shift}.json"), named, shift=shift)
+    if record.then:
+        record.then(name, record)
+
+
+def write_report():
+    """docs/results.md and its figures, from results/ alone."""
+    report.write(CLAIMS, MODELS)
 
 
 def save_errors(path, named, **meta):
     """A comparison's errors as JSON, with the machine it ran on."""
     record = {
         **meta,
-        "machine": bench.machine(),
-        "torch": torch.__version__,
+        **provenance(),
         "runs": {
             name: {"config": looped.asdict(c), **{k: v.tolist() for k, v in e.items()}}
             for name, c, e in named
@@ -432,20 +528,20 @@ def save_errors(path, named, **meta):
     harness.write_json(path, record)
 
 
-# ---------------------------------------------------------------------------- probes of the loop state
+# ---------------------------------------------------------------------- probes of the loop state
 # Does the loop compute an iterative solver? After each iteration t, a linear probe (closed-form
 # ridge) reads a quantity of the in-context data from the loop state Y_t, fitted on half of fresh
 # prompts and scored on the other half. [LT]'s `scripts/model_probe.py` probes the loop state too.
 
 
 def probe_r2(fit_x, fit_y, test_x, test_y, alpha=1e-3):
-    """R^2 on (test_x, test_y) of a ridge map with intercept fitted on (fit_x, fit_y), all (P, features):
-    1 for a target that is a linear function of the state, about 0 (or below) for one that is not."""
+    """R^2 on (test_x, test_y), all (P, features), of a ridge map with intercept fitted on (fit_x,
+    fit_y): 1 for a target that is a linear function of the state, about 0 (or below) for one that
+    is not."""
     mean_x, mean_y = fit_x.mean(0), fit_y.mean(0)
     X, Y = (fit_x - mean_x).double(), (fit_y - mean_y).double()
-    ridge = (
-        alpha * X.pow(2).sum(0).mean() * torch.eye(X.shape[1], dtype=X.dtype)
-    )  # relative to the states' scale
+    # The ridge is relative to the states' scale, so that alpha means the same at any scale.
+    ridge = alpha * X.pow(2).sum(0).mean() * torch.eye(X.shape[1], dtype=X.dtype)
     W = torch.linalg.solve(X.T @ X + ridge, X.T @ Y)
     pred = (test_x - mean_x).double() @ W + mean_y.double()
     return 1 - ((pred - test_y).pow(2).sum() / (test_y - test_y.mean(0)).pow(2).sum()).item()
@@ -453,8 +549,8 @@ def probe_r2(fit_x, fit_y, test_x, test_y, alpha=1e-3):
 
 def solver_weights(xs, ys, steps):
     """For the last query, from the n - 1 pairs before it: {name: (steps, P, d)} the least-squares
-    solution, X^T y / k (one gradient step from 0, up to scale), and the iterates of gradient descent
-    and Newton's iteration, w_t after t steps as baselines.py runs them."""
+    solution, X^T y / k (one gradient step from 0, up to scale), and the iterates of gradient
+    descent and Newton's iteration, w_t after t steps as baselines.py runs them."""
     X, y = xs[:, :-1].double(), ys[:, :-1].double()
     G, c = X.transpose(1, 2) @ X, (X.transpose(1, 2) @ y[..., None])[..., 0]  # (P, d, d), (P, d)
     top = torch.linalg.eigvalsh(G)[..., -1].clamp(min=1e-12)[:, None]  # (P, 1)
@@ -475,12 +571,14 @@ def solver_weights(xs, ys, steps):
 
 @torch.no_grad()
 def probe(run_dir, prompts=2048, loops=None):
-    """Probe a linear-regression run's loop state after each iteration; writes results/probe/RUN.json and
-    figures/probe_RUN.png, prints a table. Fresh prompts (seed eval_seed + 2): half fit, half score."""
+    """Probe a linear-regression run's loop state after each iteration; writes
+    results/probe/RUN.json and figures/probe_RUN.png, prints a table. The prompts are fresh (seed
+    eval_seed + 2): half fit the probes, half score them."""
     ckpt, cfg = looped.load_checkpoint(run_dir)
     if cfg.task not in ("linreg", "noisy_linreg") or cfg.n_loops == 1:
         raise harness.UserError(
-            f"{run_dir}: probes need a looped linear-regression run (this one: {looped.describe(cfg)}, {cfg.task})"
+            f"{run_dir}: probes need a looped linear-regression run (this one: "
+            f"{looped.describe(cfg)}, {cfg.task})"
         )
     loops = loops or 2 * cfg.n_loops
     model = looped.restore_model(ckpt, cfg, torch.device("cpu")).eval()
@@ -518,15 +616,14 @@ def probe(run_dir, prompts=2048, loops=None):
         "command": f"python experiments.py probe {run_dir}",
         "run": run_dir,
         "config": looped.asdict(cfg),
-        "machine": bench.machine(),
-        "torch": torch.__version__,
+        **provenance(),
         "prompts": prompts,
         "loops": loops,
         "r2": r2,
         "prediction gap": gap,
         "error": ((preds - ys[:, -1:]).pow(2).mean(0) / norm).tolist(),
     }
-    return save_study("probe", run_dir, record, plot_probe, probe_table)
+    return save_study("probe", run_dir, record, report.plot_probe, report.probe_table)
 
 
 def save_study(kind, run_dir, record, plot, table):
@@ -539,64 +636,6 @@ def save_study(kind, run_dir, record, plot, table):
     return record
 
 
-def save_figure(fig, path):
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with harness.atomic(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-
-
-def probe_table(record):
-    """Markdown: the probes' R^2 at a few iterations, and the prediction's distance from the solvers'."""
-    b, loops = record["config"]["n_loops"], record["loops"]
-    ts = sorted({1, 2, 5, b // 2, b, loops} & set(range(1, loops + 1)))
-    rows = [
-        [f"R^2, {target}, {where}", *(curve[t - 1] for t in ts)]
-        for where, by in record["r2"].items()
-        for target, curve in by.items()
-    ]
-    rows += [
-        [f"gap to the {name} prediction after t steps", *(curve[t - 1] for t in ts)]
-        for name, curve in record["prediction gap"].items()
-    ]
-    rows += [["the model's error at the last position", *(record["error"][t - 1] for t in ts)]]
-    return markdown(["after loop iteration t", *map(str, ts)], rows)
-
-
-def plot_probe(record, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t = range(1, record["loops"] + 1)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for i, target in enumerate(record["r2"]["last x token"]):
-        for where, ls in (("last x token", "-"), ("mean over tokens", "--")):
-            a.plot(t, record["r2"][where][target], ls, color=f"C{i}", label=f"{target}, {where}")
-    a.set(
-        xlabel="loop iteration t",
-        ylabel="probe R^2 (held-out prompts)",
-        ylim=(-0.1, 1.02),
-        title="what a linear probe reads from the loop state",
-    )
-    for i, (name, curve) in enumerate(record["prediction gap"].items()):
-        b.semilogy(t, curve, color=f"C{i}", label=f"model vs {name} after t steps")
-    b.semilogy(t, record["error"], "k", label="model's error")
-    b.axvline(record["config"]["n_loops"], color="gray", ls=":", lw=1)
-    b.set(
-        xlabel="loop iteration t (dotted: trained b)",
-        ylabel="normalised squared difference, last position",
-        title="the read-out against the solvers",
-    )
-    for ax in (a, b):
-        ax.legend(fontsize=7)
-    save_figure(fig, path)
-
-
 # ---------------------------------------------------------------------------- adaptive depth
 # The paper's users pick the loop count; export.wrappers' UntilConverged lets the model decide: a
 # prompt stops when its predictions (or its loop state) change by less than a tolerance.
@@ -606,8 +645,9 @@ TOLERANCES = [0.1, 0.03, 0.01, 0.003, 0.001]
 
 @torch.no_grad()
 def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
-    """Error against compute of adaptive depth on a run's test prompts, both stopping signals and every
-    tolerance against the fixed b; writes results/adaptive/RUN.json and figures/adaptive_RUN.png."""
+    """Error against compute of adaptive depth on a run's test prompts, both stopping signals and
+    every tolerance against the fixed b; writes results/adaptive/RUN.json and
+    figures/adaptive_RUN.png."""
     import export
 
     model, cfg = export.load_model(run_dir)
@@ -636,70 +676,19 @@ def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
     record = {
         "command": f"python experiments.py adaptive {run_dir}",
         "config": looped.asdict(cfg),
-        "machine": bench.machine(),
-        "torch": torch.__version__,
+        **provenance(),
         "max_loops": max_loops,
         "rows": rows,
     }
-    return save_study("adaptive", run_dir, record, plot_adaptive, adaptive_table)
-
-
-def adaptive_table(record):
-    cfg = run_config(record)
-    ks = at_k(cfg)
-    rows = [
-        [name, *(r["error"][k] for k in ks), f"{r['mean loops']:.1f}", r["max loops"]]
-        for name, r in record["rows"].items()
-    ]
-    return markdown(["stopping rule", *(f"k = {k}" for k in ks), "mean loops", "max loops"], rows)
-
-
-def plot_adaptive(record, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cfg = run_config(record)
-    k = at_k(cfg)[-1]
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for i, signal in enumerate(("prediction", "state")):
-        rows = [r for r in record["rows"].values() if r.get("signal") == signal]
-        ax.plot(
-            [r["mean loops"] for r in rows],
-            [r["error"][k] for r in rows],
-            "o-",
-            color=f"C{i}",
-            label=f"stop on the {signal}",
-        )
-        for r in rows:
-            ax.annotate(
-                f"{r['tol']:g}",
-                (r["mean loops"], r["error"][k]),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
-    fixed = next(iter(record["rows"].values()))
-    ax.plot(
-        [fixed["mean loops"]], [fixed["error"][k]], "k*", ms=14, label=f"fixed b = {cfg.n_loops}"
-    )
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="mean loops per prompt",
-        ylabel=f"normalised squared error at k = {k}",
-        title=f"adaptive depth (labels: tolerance; at most {record['max_loops']} loops)",
-    )
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
+    return save_study("adaptive", run_dir, record, report.plot_adaptive, report.adaptive_table)
 
 
 # ---------------------------------------------------------------------------- baselines alone
 
 
 def baseline_table(task, n_dims, n_points, prompts, ks, seed, names, save=False):
-    """Every named baseline's normalised squared error at in-context examples ks, on fixed prompts."""
+    """Every named baseline's normalised squared error at in-context example counts ks, on fixed
+    prompts."""
     gen = torch.Generator().manual_seed(seed)
     xs, ys = looped.TASKS[task](prompts, n_points, n_dims, n_dims, gen)
     norm = looped.error_normaliser(task, n_dims)
@@ -720,905 +709,6 @@ def baseline_table(task, n_dims, n_points, prompts, ks, seed, names, save=False)
         )
 
 
-# ---------------------------------------------------------------------------- report
-# docs/results.md is written from the files under results/ alone, so that a clean checkout
-# rewrites it byte for byte. The paper's numbers: [LT]'s notebooks, full scale (d = 20, 500k steps).
-
-PAPER = {
-    "claim1": "at k = 10, 20, 40 (d = 20): standard 0.519, 0.0204, 0.00048; looped 0.519, 0.0242, 0.00078; "
-    "least squares 0.515, ~0, ~0",
-    "claim2": "at k = 10, 40 (d = 20, s = 3): standard 0.0848, 0.0017; looped 0.0213, 0.00061; Lasso 0.0498, 0.00013",
-    "claim3": "ReLU network at k = 100: standard 0.170, looped 0.180; decision tree: no number in the paper",
-    "claim4": "the looped model's error stays flat when run far past b (to 500 loops); a too-small T diverges there",
-    "claim5": "no number for Garg et al.'s shifts; Garg et al. find that a trained transformer degrades under "
-    "them much as least squares does",
-}
-
-
-CAVEATS = {
-    "claim1": "Each model is compared at its own best learning rate, picked on validation prompts, with one "
-    "seed per learning rate; {steps} steps are {share:.2%} of the paper's 500k, at d = {d} rather than 20.",
-    "claim2": "At d = 5 with s = 3 the weights are barely sparse, so Lasso has little to gain over least squares here.",
-}
-
-
-FINDINGS = {
-    "match": "the two matching (within 25%)",
-    "looped ahead": "the looped model ahead",
-    "standard ahead": "the standard model ahead",
-}
-
-
-def read_run(folder):
-    """(cfg, errors as tensors or None for a run that diverged, run record) of a claim's run folder."""
-    with open(os.path.join(folder, "run.json")) as f:
-        record = json.load(f)
-    errors = None
-    if "diverged" not in record:
-        with open(os.path.join(folder, "eval.json")) as f:
-            errors = {k: torch.tensor(v) for k, v in json.load(f).items()}
-    return run_config(record), errors, record
-
-
-def run_config(record):
-    """The config of a run.json record; runs made before the learning-rate schedule existed had none."""
-    return looped.make_config(**{"warmup": 0, "decay": 0, **record["config"]})
-
-
-def config_overrides(cfg):
-    """A run's config as run()'s overrides, to train it again with a change."""
-    return {k: v for k, v in looped.asdict(cfg).items() if k not in ("task", "out")}
-
-
-def sweep_runs(claim, model):
-    """{lr: (folder, cfg, errors or None, validation curve [(step, error per position)])} of one model's
-    learning-rate sweep: the runs MODEL_lrLR of a claim (not their other seeds)."""
-    runs = {}
-    for folder in glob.glob(os.path.join(RESULTS, claim, f"{model}_lr*")):
-        if "_seed" not in os.path.basename(folder) and os.path.isfile(
-            os.path.join(folder, "run.json")
-        ):
-            cfg, errors, _ = read_run(folder)
-            with open(os.path.join(folder, "log.jsonl")) as f:
-                curve = [
-                    (r["step"], r["val_error"]) for r in map(json.loads, f) if "val_error" in r
-                ]
-            runs[cfg.lr] = (folder, cfg, errors, curve)
-    return dict(sorted(runs.items()))
-
-
-def best_run(claim, model, runs=None):
-    """The folder of a model's best learning rate: the lowest validation error at k = 2d at the last step
-    (prompts apart from the test prompts, so that the test stays fair to both models); None before a sweep.
-    runs: the sweep as sweep_runs reads it, when already read."""
-    done = [
-        (curve[-1][1][at_k(cfg)[-1]], folder)
-        for folder, cfg, errors, curve in (runs or sweep_runs(claim, model)).values()
-        if errors is not None and curve and math.isfinite(curve[-1][1][at_k(cfg)[-1]])
-    ]
-    return min(done)[1] if done else None
-
-
-def best_rates():
-    """claim1's best learning rate for each model (best_run), or None before its sweep."""
-    return {model: (best := best_run("claim1", model)) and read_run(best)[0].lr for model in MODELS}
-
-
-def at_best_rates(claim, names, rates):
-    """A claim's looped and standard run names, each at its model's rate in rates where that run
-    (NAME_lrLR) finished, else as given: trained at the default rate."""
-    found = []
-    for model, name in zip(MODELS, names):
-        folder = rates[model] and os.path.join(RESULTS, claim, f"{name}_lr{rates[model]:g}")
-        done = (
-            folder
-            and os.path.isfile(os.path.join(folder, "run.json"))
-            and read_run(folder)[1] is not None
-        )
-        found.append(os.path.basename(folder) if done else name)
-    return found
-
-
-def fmt(x):
-    """Four digits; ~0 below 1e-8, where exact solvers leave round-off that changes with the CPU."""
-    return (
-        "-" if x != x else "~0" if abs(x) < 1e-8 else f"{x:.4f}" if abs(x) >= 1e-3 else f"{x:.1e}"
-    )
-
-
-def markdown(columns, rows):
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    return "\n".join(
-        lines
-        + [
-            "| " + " | ".join(fmt(c) if isinstance(c, float) else str(c) for c in row) + " |"
-            for row in rows
-        ]
-    )
-
-
-def at_k(cfg):
-    """The paper's k = d/2, d, 2d (10, 20, 40 at d = 20), where they fit in the prompt."""
-    return [k for k in (cfg.n_dims // 2, cfg.n_dims, 2 * cfg.n_dims) if 0 < k < cfg.n_points] or [
-        cfg.n_points - 1
-    ]
-
-
-def compare_section(claim, pairs, lines):
-    """Looped against standard for each (task, looped run, standard run, the paper's finding, its
-    numbers) of a claim: a table, a figure, and whether the paper's finding reproduced."""
-    seen = set()
-    for task, a, b, expected, paper in pairs:
-        (ca, ea, _), (cb, eb, _) = (
-            read_run(os.path.join(RESULTS, claim, a)),
-            read_run(os.path.join(RESULTS, claim, b)),
-        )
-        names = labels([ca, cb])
-        named = [(names[0], ca, ea), (names[1], cb, eb)]  # the baselines: the first run's
-        suffix = f"_{claim}_{task}" + (
-            f"_{b}" if task in seen else ""
-        )  # a task's second pair: its own figures
-        seen.add(task)
-        looped.plot(named, FIGURES, task, suffix)
-        shown = [n for n in baselines.TASK_BASELINES[task] if n != "zero"][:4]
-        rows = [
-            [
-                k,
-                ea["loops"][ca.n_loops - 1][k].item(),
-                eb["loops"][0][k].item(),
-                *(ea[n][k].item() for n in shown),
-            ]
-            for k in at_k(ca) + ([ca.n_points - 1] if ca.n_points - 1 not in at_k(ca) else [])
-        ]
-        lines += [
-            f"**{task}**, d = {ca.n_dims}, n = {ca.n_points}, {ca.eval_prompts} test prompts: "
-            f"{names[0]} ({looped.count_parameters(looped.LoopedTransformer(ca))[0]:,} parameters by the paper's "
-            f"count) against {names[1]} ({looped.count_parameters(looped.LoopedTransformer(cb))[0]:,}), "
-            f"{ca.steps} steps each, at learning rates {ca.lr:g} and {cb.lr:g}.",
-            "",
-            markdown(["k", "looped", "standard", *shown], rows),
-            "",
-            f"![{task}: error against in-context examples](../{FIGURES}/error_vs_examples{suffix}.png)",
-            "",
-        ]
-        k = (
-            ca.n_points - 1 if task in ("decision_tree", "relu_2nn") else at_k(ca)[-1]
-        )  # where the paper reads them
-        L, S = ea["loops"][ca.n_loops - 1][k].item(), eb["loops"][0][k].item()
-        found = (
-            "match"
-            if max(L, S) <= 1.25 * min(L, S)
-            else "looped ahead"
-            if L < S
-            else "standard ahead"
-        )
-        outcome = f"here at k = {k} the looped model has {fmt(L)} and the standard one {fmt(S)}: {FINDINGS[found]}"
-        if expected:
-            verdict = "Reproduced" if found == expected else "Not reproduced"
-            lines += [
-                f"**{verdict} at this scale.** The paper has {FINDINGS[expected]}: {paper}; {outcome}.",
-                "",
-            ]
-        else:
-            lines += [f"The paper gives no number ({paper}); {outcome}.", ""]
-        for run_name, c in (
-            (a, ca),
-            (b, cb),
-        ):  # the same run with other seeds: what a user should expect
-            seeds = [
-                os.path.dirname(p)
-                for p in sorted(
-                    glob.glob(os.path.join(RESULTS, claim, f"{run_name}_seed*", "run.json"))
-                )
-            ]
-            if seeds:
-                runs = [read_run(f) for f in [os.path.join(RESULTS, claim, run_name), *seeds]]
-                loops = c.eval_loops > c.n_loops
-                spread = [
-                    f"seed {s.seed}: diverged"
-                    if e is None
-                    else f"seed {s.seed}: {fmt(e['loops'][s.n_loops - 1][k].item())}"
-                    + (f", {fmt(e['loops'][-1][k].item())}" if loops else "")
-                    for s, e, _ in runs
-                ]
-                at = (
-                    f"at b = {c.n_loops} loops, and at {c.eval_loops}"
-                    if loops
-                    else "at its one pass"
-                )
-                lines += [
-                    f"The {looped.describe(c)} at k = {k} over seeds ({at}): "
-                    + "; ".join(spread)
-                    + ".",
-                    "",
-                ]
-
-
-def sweep_section(claim, lines):
-    """The learning-rate sweep of both models: a table, the error against the learning rate, and the
-    learning curves. Returns each model's best run (by validation prompts), or None before the sweep."""
-    sweeps = {model: sweep_runs(claim, model) for model in MODELS}
-    best = {model: best_run(claim, model, sweeps[model]) for model in MODELS}
-    if not all(best.values()):
-        return None
-    cfg = next(iter(sweeps["looped"].values()))[1]
-    ks, k = at_k(cfg), at_k(cfg)[-1]
-    rows = []
-    for model, runs in sweeps.items():
-        for lr, (folder, c, errors, curve) in runs.items():
-            name = model + " (best)" * (folder == best[model])
-            if errors is None:
-                rows.append([f"{lr:g}", name, "diverged", *["-"] * len(ks)])
-            else:
-                rows.append(
-                    [
-                        f"{lr:g}",
-                        name,
-                        curve[-1][1][k],
-                        *(errors["loops"][c.n_loops - 1][j].item() for j in ks),
-                    ]
-                )
-    lines += [
-        f"Both models trained at each of {' and '.join(sorted({str(len(r)) for r in sweeps.values()}))} learning rates, "
-        f"with everything else the same "
-        f"({cfg.steps} steps, batch {cfg.batch_size}, the same prompts and curriculum). Each model's best "
-        f"learning rate is the one with the lowest error at k = {k} on 256 validation prompts at the last step, "
-        f"drawn apart from the {cfg.eval_prompts} test prompts that the table's other columns and the comparison "
-        f"below use.",
-        "",
-        markdown(["lr", "model", f"validation, k = {k}", *(f"test, k = {j}" for j in ks)], rows),
-        "",
-        f"![test error against learning rate](../{FIGURES}/lr_sweep_{claim}.png)",
-        "",
-        f"![validation error against training step](../{FIGURES}/learning_curves_{claim}.png)",
-        "",
-    ]
-    plot_sweep(sweeps, best, k, claim)
-    return [os.path.basename(best[model]) for model in MODELS]
-
-
-def plot_sweep(sweeps, best, k, claim):
-    """Two figures of a sweep: test error at k against learning rate, one line per model; validation
-    error at k against training step, one panel per model, one line per learning rate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for i, (model, runs) in enumerate(sweeps.items()):
-        done = [
-            (lr, r[2]["loops"][r[1].n_loops - 1][k].item())
-            for lr, r in runs.items()
-            if r[2] is not None
-        ]
-        ax.loglog(
-            *zip(*done), "o-", color=f"C{i}", label=looped.describe(next(iter(runs.values()))[1])
-        )
-        ax.plot(
-            *zip(*[(lr, e) for lr, e in done if runs[lr][0] == best[model]]),
-            "*",
-            ms=16,
-            color=f"C{i}",
-        )
-        for lr in [lr for lr, r in runs.items() if r[2] is None]:
-            ax.axvline(lr, color=f"C{i}", ls=":", label=f"{model} diverged at lr {lr:g}")
-    ax.set(
-        xlabel="Adam learning rate",
-        ylabel=f"normalised squared error at k = {k} (test)",
-        title="learning-rate sweep (star: best by validation prompts)",
-    )
-    figures = [(fig, [ax], f"lr_sweep_{claim}")]
-    fig, axes = plt.subplots(1, len(sweeps), figsize=(11, 4.2), sharey=True)
-    for ax, (model, runs) in zip(axes, sweeps.items()):
-        for i, (lr, (folder, c, errors, curve)) in enumerate(runs.items()):
-            ax.semilogy(
-                [s for s, _ in curve],
-                [e[k] for _, e in curve],
-                color=f"C{i}",
-                lw=2.5 if folder == best[model] else 1.2,
-                label=f"lr {lr:g}"
-                + " (best)" * (folder == best[model])
-                + " (diverged)" * (errors is None),
-            )
-        ax.set(
-            title=looped.describe(c), xlabel="training step", ylabel=f"validation error at k = {k}"
-        )
-    figures.append((fig, axes, f"learning_curves_{claim}"))
-    for fig, axes, name in figures:
-        for ax in axes:
-            ax.legend(fontsize=8)
-        save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
-
-
-def learning_rate_caveat(claim, pairs, best_lr):
-    """For a claim not swept: whether its models trained at the learning rates claim1's sweep found best."""
-    if claim == "claim1" or not all(best_lr.values()):
-        return []
-    used = {
-        "looped": {read_run(os.path.join(RESULTS, claim, a))[0].lr for _, a, *_ in pairs},
-        "standard": {read_run(os.path.join(RESULTS, claim, b))[0].lr for _, _, b, *_ in pairs},
-    }
-    off = [
-        f"the {model} model trained at lr {', '.join(f'{lr:g}' for lr in sorted(used[model]))}, where claim1's sweep "
-        f"found {best_lr[model]:g} best on linear regression"
-        for model in MODELS
-        if best_lr[model] not in used[model]
-    ]
-    if off:
-        return [f"Not swept here: {'; '.join(off)}.", ""]
-    return [
-        f"Not swept here: a task's second pair has each model at the learning rate claim1's sweep found best for it "
-        f"on linear regression ({', '.join(f'{m} {best_lr[m]:g}' for m in MODELS)}); which rate is best on this "
-        f"task is not measured.",
-        "",
-    ]
-
-
-def write_report():
-    """docs/results.md and its figures from results/ alone."""
-    os.makedirs(FIGURES, exist_ok=True)
-    os.makedirs(os.path.dirname(REPORT), exist_ok=True)
-    lines = [
-        "# Results at laptop scale",
-        "",
-        "Written by `python experiments.py report` from the files under `results/`; do not edit by hand.",
-        "Each claim's runs come from `python experiments.py CLAIM` (see the README); every number",
-        "below is read from a file there, which also records the machine and the torch version.",
-        "",
-    ]
-    runs = sorted(
-        glob.glob(os.path.join(RESULTS, "claim*", "*", "run.json"))
-        + glob.glob(os.path.join(RESULTS, "converge", "*", "run.json"))
-    )
-    if runs:
-        rows = []
-        for path in runs:
-            with open(path) as f:
-                r = json.load(f)
-            c = run_config(r)
-            rows.append(
-                [
-                    os.path.dirname(path),
-                    c.task,
-                    looped.describe(c),
-                    f"{c.lr:g}",
-                    c.steps,
-                    f"{r['seconds'] / 60:.1f} min" + (" (diverged)" if "diverged" in r else ""),
-                    r["machine"],
-                    r["threads"],
-                    r["torch"],
-                ]
-            )
-        lines += [
-            "## Runs",
-            "",
-            "Wall time: training and evaluation, as `run` measured it; runs made side by side "
-            "with one thread each took longer than one alone would.",
-            "",
-            markdown(
-                ["run", "task", "model", "lr", "steps", "wall time", "machine", "threads", "torch"],
-                rows,
-            ),
-            "",
-        ]
-    seeds_section(lines)
-    sections = [
-        (
-            "claim1",
-            "Linear regression: the looped model against the 12-layer transformer",
-            [
-                (
-                    "linreg",
-                    "looped_lr*",
-                    "standard_lr*",
-                    "match",
-                    "0.00078 against 0.00048 at k = 40, d = 20",
-                )
-            ],
-        ),
-        (
-            "claim2",
-            "Sparse linear regression",
-            [
-                (
-                    "sparse_linreg",
-                    "looped",
-                    "standard",
-                    "looped ahead",
-                    "0.00061 against 0.0017 at k = 40, d = 20",
-                )
-            ],
-        ),
-        (
-            "claim3",
-            "Decision trees and ReLU networks",
-            [
-                ("decision_tree", "tree_looped", "tree_standard", None, "for the decision tree"),
-                (
-                    "relu_2nn",
-                    "relu_looped",
-                    "relu_standard",
-                    "match",
-                    "0.180 against 0.170 at k = 100, d = 20",
-                ),
-            ],
-        ),
-    ]
-    rates = best_rates()  # claim1's, read once: claims 2 and 3 compare at them too
-    for claim_name, title, pairs in sections:
-        lines += [f"## {claim_name}: {title}", "", f"The paper: {PAPER[claim_name]}.", ""]
-        if claim_name == "claim1":  # the sweep, then each model at its best learning rate
-            best = sweep_section("claim1", lines)
-            pairs = [(pairs[0][0], *best, *pairs[0][3:])] if best else pairs
-        else:  # and each model at claim1's best learning rate for it, where those runs exist: a second pair
-            pairs = [
-                p
-                for task, a, b, *rest in pairs
-                for p in dict.fromkeys(
-                    [(task, a, b, *rest), (task, *at_best_rates(claim_name, [a, b], rates), *rest)]
-                )
-            ]
-        if all(
-            os.path.isfile(os.path.join(RESULTS, claim_name, r, "run.json"))
-            for _, a, b, *_ in pairs
-            for r in (a, b)
-        ):
-            compare_section(claim_name, pairs, lines)
-            c = read_run(os.path.join(RESULTS, claim_name, pairs[0][1]))[0]
-            caveat = CAVEATS.get(claim_name, "").format(
-                steps=c.steps, share=c.steps / 500_000, d=c.n_dims
-            )
-            lines += [caveat, ""] if caveat else []
-            lines += learning_rate_caveat(claim_name, pairs, rates)
-        else:
-            lines += [f"Not run yet: `python experiments.py {claim_name}`.", ""]
-    converge_section(lines)
-    window_section(lines)
-    shift_section(lines)
-    study_section(
-        lines,
-        "probe",
-        "What the loop computes: linear probes of the loop state",
-        "After each loop iteration t, a ridge probe (fitted on half of the fresh prompts, R^2 on the other "
-        "half) reads a quantity of the in-context data for the last query from the loop state: at the token "
-        "whose read-out predicts the last y, or averaged over all tokens. The gaps compare the model's "
-        "prediction after t loops with gradient descent's and Newton's after t steps, normalised like the error.",
-        probe_table,
-        plot_probe,
-    )
-    study_section(
-        lines,
-        "adaptive",
-        "Adaptive depth: a loop that stops when it has converged",
-        "Each test prompt runs until the relative change of its predictions (or of its loop state) between "
-        "two iterations falls below the tolerance, then freezes; the same rule as `export.py --until-converged`.",
-        adaptive_table,
-        plot_adaptive,
-    )
-    tables_section(
-        lines,
-        "Classical baselines at the paper's scale",
-        "baselines_*.json",
-        "The paper (d = 20, 1280 prompts): least squares 0.515 at k = 10; at k = 40 3-NN ~0.71, averaging "
-        "~0.53; sparse regression: Lasso 0.0498 at k = 10, 0.00013 at k = 40.",
-    )
-    tables_section(lines, "Speed", "bench_*.json")
-    with harness.atomic(REPORT) as tmp, open(tmp, "w") as f:
-        f.write("\n".join(lines).rstrip() + "\n")
-    print(f"wrote {REPORT} and its figures in {FIGURES}/")
-
-
-def seeds_section(lines):
-    """The default command over ten seeds: each one's error at the paper's k, the spread at k = 2d,
-    and a figure of their training losses (where a seed sits on the plateau, and for how long)."""
-    folders = [os.path.join(RESULTS, "seeds", f"seed{seed}") for seed in SEEDS]
-    runs = [read_run(f) for f in folders if os.path.isfile(os.path.join(f, "run.json"))]
-    lines += ["## The default command over ten seeds", ""]
-    if not runs:
-        lines += ["Not run yet: `python experiments.py seeds`.", ""]
-        return
-    cfg = runs[0][0]
-    ks, k2d, b = at_k(cfg), 2 * cfg.n_dims, cfg.n_loops
-    rows, ends = [], []
-    for c, errors, record in runs:
-        ends.append(errors["loops"][b - 1][k2d].item())
-        rows.append(
-            [
-                c.seed,
-                *[errors["loops"][b - 1][k].item() for k in ks],
-                errors["loops"][-1][k2d].item(),
-                f"{record['seconds'] / 60:.1f} min",
-            ]
-        )
-    ends.sort()
-    good = sum(e <= 0.05 for e in ends)
-    lines += [
-        f"`python looped.py --task linreg --loops 20 --seed S` for S = {SEEDS[0]} to {SEEDS[-1]} "
-        f"({cfg.steps} steps; Adam's rate up to {cfg.lr:g} over {cfg.warmup} steps, down to 0 over the last "
-        f"{cfg.decay}), made by `python experiments.py seeds` on {runs[0][2]['machine']} with "
-        f"{runs[0][2]['threads']} thread per run, two runs side by side: one alone with two threads is faster.",
-        "",
-        markdown(
-            ["seed", *[f"k = {k}" for k in ks], f"k = {k2d}, {cfg.eval_loops} loops", "wall time"],
-            rows,
-        ),
-        "",
-        f"At k = 2d = {k2d} after b = {b} loops, over {len(ends)} seeds: median {fmt(statistics.median(ends))}, "
-        f"from {fmt(ends[0])} to {fmt(ends[-1])}; {good} of {len(ends)} at most 0.05.",
-        "",
-        "![training loss of each seed](../figures/seeds.png)",
-        "",
-    ]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, ((c, errors, _), folder) in enumerate(zip(runs, folders)):
-        with open(os.path.join(folder, "log.jsonl")) as f:
-            log = [r for r in map(json.loads, f) if "loss" in r]
-        ax.semilogy(
-            [r["step"] for r in log],
-            [r["loss"] for r in log],
-            color=f"C{i % 10}",
-            lw=1.2,
-            label=f"seed {c.seed}: {fmt(errors['loops'][b - 1][k2d].item())} at k = {k2d}",
-        )
-    # The loss at the last stage's d and n of two estimators, averaged over the n positions (k = 0 .. n-1):
-    # least squares, (d - k) / d for k < d, and one step of gradient descent from 0 with the best step
-    # for each k, w = X^T y / (k + d + 1), whose error is (d + 1) / (k + d + 1) (a Wishart moment).
-    d, n = cfg.n_dims, cfg.n_points
-    for level, name, style in [
-        (sum(max(d - k, 0) / d for k in range(n)) / n, "least squares", ":"),
-        (sum((d + 1) / (k + d + 1) for k in range(n)) / n, "one step of gradient descent", "--"),
-    ]:
-        ax.axhline(level, color="k", ls=style, lw=1, label=f"{name} (d = {d}, n = {n})")
-    ax.set(
-        xlabel="training step",
-        ylabel="training loss / d (d grows by the curriculum)",
-        title="the default command over ten seeds",
-    )
-    ax.legend(fontsize=7, ncol=2)
-    save_figure(fig, os.path.join(FIGURES, "seeds.png"))
-
-
-def step_flops(cfg):
-    """Floating-point operations of one training step at the last curriculum stage (full d, n and b),
-    batch cfg.batch_size, as torch's FlopCounterMode counts them: b block passes forward and T
-    backward for the looped model, 12 of each for the standard one."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    torch.manual_seed(0)
-    model = looped.LoopedTransformer(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(0)
-    xs, ys = looped.TASKS[cfg.task](cfg.batch_size, cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
-    with FlopCounterMode(display=False) as counter:
-        looped.train_step(
-            model, opt, contextlib.nullcontext(), xs, ys, cfg.n_loops, cfg.n_loops - cfg.loop_window
-        )
-    return counter.get_total_flops()
-
-
-def training_seconds(folder):
-    """A run's training time from its log (ms per step on each line), summed over every session it took."""
-    with open(os.path.join(folder, "log.jsonl")) as f:
-        log = [r for r in map(json.loads, f) if "ms_per_step" in r]
-    return (
-        sum(
-            r["ms_per_step"] * (r["step"] - last["step"])
-            for last, r in zip([{"step": 0}] + log, log)
-        )
-        / 1000
-    )
-
-
-def first_step(curve, k, level):
-    """The first step whose validation error at k is at most level; None if none is."""
-    return next((step for step, errors in curve if errors[k] <= level), None)
-
-
-def converge_section(lines):
-    """claim1 to convergence: the final errors, both learning curves on one figure, the steps (and
-    training FLOPs) each model takes to reach given errors, and the verdict by the paper's criterion
-    (within 25% at k = 2d), or the model still improving when its curve still falls by more than the
-    seed spread over the last eighth of the steps at the peak rate."""
-    folders = sorted(
-        os.path.dirname(p) for p in glob.glob(os.path.join(RESULTS, "converge", "*", "run.json"))
-    )
-    lines += [f"## claim1 to convergence: both models for {CONVERGE} times the steps", ""]
-    runs = {}
-    for folder in folders:
-        cfg, errors, record = read_run(folder)
-        with open(os.path.join(folder, "log.jsonl")) as f:
-            curve = [(r["step"], r["val_error"]) for r in map(json.loads, f) if "val_error" in r]
-        runs[os.path.basename(folder)] = (cfg, errors, record, curve, folder)
-    models = {
-        m: [r for r in runs.values() if (r[0].n_layer > 1) == (m == "standard")] for m in MODELS
-    }
-    if not all(models.values()) or any(r[1] is None for r in runs.values()):
-        lines += [
-            "Not run yet (or a run diverged): `python experiments.py converge`, after claim1.",
-            "",
-        ]
-        return
-    cfg = models["looped"][0][0]
-    ks, k = at_k(cfg), at_k(cfg)[-1]
-    final = {m: [r[1]["loops"][r[0].n_loops - 1][k].item() for r in rs] for m, rs in models.items()}
-    target = statistics.mean(final["looped"])
-    flops = {m: step_flops(rs[0][0]) for m, rs in models.items()}
-    rows, reach = [], []
-    for name, (c, errors, record, curve, folder) in runs.items():
-        model = "standard" if c.n_layer > 1 else "looped"
-        rows.append(
-            [
-                name,
-                looped.describe(c),
-                c.seed,
-                f"{c.lr:g}",
-                *(errors["loops"][c.n_loops - 1][j].item() for j in ks),
-            ]
-        )
-        steps = [first_step(curve, k, level) for level in THRESHOLDS + [target]]
-        reach.append(
-            [
-                name,
-                *("-" if s is None else f"{s:,} ({s * flops[model] / 1e12:.3g})" for s in steps),
-                f"{flops[model] / 1e9:.2f}",
-                f"{training_seconds(folder) / 60:.0f} min",
-            ]
-        )
-    rows.append(
-        [
-            "least squares",
-            "",
-            "",
-            "",
-            *(models["looped"][0][1]["least squares"][j].item() for j in ks),
-        ]
-    )
-    lines += [
-        f"Each model at the learning rate claim1's sweep found best for it, for {cfg.steps:,} steps "
-        f"({CONVERGE} times the preset's; Adam's rate warmed up over {cfg.warmup} steps and decayed to 0 over "
-        f"the last {cfg.decay}), seeds 42 and 43, a validation point (256 prompts) every {cfg.eval_every} "
-        f"steps; made by `python experiments.py converge` on {models['looped'][0][2]['machine']}.",
-        "",
-        markdown(["run", "model", "seed", "lr", *(f"test, k = {j}" for j in ks)], rows),
-        "",
-        f"![validation error of both models against training step](../{FIGURES}/converge.png)",
-        "",
-        f"The first step whose validation error at k = {k} is at most each level (in brackets: the training "
-        f"TFLOP to get there, at the full-size step's count; the curriculum's early steps cost less), the "
-        f"GFLOP of one step at full size (batch {cfg.batch_size}), and the training time from the log:",
-        "",
-        markdown(
-            [
-                "run",
-                *(f"to {fmt(x)}" for x in THRESHOLDS),
-                f"to {fmt(target)} (looped's final)",
-                "GFLOP per step",
-                "training time",
-            ],
-            reach,
-        ),
-        "",
-    ]
-    # the verdict, from the mean over seeds of each model's test error at k = 2d
-    L, S = statistics.mean(final["looped"]), statistics.mean(final["standard"])
-    behind = "standard" if S > L else "looped"
-    flat_end = (
-        cfg.steps - cfg.decay
-    )  # the last step at the peak rate: the decay's own drop is not progress
-    still = []
-    for model, rs in models.items():
-
-        def at(curve, step):  # the validation error at k at the curve's point nearest the step
-            return min(curve, key=lambda p: abs(p[0] - step))[1][k]
-
-        first = [r[3] for r in rs if r[0].seed == 42][0]
-        fall = at(first, flat_end * 7 / 8) - at(first, flat_end)
-        ends = [at(r[3], flat_end) for r in rs]
-        spread = max(ends) - min(ends)
-        if fall > spread:
-            still.append((model, fall, spread))
-    found = (
-        "match" if max(L, S) <= 1.25 * min(L, S) else "looped ahead" if L < S else "standard ahead"
-    )
-    outcome = (
-        f"at k = {k}, the mean over two seeds of the test error is {fmt(L)} for the looped model and {fmt(S)} "
-        f"for the standard one: {FINDINGS[found]}"
-    )
-    if found == "match":
-        verdict = f"**Reproduced at this scale.** The paper has {FINDINGS['match']}; {outcome}."
-    elif any(model == behind for model, *_ in still):
-        _, fall, spread = next(x for x in still if x[0] == behind)
-        verdict = (
-            f"**Not settled: the {behind} model is still improving at {cfg.steps:,} steps.** {outcome[0].upper()}"
-            f"{outcome[1:]}; over the last eighth of the steps at the peak rate (to step {flat_end:,}) its "
-            f"validation error (seed 42) fell by {fmt(fall)}, more than the spread over seeds ({fmt(spread)})."
-        )
-    else:
-        verdict = (
-            f"**Not reproduced at this scale.** The paper has {FINDINGS['match']}; {outcome}; the {behind} "
-            f"model's curve fell by less than the spread over seeds over the last eighth of its peak-rate steps."
-        )
-    lines += [verdict, ""]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (model, rs) in enumerate(models.items()):
-        for c, _, _, curve, _ in rs:
-            ax.semilogy(
-                [p[0] for p in curve],
-                [p[1][k] for p in curve],
-                color=f"C{i}",
-                ls="-" if c.seed == 42 else "--",
-                label=f"{looped.describe(c)}, lr {c.lr:g}, seed {c.seed}",
-            )
-    for level in THRESHOLDS:
-        ax.axhline(level, color="gray", lw=0.6, ls=":")
-    ax.axvline(flat_end, color="k", lw=0.8, ls=":", label="the learning rate's decay starts")
-    ax.set(
-        xlabel="training step", ylabel=f"validation error at k = {k}", title="claim1 to convergence"
-    )
-    ax.legend(fontsize=7)
-    save_figure(fig, os.path.join(FIGURES, "converge.png"))
-
-
-def window_section(lines):
-    lines += [
-        "## claim4: the loop settles past b; the window T",
-        "",
-        f"The paper: {PAPER['claim4']}.",
-        "",
-    ]
-    default = os.path.join(
-        RESULTS, "claim1", f"looped_lr{looped.make_config('linreg').lr:g}"
-    )  # T = 10
-    folders = [default] + [os.path.join(RESULTS, "claim4", f"T{t}") for t in (5, 3, 1)]
-    if not all(os.path.isfile(os.path.join(f, "run.json")) for f in folders):
-        lines += [
-            "Not run yet: `python experiments.py claim1 && python experiments.py claim4`.",
-            "",
-        ]
-        return
-    named = [(f"T = {c.loop_window}", c, e) for c, e, _ in map(read_run, folders)]
-    with open(os.path.join(RESULTS, "claim4", "solvers.json")) as f:
-        solvers = {k: torch.tensor(v) for k, v in json.load(f).items() if k != "machine"}
-    looped.plot(named, FIGURES, "linreg, windows", "_claim4", solvers)
-    cfg = named[0][1]
-    last, b = cfg.n_points - 1, cfg.n_loops
-    rows = []
-    for name, c, e in named:
-        curve = e["loops"][:, last]
-        rows.append(
-            [
-                name,
-                curve[b - 1].item(),
-                f"{fmt(curve.min().item())} ({curve.argmin().item() + 1})",
-                curve[2 * b - 1].item(),
-                curve[-1].item(),
-                f"{curve[-1].item() / curve[b - 1].item():.2f}",
-            ]
-        )
-    lines += [
-        f"Error at k = {last} against loop iterations, to {cfg.eval_loops} = {cfg.eval_loops // b} b "
-        f"(b = {b}); gradient descent and Newton's iteration on the same prompts in the figure.",
-        "",
-        markdown(
-            [
-                "window",
-                "at b",
-                "best (at loop)",
-                "at 2b",
-                f"at {cfg.eval_loops}",
-                f"{cfg.eval_loops} / b",
-            ],
-            rows,
-        ),
-        "",
-        f"![error against loop iterations, four windows](../{FIGURES}/error_vs_loops_claim4.png)",
-        "",
-    ]
-    settled = [name for name, *_, ratio in rows if float(ratio) <= 1.5]
-    drifted = [name for name, *_, ratio in rows if float(ratio) > 1.5]
-    smallest = rows[-1][0]  # T = 1
-    lines += [
-        f"**The fixed point: reproduced for {', '.join(settled) or 'no window'}"
-        + (f", not for {', '.join(drifted)}" if drifted else "")
-        + f"**, taking 'settled' as an error at "
-        f"{cfg.eval_loops} loops within 1.5x of the error at b. **The paper's warning that a too-small window "
-        + (
-            "diverges past b did not reproduce**: the small windows settle, at a higher error."
-            if smallest in settled
-            else "diverges past b: reproduced**."
-        ),
-        "",
-    ]
-
-
-def shift_section(lines):
-    lines += ["## claim5: out of distribution", "", f"The paper: {PAPER['claim5']}.", ""]
-    files = [os.path.join(RESULTS, "claim5", f"{s}.json") for s in GARG_SHIFTS]
-    if not all(map(os.path.isfile, files)):
-        lines += [
-            "Not run yet: `python experiments.py claim1 && python experiments.py claim5`.",
-            "",
-        ]
-        return
-    rows, behind = [], []
-    for path in files:
-        with open(path) as f:
-            record = json.load(f)
-        (a, ra), (b, rb) = record["runs"].items()
-        cfg = run_config(ra)
-        ks = at_k(cfg)
-        L = [ra["loops"][cfg.n_loops - 1][k] for k in ks]
-        S = [rb["loops"][0][k] for k in ks]
-        rows.append([record["shift"], *L, *S, *(ra["least squares"][k] for k in ks)])
-        behind += [] if L[-1] < S[-1] else [record["shift"]]
-    head = [f"{who}, k = {k}" for who in ("looped", "standard", "least squares") for k in ks]
-    lrs = " and ".join(f"{run_config(r).lr:g}" for r in record["runs"].values())
-    lines += [
-        f"Normalised by E[y^2] under the shift; {cfg.eval_prompts} prompts; claim1's runs at learning rates {lrs} "
-        f"(looped, standard), each model's best.",
-        "",
-        markdown(["shift", *head], rows),
-        "",
-        f"With no number in the paper to reproduce: the looped model is ahead of the standard one at "
-        f"k = {ks[-1]} under {len(rows) - len(behind)} of the {len(rows)} shifts"
-        + (
-            f"; not under {', '.join(behind)} (a NaN, where no query exists, counts as not ahead)."
-            if behind
-            else "."
-        ),
-        "",
-    ]
-
-
-def study_section(lines, kind, title, intro, table, plot):
-    """The studies of single runs (save_study) of one kind: each one's command, table and figure."""
-    files = sorted(glob.glob(os.path.join(RESULTS, kind, "*.json")))
-    if files:
-        lines += [f"## {title}", "", intro, ""]
-    for path in files:
-        with open(path) as f:
-            record = json.load(f)
-        name = os.path.splitext(os.path.basename(path))[0]
-        lines += [
-            f"`{record['command']}` on {record['machine']}, torch {record['torch']}:",
-            "",
-            table(record),
-            "",
-            f"![{kind} of {name}](../{FIGURES}/{kind}_{name}.png)",
-            "",
-        ]
-        plot(record, os.path.join(FIGURES, f"{kind}_{name}.png"))
-
-
-def tables_section(lines, title, pattern, note=""):
-    """Saved tables (bench.Table.save) under a heading."""
-    files = sorted(glob.glob(os.path.join(RESULTS, pattern)))
-    if files:
-        lines += [f"## {title}", ""] + ([note, ""] if note else [])
-    for path in files:
-        with open(path) as f:
-            r = json.load(f)
-        lines += [
-            f"`{r['command']}` on {r['machine']}, torch {r['torch']}, {r['threads']} threads, {r['date']}:",
-            "",
-            r["title"],
-            "",
-            markdown(r["columns"], r["text"]),
-            "",
-        ]
-
-
 # ---------------------------------------------------------------------------- command line
 
 
@@ -1630,25 +720,12 @@ def main(argv=None):
         epilog=__doc__.split("\n\n", 1)[1],
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in [
-        (
-            "claim1",
-            "linear regression: the looped model against the 12-layer one, each over 6 learning rates",
-        ),
-        ("claim2", "sparse linear regression: the same"),
-        ("claim3", "decision trees and 2-layer ReLU networks: the same"),
-        ("claim4", "the loop settles on a fixed point past b; windows T = 10, 5, 3, 1"),
-        ("claim5", "out of distribution: Garg et al.'s shifts, on claim1's best runs"),
-        ("seeds", "the default command (laptop preset, linear regression) with seeds 42 to 51"),
-        (
-            "converge",
-            f"claim1's two models at their best rates for {CONVERGE}x the steps, "
-            "two seeds: hours on a CPU; an interrupted run continues",
-        ),
-        ("all", "claim1 ... claim5 and seeds in turn (not converge)"),
-        ("report", "write docs/results.md and its figures from results/, no training"),
-    ]:
-        sub.add_parser(name, help=text)
+    for name, record in CLAIMS.items():
+        sub.add_parser(name, help=record.help)
+    sub.add_parser("all", help="claim1 ... claim5 and seeds in turn (not converge)")
+    sub.add_parser(
+        "report", help="write docs/results.md and its figures from results/, no training"
+    )
     p = sub.add_parser(
         "compare", help="evaluate several runs on the same prompts: one table, one plot"
     )
@@ -1737,7 +814,8 @@ def main(argv=None):
                     f"unknown baseline {name!r}: use one of {', '.join(baselines.BASELINES)}"
                 )
         n, d = args.n_points or looped.PAPER_TASKS[args.task]["n_points"], args.n_dims
-        ks = args.k or sorted({k for k in (d // 2, d, 2 * d, n - 1) if 0 < k < n})
+        # The paper's k and the prompt's last position; none at all for a prompt of one point.
+        ks = args.k or [k for k in report.shown_ks(d=d, n=n, last=True) if k > 0]
         if min(args.prompts, d, n) < 1 or any(not 0 <= k < n for k in ks):
             raise harness.UserError(
                 f"--prompts, --n_dims and --n_points must be at least 1, --k in 0 .. n-1 = {n - 1}"
@@ -1770,11 +848,8 @@ def main(argv=None):
     elif args.command == "report":
         write_report()
     else:
-        for name in (
-            ["claim1", "claim2", "claim3", "claim4", "claim5", "seeds"]
-            if args.command == "all"
-            else [args.command]
-        ):
+        everything = [name for name, record in CLAIMS.items() if record.in_all]
+        for name in everything if args.command == "all" else [args.command]:
             claim(name)
 
 

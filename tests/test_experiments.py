@@ -1,5 +1,7 @@
-"""Tests of experiments.py: shifted prompts, several runs compared, the claims, probes and the report."""
+"""Tests of experiments.py and report.py: shifted prompts, several runs compared, the claims, the
+probes, and the report written from their results."""
 
+import dataclasses
 import json
 import os
 
@@ -13,6 +15,7 @@ import experiments
 import export
 import harness
 import looped
+import report
 
 
 def shifted(name, B=4, n=11, d=6, seed=0):
@@ -33,9 +36,8 @@ def test_skewed_and_half_subspace_covariances():
         for x in xs.double():
             eig = torch.linalg.eigvalsh(x.T @ x / len(x)).flip(0)
             torch.testing.assert_close(eig, expected.double(), rtol=0.05, atol=1e-9)
-        assert not torch.allclose(
-            xs[0].T @ xs[0], xs[1].T @ xs[1], rtol=0.1
-        )  # a rotation per prompt
+        # Each prompt has a rotation of its own, so the two covariances differ.
+        assert not torch.allclose(xs[0].T @ xs[0], xs[1].T @ xs[1], rtol=0.1)
 
 
 def test_scaled_and_noisy_prompts():
@@ -55,7 +57,7 @@ def test_scaled_and_noisy_prompts():
 
 
 def test_query_prompts_geometry():
-    """Prompt i of each test prompt's m query prompts holds x_1 .. x_i, then queries; only i counts."""
+    """Query prompt i of a test prompt holds x_1 .. x_i, then queries; only position i counts."""
     n, d = 9, 5
     for name in ["random_quadrants", "orthogonal", "overlapping"]:
         rows, ys, norm = shifted(name, B=8, n=n, d=d)
@@ -63,9 +65,8 @@ def test_query_prompts_geometry():
         assert rows.shape == (8, m, n, d) and ys.shape == (8, m, n)
         for i in range(1, m):
             context, query = rows[:, i, :i], rows[:, i, i]  # (B, i, d), (B, d)
-            torch.testing.assert_close(
-                context, rows[:, -1, :i]
-            )  # the same in-context points in every row
+            # Every row holds the same in-context points.
+            torch.testing.assert_close(context, rows[:, -1, :i])
             if name == "random_quadrants":  # in-context points share one orthant; queries need not
                 assert (context.sign() == context[:, :1].sign()).all()
             if name == "orthogonal":
@@ -96,9 +97,8 @@ def test_query_prompts_are_scored_at_their_query_position_only():
     )
     assert xs.shape == (12, 4, 9, 4)  # orthogonal queries exist for i < d = 4
     with torch.no_grad():
-        preds = torch.stack(
-            [model(xs[:, i], ys[:, i], cfg.eval_loops)[:, :, i] for i in range(4)], -1
-        )  # (B, t, m)
+        predict = [model(xs[:, i], ys[:, i], cfg.eval_loops)[:, :, i] for i in range(4)]
+        preds = torch.stack(predict, -1)  # (B, t, m)
     torch.testing.assert_close(
         errors["loops"][:, :4], ((preds - ys.diagonal(0, 1, 2)[:, None]) ** 2).mean(0) / norm
     )
@@ -111,13 +111,13 @@ def test_query_prompts_are_scored_at_their_query_position_only():
 
 def test_runs_of_the_same_model_get_distinct_labels():
     a, b = tiny_config(out="runs/a"), tiny_config(out="runs/b", steps=60)
-    assert experiments.labels([a, b]) == ["looped, b = 6, T = 3 (a)", "looped, b = 6, T = 3 (b)"]
+    assert report.labels([a, b]) == ["looped, b = 6, T = 3 (a)", "looped, b = 6, T = 3 (b)"]
     standard = tiny_config(n_layer=2, n_loops=1, loop_window=1)
-    assert experiments.labels([a, standard]) == ["looped, b = 6, T = 3", "transformer, 2 layers"]
+    assert report.labels([a, standard]) == ["looped, b = 6, T = 3", "transformer, 2 layers"]
 
 
 def test_compare_runs_the_baselines_once_and_the_solvers_to_the_longest_run(tmp_path, monkeypatch):
-    """compare A B C on the same prompts: one set of baselines, and gradient descent and Newton once,
+    """compare A B C on the same prompts: one set of baselines, gradient descent and Newton once,
     as far as the run with the most evaluation loops; each run's errors equal its own evaluation."""
     runs = [tmp_path / name for name in "abc"]
     for run, loops in zip(runs, [6, 10, 8]):
@@ -185,7 +185,8 @@ def test_baselines_table_at_paper_scale_agrees_with_the_paper(capsys):
 def test_claim_runs_are_recorded_kept_and_reported(tmp_path, monkeypatch):
     """A claim trains its runs once (a second call keeps them), records run.json with the machine,
     and report writes the same results.md twice from those files alone. claim1 is a learning-rate
-    sweep of both models: each model's best by the validation prompts, then trained with another seed."""
+    sweep of both models: each model's best by the validation prompts, then trained with another
+    seed."""
     monkeypatch.chdir(tmp_path)
     small = dict(
         n_dims=4,
@@ -203,15 +204,13 @@ def test_claim_runs_are_recorded_kept_and_reported(tmp_path, monkeypatch):
         "standard": dict(small, n_layer=2, n_loops=1, eval_loops=1),
     }
     monkeypatch.setattr(experiments, "MODELS", models)
-    monkeypatch.setitem(
-        experiments.CLAIMS,
-        "claim1",
-        [
-            (f"{m}_lr{lr:g}", "linreg", dict(o, lr=lr))
-            for lr in (1e-3, 3e-3)
-            for m, o in models.items()
-        ],
-    )
+    sweep = [
+        (f"{m}_lr{lr:g}", "linreg", dict(o, lr=lr))
+        for lr in (1e-3, 3e-3)
+        for m, o in models.items()
+    ]
+    claim1 = dataclasses.replace(experiments.CLAIMS["claim1"], runs=sweep)
+    monkeypatch.setitem(experiments.CLAIMS, "claim1", claim1)
     experiments.claim("claim1")
     record = json.load(open("results/claim1/looped_lr0.001/run.json"))
     assert (
@@ -221,44 +220,37 @@ def test_claim_runs_are_recorded_kept_and_reported(tmp_path, monkeypatch):
     )
     before = os.path.getmtime("results/claim1/looped_lr0.001/eval.json")
     experiments.claim("claim1")
-    assert (
-        os.path.getmtime("results/claim1/looped_lr0.001/eval.json") == before
-    )  # kept, not trained again
-    with pytest.raises(
-        harness.UserError, match="holds a run of another config"
-    ):  # not kept: made by another preset
+    # Kept, not trained again.
+    assert os.path.getmtime("results/claim1/looped_lr0.001/eval.json") == before
+    # Not kept when made by another config, as by an earlier preset.
+    with pytest.raises(harness.UserError, match="holds a run of another config"):
         experiments.run(
             "claim1", "looped_lr0.001", "linreg", **dict(models["looped"], lr=1e-3, steps=5)
         )
-    os.remove(
-        "results/claim1/standard_lr0.001/run.json"
-    )  # as if interrupted after its last checkpoint
+    # As if interrupted after its last checkpoint:
+    os.remove("results/claim1/standard_lr0.001/run.json")
     experiments.claim("claim1")  # continues from the checkpoint: nothing to train, evaluated again
     assert json.load(open("results/claim1/standard_lr0.001/run.json"))["resumed_at_step"] == 4
     for model in models:  # the best: the lowest validation error at k = 2d = 8 at the last step
-        val = {
-            lr: [json.loads(line) for line in open(f"results/claim1/{model}_lr{lr:g}/log.jsonl")][
-                -1
-            ]["val_error"][8]
-            for lr in (1e-3, 3e-3)
-        }
+        val = {}
+        for lr in (1e-3, 3e-3):
+            log = open(f"results/claim1/{model}_lr{lr:g}/log.jsonl")
+            val[lr] = [json.loads(line) for line in log][-1]["val_error"][8]
         best = f"results/claim1/{model}_lr{min(val, key=val.get):g}"
-        assert experiments.best_run("claim1", model) == best
+        assert report.best_run("claim1", model) == best
         assert json.load(open(f"{best}_seed43/run.json"))["config"]["seed"] == 43
+    claim3 = [
+        (f"{name}_{m}", task, models[m])
+        for name, task in (("tree", "decision_tree"), ("relu", "relu_2nn"))
+        for m in models
+    ]
     monkeypatch.setitem(
-        experiments.CLAIMS,
-        "claim3",
-        [
-            (f"{name}_{m}", task, models[m])
-            for name, task in (("tree", "decision_tree"), ("relu", "relu_2nn"))
-            for m in models
-        ],
+        experiments.CLAIMS, "claim3", dataclasses.replace(experiments.CLAIMS["claim3"], runs=claim3)
     )
-    experiments.claim(
-        "claim3"
-    )  # each run at the default 6e-4, then again at claim1's best rate for its model
+    # Each run at the default 6e-4, then again at claim1's best rate for its model.
+    experiments.claim("claim3")
     lrs = {
-        m: json.load(open(f"{experiments.best_run('claim1', m)}/run.json"))["config"]["lr"]
+        m: json.load(open(f"{report.best_run('claim1', m)}/run.json"))["config"]["lr"]
         for m in models
     }
     assert sorted(os.listdir("results/claim3")) == sorted(
@@ -310,22 +302,22 @@ def test_converge_trains_claim1s_best_runs_longer_and_reads_the_verdict_from_the
         "standard": dict(small, n_layer=2, n_loops=1, eval_loops=1),
     }
     monkeypatch.setattr(experiments, "MODELS", models)
-    monkeypatch.setitem(
-        experiments.CLAIMS,
-        "claim1",
-        [
-            (f"{m}_lr{lr:g}", "linreg", dict(o, lr=lr))
-            for lr in (1e-3, 3e-3)
-            for m, o in models.items()
-        ],
-    )
+    sweep = [
+        (f"{m}_lr{lr:g}", "linreg", dict(o, lr=lr))
+        for lr in (1e-3, 3e-3)
+        for m, o in models.items()
+    ]
+    claim1 = dataclasses.replace(experiments.CLAIMS["claim1"], runs=sweep)
+    monkeypatch.setitem(experiments.CLAIMS, "claim1", claim1)
     with pytest.raises(harness.UserError, match="run python experiments.py claim1 first"):
         experiments.claim("converge")
-    for name, task, overrides in experiments.CLAIMS["claim1"]:  # the sweep alone: no seed-43 runs
+    for name, task, overrides in experiments.CLAIMS[
+        "claim1"
+    ].runs:  # the sweep alone: no seed-43 runs
         experiments.run("claim1", name, task, **overrides)
     experiments.claim("converge")
     lrs = {
-        m: json.load(open(f"{experiments.best_run('claim1', m)}/run.json"))["config"]["lr"]
+        m: json.load(open(f"{report.best_run('claim1', m)}/run.json"))["config"]["lr"]
         for m in models
     }
     names = [f"{m}_lr{lrs[m]:g}{seed}" for m in models for seed in ("", "_seed43")]
@@ -339,7 +331,8 @@ def test_converge_trains_claim1s_best_runs_longer_and_reads_the_verdict_from_the
     }
 
     def verdict(looped_end, standard_ends, standard_fall):
-        """The report's verdict with the test errors at k = 8 and the standard model's curves set."""
+        """The report's verdict with the test errors at k = 8 and the standard model's curves
+        set."""
         for n in names:
             folder, standard = f"results/converge/{n}", n.startswith("standard")
             end = standard_ends[n.endswith("seed43")] if standard else looped_end
@@ -347,33 +340,29 @@ def test_converge_trains_claim1s_best_runs_longer_and_reads_the_verdict_from_the
             errors["loops"] = [[end] * 9 for _ in errors["loops"]]
             json.dump(errors, open(f"{folder}/eval.json", "w"))
             log = [json.loads(line) for line in open(f"{folder}/log.jsonl")]
-            for (
-                r
-            ) in log:  # the curve: falling linearly by standard_fall to its end at the last step
+            # The curve falls linearly by standard_fall to its end at the last step.
+            for r in log:
                 if "val_error" in r:
                     fall = standard_fall * (1 - r["step"] / configs[n]["steps"]) if standard else 0
                     r["val_error"] = [end + fall] * 9
             open(f"{folder}/log.jsonl", "w").write("".join(json.dumps(r) + "\n" for r in log))
         lines = []
-        experiments.converge_section(lines)
+        experiments.CLAIMS["converge"].section(lines, "converge", experiments.CLAIMS, models)
         return next(line for line in lines if line.startswith("**"))
 
     assert verdict(0.02, (0.021, 0.023), 0.5).startswith("**Reproduced")  # within 25%
-    assert verdict(0.02, (0.2, 0.21), 0.0).startswith(
-        "**Not reproduced"
-    )  # flat, 10 times the error
+    # Flat, at 10 times the error:
+    assert verdict(0.02, (0.2, 0.21), 0.0).startswith("**Not reproduced")
     assert verdict(0.02, (0.2, 0.21), 0.5).startswith(
         "**Not settled: the standard model is still improving"
     )
-    assert verdict(0.02, (0.2, 0.4), 0.05).startswith(
-        "**Not reproduced"
-    )  # falls, but less than its seed spread
+    # Falling, but by less than its spread over seeds:
+    assert verdict(0.02, (0.2, 0.4), 0.05).startswith("**Not reproduced")
     lines = []
-    experiments.converge_section(lines)
+    experiments.CLAIMS["converge"].section(lines, "converge", experiments.CLAIMS, models)
     text = "\n".join(lines)
-    assert (
-        text.count("\n| looped_lr") == text.count("\n| standard_lr") == 4
-    )  # errors, then steps to reach
+    # Each run's row twice: in the errors, then in the steps to reach each level.
+    assert text.count("\n| looped_lr") == text.count("\n| standard_lr") == 4
     assert "to 0.0200 (looped's final)" in text and os.path.isfile("figures/converge.png")
 
 
@@ -393,11 +382,9 @@ def test_the_seeds_claim_reports_each_seed_and_the_spread(tmp_path, monkeypatch)
         ckpt_every=4,
         eval_prompts=16,
     )
-    monkeypatch.setattr(experiments, "SEEDS", range(7, 10))
+    seeds = [(f"seed{s}", "linreg", dict(small, seed=s)) for s in range(7, 10)]
     monkeypatch.setitem(
-        experiments.CLAIMS,
-        "seeds",
-        [(f"seed{s}", "linreg", dict(small, seed=s)) for s in range(7, 10)],
+        experiments.CLAIMS, "seeds", dataclasses.replace(experiments.CLAIMS["seeds"], runs=seeds)
     )
     experiments.claim("seeds")
     ends = sorted(
@@ -411,11 +398,10 @@ def test_the_seeds_claim_reports_each_seed_and_the_spread(tmp_path, monkeypatch)
         .split("## ")[0]
     )
     assert section.count("\n| 8 |") == 1 and section.count("min |") == 3
-    fmt = experiments.fmt
-    assert (
-        f"median {fmt(ends[1])}, from {fmt(ends[0])} to {fmt(ends[2])}; {sum(e <= 0.05 for e in ends)} of 3"
-        in section
-    )
+    assert "for S = 7 to 9 " in section  # the seeds of the claim's runs
+    fmt = report.fmt
+    good = sum(e <= 0.05 for e in ends)
+    assert f"median {fmt(ends[1])}, from {fmt(ends[0])} to {fmt(ends[2])}; {good} of 3" in section
     assert os.path.isfile("figures/seeds.png")
 
 
@@ -423,9 +409,8 @@ def test_a_probe_reads_a_linear_function_of_the_state_and_not_noise():
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(2000, 5, generator=gen)
     mix = torch.randn(5, 32, generator=gen)
-    states = (
-        w @ mix + 0.01 * torch.randn(2000, 32, generator=gen) + 3.0
-    )  # a known linear map, offset
+    # A known linear map of w, offset, with a little noise.
+    states = w @ mix + 0.01 * torch.randn(2000, 32, generator=gen) + 3.0
     assert experiments.probe_r2(states[:1000], w[:1000], states[1000:], w[1000:]) > 0.99
     noise = torch.randn(2000, 32, generator=gen)
     assert abs(experiments.probe_r2(noise[:1000], w[:1000], noise[1000:], w[1000:])) < 0.1
@@ -441,9 +426,8 @@ def test_solver_weights_follow_gradient_descent_and_newton_to_least_squares():
         < 1e-3
         < (targets["gradient descent iterate t"][0] - ols).abs().max()
     )
-    pred = (
-        (targets["gradient descent iterate t"][:100].float() * xs[None, :, -1]).sum(-1).T
-    )  # (B, 100): as baselines runs it
+    # The predictions of the first 100 iterates, (B, 100), as baselines.py computes them.
+    pred = (targets["gradient descent iterate t"][:100].float() * xs[None, :, -1]).sum(-1).T
     torch.testing.assert_close(
         pred, baselines.gradient_descent_iterates(xs, ys, 100)[:, :, -1], rtol=1e-4, atol=1e-4
     )
@@ -459,9 +443,8 @@ def test_probe_command_writes_its_record_and_the_report_shows_it(tmp_path, monke
     experiments.write_report()
     assert "linear probes of the loop state" in open("docs/results.md").read()
     record = experiments.adaptive(cfg.out, tolerances=[0.1, 1e-9], max_loops=5)
-    assert (
-        record["rows"]["prediction, tol 1e-09"]["mean loops"] == 5
-    )  # a tolerance never met: the maximum
+    # A tolerance never met runs to the maximum.
+    assert record["rows"]["prediction, tol 1e-09"]["mean loops"] == 5
     model, c = export.load_model(cfg.out)
     fixed = looped.model_errors(model, c, looped.eval_prompts(c, torch.device("cpu")))["loops"][
         c.n_loops - 1
@@ -474,9 +457,8 @@ def test_probe_command_writes_its_record_and_the_report_shows_it(tmp_path, monke
     bad = tiny_config(tmp_path / "tree", task="decision_tree")
     looped.train(bad, quiet=True)
     r = run_cli(experiments.main, "probe", bad.out)
-    assert (
-        r.returncode == 2 and "probes need a looped linear-regression run" in r.stderr
-    )  # one line
+    assert r.returncode == 2 and "probes need a looped linear-regression run" in r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
 
 
 def test_an_interrupted_claim_says_how_to_continue_it(tmp_path, monkeypatch):
@@ -514,7 +496,8 @@ def test_a_diverged_run_of_a_sweep_is_recorded_and_the_sweep_goes_on(tmp_path, m
         and record["config"]["lr"] == 2e-3
     )
     assert not os.path.exists(os.path.join(out, "eval.json"))
-    monkeypatch.undo()  # a real divergence is a Diverged, which the command line reports as one line, exit 2
+    # A real divergence raises Diverged, which the command line reports as one line, exit 2.
+    monkeypatch.undo()
     with pytest.raises(harness.Diverged, match="training diverged at step 2"):
         looped.train(tiny_config(tmp_path / "real", lr=1e6), quiet=True)
     assert issubclass(harness.Diverged, harness.UserError)

@@ -1,0 +1,992 @@
+"""docs/results.md and its figures, written from the files under results/ alone.
+
+experiments.py trains the claims' runs and keeps each one's log, evaluation and run record under
+results/CLAIM/RUN; this module reads those files and nothing else, so that a clean checkout
+rewrites the report byte for byte. It does not import experiments.py, which imports it: the
+report's entry point, `write`, takes the claim records (experiments.CLAIMS) and the models
+(experiments.MODELS) as arguments, and each claim's record names the function here that writes
+its section. experiments.py also uses the readers here to pick the runs it trains next.
+"""
+
+import contextlib
+import glob
+import json
+import math
+import os
+import statistics
+
+import torch
+
+import baselines
+import harness
+import looped
+
+RESULTS, FIGURES, REPORT = "results", "figures", os.path.join("docs", "results.md")
+
+# The report's sections in reading order. The spread over seeds comes first because it tells how
+# far any single run below can be trusted; convergence follows claim1, whose runs it extends.
+SECTIONS = ["seeds", "claim1", "claim2", "claim3", "converge", "claim4", "claim5"]
+
+FINDINGS = {
+    "match": "the two matching (within 25%)",
+    "looped ahead": "the looped model ahead",
+    "standard ahead": "the standard model ahead",
+}
+THRESHOLDS = [0.2, 0.1, 0.05]  # validation errors at k = 2d whose first step converge reports
+
+
+# ---------------------------------------------------------------------------- reading the runs
+
+
+def run_config(record):
+    """The config of a run.json record. Runs made before the learning-rate schedule existed
+    recorded no warm-up or decay: they trained at a constant rate, which 0 and 0 reproduce."""
+    return looped.make_config(**{"warmup": 0, "decay": 0, **record["config"]})
+
+
+def read_run(folder):
+    """(cfg, errors as tensors or None for a run that diverged, run record) of a run folder."""
+    with open(os.path.join(folder, "run.json")) as f:
+        record = json.load(f)
+    errors = None
+    if "diverged" not in record:
+        with open(os.path.join(folder, "eval.json")) as f:
+            errors = {k: torch.tensor(v) for k, v in json.load(f).items()}
+    return run_config(record), errors, record
+
+
+def read_curve(folder):
+    """A run's learning curve from its log: [(step, validation error at each position)]."""
+    with open(os.path.join(folder, "log.jsonl")) as f:
+        return [(r["step"], r["val_error"]) for r in map(json.loads, f) if "val_error" in r]
+
+
+def done(folder):
+    """Whether a run folder holds a finished run (its run.json, written last)."""
+    return os.path.isfile(os.path.join(folder, "run.json"))
+
+
+def variant(name, lr=None, seed=None):
+    """The name of run NAME trained again at another learning rate or seed: NAME_lrLR_seedS. The
+    claims name their extra runs so, and the report finds them by these suffixes."""
+    return name + (f"_lr{lr:g}" if lr else "") + (f"_seed{seed}" if seed else "")
+
+
+def sweep_runs(claim, model):
+    """{lr: (folder, cfg, errors or None, validation curve)} of one model's learning-rate sweep:
+    the runs MODEL_lrLR of a claim (not their other seeds)."""
+    runs = {}
+    for folder in glob.glob(os.path.join(RESULTS, claim, f"{model}_lr*")):  # as variant names them
+        if "_seed" not in os.path.basename(folder) and done(folder):
+            cfg, errors, _ = read_run(folder)
+            runs[cfg.lr] = (folder, cfg, errors, read_curve(folder))
+    return dict(sorted(runs.items()))
+
+
+def best_run(claim, model, runs=None):
+    """The folder of a model's best learning rate, or None before its sweep. The best has the lowest
+    validation error at k = 2d at the last step: those prompts are drawn apart from the test
+    prompts, so that the test stays fair to both models. runs: the sweep, if already read."""
+    found = [
+        (curve[-1][1][shown_ks(cfg)[-1]], folder)
+        for folder, cfg, errors, curve in (runs or sweep_runs(claim, model)).values()
+        if errors is not None and curve and math.isfinite(curve[-1][1][shown_ks(cfg)[-1]])
+    ]
+    return min(found)[1] if found else None
+
+
+def best_rates(claim, models):
+    """The best learning rate (best_run) of each model in a claim's sweep, or None before it."""
+    return {model: (best := best_run(claim, model)) and read_run(best)[0].lr for model in models}
+
+
+def model_pair(claim, task):
+    """A claim's looped and standard run names for a task: its runs of the task, which the record
+    lists in the models' order."""
+    return [name for name, t, _ in claim.runs if t == task]
+
+
+def at_best_rates(claim, names, rates, models):
+    """A claim's looped and standard run names, each at its model's rate in rates where that run
+    (NAME_lrLR) finished, else as given: trained at the default rate."""
+    found = []
+    for model, name in zip(models, names):
+        folder = rates.get(model) and os.path.join(RESULTS, claim, variant(name, rates[model]))
+        trained = folder and done(folder) and read_run(folder)[1] is not None
+        found.append(os.path.basename(folder) if trained else name)
+    return found
+
+
+def labels(cfgs):
+    """A legend name per run: the model, and the run folder where models repeat."""
+    names = [looped.describe(c) for c in cfgs]
+    return [
+        f"{name} ({os.path.basename(os.path.normpath(c.out))})" if names.count(name) > 1 else name
+        for name, c in zip(names, cfgs)
+    ]
+
+
+# ---------------------------------------------------------------------------- tables and figures
+
+
+def fmt(x):
+    """Four digits; ~0 below 1e-8, where exact solvers leave round-off that changes with the CPU."""
+    if x != x:
+        return "-"
+    return "~0" if abs(x) < 1e-8 else f"{x:.4f}" if abs(x) >= 1e-3 else f"{x:.1e}"
+
+
+def markdown(columns, rows):
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(
+        lines
+        + [
+            "| " + " | ".join(fmt(c) if isinstance(c, float) else str(c) for c in row) + " |"
+            for row in rows
+        ]
+    )
+
+
+def shown_ks(cfg=None, last=False, d=None, n=None):
+    """The in-context example counts k a table shows: the paper's d/2, d and 2d (10, 20 and 40 at
+    d = 20) where they fit in the prompt; with last, the last position n - 1 as well. Where none
+    fit, the last position alone. d and n default to the config's."""
+    d = cfg.n_dims if d is None else d
+    n = cfg.n_points if n is None else n
+    ks = [k for k in (d // 2, d, 2 * d) if 0 < k < n]
+    return ks + [n - 1] if (last or not ks) and n - 1 not in ks else ks
+
+
+def figure(*args, **kw):
+    """A new figure and its axes (plt.subplots' arguments), drawn off screen by the Agg backend so
+    that the report runs where no display is."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kw)
+
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with harness.atomic(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def finding(L, S):
+    """The paper's criterion for a looped error L against a standard one S: a match within 25%."""
+    if max(L, S) <= 1.25 * min(L, S):
+        return "match"
+    return "looped ahead" if L < S else "standard ahead"
+
+
+# ---------------------------------------------------------------------------- studies of one run
+# The tables and figures of `python experiments.py probe` and `adaptive`: the command prints and
+# draws them when it runs, and the report again from the record it saved.
+
+
+def probe_table(record):
+    """Markdown: the probes' R^2 at a few iterations, and the prediction's distance from the
+    solvers' predictions."""
+    b, loops = record["config"]["n_loops"], record["loops"]
+    ts = sorted({1, 2, 5, b // 2, b, loops} & set(range(1, loops + 1)))
+    rows = [
+        [f"R^2, {target}, {where}", *(curve[t - 1] for t in ts)]
+        for where, by in record["r2"].items()
+        for target, curve in by.items()
+    ]
+    rows += [
+        [f"gap to the {name} prediction after t steps", *(curve[t - 1] for t in ts)]
+        for name, curve in record["prediction gap"].items()
+    ]
+    rows += [["the model's error at the last position", *(record["error"][t - 1] for t in ts)]]
+    return markdown(["after loop iteration t", *map(str, ts)], rows)
+
+
+def plot_probe(record, path):
+    t = range(1, record["loops"] + 1)
+    fig, (a, b) = figure(1, 2, figsize=(11, 4.2))
+    for i, target in enumerate(record["r2"]["last x token"]):
+        for where, ls in (("last x token", "-"), ("mean over tokens", "--")):
+            a.plot(t, record["r2"][where][target], ls, color=f"C{i}", label=f"{target}, {where}")
+    a.set(
+        xlabel="loop iteration t",
+        ylabel="probe R^2 (held-out prompts)",
+        ylim=(-0.1, 1.02),
+        title="what a linear probe reads from the loop state",
+    )
+    for i, (name, curve) in enumerate(record["prediction gap"].items()):
+        b.semilogy(t, curve, color=f"C{i}", label=f"model vs {name} after t steps")
+    b.semilogy(t, record["error"], "k", label="model's error")
+    b.axvline(record["config"]["n_loops"], color="gray", ls=":", lw=1)
+    b.set(
+        xlabel="loop iteration t (dotted: trained b)",
+        ylabel="normalised squared difference, last position",
+        title="the read-out against the solvers",
+    )
+    for ax in (a, b):
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def adaptive_table(record):
+    ks = shown_ks(run_config(record))
+    rows = [
+        [name, *(r["error"][k] for k in ks), f"{r['mean loops']:.1f}", r["max loops"]]
+        for name, r in record["rows"].items()
+    ]
+    return markdown(["stopping rule", *(f"k = {k}" for k in ks), "mean loops", "max loops"], rows)
+
+
+def plot_adaptive(record, path):
+    cfg = run_config(record)
+    k = shown_ks(cfg)[-1]
+    fig, ax = figure(figsize=(6.5, 4.5))
+    for i, signal in enumerate(("prediction", "state")):
+        rows = [r for r in record["rows"].values() if r.get("signal") == signal]
+        ax.plot(
+            [r["mean loops"] for r in rows],
+            [r["error"][k] for r in rows],
+            "o-",
+            color=f"C{i}",
+            label=f"stop on the {signal}",
+        )
+        for r in rows:
+            ax.annotate(
+                f"{r['tol']:g}",
+                (r["mean loops"], r["error"][k]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    fixed = next(iter(record["rows"].values()))
+    ax.plot(
+        [fixed["mean loops"]], [fixed["error"][k]], "k*", ms=14, label=f"fixed b = {cfg.n_loops}"
+    )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="mean loops per prompt",
+        ylabel=f"normalised squared error at k = {k}",
+        title=f"adaptive depth (labels: tolerance; at most {record['max_loops']} loops)",
+    )
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------- the report
+
+
+def write(claims, models):
+    """docs/results.md and its figures from results/ alone. claims: {name: claim record}, as
+    experiments.CLAIMS holds them; models: {model name: its overrides}, as experiments.MODELS."""
+    os.makedirs(FIGURES, exist_ok=True)
+    os.makedirs(os.path.dirname(REPORT), exist_ok=True)
+    lines = [
+        "# Results at laptop scale",
+        "",
+        "Written by `python experiments.py report` from the files under `results/`; do not edit by"
+        " hand.",
+        "Each claim's runs come from `python experiments.py CLAIM` (see the README); every number",
+        "below is read from a file there, which also records the machine and the torch version.",
+        "",
+    ]
+    runs_section(lines, claims)
+    for name in SECTIONS:
+        claims[name].section(lines, name, claims, models)
+    study_section(
+        lines,
+        "probe",
+        "What the loop computes: linear probes of the loop state",
+        "After each loop iteration t, a ridge probe (fitted on half of the fresh prompts, R^2 on"
+        " the other half) reads a quantity of the in-context data for the last query from the loop"
+        " state: at the token whose read-out predicts the last y, or averaged over all tokens. The"
+        " gaps compare the model's prediction after t loops with gradient descent's and Newton's"
+        " after t steps, normalised like the error.",
+        probe_table,
+        plot_probe,
+    )
+    study_section(
+        lines,
+        "adaptive",
+        "Adaptive depth: a loop that stops when it has converged",
+        "Each test prompt runs until the relative change of its predictions (or of its loop state)"
+        " between two iterations falls below the tolerance, then freezes; the same rule as"
+        " `export.py --until-converged`.",
+        adaptive_table,
+        plot_adaptive,
+    )
+    tables_section(
+        lines,
+        "Classical baselines at the paper's scale",
+        "baselines_*.json",
+        "The paper (d = 20, 1280 prompts): least squares 0.515 at k = 10; at k = 40 3-NN ~0.71,"
+        " averaging ~0.53; sparse regression: Lasso 0.0498 at k = 10, 0.00013 at k = 40.",
+    )
+    tables_section(lines, "Speed", "bench_*.json")
+    with harness.atomic(REPORT) as tmp, open(tmp, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {REPORT} and its figures in {FIGURES}/")
+
+
+def runs_section(lines, claims):
+    """Every claim's runs in one table, with their wall times and machines. The seeds have a table
+    of their own, in their section."""
+    paths = sorted(
+        path
+        for name in claims
+        if name != "seeds"
+        for path in glob.glob(os.path.join(RESULTS, name, "*", "run.json"))
+    )
+    if not paths:
+        return
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            r = json.load(f)
+        c = run_config(r)
+        rows.append(
+            [
+                os.path.dirname(path),
+                c.task,
+                looped.describe(c),
+                f"{c.lr:g}",
+                c.steps,
+                f"{r['seconds'] / 60:.1f} min" + (" (diverged)" if "diverged" in r else ""),
+                r["machine"],
+                r["threads"],
+                r["torch"],
+            ]
+        )
+    lines += [
+        "## Runs",
+        "",
+        "Wall time: training and evaluation, as `run` measured it; runs made side by side "
+        "with one thread each took longer than one alone would.",
+        "",
+        markdown(
+            ["run", "task", "model", "lr", "steps", "wall time", "machine", "threads", "torch"],
+            rows,
+        ),
+        "",
+    ]
+
+
+def pairs_section(lines, name, claims, models, sweep=False):
+    """A claim that pits the looped model against the standard one on some tasks: for each task, a
+    table, a figure and whether the paper's finding reproduced. With sweep, the claim's runs are a
+    learning-rate sweep of both models, shown first, and each model is compared at its best rate.
+    Otherwise each model is compared at the default rate and again at the best rate of the sweep
+    in the claim the record needs, where those runs exist."""
+    claim = claims[name]
+    lines += [f"## {claim.heading}", "", f"The paper: {claim.paper}.", ""]
+    pairs, rates = [], best_rates(claim.needs, models) if claim.needs else {}
+    best = sweep_section(name, models, lines) if sweep else None
+    for task, expected, numbers in claim.verdicts:
+        if sweep:
+            pairs += [(task, *best, expected, numbers)] if best else []
+        else:  # the same pair at the default rates, then at the sweep's, once if they are the same
+            at_default = model_pair(claim, task)
+            at_best = at_best_rates(name, at_default, rates, models)
+            for a, b in dict.fromkeys([tuple(at_default), tuple(at_best)]):
+                pairs.append((task, a, b, expected, numbers))
+    if not pairs or not all(
+        done(os.path.join(RESULTS, name, r)) for _, a, b, *_ in pairs for r in (a, b)
+    ):
+        lines += [f"Not run yet: `python experiments.py {name}`.", ""]
+        return
+    compare_section(name, pairs, lines)
+    c = read_run(os.path.join(RESULTS, name, pairs[0][1]))[0]
+    caveat = claim.caveat.format(steps=c.steps, share=c.steps / 500_000, d=c.n_dims)
+    lines += [caveat, ""] if caveat else []
+    if not sweep:
+        lines += learning_rate_caveat(name, claim.needs, pairs, rates, models)
+
+
+def compare_section(claim, pairs, lines):
+    """Looped against standard for each (task, looped run, standard run, the paper's finding, its
+    numbers) of a claim: a table, a figure, and whether the paper's finding reproduced."""
+    seen = set()
+    for task, a, b, expected, paper in pairs:
+        (ca, ea, _), (cb, eb, _) = (
+            read_run(os.path.join(RESULTS, claim, a)),
+            read_run(os.path.join(RESULTS, claim, b)),
+        )
+        names = labels([ca, cb])
+        named = [(names[0], ca, ea), (names[1], cb, eb)]  # the baselines: the first run's
+        # A task's second pair (at other learning rates) gets figures of its own.
+        suffix = f"_{claim}_{task}" + (f"_{b}" if task in seen else "")
+        seen.add(task)
+        looped.plot(named, FIGURES, task, suffix)
+        shown = [n for n in baselines.TASK_BASELINES[task] if n != "zero"][:4]
+        rows = [
+            [
+                k,
+                ea["loops"][ca.n_loops - 1][k].item(),
+                eb["loops"][0][k].item(),
+                *(ea[n][k].item() for n in shown),
+            ]
+            for k in shown_ks(ca, last=True)
+        ]
+        params = [looped.count_parameters(looped.LoopedTransformer(c))[0] for c in (ca, cb)]
+        lines += [
+            f"**{task}**, d = {ca.n_dims}, n = {ca.n_points}, {ca.eval_prompts} test prompts: "
+            f"{names[0]} ({params[0]:,} parameters by the paper's count) against {names[1]} "
+            f"({params[1]:,}), {ca.steps} steps each, at learning rates {ca.lr:g} and {cb.lr:g}.",
+            "",
+            markdown(["k", "looped", "standard", *shown], rows),
+            "",
+            f"![{task}: error against in-context examples]"
+            f"(../{FIGURES}/error_vs_examples{suffix}.png)",
+            "",
+        ]
+        # The paper reads trees and networks at the prompt's end, linear regression at k = 2d.
+        k = ca.n_points - 1 if task in ("decision_tree", "relu_2nn") else shown_ks(ca)[-1]
+        L, S = ea["loops"][ca.n_loops - 1][k].item(), eb["loops"][0][k].item()
+        found = finding(L, S)
+        outcome = (
+            f"here at k = {k} the looped model has {fmt(L)} and the standard one {fmt(S)}: "
+            f"{FINDINGS[found]}"
+        )
+        if expected:
+            verdict = "Reproduced" if found == expected else "Not reproduced"
+            lines += [
+                f"**{verdict} at this scale.** The paper has {FINDINGS[expected]}: {paper}; "
+                f"{outcome}.",
+                "",
+            ]
+        else:
+            lines += [f"The paper gives no number ({paper}); {outcome}.", ""]
+        # The same runs with other seeds, where trained: what a user should expect.
+        for run_name, c in ((a, ca), (b, cb)):
+            pattern = os.path.join(RESULTS, claim, f"{run_name}_seed*", "run.json")
+            seeds = [os.path.dirname(p) for p in sorted(glob.glob(pattern))]
+            if not seeds:
+                continue
+            runs = [read_run(f) for f in [os.path.join(RESULTS, claim, run_name), *seeds]]
+            loops = c.eval_loops > c.n_loops
+            spread = [
+                f"seed {s.seed}: diverged"
+                if e is None
+                else f"seed {s.seed}: {fmt(e['loops'][s.n_loops - 1][k].item())}"
+                + (f", {fmt(e['loops'][-1][k].item())}" if loops else "")
+                for s, e, _ in runs
+            ]
+            at = f"at b = {c.n_loops} loops, and at {c.eval_loops}" if loops else "at its one pass"
+            lines += [
+                f"The {looped.describe(c)} at k = {k} over seeds ({at}): {'; '.join(spread)}.",
+                "",
+            ]
+
+
+def sweep_section(claim, models, lines):
+    """The learning-rate sweep of both models: a table, the error against the learning rate, and
+    the learning curves. Returns each model's best run name (by the validation prompts), or None
+    before the sweep."""
+    sweeps = {model: sweep_runs(claim, model) for model in models}
+    best = {model: best_run(claim, model, sweeps[model]) for model in models}
+    if not all(best.values()):
+        return None
+    cfg = next(iter(next(iter(sweeps.values())).values()))[1]
+    ks, k = shown_ks(cfg), shown_ks(cfg)[-1]
+    rows = []
+    for model, runs in sweeps.items():
+        for lr, (folder, c, errors, curve) in runs.items():
+            name = model + " (best)" * (folder == best[model])
+            if errors is None:
+                rows.append([f"{lr:g}", name, "diverged", *["-"] * len(ks)])
+            else:
+                test = [errors["loops"][c.n_loops - 1][j].item() for j in ks]
+                rows.append([f"{lr:g}", name, curve[-1][1][k], *test])
+    counts = " and ".join(sorted({str(len(r)) for r in sweeps.values()}))
+    lines += [
+        f"Both models trained at each of {counts} learning rates, with everything else the same "
+        f"({cfg.steps} steps, batch {cfg.batch_size}, the same prompts and curriculum). Each "
+        f"model's best learning rate is the one with the lowest error at k = {k} on 256 validation "
+        f"prompts at the last step, drawn apart from the {cfg.eval_prompts} test prompts that the "
+        f"table's other columns and the comparison below use.",
+        "",
+        markdown(["lr", "model", f"validation, k = {k}", *(f"test, k = {j}" for j in ks)], rows),
+        "",
+        f"![test error against learning rate](../{FIGURES}/lr_sweep_{claim}.png)",
+        "",
+        f"![validation error against training step](../{FIGURES}/learning_curves_{claim}.png)",
+        "",
+    ]
+    plot_sweep(sweeps, best, k, claim)
+    return [os.path.basename(best[model]) for model in models]
+
+
+def plot_sweep(sweeps, best, k, claim):
+    """Two figures of a sweep: test error at k against learning rate, one line per model; validation
+    error at k against training step, one panel per model, one line per learning rate."""
+    fig, ax = figure(figsize=(6.5, 4.5))
+    for i, (model, runs) in enumerate(sweeps.items()):
+        trained = [
+            (lr, r[2]["loops"][r[1].n_loops - 1][k].item())
+            for lr, r in runs.items()
+            if r[2] is not None
+        ]
+        ax.loglog(
+            *zip(*trained),
+            "o-",
+            color=f"C{i}",
+            label=looped.describe(next(iter(runs.values()))[1]),
+        )
+        ax.plot(
+            *zip(*[(lr, e) for lr, e in trained if runs[lr][0] == best[model]]),
+            "*",
+            ms=16,
+            color=f"C{i}",
+        )
+        for lr in [lr for lr, r in runs.items() if r[2] is None]:
+            ax.axvline(lr, color=f"C{i}", ls=":", label=f"{model} diverged at lr {lr:g}")
+    ax.set(
+        xlabel="Adam learning rate",
+        ylabel=f"normalised squared error at k = {k} (test)",
+        title="learning-rate sweep (star: best by validation prompts)",
+    )
+    figures = [(fig, [ax], f"lr_sweep_{claim}")]
+    fig, axes = figure(1, len(sweeps), figsize=(11, 4.2), sharey=True)
+    for ax, (model, runs) in zip(axes, sweeps.items()):
+        for i, (lr, (folder, _, errors, curve)) in enumerate(runs.items()):
+            ax.semilogy(
+                [s for s, _ in curve],
+                [e[k] for _, e in curve],
+                color=f"C{i}",
+                lw=2.5 if folder == best[model] else 1.2,
+                label=f"lr {lr:g}"
+                + " (best)" * (folder == best[model])
+                + " (diverged)" * (errors is None),
+            )
+        ax.set(
+            title=looped.describe(next(iter(runs.values()))[1]),
+            xlabel="training step",
+            ylabel=f"validation error at k = {k}",
+        )
+    figures.append((fig, axes, f"learning_curves_{claim}"))
+    for fig, axes, name in figures:
+        for ax in axes:
+            ax.legend(fontsize=8)
+        save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
+
+
+def learning_rate_caveat(claim, swept, pairs, best_lr, models):
+    """For a claim not swept: whether its models trained at the learning rates that the sweep of
+    claim `swept` found best."""
+    if not all(best_lr.values()):
+        return []
+    used = [
+        {read_run(os.path.join(RESULTS, claim, pair[1 + i]))[0].lr for pair in pairs}
+        for i in range(len(models))
+    ]
+    off = [
+        f"the {model} model trained at lr {', '.join(f'{lr:g}' for lr in sorted(lrs))}, where "
+        f"{swept}'s sweep found {best_lr[model]:g} best on linear regression"
+        for model, lrs in zip(models, used)
+        if best_lr[model] not in lrs
+    ]
+    if off:
+        return [f"Not swept here: {'; '.join(off)}.", ""]
+    rates = ", ".join(f"{m} {best_lr[m]:g}" for m in models)
+    return [
+        f"Not swept here: a task's second pair has each model at the learning rate {swept}'s sweep "
+        f"found best for it on linear regression ({rates}); which rate is best on this task is not "
+        f"measured.",
+        "",
+    ]
+
+
+def seeds_section(lines, name, claims, models):
+    """The default command over ten seeds: each one's error at the paper's k, the spread at k = 2d,
+    and a figure of their training losses (where a seed sits on the plateau, and for how long)."""
+    claim = claims[name]
+    folders = [os.path.join(RESULTS, name, run_name) for run_name, _, _ in claim.runs]
+    seeds = [overrides["seed"] for _, _, overrides in claim.runs]
+    runs = [read_run(f) for f in folders if done(f)]
+    lines += [f"## {claim.heading}", ""]
+    if not runs:
+        lines += [f"Not run yet: `python experiments.py {name}`.", ""]
+        return
+    cfg = runs[0][0]
+    ks, k2d, b = shown_ks(cfg), 2 * cfg.n_dims, cfg.n_loops
+    rows, ends = [], []
+    for c, errors, record in runs:
+        ends.append(errors["loops"][b - 1][k2d].item())
+        rows.append(
+            [
+                c.seed,
+                *[errors["loops"][b - 1][k].item() for k in ks],
+                errors["loops"][-1][k2d].item(),
+                f"{record['seconds'] / 60:.1f} min",
+            ]
+        )
+    ends.sort()
+    good = sum(e <= 0.05 for e in ends)
+    lines += [
+        f"`python looped.py --task linreg --loops 20 --seed S` for S = {seeds[0]} to {seeds[-1]} "
+        f"({cfg.steps} steps; Adam's rate up to {cfg.lr:g} over {cfg.warmup} steps, down to 0 over "
+        f"the last {cfg.decay}), made by `python experiments.py {name}` on "
+        f"{runs[0][2]['machine']} with {runs[0][2]['threads']} thread per run, two runs side by "
+        f"side: one alone with two threads is faster.",
+        "",
+        markdown(
+            ["seed", *[f"k = {k}" for k in ks], f"k = {k2d}, {cfg.eval_loops} loops", "wall time"],
+            rows,
+        ),
+        "",
+        f"At k = 2d = {k2d} after b = {b} loops, over {len(ends)} seeds: median "
+        f"{fmt(statistics.median(ends))}, from {fmt(ends[0])} to {fmt(ends[-1])}; {good} of "
+        f"{len(ends)} at most 0.05.",
+        "",
+        f"![training loss of each seed](../{FIGURES}/{name}.png)",
+        "",
+    ]
+    fig, ax = figure(figsize=(7, 4.5))
+    for i, ((c, errors, _), folder) in enumerate(zip(runs, folders)):
+        with open(os.path.join(folder, "log.jsonl")) as f:
+            log = [r for r in map(json.loads, f) if "loss" in r]
+        ax.semilogy(
+            [r["step"] for r in log],
+            [r["loss"] for r in log],
+            color=f"C{i % 10}",
+            lw=1.2,
+            label=f"seed {c.seed}: {fmt(errors['loops'][b - 1][k2d].item())} at k = {k2d}",
+        )
+    # Two estimators' loss at the last stage's d and n, averaged over the n positions k = 0 .. n-1:
+    # least squares, (d - k) / d for k < d; and one step of gradient descent from 0 with the best
+    # step for each k, w = X^T y / (k + d + 1), whose error is (d + 1) / (k + d + 1), a moment of
+    # the Wishart distribution.
+    d, n = cfg.n_dims, cfg.n_points
+    for level, estimator, style in [
+        (sum(max(d - k, 0) / d for k in range(n)) / n, "least squares", ":"),
+        (sum((d + 1) / (k + d + 1) for k in range(n)) / n, "one step of gradient descent", "--"),
+    ]:
+        ax.axhline(level, color="k", ls=style, lw=1, label=f"{estimator} (d = {d}, n = {n})")
+    ax.set(
+        xlabel="training step",
+        ylabel="training loss / d (d grows by the curriculum)",
+        title="the default command over ten seeds",
+    )
+    ax.legend(fontsize=7, ncol=2)
+    save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
+
+
+def step_flops(cfg):
+    """Floating-point operations of one training step at the last curriculum stage (full d, n and
+    b), batch cfg.batch_size, as torch's FlopCounterMode counts them: b block passes forward and T
+    backward for the looped model, 12 of each for the standard one."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = looped.LoopedTransformer(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(0)
+    xs, ys = looped.TASKS[cfg.task](cfg.batch_size, cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
+    with FlopCounterMode(display=False) as counter:
+        looped.train_step(
+            model, opt, contextlib.nullcontext(), xs, ys, cfg.n_loops, cfg.n_loops - cfg.loop_window
+        )
+    return counter.get_total_flops()
+
+
+def training_seconds(folder):
+    """A run's training time from its log (ms per step on each line), summed over every session
+    that it took."""
+    with open(os.path.join(folder, "log.jsonl")) as f:
+        log = [r for r in map(json.loads, f) if "ms_per_step" in r]
+    steps = [r["step"] - last["step"] for last, r in zip([{"step": 0}] + log, log)]
+    return sum(r["ms_per_step"] * n for r, n in zip(log, steps)) / 1000
+
+
+def first_step(curve, k, level):
+    """The first step whose validation error at k is at most level; None if none is."""
+    return next((step for step, errors in curve if errors[k] <= level), None)
+
+
+def converge_section(lines, name, claims, models, times):
+    """A sweep's best runs trained for `times` their steps: the final errors, both learning curves
+    on one figure, the steps (and training FLOPs) each model takes to reach given errors, and the
+    verdict by the paper's criterion (within 25% at k = 2d). The model behind counts as still
+    improving when its curve falls, over the last eighth of its steps at the peak rate, by more
+    than the spread over seeds."""
+    claim = claims[name]
+    folders = sorted(
+        os.path.dirname(p) for p in glob.glob(os.path.join(RESULTS, name, "*", "run.json"))
+    )
+    lines += [f"## {claim.heading}", ""]
+    runs = {}
+    for folder in folders:
+        cfg, errors, record = read_run(folder)
+        runs[os.path.basename(folder)] = (cfg, errors, record, read_curve(folder), folder)
+    by_model = {
+        m: [r for r in runs.values() if (r[0].n_layer > 1) == (m == "standard")] for m in models
+    }
+    if not all(by_model.values()) or any(r[1] is None for r in runs.values()):
+        lines += [
+            f"Not run yet (or a run diverged): `python experiments.py {name}`, after "
+            f"{claim.needs}.",
+            "",
+        ]
+        return
+    cfg = by_model["looped"][0][0]
+    ks, k = shown_ks(cfg), shown_ks(cfg)[-1]
+    final = {
+        m: [r[1]["loops"][r[0].n_loops - 1][k].item() for r in rs] for m, rs in by_model.items()
+    }
+    target = statistics.mean(final["looped"])
+    flops = {m: step_flops(rs[0][0]) for m, rs in by_model.items()}
+    rows, reach = [], []
+    for run_name, (c, errors, _, curve, folder) in runs.items():
+        model = "standard" if c.n_layer > 1 else "looped"
+        test = [errors["loops"][c.n_loops - 1][j].item() for j in ks]
+        rows.append([run_name, looped.describe(c), c.seed, f"{c.lr:g}", *test])
+        steps = [first_step(curve, k, level) for level in THRESHOLDS + [target]]
+        reach.append(
+            [
+                run_name,
+                *("-" if s is None else f"{s:,} ({s * flops[model] / 1e12:.3g})" for s in steps),
+                f"{flops[model] / 1e9:.2f}",
+                f"{training_seconds(folder) / 60:.0f} min",
+            ]
+        )
+    least_squares = by_model["looped"][0][1]["least squares"]
+    rows.append(["least squares", "", "", "", *(least_squares[j].item() for j in ks)])
+    lines += [
+        f"Each model at the learning rate {claim.needs}'s sweep found best for it, for "
+        f"{cfg.steps:,} steps ({times} times the preset's; Adam's rate warmed up over "
+        f"{cfg.warmup} steps and decayed to 0 over the last {cfg.decay}), seeds 42 and 43, a "
+        f"validation point (256 prompts) every {cfg.eval_every} steps; made by "
+        f"`python experiments.py {name}` on {by_model['looped'][0][2]['machine']}.",
+        "",
+        markdown(["run", "model", "seed", "lr", *(f"test, k = {j}" for j in ks)], rows),
+        "",
+        f"![validation error of both models against training step](../{FIGURES}/{name}.png)",
+        "",
+        f"The first step whose validation error at k = {k} is at most each level (in brackets: the "
+        f"training TFLOP to get there, at the full-size step's count; the curriculum's early steps "
+        f"cost less), the GFLOP of one step at full size (batch {cfg.batch_size}), and the "
+        f"training time from the log:",
+        "",
+        markdown(
+            [
+                "run",
+                *(f"to {fmt(x)}" for x in THRESHOLDS),
+                f"to {fmt(target)} (looped's final)",
+                "GFLOP per step",
+                "training time",
+            ],
+            reach,
+        ),
+        "",
+    ]
+    # The verdict, from the mean over seeds of each model's test error at k = 2d.
+    L, S = statistics.mean(final["looped"]), statistics.mean(final["standard"])
+    behind = "standard" if S > L else "looped"
+    # The last step at the peak rate: the drop that the decay itself brings is not progress.
+    flat_end = cfg.steps - cfg.decay
+
+    def at(curve, step):
+        """The validation error at k at the curve's point nearest the step."""
+        return min(curve, key=lambda p: abs(p[0] - step))[1][k]
+
+    still = []
+    for model, rs in by_model.items():
+        first = [r[3] for r in rs if r[0].seed == 42][0]
+        fall = at(first, flat_end * 7 / 8) - at(first, flat_end)
+        ends = [at(r[3], flat_end) for r in rs]
+        spread = max(ends) - min(ends)
+        if fall > spread:
+            still.append((model, fall, spread))
+    found = finding(L, S)
+    outcome = (
+        f"at k = {k}, the mean over two seeds of the test error is {fmt(L)} for the looped model "
+        f"and {fmt(S)} for the standard one: {FINDINGS[found]}"
+    )
+    if found == "match":
+        verdict = f"**Reproduced at this scale.** The paper has {FINDINGS['match']}; {outcome}."
+    elif any(model == behind for model, *_ in still):
+        _, fall, spread = next(x for x in still if x[0] == behind)
+        verdict = (
+            f"**Not settled: the {behind} model is still improving at {cfg.steps:,} steps.** "
+            f"{outcome[0].upper()}{outcome[1:]}; over the last eighth of the steps at the peak "
+            f"rate (to step {flat_end:,}) its validation error (seed 42) fell by {fmt(fall)}, more "
+            f"than the spread over seeds ({fmt(spread)})."
+        )
+    else:
+        verdict = (
+            f"**Not reproduced at this scale.** The paper has {FINDINGS['match']}; {outcome}; the "
+            f"{behind} model's curve fell by less than the spread over seeds over the last eighth "
+            f"of its peak-rate steps."
+        )
+    lines += [verdict, ""]
+    fig, ax = figure(figsize=(7, 4.5))
+    for i, rs in enumerate(by_model.values()):
+        for c, _, _, curve, _ in rs:
+            ax.semilogy(
+                [p[0] for p in curve],
+                [p[1][k] for p in curve],
+                color=f"C{i}",
+                ls="-" if c.seed == 42 else "--",
+                label=f"{looped.describe(c)}, lr {c.lr:g}, seed {c.seed}",
+            )
+    for level in THRESHOLDS:
+        ax.axhline(level, color="gray", lw=0.6, ls=":")
+    ax.axvline(flat_end, color="k", lw=0.8, ls=":", label="the learning rate's decay starts")
+    ax.set(
+        xlabel="training step",
+        ylabel=f"validation error at k = {k}",
+        title=f"{claim.needs} to convergence",
+    )
+    ax.legend(fontsize=7)
+    save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
+
+
+def window_section(lines, name, claims, models, base):
+    """The loop past b for each window T: the claim's runs, and `base`, the run of the claim it
+    needs that trained with the default window. The error against loop iterations, and whether it
+    settles (at most 1.5 times the error at b) or drifts."""
+    claim = claims[name]
+    lines += [f"## {claim.heading}", "", f"The paper: {claim.paper}.", ""]
+    folders = [os.path.join(RESULTS, claim.needs, base)] + [
+        os.path.join(RESULTS, name, run_name) for run_name, _, _ in claim.runs
+    ]
+    if not all(map(done, folders)):
+        lines += [
+            f"Not run yet: `python experiments.py {claim.needs} && python experiments.py {name}`.",
+            "",
+        ]
+        return
+    named = [(f"T = {c.loop_window}", c, e) for c, e, _ in map(read_run, folders)]
+    with open(os.path.join(RESULTS, name, "solvers.json")) as f:  # lists, beside the metadata
+        solvers = {k: torch.tensor(v) for k, v in json.load(f).items() if isinstance(v, list)}
+    looped.plot(named, FIGURES, "linreg, windows", f"_{name}", solvers)
+    cfg = named[0][1]
+    last, b = cfg.n_points - 1, cfg.n_loops
+    rows = []
+    for window, _, e in named:
+        curve = e["loops"][:, last]
+        rows.append(
+            [
+                window,
+                curve[b - 1].item(),
+                f"{fmt(curve.min().item())} ({curve.argmin().item() + 1})",
+                curve[2 * b - 1].item(),
+                curve[-1].item(),
+                f"{curve[-1].item() / curve[b - 1].item():.2f}",
+            ]
+        )
+    loops = cfg.eval_loops
+    lines += [
+        f"Error at k = {last} against loop iterations, to {loops} = {loops // b} b (b = {b}); "
+        f"gradient descent and Newton's iteration on the same prompts in the figure.",
+        "",
+        markdown(
+            ["window", "at b", "best (at loop)", "at 2b", f"at {loops}", f"{loops} / b"], rows
+        ),
+        "",
+        f"![error against loop iterations, four windows](../{FIGURES}/error_vs_loops_{name}.png)",
+        "",
+    ]
+    settled = [window for window, *_, ratio in rows if float(ratio) <= 1.5]
+    drifted = [window for window, *_, ratio in rows if float(ratio) > 1.5]
+    smallest = rows[-1][0]  # the claim's last run: T = 1
+    lines += [
+        f"**The fixed point: reproduced for {', '.join(settled) or 'no window'}"
+        + (f", not for {', '.join(drifted)}" if drifted else "")
+        + f"**, taking 'settled' as an error at {loops} loops within 1.5x of the error at b. "
+        "**The paper's warning that a too-small window "
+        + (
+            "diverges past b did not reproduce**: the small windows settle, at a higher error."
+            if smallest in settled
+            else "diverges past b: reproduced**."
+        ),
+        "",
+    ]
+
+
+def shift_section(lines, name, claims, models, shifts):
+    """The two best runs of the claim the record needs, under each distribution shift: the error at
+    the paper's k of both models and of least squares, and under how many the looped model leads."""
+    claim = claims[name]
+    lines += [f"## {claim.heading}", "", f"The paper: {claim.paper}.", ""]
+    files = [os.path.join(RESULTS, name, f"{s}.json") for s in shifts]
+    if not all(map(os.path.isfile, files)):
+        lines += [
+            f"Not run yet: `python experiments.py {claim.needs} && python experiments.py {name}`.",
+            "",
+        ]
+        return
+    rows, behind = [], []
+    for path in files:
+        with open(path) as f:
+            record = json.load(f)
+        (a, ra), (b, rb) = record["runs"].items()
+        cfg = run_config(ra)
+        ks = shown_ks(cfg)
+        L = [ra["loops"][cfg.n_loops - 1][k] for k in ks]
+        S = [rb["loops"][0][k] for k in ks]
+        rows.append([record["shift"], *L, *S, *(ra["least squares"][k] for k in ks)])
+        behind += [] if L[-1] < S[-1] else [record["shift"]]
+    head = [f"{who}, k = {k}" for who in ("looped", "standard", "least squares") for k in ks]
+    lrs = " and ".join(f"{run_config(r).lr:g}" for r in record["runs"].values())
+    lines += [
+        f"Normalised by E[y^2] under the shift; {cfg.eval_prompts} prompts; {claim.needs}'s runs "
+        f"at learning rates {lrs} (looped, standard), each model's best.",
+        "",
+        markdown(["shift", *head], rows),
+        "",
+        f"With no number in the paper to reproduce: the looped model is ahead of the standard one "
+        f"at k = {ks[-1]} under {len(rows) - len(behind)} of the {len(rows)} shifts"
+        + (
+            f"; not under {', '.join(behind)} (a NaN, where no query exists, counts as not ahead)."
+            if behind
+            else "."
+        ),
+        "",
+    ]
+
+
+def study_section(lines, kind, title, intro, table, plot):
+    """The studies of single runs (experiments.save_study) of one kind: each one's command, table
+    and figure."""
+    files = sorted(glob.glob(os.path.join(RESULTS, kind, "*.json")))
+    if files:
+        lines += [f"## {title}", "", intro, ""]
+    for path in files:
+        with open(path) as f:
+            record = json.load(f)
+        name = os.path.splitext(os.path.basename(path))[0]
+        lines += [
+            f"`{record['command']}` on {record['machine']}, torch {record['torch']}:",
+            "",
+            table(record),
+            "",
+            f"![{kind} of {name}](../{FIGURES}/{kind}_{name}.png)",
+            "",
+        ]
+        plot(record, os.path.join(FIGURES, f"{kind}_{name}.png"))
+
+
+def tables_section(lines, title, pattern, note=""):
+    """Saved tables (bench.Table.save) under a heading."""
+    files = sorted(glob.glob(os.path.join(RESULTS, pattern)))
+    if files:
+        lines += [f"## {title}", ""] + ([note, ""] if note else [])
+    for path in files:
+        with open(path) as f:
+            r = json.load(f)
+        lines += [
+            f"`{r['command']}` on {r['machine']}, torch {r['torch']}, {r['threads']} threads, "
+            f"{r['date']}:",
+            "",
+            r["title"],
+            "",
+            markdown(r["columns"], r["text"]),
+            "",
+        ]
