@@ -665,7 +665,7 @@ def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
     }
     for signal in ("prediction", "state"):
         for tol in tolerances:
-            preds, loops = export.wrappers()[2](model, tol, max_loops, signal)(xs, ys)
+            preds, loops = export.wrappers().UntilConverged(model, tol, max_loops, signal)(xs, ys)
             rows[f"{signal}, tol {tol:g}"] = {
                 "signal": signal,
                 "tol": tol,
