@@ -228,8 +228,9 @@ def compare(run_dirs, out=None, given=None, shift=None):
     named = [(name, c, {**e, **classical}) for name, (c, _, _), e in zip(names, runs, errors)]
     harness.check_folder(out)  # a run folder is refused: its own plots have these names
     title = f"{cfg.task}, shift {shift}" if shift else cfg.task
-    looped.plot(named, out, title, f"_{shift}" if shift else "", solvers, loops=not shift)
-    print(looped.table(named, title))
+    shown = baselines.TASK_BASELINES[cfg.task]
+    harness.plot(named, out, title, shown, f"_{shift}" if shift else "", solvers, loops=not shift)
+    print(harness.table(named, title, shown))
     print(f"figures in {out}")
     return named, solvers
 

@@ -45,7 +45,6 @@ from harness import (
     TrainingRun,
     UserError,
     add_dataclass_flags,
-    atomic,
     check_folder,
     cli,
     duration,
@@ -53,7 +52,9 @@ from harness import (
     hold_folder,
     load_tensors,
     memory_guard,
+    plot,
     setup_device,
+    table,
     write_json,
 )
 
@@ -507,95 +508,6 @@ def describe(cfg):
     )
 
 
-def table(runs, title):
-    """Error at a few k for runs [(name, cfg, errors)] on the same prompts, and the first run's
-    baselines."""
-    _, cfg, errors = runs[0]
-    ks = sorted(
-        {
-            k
-            for k in (1, cfg.n_dims // 2, cfg.n_dims, 2 * cfg.n_dims, cfg.n_points - 1)
-            if 0 < k < cfg.n_points
-        }
-    )
-    rows = {}
-    for name, c, e in runs:
-        rows[name] = e["loops"][c.n_loops - 1]
-        if c.eval_loops != c.n_loops:
-            rows[f"{name}: {c.eval_loops} loops"] = e["loops"][-1]
-    rows.update({name: errors[name] for name in baselines.TASK_BASELINES[cfg.task]})
-    width = max(26, *map(len, rows)) + 2
-    lines = [
-        f"normalised squared error, {title}, d = {cfg.n_dims}, {cfg.eval_prompts} prompts",
-        f"{'k (in-context examples)':<{width}}" + "".join(f"{k:>9}" for k in ks),
-    ]
-    lines += [
-        f"{name:<{width}}" + "".join(f"{err[k].item():>9.4f}" for k in ks)
-        for name, err in rows.items()
-    ]
-    return "\n".join(lines)
-
-
-def plot(runs, out, title, suffix="", solvers=None, loops=True):
-    """Figures in folder out for runs [(name, cfg, errors)] evaluated on the same prompts: error
-    against in-context examples (every run and the first run's baselines) and, with loops, error at
-    the last position against loop iterations (every looped run; solvers: name -> error after each
-    of its iterations, drawn one iteration per loop)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    _, cfg, errors = runs[0]
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    curves = [(name, e["loops"][c.n_loops - 1], e["band looped"], 2.5) for name, c, e in runs]
-    curves += [
-        (name, errors[name], errors[f"band {name}"], 1.5)
-        for name in baselines.TASK_BASELINES[cfg.task]
-    ]
-    for i, (name, err, band, lw) in enumerate(curves):
-        ax.plot(err, lw=lw, color=f"C{i}", label=name)
-        ax.fill_between(range(cfg.n_points), *band, color=f"C{i}", alpha=0.2, lw=0)
-    ax.set(
-        xlabel="in-context examples k",
-        ylabel="normalised squared error",
-        ylim=(-0.05, 1.5),
-        title=f"{title}, d = {cfg.n_dims} (90% bootstrap bands)",
-    )
-    figures = [(fig, ax, "examples")]
-    if loops and any(c.eval_loops > 1 for _, c, _ in runs):
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        last = cfg.n_points - 1
-        curves = [
-            (name, e["loops"][:, last], 2.5, c.n_loops) for name, c, e in runs if c.eval_loops > 1
-        ]
-        curves += [
-            (f"{name} iterations", err, 1.5, None) for name, err in (solvers or {}).items()
-        ]  # one iteration per loop
-        for i, (name, err, lw, b) in enumerate(curves):
-            ax.semilogy(
-                range(1, len(err) + 1), err.clamp(min=1e-12), lw=lw, color=f"C{i}", label=name
-            )
-            if b:
-                ax.axvline(b, color=f"C{i}", ls="--", lw=1)
-        floor = min(err.min().item() for _, err, _, _ in curves)
-        ax.set(
-            xlabel="loop iteration"
-            + " (or solver iteration)" * bool(solvers)
-            + "; dashed: trained b",
-            ylabel=f"normalised squared error at k = {last}",
-            title=f"{title}: error against iterations",
-            ylim=(max(floor / 3, 1e-8), None),
-        )  # exact solvers reach 1e-14
-        figures.append((fig, ax, "loops"))
-    for fig, ax, name in figures:
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        with atomic(os.path.join(out, f"error_vs_{name}{suffix}.png")) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-        plt.close(fig)
-
-
 # ---------------------------------------------------------------------------- checkpoints
 
 
@@ -739,8 +651,9 @@ def finish(model, cfg, device, ctx, say=print, started=None):
     with memory_guard("--n_points, --eval_loops or --eval_prompts"):
         errors = evaluate(model, cfg, device, ctx)
     write_json(os.path.join(cfg.out, "eval.json"), {k: v.tolist() for k, v in errors.items()})
-    plot([(describe(cfg), cfg, errors)], cfg.out, cfg.task)
-    say(table([(describe(cfg), cfg, errors)], cfg.task))
+    runs, shown = [(describe(cfg), cfg, errors)], baselines.TASK_BASELINES[cfg.task]
+    plot(runs, cfg.out, cfg.task, shown)
+    say(table(runs, cfg.task, shown))
     now = time.perf_counter()
     total = f", done in {duration(now - started)}" if started else ""
     say(f"evaluated in {duration(now - t0)}{total}; plots in {cfg.out}")

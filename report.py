@@ -422,7 +422,7 @@ def compare_section(claim, pairs, lines):
         # A task's second pair (at other learning rates) gets figures of its own.
         suffix = f"_{claim}_{task}" + (f"_{b}" if task in seen else "")
         seen.add(task)
-        looped.plot(named, FIGURES, task, suffix)
+        harness.plot(named, FIGURES, task, baselines.TASK_BASELINES[task], suffix)
         shown = [n for n in baselines.TASK_BASELINES[task] if n != "zero"][:4]
         rows = [
             [
@@ -865,7 +865,8 @@ def window_section(lines, name, claims, models, base):
     named = [(f"T = {c.loop_window}", c, e) for c, e, _ in map(read_run, folders)]
     with open(os.path.join(RESULTS, name, "solvers.json")) as f:  # lists, beside the metadata
         solvers = {k: torch.tensor(v) for k, v in json.load(f).items() if isinstance(v, list)}
-    looped.plot(named, FIGURES, "linreg, windows", f"_{name}", solvers)
+    linreg = baselines.TASK_BASELINES["linreg"]
+    harness.plot(named, FIGURES, "linreg, windows", linreg, f"_{name}", solvers)
     cfg = named[0][1]
     last, b = cfg.n_points - 1, cfg.n_loops
     rows = []
