@@ -312,19 +312,16 @@ def curriculum(cfg, step):
     grown = step // cfg.curriculum_every if cfg.curriculum_every else 10**9
     d = min(cfg.dims_start + grown, cfg.n_dims)
     n = min(cfg.points_start + grown * cfg.points_inc, cfg.n_points)
-    # the loops start at T and grow by 2 ([LT])
-    b = (
-        min(cfg.loop_window + 2 * (step // cfg.loops_every), cfg.n_loops)
-        if cfg.loops_every
-        else cfg.n_loops
-    )
+    # The loops start at T and grow by 2 every loops_every steps, as [LT]'s do.
+    more_loops = step // cfg.loops_every if cfg.loops_every else 10**9
+    b = min(cfg.loop_window + 2 * more_loops, cfg.n_loops)
     return d, n, b
 
 
 def step_cost(cfg, step):
     """A training step's relative cost, for the time-left estimate: tokens times iterations, each
     of the last min(b, T) counted three times (a forward pass and a backward pass of about two)."""
-    d, n, b = curriculum(cfg, step)
+    _, n, b = curriculum(cfg, step)
     return n * (b + 2 * min(b, cfg.loop_window))
 
 
