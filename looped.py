@@ -660,25 +660,17 @@ def finish(model, cfg, device, ctx, say=print, started=None):
 # ---------------------------------------------------------------------------- command line
 
 
+# What --resume and --eval may change in a saved run: its length, the machine, the evaluation.
+CHANGEABLE = {"steps", "out", "device", "log_every", "ckpt_every", "compile", "amp"}
+CHANGEABLE |= {"eval_prompts", "eval_loops", "n_points", "eval_every"}
+
+
 def saved_run(run_dir, given):
     """A saved run's checkpoint and config: it keeps its config; only its length and evaluation
     change."""
     ckpt, saved = load_checkpoint(run_dir)
-    free = {
-        "steps",
-        "out",
-        "device",
-        "log_every",
-        "ckpt_every",
-        "eval_prompts",
-        "eval_loops",
-        "n_points",
-        "compile",
-        "amp",
-        "eval_every",
-    }
     for name, value in given.items():
-        if name not in free and value != getattr(saved, name):
+        if name not in CHANGEABLE and value != getattr(saved, name):
             raise UserError(
                 f"{flag(name)} {value} differs from the saved run's {getattr(saved, name)}; "
                 "a saved run keeps its config"
@@ -695,7 +687,7 @@ def main(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="[defaults] are the laptop preset's; --preset paper and --task change some of them.",
     )
-    add_dataclass_flags(parser, Config, FLAG)  # one flag per field, its comment the help
+    add_dataclass_flags(parser, Config, FLAG)  # one flag per field, its docstring the help
     parser.add_argument(
         "--resume", metavar="RUN_DIR", help="continue a run from its checkpoint (--steps may grow)"
     )
@@ -718,9 +710,7 @@ def main(argv=None):
     if args["eval"] or args["resume"]:
         ckpt, cfg = saved_run(args["eval"] or args["resume"], given)
         device, ctx = setup_device(cfg)
-        model = restore_model(
-            ckpt, cfg, device
-        )  # fails early, with one line, on mismatched weights
+        model = restore_model(ckpt, cfg, device)  # one line, early, on mismatched weights
         if args["resume"]:
             return train(cfg, resume=ckpt)
         with hold_folder(cfg.out):
