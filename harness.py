@@ -695,6 +695,28 @@ def setup_device(cfg):
 # ---------------------------------------------------------------- a run's table and figures
 
 
+def figure(*args, **kw):
+    """A new figure and its axes (plt.subplots' arguments), drawn off screen by the Agg backend so
+    that a run or the report draws where no display is."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kw)
+
+
+def save_figure(fig, path):
+    """Lay the figure out and write it as a PNG, whole or not at all (atomic), then free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
 def table(runs, title, baseline_names):
     """Error at a few k for runs [(name, cfg, errors)] on the same prompts, and the first run's
     baselines (baseline_names, keys of its errors)."""
@@ -729,13 +751,8 @@ def plot(runs, out, title, baseline_names, suffix="", solvers=None, loops=True):
     against in-context examples (every run, and the first run's baselines, baseline_names) and,
     with loops, error at the last position against loop iterations (every looped run; solvers:
     name -> error after each of its iterations, drawn one iteration per loop)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     _, cfg, errors = runs[0]
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = figure(figsize=(6.5, 4.5))
     curves = [(name, e["loops"][c.n_loops - 1], e["band looped"], 2.5) for name, c, e in runs]
     curves += [(name, errors[name], errors[f"band {name}"], 1.5) for name in baseline_names]
     for i, (name, err, band, lw) in enumerate(curves):
@@ -749,7 +766,7 @@ def plot(runs, out, title, baseline_names, suffix="", solvers=None, loops=True):
     )
     figures = [(fig, ax, "examples")]
     if loops and any(c.eval_loops > 1 for _, c, _ in runs):
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        fig, ax = figure(figsize=(6.5, 4.5))
         last = cfg.n_points - 1
         curves = [
             (name, e["loops"][:, last], 2.5, c.n_loops) for name, c, e in runs if c.eval_loops > 1
@@ -775,7 +792,4 @@ def plot(runs, out, title, baseline_names, suffix="", solvers=None, loops=True):
         figures.append((fig, ax, "loops"))
     for fig, ax, name in figures:
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        with atomic(os.path.join(out, f"error_vs_{name}{suffix}.png")) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-        plt.close(fig)
+        save_figure(fig, os.path.join(out, f"error_vs_{name}{suffix}.png"))

@@ -157,27 +157,6 @@ def shown_ks(cfg=None, last=False, d=None, n=None):
     return ks + [n - 1] if (last or not ks) and n - 1 not in ks else ks
 
 
-def figure(*args, **kw):
-    """A new figure and its axes (plt.subplots' arguments), drawn off screen by the Agg backend so
-    that the report runs where no display is."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(*args, **kw)
-
-
-def save_figure(fig, path):
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with harness.atomic(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-
-
 def finding(L, S):
     """The paper's criterion for a looped error L against a standard one S: a match within 25%."""
     if max(L, S) <= 1.25 * min(L, S):
@@ -210,7 +189,7 @@ def probe_table(record):
 
 def plot_probe(record, path):
     t = range(1, record["loops"] + 1)
-    fig, (a, b) = figure(1, 2, figsize=(11, 4.2))
+    fig, (a, b) = harness.figure(1, 2, figsize=(11, 4.2))
     for i, target in enumerate(record["r2"]["last x token"]):
         for where, ls in (("last x token", "-"), ("mean over tokens", "--")):
             a.plot(t, record["r2"][where][target], ls, color=f"C{i}", label=f"{target}, {where}")
@@ -231,7 +210,7 @@ def plot_probe(record, path):
     )
     for ax in (a, b):
         ax.legend(fontsize=7)
-    save_figure(fig, path)
+    harness.save_figure(fig, path)
 
 
 def adaptive_table(record):
@@ -246,7 +225,7 @@ def adaptive_table(record):
 def plot_adaptive(record, path):
     cfg = run_config(record)
     k = shown_ks(cfg)[-1]
-    fig, ax = figure(figsize=(6.5, 4.5))
+    fig, ax = harness.figure(figsize=(6.5, 4.5))
     for i, signal in enumerate(("prediction", "state")):
         rows = [r for r in record["rows"].values() if r.get("signal") == signal]
         ax.plot(
@@ -276,7 +255,7 @@ def plot_adaptive(record, path):
         title=f"adaptive depth (labels: tolerance; at most {record['max_loops']} loops)",
     )
     ax.legend(fontsize=8)
-    save_figure(fig, path)
+    harness.save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------- the report
@@ -525,7 +504,7 @@ def sweep_section(claim, models, lines):
 def plot_sweep(sweeps, best, k, claim):
     """Two figures of a sweep: test error at k against learning rate, one line per model; validation
     error at k against training step, one panel per model, one line per learning rate."""
-    fig, ax = figure(figsize=(6.5, 4.5))
+    fig, ax = harness.figure(figsize=(6.5, 4.5))
     for i, (model, runs) in enumerate(sweeps.items()):
         trained = [
             (lr, r[2]["loops"][r[1].n_loops - 1][k].item())
@@ -552,7 +531,7 @@ def plot_sweep(sweeps, best, k, claim):
         title="learning-rate sweep (star: best by validation prompts)",
     )
     figures = [(fig, [ax], f"lr_sweep_{claim}")]
-    fig, axes = figure(1, len(sweeps), figsize=(11, 4.2), sharey=True)
+    fig, axes = harness.figure(1, len(sweeps), figsize=(11, 4.2), sharey=True)
     for ax, (model, runs) in zip(axes, sweeps.items()):
         for i, (lr, (folder, _, errors, curve)) in enumerate(runs.items()):
             ax.semilogy(
@@ -573,7 +552,7 @@ def plot_sweep(sweeps, best, k, claim):
     for fig, axes, name in figures:
         for ax in axes:
             ax.legend(fontsize=8)
-        save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
+        harness.save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
 
 
 def learning_rate_caveat(claim, swept, pairs, best_lr, models):
@@ -647,7 +626,7 @@ def seeds_section(lines, name, claims, models):
         f"![training loss of each seed](../{FIGURES}/{name}.png)",
         "",
     ]
-    fig, ax = figure(figsize=(7, 4.5))
+    fig, ax = harness.figure(figsize=(7, 4.5))
     for i, ((c, errors, _), folder) in enumerate(zip(runs, folders)):
         with open(os.path.join(folder, "log.jsonl")) as f:
             log = [r for r in map(json.loads, f) if "loss" in r]
@@ -674,7 +653,7 @@ def seeds_section(lines, name, claims, models):
         title="the default command over ten seeds",
     )
     ax.legend(fontsize=7, ncol=2)
-    save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
+    harness.save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
 
 
 def step_flops(cfg):
@@ -825,7 +804,7 @@ def converge_section(lines, name, claims, models, times):
             f"of its peak-rate steps."
         )
     lines += [verdict, ""]
-    fig, ax = figure(figsize=(7, 4.5))
+    fig, ax = harness.figure(figsize=(7, 4.5))
     for i, rs in enumerate(by_model.values()):
         for c, _, _, curve, _ in rs:
             ax.semilogy(
@@ -844,7 +823,7 @@ def converge_section(lines, name, claims, models, times):
         title=f"{claim.needs} to convergence",
     )
     ax.legend(fontsize=7)
-    save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
+    harness.save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
 
 
 def window_section(lines, name, claims, models, base):
