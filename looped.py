@@ -573,9 +573,8 @@ def check_memory(cfg, device, training=True):
     Adam's moments); the evaluation runs 256 prompts at a time, keeping the error after every
     iteration, then the baselines fit every prefix."""
     L, D, n = 2 * cfg.n_points, cfg.n_embd, cfg.n_points
-    weights = (
-        4 * (12 * cfg.n_layer * D + 2 * cfg.n_positions + cfg.n_dims) * D
-    )  # blocks, wpe, read_in
+    # The weights' bytes: the blocks, the position table and read_in.
+    weights = 4 * (12 * cfg.n_layer * D + 2 * cfg.n_positions + cfg.n_dims) * D
     if training:
         step = 4 * cfg.batch_size * L * D * (20 * cfg.n_layer * cfg.loop_window + 20)
         fits({STEP_FLAGS: step, WEIGHT_FLAGS: 4 * weights}, device, "a training step")
