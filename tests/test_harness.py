@@ -500,6 +500,19 @@ def test_ddp_step_over_half_batches_equals_one_step_over_the_batch(tmp_path):
     assert any(not torch.equal(start[k], ddp[k]) for k in start)  # the step did move the weights
 
 
+def torchrun():
+    """looped.py under torchrun, two processes on this machine, on a free port."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        os.path.join(ROOT, "looped.py"),
+    ]
+
+
 def one_process_reference(cfg, world):
     """What DDP over `world` processes should compute, in one process and without DDP: each step,
     the prompts of every process (each drawn from its own generator, seed + rank) in one batch,
@@ -525,17 +538,8 @@ def test_torchrun_trains_as_one_process_on_both_batches_and_resumes(tmp_path):
         "--points_start 5 --curriculum_every 2 --loops_every 2 --batch_size 8 --log_every 2 "
         "--ckpt_every 3 --eval_prompts 16 --eval_loops 8 --device cpu"
     ).split()
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        os.path.join(ROOT, "looped.py"),
-    ]
     r = subprocess.run(
-        [*torchrun, *flags, "--steps", "4", "--out", str(tmp_path)],
+        [*torchrun(), *flags, "--steps", "4", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -557,9 +561,8 @@ def test_torchrun_trains_as_one_process_on_both_batches_and_resumes(tmp_path):
     reference = one_process_reference(looped.make_config(**ckpt["config"]), world=2)
     for name, tensor in ckpt["model"].items():
         torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-7, msg=name)
-    torchrun[5] = f"--master_port={free_port()}"
     r = subprocess.run(
-        [*torchrun, "--resume", str(tmp_path), "--steps", "6"],
+        [*torchrun(), "--resume", str(tmp_path), "--steps", "6"],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -574,18 +577,9 @@ def test_torchrun_trains_as_one_process_on_both_batches_and_resumes(tmp_path):
 @slow
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_the_run_resumes(tmp_path):
     out = str(tmp_path)
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        os.path.join(ROOT, "looped.py"),
-    ]
     proc = subprocess.Popen(
         [
-            *torchrun,
+            *torchrun(),
             *TINY_FLAGS,
             *"--steps 100000 --log_every 5 --ckpt_every 100000 --out".split(),
             out,
@@ -605,9 +599,8 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_the_run_resumes(tm
     ckpt = state(out)
     assert ckpt["step"] >= 10 and len(ckpt["rng"]["data"]) == 2, stderr[-2000:]
     assert f"stopped by SIGTERM at step {ckpt['step']}, checkpoint saved" in stderr
-    torchrun[5] = f"--master_port={free_port()}"
     r = subprocess.run(
-        [*torchrun, "--resume", out, "--steps", str(ckpt["step"] + 2)],
+        [*torchrun(), "--resume", out, "--steps", str(ckpt["step"] + 2)],
         capture_output=True,
         text=True,
         cwd=ROOT,
