@@ -130,7 +130,7 @@ def bench_train(device_name, presets=("laptop", "paper")):
     # A captured row's optimiser is capturable, and CapturedSteps runs its warm-up steps
     # uncaptured on purpose: the optimiser's warning about that says nothing here.
     warnings.filterwarnings("ignore", "This instance was constructed with capturable=True")
-    device, _ = looped.setup_device(looped.make_config(device=device_name))
+    device, _ = harness.setup_device(looped.make_config(device=device_name))
     peak = {
         amp: matmul_peak(device, torch.bfloat16 if amp else torch.float32) for amp in (False, True)
     }
@@ -236,7 +236,7 @@ def bench_loop(device_name, preset, steps):
     per curriculum stage), in bf16 where the device has it. The 500k-step hours are at the rate
     past step 1000, with the curriculum's short prompts: later, longer prompts take longer where
     the step is bound by arithmetic rather than by kernel launches."""
-    device, _ = looped.setup_device(looped.make_config(device=device_name))
+    device, _ = harness.setup_device(looped.make_config(device=device_name))
     amp = device.type != "cpu" or harness.cpu_has_bf16()
     threads = torch.get_num_threads()
     table = Table(
@@ -508,7 +508,7 @@ def main(argv=None):
         looped.make_config(preset=args.preset or "laptop", device=args.device, steps=args.steps)
         preset = args.preset or (
             "paper"
-            if looped.setup_device(looped.make_config(device=args.device))[0].type == "cuda"
+            if harness.setup_device(looped.make_config(device=args.device))[0].type == "cuda"
             else "laptop"
         )
         table = bench_loop(args.device, preset, args.steps)
@@ -527,7 +527,7 @@ def main(argv=None):
             raise harness.UserError(f"--loops must be at least 1, got {args.loops}")
         table = bench_export(args.run_dir, args.loops)
     if args.save:  # a GPU's tables beside the CPU's: results/bench_train_cuda.json
-        device = looped.setup_device(looped.make_config(device=getattr(args, "device", "cpu")))[0]
+        device = harness.setup_device(looped.make_config(device=getattr(args, "device", "cpu")))[0]
         name = f"bench_{args.command}" + ("" if device.type == "cpu" else f"_{device.type}")
         table.save(os.path.join("results", f"{name}.json"), "python bench.py " + shlex.join(argv))
 

@@ -192,7 +192,7 @@ def load_runs(run_dirs, given):
     runs = []
     for run_dir in run_dirs:
         ckpt, cfg = looped.saved_run(run_dir, given)
-        device, ctx = looped.setup_device(cfg)
+        device, ctx = harness.setup_device(cfg)
         runs.append((cfg, looped.restore_model(ckpt, cfg, device), ctx))
     first = runs[0][0]
     for cfg, _, _ in runs:

@@ -241,13 +241,14 @@ def wrappers():
             # The flags and counts are fresh (B,) tensors rather than views: the values the
             # loop carries must keep their strides from one iteration to the next, and a view's
             # would not.
+            # Its members are iterations, Y_0, p_0, converged and loops used.
             start = (
                 torch.zeros((), dtype=torch.int64),
                 Y,
                 self.model.read(Y),
                 torch.zeros(B, dtype=torch.bool, device=xs.device),
                 torch.zeros(B, dtype=torch.int64, device=xs.device),
-            )  # iterations, Y_0, p_0, converged, loops used
+            )
 
             def unfinished(t, Y, p, done, loops):
                 return (t < self.max_loops) & ~done.all()

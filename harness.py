@@ -4,10 +4,11 @@
 at a time), torchrun and DDP, an exact resume, CUDA graphs, the NaN check, the log and the
 learning curve, checkpoints, and SIGINT / SIGTERM turned into a request to save and stop. Around
 it: one-line errors and exit codes (`UserError`: exit 2; a signal: 130 for SIGINT, 143 for
-SIGTERM), flags from a config dataclass's field docstrings, files written whole or not at all
-(`atomic`), the device and its precision, memory checks before work starts, and a run's table
-and figures. It imports nothing of the project; looped.py, export.py, bench.py, report.py and
-experiments.py build on it.
+SIGTERM), a training command line from a config dataclass's field docstrings, files written
+whole or not at all (`atomic`), checkpoints loaded only when safe and consistent, the device and
+its precision, memory estimates checked before work starts, and a run's table and figures. It
+imports nothing of the project; looped.py, export.py, bench.py, report.py and experiments.py
+build on it.
 """
 
 import argparse
@@ -94,6 +95,32 @@ def add_dataclass_flags(parser, cls, aliases=None):
             parser.add_argument(*flags, type=kind, dest=f.name, metavar=metavar, help=help)
 
 
+def run_flags(argv, cls, aliases, **parser_kw):
+    """A training command line: one flag per field of dataclass cls, then --resume, --eval and
+    --overwrite. Returns ({field: value} for the flags given, the parsed arguments)."""
+    parser = Parser(formatter_class=argparse.RawDescriptionHelpFormatter, **parser_kw)
+    add_dataclass_flags(parser, cls, aliases)
+    parser.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a run from its checkpoint (--steps may grow)"
+    )
+    parser.add_argument(
+        "--eval",
+        metavar="RUN_DIR",
+        help="re-evaluate a saved run, no training (several runs, shifted prompts: experiments.py)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train into a run folder that holds a run, "
+        "replacing it (without this, a used folder is refused)",
+    )
+    args = parser.parse_args(argv)
+    if args.overwrite and (args.eval or args.resume):
+        raise UserError("--overwrite starts a new run: it does not go with --eval or --resume")
+    names = [f.name for f in dataclasses.fields(cls)]
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}, args
+
+
 def stop_now(signum, frame):
     """Outside the training loop a signal stops the command at once: nothing there is lost."""
     raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
@@ -110,9 +137,8 @@ def cli(main):
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         code = 2
-    except (
-        Interrupted
-    ) as e:  # under torchrun rank 0 alone says so (torchrun also stops the others this way)
+    # Under torchrun rank 0 alone says so (torchrun also stops the others this way).
+    except Interrupted as e:
         if e.message and os.environ.get("RANK", "0") == "0":
             print(f"\n{prog}: {e.message}", file=sys.stderr)
         code = e.code
@@ -120,13 +146,11 @@ def cli(main):
         if os.environ.get("RANK", "0") == "0":
             print(f"\n{prog}: stopped by SIGINT", file=sys.stderr)
         code = 130
-    if (
-        int(os.environ.get("WORLD_SIZE", 1)) > 1
-    ):  # torchrun: all is saved and the group is gone; skip the
-        (
-            sys.stdout.flush(),
-            sys.stderr.flush(),
-        )  # teardown, where gloo's threads can still abort (1 run in 20)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # Under torchrun all is saved and the group is gone: skip the teardown, where gloo's
+        # threads can still abort (1 run in 20).
+        sys.stdout.flush()
+        sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
 
@@ -335,28 +359,22 @@ class CapturedSteps:
     def __call__(self, *args):
         if self.failed:
             return self.fn(*args)
-        key = tuple(
-            (a.shape, a.dtype) if torch.is_tensor(a) else a for a in args
-        )  # objects kept, compared by identity
-        if (
-            key != self.key
-        ):  # a new curriculum stage: the old graph, its memory pool and static inputs go
+        # Tensors are keyed by shape and dtype; other objects are kept, compared by identity.
+        key = tuple((a.shape, a.dtype) if torch.is_tensor(a) else a for a in args)
+        if key != self.key:
+            # A new curriculum stage: the old graph, its memory pool and static inputs go.
             self.key, self.calls, self.graph, self.inputs, self.out = key, 0, None, None, None
         self.calls += 1
         if self.calls <= self.warmup:
             self.stream.wait_stream(torch.cuda.current_stream())
-            with (
-                torch.cuda.stream(self.stream),
-                warnings.catch_warnings(),
-            ):  # uncaptured on purpose: no advice wanted
+            # Uncaptured on purpose: no advice wanted.
+            with torch.cuda.stream(self.stream), warnings.catch_warnings():
                 warnings.filterwarnings(
                     "ignore", "This instance was constructed with capturable=True"
                 )
                 out = self.fn(*args)
             torch.cuda.current_stream().wait_stream(self.stream)
-            out.record_stream(
-                torch.cuda.current_stream()
-            )  # made on the side stream, used on this one
+            out.record_stream(torch.cuda.current_stream())  # made on the side stream, used here
             return out
         if self.graph is None:
             self.inputs, graph = (
@@ -374,9 +392,8 @@ class CapturedSteps:
             except Interrupted:
                 raise
             except Exception as e:  # RuntimeError from CUDA, others from a compiler
-                cause = (
-                    e.__context__ or e
-                )  # the capture's own error, not capture_end's that follows it
+                # The capture's own error, not capture_end's that follows it.
+                cause = e.__context__ or e
                 print(
                     f"CUDA graph capture failed ({str(cause).splitlines()[0][:200]}): the steps "
                     "run without CUDA graphs"
@@ -426,6 +443,33 @@ def memory_guard(flags):
         raise UserError(f"out of memory on this device: lower {flags}") from None
 
 
+# The flags that set the terms of the memory estimates, named by the messages.
+STEP_FLAGS = "--batch_size, --n_points or --window"
+WEIGHT_FLAGS = "--n_embd, --n_layer, --n_positions or --n_dims"
+
+
+def check_memory(cfg, device, solver_bytes, training=True):
+    """Refuse, before any work, sizes whose rough peak memory exceeds the device's. A training step
+    keeps about 19 D floats per token, block and trained iteration for the backward pass
+    (bench.activation_bytes measures it), beside 4 copies of the weights (with their gradients and
+    Adam's moments); the evaluation runs 256 prompts at a time, keeping the error after every
+    iteration, then the baselines fit every prefix (solver_bytes: baselines.memory_needed's
+    (prompts, prefixes))."""
+    L, D, n = 2 * cfg.n_points, cfg.n_embd, cfg.n_points
+    # The weights' bytes: the blocks, the position table and read_in.
+    weights = 4 * (12 * cfg.n_layer * D + 2 * cfg.n_positions + cfg.n_dims) * D
+    if training:
+        step = 4 * cfg.batch_size * L * D * (20 * cfg.n_layer * cfg.loop_window + 20)
+        fits({STEP_FLAGS: step, WEIGHT_FLAGS: 4 * weights}, device, "a training step")
+    needs = {
+        "--n_points or --eval_loops": 4 * 256 * (20 * L * D + 2 * cfg.eval_loops * n),
+        WEIGHT_FLAGS: weights,
+        "--eval_prompts": solver_bytes[0],
+        "--n_points or --n_dims": solver_bytes[1],
+    }
+    fits(needs, device, "the evaluation")
+
+
 def agreed_signal(received, world, group=None):
     """The signal to stop on, 0 for none: under torchrun the largest that any process received, by a
     host-side all-reduce over gloo (no device sync), so that every process stops at the same step.
@@ -452,10 +496,8 @@ def stop_signals(world):
             )
         received.append(signum)
 
-    received, main = (
-        [],
-        threading.current_thread() is threading.main_thread(),
-    )  # only it gets signals
+    received = []
+    main = threading.current_thread() is threading.main_thread()  # only it gets signals
     old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         yield received
@@ -478,12 +520,51 @@ def save_checkpoint(path, model, opt, cfg, step, data_states):
         "step": step,
         "rng": {"data": data_states, "torch": torch.get_rng_state()},
     }
-    buffer = (
-        io.BytesIO()
-    )  # serialised first, so that a failed write is an OSError, caught by atomic
+    # Serialised first, so that a failed write is an OSError, caught by atomic.
+    buffer = io.BytesIO()
     torch.save(ckpt, buffer)
     with atomic(path) as tmp, open(tmp, "wb") as f:
         f.write(buffer.getbuffer())
+
+
+def load_checkpoint(run_dir, make_config, weight_sizes):
+    """A run's checkpoint and its config, made by make_config from the saved values; UserError if
+    the file is missing or corrupt, or if the sizes its weights imply (weight_sizes, from the state
+    dict: {config field: size}) disagree with its config."""
+    path = os.path.join(run_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}")
+    ckpt = load_tensors(path)  # a pickle that would run code is refused, unrun
+    try:
+        cfg, found = make_config(**ckpt["config"]), weight_sizes(ckpt["model"])
+        if not (
+            isinstance(ckpt["step"], int) and "state" in ckpt["optimizer"] and ckpt["rng"]["data"]
+        ):
+            raise TypeError("step, optimizer or random states")
+    except UserError as e:
+        raise UserError(f"{path} was made with an incompatible config: {e}") from None
+    except Exception as e:
+        raise UserError(
+            f"{path} is corrupt or not a looped checkpoint ({type(e).__name__})"
+        ) from None
+    wrong = [name for name, value in found.items() if value != getattr(cfg, name)]
+    if wrong:
+        raise UserError(
+            f"{path}: its weights have {wrong[0]} {found[wrong[0]]}, its config "
+            f"{getattr(cfg, wrong[0])}"
+        )
+    return ckpt, cfg
+
+
+def load_weights(model, state):
+    """model.load_state_dict(state), with one line where the two do not match."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(
+            f"checkpoint weights do not match its config: {str(e).splitlines()[-1].strip()[:200]}"
+        ) from None
+    return model
 
 
 class TrainingRun:
@@ -514,11 +595,10 @@ class TrainingRun:
         quiet=False,
         costs=None,
         validate=None,
-        memory_flags="",
     ):
         self.cfg, self.model, self.device, self.resume = cfg, model, device, resume
         self.overwrite, self.quiet, self.costs, self.validate = overwrite, quiet, costs, validate
-        self.memory_flags, self.log_file, self.loop = memory_flags, None, None
+        self.log_file, self.loop = None, None
         self.ckpt_path = os.path.join(cfg.out, "ckpt.pt")
         self.log_path = os.path.join(cfg.out, "log.jsonl")
 
@@ -609,7 +689,7 @@ class TrainingRun:
             self.opt.param_groups[0]["lr"].fill_(lr)
         else:
             self.opt.param_groups[0]["lr"] = lr
-        with memory_guard(self.memory_flags):
+        with memory_guard(STEP_FLAGS):
             return (self.graphs or fn)(self.forward, self.opt, *args)
 
     def log(self, loss, **fields):
@@ -771,9 +851,8 @@ def plot(runs, out, title, baseline_names, suffix="", solvers=None, loops=True):
         curves = [
             (name, e["loops"][:, last], 2.5, c.n_loops) for name, c, e in runs if c.eval_loops > 1
         ]
-        curves += [
-            (f"{name} iterations", err, 1.5, None) for name, err in (solvers or {}).items()
-        ]  # one iteration per loop
+        # A solver's iterations are drawn as loops, one iteration per loop.
+        curves += [(f"{n} iterations", err, 1.5, None) for n, err in (solvers or {}).items()]
         for i, (name, err, lw, b) in enumerate(curves):
             ax.semilogy(
                 range(1, len(err) + 1), err.clamp(min=1e-12), lw=lw, color=f"C{i}", label=name
@@ -781,14 +860,13 @@ def plot(runs, out, title, baseline_names, suffix="", solvers=None, loops=True):
             if b:
                 ax.axvline(b, color=f"C{i}", ls="--", lw=1)
         floor = min(err.min().item() for _, err, _, _ in curves)
+        solver = " (or solver iteration)" if solvers else ""
         ax.set(
-            xlabel="loop iteration"
-            + " (or solver iteration)" * bool(solvers)
-            + "; dashed: trained b",
+            xlabel=f"loop iteration{solver}; dashed: trained b",
             ylabel=f"normalised squared error at k = {last}",
             title=f"{title}: error against iterations",
-            ylim=(max(floor / 3, 1e-8), None),
-        )  # exact solvers reach 1e-14
+            ylim=(max(floor / 3, 1e-8), None),  # the exact solvers reach 1e-14
+        )
         figures.append((fig, ax, "loops"))
     for fig, ax, name in figures:
         ax.legend(fontsize=8)

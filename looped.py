@@ -27,7 +27,6 @@ Paper symbol -> code name:
 Shapes: B batch, n points, d input dim, D width, L = 2n tokens, t loop iterations.
 """
 
-import argparse
 import functools
 import math
 import os
@@ -40,23 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import baselines
-from harness import (
-    Parser,
-    TrainingRun,
-    UserError,
-    add_dataclass_flags,
-    check_folder,
-    cli,
-    duration,
-    fits,
-    hold_folder,
-    load_tensors,
-    memory_guard,
-    plot,
-    setup_device,
-    table,
-    write_json,
-)
+import harness
+from harness import UserError
 
 # ---------------------------------------------------------------------------- config
 
@@ -508,49 +492,24 @@ def describe(cfg):
 # ---------------------------------------------------------------------------- checkpoints
 
 
+def weight_sizes(w):
+    """The sizes a checkpoint's weights imply, checked against its config when it is loaded."""
+    return dict(
+        n_embd=w["read_in.weight"].shape[0],
+        n_dims=w["read_in.weight"].shape[1],
+        n_positions=w["wpe.weight"].shape[0] // 2,
+        n_layer=len({k.split(".")[1] for k in w if k.startswith("blocks.")}),
+    )
+
+
 def load_checkpoint(run_dir):
     """The run's checkpoint and Config; UserError if missing, corrupt, or its weights disagree with
     its config."""
-    path = os.path.join(run_dir, "ckpt.pt")
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}")
-    ckpt = load_tensors(path)  # a pickle that would run code is refused, unrun
-    try:
-        cfg, w = make_config(**ckpt["config"]), ckpt["model"]
-        found = dict(
-            n_embd=w["read_in.weight"].shape[0],
-            n_dims=w["read_in.weight"].shape[1],
-            n_positions=w["wpe.weight"].shape[0] // 2,
-            n_layer=len({k.split(".")[1] for k in w if k.startswith("blocks.")}),
-        )
-        if not (
-            isinstance(ckpt["step"], int) and "state" in ckpt["optimizer"] and ckpt["rng"]["data"]
-        ):
-            raise TypeError("step, optimizer or random states")
-    except UserError as e:
-        raise UserError(f"{path} was made with an incompatible config: {e}") from None
-    except Exception as e:
-        raise UserError(
-            f"{path} is corrupt or not a looped checkpoint ({type(e).__name__})"
-        ) from None
-    wrong = [name for name, value in found.items() if value != getattr(cfg, name)]
-    if wrong:
-        raise UserError(
-            f"{path}: its weights have {wrong[0]} {found[wrong[0]]}, its config "
-            f"{getattr(cfg, wrong[0])}"
-        )
-    return ckpt, cfg
+    return harness.load_checkpoint(run_dir, make_config, weight_sizes)
 
 
 def restore_model(ckpt, cfg, device):
-    model = LoopedTransformer(cfg)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(
-            f"checkpoint weights do not match its config: {str(e).splitlines()[-1].strip()[:200]}"
-        ) from None
-    return model.to(device)
+    return harness.load_weights(LoopedTransformer(cfg), ckpt["model"]).to(device)
 
 
 # ---------------------------------------------------------------------------- training
@@ -562,30 +521,10 @@ def compile_backbone(model):
     model.backbone = torch.compile(model.backbone, dynamic=True)
 
 
-STEP_FLAGS = "--batch_size, --n_points or --window"
-WEIGHT_FLAGS = "--n_embd, --n_layer, --n_positions or --n_dims"
-
-
 def check_memory(cfg, device, training=True):
-    """Refuse, before any work, sizes whose rough peak memory exceeds the device's. A training step
-    keeps about 19 D floats per token, block and trained iteration for the backward pass
-    (bench.activation_bytes measures it), beside 4 copies of the weights (with their gradients and
-    Adam's moments); the evaluation runs 256 prompts at a time, keeping the error after every
-    iteration, then the baselines fit every prefix."""
-    L, D, n = 2 * cfg.n_points, cfg.n_embd, cfg.n_points
-    # The weights' bytes: the blocks, the position table and read_in.
-    weights = 4 * (12 * cfg.n_layer * D + 2 * cfg.n_positions + cfg.n_dims) * D
-    if training:
-        step = 4 * cfg.batch_size * L * D * (20 * cfg.n_layer * cfg.loop_window + 20)
-        fits({STEP_FLAGS: step, WEIGHT_FLAGS: 4 * weights}, device, "a training step")
-    prompts, prefixes = baselines.memory_needed(cfg.eval_prompts, n, cfg.n_dims)
-    needs = {
-        "--n_points or --eval_loops": 4 * 256 * (20 * L * D + 2 * cfg.eval_loops * n),
-        WEIGHT_FLAGS: weights,
-        "--eval_prompts": prompts,
-        "--n_points or --n_dims": prefixes,
-    }
-    fits(needs, device, "the evaluation")
+    """Refuse, before any work, sizes whose memory estimate exceeds the device's."""
+    solvers = baselines.memory_needed(cfg.eval_prompts, cfg.n_points, cfg.n_dims)
+    harness.check_memory(cfg, device, solvers, training)
 
 
 def train_step(forward, opt, ctx, xs, ys, n_loops, n_no_grad):
@@ -612,16 +551,16 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
     processes of a torchrun job other than rank 0). The run folder, resuming, torchrun, signals
     and checkpoints are the harness's TrainingRun; the loop below is the method."""
     started = time.perf_counter()
-    device, ctx = setup_device(cfg)
+    device, ctx = harness.setup_device(cfg)
     check_memory(cfg, device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    with memory_guard(WEIGHT_FLAGS):
+    with harness.memory_guard(harness.WEIGHT_FLAGS):
         model = LoopedTransformer(cfg).to(device)
     if cfg.compile:
         compile_backbone(model)
     costs = [step_cost(cfg, s) for s in range(cfg.steps)]  # for the time-left estimate
     curve = learning_curve(model, cfg, device, ctx) if cfg.eval_every else None
-    with TrainingRun(cfg, model, device, resume, overwrite, quiet, costs, curve, STEP_FLAGS) as run:
+    with harness.TrainingRun(cfg, model, device, resume, overwrite, quiet, costs, curve) as run:
         backbone, total = count_parameters(model)
         run.say(
             f"{cfg.task}: {cfg.n_layer} layer(s) x {cfg.n_loops} loops, D {cfg.n_embd}, "
@@ -644,15 +583,17 @@ def finish(model, cfg, device, ctx, say=print, started=None):
     taken (since started, when training came first)."""
     check_memory(cfg, device, training=False)
     t0 = time.perf_counter()
-    with memory_guard("--n_points, --eval_loops or --eval_prompts"):
+    with harness.memory_guard("--n_points, --eval_loops or --eval_prompts"):
         errors = evaluate(model, cfg, device, ctx)
-    write_json(os.path.join(cfg.out, "eval.json"), {k: v.tolist() for k, v in errors.items()})
+    harness.write_json(
+        os.path.join(cfg.out, "eval.json"), {k: v.tolist() for k, v in errors.items()}
+    )
     runs, shown = [(describe(cfg), cfg, errors)], baselines.TASK_BASELINES[cfg.task]
-    plot(runs, cfg.out, cfg.task, shown)
-    say(table(runs, cfg.task, shown))
+    harness.plot(runs, cfg.out, cfg.task, shown)
+    say(harness.table(runs, cfg.task, shown))
     now = time.perf_counter()
-    total = f", done in {duration(now - started)}" if started else ""
-    say(f"evaluated in {duration(now - t0)}{total}; plots in {cfg.out}")
+    total = f", done in {harness.duration(now - started)}" if started else ""
+    say(f"evaluated in {harness.duration(now - t0)}{total}; plots in {cfg.out}")
     return errors
 
 
@@ -675,47 +616,31 @@ def saved_run(run_dir, given):
                 "a saved run keeps its config"
             )
     if os.path.abspath(given.get("out", run_dir)) != os.path.abspath(run_dir):
-        check_folder(given["out"])  # --out elsewhere is a new run folder: refused if it holds a run
+        # --out elsewhere is a new run folder: refused if it holds a run.
+        harness.check_folder(given["out"])
     return ckpt, make_config(**{**asdict(saved), "out": run_dir, **given})
 
 
 def main(argv=None):
-    parser = Parser(
+    given, args = harness.run_flags(
+        argv,
+        Config,
+        FLAG,  # one flag per field, its docstring the help; then --resume, --eval, --overwrite
         prog="looped.py",
         description=__doc__.split("\n\n")[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="[defaults] are the laptop preset's; --preset paper and --task change some of them.",
     )
-    add_dataclass_flags(parser, Config, FLAG)  # one flag per field, its docstring the help
-    parser.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue a run from its checkpoint (--steps may grow)"
-    )
-    parser.add_argument(
-        "--eval",
-        metavar="RUN_DIR",
-        help="re-evaluate a saved run, no training (several runs, shifted prompts: experiments.py)",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="train into a run folder that holds a run, "
-        "replacing it (without this, a used folder is refused)",
-    )
-    args = vars(parser.parse_args(argv))
-    given = {f.name: args[f.name] for f in fields(Config) if args[f.name] is not None}
-    if args["overwrite"] and (args["eval"] or args["resume"]):
-        raise UserError("--overwrite starts a new run: it does not go with --eval or --resume")
     baselines.keep_freed_memory()  # the evaluation's solvers allocate many large temporaries
-    if args["eval"] or args["resume"]:
-        ckpt, cfg = saved_run(args["eval"] or args["resume"], given)
-        device, ctx = setup_device(cfg)
+    if args.eval or args.resume:
+        ckpt, cfg = saved_run(args.eval or args.resume, given)
+        device, ctx = harness.setup_device(cfg)
         model = restore_model(ckpt, cfg, device)  # one line, early, on mismatched weights
-        if args["resume"]:
+        if args.resume:
             return train(cfg, resume=ckpt)
-        with hold_folder(cfg.out):
+        with harness.hold_folder(cfg.out):
             return finish(model, cfg, device, ctx)
-    return train(make_config(**given), overwrite=args["overwrite"])
+    return train(make_config(**given), overwrite=args.overwrite)
 
 
 if __name__ == "__main__":
-    cli(main)
+    harness.cli(main)

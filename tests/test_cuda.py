@@ -43,9 +43,8 @@ def test_captured_steps_give_the_uncaptured_steps_through_curriculum_stages(monk
         assert not captured or (step.captures == 3 and not step.failed)
         runs[compiled, captured] = losses, model.state_dict()
     assert len(set(runs[False, False][0].tolist())) == 15  # fifteen batches, fifteen losses
-    assert all(
-        (runs[True, True][1][k] - initial[k]).abs().max() > 1e-3 for k in initial
-    )  # it trained
+    # It trained.
+    assert all((runs[True, True][1][k] - initial[k]).abs().max() > 1e-3 for k in initial)
     for compiled in (False, True):
         (plain, w_plain), (graph, w_graph) = runs[compiled, False], runs[compiled, True]
         torch.testing.assert_close(graph, plain, rtol=1e-4, atol=1e-6)
@@ -92,7 +91,6 @@ def test_compiled_training_on_a_gpu_captures_each_stage_without_recompiling(tmp_
     torch.testing.assert_close(
         torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-2, atol=1e-4
     )
-    r = run_cli(
-        looped.main, "--resume", cfg.out, "--steps", "26", "--no-compile"
-    )  # its checkpoint resumes uncaptured
+    # Its checkpoint resumes uncaptured.
+    r = run_cli(looped.main, "--resume", cfg.out, "--steps", "26", "--no-compile")
     assert r.returncode == 0 and state(cfg.out)["step"] == 26, r.stderr

@@ -311,9 +311,8 @@ def test_converge_trains_claim1s_best_runs_longer_and_reads_the_verdict_from_the
     monkeypatch.setitem(experiments.CLAIMS, "claim1", claim1)
     with pytest.raises(harness.UserError, match="run python experiments.py claim1 first"):
         experiments.claim("converge")
-    for name, task, overrides in experiments.CLAIMS[
-        "claim1"
-    ].runs:  # the sweep alone: no seed-43 runs
+    # The sweep alone: no seed-43 runs.
+    for name, task, overrides in experiments.CLAIMS["claim1"].runs:
         experiments.run("claim1", name, task, **overrides)
     experiments.claim("converge")
     lrs = {

@@ -249,13 +249,11 @@ def test_kill_9_loses_at_most_one_checkpoint_interval_and_the_log_stays_consiste
     proc.kill()
     proc.wait()
     with open(log, "ab") as f:
-        f.write(
-            b'{"step": 99999, "lo\xff\xfe\n{"step": 5'
-        )  # garbage, and a line cut short by the kill
+        # Garbage, and a line cut short by the kill.
+        f.write(b'{"step": 99999, "lo\xff\xfe\n{"step": 5')
     step, last = state(out)["step"], max(s for s in logged_steps_tolerant(log) if s != 99999)
-    assert (
-        0 < step <= last < step + 20 + 5
-    )  # at most one checkpoint interval (and one log line) lost
+    # At most one checkpoint interval (and one log line) is lost.
+    assert 0 < step <= last < step + 20 + 5
     r = run_cli(looped.main, "--resume", out, "--steps", str(step + 10))
     assert r.returncode == 0 and f"resuming from step {step}" in r.stdout
     steps = logged_steps(out)
@@ -371,9 +369,8 @@ def test_an_out_of_memory_error_becomes_one_line_naming_the_flags(tmp_path, monk
     def out_of_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(
-        looped, "train_step", out_of_memory
-    )  # what training says when a step runs out
+    # It raises what training says when a step runs out of memory.
+    monkeypatch.setattr(looped, "train_step", out_of_memory)
     r = run_cli(looped.main, *TINY_FLAGS, "--steps", "4", "--out", str(tmp_path))
     assert (
         r.returncode == 2
@@ -405,9 +402,8 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused_unrun(tmp_path):
             r.returncode == 2 and "refused" in r.stderr and len(r.stderr.strip().splitlines()) == 1
         ), r.stderr
     assert not os.path.exists(marker)  # the payload never ran
-    torch.load(
-        os.path.join(cfg.out, "ckpt.pt"), weights_only=False
-    )  # the test's payload is real: unsafe loading runs it
+    # The test's payload is real: unsafe loading runs it.
+    torch.load(os.path.join(cfg.out, "ckpt.pt"), weights_only=False)
     assert os.path.isdir(marker)
 
 
@@ -426,10 +422,8 @@ def test_files_that_are_not_checkpoints_are_called_corrupt_not_dangerous(tmp_pat
         assert (
             r.returncode == 2 and "corrupt" in r.stderr and len(r.stderr.strip().splitlines()) == 1
         ), r.stderr
-    for broken in [
-        {k: v for k, v in good.items() if k != "rng"},
-        {**good, "step": "4"},
-    ]:  # edited by hand
+    # Each is a checkpoint edited by hand.
+    for broken in [{k: v for k, v in good.items() if k != "rng"}, {**good, "step": "4"}]:
         torch.save(broken, ckpt_path)
         r = run_cli(looped.main, "--resume", cfg.out, "--steps", "4")
         assert r.returncode == 2 and "corrupt" in r.stderr, r.stderr
@@ -478,9 +472,9 @@ def ddp_step(rank, world, port, xs, ys, path):
 def tiny_model_and_optimiser():
     torch.manual_seed(0)
     model = looped.LoopedTransformer(tiny_config())
-    return model, torch.optim.SGD(
-        model.parameters(), lr=0.1
-    )  # linear in the gradient: Adam's first
+    # SGD is linear in the gradient: Adam's first step, g / (|g| + eps), would blow a 1e-12
+    # round-off of a near-zero gradient up to 1e-4 lr.
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
 
 
 def test_ddp_step_over_half_batches_equals_one_step_over_the_batch(tmp_path):

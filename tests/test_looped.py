@@ -223,9 +223,8 @@ def test_no_grad_iterations_keep_no_activations():
         bench.activation_bytes(model, ctx, xs, ys, 3, 0),
     )
     assert windowed == short and bench.activation_bytes(model, ctx, xs, ys, 6, 0) > 1.5 * short
-    assert (
-        bench.matmul_peak(torch.device("cpu"), torch.float32, size=256) > 1e8
-    )  # a positive rate, timed
+    # The timed peak is a positive rate.
+    assert bench.matmul_peak(torch.device("cpu"), torch.float32, size=256) > 1e8
 
 
 def test_gelu_written_for_compile_is_gpt2_gelu():
@@ -265,9 +264,8 @@ def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path):
         run_cli(looped.main, "--resume", half.out, "--steps", "7").returncode == 0
         and state(half.out)["step"] == 7
     )
-    ckpt = state(
-        half.out
-    )  # a GPU drew its prompts: a CUDA generator's state (16 bytes) cannot go on in a CPU's
+    # A GPU drew its prompts: a CUDA generator's state (16 bytes) cannot go on in a CPU's.
+    ckpt = state(half.out)
     ckpt["rng"]["data"] = [torch.zeros(16, dtype=torch.uint8)]
     torch.save(ckpt, os.path.join(half.out, "ckpt.pt"))
     r = run_cli(looped.main, "--resume", half.out, "--steps", "8")
@@ -338,14 +336,14 @@ def test_learning_curve_points_are_logged_on_validation_prompts_and_leave_traini
     assert [r["step"] for r in points] == [2, 4, 6] and all(
         len(r["val_error"]) == curves.n_points for r in points
     )
-    test_at_b = errors["loops"][
-        curves.n_loops - 1
-    ]  # the same model at the same b, on the test prompts
+    # This is the same model at the same b, on the test prompts.
+    test_at_b = errors["loops"][curves.n_loops - 1]
     assert not torch.allclose(torch.tensor(points[-1]["val_error"]), test_at_b)  # other prompts
+    # The task is the same.
     assert (
         abs(torch.tensor(points[-1]["val_error"]).mean() - test_at_b.mean())
         < 0.5 * test_at_b.mean()
-    )  # same task
+    )
     a, b = state(plain.out)["model"], state(curves.out)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # evaluating on the way changed no weight
 
@@ -353,17 +351,17 @@ def test_learning_curve_points_are_logged_on_validation_prompts_and_leave_traini
 def test_amp_on_a_cpu_without_native_bf16_trains_in_fp32(monkeypatch, capsys):
     cfg = tiny_config(amp=True)
     monkeypatch.setattr(harness, "cpu_has_bf16", lambda: False)
-    device, ctx = looped.setup_device(cfg)
+    device, ctx = harness.setup_device(cfg)
     assert isinstance(ctx, looped.nullcontext) and "no native bf16" in capsys.readouterr().out
     # AVX512-BF16 or AMX: bf16 autocast, as asked
     monkeypatch.setattr(harness, "cpu_has_bf16", lambda: True)
-    device, ctx = looped.setup_device(cfg)
+    device, ctx = harness.setup_device(cfg)
     with ctx:
         assert (
             torch.is_autocast_enabled("cpu")
             and (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
         )
-    assert isinstance(looped.setup_device(tiny_config())[1], looped.nullcontext)  # no --amp: fp32
+    assert isinstance(harness.setup_device(tiny_config())[1], looped.nullcontext)  # no --amp: fp32
 
 
 @slow
@@ -375,14 +373,12 @@ def test_compiled_training_compiles_twice_through_the_curriculum_and_saves_plain
 
     torch._dynamo.reset()
     counters.clear()
-    cfg = tiny_config(
-        tmp_path, steps=8, loops_every=1, compile=True, amp=True
-    )  # and bf16 autocast on CPU
+    # The run also uses bf16 autocast on CPU.
+    cfg = tiny_config(tmp_path, steps=8, loops_every=1, compile=True, amp=True)
     errors = looped.train(cfg, quiet=True)
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
-    assert set(state(cfg.out)["model"]) == set(
-        looped.LoopedTransformer(cfg).state_dict()
-    )  # no _orig_mod.
+    # No key carries an _orig_mod. prefix.
+    assert set(state(cfg.out)["model"]) == set(looped.LoopedTransformer(cfg).state_dict())
     assert errors["loops"].isfinite().all()
 
 
@@ -454,9 +450,8 @@ def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path):
     looped.train(cfg, quiet=True)
     before = state(cfg.out)
     out = str(tmp_path)
-    r = run_cli(
-        looped.main, "--resume", out, "--steps", "8", "--lr", "1e30"
-    )  # lr is part of the config
+    # The lr is part of the config.
+    r = run_cli(looped.main, "--resume", out, "--steps", "8", "--lr", "1e30")
     assert r.returncode == 2 and "differs" in r.stderr
     poisoned = {**before, "model": {k: v.clone() for k, v in before["model"].items()}}
     poisoned["model"]["read_out.bias"].fill_(float("nan"))  # the run goes bad after step 4
