@@ -764,6 +764,7 @@ def converge_section(lines, name, claims, models, times):
         ),
         "",
     ]
+    lines += [claim.caveat, ""] if claim.caveat else []
     # The verdict, from the mean over seeds of each model's test error at k = 2d.
     L, S = statistics.mean(final["looped"]), statistics.mean(final["standard"])
     behind = "standard" if S > L else "looped"
