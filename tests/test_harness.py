@@ -467,6 +467,9 @@ def ddp_step(rank, world, port, xs, ys, path):
     del ddp  # its reducer holds the process group: drop it first, then leave together
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    # All is saved: skip the interpreter's teardown, as harness.cli does under torchrun, since
+    # gloo's threads can still abort there ("terminate called without an active exception").
+    os._exit(0)
 
 
 def tiny_model_and_optimiser():
