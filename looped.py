@@ -509,6 +509,7 @@ def load_checkpoint(run_dir):
 
 
 def restore_model(ckpt, cfg, device):
+    """A model with the checkpoint's weights, on the device."""
     return harness.load_weights(LoopedTransformer(cfg), ckpt["model"]).to(device)
 
 
