@@ -13,7 +13,7 @@ const BATCH = 64; // prompts per seed: the error-against-k chart is their mean
 const TASKS = { linreg: {}, noisy_linreg: { noise: 0.1 }, sparse_linreg: { sparse: 3 } };
 
 const $ = (id) => document.getElementById(id);
-const state = { session: null, meta: null, calls: Promise.resolve(), sweep: Promise.resolve() };
+const state = { session: null, meta: null, calls: Promise.resolve() };
 
 // ---------------------------------------------------------------- errors: one line in the page
 
@@ -367,10 +367,9 @@ async function sweepLoops(seed) {
   const { meta, prompts } = state, { d, n } = meta, last = n - 1;
   const xs = prompts.xs.subarray(0, n * d), ys = prompts.ys.subarray(0, n);
   const t0 = performance.now();
-  state.curve = [];
   for (let t = 1; t <= 5 * meta.b; t++) {
-    if (state.seed !== seed) return; // another prompt was drawn
     const { preds } = await predict(xs, ys, 1, n, t);
+    if (state.seed !== seed) return; // another prompt was drawn meanwhile
     state.curve.push((preds[last] - ys[last]) ** 2 / meta.normaliser);
     if (t % 5 === 0 || t === 5 * meta.b) drawLoopChart();
   }
@@ -392,8 +391,7 @@ async function showPrompt(seed) {
   $("w-ls").textContent = vec(leastSquares(X, y, d));
   state.curve = [];
   await showLoops(Number($("loops").value));
-  state.sweep = sweepLoops(seed);
-  await state.sweep;
+  await sweepLoops(seed);
 }
 
 async function main() {
