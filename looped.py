@@ -98,6 +98,11 @@ class Config:
     """steps of linear learning-rate warm-up from 0 (paper: none, 0)"""
     decay: int = 1000
     """the last steps, in which the learning rate falls linearly to 0 (paper: none, 0)"""
+    embed_init: float = 0.3
+    """std of the prompt's embedding weights (read-in and positions) at initialisation (paper:
+    GPT-2's 0.02); larger, the model tells x tokens from y tokens from its first steps"""
+    attn_init: float = 0.2
+    """std of the attention's q, k, v weights at initialisation (paper: GPT-2's 0.02)"""
     seed: int = 42
     """model initialisation and training prompts (the test prompts have their own seed)"""
 
@@ -141,6 +146,8 @@ PAPER = dict(
     lr=1e-4,
     warmup=0,
     decay=0,
+    embed_init=0.02,
+    attn_init=0.02,
     n_positions=101,
     eval_loops=500,
 )
@@ -198,8 +205,9 @@ def validate(cfg):
         low = 0 if f.name in zero_ok else 1
         if f.type in (int, "int") and "seed" not in f.name and getattr(cfg, f.name) < low:
             raise UserError(f"{flag(f.name)} must be at least {low}, got {getattr(cfg, f.name)}")
-    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
-        raise UserError(f"--lr must be a positive number, got {cfg.lr}")
+    for name in ("lr", "embed_init", "attn_init"):
+        if not getattr(cfg, name) > 0 or not math.isfinite(getattr(cfg, name)):
+            raise UserError(f"--{name} must be a positive number, got {getattr(cfg, name)}")
     if cfg.loop_window > cfg.n_loops:
         raise UserError(f"--window {cfg.loop_window} exceeds --loops {cfg.n_loops}: T <= b")
     if cfg.n_embd % cfg.n_head:
@@ -388,6 +396,13 @@ class LoopedTransformer(nn.Module):
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        # The laptop preset starts the prompt's embedding and the attention larger (Config's
+        # embed_init, attn_init): scaled, not drawn again, so at 0.02 the draws are nanoGPT's.
+        with torch.no_grad():
+            for w in (self.read_in.weight, self.wpe.weight):
+                w.mul_(cfg.embed_init / 0.02)
+            for block in self.blocks:
+                block.attn.c_attn.weight.mul_(cfg.attn_init / 0.02)
 
     @staticmethod
     def _init_weights(module):  # nanoGPT's, as [LT]: draws in the same order, so the same weights
@@ -505,7 +520,9 @@ def weight_sizes(w):
 def load_checkpoint(run_dir):
     """The run's checkpoint and Config; UserError if missing, corrupt, or its weights disagree with
     its config."""
-    return harness.load_checkpoint(run_dir, make_config, weight_sizes)
+    # Checkpoints from before embed_init and attn_init were drawn at GPT-2's 0.02.
+    old = lambda **c: make_config(**{"embed_init": 0.02, "attn_init": 0.02, **c})  # noqa: E731
+    return harness.load_checkpoint(run_dir, old, weight_sizes)
 
 
 def restore_model(ckpt, cfg, device):

@@ -40,8 +40,10 @@ THRESHOLDS = [0.2, 0.1, 0.05]  # validation errors at k = 2d whose first step co
 
 def run_config(record):
     """The config of a run.json record. Runs made before the learning-rate schedule existed
-    recorded no warm-up or decay: they trained at a constant rate, which 0 and 0 reproduce."""
-    return looped.make_config(**{"warmup": 0, "decay": 0, **record["config"]})
+    recorded no warm-up or decay: they trained at a constant rate, which 0 and 0 reproduce; runs
+    made before embed_init and attn_init were initialised at GPT-2's 0.02."""
+    before = {"warmup": 0, "decay": 0, "embed_init": 0.02, "attn_init": 0.02}
+    return looped.make_config(**{**before, **record["config"]})
 
 
 def read_run(folder):
@@ -335,6 +337,7 @@ def runs_section(lines, claims):
                 c.task,
                 looped.describe(c),
                 f"{c.lr:g}",
+                f"{c.embed_init:g} / {c.attn_init:g}",
                 c.steps,
                 f"{r['seconds'] / 60:.1f} min" + (" (diverged)" if "diverged" in r else ""),
                 r["machine"],
@@ -346,10 +349,16 @@ def runs_section(lines, claims):
         "## Runs",
         "",
         "Wall time: training and evaluation, as `run` measured it; runs made side by side "
-        "with one thread each took longer than one alone would.",
+        "with one thread each took longer than one alone would. Init: the std of the prompt's "
+        "embedding and of the attention's q, k, v weights at initialisation (GPT-2's and the "
+        f"paper's: 0.02 / 0.02; the laptop preset's: {looped.Config.embed_init:g} / "
+        f"{looped.Config.attn_init:g}).",
         "",
         markdown(
-            ["run", "task", "model", "lr", "steps", "wall time", "machine", "threads", "torch"],
+            [
+                *("run", "task", "model", "lr", "init", "steps", "wall time"),
+                *("machine", "threads", "torch"),
+            ],
             rows,
         ),
         "",
@@ -610,7 +619,8 @@ def seeds_section(lines, name, claims, models):
     lines += [
         f"`python looped.py --task linreg --loops 20 --seed S` for S = {seeds[0]} to {seeds[-1]} "
         f"({cfg.steps} steps; Adam's rate up to {cfg.lr:g} over {cfg.warmup} steps, down to 0 over "
-        f"the last {cfg.decay}), made by `python experiments.py {name}` on "
+        f"the last {cfg.decay}; the prompt's embedding and the attention initialised at std "
+        f"{cfg.embed_init:g} and {cfg.attn_init:g}), made by `python experiments.py {name}` on "
         f"{runs[0][2]['machine']} with {runs[0][2]['threads']} thread per run, two runs side by "
         f"side: one alone with two threads is faster.",
         "",

@@ -557,7 +557,16 @@ def test_torchrun_trains_as_one_process_on_both_batches_and_resumes(tmp_path):
     assert not torch.equal(ckpt["rng"]["data"][0], ckpt["rng"]["data"][1])  # their own prompts
     reference = one_process_reference(looped.make_config(**ckpt["config"]), world=2)
     for name, tensor in ckpt["model"].items():
-        torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-7, msg=name)
+        expected = reference[name]
+        if name.endswith("c_attn.bias"):
+            # The key bias (the middle third) moves no prediction, as softmax ignores a constant
+            # per query: its gradient is rounding noise, which Adam scales up to steps. Left out.
+            q, _, v = tensor.chunk(3)
+            tensor, expected = (
+                torch.cat([q, v]),
+                torch.cat([expected.chunk(3)[0], expected.chunk(3)[2]]),
+            )
+        torch.testing.assert_close(tensor, expected, rtol=1e-5, atol=1e-7, msg=name)
     r = subprocess.run(
         [*torchrun(), "--resume", str(tmp_path), "--steps", "6"],
         capture_output=True,
