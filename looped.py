@@ -520,9 +520,9 @@ def weight_sizes(w):
 def load_checkpoint(run_dir):
     """The run's checkpoint and Config; UserError if missing, corrupt, or its weights disagree with
     its config."""
-    # Checkpoints from before embed_init and attn_init were drawn at GPT-2's 0.02.
-    old = lambda **c: make_config(**{"embed_init": 0.02, "attn_init": 0.02, **c})  # noqa: E731
-    return harness.load_checkpoint(run_dir, old, weight_sizes)
+    # A checkpoint's own values win; those from before embed_init and attn_init were at 0.02.
+    config = functools.partial(make_config, embed_init=0.02, attn_init=0.02)
+    return harness.load_checkpoint(run_dir, config, weight_sizes)
 
 
 def restore_model(ckpt, cfg, device):
