@@ -99,8 +99,7 @@ class Config:
     decay: int = 1000
     """the last steps, in which the learning rate falls linearly to 0 (paper: none, 0)"""
     embed_init: float = 0.3
-    """std of the prompt's embedding weights (read-in and positions) at initialisation (paper:
-    GPT-2's 0.02); larger, the model tells x tokens from y tokens from its first steps"""
+    """std of the prompt's embedding (read-in and positions) at initialisation (paper: 0.02)"""
     attn_init: float = 0.2
     """std of the attention's q, k, v weights at initialisation (paper: GPT-2's 0.02)"""
     seed: int = 42
@@ -133,24 +132,10 @@ class Config:
 
 
 # The paper's values ([LT]'s configs): those of every task, then each task's own.
-PAPER = dict(
-    n_dims=20,
-    n_embd=256,
-    n_head=8,
-    n_layer=1,
-    dims_start=5,
-    curriculum_every=5000,
-    loops_every=500,
-    steps=500_000,
-    batch_size=64,
-    lr=1e-4,
-    warmup=0,
-    decay=0,
-    embed_init=0.02,
-    attn_init=0.02,
-    n_positions=101,
-    eval_loops=500,
-)
+PAPER = dict(n_dims=20, n_positions=101, n_embd=256, n_head=8, n_layer=1)  # problem and model
+PAPER.update(dims_start=5, curriculum_every=5000, loops_every=500)  # the curriculum's pace
+PAPER.update(steps=500_000, batch_size=64, lr=1e-4, warmup=0, decay=0)  # Adam at a constant rate
+PAPER.update(embed_init=0.02, attn_init=0.02, eval_loops=500)  # GPT-2's initialisation; the test
 PAPER_TASKS = {
     "linreg": dict(n_loops=20, loop_window=15, n_points=41, points_start=11, points_inc=2),
     "noisy_linreg": dict(n_loops=20, loop_window=15, n_points=41, points_start=11, points_inc=2),
