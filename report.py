@@ -9,6 +9,7 @@ its section. experiments.py also uses the readers here to pick the runs it train
 """
 
 import contextlib
+import dataclasses
 import glob
 import json
 import math
@@ -698,6 +699,12 @@ def first_step(curve, k, level):
     return next((step for step, errors in curve if errors[k] <= level), None)
 
 
+def longer(cfg, best):
+    """Whether a run is the sweep's best run trained again, with only its steps and seed changed."""
+    keep = ("steps", "seed", "ckpt_every", "out")
+    return bool(best) and dataclasses.replace(cfg, **{k: getattr(best, k) for k in keep}) == best
+
+
 def converge_section(lines, name, claims, models, times):
     """A sweep's best runs trained for `times` their steps: the final errors, both learning curves
     on one figure, the steps (and training FLOPs) each model takes to reach given errors, and the
@@ -746,8 +753,21 @@ def converge_section(lines, name, claims, models, times):
         )
     least_squares = by_model["looped"][0][1]["least squares"]
     rows.append(["least squares", "", "", "", *(least_squares[j].item() for j in ks)])
+    # Runs trained from an earlier sweep (at another preset) are shown, and said to be so.
+    best = {m: best_run(claim.needs, m) for m in models}
+    best = {m: best[m] and read_run(best[m])[0] for m in models}
+    stale = [m for m, rs in by_model.items() if not all(longer(r[0], best[m]) for r in rs)]
+    if stale:
+        lines += [
+            f"These {' and '.join(stale)} runs were made from an earlier {claim.needs} sweep: "
+            f"their learning rate or initialisation is not that of {claim.needs}'s best run now "
+            f"(see the runs table). `rm -r results/{name}` and `python experiments.py {name}` "
+            "train them again.",
+            "",
+        ]
     lines += [
-        f"Each model at the learning rate {claim.needs}'s sweep found best for it, for "
+        f"Each model at the learning rate {claim.needs}'s sweep found best for it"
+        f"{' when they were made' if stale else ''}, for "
         f"{cfg.steps:,} steps ({times} times the preset's; Adam's rate warmed up over "
         f"{cfg.warmup} steps and decayed to 0 over the last {cfg.decay}), seeds 42 and 43, a "
         f"validation point (256 prompts) every {cfg.eval_every} steps; made by "

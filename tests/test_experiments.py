@@ -4,6 +4,7 @@ probes, and the report written from their results."""
 import dataclasses
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -363,6 +364,12 @@ def test_converge_trains_claim1s_best_runs_longer_and_reads_the_verdict_from_the
     # Each run's row twice: in the errors, then in the steps to reach each level.
     assert text.count("\n| looped_lr") == text.count("\n| standard_lr") == 4
     assert "to 0.0200 (looped's final)" in text and os.path.isfile("figures/converge.png")
+    assert "earlier claim1 sweep" not in text
+    # The sweep run again, its best looped run now another: the converge runs say they are older.
+    shutil.rmtree(report.best_run("claim1", "looped"))
+    lines = []
+    experiments.CLAIMS["converge"].section(lines, "converge", experiments.CLAIMS, models)
+    assert "These looped runs were made from an earlier claim1 sweep" in "\n".join(lines)
 
 
 def test_the_seeds_claim_reports_each_seed_and_the_spread(tmp_path, monkeypatch):
