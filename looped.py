@@ -154,6 +154,8 @@ LAPTOP_TASKS = {
     ),
 }
 PRESETS = {"laptop": ({}, LAPTOP_TASKS), "paper": (PAPER, PAPER_TASKS)}
+# Runs saved before embed_init and attn_init existed were initialised at GPT-2's 0.02.
+BEFORE_INIT = dict(embed_init=0.02, attn_init=0.02)
 
 
 def make_config(task="linreg", preset="laptop", **overrides):
@@ -505,8 +507,7 @@ def weight_sizes(w):
 def load_checkpoint(run_dir):
     """The run's checkpoint and Config; UserError if missing, corrupt, or its weights disagree with
     its config."""
-    # A checkpoint's own values win; those from before embed_init and attn_init were at 0.02.
-    config = functools.partial(make_config, embed_init=0.02, attn_init=0.02)
+    config = functools.partial(make_config, **BEFORE_INIT)  # a checkpoint's own values win
     return harness.load_checkpoint(run_dir, config, weight_sizes)
 
 

@@ -43,7 +43,7 @@ def run_config(record):
     """The config of a run.json record. Runs made before the learning-rate schedule existed
     recorded no warm-up or decay: they trained at a constant rate, which 0 and 0 reproduce; runs
     made before embed_init and attn_init were initialised at GPT-2's 0.02."""
-    before = {"warmup": 0, "decay": 0, "embed_init": 0.02, "attn_init": 0.02}
+    before = {"warmup": 0, "decay": 0, **looped.BEFORE_INIT}
     return looped.make_config(**{**before, **record["config"]})
 
 
