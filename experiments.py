@@ -496,9 +496,9 @@ CLAIMS = {
         section=functools.partial(report.converge_section, times=CONVERGE),
         then=train_to_convergence,
         needs="claim1",
-        caveat="The training times come from each log's ms per step; each model's two runs were "
-        "made side by side on 2 cores, one thread each (the two models in different sessions), so "
-        "the times compare the two models loosely. The FLOP counts compare them fairly.",
+        caveat="The training times come from each log's ms per step, so they move with whatever "
+        "else ran on the machine (each run's threads are in the runs table) and compare the two "
+        "models loosely. The FLOP counts compare them fairly.",
         in_all=False,
     ),
 }
