@@ -467,22 +467,23 @@ def main(argv=None):
     p.add_argument("--preset", help="paper or laptop (default: paper on CUDA, laptop elsewhere)")
     p.add_argument(
         "--steps",
-        type=int,
+        type=looped.LIMITS["steps"],
         default=6000,
-        help="training steps per mode; the paper's curriculum first changes n at 5000",
+        help=f"training steps per mode, {looped.LIMITS['steps']}; the paper's curriculum first "
+        "changes n at 5000 [6000]",
     )
     p = sub.add_parser("baselines", help="batched solvers against per-prompt scikit-learn fits")
     p.add_argument(
         "--prompts",
-        type=int,
+        type=harness.Count(1),
         default=1280,
-        help="prompts scored by the batched solvers (paper: 1280)",
+        help="prompts scored by the batched solvers, at least 1, as memory allows (paper: 1280)",
     )
     p.add_argument(
         "--ref_prompts",
-        type=int,
+        type=harness.Count(1),
         default=16,
-        help="prompts fitted by scikit-learn, scaled to --prompts",
+        help="prompts fitted by scikit-learn, scaled to --prompts; 1 to --prompts [16]",
     )
     p.add_argument(
         "--only",
@@ -492,7 +493,11 @@ def main(argv=None):
     )
     p = sub.add_parser("export", help="PyTorch eager against onnxruntime on a trained run")
     p.add_argument("run_dir", help="a looped.py run folder (with ckpt.pt)")
-    p.add_argument("--loops", type=int, help="loop iterations to unroll (default: the trained b)")
+    p.add_argument(
+        "--loops",
+        type=harness.Count(1, looped.MAX_LOOPS),
+        help="loop iterations to unroll, 1 to 5 b (default: the trained b)",
+    )
     for p in sub.choices.values():
         p.add_argument(
             "--save",
@@ -518,13 +523,12 @@ def main(argv=None):
                 raise harness.UserError(
                     f"unknown baseline {name!r}: use one of {', '.join(baselines.BASELINES)}"
                 )
-        if min(args.prompts, args.ref_prompts) < 1:
-            raise harness.UserError("--prompts and --ref_prompts must be at least 1")
+        # The longest prompts the timed tasks have: n = 101 (trees and networks), d = 20.
+        needs = {"--prompts": sum(baselines.memory_needed(args.prompts, 101, 20))}
+        harness.fits(needs, torch.device("cpu"), "timing the baselines")
         names = args.only or [name for name in baselines.BASELINES if name != "zero"]
         table = bench_baselines(args.prompts, min(args.ref_prompts, args.prompts), names)
     else:
-        if args.loops is not None and args.loops < 1:
-            raise harness.UserError(f"--loops must be at least 1, got {args.loops}")
         table = bench_export(args.run_dir, args.loops)
     if args.save:  # a GPU's tables beside the CPU's: results/bench_train_cuda.json
         device = harness.setup_device(looped.make_config(device=getattr(args, "device", "cpu")))[0]

@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import shlex
 import sys
@@ -193,6 +194,7 @@ def load_runs(run_dirs, given):
     for run_dir in run_dirs:
         ckpt, cfg = looped.saved_run(run_dir, given)
         device, ctx = harness.setup_device(cfg)
+        looped.check_memory(cfg, device, training=False)  # --eval_loops: before any work
         runs.append((cfg, looped.restore_model(ckpt, cfg, device), ctx))
     first = runs[0][0]
     for cfg, _, _ in runs:
@@ -585,6 +587,15 @@ def probe(run_dir, prompts=2048, loops=None):
             f"{looped.describe(cfg)}, {cfg.task})"
         )
     loops = loops or 2 * cfg.n_loops
+    harness.Count(1, looped.MAX_LOOPS).check("--loops", loops)
+    n, d, D = cfg.n_points, cfg.n_dims, cfg.n_embd
+    # Per prompt: two states (D), a prediction and the four solvers' weights (d) per iteration, in
+    # float32 and float64; the iterate baselines' predictions (n); the forward pass (2n tokens).
+    harness.fits(
+        {"--prompts or --loops": prompts * (loops * (8 * D + 4 + 32 * d + 16 * n) + 80 * n * D)},
+        torch.device("cpu"),
+        "probing",
+    )
     model = looped.restore_model(ckpt, cfg, torch.device("cpu")).eval()
     xs, ys = looped.TASKS[cfg.task](
         prompts,
@@ -658,6 +669,9 @@ def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
     if cfg.n_loops == 1:
         raise harness.UserError(f"{run_dir} is not a looped model: there is no loop to stop")
     max_loops = max_loops or cfg.eval_loops
+    harness.Count(1, looped.MAX_LOOPS).check("--max_loops", max_loops)
+    if not all(t > 0 and math.isfinite(t) for t in tolerances):
+        raise harness.UserError(f"--tolerances must be finite numbers above 0, got {tolerances}")
     xs, ys, norm = looped.eval_prompts(cfg, torch.device("cpu"))
     fixed = looped.model_errors(model, cfg, (xs, ys, norm))["loops"][cfg.n_loops - 1]
     rows = {
@@ -738,7 +752,10 @@ def main(argv=None):
     )
     p.add_argument("--out", help="folder for the figures (default runs/compare_TASK)")
     p.add_argument(
-        "--eval_loops", type=int, help="loop iterations to run (default: each run's own)"
+        "--eval_loops",
+        type=harness.Count(1, looped.MAX_LOOPS),
+        help=f"loop iterations to run, {harness.Count(1, looped.MAX_LOOPS)} (default: each "
+        "run's own)",
     )
     p.add_argument(
         "--shift", help=f"Garg et al.'s shifted prompts for linear regression: {', '.join(SHIFTS)}"
@@ -751,11 +768,16 @@ def main(argv=None):
     )
     p.add_argument(
         "--prompts",
-        type=int,
+        type=harness.Count(4),
         default=2048,
-        help="fresh prompts, half to fit the probes, half to score them",
+        help="fresh prompts, half to fit the probes, half to score them; at least 4, as memory "
+        "allows [2048]",
     )
-    p.add_argument("--loops", type=int, help="iterations to probe (default 2b)")
+    p.add_argument(
+        "--loops",
+        type=harness.Count(1, looped.MAX_LOOPS),
+        help=f"iterations to probe, {harness.Count(1, looped.MAX_LOOPS)} (default 2b)",
+    )
     p = sub.add_parser(
         "adaptive",
         help="adaptive depth: error and loops used for several tolerances, against fixed b",
@@ -763,30 +785,40 @@ def main(argv=None):
     p.add_argument("run", metavar="RUN_DIR", help="a looped.py run folder (with ckpt.pt)")
     p.add_argument(
         "--tolerances",
-        type=float,
+        type=harness.positive,
         nargs="+",
         default=TOLERANCES,
-        help="relative changes to stop at",
+        help="relative changes to stop at, finite numbers above 0",
     )
     p.add_argument(
-        "--max_loops", type=int, help="the most loops per prompt (default the run's --eval_loops)"
+        "--max_loops",
+        type=harness.Count(1, looped.MAX_LOOPS),
+        help=f"the most loops per prompt, {harness.Count(1, looped.MAX_LOOPS)} (default the "
+        "run's --eval_loops)",
     )
     p = sub.add_parser(
         "baselines", help="every baseline's error at chosen k, no model (paper scale by default)"
     )
     p.add_argument("--task", default="linreg", help=f"function class: {', '.join(looped.TASKS)}")
-    p.add_argument("--n_dims", type=int, default=20, help="d (paper: 20)")
+    p.add_argument("--n_dims", type=harness.Count(1), default=20, help="d (paper: 20)")
     p.add_argument(
         "--n_points",
-        type=int,
+        type=harness.Count(0),
         default=0,
         help="n; 0: the paper's (41, or 101 for trees and networks)",
     )
-    p.add_argument("--prompts", type=int, default=1280, help="test prompts (paper: 1280)")
     p.add_argument(
-        "--k", type=int, nargs="+", help="in-context examples to show; default d/2, d, 2d, n-1"
+        "--prompts", type=harness.Count(1), default=1280, help="test prompts (paper: 1280)"
     )
-    p.add_argument("--seed", type=int, default=1234, help="seed of the prompts")
+    p.add_argument(
+        "--k",
+        type=harness.Count(0),
+        nargs="+",
+        help="in-context examples to show, 0 to n - 1; default d/2, d, 2d, n-1",
+    )
+    p.add_argument(
+        "--seed", type=looped.SEED, default=1234, help=f"seed of the prompts, {looped.SEED}"
+    )
     p.add_argument(
         "--only",
         nargs="+",
@@ -842,12 +874,8 @@ def main(argv=None):
                 args.save,
             )
     elif args.command == "probe":
-        if args.prompts < 4 or (args.loops is not None and args.loops < 1):
-            raise harness.UserError("--prompts must be at least 4 and --loops at least 1")
         probe(args.run, args.prompts, args.loops)
     elif args.command == "adaptive":
-        if min(args.tolerances) <= 0 or (args.max_loops is not None and args.max_loops < 1):
-            raise harness.UserError("--tolerances must be positive and --max_loops at least 1")
         adaptive(args.run, args.tolerances, args.max_loops)
     elif args.command == "report":
         write_report()

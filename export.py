@@ -20,6 +20,7 @@ import argparse
 import collections
 import json
 import os
+import stat
 import sys
 import time
 
@@ -29,6 +30,11 @@ VERSION = "0.2.0"
 PARITY_TOL = 1e-4  # max |onnxruntime - PyTorch| on fresh prompts, float32 graphs
 PARITY_TOL_FP16 = 5e-2  # the same for --fp16 graphs: half precision keeps about 3 digits
 WIDE = 128  # from this D on, a batch smaller than the cores runs on all of them (see Predictor)
+# The most loops a graph runs: looped.MAX_LOOPS, restated because Predictor imports no torch.
+MAX_LOOPS = 10_000
+# An unrolled graph holds every loop it runs: each one adds about 0.8 s of export and 65 KB of
+# graph at the laptop size (2-core AMD EPYC), so it goes to 5 b; --dynamic-loops to MAX_LOOPS.
+UNROLLED = 5
 
 
 class VerificationError(Exception):
@@ -78,11 +84,17 @@ class Predictor:
         if "n_dims" not in meta:
             raise ValueError(f"{path} has no looped metadata: was it made by export.py?")
         self.meta = meta
-        self.n_dims, self.max_points = int(meta["n_dims"]), int(meta["max_points"])
-        self.dynamic_loops, self.adaptive = (
-            meta["n_loops"] == "dynamic",
-            meta["n_loops"] == "adaptive",
-        )
+        try:
+            self.n_dims, self.max_points = int(meta["n_dims"]), int(meta["max_points"])
+            self.dynamic_loops, self.adaptive = (
+                meta["n_loops"] == "dynamic",
+                meta["n_loops"] == "adaptive",
+            )
+            wide = json.loads(meta["config"]).get("n_embd", 0) >= WIDE
+        except (KeyError, ValueError, AttributeError) as e:
+            raise ValueError(
+                f"{path} has incomplete or corrupt looped metadata ({type(e).__name__}: {e})"
+            ) from None
         self.outputs = ["preds", "loops"] if self.adaptive else ["preds"]
         self.cores = (
             len(os.sched_getaffinity(0))
@@ -91,7 +103,6 @@ class Predictor:
         )
         self.pool = None  # threads for the CPU shards, started on the first batch that needs them
         # With fewer prompts than cores, a wide model runs faster on all cores in one session.
-        wide = json.loads(meta["config"]).get("n_embd", 0) >= WIDE
         self.wide = (
             ort.InferenceSession(path, ort.SessionOptions(), providers=providers)
             if self.device == "cpu" and wide
@@ -108,9 +119,14 @@ class Predictor:
 
     def run(self, xs, ys, n_loops):
         feeds = {"xs": xs, "ys": ys}
+        whole = isinstance(n_loops, (int, np.integer)) and not isinstance(n_loops, bool)
+        if n_loops is not None and not (whole and 1 <= n_loops <= MAX_LOOPS):
+            raise ValueError(
+                f"n_loops must be a whole number from 1 to {MAX_LOOPS:,}, got {n_loops!r}"
+            )
         if self.dynamic_loops:
-            if not isinstance(n_loops, (int, np.integer)) or n_loops < 1:
-                raise ValueError("this model takes the loop count per call: pass n_loops >= 1")
+            if n_loops is None:
+                raise ValueError("this model takes the loop count per call: pass n_loops")
             feeds["n_loops"] = np.array(int(n_loops), dtype=np.int64)
         elif self.adaptive and n_loops is not None:
             raise ValueError(
@@ -151,7 +167,15 @@ class Predictor:
 
     def check(self, xs, ys):
         """Inputs as float32 arrays of the right shape, or a ValueError that says what is wrong."""
-        xs, ys = np.asarray(xs), np.asarray(ys)
+        arrays = {}
+        for name, a, shape in (("xs", xs, "(batch, n, d)"), ("ys", ys, "(batch, n)")):
+            try:
+                arrays[name] = np.asarray(a)
+            except (ValueError, TypeError) as e:  # ragged lists
+                raise ValueError(
+                    f"{name} must be a {shape} array: {str(e).splitlines()[0]}"
+                ) from None
+        xs, ys = arrays["xs"], arrays["ys"]
         for name, a, rank in (("xs", xs, 3), ("ys", ys, 2)):
             if a.ndim != rank:
                 raise ValueError(f"{name} must have rank {rank}, got shape {a.shape}")
@@ -335,18 +359,27 @@ def export(
     import looped
 
     model, cfg = load_model(run_dir)
+    check_output(out)  # before any work
     adaptive = until_converged is not None
     if adaptive:
         max_loops = 5 * cfg.n_loops if max_loops is None else max_loops
-        if not (until_converged > 0 and max_loops >= 1):
-            raise harness.UserError("--until-converged must be positive and --max-loops at least 1")
+        harness.Count(1, MAX_LOOPS).check("--max-loops", max_loops)
+        if not (until_converged > 0 and np.isfinite(until_converged)):
+            raise harness.UserError(
+                f"--until-converged must be a finite number above 0, got {until_converged}"
+            )
         if fp16:  # half precision rounds the change it tests by about as much as the tolerances
             raise harness.UserError("--until-converged needs fp32: it does not go with --fp16")
     elif not dynamic_loops:
         n_loops = n_loops or cfg.n_loops
-        if n_loops < 1:
-            raise harness.UserError(f"--loops must be at least 1, got {n_loops}")
-    check_writable(out)
+        unrolled = harness.Count(1, UNROLLED * cfg.n_loops)
+        if not (isinstance(n_loops, int) and unrolled.holds(n_loops)):
+            raise harness.UserError(
+                f"--loops must be {unrolled} for this run ({UNROLLED} b, b = {cfg.n_loops}), got "
+                f"{n_loops}: an unrolled graph holds every loop; --dynamic-loops takes up to "
+                f"{MAX_LOOPS:,}"
+            )
+    check_finite(model, cfg, run_dir, n_loops or cfg.n_loops)
     max_points = cfg.n_positions
     forms = wrappers()
     # Example shapes must avoid 1 (a size-1 example freezes that axis) and the maximum.
@@ -392,6 +425,7 @@ def export(
         half = OnnxModel(convert_float_to_float16(proto, keep_io_types=True))
         half.topological_sort()  # the converter appends its input casts at the end of the graph
         proto = half.model
+        drop_value_info(proto.graph)
     meta = {
         "task": cfg.task,
         "n_dims": cfg.n_dims,
@@ -440,16 +474,70 @@ def export(
     return report
 
 
-def check_writable(out):
-    from harness import UserError
+def check_output(out):
+    """Before any work, UserError unless out is a new name or a regular .onnx file, outside any run
+    folder, in a folder that takes the name and lets this process write (a file made and removed
+    there, as the export's own temporary file will be)."""
+    from harness import RUN_FILES, UserError
 
     folder = os.path.dirname(os.path.abspath(out))
-    if os.path.isdir(out):
-        raise UserError(f"cannot write {out}: it is a folder")
+    if not out.endswith(".onnx") or os.path.basename(out) == ".onnx":
+        raise UserError(f"-o {out}: give a file name that ends in .onnx")
+    if os.path.lexists(out) and not stat.S_ISREG(os.lstat(out).st_mode):
+        raise UserError(f"cannot write {out}: it is not a regular file (a folder, link or device)")
+    if os.path.exists(out) and not os.access(out, os.W_OK):
+        raise UserError(f"cannot write {out}: it is read-only")
     if not os.path.isdir(folder):
         raise UserError(f"cannot write {out}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(out) and not os.access(out, os.W_OK)):
-        raise UserError(f"cannot write {out}: permission denied")
+    if any(os.path.exists(os.path.join(folder, name)) for name in RUN_FILES[:2]):
+        raise UserError(f"cannot write {out}: {folder} is a run folder; write the model beside it")
+    try:
+        os.close(os.open(out + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        os.remove(out + ".tmp")
+    except FileExistsError:
+        raise UserError(
+            f"cannot write {out}: {out}.tmp is in the way (from another export?)"
+        ) from None
+    except OSError as e:
+        raise UserError(f"cannot write {out} ({e.strerror})") from None
+
+
+def check_finite(model, cfg, run_dir, n_loops):
+    """UserError, before anything is written, where the model's predictions at n_loops are not
+    finite (load_checkpoint has refused weights that are not)."""
+    import torch
+
+    import harness
+    import looped
+
+    gen = torch.Generator().manual_seed(0)
+    xs, ys = looped.TASKS[cfg.task](8, cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
+    with torch.no_grad():
+        finite = model(xs, ys, n_loops)[:, -1].isfinite().all()
+    if not finite:
+        raise harness.UserError(
+            f"{run_dir}: the model's predictions after {n_loops} loops are not finite; "
+            "nothing was exported"
+        )
+
+
+def drop_value_info(graph):
+    """Forget the types recorded for a graph's inner values, in its Loop bodies too: the fp16
+    converter leaves some of a Loop body's at float32, and the checker infers them afresh."""
+    import onnx
+
+    del graph.value_info[:]
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                drop_value_info(attribute.g)
+
+
+def gap(got, expected):
+    """max |got - expected|, infinite where either is not finite (NaN would compare as a pass)."""
+    if not (np.isfinite(got).all() and np.isfinite(expected).all()):
+        return float("inf")
+    return float(np.abs(got - expected).max(initial=0))
 
 
 def verify(path, model, cfg, n_loops, fp16=False, adaptive=None):
@@ -489,7 +577,7 @@ def verify(path, model, cfg, n_loops, fp16=False, adaptive=None):
                 )
             same = got_used == used
             worst, loops = (
-                max(worst, float(np.abs(got - expected)[same].max(initial=0))),
+                max(worst, gap(got[same], expected[same])),
                 f"until converged (used {used.tolist()})",
             )
             continue
@@ -497,7 +585,7 @@ def verify(path, model, cfg, n_loops, fp16=False, adaptive=None):
             with torch.no_grad():
                 expected = model(xs, ys, b)[:, -1].numpy()  # (B, n) after loop b
             got = predictor(xs.numpy(), ys.numpy(), b if n_loops is None else None)
-            worst = max(worst, float(np.abs(got - expected).max()))
+            worst = max(worst, gap(got, expected))
     tol = PARITY_TOL_FP16 if fp16 else PARITY_TOL
     report["parity"] = (
         f"max |onnxruntime - torch| = {worst:.2e} (tolerance {tol:g}) at batch 3 and 5, "
@@ -523,25 +611,36 @@ def main(argv=None):
     )
     parser.add_argument("run_dir", help="a looped.py run folder (with ckpt.pt)")
     parser.add_argument(
-        "--loops", type=int, help="loop iterations to unroll (default: the trained b)"
+        "--loops",
+        type=harness.Count(1, MAX_LOOPS),
+        help=f"loop iterations to unroll, 1 to {UNROLLED} b (default: the trained b)",
     )
     parser.add_argument(
-        "--dynamic-loops", action="store_true", help="the loop count is an int64 input instead"
+        "--dynamic-loops",
+        action="store_true",
+        help=f"the loop count is an int64 input instead, 1 to {MAX_LOOPS:,} per call",
     )
-    parser.add_argument("-o", "--out", help="output file (default: RUN_DIR/model.onnx)")
+    parser.add_argument(
+        "-o",
+        "--out",
+        help="output file, a new name or an .onnx file to replace; never in a run folder "
+        "(default: RUN_DIR.onnx, beside the run folder)",
+    )
     parser.add_argument(
         "--fp16", action="store_true", help="half-precision weights, for GPU inference"
     )
     parser.add_argument(
         "--until-converged",
-        type=float,
+        type=harness.positive,
         metavar="TOL",
         help="adaptive depth: stop each prompt when the "
-        "relative change of its predictions (or --stop-on state) falls below TOL; a second output "
-        "gives the loops used",
+        "relative change of its predictions (or --stop-on state) falls below TOL (a number "
+        "above 0); a second output gives the loops used",
     )
     parser.add_argument(
-        "--max-loops", type=int, help="with --until-converged: the most loops (default 5 b)"
+        "--max-loops",
+        type=harness.Count(1, MAX_LOOPS),
+        help=f"with --until-converged: the most loops, {harness.Count(1, MAX_LOOPS)} (default 5 b)",
     )
     parser.add_argument(
         "--stop-on",
@@ -556,16 +655,16 @@ def main(argv=None):
         )
     if args.until_converged is None and args.max_loops is not None:
         raise harness.UserError("--max-loops goes with --until-converged")
-    if args.loops is not None and args.loops < 1:
-        raise harness.UserError(f"--loops must be at least 1, got {args.loops}")
     if args.dynamic_loops and args.loops is not None:
         raise harness.UserError(
             "--loops and --dynamic-loops exclude each other: the loop count is an input"
         )
+    run = os.path.normpath(args.run_dir)  # the default: runs/linreg -> runs/linreg.onnx
+    default = (os.path.abspath(run) if os.path.basename(run) in (".", "..") else run) + ".onnx"
     try:
         export(
             args.run_dir,
-            args.out or os.path.join(args.run_dir, "model.onnx"),
+            args.out or default,
             args.loops,
             args.dynamic_loops,
             args.fp16,

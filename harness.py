@@ -14,6 +14,7 @@ build on it.
 import argparse
 import ast
 import dataclasses
+import errno
 import inspect
 import io
 import json
@@ -22,6 +23,7 @@ import os
 import pickle
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import textwrap
@@ -46,9 +48,11 @@ class Diverged(UserError):
     """Training reached a loss or a weight that is not finite (a sweep records it and goes on)."""
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
     """A command stopped by SIGINT or SIGTERM: one line (empty on the processes of a torchrun job
-    other than rank 0) and the signal's conventional exit code, 128 + its number."""
+    other than rank 0) and the signal's conventional exit code, 128 + its number. A BaseException,
+    as KeyboardInterrupt is, so that no `except Exception` (torch.onnx.export retries a failed
+    trace that way) can swallow it."""
 
     def __init__(self, message, signum):
         super().__init__(message)
@@ -59,6 +63,46 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit code 2, not argparse's usage block
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+class Count:
+    """An argparse type, and a check for values given in code: a whole number from low to high
+    (high None: no bound here, the memory estimates bound it). `str(Count(1, 100))` is the range
+    that --help shows, so the help and the check are one definition."""
+
+    def __init__(self, low, high=None):
+        self.low, self.high = low, high
+
+    def __str__(self):
+        return f"{self.low:,} to {self.high:,}" if self.high is not None else f"at least {self.low}"
+
+    def __call__(self, text):
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not self.holds(value):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: {self}")
+        return value
+
+    def holds(self, value):
+        return self.low <= value and (self.high is None or value <= self.high)
+
+    def check(self, name, value):
+        """UserError naming the flag unless value is a whole number in range."""
+        if isinstance(value, bool) or not isinstance(value, int) or not self.holds(value):
+            raise UserError(f"{name} must be a whole number {self}, got {value!r}")
+
+
+def positive(text):
+    """An argparse type: a finite number above 0 (a tolerance, a rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{value} is not a finite number above 0")
+    return value
 
 
 def field_docs(cls):
@@ -74,18 +118,18 @@ def field_docs(cls):
     }
 
 
-def add_dataclass_flags(parser, cls, aliases=None):
+def add_dataclass_flags(parser, cls, aliases=None, limits=None):
     """One flag per field of dataclass cls (and its alias, if any), its help the field's docstring
-    with the default; a flag not given parses to None, so that a preset can tell it apart."""
-    aliases, docs = aliases or {}, field_docs(cls)
+    with its range (limits: {field: Count}, where it has a top) and the default; a flag not given
+    parses to None, so that a preset can tell it apart."""
+    aliases, docs, limits = aliases or {}, field_docs(cls), limits or {}
     for f in dataclasses.fields(cls):
         flags = [f"--{f.name}"] + ([aliases[f.name]] if f.name in aliases else [])
         kind = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)
-        help = (
-            f"{docs[f.name]} [{f.default!r}]"
-            if f.default == ""
-            else f"{docs[f.name]} [{f.default}]"
-        )
+        limit = limits.get(f.name)
+        shown = f" ({limit})" if limit is not None and limit.high is not None else ""
+        default = repr(f.default) if f.default == "" else f.default
+        help = f"{docs[f.name]}{shown} [{default}]"
         if kind is bool:
             parser.add_argument(
                 *flags, action=argparse.BooleanOptionalAction, default=None, help=help
@@ -95,11 +139,11 @@ def add_dataclass_flags(parser, cls, aliases=None):
             parser.add_argument(*flags, type=kind, dest=f.name, metavar=metavar, help=help)
 
 
-def run_flags(argv, cls, aliases, **parser_kw):
+def run_flags(argv, cls, aliases, limits, **parser_kw):
     """A training command line: one flag per field of dataclass cls, then --resume, --eval and
     --overwrite. Returns ({field: value} for the flags given, the parsed arguments)."""
     parser = Parser(formatter_class=argparse.RawDescriptionHelpFormatter, **parser_kw)
-    add_dataclass_flags(parser, cls, aliases)
+    add_dataclass_flags(parser, cls, aliases, limits)
     parser.add_argument(
         "--resume", metavar="RUN_DIR", help="continue a run from its checkpoint (--steps may grow)"
     )
@@ -115,6 +159,8 @@ def run_flags(argv, cls, aliases, **parser_kw):
         "replacing it (without this, a used folder is refused)",
     )
     args = parser.parse_args(argv)
+    if args.eval and args.resume:
+        raise UserError("--eval re-evaluates a run and --resume trains it on: give one of them")
     if args.overwrite and (args.eval or args.resume):
         raise UserError("--overwrite starts a new run: it does not go with --eval or --resume")
     names = [f.name for f in dataclasses.fields(cls)]
@@ -174,8 +220,9 @@ def atomic(path):
             os.close(fd)
     except OSError as e:
         why = e.strerror or str(e)
-        with suppress(OSError):
-            why += f"; {shutil.disk_usage(folder).free / 1e6:,.0f} MB free on its disk"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk: how full
+            with suppress(OSError):
+                why += f"; {shutil.disk_usage(folder).free / 1e6:,.0f} MB free on its disk"
         raise UserError(
             f"cannot write {path} ({why}): the file there before, if any, is intact"
         ) from None
@@ -209,18 +256,19 @@ def duration(seconds):
 
 class Progress:
     """Each report: the milliseconds per step since the previous report, and the time since
-    training started with an estimate of the time left. costs[i] is step i's cost in any unit (the
-    curriculum makes later steps dearer); the seconds per unit are measured over the steps since
-    the previous report, so the estimate follows the machine's actual speed."""
+    training started with an estimate of the time left. work(i) is the cost of steps 0 .. i - 1 in
+    any unit (the curriculum makes later steps dearer), total the last step; the seconds per unit
+    are measured over the steps since the previous report, so the estimate follows the machine's
+    actual speed. work is a function, not a table, so that a long run costs no memory up front."""
 
-    def __init__(self, costs, step):
-        self.done = torch.tensor([0.0, *costs], dtype=torch.float64).cumsum(0)  # cost of steps < i
+    def __init__(self, work, step, total):
+        self.work, self.total = work, work(total)
         self.start = self.last = (time.perf_counter(), step)
 
     def __call__(self, step):
         now, (then, before) = time.perf_counter(), self.last
-        per_unit = (now - then) / max(self.done[step] - self.done[before], 1e-12)
-        left = float(per_unit * (self.done[-1] - self.done[step]))
+        per_unit = (now - then) / max(self.work(step) - self.work(before), 1e-12)
+        left = per_unit * (self.total - self.work(step))
         self.last = (now, step)
         ms = 1000 * (now - then) / max(step - before, 1)
         return ms, f"{duration(now - self.start[0])}, ~{duration(left)} left"
@@ -231,6 +279,10 @@ def check_folder(out, reuse=False, overwrite=False):
     reused (--resume, --eval of the run there) or to be overwritten."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"cannot use {out} as a run folder: it is a file")
+    for name in RUN_FILES:  # a folder or a link where a run's file goes would fail mid-run
+        path = os.path.join(out, name)
+        if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+            raise UserError(f"cannot use {out} as a run folder: its {name} is not a regular file")
     used = [name for name in RUN_FILES[:2] if os.path.exists(os.path.join(out, name))]
     if used and not reuse and not overwrite:
         ways = f"continue it with --resume {out}, " if "ckpt.pt" in used else ""
@@ -553,6 +605,12 @@ def load_checkpoint(run_dir, make_config, weight_sizes):
             f"{path}: its weights have {wrong[0]} {found[wrong[0]]}, its config "
             f"{getattr(cfg, wrong[0])}"
         )
+    bad = [k for k, w in ckpt["model"].items() if torch.is_tensor(w) and not w.isfinite().all()]
+    if bad:  # training never saves such weights; a file changed since, or another program's
+        raise UserError(
+            f"{path} (step {ckpt['step']}) has weights that are not finite ({bad[0]}): the model "
+            "diverged; train it again, with a lower --lr"
+        )
     return ckpt, cfg
 
 
@@ -593,11 +651,11 @@ class TrainingRun:
         resume=None,
         overwrite=False,
         quiet=False,
-        costs=None,
+        work=None,
         validate=None,
     ):
         self.cfg, self.model, self.device, self.resume = cfg, model, device, resume
-        self.overwrite, self.quiet, self.costs, self.validate = overwrite, quiet, costs, validate
+        self.overwrite, self.quiet, self.work, self.validate = overwrite, quiet, work, validate
         self.log_file, self.loop = None, None
         self.ckpt_path = os.path.join(cfg.out, "ckpt.pt")
         self.log_path = os.path.join(cfg.out, "log.jsonl")
@@ -660,7 +718,7 @@ class TrainingRun:
 
     def _steps(self):
         self.running, self.last = torch.zeros((), device=self.device), self.taken
-        self.clock = Progress(self.costs or [1] * self.cfg.steps, self.taken)
+        self.clock = Progress(self.work or (lambda step: step), self.taken, self.cfg.steps)
         self.signum = 0
         with stop_signals(self.world) as self.received:
             while self.taken < self.cfg.steps and not self.signum:

@@ -186,12 +186,23 @@ def flag(name):
     return FLAG.get(name, f"--{name}")
 
 
+# Every count's range, for validate() and --help; a count not named here is at least 1. Sizes have
+# no fixed top: check_memory refuses, before any work, those whose memory the device lacks. The
+# tops here bound time, which no estimate knows before a run: loops at test time at most MAX_LOOPS
+# (20 times the paper's 500), steps 2,000 times the paper's 500,000, seeds torch's int64.
+MAX_LOOPS = 10_000
+SEED = harness.Count(0, 2**63 - 1)
+LIMITS = dict(n_loops=harness.Count(1, MAX_LOOPS), eval_loops=harness.Count(0, MAX_LOOPS))
+LIMITS.update(steps=harness.Count(1, 10**9))
+LIMITS.update(seed=SEED, eval_seed=SEED, n_positions=harness.Count(0))
+LIMITS.update({name: harness.Count(0) for name in ("points_inc", "curriculum_every")})
+LIMITS.update({name: harness.Count(0) for name in ("loops_every", "eval_every", "warmup", "decay")})
+
+
 def validate(cfg):
     for f in fields(Config):
-        zero_ok = ("points_inc", "curriculum_every", "loops_every", "eval_every", "warmup", "decay")
-        low = 0 if f.name in zero_ok else 1
-        if f.type in (int, "int") and "seed" not in f.name and getattr(cfg, f.name) < low:
-            raise UserError(f"{flag(f.name)} must be at least {low}, got {getattr(cfg, f.name)}")
+        if f.type in (int, "int"):
+            LIMITS.get(f.name, harness.Count(1)).check(flag(f.name), getattr(cfg, f.name))
     for name in ("lr", "embed_init", "attn_init"):
         if not getattr(cfg, name) > 0 or not math.isfinite(getattr(cfg, name)):
             raise UserError(f"--{name} must be a positive number, got {getattr(cfg, name)}")
@@ -302,6 +313,20 @@ def step_cost(cfg, step):
     of the last min(b, T) counted three times (a forward pass and a backward pass of about two)."""
     _, n, b = curriculum(cfg, step)
     return n * (b + 2 * min(b, cfg.loop_window))
+
+
+def work_done(cfg, step):
+    """The summed cost of steps 0 .. step - 1, a curriculum stage at a time: no table of every
+    step, which would cost a long run its memory up front."""
+    final = curriculum(cfg, 10**18)
+    every = [e for e in (cfg.curriculum_every, cfg.loops_every) if e]
+    total, s = 0, 0
+    while s < step:
+        # The curriculum changes only at multiples of its intervals, and not once it is complete.
+        done = curriculum(cfg, s) == final
+        end = step if done else min([(s // e + 1) * e for e in every] + [step])
+        total, s = total + (end - s) * step_cost(cfg, s), end
+    return total
 
 
 def learning_rate(cfg, step):
@@ -562,9 +587,9 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
         model = LoopedTransformer(cfg).to(device)
     if cfg.compile:
         compile_backbone(model)
-    costs = [step_cost(cfg, s) for s in range(cfg.steps)]  # for the time-left estimate
+    work = functools.partial(work_done, cfg)  # for the time-left estimate
     curve = learning_curve(model, cfg, device, ctx) if cfg.eval_every else None
-    with harness.TrainingRun(cfg, model, device, resume, overwrite, quiet, costs, curve) as run:
+    with harness.TrainingRun(cfg, model, device, resume, overwrite, quiet, work, curve) as run:
         backbone, total = count_parameters(model)
         run.say(
             f"{cfg.task}: {cfg.n_layer} layer(s) x {cfg.n_loops} loops, D {cfg.n_embd}, "
@@ -589,6 +614,11 @@ def finish(model, cfg, device, ctx, say=print, started=None):
     t0 = time.perf_counter()
     with harness.memory_guard("--n_points, --eval_loops or --eval_prompts"):
         errors = evaluate(model, cfg, device, ctx)
+    if not errors["loops"].isfinite().all():  # weights finite, predictions not: refused, unwritten
+        raise UserError(
+            f"the model's test error in {cfg.out} is not finite (its predictions overflow): "
+            "eval.json and the plots are left as they were; train it again, with a lower --lr"
+        )
     harness.write_json(
         os.path.join(cfg.out, "eval.json"), {k: v.tolist() for k, v in errors.items()}
     )
@@ -630,6 +660,7 @@ def main(argv=None):
         argv,
         Config,
         FLAG,  # one flag per field, its docstring the help; then --resume, --eval, --overwrite
+        LIMITS,
         prog="looped.py",
         description=__doc__.split("\n\n")[1],
         epilog="[defaults] are the laptop preset's; --preset paper and --task change some of them.",
@@ -640,6 +671,11 @@ def main(argv=None):
         device, ctx = harness.setup_device(cfg)
         model = restore_model(ckpt, cfg, device)  # one line, early, on mismatched weights
         if args.resume:
+            if cfg.steps <= ckpt["step"]:
+                raise UserError(
+                    f"the run in {cfg.out} is at step {ckpt['step']}: give a larger --steps to "
+                    "train it on (--eval re-evaluates it)"
+                )
             return train(cfg, resume=ckpt)
         with harness.hold_folder(cfg.out):
             return finish(model, cfg, device, ctx)

@@ -196,12 +196,12 @@ def test_predictor_needs_no_torch(trained_run, tmp_path):
     "args, words",
     [
         (["/nonexistent/run"], "no checkpoint"),
-        (["RUN", "--loops", "0"], "--loops must be at least 1"),
+        (["RUN", "--loops", "0"], "argument --loops: 0 is out of range: 1 to 10,000"),
         (["RUN", "-o", "/nonexistent/folder/m.onnx"], "does not exist"),
-        (["RUN", "-o", "/tmp"], "is a folder"),
+        (["RUN", "-o", "/tmp"], "ends in .onnx"),
         (["RUN", "--loops", "3", "--dynamic-loops"], "exclude each other"),
         (["RUN", "--until-converged", "0.01", "--fp16"], "does not go with --fp16"),
-        (["RUN", "--until-converged", "0.01", "--max-loops", "0"], "at least 1"),
+        (["RUN", "--until-converged", "0.01", "--max-loops", "0"], "out of range: 1 to 10,000"),
         (["RUN", "--max-loops", "9"], "goes with --until-converged"),
     ],
 )

@@ -52,12 +52,13 @@ def test_project_imports_form_the_designed_stack():
 def test_progress_estimates_the_time_left_from_each_steps_cost(monkeypatch):
     now = [1000.0]
     monkeypatch.setattr(harness.time, "perf_counter", lambda: now[0])
-    clock = harness.Progress([1] * 10 + [3] * 10, 0)  # the second half three times as dear
+    # The second half three times as dear: work(i) is the cost of the steps before i.
+    clock = harness.Progress(lambda i: min(i, 10) + 3 * max(i - 10, 0), 0, 20)
     now[0] += 10  # 10 steps in 10 s: 1 s per unit, 30 units left
     assert clock(10) == (1000, "10s, ~30s left")
     now[0] += 30  # 5 steps in 30 s: the machine slowed to 2 s per unit, 15 units left
     assert clock(15) == (6000, "40s, ~30s left")
-    resumed = harness.Progress([2] * 4000, 1000)  # a resumed run counts from its own start
+    resumed = harness.Progress(lambda i: 2 * i, 1000, 4000)  # counted from its own start
     now[0] += 400  # 100 steps, 200 units in 400 s
     assert resumed(1100) == (4000, "6m40s, ~3h13m left")  # 2900 steps, 5800 units at 2 s
     assert [harness.duration(s) for s in (0, 44.6, 59.6, 185, 3599.4, 7626)] == [
@@ -436,7 +437,11 @@ def test_every_command_line_explains_its_flags():
     help = " ".join(run_cli(looped.main, "--help").stdout.split())
     for field in looped.fields(looped.Config):  # every flag carries its Config comment and default
         assert f"--{field.name}" in help
-    assert "loop iterations at the end of the loop curriculum [20]" in help
+    assert "loop iterations at the end of the loop curriculum (1 to 10,000) [20]" in help
+    assert (
+        "--seed INT model initialisation" in help
+        and "(0 to 9,223,372,036,854,775,807) [42]" in help
+    )
     assert "Adam's peak learning rate" in help
     assert "falls linearly to 0 (paper: none, 0) [1000]" in help
     help = run_cli(experiments.main, "--help").stdout
