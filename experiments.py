@@ -217,6 +217,7 @@ def compare(run_dirs, out=None, given=None, shift=None):
         raise harness.UserError(
             f"the shifts are Garg et al.'s suite for linear regression, not {cfg.task}"
         )
+    harness.check_folder(out)  # before any work; a run folder is refused: its plots have these names
     if shift:
         *errors, classical = shifted_errors(runs, shift, cfg, device)
         solvers = {}
@@ -228,7 +229,6 @@ def compare(run_dirs, out=None, given=None, shift=None):
         solvers = solver_errors(test, max(c.eval_loops for c, _, _ in runs)) if linear else {}
     names = report.labels([c for c, _, _ in runs])
     named = [(name, c, {**e, **classical}) for name, (c, _, _), e in zip(names, runs, errors)]
-    harness.check_folder(out)  # a run folder is refused: its own plots have these names
     title = f"{cfg.task}, shift {shift}" if shift else cfg.task
     shown = baselines.TASK_BASELINES[cfg.task]
     harness.plot(named, out, title, shown, f"_{shift}" if shift else "", solvers, loops=not shift)

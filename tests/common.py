@@ -3,6 +3,7 @@
 import contextlib
 import io
 import os
+import signal
 import types
 
 import pytest
@@ -81,3 +82,72 @@ TINY_FLAGS = (
     "--n_dims 4 --n_points 9 --n_embd 32 --n_head 2 --loops 6 --window 3 "
     "--batch_size 8 --eval_prompts 16 --device cpu"
 ).split()
+
+
+class Ran(BaseException):
+    """Raised where a command's work would start (a prompt drawn, a graph traced): it got past
+    every check. A BaseException, so that no `except Exception` on the way can take it for an
+    error of its own."""
+
+
+@contextlib.contextmanager
+def stop_at_work():
+    """Every sampler of looped.TASKS and torch.onnx.export raise Ran: every command's work starts
+    with one of them, so a command that gets to its work stops there at once."""
+
+    def ran(*args, **kwargs):
+        raise Ran
+
+    with pytest.MonkeyPatch.context() as m:
+        for task in looped.TASKS:
+            m.setitem(looped.TASKS, task, ran)
+        m.setattr(torch.onnx, "export", ran)
+        yield
+
+
+class Hang(BaseException):
+    pass
+
+
+@contextlib.contextmanager
+def deadline(seconds):
+    """Hang (a BaseException) if the block runs longer than seconds: a hang fails, not blocks."""
+
+    def expire(signum, frame):
+        raise Hang(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def snapshot(*folders):
+    """{path: bytes} of every file under folders (a FIFO or device: its kind)."""
+    files = {}
+    for folder in folders:
+        for root, dirs, names in os.walk(folder):
+            for name in names + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+                path = os.path.join(root, name)
+                if os.path.islink(path):
+                    files[path] = "link to " + os.readlink(path)
+                elif os.path.isfile(path):
+                    with open(path, "rb") as f:
+                        files[path] = f.read()
+                else:
+                    files[path] = "special"
+    return files
+
+
+def refused(main, *args, folders=()):
+    """A command line with bad input: exit code 2 and one line, before any work (stop_at_work),
+    every file under folders as it was. Returns the line."""
+    before = snapshot(*folders)
+    with stop_at_work(), deadline(60):
+        r = run_cli(main, *args)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+    assert snapshot(*folders) == before, args
+    return r.stderr.strip()

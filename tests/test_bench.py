@@ -6,7 +6,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from common import run_cli
+from common import refused
 
 import baselines
 import bench
@@ -84,11 +84,16 @@ def test_bench_export_reports_each_graph_on_its_own_prompts(trained_run, tmp_pat
     [
         (["baselines", "--only", "ridge regression"], "unknown baseline"),
         (["baselines", "--prompts", "0"], "at least 1"),
+        (["baselines", "--prompts", "99999999999999999999"], "lower --prompts"),
+        (["loop", "--steps", "99999999999999999999"], "out of range: 1 to 1,000,000,000"),
+        (["export", "RUN", "--loops", "1e9"], "not a whole number"),
+        (["export", "RUN", "--loops", "1000000000"], "out of range: 1 to 10,000"),
+        (["export", "RUN", "--loops", "31"], "1 to 30 for this run"),
         (["export", "/nonexistent/run"], "no checkpoint"),
         (["train", "--device", "tpu"], "unknown device"),
         (["fly"], "invalid choice"),
     ],
 )
-def test_bench_cli_errors(args, words):
-    r = run_cli(bench.main, *args)
-    assert r.returncode == 2 and words in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+def test_bench_cli_errors(trained_run, args, words):
+    line = refused(bench.main, *[trained_run if a == "RUN" else a for a in args])
+    assert words in line, line

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from common import draw, run_cli, tiny_config
+from common import draw, refused, run_cli, tiny_config
 
 import baselines
 import bench
@@ -507,3 +507,26 @@ def test_a_diverged_run_of_a_sweep_is_recorded_and_the_sweep_goes_on(tmp_path, m
     with pytest.raises(harness.Diverged, match="training diverged at step 2"):
         looped.train(tiny_config(tmp_path / "real", lr=1e6), quiet=True)
     assert issubclass(harness.Diverged, harness.UserError)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["compare", "RUN", "--eval_loops", "1000000000"], "out of range: 1 to 10,000"),
+        (["probe", "RUN", "--loops", "1000000000"], "out of range: 1 to 10,000"),
+        (["probe", "RUN", "--prompts", "1000000000000"], "lower --prompts or --loops"),
+        (["probe", "RUN", "--prompts", "3"], "out of range: at least 4"),
+        (["adaptive", "RUN", "--max_loops", "1000000000"], "out of range: 1 to 10,000"),
+        (["adaptive", "RUN", "--tolerances", "0.1", "nan"], "not a finite number above 0"),
+        (["baselines", "--seed", "99999999999999999999"], "0 to 9,223,372,036,854,775,807"),
+        (["baselines", "--seed", "-1"], "out of range: 0 to"),
+        (["baselines", "--prompts", "99999999999999999999"], "lower --prompts"),
+    ],
+)
+def test_experiments_refuse_sizes_before_any_work(trained_run, tmp_path, monkeypatch, args, words):
+    monkeypatch.chdir(tmp_path)
+    args = [trained_run if a == "RUN" else a for a in args]
+    line = refused(experiments.main, *args, folders=[trained_run, tmp_path])
+    assert words in line and os.listdir(tmp_path) == [], line
+    with pytest.raises(harness.UserError, match="--tolerances must be finite numbers above 0"):
+        experiments.adaptive(trained_run, [float("nan")])

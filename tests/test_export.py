@@ -3,6 +3,8 @@ command line."""
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -12,9 +14,10 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from common import ROOT, draw, run_cli
+from common import ROOT, draw, refused, run_cli, snapshot
 
 import export
+import harness
 import looped
 
 
@@ -211,3 +214,128 @@ def test_export_cli_errors(trained_run, args, words):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, (
         r.stderr
     )
+
+
+def test_export_never_writes_over_a_run_or_a_file_that_is_not_an_onnx_file(trained_run, tmp_path):
+    """Each output that would lose a file, or that cannot be written, is refused before any work
+    (stop_at_work: no graph is traced), every file as it was."""
+    os.mkfifo(tmp_path / "fifo.onnx")
+    os.symlink(os.path.join(trained_run, "ckpt.pt"), tmp_path / "link.onnx")
+    os.mkdir(tmp_path / "folder.onnx")
+    (tmp_path / "kept.onnx").write_bytes(b"a model")
+    os.chmod(tmp_path / "kept.onnx", 0o444)
+    (tmp_path / "taken.onnx.tmp").write_bytes(b"someone's")
+    cases = {
+        os.path.join(trained_run, "ckpt.pt"): "ends in .onnx",
+        os.path.join(trained_run, "eval.json"): "ends in .onnx",
+        os.path.join(trained_run, "model.onnx"): "is a run folder",
+        str(tmp_path / "fifo.onnx"): "not a regular file",
+        str(tmp_path / "link.onnx"): "not a regular file",
+        str(tmp_path / "folder.onnx"): "not a regular file",
+        "/dev/null": "ends in .onnx",
+        "-": "ends in .onnx",
+        str(tmp_path / ("a" * 300 + ".onnx")): "File name too long",
+        str(tmp_path / "taken.onnx"): "in the way",
+        "/nonexistent/folder/m.onnx": "does not exist",
+    }
+    if os.geteuid() != 0:  # root writes where it likes
+        cases[str(tmp_path / "kept.onnx")] = "read-only"
+    for out, words in cases.items():
+        line = refused(export.main, trained_run, "-o", out, folders=[trained_run, tmp_path])
+        assert words in line, line
+    # /proc takes no new files: said as the system says it, not as a full disk
+    assert "MB free" not in refused(export.main, trained_run, "-o", "/proc/x.onnx")
+    assert not os.path.exists(trained_run + ".onnx")
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--loops", "1000000000"], "argument --loops: 1000000000 is out of range: 1 to 10,000"),
+        (["--loops", "31"], "--loops must be 1 to 30 for this run (5 b, b = 6)"),
+        (["--until-converged", "1e-30", "--max-loops", "1000000000"], "1 to 10,000"),
+        (["--until-converged", "0.1", "--max-loops", "99999999999999999999"], "1 to 10,000"),
+        (["--until-converged", "nan"], "not a finite number above 0"),
+        (["--until-converged", "inf"], "not a finite number above 0"),
+        (["--loops", "1e9"], "not a whole number"),
+    ],
+)
+def test_export_refuses_sizes_before_any_work(trained_run, tmp_path, args, words):
+    line = refused(export.main, trained_run, "-o", str(tmp_path / "m.onnx"), *args)
+    assert words in line and os.listdir(tmp_path) == [], line
+    with pytest.raises(harness.UserError, match="--max-loops must be a whole number 1 to 10,000"):
+        export.export(trained_run, str(tmp_path / "m.onnx"), until_converged=0.1, max_loops=10**9)
+
+
+def test_a_diverged_model_is_not_exported(trained_run, tmp_path):
+    """Weights that are not finite are refused at loading; finite weights whose predictions
+    overflow are refused before anything is written; and a NaN never passes verification."""
+    for name, value in (("nan", float("nan")), ("overflow", 1e38)):
+        run = tmp_path / name
+        shutil.copytree(trained_run, run)
+        ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+        ckpt["model"]["read_out.weight"][:] = value
+        ckpt["model"]["read_out.bias"][:] = value
+        torch.save(ckpt, run / "ckpt.pt")
+        before = snapshot(tmp_path)
+        r = run_cli(export.main, str(run), "-o", str(tmp_path / "m.onnx"))
+        assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+        assert (
+            "(step 20) has weights that are not finite" if name == "nan" else "not finite; nothing"
+        ) in r.stderr
+        assert snapshot(tmp_path) == before
+    nan = np.array([0.0, np.nan])
+    assert export.gap(nan, np.zeros(2)) == export.gap(np.zeros(2), nan) == float("inf")
+    assert export.gap(np.ones(2), np.zeros(2)) == 1.0
+
+
+def test_fp16_dynamic_loops_exports_and_verifies(trained_run, tmp_path):
+    path = str(tmp_path / "half.onnx")
+    report = export.export(trained_run, path, dynamic_loops=True, fp16=True, say=lambda *a: None)
+    assert report["checker"] == "passed"
+    model, _ = export.load_model(trained_run)
+    xs, ys = draw("linreg", B=5, n=6, d=4, active=4, seed=2)
+    with torch.no_grad():
+        expected = model(xs, ys, 9)[:, -1].numpy()
+    got = export.Predictor(path, device="cpu")(xs.numpy(), ys.numpy(), n_loops=9)
+    assert abs(got - expected).max() < export.PARITY_TOL_FP16
+
+
+def test_sigterm_stops_an_export_at_once(trained_run, tmp_path, monkeypatch):
+    """A signal that lands inside torch's exporter stops the command with 143: the exporter's
+    retries (`except Exception`) do not take it for a failed trace, nor verify for a failure."""
+    calls = []
+    attention = export.onnx_attention
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # harness.cli's handler raises Interrupted
+        return attention(*args, **kwargs)
+
+    monkeypatch.setattr(export, "onnx_attention", signalled)
+    r = run_cli(export.main, trained_run, "--loops", "2", "-o", str(tmp_path / "m.onnx"))
+    assert r.returncode == 143 and "stopped by SIGTERM" in r.stderr, r.stderr
+    assert len(calls) == 1 and os.listdir(tmp_path) == []
+
+
+def test_predictor_refuses_bad_loop_counts_metadata_and_ragged_inputs(trained_run, tmp_path):
+    path = str(tmp_path / "dyn.onnx")
+    export.export(trained_run, path, dynamic_loops=True, say=lambda *a: None)
+    p = export.Predictor(path, device="cpu")
+    xs, ys = np.zeros((2, 3, 4), np.float32), np.zeros((2, 3), np.float32)
+    for n_loops in (True, 0, -1, 2**63, 10_001, 2.0, "3", None):
+        with pytest.raises(ValueError, match="n_loops"):
+            p(xs, ys, n_loops=n_loops)
+    assert p(xs, ys, n_loops=np.int64(10)).shape == (2, 3)
+    with pytest.raises(ValueError, match=r"xs must be a \(batch, n, d\) array"):
+        p([[[0.0] * 4, [0.0] * 3]], [[0.0, 0.0]])
+    with pytest.raises(ValueError, match=r"ys must be a \(batch, n\) array"):
+        p(xs, [[0.0, 0.0, 0.0], [0.0]])
+    proto = onnx.load(path)
+    kept = [p for p in proto.metadata_props if p.key != "max_points"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    onnx.save(proto, str(tmp_path / "no_max.onnx"))
+    with pytest.raises(ValueError, match="incomplete or corrupt looped metadata"):
+        export.Predictor(str(tmp_path / "no_max.onnx"))

@@ -5,13 +5,14 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
-from common import TINY_FLAGS, draw, run_cli, slow, state, tiny_config
+from common import TINY_FLAGS, deadline, draw, refused, run_cli, slow, snapshot, state, tiny_config
 
 import bench
 import harness
@@ -551,3 +552,75 @@ def test_eval_re_evaluates_a_saved_run(tmp_path):
     assert "least squares" in r.stdout and os.path.isfile(tmp_path / "error_vs_loops.png")
     saved = json.load(open(tmp_path / "eval.json"))
     torch.testing.assert_close(torch.tensor(saved["loops"]), errors["loops"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--steps", "99999999999999999999"], "--steps must be a whole number 1 to 1,000,000,000"),
+        (["--seed", "99999999999999999999"], "--seed must be a whole number 0 to 9,223,372"),
+        (["--seed", "-1"], "--seed must be a whole number 0 to"),
+        (["--eval_seed", "-1"], "--eval_seed must be"),
+        (["--eval_loops", "10001"], "--eval_loops must be a whole number 0 to 10,000"),
+        (["--loops", "20000", "--window", "3"], "--loops must be a whole number 1 to 10,000"),
+    ],
+)
+def test_counts_out_of_range_are_refused_before_any_work(tmp_path, args, words):
+    line = refused(looped.main, *args, "--out", str(tmp_path / "run"), folders=[tmp_path])
+    assert words in line and os.listdir(tmp_path) == [], line
+
+
+def test_a_run_of_a_billion_steps_starts_at_once(tmp_path, monkeypatch):
+    """The time-left estimate sums the curriculum's stages, not a table of every step: a run of
+    10^9 steps takes its first steps at once (a SIGINT at step 3 stops it there, saved)."""
+    calls, step = [], looped.train_step
+
+    def counted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(*args)
+
+    monkeypatch.setattr(looped, "train_step", counted)
+    cfg = tiny_config(tmp_path, steps=10**9, decay=0)
+    with deadline(60), pytest.raises(harness.Interrupted, match="at step 3"):
+        looped.train(cfg, quiet=True)
+    assert state(cfg.out)["step"] == 3
+    paper = looped.make_config(preset="paper", steps=200_000)
+    for k in (0, 1, 499, 500, 5001, 123_457):
+        assert looped.work_done(paper, k) == sum(looped.step_cost(paper, s) for s in range(k))
+
+
+def test_resume_and_eval_refuse_what_would_do_nothing_or_contradict(trained_run):
+    """A run at step 20: --resume to step 20 or below, or with --eval, is refused, files kept."""
+    for args in (
+        ["--resume", trained_run, "--steps", "10"],
+        ["--resume", trained_run, "--steps", "20"],
+        ["--resume", trained_run],
+        ["--eval", trained_run, "--resume", trained_run],
+    ):
+        line = refused(looped.main, *args, folders=[trained_run])
+        assert "at step 20: give a larger --steps" in line or "give one of them" in line, line
+
+
+def test_a_run_file_that_is_a_folder_is_refused(tmp_path):
+    looped.train(tiny_config(tmp_path, steps=2), quiet=True)
+    os.remove(tmp_path / "log.jsonl")
+    os.mkdir(tmp_path / "log.jsonl")
+    line = refused(looped.main, "--resume", str(tmp_path), "--steps", "3", folders=[tmp_path])
+    assert "its log.jsonl is not a regular file" in line, line
+
+
+def test_a_model_whose_weights_or_test_error_are_not_finite_is_not_evaluated(trained_run, tmp_path):
+    for name, value in (("nan", float("nan")), ("overflow", 1e38)):
+        run = tmp_path / name
+        shutil.copytree(trained_run, run)
+        ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+        ckpt["model"]["read_out.weight"][:] = value
+        ckpt["model"]["read_out.bias"][:] = value
+        torch.save(ckpt, run / "ckpt.pt")
+        before = snapshot(run)
+        r = run_cli(looped.main, "--eval", str(run))
+        assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+        words = "weights that are not finite" if name == "nan" else "test error in"
+        assert words in r.stderr and snapshot(run) == before, r.stderr
