@@ -6,7 +6,9 @@ import types
 import numpy as np
 import pytest
 import torch
-from common import refused
+from common import FUZZ, NUMBERS, fuzz_args, fuzz_cli, refused
+from hypothesis import given
+from hypothesis import strategies as st
 
 import baselines
 import bench
@@ -97,3 +99,23 @@ def test_bench_export_reports_each_graph_on_its_own_prompts(trained_run, tmp_pat
 def test_bench_cli_errors(trained_run, args, words):
     line = refused(bench.main, *[trained_run if a == "RUN" else a for a in args])
     assert words in line, line
+
+
+@given(data=st.data())
+@FUZZ
+def test_fuzz_the_command_line(trained_run, data):
+    """bench.py loop, baselines and export under any flags: each gets to its work or refuses in
+    one line, the run untouched (train's matmul peak comes before any check worth fuzzing)."""
+    devices = st.sampled_from(["cpu", "cuda", "tpu"])
+    presets = st.sampled_from(["paper", "laptop", "huge"])
+    names = st.lists(st.sampled_from(["least squares", "3-NN", "ridge"]), min_size=1, max_size=2)
+    command = st.one_of(
+        fuzz_args({"--steps": NUMBERS, "--device": devices, "--preset": presets}).map(
+            lambda a: ["loop", *a]
+        ),
+        fuzz_args({"--prompts": NUMBERS, "--ref_prompts": NUMBERS, "--only": names}).map(
+            lambda a: ["baselines", *a]
+        ),
+        fuzz_args({"--loops": NUMBERS}).map(lambda a: ["export", trained_run, *a]),
+    )
+    fuzz_cli(bench.main, data.draw(command), [trained_run])

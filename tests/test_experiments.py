@@ -8,7 +8,9 @@ import shutil
 
 import pytest
 import torch
-from common import draw, refused, run_cli, tiny_config
+from common import FUZZ, NUMBERS, draw, fuzz_args, fuzz_cli, refused, run_cli, tiny_config
+from hypothesis import given
+from hypothesis import strategies as st
 
 import baselines
 import bench
@@ -530,3 +532,48 @@ def test_experiments_refuse_sizes_before_any_work(trained_run, tmp_path, monkeyp
     assert words in line and os.listdir(tmp_path) == [], line
     with pytest.raises(harness.UserError, match="--tolerances must be finite numbers above 0"):
         experiments.adaptive(trained_run, [float("nan")])
+
+
+@given(data=st.data())
+@FUZZ
+def test_fuzz_the_command_line(trained_run, tmp_path, monkeypatch, data):
+    """compare, probe, adaptive and baselines under any flags: each gets to its work or refuses in
+    one line, and no file changes (the run, a folder of someone's files)."""
+    monkeypatch.chdir(tmp_path)  # the default --out, runs/compare_TASK, lands here
+    run, files = tmp_path / "run", tmp_path / "files"
+    if not run.exists():
+        shutil.copytree(trained_run, run)
+        files.mkdir()
+        (files / "notes.txt").write_text("kept")
+    runs = st.sampled_from([str(run), str(run / "ckpt.pt"), "/nonexistent", str(files)])
+    lists = st.lists(NUMBERS, min_size=1, max_size=3)
+    outs = st.sampled_from([str(run), str(files), str(files / "notes.txt"), str(tmp_path / "o")])
+    shifts = st.sampled_from(["skewed", "scale=2", "scale=-1", "scale=nan", "scale=inf", "nope"])
+    tasks = st.sampled_from(["linreg", "decision_tree", "quadratic"])
+    names = st.lists(st.sampled_from(["least squares", "3-NN", "ridge"]), min_size=1, max_size=2)
+    command = st.one_of(
+        st.tuples(
+            st.just(["compare"]),
+            st.lists(runs, min_size=1, max_size=2),
+            fuzz_args({"--eval_loops": NUMBERS, "--out": outs, "--shift": shifts}),
+        ),
+        st.tuples(
+            st.just(["probe"]),
+            runs.map(lambda r: [r]),
+            fuzz_args({"--prompts": NUMBERS, "--loops": NUMBERS}),
+        ),
+        st.tuples(
+            st.just(["adaptive"]),
+            runs.map(lambda r: [r]),
+            fuzz_args({"--tolerances": lists, "--max_loops": NUMBERS}),
+        ),
+        st.tuples(
+            st.just(["baselines"]),
+            st.just([]),
+            fuzz_args(
+                {"--task": tasks, "--n_dims": NUMBERS, "--n_points": NUMBERS, "--prompts": NUMBERS}
+                | {"--k": lists, "--seed": NUMBERS, "--only": names}
+            ),
+        ),
+    )
+    fuzz_cli(experiments.main, [a for part in data.draw(command) for a in part], [run, files])

@@ -14,7 +14,10 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from common import ROOT, draw, refused, run_cli, snapshot
+from common import FUZZ, NUMBERS, ROOT, draw, fuzz_args, fuzz_cli, refused, run_cli, snapshot
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import export
 import harness
@@ -319,9 +322,15 @@ def test_sigterm_stops_an_export_at_once(trained_run, tmp_path, monkeypatch):
     assert len(calls) == 1 and os.listdir(tmp_path) == []
 
 
-def test_predictor_refuses_bad_loop_counts_metadata_and_ragged_inputs(trained_run, tmp_path):
-    path = str(tmp_path / "dyn.onnx")
+@pytest.fixture(scope="module")
+def dynamic_graph(trained_run, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("dyn") / "dyn.onnx")
     export.export(trained_run, path, dynamic_loops=True, say=lambda *a: None)
+    return path
+
+
+def test_predictor_refuses_bad_loop_counts_metadata_and_ragged_inputs(dynamic_graph, tmp_path):
+    path = dynamic_graph
     p = export.Predictor(path, device="cpu")
     xs, ys = np.zeros((2, 3, 4), np.float32), np.zeros((2, 3), np.float32)
     for n_loops in (True, 0, -1, 2**63, 10_001, 2.0, "3", None):
@@ -339,3 +348,64 @@ def test_predictor_refuses_bad_loop_counts_metadata_and_ragged_inputs(trained_ru
     onnx.save(proto, str(tmp_path / "no_max.onnx"))
     with pytest.raises(ValueError, match="incomplete or corrupt looped metadata"):
         export.Predictor(str(tmp_path / "no_max.onnx"))
+
+
+@given(data=st.data())
+@FUZZ
+def test_fuzz_the_command_line(trained_run, tmp_path, data):
+    """Any flags and outputs: export.py gets to its work or refuses in one line, before any work,
+    and no file changes (the run, a bystander .onnx file, a FIFO)."""
+    run, files = tmp_path / "run", tmp_path / "files"
+    if not run.exists():
+        shutil.copytree(trained_run, run)
+        files.mkdir()
+        (files / "kept.onnx").write_bytes(b"a model")
+        os.mkfifo(files / "fifo.onnx")
+        os.mkdir(files / "folder.onnx")
+    outs = [run / "ckpt.pt", run / "m.onnx", files / "kept.onnx", files / "fifo.onnx"]
+    outs += [files / "folder.onnx", files / ("a" * 300 + ".onnx"), files / "new.onnx"]
+    outs = [str(o) for o in outs] + ["-", "", "/dev/null", "/nonexistent/m.onnx"]
+    options = {f: NUMBERS for f in ("--loops", "--max-loops", "--until-converged")}
+    options["-o"] = st.sampled_from(outs)
+    options["--stop-on"] = st.sampled_from(["state", "prediction", "loss"])
+    runs = st.sampled_from([str(run), str(run / "ckpt.pt"), "/nonexistent", ""])
+    switches = st.lists(st.sampled_from(["--dynamic-loops", "--fp16"]), unique=True)
+    argv = [data.draw(runs), *data.draw(fuzz_args(options)), *data.draw(switches)]
+    fuzz_cli(export.main, argv, [run, files])
+
+
+ARRAYS = hnp.arrays(
+    st.sampled_from([np.float32, np.float64, np.float16, np.int64, np.bool_, np.complex64]),
+    hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=10),
+)
+RAGGED = st.lists(st.lists(st.floats(-3, 3), max_size=4), max_size=3)
+LOOPS = st.one_of(
+    st.none(),
+    st.integers(-2, 30),
+    st.sampled_from([10_001, 2**63, -(2**63), True, False, 2.0, "3", np.int64(4), np.int8(-1)]),
+)
+
+
+@st.composite
+def prompts(draw):
+    """(xs, ys): mostly of the model's shapes (d = 4, up to 9 points), any values; or anything."""
+    if draw(st.booleans()):
+        return draw(st.one_of(ARRAYS, RAGGED)), draw(st.one_of(ARRAYS, RAGGED))
+    B, n = draw(st.integers(0, 4)), draw(st.integers(0, 10))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    return draw(hnp.arrays(dtype, (B, n, 4))), draw(hnp.arrays(dtype, (B, n)))
+
+
+@given(inputs=prompts(), n_loops=LOOPS, return_loops=st.booleans())
+@FUZZ
+def test_fuzz_the_predictor(dynamic_graph, inputs, n_loops, return_loops):
+    """Any arrays, lists and loop counts: predictions of the batch's shape, or a ValueError in one
+    line; never another exception."""
+    try:
+        preds = export.Predictor(dynamic_graph, device="cpu")(
+            *inputs, n_loops=n_loops, return_loops=return_loops
+        )
+    except ValueError as e:
+        assert len(str(e).splitlines()) == 1 and str(e), repr(e)
+        return
+    assert preds.shape == np.shape(inputs[1]) and preds.dtype == np.float32

@@ -12,7 +12,23 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-from common import TINY_FLAGS, deadline, draw, refused, run_cli, slow, snapshot, state, tiny_config
+from common import (
+    FUZZ,
+    NUMBERS,
+    TINY_FLAGS,
+    deadline,
+    draw,
+    fuzz_args,
+    fuzz_cli,
+    refused,
+    run_cli,
+    slow,
+    snapshot,
+    state,
+    tiny_config,
+)
+from hypothesis import given
+from hypothesis import strategies as st
 
 import bench
 import harness
@@ -624,3 +640,26 @@ def test_a_model_whose_weights_or_test_error_are_not_finite_is_not_evaluated(tra
         assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
         words = "weights that are not finite" if name == "nan" else "test error in"
         assert words in r.stderr and snapshot(run) == before, r.stderr
+
+
+COUNTS = "steps seed eval_seed loops window eval_loops n_points n_positions n_dims n_embd n_head"
+COUNTS += " batch_size eval_prompts log_every ckpt_every eval_every warmup decay lr embed_init"
+
+
+@given(data=st.data())
+@FUZZ
+def test_fuzz_the_command_line(trained_run, tmp_path, data):
+    """Any flag values, on a new run folder, --eval or --resume of a saved run: the command gets to
+    its work or refuses in one line, and the saved run is untouched."""
+    run = tmp_path / "run"
+    if not run.exists():
+        shutil.copytree(trained_run, run)
+    new = str(tmp_path / f"new{len(os.listdir(tmp_path))}")
+    where = [["--out", new], ["--eval", str(run)], ["--resume", str(run)], ["--out", str(run)]]
+    where += [["--resume", str(run / "ckpt.pt")], ["--eval", "/nonexistent"]]
+    options = {f"--{name}": NUMBERS for name in COUNTS.split()}
+    options["--task"] = st.sampled_from(["linreg", "relu_2nn", "quadratic", ""])
+    options["--device"] = st.sampled_from(["cpu", "cuda", "tpu", "cuda:7"])
+    options["--preset"] = st.sampled_from(["paper", "laptop", "huge"])
+    argv = data.draw(st.sampled_from(where)) + data.draw(fuzz_args(options))
+    fuzz_cli(looped.main, argv, [run])
