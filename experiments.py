@@ -217,7 +217,8 @@ def compare(run_dirs, out=None, given=None, shift=None):
         raise harness.UserError(
             f"the shifts are Garg et al.'s suite for linear regression, not {cfg.task}"
         )
-    harness.check_folder(out)  # before any work; a run folder is refused: its plots have these names
+    # Before any work: a run folder is refused, its own plots having these names.
+    harness.check_folder(out)
     if shift:
         *errors, classical = shifted_errors(runs, shift, cfg, device)
         solvers = {}

@@ -3,6 +3,7 @@
 import contextlib
 import io
 import os
+import shutil
 import signal
 import types
 
@@ -142,6 +143,20 @@ def snapshot(*folders):
                 else:
                     files[path] = "special"
     return files
+
+
+def diverged_copies(run_dir, folder):
+    """Two copies of a run in folder whose read-out went wrong: {"nan": weights not finite,
+    "overflow": finite weights (1e38) whose predictions are not}."""
+    copies = {}
+    for name, value in (("nan", float("nan")), ("overflow", 1e38)):
+        copies[name] = os.path.join(folder, name)
+        shutil.copytree(run_dir, copies[name])
+        ckpt = state(copies[name])
+        ckpt["model"]["read_out.weight"][:] = value
+        ckpt["model"]["read_out.bias"][:] = value
+        torch.save(ckpt, os.path.join(copies[name], "ckpt.pt"))
+    return copies
 
 
 def refused(main, *args, folders=()):

@@ -17,6 +17,7 @@ from common import (
     NUMBERS,
     TINY_FLAGS,
     deadline,
+    diverged_copies,
     draw,
     fuzz_args,
     fuzz_cli,
@@ -628,13 +629,7 @@ def test_a_run_file_that_is_a_folder_is_refused(tmp_path):
 
 
 def test_a_model_whose_weights_or_test_error_are_not_finite_is_not_evaluated(trained_run, tmp_path):
-    for name, value in (("nan", float("nan")), ("overflow", 1e38)):
-        run = tmp_path / name
-        shutil.copytree(trained_run, run)
-        ckpt = torch.load(run / "ckpt.pt", weights_only=True)
-        ckpt["model"]["read_out.weight"][:] = value
-        ckpt["model"]["read_out.bias"][:] = value
-        torch.save(ckpt, run / "ckpt.pt")
+    for name, run in diverged_copies(trained_run, tmp_path).items():
         before = snapshot(run)
         r = run_cli(looped.main, "--eval", str(run))
         assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
