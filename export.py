@@ -645,7 +645,6 @@ def main(argv=None):
     parser.add_argument(
         "--stop-on",
         choices=["prediction", "state"],
-        default="prediction",
         help="with --until-converged: the change that is tested [prediction]",
     )
     args = parser.parse_args(argv)
@@ -653,8 +652,8 @@ def main(argv=None):
         raise harness.UserError(
             "--until-converged chooses the loop count: it excludes --loops and --dynamic-loops"
         )
-    if args.until_converged is None and args.max_loops is not None:
-        raise harness.UserError("--max-loops goes with --until-converged")
+    if args.until_converged is None and (args.max_loops is not None or args.stop_on):
+        raise harness.UserError("--max-loops and --stop-on go with --until-converged")
     if args.dynamic_loops and args.loops is not None:
         raise harness.UserError(
             "--loops and --dynamic-loops exclude each other: the loop count is an input"
@@ -670,7 +669,7 @@ def main(argv=None):
             args.fp16,
             until_converged=args.until_converged,
             max_loops=args.max_loops,
-            signal=args.stop_on,
+            signal=args.stop_on or "prediction",
         )
     except VerificationError as e:
         print(f"export.py: verification failed, file deleted: {e}", file=sys.stderr)

@@ -39,9 +39,10 @@ from torch.nn.parallel import DistributedDataParallel
 RUN_FILES = ("ckpt.pt", "log.jsonl", "eval.json", "error_vs_examples.png", "error_vs_loops.png")
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A mistake in the user's input, or a machine that cannot do what was asked (a full disk, too
-    little memory): every command line reports it as one line and exit code 2."""
+    little memory): every command line reports it as one line and exit code 2; to a Python caller
+    it is a ValueError."""
 
 
 class Diverged(UserError):

@@ -219,7 +219,8 @@ def test_predictor_needs_no_torch(trained_run, tmp_path):
         (["RUN", "--loops", "3", "--dynamic-loops"], "exclude each other"),
         (["RUN", "--until-converged", "0.01", "--fp16"], "does not go with --fp16"),
         (["RUN", "--until-converged", "0.01", "--max-loops", "0"], "out of range: 1 to 10,000"),
-        (["RUN", "--max-loops", "9"], "goes with --until-converged"),
+        (["RUN", "--max-loops", "9"], "go with --until-converged"),
+        (["RUN", "--stop-on", "state"], "go with --until-converged"),
     ],
 )
 def test_export_cli_errors(trained_run, args, words):
