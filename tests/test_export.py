@@ -198,6 +198,19 @@ def test_failed_verification_deletes_the_file(trained_run, tmp_path, monkeypatch
     assert path.read_bytes() == b"an earlier model" and os.listdir(tmp_path) == ["bad.onnx"]
 
 
+def test_verification_catches_a_graph_that_computes_something_else(trained_run, tmp_path):
+    """verify() at its real tolerance: the graph passes against its own model and fails against
+    one whose read-out moved by 1e-3, a difference far below the predictions' size."""
+    path = str(tmp_path / "m.onnx")
+    export.export(trained_run, path, n_loops=2, say=lambda *a: None)
+    model, cfg = export.load_model(trained_run)
+    assert "parity" in export.verify(path, model, cfg, 2)
+    with torch.no_grad():
+        model.read_out.bias += 1e-3
+    with pytest.raises(export.VerificationError, match="onnxruntime - torch"):
+        export.verify(path, model, cfg, 2)
+
+
 def test_predictor_needs_no_torch(trained_run, tmp_path):
     path = str(tmp_path / "m.onnx")
     export.export(trained_run, path, n_loops=2, say=lambda *a: None)

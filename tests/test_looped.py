@@ -244,6 +244,39 @@ def test_only_the_last_T_of_b_iterations_get_a_gradient():
         assert same == cut, "the gradient flows through exactly the last T iterations"
 
 
+def test_the_loop_starts_at_zero_and_injects_the_whole_prompt_every_iteration():
+    """Y_1 = M(0 + P), Y_{t+1} = M(Y_t + P), with P the read-in tokens plus their positions, built
+    here from the weights: a loop that starts at P, injects nothing, or adds the positions once
+    reads out other numbers."""
+    cfg = tiny_config()
+    torch.manual_seed(1)
+    model = looped.LoopedTransformer(cfg).eval()
+    xs, ys = draw("linreg", B=3, n=9, d=4, active=4)
+    tokens = torch.stack([xs, F.pad(ys[..., None], (0, 3))], 2).reshape(3, 18, 4)
+    P = model.read_in(tokens) + model.wpe.weight[:18]
+    with torch.no_grad():
+        Y, expected = torch.zeros_like(P), []
+        for _ in range(3):
+            Y = model.backbone(Y + P)
+            expected.append(model.read_out(Y[:, ::2])[..., 0])
+        torch.testing.assert_close(model(xs, ys, 3), torch.stack(expected, 1))
+        assert not torch.allclose(model.backbone(P), model.backbone(2 * P), atol=1e-4)
+
+
+def test_the_test_prompts_come_from_eval_seed_alone():
+    """The test prompts are the task's draws from a generator seeded with eval_seed: training's
+    seed does not move them, eval_seed does; the learning curve's are drawn apart from both."""
+    cfg = tiny_config(eval_seed=5)
+    xs, ys, norm = looped.eval_prompts(cfg, torch.device("cpu"))
+    ref = looped.TASKS["linreg"](16, 9, 4, 4, torch.Generator().manual_seed(5))
+    assert torch.equal(xs, ref[0]) and torch.equal(ys, ref[1]) and norm == 4.0
+    other_seed = looped.eval_prompts(tiny_config(eval_seed=5, seed=7), torch.device("cpu"))
+    assert torch.equal(other_seed[0], xs)
+    assert not torch.equal(
+        looped.eval_prompts(tiny_config(eval_seed=6), torch.device("cpu"))[0], xs
+    )
+
+
 def test_no_grad_iterations_keep_no_activations():
     """What bench.py train reports as saved bytes: 6 loops with the first 3 under no_grad keep
     exactly what 3 loops keep, and 6 loops all with gradient keep more."""
