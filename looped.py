@@ -10,8 +10,9 @@ in context as well as a 12-layer GPT-2 with a tenth of its parameters, the paper
     python looped.py --task linreg --preset paper        # the paper's setup (a GPU)
     python looped.py --eval runs/linreg                  # re-evaluate a saved run
 
-The file reads top to bottom: config, tasks, curriculum, model, loss and evaluation,
-checkpoints, training, command line. Comments cite two codebases:
+The file reads top to bottom as the method: config, tasks, curriculum, model, loss and
+evaluation, training; then the command line (presets, checks, checkpoints) and the workarounds for
+speed. Comments cite two codebases:
     [LT]  the authors' code, https://github.com/Leiay/looped_transformer
     [G]   Garg et al.'s code, https://github.com/dtsip/in-context-learning
 Where they and the paper's text differ, the comment says which one this code follows.
@@ -131,99 +132,6 @@ class Config:
     apart from the test's); 0: off"""
 
 
-# The paper's values ([LT]'s configs): those of every task, then each task's own.
-PAPER = dict(n_dims=20, n_positions=101, n_embd=256, n_head=8, n_layer=1)  # problem and model
-PAPER.update(dims_start=5, curriculum_every=5000, loops_every=500)  # the curriculum's pace
-PAPER.update(steps=500_000, batch_size=64, lr=1e-4, warmup=0, decay=0)  # Adam at a constant rate
-PAPER.update(embed_init=0.02, attn_init=0.02, eval_loops=500)  # GPT-2's initialisation; the test
-PAPER_TASKS = {
-    "linreg": dict(n_loops=20, loop_window=15, n_points=41, points_start=11, points_inc=2),
-    "noisy_linreg": dict(n_loops=20, loop_window=15, n_points=41, points_start=11, points_inc=2),
-    "sparse_linreg": dict(n_loops=20, loop_window=10, n_points=41, points_start=11, points_inc=2),
-    "decision_tree": dict(
-        n_loops=70, loop_window=15, n_points=101, points_start=26, points_inc=5, eval_loops=200
-    ),
-    "relu_2nn": dict(n_loops=12, loop_window=5, n_points=101, points_start=26, points_inc=5),
-}
-# The laptop values are the dataclass's, except for two tasks (see the README, "Differences"): the
-# ReLU network's baseline trains one network per test prompt and prefix, so it gets fewer prompts.
-LAPTOP_TASKS = {
-    "decision_tree": dict(n_points=15, points_start=7),
-    "relu_2nn": dict(
-        n_points=21, points_start=9, points_inc=4, n_loops=12, loop_window=5, eval_prompts=512
-    ),
-}
-PRESETS = {"laptop": ({}, LAPTOP_TASKS), "paper": (PAPER, PAPER_TASKS)}
-# Runs saved before embed_init and attn_init existed were initialised at GPT-2's 0.02.
-BEFORE_INIT = dict(embed_init=0.02, attn_init=0.02)
-
-
-def make_config(task="linreg", preset="laptop", **overrides):
-    """The preset's values for the task, then explicit overrides, then validation."""
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}: use laptop or paper")
-    if task not in TASKS:
-        raise UserError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
-    common, per_task = PRESETS[preset]
-    values = {"task": task, "preset": preset, **common, **per_task.get(task, {})}
-    values.update(overrides)
-    if "loop_window" not in overrides and "n_loops" in overrides:  # T defaults to min(T, b)
-        values["loop_window"] = min(
-            values.get("loop_window", Config.loop_window), values["n_loops"]
-        )
-    cfg = Config(**values)
-    cfg.out = cfg.out or os.path.join("runs", task)  # the derived values, set once here
-    cfg.n_positions = cfg.n_positions or cfg.n_points
-    cfg.eval_loops = cfg.eval_loops or 5 * cfg.n_loops
-    validate(cfg)
-    return cfg
-
-
-FLAG = {"n_loops": "--loops", "loop_window": "--window"}  # the paper's names; messages use them
-
-
-def flag(name):
-    return FLAG.get(name, f"--{name}")
-
-
-# Every count's range, for validate() and --help; a count not named here is at least 1. Sizes have
-# no fixed top: check_memory refuses, before any work, those whose memory the device lacks. The
-# tops here bound time, which no estimate knows before a run: loops at test time at most MAX_LOOPS
-# (20 times the paper's 500), steps 2,000 times the paper's 500,000, seeds torch's int64.
-MAX_LOOPS = 10_000
-SEED = harness.Count(0, 2**63 - 1)
-LIMITS = dict(n_loops=harness.Count(1, MAX_LOOPS), eval_loops=harness.Count(0, MAX_LOOPS))
-LIMITS.update(steps=harness.Count(1, 10**9))
-LIMITS.update(seed=SEED, eval_seed=SEED, n_positions=harness.Count(0))
-LIMITS.update({name: harness.Count(0) for name in ("points_inc", "curriculum_every")})
-LIMITS.update({name: harness.Count(0) for name in ("loops_every", "eval_every", "warmup", "decay")})
-
-
-def validate(cfg):
-    for f in fields(Config):
-        if f.type in (int, "int"):
-            LIMITS.get(f.name, harness.Count(1)).check(flag(f.name), getattr(cfg, f.name))
-    for name in ("lr", "embed_init", "attn_init"):
-        if not getattr(cfg, name) > 0 or not math.isfinite(getattr(cfg, name)):
-            raise UserError(f"--{name} must be a positive number, got {getattr(cfg, name)}")
-    if cfg.loop_window > cfg.n_loops:
-        raise UserError(f"--window {cfg.loop_window} exceeds --loops {cfg.n_loops}: T <= b")
-    if cfg.n_embd % cfg.n_head:
-        raise UserError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
-    if cfg.n_points > cfg.n_positions:
-        raise UserError(
-            f"--n_points {cfg.n_points} is beyond the position table "
-            f"(n_positions {cfg.n_positions})"
-        )
-    if cfg.eval_loops < cfg.n_loops:  # the evaluation reports the error at b loops
-        raise UserError(
-            f"--eval_loops {cfg.eval_loops} is below --loops {cfg.n_loops}: evaluate at least "
-            "b loops"
-        )
-    if cfg.device.split(":")[0] not in ("auto", "cuda", "mps", "cpu"):
-        raise UserError(f"unknown device {cfg.device!r}: use auto, cuda, mps or cpu")
-
-
 # ---------------------------------------------------------------------------- tasks
 # Each sampler draws one function per prompt and n points x ~ N(0, I): coordinates from
 # active_dims on are zero (the dimension curriculum). Signature (B, n, d, active_dims, generator)
@@ -308,27 +216,6 @@ def curriculum(cfg, step):
     return d, n, b
 
 
-def step_cost(cfg, step):
-    """A training step's relative cost, for the time-left estimate: tokens times iterations, each
-    of the last min(b, T) counted three times (a forward pass and a backward pass of about two)."""
-    _, n, b = curriculum(cfg, step)
-    return n * (b + 2 * min(b, cfg.loop_window))
-
-
-def work_done(cfg, step):
-    """The summed cost of steps 0 .. step - 1, a curriculum stage at a time: no table of every
-    step, which would cost a long run its memory up front."""
-    final = curriculum(cfg, 10**18)
-    every = [e for e in (cfg.curriculum_every, cfg.loops_every) if e]
-    total, s = 0, 0
-    while s < step:
-        # The curriculum changes only at multiples of its intervals, and not once it is complete.
-        done = curriculum(cfg, s) == final
-        end = step if done else min([(s // e + 1) * e for e in every] + [step])
-        total, s = total + (end - s) * step_cost(cfg, s), end
-    return total
-
-
 def learning_rate(cfg, step):
     """Adam's rate at a step: a linear warm-up over the first cfg.warmup steps, then constant, and
     over the last cfg.decay steps a linear fall to 0."""
@@ -338,7 +225,9 @@ def learning_rate(cfg, step):
 
 
 # ---------------------------------------------------------------------------- model
-# GPT-2 as in nanoGPT: pre-LayerNorm, causal attention, tanh-GELU MLP, biases, no dropout.
+# GPT-2 as in nanoGPT: pre-LayerNorm, causal attention, tanh-GELU MLP, biases, no dropout. The
+# attention and the GELU it calls (causal_attention, gelu) stand with the speed workarounds at the
+# end of the file: each computes the textbook function.
 
 
 class CausalSelfAttention(nn.Module):
@@ -352,21 +241,8 @@ class CausalSelfAttention(nn.Module):
         B, L, D = x.shape
         q, k, v = self.c_attn(x).split(D, dim=2)
         q, k, v = (t.view(B, L, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # Under bf16 autocast on a CPU, attention runs in fp32: its bf16 backward is slow there.
-        fp32 = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-        with torch.autocast("cpu", enabled=False) if fp32 else nullcontext():
-            q, k, v = (t.float() if fp32 else t for t in (q, k, v))
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, L, hs)
+        y = causal_attention(q, k, v)  # softmax(q k^T / sqrt(hs) + causal mask) v: (B, nh, L, hs)
         return self.c_proj(y.transpose(1, 2).reshape(B, L, D))
-
-
-def gelu(x):
-    """GPT-2's activation, 0.5 x (1 + tanh u) with u = sqrt(2 / pi) (x + 0.044715 x^3). Under
-    torch.compile it is written x sigmoid(2u), the same function, because inductor's tanh is slow
-    on a CPU (`python bench.py train --compile` measures it); eager and ONNX keep F.gelu."""
-    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
-        return x * torch.sigmoid(math.sqrt(8 / math.pi) * (x + 0.044715 * x**3))
-    return F.gelu(x, approximate="tanh")
 
 
 class MLP(nn.Module):
@@ -516,31 +392,6 @@ def describe(cfg):
     )
 
 
-# ---------------------------------------------------------------------------- checkpoints
-
-
-def weight_sizes(w):
-    """The sizes a checkpoint's weights imply, checked against its config when it is loaded."""
-    return dict(
-        n_embd=w["read_in.weight"].shape[0],
-        n_dims=w["read_in.weight"].shape[1],
-        n_positions=w["wpe.weight"].shape[0] // 2,
-        n_layer=len({k.split(".")[1] for k in w if k.startswith("blocks.")}),
-    )
-
-
-def load_checkpoint(run_dir):
-    """The run's checkpoint and Config; UserError if missing, corrupt, or its weights disagree with
-    its config."""
-    config = functools.partial(make_config, **BEFORE_INIT)  # a checkpoint's own values win
-    return harness.load_checkpoint(run_dir, config, weight_sizes)
-
-
-def restore_model(ckpt, cfg, device):
-    """A model with the checkpoint's weights, on the device."""
-    return harness.load_weights(LoopedTransformer(cfg), ckpt["model"]).to(device)
-
-
 # ---------------------------------------------------------------------------- training
 
 
@@ -632,6 +483,123 @@ def finish(model, cfg, device, ctx, say=print, started=None):
 
 
 # ---------------------------------------------------------------------------- command line
+# What the method above leaves to the command line: the presets and the checks of a config,
+# the checkpoints, --resume and --eval.
+
+
+# The paper's values ([LT]'s configs): those of every task, then each task's own.
+PAPER = dict(n_dims=20, n_positions=101, n_embd=256, n_head=8, n_layer=1)  # problem and model
+PAPER.update(dims_start=5, curriculum_every=5000, loops_every=500)  # the curriculum's pace
+PAPER.update(steps=500_000, batch_size=64, lr=1e-4, warmup=0, decay=0)  # Adam at a constant rate
+PAPER.update(embed_init=0.02, attn_init=0.02, eval_loops=500)  # GPT-2's initialisation; the test
+PAPER_TASKS = {
+    "linreg": dict(n_loops=20, loop_window=15, n_points=41, points_start=11, points_inc=2),
+    "noisy_linreg": dict(n_loops=20, loop_window=15, n_points=41, points_start=11, points_inc=2),
+    "sparse_linreg": dict(n_loops=20, loop_window=10, n_points=41, points_start=11, points_inc=2),
+    "decision_tree": dict(
+        n_loops=70, loop_window=15, n_points=101, points_start=26, points_inc=5, eval_loops=200
+    ),
+    "relu_2nn": dict(n_loops=12, loop_window=5, n_points=101, points_start=26, points_inc=5),
+}
+# The laptop values are the dataclass's, except for two tasks (see the README, "Differences"): the
+# ReLU network's baseline trains one network per test prompt and prefix, so it gets fewer prompts.
+LAPTOP_TASKS = {
+    "decision_tree": dict(n_points=15, points_start=7),
+    "relu_2nn": dict(
+        n_points=21, points_start=9, points_inc=4, n_loops=12, loop_window=5, eval_prompts=512
+    ),
+}
+PRESETS = {"laptop": ({}, LAPTOP_TASKS), "paper": (PAPER, PAPER_TASKS)}
+# Runs saved before embed_init and attn_init existed were initialised at GPT-2's 0.02.
+BEFORE_INIT = dict(embed_init=0.02, attn_init=0.02)
+
+
+def make_config(task="linreg", preset="laptop", **overrides):
+    """The preset's values for the task, then explicit overrides, then validation."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}: use laptop or paper")
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    common, per_task = PRESETS[preset]
+    values = {"task": task, "preset": preset, **common, **per_task.get(task, {})}
+    values.update(overrides)
+    if "loop_window" not in overrides and "n_loops" in overrides:  # T defaults to min(T, b)
+        values["loop_window"] = min(
+            values.get("loop_window", Config.loop_window), values["n_loops"]
+        )
+    cfg = Config(**values)
+    cfg.out = cfg.out or os.path.join("runs", task)  # the derived values, set once here
+    cfg.n_positions = cfg.n_positions or cfg.n_points
+    cfg.eval_loops = cfg.eval_loops or 5 * cfg.n_loops
+    validate(cfg)
+    return cfg
+
+
+FLAG = {"n_loops": "--loops", "loop_window": "--window"}  # the paper's names; messages use them
+
+
+def flag(name):
+    return FLAG.get(name, f"--{name}")
+
+
+# Every count's range, for validate() and --help; a count not named here is at least 1. Sizes have
+# no fixed top: check_memory refuses, before any work, those whose memory the device lacks. The
+# tops here bound time, which no estimate knows before a run: loops at test time at most MAX_LOOPS
+# (20 times the paper's 500), steps 2,000 times the paper's 500,000, seeds torch's int64.
+MAX_LOOPS = 10_000
+SEED = harness.Count(0, 2**63 - 1)
+LIMITS = dict(n_loops=harness.Count(1, MAX_LOOPS), eval_loops=harness.Count(0, MAX_LOOPS))
+LIMITS.update(steps=harness.Count(1, 10**9))
+LIMITS.update(seed=SEED, eval_seed=SEED, n_positions=harness.Count(0))
+LIMITS.update({name: harness.Count(0) for name in ("points_inc", "curriculum_every")})
+LIMITS.update({name: harness.Count(0) for name in ("loops_every", "eval_every", "warmup", "decay")})
+
+
+def validate(cfg):
+    for f in fields(Config):
+        if f.type in (int, "int"):
+            LIMITS.get(f.name, harness.Count(1)).check(flag(f.name), getattr(cfg, f.name))
+    for name in ("lr", "embed_init", "attn_init"):
+        if not getattr(cfg, name) > 0 or not math.isfinite(getattr(cfg, name)):
+            raise UserError(f"--{name} must be a positive number, got {getattr(cfg, name)}")
+    if cfg.loop_window > cfg.n_loops:
+        raise UserError(f"--window {cfg.loop_window} exceeds --loops {cfg.n_loops}: T <= b")
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
+    if cfg.n_points > cfg.n_positions:
+        raise UserError(
+            f"--n_points {cfg.n_points} is beyond the position table "
+            f"(n_positions {cfg.n_positions})"
+        )
+    if cfg.eval_loops < cfg.n_loops:  # the evaluation reports the error at b loops
+        raise UserError(
+            f"--eval_loops {cfg.eval_loops} is below --loops {cfg.n_loops}: evaluate at least "
+            "b loops"
+        )
+    if cfg.device.split(":")[0] not in ("auto", "cuda", "mps", "cpu"):
+        raise UserError(f"unknown device {cfg.device!r}: use auto, cuda, mps or cpu")
+
+
+def weight_sizes(w):
+    """The sizes a checkpoint's weights imply, checked against its config when it is loaded."""
+    return dict(
+        n_embd=w["read_in.weight"].shape[0],
+        n_dims=w["read_in.weight"].shape[1],
+        n_positions=w["wpe.weight"].shape[0] // 2,
+        n_layer=len({k.split(".")[1] for k in w if k.startswith("blocks.")}),
+    )
+
+
+def load_checkpoint(run_dir):
+    """The run's checkpoint and Config; UserError if missing, corrupt, or its weights disagree with
+    its config."""
+    config = functools.partial(make_config, **BEFORE_INIT)  # a checkpoint's own values win
+    return harness.load_checkpoint(run_dir, config, weight_sizes)
+
+
+def restore_model(ckpt, cfg, device):
+    """A model with the checkpoint's weights, on the device."""
+    return harness.load_weights(LoopedTransformer(cfg), ckpt["model"]).to(device)
 
 
 # What --resume and --eval may change in a saved run: its length, the machine, the evaluation.
@@ -680,6 +648,50 @@ def main(argv=None):
         with harness.hold_folder(cfg.out):
             return finish(model, cfg, device, ctx)
     return train(make_config(**given), overwrite=args.overwrite)
+
+
+# ---------------------------------------------------------------------------- speed, not the method
+# Workarounds that change how fast the method runs, never what it computes, and the time-left
+# estimate of the progress lines.
+
+
+def causal_attention(q, k, v):
+    """F.scaled_dot_product_attention(q, k, v, is_causal=True). Under bf16 autocast on a CPU it
+    runs in fp32: its bf16 backward is slow there."""
+    fp32 = q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    with torch.autocast("cpu", enabled=False) if fp32 else nullcontext():
+        q, k, v = (t.float() if fp32 else t for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def gelu(x):
+    """GPT-2's activation, 0.5 x (1 + tanh u) with u = sqrt(2 / pi) (x + 0.044715 x^3). Under
+    torch.compile it is written x sigmoid(2u), the same function, because inductor's tanh is slow
+    on a CPU (`python bench.py train --compile` measures it); eager and ONNX keep F.gelu."""
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        return x * torch.sigmoid(math.sqrt(8 / math.pi) * (x + 0.044715 * x**3))
+    return F.gelu(x, approximate="tanh")
+
+
+def step_cost(cfg, step):
+    """A training step's relative cost, for the time-left estimate: tokens times iterations, each
+    of the last min(b, T) counted three times (a forward pass and a backward pass of about two)."""
+    _, n, b = curriculum(cfg, step)
+    return n * (b + 2 * min(b, cfg.loop_window))
+
+
+def work_done(cfg, step):
+    """The summed cost of steps 0 .. step - 1, a curriculum stage at a time: no table of every
+    step, which would cost a long run its memory up front."""
+    final = curriculum(cfg, 10**18)
+    every = [e for e in (cfg.curriculum_every, cfg.loops_every) if e]
+    total, s = 0, 0
+    while s < step:
+        # The curriculum changes only at multiples of its intervals, and not once it is complete.
+        done = curriculum(cfg, s) == final
+        end = step if done else min([(s // e + 1) * e for e in every] + [step])
+        total, s = total + (end - s) * step_cost(cfg, s), end
+    return total
 
 
 if __name__ == "__main__":
