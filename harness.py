@@ -186,11 +186,11 @@ def cli(main):
         code = 2
     # Under torchrun rank 0 alone says so (torchrun also stops the others this way).
     except Interrupted as e:
-        if e.message and os.environ.get("RANK", "0") == "0":
+        if e.message and rank() == 0:
             print(f"\n{prog}: {e.message}", file=sys.stderr)
         code = e.code
     except KeyboardInterrupt:  # Ctrl-C outside the training loop
-        if os.environ.get("RANK", "0") == "0":
+        if rank() == 0:
             print(f"\n{prog}: stopped by SIGINT", file=sys.stderr)
         code = 130
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
@@ -626,37 +626,53 @@ def load_weights(model, state):
     return model
 
 
+def rank():
+    """This process's rank under torchrun (its RANK), 0 outside it: known before the group is
+    joined, so that each process can seed its own prompt generator."""
+    return int(os.environ.get("RANK", 0))
+
+
+def captures_steps(cfg, device):
+    """Whether the training step is replayed as CUDA graphs (CapturedSteps): under --compile on one
+    GPU. Its Adam must then be capturable, its rate a tensor changed in place, read by a replay."""
+    return cfg.compile and device.type == "cuda" and int(os.environ.get("WORLD_SIZE", 1)) == 1
+
+
 class TrainingRun:
     """What a training loop needs around the method, so that the loop itself shows only the method:
 
-        with TrainingRun(cfg, model, device, ...) as run:
+        with TrainingRun(cfg, model, device, optimizer=opt, prompts=gen, ...) as run:
             for step in run.steps():
                 loss = run.step(train_step, *batch, lr=...)
                 run.log(loss, d=d, n=n, b=b)
 
     Entering it checks and holds the run folder (a used one is refused unless resumed or
-    overwritten), joins torchrun, makes Adam and the prompt generator (`run.prompts`, one per
-    process) and, with `resume` (a checkpoint), restores the weights, Adam, the generators and the
-    log, so that the run continues exactly. `run.step` runs the step function on the model (wrapped
-    in DDP under torchrun) and Adam, as CUDA graphs under --compile on one GPU, at the given rate.
-    `run.log` counts the step, checks for NaN, writes the log line and the learning-curve point
-    (`validate`, a function of no arguments), and saves a checkpoint every cfg.ckpt_every steps.
-    SIGINT and SIGTERM end `run.steps()` after a saved step, which then raises Interrupted; under
-    torchrun every process stops at the same step. Only rank 0 writes and talks (`run.say`)."""
+    overwritten), joins torchrun and, with `resume` (a checkpoint), restores the weights, the
+    optimizer, the prompt generator (one per process) and the log, so that the run continues
+    exactly. `run.step` runs the step function on the model (wrapped in DDP under torchrun) and the
+    optimizer, as CUDA graphs under --compile on one GPU, at the given rate. `run.log` counts the
+    step, checks for NaN, writes the log line and the learning-curve point (`learning_curve`, a
+    function of no arguments), and saves a checkpoint every cfg.ckpt_every steps. SIGINT and
+    SIGTERM end `run.steps()` after a saved step, which then raises Interrupted; under torchrun
+    every process stops at the same step. Only rank 0 writes and talks (`run.say`)."""
 
     def __init__(
         self,
         cfg,
         model,
         device,
+        *,
+        optimizer,
+        prompts,
         resume=None,
         overwrite=False,
         quiet=False,
         work=None,
-        validate=None,
+        learning_curve=None,
     ):
         self.cfg, self.model, self.device, self.resume = cfg, model, device, resume
-        self.overwrite, self.quiet, self.work, self.validate = overwrite, quiet, work, validate
+        self.opt, self.prompts, self.work = optimizer, prompts, work
+        self.overwrite, self.quiet, self.learning_curve = overwrite, quiet, learning_curve
         self.log_file, self.loop = None, None
         self.ckpt_path = os.path.join(cfg.out, "ckpt.pt")
         self.log_path = os.path.join(cfg.out, "log.jsonl")
@@ -664,7 +680,7 @@ class TrainingRun:
     def __enter__(self):
         cfg, device, resume = self.cfg, self.device, self.resume
         check_folder(cfg.out, reuse=resume is not None, overwrite=self.overwrite)  # every process
-        self.held = hold_folder(cfg.out, os.environ.get("RANK", "0") == "0")  # before any joins
+        self.held = hold_folder(cfg.out, rank() == 0)  # before any joins
         self.held.__enter__()
         try:
             self.rank, self.world, self.group = join_torchrun(cfg.batch_size, device)
@@ -672,14 +688,7 @@ class TrainingRun:
                 remove_run(cfg.out)
             self.say = (lambda *a: None) if self.quiet or self.rank else print
             self.batch_size = cfg.batch_size // self.world  # each process its share of the batch
-            # Under CUDA graphs Adam's rate is a tensor changed in place, which the replay reads.
-            self.captured = cfg.compile and device.type == "cuda" and self.world == 1
-            lr = torch.tensor(cfg.lr, device=device) if self.captured else cfg.lr
-            cuda = device.type == "cuda"
-            self.opt = torch.optim.Adam(
-                self.model.parameters(), lr=lr, fused=cuda, capturable=self.captured
-            )
-            self.prompts = torch.Generator(device).manual_seed(cfg.seed + self.rank)
+            self.captured = captures_steps(cfg, device)
             self.taken = self.restore() if resume is not None else 0
             self.graphs = None  # under --compile on one GPU, the step as CUDA graphs (step())
             # DDP: each process's half-batch gradient, averaged, is the whole batch's gradient.
@@ -784,8 +793,8 @@ class TrainingRun:
             if self.log_file:
                 append_line(self.log_file, dict(step=step, loss=mean, **fields, ms_per_step=ms))
         due = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
-        if self.validate and due and self.rank == 0:  # before the checkpoint, which keeps it
-            append_line(self.log_file, dict(step=step, val_error=self.validate()))
+        if self.learning_curve and due and self.rank == 0:  # before the checkpoint, which keeps it
+            append_line(self.log_file, dict(step=step, val_error=self.learning_curve()))
         if is_ckpt:
             states = [self.prompts.get_state()]
             if world > 1:  # every process's prompt generator, for an exact resume

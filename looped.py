@@ -438,9 +438,27 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
         model = LoopedTransformer(cfg).to(device)
     if cfg.compile:
         compile_backbone(model)
-    work = functools.partial(work_done, cfg)  # for the time-left estimate
+    # Adam, its rate set every step by the schedule (learning_rate): fused on a GPU; where --compile
+    # replays each step as a CUDA graph, capturable, with its rate a tensor the replay reads.
+    captured = harness.captures_steps(cfg, device)
+    lr = torch.tensor(cfg.lr, device=device) if captured else cfg.lr
+    cuda = device.type == "cuda"
+    opt = torch.optim.Adam(model.parameters(), lr=lr, fused=cuda, capturable=captured)
+    # Fresh prompts every step, drawn on the device: one stream per process under torchrun.
+    prompts = torch.Generator(device).manual_seed(cfg.seed + harness.rank())
     curve = learning_curve(model, cfg, device, ctx) if cfg.eval_every else None
-    with harness.TrainingRun(cfg, model, device, resume, overwrite, quiet, work, curve) as run:
+    with harness.TrainingRun(
+        cfg,
+        model,
+        device,
+        optimizer=opt,
+        prompts=prompts,
+        resume=resume,
+        overwrite=overwrite,
+        quiet=quiet,
+        work=functools.partial(work_done, cfg),  # for the time-left estimate
+        learning_curve=curve,
+    ) as run:
         backbone, total = count_parameters(model)
         run.say(
             f"{cfg.task}: {cfg.n_layer} layer(s) x {cfg.n_loops} loops, D {cfg.n_embd}, "
@@ -449,7 +467,7 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
         )
         for step in run.steps():
             d, n, b = curriculum(cfg, step)
-            xs, ys = TASKS[cfg.task](run.batch_size, n, cfg.n_dims, d, run.prompts)  # fresh prompts
+            xs, ys = TASKS[cfg.task](run.batch_size, n, cfg.n_dims, d, prompts)
             # The paper's truncated loss: of the b iterations only the last T get a gradient.
             n_no_grad = max(b - cfg.loop_window, 0)
             loss = run.step(train_step, ctx, xs, ys, b, n_no_grad, lr=learning_rate(cfg, step))
