@@ -33,6 +33,7 @@ import torch
 import baselines
 import harness
 import looped
+import report
 
 
 def seconds(fn, repeats, warmup=1, device=None):
@@ -285,7 +286,7 @@ def bench_loop(device_name, preset, steps):
             late if steps > 1000 else "-",
             first if steps > 1000 else "-",
             total,
-            500_000 / rate / 3600,
+            looped.PAPER["steps"] / rate / 3600,
         )
     return table
 
@@ -533,7 +534,9 @@ def main(argv=None):
     if args.save:  # a GPU's tables beside the CPU's: results/bench_train_cuda.json
         device = harness.setup_device(looped.make_config(device=getattr(args, "device", "cpu")))[0]
         name = f"bench_{args.command}" + ("" if device.type == "cpu" else f"_{device.type}")
-        table.save(os.path.join("results", f"{name}.json"), "python bench.py " + shlex.join(argv))
+        table.save(
+            os.path.join(report.RESULTS, f"{name}.json"), "python bench.py " + shlex.join(argv)
+        )
 
 
 if __name__ == "__main__":

@@ -268,7 +268,7 @@ def run(claim, name, task, **overrides):
     resume = None
     if os.path.isfile(os.path.join(out, "ckpt.pt")):
         resume = looped.load_checkpoint(out)[0]
-    if resume is not None and resume["config"] != looped.asdict(cfg):
+    if resume is not None and resume["config"] != dataclasses.asdict(cfg):
         raise harness.UserError(
             f"{out} holds a run of another config: delete it to train the claim's run there"
         )
@@ -286,7 +286,7 @@ def run(claim, name, task, **overrides):
     record = {
         **diverged,
         "command": f"python experiments.py {claim}",
-        "config": looped.asdict(cfg),
+        "config": dataclasses.asdict(cfg),
         **provenance(),
         # A resumed run's seconds count from the step it resumed at.
         "seconds": time.perf_counter() - t0,
@@ -298,7 +298,7 @@ def run(claim, name, task, **overrides):
 
 def config_overrides(cfg):
     """A run's config as run()'s overrides, to train it again with a change."""
-    return {k: v for k, v in looped.asdict(cfg).items() if k not in ("task", "out")}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("task", "out")}
 
 
 def train_best_with_another_seed(name, claim):
@@ -527,7 +527,7 @@ def save_errors(path, named, **meta):
         **meta,
         **provenance(),
         "runs": {
-            name: {"config": looped.asdict(c), **{k: v.tolist() for k, v in e.items()}}
+            name: {"config": dataclasses.asdict(c), **{k: v.tolist() for k, v in e.items()}}
             for name, c, e in named
         },
     }
@@ -631,7 +631,7 @@ def probe(run_dir, prompts=2048, loops=None):
     record = {
         "command": f"python experiments.py probe {run_dir}",
         "run": run_dir,
-        "config": looped.asdict(cfg),
+        "config": dataclasses.asdict(cfg),
         **provenance(),
         "prompts": prompts,
         "loops": loops,
@@ -694,7 +694,7 @@ def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
             }
     record = {
         "command": f"python experiments.py adaptive {run_dir}",
-        "config": looped.asdict(cfg),
+        "config": dataclasses.asdict(cfg),
         **provenance(),
         "max_loops": max_loops,
         "rows": rows,

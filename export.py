@@ -18,6 +18,7 @@ code and `from export import Predictor`. Export latency: `python bench.py export
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import stat
@@ -439,7 +440,7 @@ def export(
         ),
         "error_normaliser": looped.error_normaliser(cfg.task, cfg.n_dims),
         "precision": "fp16" if fp16 else "fp32",
-        "config": json.dumps(looped.asdict(cfg)),
+        "config": json.dumps(dataclasses.asdict(cfg)),
         "version": VERSION,
         "producer": "looped export.py",
     }

@@ -391,7 +391,7 @@ def pairs_section(lines, name, claims, models, sweep=False):
         return
     compare_section(name, pairs, lines)
     c = read_run(os.path.join(RESULTS, name, pairs[0][1]))[0]
-    caveat = claim.caveat.format(steps=c.steps, share=c.steps / 500_000, d=c.n_dims)
+    caveat = claim.caveat.format(steps=c.steps, share=c.steps / looped.PAPER["steps"], d=c.n_dims)
     lines += [caveat, ""] if caveat else []
     if not sweep:
         lines += learning_rate_caveat(name, claim.needs, pairs, rates, models)

@@ -1,6 +1,7 @@
 """Tests of experiments.py and report.py: shifted prompts, several runs compared, the claims, the
 probes, and the report written from their results."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -93,7 +94,7 @@ def test_query_prompts_are_scored_at_their_query_position_only():
     torch.manual_seed(0)
     model = looped.LoopedTransformer(cfg).eval()
     errors, classical = experiments.shifted_errors(
-        [(cfg, model, looped.nullcontext())], "orthogonal", cfg, torch.device("cpu")
+        [(cfg, model, contextlib.nullcontext())], "orthogonal", cfg, torch.device("cpu")
     )
     xs, ys, norm = experiments.sample_shifted(
         "orthogonal", 12, 9, 4, torch.Generator().manual_seed(cfg.eval_seed)

@@ -1,6 +1,8 @@
 """Tests of looped.py, in its order: the tasks, the curriculum and the learning rate, the model,
 the checkpoints, training (a short run must beat a baseline), and the command line."""
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -283,7 +285,7 @@ def test_no_grad_iterations_keep_no_activations():
     cfg = tiny_config()
     model = looped.LoopedTransformer(cfg)
     xs, ys = draw("linreg", B=4, n=9, d=4, active=4)
-    ctx = looped.nullcontext()
+    ctx = contextlib.nullcontext()
     windowed, short = (
         bench.activation_bytes(model, ctx, xs, ys, 6, 3),
         bench.activation_bytes(model, ctx, xs, ys, 3, 0),
@@ -306,7 +308,7 @@ def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path):
     full = tiny_config(tmp_path / "full")
     looped.train(full, quiet=True)
     ckpt = state(full.out)
-    assert ckpt["step"] == 6 and ckpt["config"] == looped.asdict(full)
+    assert ckpt["step"] == 6 and ckpt["config"] == dataclasses.asdict(full)
     model = looped.restore_model(ckpt, full, "cpu")
     assert all(
         torch.equal(a, b) for a, b in zip(model.state_dict().values(), ckpt["model"].values())
@@ -418,7 +420,7 @@ def test_amp_on_a_cpu_without_native_bf16_trains_in_fp32(monkeypatch, capsys):
     cfg = tiny_config(amp=True)
     monkeypatch.setattr(harness, "cpu_has_bf16", lambda: False)
     device, ctx = harness.setup_device(cfg)
-    assert isinstance(ctx, looped.nullcontext) and "no native bf16" in capsys.readouterr().out
+    assert isinstance(ctx, contextlib.nullcontext) and "no native bf16" in capsys.readouterr().out
     # AVX512-BF16 or AMX: bf16 autocast, as asked
     monkeypatch.setattr(harness, "cpu_has_bf16", lambda: True)
     device, ctx = harness.setup_device(cfg)
@@ -427,7 +429,8 @@ def test_amp_on_a_cpu_without_native_bf16_trains_in_fp32(monkeypatch, capsys):
             torch.is_autocast_enabled("cpu")
             and (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
         )
-    assert isinstance(harness.setup_device(tiny_config())[1], looped.nullcontext)  # no --amp: fp32
+    # No --amp: fp32.
+    assert isinstance(harness.setup_device(tiny_config())[1], contextlib.nullcontext)
 
 
 @slow
