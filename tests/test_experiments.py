@@ -1,5 +1,5 @@
-"""Tests of experiments.py and report.py: shifted prompts, several runs compared, the claims, the
-probes, and the report written from their results."""
+"""Tests of experiments.py (with report.py where a claim is run and reported): shifted prompts,
+several runs compared, the claims, the probes, and the report written from their results."""
 
 import contextlib
 import dataclasses
@@ -111,13 +111,6 @@ def test_query_prompts_are_scored_at_their_query_position_only():
         classical["least squares"][:4], ((lsq - ys.diagonal(0, 1, 2)) ** 2).mean(0) / norm
     )
     assert errors["loops"][:, 4:].isnan().all() and classical["least squares"][4:].isnan().all()
-
-
-def test_runs_of_the_same_model_get_distinct_labels():
-    a, b = tiny_config(out="runs/a"), tiny_config(out="runs/b", steps=60)
-    assert report.labels([a, b]) == ["looped, b = 6, T = 3 (a)", "looped, b = 6, T = 3 (b)"]
-    standard = tiny_config(n_layer=2, n_loops=1, loop_window=1)
-    assert report.labels([a, standard]) == ["looped, b = 6, T = 3", "transformer, 2 layers"]
 
 
 def test_compare_runs_the_baselines_once_and_the_solvers_to_the_longest_run(tmp_path, monkeypatch):
