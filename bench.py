@@ -11,7 +11,6 @@ tables in docs/results.md.
 Compare speeds only as ratios measured in one run: other work on the machine moves the seconds.
 """
 
-import argparse
 import datetime
 import functools
 import importlib.util
@@ -52,6 +51,11 @@ def seconds(fn, repeats, warmup=1, device=None):
         sync()
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
+
+
+def provenance():
+    """What a result file records about where it was made: the machine, torch, torch's threads."""
+    return {"machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def machine():
@@ -102,9 +106,7 @@ class Table:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         record = {
             "command": command,
-            "machine": machine(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
+            **provenance(),
             "date": datetime.date.today().isoformat(),
             "title": self.title,
             "columns": self.columns,
@@ -453,12 +455,7 @@ def bench_export(run_dir, n_loops=None, repeats=20, tol=0.03):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    parser = harness.Parser(
-        prog="bench.py",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    parser = harness.doc_parser("bench.py", __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="training step speed (see bench_train)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
@@ -490,6 +487,7 @@ def main(argv=None):
         "--only",
         nargs="+",
         metavar="NAME",
+        choices=list(baselines.BASELINES),
         help=f"baselines to time (default all): {', '.join(baselines.BASELINES)}",
     )
     p = sub.add_parser("export", help="PyTorch eager against onnxruntime on a trained run")
@@ -519,11 +517,6 @@ def main(argv=None):
         )
         table = bench_loop(args.device, preset, args.steps)
     elif args.command == "baselines":
-        for name in args.only or []:
-            if name not in baselines.BASELINES:
-                raise harness.UserError(
-                    f"unknown baseline {name!r}: use one of {', '.join(baselines.BASELINES)}"
-                )
         # The longest prompts the timed tasks have: n = 101 (trees and networks), d = 20.
         needs = {"--prompts": sum(baselines.memory_needed(args.prompts, 101, 20))}
         harness.fits(needs, torch.device("cpu"), "timing the baselines")

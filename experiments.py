@@ -28,7 +28,6 @@ Citations, as in looped.py: [LT] the authors' code, https://github.com/Leiay/loo
 [G] Garg et al.'s, https://github.com/dtsip/in-context-learning.
 """
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -241,15 +240,6 @@ def compare(run_dirs, out=None, given=None, shift=None):
 # ---------------------------------------------------------------------------- the claims
 
 
-def provenance():
-    """What a result file records about where it was made: the machine, torch, torch's threads."""
-    return {
-        "machine": bench.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
-
-
 def run(claim, name, task, **overrides):
     """Train one run of a claim into results/CLAIM/NAME, unless it was evaluated there before (an
     interrupted one continues from its checkpoint); record run.json beside its log and evaluation.
@@ -287,7 +277,7 @@ def run(claim, name, task, **overrides):
         **diverged,
         "command": f"python experiments.py {claim}",
         "config": dataclasses.asdict(cfg),
-        **provenance(),
+        **bench.provenance(),
         # A resumed run's seconds count from the step it resumed at.
         "seconds": time.perf_counter() - t0,
         **({"resumed_at_step": resume["step"]} if resume else {}),
@@ -333,7 +323,7 @@ def solve_the_test_prompts(name, claim):
     solvers = solver_errors(looped.eval_prompts(cfg, torch.device("cpu")), cfg.eval_loops)
     harness.write_json(
         os.path.join(RESULTS, name, "solvers.json"),
-        {**provenance(), **{k: v.tolist() for k, v in solvers.items()}},
+        {**bench.provenance(), **{k: v.tolist() for k, v in solvers.items()}},
     )
 
 
@@ -525,7 +515,7 @@ def save_errors(path, named, **meta):
     """A comparison's errors as JSON, with the machine it ran on."""
     record = {
         **meta,
-        **provenance(),
+        **bench.provenance(),
         "runs": {
             name: {"config": dataclasses.asdict(c), **{k: v.tolist() for k, v in e.items()}}
             for name, c, e in named
@@ -632,7 +622,7 @@ def probe(run_dir, prompts=2048, loops=None):
         "command": f"python experiments.py probe {run_dir}",
         "run": run_dir,
         "config": dataclasses.asdict(cfg),
-        **provenance(),
+        **bench.provenance(),
         "prompts": prompts,
         "loops": loops,
         "r2": r2,
@@ -695,7 +685,7 @@ def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
     record = {
         "command": f"python experiments.py adaptive {run_dir}",
         "config": dataclasses.asdict(cfg),
-        **provenance(),
+        **bench.provenance(),
         "max_loops": max_loops,
         "rows": rows,
     }
@@ -732,12 +722,7 @@ def baseline_table(task, n_dims, n_points, prompts, ks, seed, names, save=False)
 
 
 def main(argv=None):
-    parser = harness.Parser(
-        prog="experiments.py",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    parser = harness.doc_parser("experiments.py", __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, record in CLAIMS.items():
         sub.add_parser(name, help=record.help)
@@ -824,6 +809,7 @@ def main(argv=None):
         "--only",
         nargs="+",
         metavar="NAME",
+        choices=list(baselines.BASELINES),
         help=f"baselines to run (default: the task's): {', '.join(baselines.BASELINES)}",
     )
     p.add_argument(
@@ -845,11 +831,6 @@ def main(argv=None):
             raise harness.UserError(
                 f"unknown task {args.task!r}: use one of {', '.join(looped.TASKS)}"
             )
-        for name in args.only or []:
-            if name not in baselines.BASELINES:
-                raise harness.UserError(
-                    f"unknown baseline {name!r}: use one of {', '.join(baselines.BASELINES)}"
-                )
         n, d = args.n_points or looped.PAPER_TASKS[args.task]["n_points"], args.n_dims
         # The paper's k and the prompt's last position; none at all for a prompt of one point.
         ks = args.k or [k for k in report.shown_ks(d=d, n=n, last=True) if k > 0]

@@ -16,7 +16,6 @@ only inside the functions that export and verify, so an app can copy this one fi
 code and `from export import Predictor`. Export latency: `python bench.py export RUN_DIR`.
 """
 
-import argparse
 import collections
 import dataclasses
 import json
@@ -604,12 +603,7 @@ def verify(path, model, cfg, n_loops, fp16=False, adaptive=None):
 def main(argv=None):
     import harness
 
-    parser = harness.Parser(
-        prog="export.py",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    parser = harness.doc_parser("export.py", __doc__)
     parser.add_argument("run_dir", help="a looped.py run folder (with ckpt.pt)")
     parser.add_argument(
         "--loops",

@@ -106,6 +106,13 @@ def positive(text):
     return value
 
 
+def doc_parser(prog, doc):
+    """A command line's Parser: its description doc's first paragraph, its epilog the rest."""
+    first, rest = doc.split("\n\n", 1)
+    formatter = argparse.RawDescriptionHelpFormatter
+    return Parser(prog=prog, description=first, epilog=rest, formatter_class=formatter)
+
+
 def field_docs(cls):
     """{field name: the docstring under it} for a dataclass written as cleanrl writes its Args."""
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body

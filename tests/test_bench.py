@@ -84,7 +84,7 @@ def test_bench_export_reports_each_graph_on_its_own_prompts(trained_run, tmp_pat
 @pytest.mark.parametrize(
     "args, words",
     [
-        (["baselines", "--only", "ridge regression"], "unknown baseline"),
+        (["baselines", "--only", "ridge regression"], "invalid choice"),
         (["baselines", "--prompts", "0"], "at least 1"),
         (["baselines", "--prompts", "99999999999999999999"], "lower --prompts"),
         (["loop", "--steps", "99999999999999999999"], "out of range: 1 to 1,000,000,000"),
