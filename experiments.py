@@ -727,15 +727,11 @@ def baseline_table(task, n_dims, n_points, prompts, ks, seed, names, save=False)
 # ---------------------------------------------------------------------------- command line
 
 
-def main(argv=None):
-    parser = harness.doc_parser("experiments.py", __doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, record in CLAIMS.items():
-        sub.add_parser(name, help=record.help)
-    sub.add_parser("all", help="claim1 ... claim5 and seeds in turn (not converge)")
-    sub.add_parser(
-        "report", help="write docs/results.md and its figures from results/, no training"
-    )
+LOOPS = harness.Count(1, looped.MAX_LOOPS)  # the loop counts the tools take
+
+
+def tool_commands(sub):
+    """compare, probe and adaptive: the tools for any runs, and their flags."""
     p = sub.add_parser(
         "compare", help="evaluate several runs on the same prompts: one table, one plot"
     )
@@ -744,10 +740,7 @@ def main(argv=None):
     )
     p.add_argument("--out", help="folder for the figures (default runs/compare_TASK)")
     p.add_argument(
-        "--eval_loops",
-        type=harness.Count(1, looped.MAX_LOOPS),
-        help=f"loop iterations to run, {harness.Count(1, looped.MAX_LOOPS)} (default: each "
-        "run's own)",
+        "--eval_loops", type=LOOPS, help=f"loop iterations to run, {LOOPS} (default: each run's)"
     )
     p.add_argument(
         "--shift", help=f"Garg et al.'s shifted prompts for linear regression: {', '.join(SHIFTS)}"
@@ -765,11 +758,7 @@ def main(argv=None):
         help="fresh prompts, half to fit the probes, half to score them; at least 4, as memory "
         "allows [2048]",
     )
-    p.add_argument(
-        "--loops",
-        type=harness.Count(1, looped.MAX_LOOPS),
-        help=f"iterations to probe, {harness.Count(1, looped.MAX_LOOPS)} (default 2b)",
-    )
+    p.add_argument("--loops", type=LOOPS, help=f"iterations to probe, {LOOPS} (default 2b)")
     p = sub.add_parser(
         "adaptive",
         help="adaptive depth: error and loops used for several tolerances, against fixed b",
@@ -784,14 +773,16 @@ def main(argv=None):
     )
     p.add_argument(
         "--max_loops",
-        type=harness.Count(1, looped.MAX_LOOPS),
-        help=f"the most loops per prompt, {harness.Count(1, looped.MAX_LOOPS)} (default the "
-        "run's --eval_loops)",
+        type=LOOPS,
+        help=f"the most loops per prompt, {LOOPS} (default the run's --eval_loops)",
     )
+
+
+def baselines_command(sub):
     p = sub.add_parser(
         "baselines", help="every baseline's error at chosen k, no model (paper scale by default)"
     )
-    p.add_argument("--task", default="linreg", help=f"function class: {', '.join(looped.TASKS)}")
+    p.add_argument("--task", default="linreg", choices=list(looped.TASKS), help="function class")
     p.add_argument("--n_dims", type=harness.Count(1), default=20, help="d (paper: 20)")
     p.add_argument(
         "--n_points",
@@ -821,46 +812,46 @@ def main(argv=None):
     p.add_argument(
         "--save", action="store_true", help="also write the table to results/baselines_TASK.json"
     )
+
+
+def run_baselines(args):
+    """The baselines command: its sizes checked against memory, then the table."""
+    n, d = args.n_points or looped.PAPER_TASKS[args.task]["n_points"], args.n_dims
+    # The paper's k and the prompt's last position; none at all for a prompt of one point.
+    ks = args.k or [k for k in report.shown_ks(d=d, n=n, last=True) if k > 0]
+    if any(not 0 <= k < n for k in ks):
+        raise harness.UserError(f"--k must be in 0 .. n-1 = {n - 1}")
+    prompts, prefixes = baselines.memory_needed(args.prompts, n, d)
+    harness.fits(
+        {"--prompts": prompts, "--n_points or --n_dims": prefixes},
+        torch.device("cpu"),
+        "fitting the baselines",
+    )
+    names = args.only or baselines.TASK_BASELINES[args.task]
+    with harness.memory_guard("--prompts, --n_points or --n_dims"):
+        baseline_table(args.task, d, n, args.prompts, ks, args.seed, names, args.save)
+
+
+def main(argv=None):
+    parser = harness.doc_parser("experiments.py", __doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, record in CLAIMS.items():
+        sub.add_parser(name, help=record.help)
+    sub.add_parser("all", help="claim1 ... claim5 and seeds in turn (not converge)")
+    sub.add_parser(
+        "report", help="write docs/results.md and its figures from results/, no training"
+    )
+    tool_commands(sub)
+    baselines_command(sub)
     args = parser.parse_args(argv)
     baselines.keep_freed_memory()
     if args.command == "compare":
         if args.shift:
             parse_shift(args.shift)  # a bad name fails here, before any work
-        compare(
-            args.runs,
-            args.out,
-            {"eval_loops": args.eval_loops} if args.eval_loops else {},
-            args.shift,
-        )
+        given = {"eval_loops": args.eval_loops} if args.eval_loops else {}
+        compare(args.runs, args.out, given, args.shift)
     elif args.command == "baselines":
-        if args.task not in looped.TASKS:
-            raise harness.UserError(
-                f"unknown task {args.task!r}: use one of {', '.join(looped.TASKS)}"
-            )
-        n, d = args.n_points or looped.PAPER_TASKS[args.task]["n_points"], args.n_dims
-        # The paper's k and the prompt's last position; none at all for a prompt of one point.
-        ks = args.k or [k for k in report.shown_ks(d=d, n=n, last=True) if k > 0]
-        if min(args.prompts, d, n) < 1 or any(not 0 <= k < n for k in ks):
-            raise harness.UserError(
-                f"--prompts, --n_dims and --n_points must be at least 1, --k in 0 .. n-1 = {n - 1}"
-            )
-        prompts, prefixes = baselines.memory_needed(args.prompts, n, d)
-        harness.fits(
-            {"--prompts": prompts, "--n_points or --n_dims": prefixes},
-            torch.device("cpu"),
-            "fitting the baselines",
-        )
-        with harness.memory_guard("--prompts, --n_points or --n_dims"):
-            baseline_table(
-                args.task,
-                d,
-                n,
-                args.prompts,
-                ks,
-                args.seed,
-                args.only or baselines.TASK_BASELINES[args.task],
-                args.save,
-            )
+        run_baselines(args)
     elif args.command == "probe":
         probe(args.run, args.prompts, args.loops)
     elif args.command == "adaptive":

@@ -160,9 +160,9 @@ def test_compare_of_two_runs_under_a_shift_draws_one_comparison(tmp_path):
     for args, words in [
         (["compare", str(a), "--shift", "tilted"], "unknown shift"),
         (["compare", str(a), "/nonexistent/run"], "no checkpoint"),
-        (["baselines", "--task", "quadratic"], "unknown task"),
+        (["baselines", "--task", "quadratic"], "invalid choice"),
         (["claim9"], "invalid choice"),
-        (["baselines", "--k", "50"], "--k in 0 .. n-1"),
+        (["baselines", "--k", "50"], "--k must be in 0 .. n-1 = 40"),
     ]:
         r = run_cli(experiments.main, *args)
         assert r.returncode == 2 and words in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
