@@ -348,20 +348,56 @@ def export(
 
     until_converged: the tolerance of an adaptive graph (UntilConverged), which runs at most
     max_loops (default 5 b) loops."""
-    import logging
-    import warnings
-    from unittest import mock
-
     import onnx
-    import torch
 
     import harness
-    import looped
 
     model, cfg = load_model(run_dir)
     check_output(out)  # before any work
     adaptive = until_converged is not None
-    if adaptive:
+    n_loops, max_loops = check_loops(cfg, n_loops, dynamic_loops, fp16, until_converged, max_loops)
+    check_finite(model, cfg, run_dir, n_loops or cfg.n_loops)
+    forms = wrappers()
+    if dynamic_loops:
+        wrapper, loops, extra = forms.DynamicLoops(model), "dynamic", {}
+    elif adaptive:
+        wrapper, loops = forms.UntilConverged(model, until_converged, max_loops, signal), "adaptive"
+        extra = {"tolerance": until_converged, "max_loops": max_loops, "signal": signal}
+    else:
+        wrapper, loops, extra = forms.Unrolled(model, n_loops), n_loops, {}
+    t0 = time.perf_counter()
+    proto = trace(wrapper, cfg, loops)
+    if fp16:
+        proto = half_precision(proto)
+    onnx.helper.set_model_props(proto, metadata(cfg, loops, fp16, **extra))
+    # The graph is verified before it replaces anything at `out`: a failure leaves no file.
+    with harness.atomic(out) as tmp:
+        onnx.save(proto, tmp)  # one self-contained file: the weights are small
+        size, seconds = os.path.getsize(tmp) / 1e6, time.perf_counter() - t0
+        say(f"exported {out} ({size:.1f} MB) in {seconds:.1f} s")
+        until = (
+            forms.UntilConverged(model, until_converged, max_loops, signal) if adaptive else None
+        )
+        try:
+            report = verify(
+                tmp, model, cfg, loops if extra == {} and n_loops else None, fp16, until
+            )
+        except VerificationError:
+            raise
+        except Exception as e:  # any failure, not only a parity miss
+            raise VerificationError(f"{type(e).__name__}: {e}") from None
+    for key, value in report.items():
+        say(f"  {key}: {value}")
+    return report
+
+
+def check_loops(cfg, n_loops, dynamic_loops, fp16, until_converged, max_loops):
+    """(n_loops, max_loops) as the graph will run them, or UserError before any work: an unrolled
+    graph's n_loops (default b) 1 to 5 b, an adaptive one's positive finite tolerance and max_loops
+    (default 5 b) 1 to MAX_LOOPS, in fp32."""
+    import harness
+
+    if until_converged is not None:
         max_loops = 5 * cfg.n_loops if max_loops is None else max_loops
         harness.Count(1, MAX_LOOPS).check("--max-loops", max_loops)
         if not (until_converged > 0 and np.isfinite(until_converged)):
@@ -379,27 +415,30 @@ def export(
                 f"{n_loops}: an unrolled graph holds every loop; --dynamic-loops takes up to "
                 f"{MAX_LOOPS:,}"
             )
-    check_finite(model, cfg, run_dir, n_loops or cfg.n_loops)
-    max_points = cfg.n_positions
-    forms = wrappers()
+    return n_loops, max_loops
+
+
+def trace(wrapper, cfg, loops):
+    """The wrapper traced into an ONNX graph (a ModelProto) by torch's exporter, with the batch and
+    point axes symbolic. loops: the graph's loop count as its metadata gives it, an int, "dynamic"
+    (an int64 input n_loops) or "adaptive" (a second output, the loops each prompt used)."""
+    import logging
+    import warnings
+    from unittest import mock
+
+    import torch
+
+    import looped
+
     # Example shapes must avoid 1 (a size-1 example freezes that axis) and the maximum.
-    n_example = max(2, min(cfg.n_points, max_points) - 1)
-    xs, ys = looped.TASKS[cfg.task](
-        2, n_example, cfg.n_dims, cfg.n_dims, torch.Generator().manual_seed(0)
-    )
-    batch, points = (
-        torch.export.Dim("batch", min=1),
-        torch.export.Dim("n_points", min=1, max=max_points),
-    )
+    n_example = max(2, min(cfg.n_points, cfg.n_positions) - 1)
+    gen = torch.Generator().manual_seed(0)
+    args = looped.TASKS[cfg.task](2, n_example, cfg.n_dims, cfg.n_dims, gen)
+    batch = torch.export.Dim("batch", min=1)
+    points = torch.export.Dim("n_points", min=1, max=cfg.n_positions)
     shapes = {"xs": {0: batch, 1: points}, "ys": {0: batch, 1: points}}
-    if dynamic_loops:
-        wrapper = forms.DynamicLoops(model)
-        args, shapes["n_loops"] = (xs, ys, torch.tensor(3)), None
-    elif adaptive:
-        wrapper, args = forms.UntilConverged(model, until_converged, max_loops, signal), (xs, ys)
-    else:
-        wrapper, args = forms.Unrolled(model, n_loops), (xs, ys)
-    t0 = time.perf_counter()
+    if loops == "dynamic":
+        args, shapes["n_loops"] = (*args, torch.tensor(3)), None
     logging.getLogger("torch").setLevel(logging.ERROR)
     with (
         warnings.catch_warnings(),
@@ -413,65 +452,42 @@ def export(
             dynamic_shapes=shapes,
             verbose=False,
             input_names=list(shapes),
-            output_names=["preds", "loops"] if adaptive else ["preds"],
-            optimize=not (dynamic_loops or adaptive) and n_loops <= 20,
+            output_names=["preds", "loops"] if loops == "adaptive" else ["preds"],
+            optimize=isinstance(loops, int) and loops <= 20,
         )
-    proto = program.model_proto
-    if fp16:
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-        from onnxruntime.transformers.onnx_model import OnnxModel
+    return program.model_proto
 
-        # keep_io_types: the inputs and outputs stay float32, so an app feeds the same arrays.
-        half = OnnxModel(convert_float_to_float16(proto, keep_io_types=True))
-        half.topological_sort()  # the converter appends its input casts at the end of the graph
-        proto = half.model
-        drop_value_info(proto.graph)
+
+def half_precision(proto):
+    """The graph with float16 weights and arithmetic; its inputs and outputs stay float32, so an
+    app feeds the same arrays."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    half = OnnxModel(convert_float_to_float16(proto, keep_io_types=True))
+    half.topological_sort()  # the converter appends its input casts at the end of the graph
+    drop_value_info(half.model.graph)
+    return half.model
+
+
+def metadata(cfg, loops, fp16, **adaptive):
+    """The graph's description, as the ONNX metadata's strings: what Predictor and apps read."""
+    import looped
+
     meta = {
         "task": cfg.task,
         "n_dims": cfg.n_dims,
-        "max_points": max_points,
-        "n_loops": "adaptive" if adaptive else "dynamic" if dynamic_loops else n_loops,
+        "max_points": cfg.n_positions,
+        "n_loops": loops,
         "trained_loops": cfg.n_loops,
-        **(
-            {"tolerance": until_converged, "max_loops": max_loops, "signal": signal}
-            if adaptive
-            else {}
-        ),
+        **adaptive,  # tolerance, max_loops, signal
         "error_normaliser": looped.error_normaliser(cfg.task, cfg.n_dims),
         "precision": "fp16" if fp16 else "fp32",
         "config": json.dumps(dataclasses.asdict(cfg)),
         "version": VERSION,
         "producer": "looped export.py",
     }
-    onnx.helper.set_model_props(proto, {k: str(v) for k, v in meta.items()})
-    # The graph is verified before it replaces anything at `out`: a failure leaves no file.
-    with harness.atomic(out) as tmp:
-        onnx.save(proto, tmp)  # one self-contained file: the weights are small
-        size, seconds = os.path.getsize(tmp) / 1e6, time.perf_counter() - t0
-        say(f"exported {out} ({size:.1f} MB) in {seconds:.1f} s")
-        try:
-            adaptive_model = (
-                forms.UntilConverged(model, until_converged, max_loops, signal)
-                if adaptive
-                else None
-            )
-            report = verify(
-                tmp,
-                model,
-                cfg,
-                None if dynamic_loops or adaptive else n_loops,
-                fp16,
-                adaptive_model,
-            )
-        except Exception as e:  # any failure, not only a parity miss
-            raise (
-                e
-                if isinstance(e, VerificationError)
-                else VerificationError(f"{type(e).__name__}: {e}")
-            ) from None
-    for key, value in report.items():
-        say(f"  {key}: {value}")
-    return report
+    return {k: str(v) for k, v in meta.items()}
 
 
 def check_output(out):
