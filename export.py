@@ -379,9 +379,8 @@ def export(
             forms.UntilConverged(model, until_converged, max_loops, signal) if adaptive else None
         )
         try:
-            report = verify(
-                tmp, model, cfg, loops if extra == {} and n_loops else None, fp16, until
-            )
+            fixed = loops if isinstance(loops, int) else None  # an unrolled graph's count
+            report = verify(tmp, model, cfg, fixed, fp16, until)
         except VerificationError:
             raise
         except Exception as e:  # any failure, not only a parity miss
