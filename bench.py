@@ -393,19 +393,17 @@ def bench_export(run_dir, n_loops=None, repeats=20, tol=0.03):
     import export
 
     model, cfg = export.load_model(run_dir)
-    n_loops = n_loops or cfg.n_loops
+    n_loops, most = n_loops or cfg.n_loops, min(5 * cfg.n_loops, export.MAX_LOOPS)
     norm = looped.error_normaliser(cfg.task, cfg.n_dims)
     with tempfile.TemporaryDirectory() as tmp:
         fixed, adaptive = os.path.join(tmp, "model.onnx"), os.path.join(tmp, "adaptive.onnx")
         export.export(run_dir, fixed, n_loops, say=lambda *a: None)
-        export.export(
-            run_dir, adaptive, until_converged=tol, max_loops=5 * cfg.n_loops, say=lambda *a: None
-        )
+        export.export(run_dir, adaptive, until_converged=tol, max_loops=most, say=lambda *a: None)
         predictors = {
             f"{n_loops} loops": export.Predictor(fixed),
             f"until {tol:g}": export.Predictor(adaptive),
         }
-        until = export.wrappers().UntilConverged(model, tol, 5 * cfg.n_loops)
+        until = export.wrappers().UntilConverged(model, tol, most)
         gen = torch.Generator().manual_seed(0)
         threads = torch.get_num_threads()
         table = Table(
@@ -521,7 +519,11 @@ def main(argv=None):
         needs = {"--prompts": sum(baselines.memory_needed(args.prompts, 101, 20))}
         harness.fits(needs, torch.device("cpu"), "timing the baselines")
         names = args.only or [name for name in baselines.BASELINES if name != "zero"]
-        table = bench_baselines(args.prompts, min(args.ref_prompts, args.prompts), names)
+        if args.ref_prompts > args.prompts:
+            raise harness.UserError(
+                f"--ref_prompts {args.ref_prompts} exceeds --prompts {args.prompts}"
+            )
+        table = bench_baselines(args.prompts, args.ref_prompts, names)
     else:
         table = bench_export(args.run_dir, args.loops)
     if args.save:  # a GPU's tables beside the CPU's: results/bench_train_cuda.json

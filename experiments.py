@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import json
 import math
+import numbers
 import os
 import shlex
 import sys
@@ -209,6 +210,8 @@ def compare(run_dirs, out=None, given=None, shift=None):
     """Evaluate saved runs on the same test prompts, the baselines once: one table, figures in out
     (default runs/compare_TASK). With shift, on Garg et al.'s shifted prompts (linear regression
     only). Returns the errors."""
+    if out is not None and not out:
+        raise harness.UserError("--out must name a folder")
     runs = load_runs(run_dirs, given or {})
     cfg, model, _ = runs[0]
     device, out = model.read_out.weight.device, out or os.path.join("runs", f"compare_{cfg.task}")
@@ -583,8 +586,9 @@ def probe(run_dir, prompts=2048, loops=None):
             f"{run_dir}: probes need a looped linear-regression run (this one: "
             f"{looped.describe(cfg)}, {cfg.task})"
         )
-    loops = loops or 2 * cfg.n_loops
+    loops = min(2 * cfg.n_loops, looped.MAX_LOOPS) if loops is None else loops
     harness.Count(1, looped.MAX_LOOPS).check("--loops", loops)
+    harness.Count(4).check("--prompts", prompts)
     n, d, D = cfg.n_points, cfg.n_dims, cfg.n_embd
     # Per prompt: two states (D), a prediction and the four solvers' weights (d) per iteration, in
     # float32 and float64; the iterate baselines' predictions (n); the forward pass (2n tokens).
@@ -667,7 +671,10 @@ def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
         raise harness.UserError(f"{run_dir} is not a looped model: there is no loop to stop")
     max_loops = max_loops or cfg.eval_loops
     harness.Count(1, looped.MAX_LOOPS).check("--max_loops", max_loops)
-    if not all(t > 0 and math.isfinite(t) for t in tolerances):
+    real = [isinstance(t, numbers.Real) and not isinstance(t, bool) for t in tolerances]
+    if not tolerances or not all(
+        ok and t > 0 and math.isfinite(t) for ok, t in zip(real, tolerances)
+    ):
         raise harness.UserError(f"--tolerances must be finite numbers above 0, got {tolerances}")
     xs, ys, norm = looped.eval_prompts(cfg, torch.device("cpu"))
     fixed = looped.model_errors(model, cfg, (xs, ys, norm))["loops"][cfg.n_loops - 1]
@@ -821,6 +828,8 @@ def run_baselines(args):
     ks = args.k or [k for k in report.shown_ks(d=d, n=n, last=True) if k > 0]
     if any(not 0 <= k < n for k in ks):
         raise harness.UserError(f"--k must be in 0 .. n-1 = {n - 1}")
+    if not ks:
+        raise harness.UserError(f"--n_points {n} leaves no in-context example to score")
     prompts, prefixes = baselines.memory_needed(args.prompts, n, d)
     harness.fits(
         {"--prompts": prompts, "--n_points or --n_dims": prefixes},

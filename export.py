@@ -19,6 +19,7 @@ code and `from export import Predictor`. Export latency: `python bench.py export
 import collections
 import dataclasses
 import json
+import numbers
 import os
 import stat
 import sys
@@ -61,6 +62,8 @@ class Predictor:
 
         if device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
+        if not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"path must be a file name, got {path!r}")
         # Fatal messages only: on a machine without a GPU, onnxruntime logs its fallback from CUDA
         # to the CPU as an error, though the CPU is what such a machine should use.
         ort.set_default_logger_severity(4)
@@ -96,6 +99,16 @@ class Predictor:
                 f"{path} has incomplete or corrupt looped metadata ({type(e).__name__}: {e})"
             ) from None
         self.outputs = ["preds", "loops"] if self.adaptive else ["preds"]
+        inputs = ["xs", "ys", "n_loops"] if self.dynamic_loops else ["xs", "ys"]
+        graph = (
+            [i.name for i in self.session.get_inputs()],
+            [o.name for o in self.session.get_outputs()],
+        )
+        if graph != (inputs, self.outputs):
+            raise ValueError(
+                f"{path}: its graph's inputs and outputs {graph} are not what its metadata "
+                f"(n_loops {meta['n_loops']}) implies, {(inputs, self.outputs)}"
+            )
         self.cores = (
             len(os.sched_getaffinity(0))
             if hasattr(os, "sched_getaffinity")
@@ -130,7 +143,7 @@ class Predictor:
             feeds["n_loops"] = np.array(int(n_loops), dtype=np.int64)
         elif self.adaptive and n_loops is not None:
             raise ValueError(
-                f"this model chooses its own loop count, at most {self.meta['max_loops']}"
+                f"this model chooses its own loop count, at most {self.meta.get('max_loops')}"
             )
         elif n_loops is not None and n_loops != int(self.meta["n_loops"]):
             raise ValueError(
@@ -356,7 +369,9 @@ def export(
     check_output(out)  # before any work
     adaptive = until_converged is not None
     n_loops, max_loops = check_loops(cfg, n_loops, dynamic_loops, fp16, until_converged, max_loops)
-    check_finite(model, cfg, run_dir, n_loops or cfg.n_loops)
+    if signal not in ("prediction", "state"):
+        raise harness.UserError(f"--stop-on must be prediction or state, got {signal!r}")
+    check_finite(model, cfg, run_dir, max_loops if adaptive else n_loops or cfg.n_loops)
     forms = wrappers()
     if dynamic_loops:
         wrapper, loops, extra = forms.DynamicLoops(model), "dynamic", {}
@@ -397,23 +412,34 @@ def check_loops(cfg, n_loops, dynamic_loops, fp16, until_converged, max_loops):
     import harness
 
     if until_converged is not None:
-        max_loops = 5 * cfg.n_loops if max_loops is None else max_loops
+        if dynamic_loops or n_loops is not None:
+            raise harness.UserError(
+                "--until-converged chooses the loop count: it excludes --loops and --dynamic-loops"
+            )
+        max_loops = min(5 * cfg.n_loops, MAX_LOOPS) if max_loops is None else max_loops
         harness.Count(1, MAX_LOOPS).check("--max-loops", max_loops)
-        if not (until_converged > 0 and np.isfinite(until_converged)):
+        real = isinstance(until_converged, numbers.Real) and not isinstance(until_converged, bool)
+        if not (real and until_converged > 0 and np.isfinite(until_converged)):
             raise harness.UserError(
                 f"--until-converged must be a finite number above 0, got {until_converged}"
             )
         if fp16:  # half precision rounds the change it tests by about as much as the tolerances
             raise harness.UserError("--until-converged needs fp32: it does not go with --fp16")
-    elif not dynamic_loops:
-        n_loops = n_loops or cfg.n_loops
+        return None, int(max_loops)
+    if dynamic_loops:
+        if n_loops is not None:
+            raise harness.UserError("--loops and --dynamic-loops exclude each other")
+    else:
+        n_loops = cfg.n_loops if n_loops is None else n_loops
         unrolled = harness.Count(1, UNROLLED * cfg.n_loops)
-        if not (isinstance(n_loops, int) and unrolled.holds(n_loops)):
+        whole = isinstance(n_loops, numbers.Integral) and not isinstance(n_loops, bool)
+        if not (whole and unrolled.holds(n_loops)):
             raise harness.UserError(
                 f"--loops must be {unrolled} for this run ({UNROLLED} b, b = {cfg.n_loops}), got "
                 f"{n_loops}: an unrolled graph holds every loop; --dynamic-loops takes up to "
                 f"{MAX_LOOPS:,}"
             )
+        n_loops = int(n_loops)
     return n_loops, max_loops
 
 
@@ -426,6 +452,11 @@ def trace(wrapper, cfg, loops):
     from unittest import mock
 
     import torch
+
+    # Imported now, not lazily inside the export: a signal that lands in a lazy import leaves a
+    # half-made module, whose error would replace the signal's one line.
+    import torch._dynamo  # noqa: F401
+    import torch.export  # noqa: F401
 
     import looped
 
@@ -495,6 +526,8 @@ def check_output(out):
     there, as the export's own temporary file will be)."""
     from harness import RUN_FILES, UserError
 
+    if not isinstance(out, str):
+        raise UserError(f"-o must be a file name, got {out!r}")
     folder = os.path.dirname(os.path.abspath(out))
     if not out.endswith(".onnx") or os.path.basename(out) == ".onnx":
         raise UserError(f"-o {out}: give a file name that ends in .onnx")
@@ -673,7 +706,7 @@ def main(argv=None):
     try:
         export(
             args.run_dir,
-            args.out or default,
+            default if args.out is None else args.out,
             args.loops,
             args.dynamic_loops,
             args.fp16,

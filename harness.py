@@ -19,6 +19,7 @@ import inspect
 import io
 import json
 import math
+import numbers
 import os
 import pickle
 import shutil
@@ -91,7 +92,8 @@ class Count:
 
     def check(self, name, value):
         """UserError naming the flag unless value is a whole number in range."""
-        if isinstance(value, bool) or not isinstance(value, int) or not self.holds(value):
+        whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if not whole or not self.holds(value):
             raise UserError(f"{name} must be a whole number {self}, got {value!r}")
 
 
@@ -196,6 +198,10 @@ def cli(main):
         if e.message and rank() == 0:
             print(f"\n{prog}: {e.message}", file=sys.stderr)
         code = e.code
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as `cat` does
+        with suppress(OSError, ValueError):  # no more writes to the closed pipe at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 128 + signal.SIGPIPE
     except KeyboardInterrupt:  # Ctrl-C outside the training loop
         if rank() == 0:
             print(f"\n{prog}: stopped by SIGINT", file=sys.stderr)
@@ -317,8 +323,14 @@ def hold_folder(out, enabled=True):
     if not enabled:
         yield
         return
+    # Opened without following a link or waiting on a FIFO, and never truncated: a .lock that is not
+    # a plain file is refused, whatever it points to left alone.
+    path = os.path.join(out, ".lock")
+    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+        raise UserError(f"cannot use the run folder {out}: its .lock is not a regular file")
     try:
-        lock = open(os.path.join(out, ".lock"), "w")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+        lock = os.fdopen(os.open(path, flags), "w")
     except OSError as e:
         raise UserError(f"cannot write in the run folder {out} ({e.strerror})") from None
     with lock:
@@ -598,7 +610,10 @@ def load_checkpoint(run_dir, make_config, weight_sizes):
     try:
         cfg, found = make_config(**ckpt["config"]), weight_sizes(ckpt["model"])
         if not (
-            isinstance(ckpt["step"], int) and "state" in ckpt["optimizer"] and ckpt["rng"]["data"]
+            type(ckpt["step"]) is int
+            and ckpt["step"] >= 0
+            and "state" in ckpt["optimizer"]
+            and ckpt["rng"]["data"]
         ):
             raise TypeError("step, optimizer or random states")
     except UserError as e:

@@ -548,7 +548,7 @@ def make_config(task="linreg", preset="laptop", **overrides):
     cfg = Config(**values)
     cfg.out = cfg.out or os.path.join("runs", task)  # the derived values, set once here
     cfg.n_positions = cfg.n_positions or cfg.n_points
-    cfg.eval_loops = cfg.eval_loops or 5 * cfg.n_loops
+    cfg.eval_loops = cfg.eval_loops or min(5 * cfg.n_loops, MAX_LOOPS)
     validate(cfg)
     return cfg
 
@@ -623,11 +623,12 @@ def restore_model(ckpt, cfg, device):
 # What --resume and --eval may change in a saved run: its length, the machine, the evaluation.
 CHANGEABLE = {"steps", "out", "device", "log_every", "ckpt_every", "compile", "amp"}
 CHANGEABLE |= {"eval_prompts", "eval_loops", "n_points", "eval_every"}
+TRAINING_ONLY = {"steps", "log_every", "ckpt_every", "eval_every"}  # refused with --eval
 
 
-def saved_run(run_dir, given):
+def saved_run(run_dir, given, resume=False):
     """A saved run's checkpoint and config: it keeps its config; only its length and evaluation
-    change."""
+    change, and to be resumed its --steps must go past its step."""
     ckpt, saved = load_checkpoint(run_dir)
     for name, value in given.items():
         if name not in CHANGEABLE and value != getattr(saved, name):
@@ -635,10 +636,16 @@ def saved_run(run_dir, given):
                 f"{flag(name)} {value} differs from the saved run's {getattr(saved, name)}; "
                 "a saved run keeps its config"
             )
-    if os.path.abspath(given.get("out", run_dir)) != os.path.abspath(run_dir):
+    cfg = make_config(**{**asdict(saved), "out": run_dir, **given})
+    if resume and cfg.steps <= ckpt["step"]:
+        raise UserError(
+            f"the run in {run_dir} is at step {ckpt['step']}: give a larger --steps to train it "
+            "on (--eval re-evaluates it)"
+        )
+    if os.path.abspath(cfg.out) != os.path.abspath(run_dir):
         # --out elsewhere is a new run folder: refused if it holds a run.
-        harness.check_folder(given["out"])
-    return ckpt, make_config(**{**asdict(saved), "out": run_dir, **given})
+        harness.check_folder(cfg.out)
+    return ckpt, cfg
 
 
 def main(argv=None):
@@ -652,17 +659,16 @@ def main(argv=None):
         epilog="[defaults] are the laptop preset's; --preset paper and --task change some of them.",
     )
     baselines.keep_freed_memory()  # the evaluation's solvers allocate many large temporaries
+    training = sorted(TRAINING_ONLY & set(given))
+    if args.eval and training:
+        raise UserError(f"{flag(training[0])} is for training: it does not go with --eval")
     if args.eval or args.resume:
-        ckpt, cfg = saved_run(args.eval or args.resume, given)
+        ckpt, cfg = saved_run(args.eval or args.resume, given, resume=bool(args.resume))
         device, ctx = harness.setup_device(cfg)
         model = restore_model(ckpt, cfg, device)  # one line, early, on mismatched weights
         if args.resume:
-            if cfg.steps <= ckpt["step"]:
-                raise UserError(
-                    f"the run in {cfg.out} is at step {ckpt['step']}: give a larger --steps to "
-                    "train it on (--eval re-evaluates it)"
-                )
             return train(cfg, resume=ckpt)
+        harness.check_folder(cfg.out, reuse=True)  # its files, before the evaluation
         with harness.hold_folder(cfg.out):
             return finish(model, cfg, device, ctx)
     return train(make_config(**given), overwrite=args.overwrite)

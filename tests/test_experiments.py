@@ -571,3 +571,20 @@ def test_fuzz_the_command_line(trained_run, tmp_path, monkeypatch, data):
         ),
     )
     fuzz_cli(experiments.main, [a for part in data.draw(command) for a in part], [run, files])
+
+
+def test_the_tools_refuse_bad_values_from_python_and_empty_answers(
+    trained_run, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    for prompts in (2, -1):
+        with pytest.raises(ValueError, match="--prompts must be a whole number at least 4"):
+            experiments.probe(trained_run, prompts=prompts)
+    for tolerances in ([], ["a"], [0.1, True]):
+        with pytest.raises(ValueError, match="--tolerances must be finite numbers above 0"):
+            experiments.adaptive(trained_run, tolerances)
+    assert "--out must name a folder" in refused(
+        experiments.main, "compare", trained_run, "--out", ""
+    )
+    line = refused(experiments.main, "baselines", "--n_points", "1")
+    assert "leaves no in-context example" in line and os.listdir(tmp_path) == [], line

@@ -18,6 +18,7 @@ from common import (
     FUZZ,
     NUMBERS,
     ROOT,
+    Ran,
     diverged_copies,
     draw,
     fuzz_args,
@@ -25,6 +26,7 @@ from common import (
     refused,
     run_cli,
     snapshot,
+    stop_at_work,
 )
 from hypothesis import given
 from hypothesis import strategies as st
@@ -428,3 +430,34 @@ def test_fuzz_the_predictor(dynamic_graph, inputs, n_loops, return_loops):
         assert len(str(e).splitlines()) == 1 and str(e), repr(e)
         return
     assert preds.shape == np.shape(inputs[1]) and preds.dtype == np.float32
+
+
+def test_the_python_api_refuses_what_the_command_line_does(trained_run, dynamic_graph, tmp_path):
+    """export.export and Predictor: a bad argument is a ValueError naming it, before any work."""
+    out = str(tmp_path / "m.onnx")
+    bad = [
+        (dict(n_loops=0), "--loops must be 1 to 30"),
+        (dict(n_loops=2.0), "--loops must be 1 to 30"),
+        (dict(dynamic_loops=True, until_converged=0.1), "excludes --loops and --dynamic-loops"),
+        (dict(n_loops=3, dynamic_loops=True), "exclude each other"),
+        (dict(until_converged="0.1"), "--until-converged must be a finite number"),
+        (dict(until_converged=0.1, signal="loss"), "--stop-on must be prediction or state"),
+    ]
+    with stop_at_work():
+        for kwargs, words in bad:
+            with pytest.raises(ValueError, match=words):
+                export.export(trained_run, out, say=lambda *a: None, **kwargs)
+        with pytest.raises(ValueError, match="-o must be a file name"):
+            export.export(trained_run, None)
+        with pytest.raises(Ran):  # a numpy integer is a loop count: on to the work
+            export.export(trained_run, out, n_loops=np.int64(3))
+    assert refused(export.main, trained_run, "-o", "").endswith("ends in .onnx")
+    with pytest.raises(ValueError, match="path must be a file name"):
+        export.Predictor(None)
+    proto = onnx.load(dynamic_graph)  # metadata that says unrolled on a graph that takes n_loops
+    for prop in proto.metadata_props:
+        if prop.key == "n_loops":
+            prop.value = "3"
+    onnx.save(proto, str(tmp_path / "lying.onnx"))
+    with pytest.raises(ValueError, match="not what its metadata"):
+        export.Predictor(str(tmp_path / "lying.onnx"))

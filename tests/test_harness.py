@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import types
 
 import pytest
 import torch
-from common import ROOT, TINY_FLAGS, draw, run_cli, slow, state, tiny_config
+from common import ROOT, TINY_FLAGS, draw, refused, run_cli, slow, state, tiny_config
 
 import bench
 import experiments
@@ -129,7 +130,8 @@ def test_a_used_run_folder_is_refused_and_keeps_its_files(tmp_path):
         == 0
     )
     for flag in ("--resume", "--eval"):
-        r = run_cli(looped.main, flag, other, "--out", out)
+        longer = ["--steps", "3"] if flag == "--resume" else []  # past the run's step 2
+        r = run_cli(looped.main, flag, other, "--out", out, *longer)
         assert r.returncode == 2 and "already holds a run" in r.stderr, r.stderr
     assert hashes(out) == before  # nothing written, nothing replaced, nothing deleted
     assert (
@@ -684,3 +686,30 @@ def test_captured_steps_bookkeeping_with_stand_ins_for_cuda(monkeypatch, capsys)
         "CUDA graph capture failed (operation not permitted when stream is capturing): "
         "the steps run without CUDA graphs"
     ]
+
+
+def test_a_lock_that_is_not_a_plain_file_is_refused_and_left_alone(trained_run, tmp_path):
+    """A FIFO .lock would block the open, a link would have its target truncated: both refused."""
+    run, precious = tmp_path / "run", tmp_path / "precious.txt"
+    shutil.copytree(trained_run, run)
+    precious.write_text("kept")
+    os.remove(run / ".lock")
+    os.mkfifo(run / ".lock")
+    assert "its .lock is not a regular file" in refused(looped.main, "--eval", str(run))
+    os.remove(run / ".lock")
+    os.symlink(precious, run / ".lock")
+    assert "its .lock" in refused(looped.main, "--eval", str(run), folders=[tmp_path])
+    assert precious.read_text() == "kept"
+
+
+def test_a_closed_stdout_ends_a_command_quietly():
+    """`python export.py ... | head -1`: once head has gone, a print raises BrokenPipeError; the
+    command ends with SIGPIPE's code and no traceback."""
+    code = "import harness; harness.cli(lambda: print('x' * 10**6))"
+    r = subprocess.run(
+        f'{sys.executable} -c "{code}" | head -c 10', shell=True, cwd=ROOT, capture_output=True
+    )
+    assert r.stdout == b"x" * 10 and r.stderr == b"", r.stderr
+    code = "import harness; harness.cli(lambda: (_ for _ in ()).throw(BrokenPipeError()))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True)
+    assert r.returncode == 141 and r.stderr == b"", r.stderr

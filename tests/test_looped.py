@@ -569,11 +569,8 @@ def test_divergence_says_whether_a_checkpoint_was_kept(tmp_path):
     ],
 )
 def test_bad_input_gives_one_line_and_exit_code_2(args, words):
-    r = (
-        run_cli(looped.main, *args, "--steps", "1")
-        if "--steps" not in args
-        else run_cli(looped.main, *args)
-    )
+    short = [] if "--steps" in args or "--eval" in args else ["--steps", "1"]
+    r = run_cli(looped.main, *args, *short)
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, r.stderr
 
@@ -694,3 +691,34 @@ def test_fuzz_the_command_line(trained_run, tmp_path, data):
     options["--preset"] = st.sampled_from(["paper", "laptop", "huge"])
     argv = data.draw(st.sampled_from(where)) + data.draw(fuzz_args(options))
     fuzz_cli(looped.main, argv, [run])
+
+
+def test_saved_runs_that_would_fail_midway_are_refused_before_any_work(trained_run, tmp_path):
+    """A checkpoint's step that is negative or not a whole number, --resume into a new --out at
+    or below the step (no folder made), --eval where eval.json is a folder, and --eval with a
+    training flag: each refused in one line, every file as it was."""
+    for step in (-5, True, 2.0):
+        run = tmp_path / f"step{step}"
+        shutil.copytree(trained_run, run)
+        ckpt = state(run)
+        ckpt["step"] = step
+        torch.save(ckpt, run / "ckpt.pt")
+        line = refused(looped.main, "--resume", str(run), "--steps", "30", folders=[run])
+        assert "corrupt or not a looped checkpoint" in line, line
+    new = tmp_path / "new"
+    line = refused(looped.main, "--resume", trained_run, "--steps", "20", "--out", str(new))
+    assert f"the run in {trained_run} is at step 20" in line and not new.exists(), line
+    run = tmp_path / "evalfolder"
+    shutil.copytree(trained_run, run)
+    os.remove(run / "eval.json")
+    os.mkdir(run / "eval.json")
+    line = refused(looped.main, "--eval", str(run), folders=[run])
+    assert "its eval.json is not a regular file" in line, line
+    line = refused(looped.main, "--eval", trained_run, "--steps", "3", folders=[trained_run])
+    assert "--steps is for training: it does not go with --eval" in line, line
+
+
+def test_default_loop_counts_stay_in_their_range():
+    """5 b at test time, capped at MAX_LOOPS: a b near the top needs no --eval_loops of its own."""
+    assert looped.make_config(n_loops=2001, loop_window=3).eval_loops == looped.MAX_LOOPS
+    assert looped.make_config(n_loops=20).eval_loops == 100
