@@ -515,33 +515,6 @@ def memory_guard(flags):
         raise UserError(f"out of memory on this device: lower {flags}") from None
 
 
-# The flags that set the terms of the memory estimates, named by the messages.
-STEP_FLAGS = "--batch_size, --n_points or --window"
-WEIGHT_FLAGS = "--n_embd, --n_layer, --n_positions or --n_dims"
-
-
-def check_memory(cfg, device, solver_bytes, training=True):
-    """Refuse, before any work, sizes whose rough peak memory exceeds the device's. A training step
-    keeps about 19 D floats per token, block and trained iteration for the backward pass
-    (bench.activation_bytes measures it), beside 4 copies of the weights (with their gradients and
-    Adam's moments); the evaluation runs 256 prompts at a time, keeping the error after every
-    iteration, then the baselines fit every prefix (solver_bytes: baselines.memory_needed's
-    (prompts, prefixes))."""
-    L, D, n = 2 * cfg.n_points, cfg.n_embd, cfg.n_points
-    # The weights' bytes: the blocks, the position table and read_in.
-    weights = 4 * (12 * cfg.n_layer * D + 2 * cfg.n_positions + cfg.n_dims) * D
-    if training:
-        step = 4 * cfg.batch_size * L * D * (20 * cfg.n_layer * cfg.loop_window + 20)
-        fits({STEP_FLAGS: step, WEIGHT_FLAGS: 4 * weights}, device, "a training step")
-    needs = {
-        "--n_points or --eval_loops": 4 * 256 * (20 * L * D + 2 * cfg.eval_loops * n),
-        WEIGHT_FLAGS: weights,
-        "--eval_prompts": solver_bytes[0],
-        "--n_points or --n_dims": solver_bytes[1],
-    }
-    fits(needs, device, "the evaluation")
-
-
 def agreed_signal(received, world, group=None):
     """The signal to stop on, 0 for none: under torchrun the largest that any process received, by a
     host-side all-reduce over gloo (no device sync), so that every process stops at the same step.
@@ -779,8 +752,7 @@ class TrainingRun:
             self.opt.param_groups[0]["lr"].fill_(lr)
         else:
             self.opt.param_groups[0]["lr"] = lr
-        with memory_guard(STEP_FLAGS):
-            return (self.graphs or fn)(self.forward, self.opt, *args)
+        return (self.graphs or fn)(self.forward, self.opt, *args)
 
     def log(self, loss, **fields):
         """After a step: count it, agree on a signal, and every log_every steps (the only

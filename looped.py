@@ -401,12 +401,6 @@ def compile_backbone(model):
     model.backbone = torch.compile(model.backbone, dynamic=True)
 
 
-def check_memory(cfg, device, training=True):
-    """Refuse, before any work, sizes whose memory estimate exceeds the device's."""
-    solvers = baselines.memory_needed(cfg.eval_prompts, cfg.n_points, cfg.n_dims)
-    harness.check_memory(cfg, device, solvers, training)
-
-
 def train_step(forward, opt, ctx, xs, ys, n_loops, n_no_grad):
     """One Adam step on the windowed loss; returns the loss, left on the device (no sync)."""
     with ctx:
@@ -434,7 +428,7 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
     device, ctx = harness.setup_device(cfg)
     check_memory(cfg, device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    with harness.memory_guard(harness.WEIGHT_FLAGS):
+    with harness.memory_guard(WEIGHT_FLAGS):
         model = LoopedTransformer(cfg).to(device)
     if cfg.compile:
         compile_backbone(model)
@@ -447,18 +441,22 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
     # Fresh prompts every step, drawn on the device: one stream per process under torchrun.
     prompts = torch.Generator(device).manual_seed(cfg.seed + harness.rank())
     curve = learning_curve(model, cfg, device, ctx) if cfg.eval_every else None
-    with harness.TrainingRun(
-        cfg,
-        model,
-        device,
-        optimizer=opt,
-        prompts=prompts,
-        resume=resume,
-        overwrite=overwrite,
-        quiet=quiet,
-        work=functools.partial(work_done, cfg),  # for the time-left estimate
-        learning_curve=curve,
-    ) as run:
+    # The run's plumbing is TrainingRun's; out of memory in a step is one line naming its flags.
+    with (
+        harness.TrainingRun(
+            cfg,
+            model,
+            device,
+            optimizer=opt,
+            prompts=prompts,
+            resume=resume,
+            overwrite=overwrite,
+            quiet=quiet,
+            work=functools.partial(work_done, cfg),  # for the time-left estimate
+            learning_curve=curve,
+        ) as run,
+        harness.memory_guard(STEP_FLAGS),
+    ):
         backbone, total = count_parameters(model)
         run.say(
             f"{cfg.task}: {cfg.n_layer} layer(s) x {cfg.n_loops} loops, D {cfg.n_embd}, "
@@ -596,6 +594,33 @@ def validate(cfg):
         )
     if cfg.device.split(":")[0] not in ("auto", "cuda", "mps", "cpu"):
         raise UserError(f"unknown device {cfg.device!r}: use auto, cuda, mps or cpu")
+
+
+# The flags that set the terms of the memory estimates, named by the messages.
+STEP_FLAGS = "--batch_size, --n_points or --window"
+WEIGHT_FLAGS = "--n_embd, --n_layer, --n_positions or --n_dims"
+
+
+def check_memory(cfg, device, training=True):
+    """Refuse, before any work, sizes whose rough peak memory exceeds the device's. A training step
+    keeps about 19 D floats per token, block and trained iteration for the backward pass
+    (bench.activation_bytes measures it), beside 4 copies of the weights (with their gradients and
+    Adam's moments); the evaluation runs 256 prompts at a time, keeping the error after every
+    iteration, then the baselines fit every prefix (baselines.memory_needed)."""
+    L, D, n = 2 * cfg.n_points, cfg.n_embd, cfg.n_points
+    # The weights' bytes: the blocks, the position table and read_in.
+    weights = 4 * (12 * cfg.n_layer * D + 2 * cfg.n_positions + cfg.n_dims) * D
+    if training:
+        step = 4 * cfg.batch_size * L * D * (20 * cfg.n_layer * cfg.loop_window + 20)
+        harness.fits({STEP_FLAGS: step, WEIGHT_FLAGS: 4 * weights}, device, "a training step")
+    solvers = baselines.memory_needed(cfg.eval_prompts, cfg.n_points, cfg.n_dims)
+    needs = {
+        "--n_points or --eval_loops": 4 * 256 * (20 * L * D + 2 * cfg.eval_loops * n),
+        WEIGHT_FLAGS: weights,
+        "--eval_prompts": solvers[0],
+        "--n_points or --n_dims": solvers[1],
+    }
+    harness.fits(needs, device, "the evaluation")
 
 
 def weight_sizes(w):
