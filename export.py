@@ -428,7 +428,9 @@ def check_loops(cfg, n_loops, dynamic_loops, fp16, until_converged, max_loops):
         return None, int(max_loops)
     if dynamic_loops:
         if n_loops is not None:
-            raise harness.UserError("--loops and --dynamic-loops exclude each other")
+            raise harness.UserError(
+                "--loops and --dynamic-loops exclude each other: the loop count is an input"
+            )
     else:
         n_loops = cfg.n_loops if n_loops is None else n_loops
         unrolled = harness.Count(1, UNROLLED * cfg.n_loops)
@@ -648,7 +650,8 @@ def verify(path, model, cfg, n_loops, fp16=False, adaptive=None):
 # ---------------------------------------------------------------------------- command line
 
 
-def main(argv=None):
+def flags():
+    """export.py's command line."""
     import harness
 
     parser = harness.doc_parser("export.py", __doc__)
@@ -690,17 +693,15 @@ def main(argv=None):
         choices=["prediction", "state"],
         help="with --until-converged: the change that is tested [prediction]",
     )
-    args = parser.parse_args(argv)
-    if args.until_converged is not None and (args.loops or args.dynamic_loops):
-        raise harness.UserError(
-            "--until-converged chooses the loop count: it excludes --loops and --dynamic-loops"
-        )
+    return parser
+
+
+def main(argv=None):
+    import harness
+
+    args = flags().parse_args(argv)
     if args.until_converged is None and (args.max_loops is not None or args.stop_on):
         raise harness.UserError("--max-loops and --stop-on go with --until-converged")
-    if args.dynamic_loops and args.loops is not None:
-        raise harness.UserError(
-            "--loops and --dynamic-loops exclude each other: the loop count is an input"
-        )
     run = os.path.normpath(args.run_dir)  # the default: runs/linreg -> runs/linreg.onnx
     default = (os.path.abspath(run) if os.path.basename(run) in (".", "..") else run) + ".onnx"
     try:
