@@ -451,8 +451,8 @@ def bench_export(run_dir, n_loops=None, repeats=20, tol=0.03):
 # ---------------------------------------------------------------------------- command line
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def flags():
+    """bench.py's command line: a subcommand per benchmark, each with --save."""
     parser = harness.doc_parser("bench.py", __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="training step speed (see bench_train)")
@@ -460,7 +460,11 @@ def main(argv=None):
     p.add_argument("--preset", choices=("laptop", "paper"), help="one model only (default: both)")
     p = sub.add_parser("loop", help="steps per second of the real training loop (see bench_loop)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-    p.add_argument("--preset", help="paper or laptop (default: paper on CUDA, laptop elsewhere)")
+    p.add_argument(
+        "--preset",
+        choices=("laptop", "paper"),
+        help="default: paper on CUDA, laptop elsewhere",
+    )
     p.add_argument(
         "--steps",
         type=looped.LIMITS["steps"],
@@ -501,7 +505,12 @@ def main(argv=None):
             action="store_true",
             help="also write the table to results/bench_NAME.json (bench_NAME_cuda.json on a GPU)",
         )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = flags().parse_args(argv)
     if args.command == "train":
         looped.make_config(device=args.device)  # a bad device name is one line, before any work
         table = bench_train(args.device, [args.preset] if args.preset else ("laptop", "paper"))
