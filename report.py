@@ -712,17 +712,8 @@ def converge_section(lines, name, claims, models, times):
     improving when its curve falls, over the last eighth of its steps at the peak rate, by more
     than the spread over seeds."""
     claim = claims[name]
-    folders = sorted(
-        os.path.dirname(p) for p in glob.glob(os.path.join(RESULTS, name, "*", "run.json"))
-    )
     lines += [f"## {claim.heading}", ""]
-    runs = {}
-    for folder in folders:
-        cfg, errors, record = read_run(folder)
-        runs[os.path.basename(folder)] = (cfg, errors, record, read_curve(folder), folder)
-    by_model = {
-        m: [r for r in runs.values() if (r[0].n_layer > 1) == (m == "standard")] for m in models
-    }
+    runs, by_model = converge_runs(name, models)
     if not all(by_model.values()) or any(r[1] is None for r in runs.values()):
         lines += [
             f"Not run yet (or a run diverged): `python experiments.py {name}`, after "
@@ -737,34 +728,10 @@ def converge_section(lines, name, claims, models, times):
     }
     target = statistics.mean(final["looped"])
     flops = {m: step_flops(rs[0][0]) for m, rs in by_model.items()}
-    rows, reach = [], []
-    for run_name, (c, errors, _, curve, folder) in runs.items():
-        model = "standard" if c.n_layer > 1 else "looped"
-        test = [errors["loops"][c.n_loops - 1][j].item() for j in ks]
-        rows.append([run_name, looped.describe(c), c.seed, f"{c.lr:g}", *test])
-        steps = [first_step(curve, k, level) for level in THRESHOLDS + [target]]
-        reach.append(
-            [
-                run_name,
-                *("-" if s is None else f"{s:,} ({s * flops[model] / 1e12:.3g})" for s in steps),
-                f"{flops[model] / 1e9:.2f}",
-                f"{training_seconds(folder) / 60:.0f} min",
-            ]
-        )
+    rows, reach = result_rows(runs, ks, k, target, flops)
     least_squares = by_model["looped"][0][1]["least squares"]
     rows.append(["least squares", "", "", "", *(least_squares[j].item() for j in ks)])
-    # Runs trained from an earlier sweep (at another preset) are shown, and said to be so.
-    best = {m: best_run(claim.needs, m) for m in models}
-    best = {m: best[m] and read_run(best[m])[0] for m in models}
-    stale = [m for m, rs in by_model.items() if not all(longer(r[0], best[m]) for r in rs)]
-    if stale:
-        lines += [
-            f"These {' and '.join(stale)} runs were made from an earlier {claim.needs} sweep: "
-            f"their learning rate or initialisation is not that of {claim.needs}'s best run now "
-            f"(see the runs table). `rm -r results/{name}` and `python experiments.py {name}` "
-            "train them again.",
-            "",
-        ]
+    stale = stale_models(lines, name, claim, models, by_model)
     lines += [
         f"Each model at the learning rate {claim.needs}'s sweep found best for it"
         f"{' when they were made' if stale else ''}, for "
@@ -795,11 +762,68 @@ def converge_section(lines, name, claims, models, times):
         "",
     ]
     lines += [claim.caveat, ""] if claim.caveat else []
-    # The verdict, from the mean over seeds of each model's test error at k = 2d.
+    flat_end = cfg.steps - cfg.decay  # the last step at the peak rate
+    lines += [converge_verdict(by_model, cfg, k, final, flat_end), ""]
+    plot_converge(by_model, k, flat_end, claim, name)
+
+
+def converge_runs(name, models):
+    """A claim's runs, {folder name: (cfg, errors, run.json, learning curve, folder)}, and the
+    same grouped by model."""
+    runs = {}
+    files = glob.glob(os.path.join(RESULTS, name, "*", "run.json"))
+    for folder in sorted(os.path.dirname(p) for p in files):
+        cfg, errors, record = read_run(folder)
+        runs[os.path.basename(folder)] = (cfg, errors, record, read_curve(folder), folder)
+    by_model = {
+        m: [r for r in runs.values() if (r[0].n_layer > 1) == (m == "standard")] for m in models
+    }
+    return runs, by_model
+
+
+def stale_models(lines, name, claim, models, by_model):
+    """The models whose runs were trained from an earlier sweep (at another preset): shown, and
+    said to be so in lines."""
+    best = {m: best_run(claim.needs, m) for m in models}
+    best = {m: best[m] and read_run(best[m])[0] for m in models}
+    stale = [m for m, rs in by_model.items() if not all(longer(r[0], best[m]) for r in rs)]
+    if stale:
+        lines += [
+            f"These {' and '.join(stale)} runs were made from an earlier {claim.needs} sweep: "
+            f"their learning rate or initialisation is not that of {claim.needs}'s best run now "
+            f"(see the runs table). `rm -r results/{name}` and `python experiments.py {name}` "
+            "train them again.",
+            "",
+        ]
+    return stale
+
+
+def result_rows(runs, ks, k, target, flops):
+    """converge's two tables: each run's test error at ks, and the steps (and TFLOP) it took to
+    reach each level of validation error at k."""
+    rows, reach = [], []
+    for run_name, (c, errors, _, curve, folder) in runs.items():
+        model = "standard" if c.n_layer > 1 else "looped"
+        test = [errors["loops"][c.n_loops - 1][j].item() for j in ks]
+        rows.append([run_name, looped.describe(c), c.seed, f"{c.lr:g}", *test])
+        steps = [first_step(curve, k, level) for level in THRESHOLDS + [target]]
+        reach.append(
+            [
+                run_name,
+                *("-" if s is None else f"{s:,} ({s * flops[model] / 1e12:.3g})" for s in steps),
+                f"{flops[model] / 1e9:.2f}",
+                f"{training_seconds(folder) / 60:.0f} min",
+            ]
+        )
+    return rows, reach
+
+
+def converge_verdict(by_model, cfg, k, final, flat_end):
+    """The verdict, from the mean over seeds of each model's test error at k = 2d; the model behind
+    is still improving when its curve fell, over the last eighth of its peak-rate steps, by more
+    than the spread over seeds."""
     L, S = statistics.mean(final["looped"]), statistics.mean(final["standard"])
     behind = "standard" if S > L else "looped"
-    # The last step at the peak rate: the drop that the decay itself brings is not progress.
-    flat_end = cfg.steps - cfg.decay
 
     def at(curve, step):
         """The validation error at k at the curve's point nearest the step."""
@@ -834,7 +858,11 @@ def converge_section(lines, name, claims, models, times):
             f"{behind} model's curve fell by less than the spread over seeds over the last eighth "
             f"of its peak-rate steps."
         )
-    lines += [verdict, ""]
+    return verdict
+
+
+def plot_converge(by_model, k, flat_end, claim, name):
+    """Both models' validation curves at k, seed 42 solid, against the thresholds."""
     fig, ax = harness.figure(figsize=(7, 4.5))
     for i, rs in enumerate(by_model.values()):
         for c, _, _, curve, _ in rs:
