@@ -83,21 +83,12 @@ class Predictor:
         # get_available_providers lists CUDA even without a GPU; the session knows what it got
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if "n_dims" not in meta:
-            raise ValueError(f"{path} has no looped metadata: was it made by export.py?")
-        self.meta = meta
-        try:
-            self.n_dims, self.max_points = int(meta["n_dims"]), int(meta["max_points"])
-            self.dynamic_loops, self.adaptive = (
-                meta["n_loops"] == "dynamic",
-                meta["n_loops"] == "adaptive",
-            )
-            wide = json.loads(meta["config"]).get("n_embd", 0) >= WIDE
-        except (KeyError, ValueError, AttributeError) as e:
-            raise ValueError(
-                f"{path} has incomplete or corrupt looped metadata ({type(e).__name__}: {e})"
-            ) from None
+        self.meta = meta = self.session.get_modelmeta().custom_metadata_map
+        self.n_dims, self.max_points, wide = self.read_metadata(path)
+        self.dynamic_loops, self.adaptive = (
+            meta["n_loops"] == "dynamic",
+            meta["n_loops"] == "adaptive",
+        )
         self.outputs = ["preds", "loops"] if self.adaptive else ["preds"]
         inputs = ["xs", "ys", "n_loops"] if self.dynamic_loops else ["xs", "ys"]
         graph = (
@@ -121,6 +112,20 @@ class Predictor:
             if self.device == "cpu" and wide
             else None
         )
+
+    def read_metadata(self, path):
+        """(d, the most points, whether the model is wide) from the graph's looped metadata."""
+        meta = self.meta
+        if "n_dims" not in meta:
+            raise ValueError(f"{path} has no looped metadata: was it made by export.py?")
+        try:
+            meta["n_loops"]  # noqa: B018 (present, read by __init__)
+            wide = json.loads(meta["config"]).get("n_embd", 0) >= WIDE
+            return int(meta["n_dims"]), int(meta["max_points"]), wide
+        except (KeyError, ValueError, AttributeError) as e:
+            raise ValueError(
+                f"{path} has incomplete or corrupt looped metadata ({type(e).__name__}: {e})"
+            ) from None
 
     def __call__(self, xs, ys, n_loops=None, return_loops=False):
         """Predictions (B, n); with return_loops, for an --until-converged model, also the loops
