@@ -84,11 +84,8 @@ class Predictor:
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         self.meta = meta = self.session.get_modelmeta().custom_metadata_map
-        self.n_dims, self.max_points, wide = self.read_metadata(path)
-        self.dynamic_loops, self.adaptive = (
-            meta["n_loops"] == "dynamic",
-            meta["n_loops"] == "adaptive",
-        )
+        self.n_dims, self.max_points, loops, wide = self.read_metadata(path)
+        self.dynamic_loops, self.adaptive = loops == "dynamic", loops == "adaptive"
         self.outputs = ["preds", "loops"] if self.adaptive else ["preds"]
         inputs = ["xs", "ys", "n_loops"] if self.dynamic_loops else ["xs", "ys"]
         graph = (
@@ -114,14 +111,14 @@ class Predictor:
         )
 
     def read_metadata(self, path):
-        """(d, the most points, whether the model is wide) from the graph's looped metadata."""
+        """(d, the most points, the loop count, whether the model is wide) from the graph's looped
+        metadata."""
         meta = self.meta
         if "n_dims" not in meta:
             raise ValueError(f"{path} has no looped metadata: was it made by export.py?")
         try:
-            meta["n_loops"]  # noqa: B018 (present, read by __init__)
             wide = json.loads(meta["config"]).get("n_embd", 0) >= WIDE
-            return int(meta["n_dims"]), int(meta["max_points"]), wide
+            return int(meta["n_dims"]), int(meta["max_points"]), meta["n_loops"], wide
         except (KeyError, ValueError, AttributeError) as e:
             raise ValueError(
                 f"{path} has incomplete or corrupt looped metadata ({type(e).__name__}: {e})"
