@@ -605,13 +605,7 @@ def probe(run_dir, prompts=2048, loops=None):
         cfg.n_dims,
         torch.Generator().manual_seed(cfg.eval_seed + 2),
     )
-    P = model.embed(xs, ys)
-    Y, states, preds = torch.zeros_like(P), {"last x token": [], "mean over tokens": []}, []
-    for _ in range(loops):
-        Y = model.iterate(Y, P)
-        states["last x token"].append(Y[:, -2])  # the token whose read-out predicts the last y
-        states["mean over tokens"].append(Y.mean(1))
-        preds.append(model.read(Y)[:, -1])
+    states, preds = loop_states(model, xs, ys, loops)
     targets, half = solver_weights(xs, ys, loops), prompts // 2
     r2 = {
         where: {
@@ -623,7 +617,7 @@ def probe(run_dir, prompts=2048, loops=None):
         }
         for where in states
     }
-    preds, norm = torch.stack(preds, 1), looped.error_normaliser(cfg.task, cfg.n_dims)  # (P, t)
+    norm = looped.error_normaliser(cfg.task, cfg.n_dims)
     gap = {
         name: ((iterates(xs, ys, loops)[:, :, -1] - preds).pow(2).mean(0) / norm).tolist()
         for name, iterates in baselines.ITERATES.items()
@@ -640,6 +634,19 @@ def probe(run_dir, prompts=2048, loops=None):
         "error": ((preds - ys[:, -1:]).pow(2).mean(0) / norm).tolist(),
     }
     return save_study("probe", run_dir, record, report.plot_probe, report.probe_table)
+
+
+def loop_states(model, xs, ys, loops):
+    """What the probes read after each iteration: {where: [state (P, D) per iteration]} at the
+    last x token and averaged over tokens, and the last position's prediction (P, loops)."""
+    P = model.embed(xs, ys)
+    Y, states, preds = torch.zeros_like(P), {"last x token": [], "mean over tokens": []}, []
+    for _ in range(loops):
+        Y = model.iterate(Y, P)
+        states["last x token"].append(Y[:, -2])  # the token whose read-out predicts the last y
+        states["mean over tokens"].append(Y.mean(1))
+        preds.append(model.read(Y)[:, -1])
+    return states, torch.stack(preds, 1)
 
 
 def save_study(kind, run_dir, record, plot, table):
