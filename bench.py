@@ -511,6 +511,11 @@ def flags():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = flags().parse_args(argv)
+    if args.save:  # a GPU's tables beside the CPU's, results/bench_train_cuda.json: checked first
+        device = harness.setup_device(looped.make_config(device=getattr(args, "device", "cpu")))[0]
+        name = f"bench_{args.command}" + ("" if device.type == "cpu" else f"_{device.type}")
+        saved = os.path.join(report.RESULTS, f"{name}.json")
+        harness.check_outputs(saved)
     if args.command == "train":
         looped.make_config(device=args.device)  # a bad device name is one line, before any work
         table = bench_train(args.device, [args.preset] if args.preset else ("laptop", "paper"))
@@ -535,12 +540,8 @@ def main(argv=None):
         table = bench_baselines(args.prompts, args.ref_prompts, names)
     else:
         table = bench_export(args.run_dir, args.loops)
-    if args.save:  # a GPU's tables beside the CPU's: results/bench_train_cuda.json
-        device = harness.setup_device(looped.make_config(device=getattr(args, "device", "cpu")))[0]
-        name = f"bench_{args.command}" + ("" if device.type == "cpu" else f"_{device.type}")
-        table.save(
-            os.path.join(report.RESULTS, f"{name}.json"), "python bench.py " + shlex.join(argv)
-        )
+    if args.save:
+        table.save(saved, "python bench.py " + shlex.join(argv))
 
 
 if __name__ == "__main__":

@@ -87,11 +87,13 @@ def parse_shift(name):
     kind, _, value = name.partition("=")
     if kind not in [s.split("=")[0] for s in SHIFTS] or (value and not kind.startswith("scale")):
         raise harness.UserError(f"unknown shift {name!r}: use one of {', '.join(SHIFTS)}")
-    if kind in ("scale_x", "scale_y") and not (
-        value.replace(".", "", 1).isdigit() and float(value) > 0
-    ):
-        raise harness.UserError(f"shift {name}: give a positive scale, as in {kind}=2")
-    return kind, float(value) if value else 1.0
+    try:
+        scale = float(value) if value else 1.0
+    except ValueError:
+        scale = float("nan")
+    if not 0 < scale <= 1e6:  # a scale the float32 prompts can hold, squared in the solvers
+        raise harness.UserError(f"shift {name}: give a scale above 0, at most 1e6, as in {kind}=2")
+    return kind, scale
 
 
 def sample_shifted(name, B, n, d, gen):
@@ -597,6 +599,7 @@ def probe(run_dir, prompts=2048, loops=None):
         torch.device("cpu"),
         "probing",
     )
+    study_files("probe", run_dir, check=True)
     model = looped.restore_model(ckpt, cfg, torch.device("cpu")).eval()
     xs, ys = looped.TASKS[cfg.task](
         prompts,
@@ -649,12 +652,21 @@ def loop_states(model, xs, ys, loops):
     return states, torch.stack(preds, 1)
 
 
-def save_study(kind, run_dir, record, plot, table):
-    """A study of one run: results/KIND/RUN.json, figures/KIND_RUN.png, and its table printed."""
+def study_files(kind, run_dir, check=False):
+    """A study's record and figure, results/KIND/RUN.json and figures/KIND_RUN.png; with check,
+    both checked writable before any work (harness.check_outputs)."""
     name = os.path.basename(os.path.normpath(run_dir))
-    os.makedirs(os.path.join(RESULTS, kind), exist_ok=True)
-    harness.write_json(os.path.join(RESULTS, kind, f"{name}.json"), record, indent=1)
-    plot(record, os.path.join(FIGURES, f"{kind}_{name}.png"))
+    files = os.path.join(RESULTS, kind, f"{name}.json"), os.path.join(FIGURES, f"{kind}_{name}.png")
+    if check:
+        harness.check_outputs(*files)
+    return files
+
+
+def save_study(kind, run_dir, record, plot, table):
+    """A study of one run: its record and figure (study_files), and its table printed."""
+    record_file, figure = study_files(kind, run_dir)
+    harness.write_json(record_file, record, indent=1)
+    plot(record, figure)
     print(table(record))
     return record
 
@@ -676,13 +688,14 @@ def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
     model, cfg = export.load_model(run_dir)
     if cfg.n_loops == 1:
         raise harness.UserError(f"{run_dir} is not a looped model: there is no loop to stop")
-    max_loops = max_loops or cfg.eval_loops
+    max_loops = cfg.eval_loops if max_loops is None else max_loops
     harness.Count(1, looped.MAX_LOOPS).check("--max_loops", max_loops)
     real = [isinstance(t, numbers.Real) and not isinstance(t, bool) for t in tolerances]
     if not tolerances or not all(
         ok and t > 0 and math.isfinite(t) for ok, t in zip(real, tolerances)
     ):
         raise harness.UserError(f"--tolerances must be finite numbers above 0, got {tolerances}")
+    study_files("adaptive", run_dir, check=True)
     xs, ys, norm = looped.eval_prompts(cfg, torch.device("cpu"))
     fixed = looped.model_errors(model, cfg, (xs, ys, norm))["loops"][cfg.n_loops - 1]
     rows = {
@@ -844,6 +857,8 @@ def run_baselines(args):
         "fitting the baselines",
     )
     names = args.only or baselines.TASK_BASELINES[args.task]
+    if args.save:
+        harness.check_outputs(os.path.join(RESULTS, f"baselines_{args.task}.json"))
     with harness.memory_guard("--prompts, --n_points or --n_dims"):
         baseline_table(args.task, d, n, args.prompts, ks, args.seed, names, args.save)
 

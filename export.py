@@ -186,7 +186,7 @@ class Predictor:
         for name, a, shape in (("xs", xs, "(batch, n, d)"), ("ys", ys, "(batch, n)")):
             try:
                 arrays[name] = np.asarray(a)
-            except (ValueError, TypeError) as e:  # ragged lists
+            except (ValueError, TypeError, RuntimeError) as e:  # ragged lists; a tensor in a graph
                 raise ValueError(
                     f"{name} must be a {shape} array: {str(e).splitlines()[0]}"
                 ) from None
@@ -530,8 +530,9 @@ def check_output(out):
     there, as the export's own temporary file will be)."""
     from harness import RUN_FILES, UserError
 
-    if not isinstance(out, str):
+    if not isinstance(out, (str, os.PathLike)) or isinstance(os.fspath(out), bytes):
         raise UserError(f"-o must be a file name, got {out!r}")
+    out = os.fspath(out)
     folder = os.path.dirname(os.path.abspath(out))
     if not out.endswith(".onnx") or os.path.basename(out) == ".onnx":
         raise UserError(f"-o {out}: give a file name that ends in .onnx")

@@ -169,6 +169,9 @@ def run_flags(argv, cls, aliases, limits, **parser_kw):
         "replacing it (without this, a used folder is refused)",
     )
     args = parser.parse_args(argv)
+    for name in ("eval", "resume"):
+        if getattr(args, name) == "":
+            raise UserError(f"--{name} must name a run folder")
     if args.eval and args.resume:
         raise UserError("--eval re-evaluates a run and --resume trains it on: give one of them")
     if args.overwrite and (args.eval or args.resume):
@@ -223,6 +226,7 @@ def atomic(path):
     """Write to path.tmp, fsync, rename, fsync the folder: a crash mid-write leaves the previous
     file whole, and a failed write (a full disk) is one line that says why."""
     folder = os.path.dirname(os.path.abspath(path))
+    check_tmp(path)
     try:
         yield path + ".tmp"
         with open(path + ".tmp", "rb+") as f:
@@ -243,6 +247,27 @@ def atomic(path):
     finally:
         with suppress(FileNotFoundError):
             os.remove(path + ".tmp")
+
+
+def check_tmp(path):
+    """UserError if path.tmp, where atomic writes, is not a regular file: a link would be written
+    through, a FIFO would block, a folder would fail after the work."""
+    tmp = path + ".tmp"
+    if os.path.lexists(tmp) and not stat.S_ISREG(os.lstat(tmp).st_mode):
+        raise UserError(f"cannot write {path}: {tmp} is in the way (not a regular file)")
+
+
+def check_outputs(*paths):
+    """Before any work: each path's folder made (or UserError), and neither the path nor its .tmp
+    anything but a regular file."""
+    for path in paths:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot write {path} ({e.strerror})") from None
+        if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+            raise UserError(f"cannot write {path}: it is not a regular file")
+        check_tmp(path)
 
 
 def write_json(path, obj, **kw):
@@ -288,12 +313,12 @@ class Progress:
         return ms, f"{duration(now - self.start[0])}, ~{duration(left)} left"
 
 
-def check_folder(out, reuse=False, overwrite=False):
+def check_folder(out, reuse=False, overwrite=False, create=True):
     """Before any work: refuse a file, an unwritable folder, or one that holds a run, unless it is
     reused (--resume, --eval of the run there) or to be overwritten."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"cannot use {out} as a run folder: it is a file")
-    for name in RUN_FILES:  # a folder or a link where a run's file goes would fail mid-run
+    for name in [*RUN_FILES, *(f"{f}.tmp" for f in RUN_FILES)]:  # else they fail mid-run
         path = os.path.join(out, name)
         if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
             raise UserError(f"cannot use {out} as a run folder: its {name} is not a regular file")
@@ -304,6 +329,8 @@ def check_folder(out, reuse=False, overwrite=False):
             f"{out} already holds a run ({' and '.join(used)}): {ways}train into another --out, "
             f"or replace it with --overwrite"
         )
+    if not create and not os.path.exists(out):  # made, and tried, where the work starts
+        return
     try:
         os.makedirs(out, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()
@@ -330,7 +357,7 @@ def hold_folder(out, enabled=True):
         raise UserError(f"cannot use the run folder {out}: its .lock is not a regular file")
     try:
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-        lock = os.fdopen(os.open(path, flags), "w")
+        lock = os.fdopen(os.open(path, flags, 0o644), "w")
     except OSError as e:
         raise UserError(f"cannot write in the run folder {out} ({e.strerror})") from None
     with lock:
@@ -624,7 +651,7 @@ def load_weights(model, state):
 def rank():
     """This process's rank under torchrun (its RANK), 0 outside it: known before the group is
     joined, so that each process can seed its own prompt generator."""
-    return int(os.environ.get("RANK", 0))
+    return int(os.environ.get("RANK", 0)) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else 0
 
 
 def captures_steps(cfg, device):

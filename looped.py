@@ -441,22 +441,18 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
     # Fresh prompts every step, drawn on the device: one stream per process under torchrun.
     prompts = torch.Generator(device).manual_seed(cfg.seed + harness.rank())
     curve = learning_curve(model, cfg, device, ctx) if cfg.eval_every else None
-    # The run's plumbing is TrainingRun's; out of memory in a step is one line naming its flags.
-    with (
-        harness.TrainingRun(
-            cfg,
-            model,
-            device,
-            optimizer=opt,
-            prompts=prompts,
-            resume=resume,
-            overwrite=overwrite,
-            quiet=quiet,
-            work=functools.partial(work_done, cfg),  # for the time-left estimate
-            learning_curve=curve,
-        ) as run,
-        harness.memory_guard(STEP_FLAGS),
-    ):
+    with harness.TrainingRun(
+        cfg,
+        model,
+        device,
+        optimizer=opt,
+        prompts=prompts,
+        resume=resume,
+        overwrite=overwrite,
+        quiet=quiet,
+        work=functools.partial(work_done, cfg),  # for the time-left estimate
+        learning_curve=curve,
+    ) as run:
         backbone, total = count_parameters(model)
         run.say(
             f"{cfg.task}: {cfg.n_layer} layer(s) x {cfg.n_loops} loops, D {cfg.n_embd}, "
@@ -468,7 +464,8 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
             xs, ys = TASKS[cfg.task](run.batch_size, n, cfg.n_dims, d, prompts)
             # The paper's truncated loss: of the b iterations only the last T get a gradient.
             n_no_grad = max(b - cfg.loop_window, 0)
-            loss = run.step(train_step, ctx, xs, ys, b, n_no_grad, lr=learning_rate(cfg, step))
+            with harness.memory_guard(STEP_FLAGS):  # out of memory: one line naming the flags
+                loss = run.step(train_step, ctx, xs, ys, b, n_no_grad, lr=learning_rate(cfg, step))
             run.log(loss / error_normaliser(cfg.task, d), d=d, n=n, b=b)  # scaled as the error is
         if run.rank == 0:  # the evaluation, in the run folder still held
             return finish(model, cfg, device, ctx, run.say, started)
@@ -592,8 +589,10 @@ def validate(cfg):
             f"--eval_loops {cfg.eval_loops} is below --loops {cfg.n_loops}: evaluate at least "
             "b loops"
         )
-    if cfg.device.split(":")[0] not in ("auto", "cuda", "mps", "cpu"):
-        raise UserError(f"unknown device {cfg.device!r}: use auto, cuda, mps or cpu")
+    kind, colon, index = cfg.device.partition(":")
+    number = index.isascii() and index.isdigit() and kind != "auto"
+    if kind not in ("auto", "cuda", "mps", "cpu") or (colon and not number):
+        raise UserError(f"unknown device {cfg.device!r}: use auto, cuda, mps or cpu (cuda:N)")
 
 
 # The flags that set the terms of the memory estimates, named by the messages.
@@ -668,8 +667,8 @@ def saved_run(run_dir, given, resume=False):
             "on (--eval re-evaluates it)"
         )
     if os.path.abspath(cfg.out) != os.path.abspath(run_dir):
-        # --out elsewhere is a new run folder: refused if it holds a run.
-        harness.check_folder(cfg.out)
+        # --out elsewhere is a new run folder: refused if it holds a run (made where work starts).
+        harness.check_folder(cfg.out, create=False)
     return ckpt, cfg
 
 
@@ -693,6 +692,7 @@ def main(argv=None):
         model = restore_model(ckpt, cfg, device)  # one line, early, on mismatched weights
         if args.resume:
             return train(cfg, resume=ckpt)
+        check_memory(cfg, device, training=False)
         harness.check_folder(cfg.out, reuse=True)  # its files, before the evaluation
         with harness.hold_folder(cfg.out):
             return finish(model, cfg, device, ctx)

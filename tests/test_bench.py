@@ -88,6 +88,7 @@ def test_bench_export_reports_each_graph_on_its_own_prompts(trained_run, tmp_pat
         (["baselines", "--prompts", "0"], "at least 1"),
         (["baselines", "--prompts", "99999999999999999999"], "lower --prompts"),
         (["baselines", "--prompts", "10", "--ref_prompts", "20"], "exceeds --prompts 10"),
+        (["baselines", "--save", "--device", "x"], "unrecognized arguments"),
         (["loop", "--steps", "99999999999999999999"], "out of range: 1 to 1,000,000,000"),
         (["export", "RUN", "--loops", "1e9"], "not a whole number"),
         (["export", "RUN", "--loops", "1000000000"], "out of range: 1 to 10,000"),

@@ -588,3 +588,17 @@ def test_the_tools_refuse_bad_values_from_python_and_empty_answers(
     )
     line = refused(experiments.main, "baselines", "--n_points", "1")
     assert "leaves no in-context example" in line and os.listdir(tmp_path) == [], line
+
+
+def test_shift_scales_and_study_outputs_are_checked_before_any_work(
+    trained_run, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    for shift in ("scale_x=\u00b2", "scale_x=1" + "0" * 40, "scale_y=0", "scale_x=nan"):
+        line = refused(experiments.main, "compare", trained_run, "--shift", shift)
+        assert "give a scale above 0, at most 1e6" in line, line
+    (tmp_path / "results").write_text("not a folder")
+    for command in ("probe", "adaptive"):
+        line = refused(experiments.main, command, trained_run, folders=[tmp_path])
+        assert "cannot write results/" in line, line
+    assert "cannot write" in refused(experiments.main, "baselines", "--save", "--prompts", "4")

@@ -451,6 +451,8 @@ def test_the_python_api_refuses_what_the_command_line_does(trained_run, dynamic_
             export.export(trained_run, None)
         with pytest.raises(Ran):  # a numpy integer is a loop count: on to the work
             export.export(trained_run, out, n_loops=np.int64(3))
+        with pytest.raises(Ran):  # a path-like output, as Predictor takes
+            export.export(trained_run, tmp_path / "p.onnx")
     assert refused(export.main, trained_run, "-o", "").endswith("ends in .onnx")
     with pytest.raises(ValueError, match="path must be a file name"):
         export.Predictor(None)

@@ -722,3 +722,38 @@ def test_default_loop_counts_stay_in_their_range():
     """5 b at test time, capped at MAX_LOOPS: a b near the top needs no --eval_loops of its own."""
     assert looped.make_config(n_loops=2001, loop_window=3).eval_loops == looped.MAX_LOOPS
     assert looped.make_config(n_loops=20).eval_loops == 100
+
+
+def test_what_a_run_writes_through_is_checked_before_the_work(trained_run, tmp_path, monkeypatch):
+    """A FIFO, link or folder where atomic writes its .tmp is refused up front (it would block,
+    write through the link, or fail after the evaluation); --eval '' is refused; a refused --resume
+    into a new --out makes no folder; a device name torch cannot parse is one line."""
+    for kind in ("fifo", "link", "folder"):
+        run = tmp_path / kind
+        shutil.copytree(trained_run, run)
+        tmp, target = run / "eval.json.tmp", tmp_path / f"{kind}.txt"
+        target.write_text("kept")
+        if kind == "link":
+            os.symlink(target, tmp)
+        else:
+            (os.mkfifo if kind == "fifo" else os.mkdir)(tmp)
+        line = refused(looped.main, "--eval", str(run), folders=[tmp_path])
+        assert "its eval.json.tmp is not a regular file" in line, line
+    assert "--eval must name a run folder" in refused(looped.main, "--eval", "", "--out", "x")
+    new = tmp_path / "new"
+    line = refused(
+        looped.main,
+        "--resume",
+        trained_run,
+        "--steps",
+        "30",
+        "--out",
+        str(new),
+        "--eval_prompts",
+        "100000000000",
+    )
+    assert "needs about" in line and not new.exists(), line
+    for device in ("cpu:abc", "cpu:-1", "auto:0", "cuda:\u0663"):
+        assert "unknown device" in refused(looped.main, "--device", device, "--steps", "1")
+    monkeypatch.setenv("RANK", "1")  # RANK without torchrun's WORLD_SIZE: one process, rank 0
+    assert harness.rank() == 0
