@@ -5,6 +5,7 @@ bookkeeping."""
 import ast
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -290,16 +291,29 @@ def test_a_failed_or_interrupted_write_keeps_the_previous_file(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
-def test_a_full_disk_keeps_the_last_checkpoint_and_says_so(tmp_path):
-    """A full disk, for real: the temporary file of the next checkpoint is /dev/full, which says
-    ENOSPC; so is the log's next line."""
+def test_a_full_disk_keeps_the_last_checkpoint_and_says_so(tmp_path, monkeypatch):
+    """A full disk: the next checkpoint's write ends in ENOSPC (its fsync says so, as a full disk's
+    does), and the log's next line goes to /dev/full, which says ENOSPC for real. (A .tmp that is a
+    link, such as one to /dev/full, is refused before any work: see test_looped.)"""
     cfg = tiny_config(tmp_path / "run", steps=2, ckpt_every=2)
     looped.train(cfg, quiet=True)
     before = hashes(cfg.out)["ckpt.pt"]
-    os.symlink("/dev/full", os.path.join(cfg.out, "ckpt.pt.tmp"))
-    with pytest.raises(
-        harness.UserError, match="cannot write .*ckpt.pt .No space left on device.*intact"
+
+    fsync = os.fsync
+
+    def full(fd):  # the checkpoint's file alone: the log is trimmed first, and must succeed
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("ckpt.pt.tmp"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    with (
+        monkeypatch.context() as m,
+        pytest.raises(
+            harness.UserError,
+            match="cannot write .*ckpt.pt .No space left on device.*MB free.*intact",
+        ),
     ):
+        m.setattr(harness.os, "fsync", full)
         looped.train(tiny_config(cfg.out, steps=4, ckpt_every=2), resume=state(cfg.out), quiet=True)
     assert hashes(cfg.out)["ckpt.pt"] == before
     assert not os.path.lexists(os.path.join(cfg.out, "ckpt.pt.tmp"))
