@@ -128,8 +128,6 @@ def bench_train(device_name, presets=("laptop", "paper")):
     CUDA also "captured", what --compile runs on one GPU (the compiled M, the whole step captured as
     a CUDA graph by harness.CapturedSteps), "captured eager" (the same capture of the eager model)
     and "reduce-overhead" (M's calls as torch.compile's CUDA graphs, the rest of the step eager)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     # A captured row's optimiser is capturable, and CapturedSteps runs its warm-up steps
     # uncaptured on purpose: the optimiser's warning about that says nothing here.
     warnings.filterwarnings("ignore", "This instance was constructed with capturable=True")
@@ -164,58 +162,66 @@ def bench_train(device_name, presets=("laptop", "paper")):
         itertools.product(presets, modes, (False, True)), key=lambda r: r[1].startswith("captured")
     )
     for preset, mode, amp in rows:
-        cfg = looped.make_config("linreg", preset, device=device_name, eval_prompts=64)
-        torch.manual_seed(0)
-        model = looped.LoopedTransformer(cfg).to(device)
-        captured = mode.startswith("captured")
-        opt = torch.optim.Adam(
-            model.parameters(), lr=cfg.lr, fused=device.type == "cuda", capturable=captured
-        )
-        # bf16 autocast even on a CPU without native bf16, where looped.py trains in fp32; the
-        # compiled modes turn autocast's weight cache off, as --compile does.
-        ctx = (
-            torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=mode == "eager")
-            if amp
-            else nullcontext()
-        )
-        xs, ys = looped.eval_prompts(cfg, device)[:2]  # batch 64
-        args = (xs, ys, cfg.n_loops, cfg.n_loops - cfg.loop_window)
-        with FlopCounterMode(display=False) as counter:  # counted on the eager model
-            looped.train_step(model, opt, ctx, *args)
-        saved = activation_bytes(model, ctx, *args)
-        # Each row compiles afresh, since dynamo keeps at most 8 graphs of one function.
-        torch._dynamo.reset()
-        if mode in ("compiled", "captured"):
-            looped.compile_backbone(model)
-        elif mode == "reduce-overhead":
-            model.backbone = torch.compile(model.backbone, dynamic=True, mode="reduce-overhead")
-        step = harness.CapturedSteps(looped.train_step) if captured else looped.train_step
-        run = step_runner(step, model, opt, ctx, args, new_graphs=mode == "reduce-overhead")
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        # CapturedSteps runs 3 warm-up steps, then the capture: one more untimed call.
-        seconds_per_step = seconds(
-            run,
-            20 if preset == "laptop" or device.type == "cuda" else 3,
-            warmup=4 if captured else 3,
-            device=device,
-        )
-        if captured and step.failed:  # said by CapturedSteps; the eager fallback is not this row
-            continue
-        flops = counter.get_total_flops() / seconds_per_step
-        table.add(
-            preset,
-            mode,
-            "bf16" if amp else "fp32",
-            1000 * seconds_per_step,
-            64 / seconds_per_step,
-            flops / 1e9,
-            100 * flops / peak[amp],
-            saved / 1e6,
-            torch.cuda.max_memory_allocated() / 1e6 if device.type == "cuda" else "-",
-        )
-        del step, run  # a captured graph and its memory pool
+        row = time_step(preset, mode, amp, device_name, device, peak)
+        if row is not None:
+            table.add(*row)
     return table
+
+
+def time_step(preset, mode, amp, device_name, device, peak):
+    """bench_train's row for one model, mode and precision, or None where a capture failed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = looped.make_config("linreg", preset, device=device_name, eval_prompts=64)
+    torch.manual_seed(0)
+    model = looped.LoopedTransformer(cfg).to(device)
+    captured = mode.startswith("captured")
+    opt = torch.optim.Adam(
+        model.parameters(), lr=cfg.lr, fused=device.type == "cuda", capturable=captured
+    )
+    # bf16 autocast even on a CPU without native bf16, where looped.py trains in fp32; the
+    # compiled modes turn autocast's weight cache off, as --compile does.
+    ctx = (
+        torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=mode == "eager")
+        if amp
+        else nullcontext()
+    )
+    xs, ys = looped.eval_prompts(cfg, device)[:2]  # batch 64
+    args = (xs, ys, cfg.n_loops, cfg.n_loops - cfg.loop_window)
+    with FlopCounterMode(display=False) as counter:  # counted on the eager model
+        looped.train_step(model, opt, ctx, *args)
+    saved = activation_bytes(model, ctx, *args)
+    # Each row compiles afresh, since dynamo keeps at most 8 graphs of one function.
+    torch._dynamo.reset()
+    if mode in ("compiled", "captured"):
+        looped.compile_backbone(model)
+    elif mode == "reduce-overhead":
+        model.backbone = torch.compile(model.backbone, dynamic=True, mode="reduce-overhead")
+    step = harness.CapturedSteps(looped.train_step) if captured else looped.train_step
+    run = step_runner(step, model, opt, ctx, args, new_graphs=mode == "reduce-overhead")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    # CapturedSteps runs 3 warm-up steps, then the capture: one more untimed call.
+    seconds_per_step = seconds(
+        run,
+        20 if preset == "laptop" or device.type == "cuda" else 3,
+        warmup=4 if captured else 3,
+        device=device,
+    )
+    if captured and step.failed:  # said by CapturedSteps; the eager fallback is not this row
+        return None
+    flops = counter.get_total_flops() / seconds_per_step
+    return [
+        preset,
+        mode,
+        "bf16" if amp else "fp32",
+        1000 * seconds_per_step,
+        64 / seconds_per_step,
+        flops / 1e9,
+        100 * flops / peak[amp],
+        saved / 1e6,
+        torch.cuda.max_memory_allocated() / 1e6 if device.type == "cuda" else "-",
+    ]
 
 
 def step_runner(step, model, opt, ctx, args, new_graphs=False):

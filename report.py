@@ -434,43 +434,55 @@ def compare_section(claim, pairs, lines):
             f"(../{FIGURES}/error_vs_examples{suffix}.png)",
             "",
         ]
-        # The paper reads trees and networks at the prompt's end, linear regression at k = 2d.
-        k = ca.n_points - 1 if task in ("decision_tree", "relu_2nn") else shown_ks(ca)[-1]
-        L, S = ea["loops"][ca.n_loops - 1][k].item(), eb["loops"][0][k].item()
-        found = finding(L, S)
-        outcome = (
-            f"here at k = {k} the looped model has {fmt(L)} and the standard one {fmt(S)}: "
-            f"{FINDINGS[found]}"
-        )
-        if expected:
-            verdict = "Reproduced" if found == expected else "Not reproduced"
-            lines += [
-                f"**{verdict} at this scale.** The paper has {FINDINGS[expected]}: {paper}; "
-                f"{outcome}.",
-                "",
-            ]
-        else:
-            lines += [f"The paper gives no number ({paper}); {outcome}.", ""]
-        # The same runs with other seeds, where trained: what a user should expect.
-        for run_name, c in ((a, ca), (b, cb)):
-            pattern = os.path.join(RESULTS, claim, f"{run_name}_seed*", "run.json")
-            seeds = [os.path.dirname(p) for p in sorted(glob.glob(pattern))]
-            if not seeds:
-                continue
-            runs = [read_run(f) for f in [os.path.join(RESULTS, claim, run_name), *seeds]]
-            loops = c.eval_loops > c.n_loops
-            spread = [
-                f"seed {s.seed}: diverged"
-                if e is None
-                else f"seed {s.seed}: {fmt(e['loops'][s.n_loops - 1][k].item())}"
-                + (f", {fmt(e['loops'][-1][k].item())}" if loops else "")
-                for s, e, _ in runs
-            ]
-            at = f"at b = {c.n_loops} loops, and at {c.eval_loops}" if loops else "at its one pass"
-            lines += [
-                f"The {looped.describe(c)} at k = {k} over seeds ({at}): {'; '.join(spread)}.",
-                "",
-            ]
+        k, verdict = pair_verdict(task, ca, ea, eb, expected, paper)
+        lines += [verdict, ""]
+        lines += seed_spread(claim, k, ((a, ca), (b, cb)))
+
+
+def pair_verdict(task, ca, ea, eb, expected, paper):
+    """(k, the verdict's paragraph) for a looped run (ca, ea) against a standard one (eb): whether
+    the paper's finding, expected (None where it gives no number), reproduced at this scale."""
+    # The paper reads trees and networks at the prompt's end, linear regression at k = 2d.
+    k = ca.n_points - 1 if task in ("decision_tree", "relu_2nn") else shown_ks(ca)[-1]
+    L, S = ea["loops"][ca.n_loops - 1][k].item(), eb["loops"][0][k].item()
+    found = finding(L, S)
+    outcome = (
+        f"here at k = {k} the looped model has {fmt(L)} and the standard one {fmt(S)}: "
+        f"{FINDINGS[found]}"
+    )
+    if not expected:
+        return k, f"The paper gives no number ({paper}); {outcome}."
+    verdict = "Reproduced" if found == expected else "Not reproduced"
+    return (
+        k,
+        f"**{verdict} at this scale.** The paper has {FINDINGS[expected]}: {paper}; {outcome}.",
+    )
+
+
+def seed_spread(claim, k, named):
+    """Lines on the same runs, named [(name, cfg)], with other seeds, where trained: what a user
+    should expect."""
+    lines = []
+    for run_name, c in named:
+        pattern = os.path.join(RESULTS, claim, f"{run_name}_seed*", "run.json")
+        seeds = [os.path.dirname(p) for p in sorted(glob.glob(pattern))]
+        if not seeds:
+            continue
+        seeded = [read_run(f) for f in [os.path.join(RESULTS, claim, run_name), *seeds]]
+        loops = c.eval_loops > c.n_loops
+        spread = [
+            f"seed {s.seed}: diverged"
+            if e is None
+            else f"seed {s.seed}: {fmt(e['loops'][s.n_loops - 1][k].item())}"
+            + (f", {fmt(e['loops'][-1][k].item())}" if loops else "")
+            for s, e, _ in seeded
+        ]
+        at = f"at b = {c.n_loops} loops, and at {c.eval_loops}" if loops else "at its one pass"
+        lines += [
+            f"The {looped.describe(c)} at k = {k} over seeds ({at}): {'; '.join(spread)}.",
+            "",
+        ]
+    return lines
 
 
 def sweep_section(claim, models, lines):
@@ -637,6 +649,12 @@ def seeds_section(lines, name, claims, models):
         f"![training loss of each seed](../{FIGURES}/{name}.png)",
         "",
     ]
+    plot_seeds(runs, folders, cfg, name)
+
+
+def plot_seeds(runs, folders, cfg, name):
+    """Each seed's training loss against step, beside two estimators' loss at the last stage."""
+    b, k2d = cfg.n_loops, 2 * cfg.n_dims
     fig, ax = harness.figure(figsize=(7, 4.5))
     for i, ((c, errors, _), folder) in enumerate(zip(runs, folders)):
         with open(os.path.join(folder, "log.jsonl")) as f:
@@ -907,19 +925,7 @@ def window_section(lines, name, claims, models, base):
     harness.plot(named, FIGURES, "linreg, windows", linreg, f"_{name}", solvers)
     cfg = named[0][1]
     last, b = cfg.n_points - 1, cfg.n_loops
-    rows = []
-    for window, _, e in named:
-        curve = e["loops"][:, last]
-        rows.append(
-            [
-                window,
-                curve[b - 1].item(),
-                f"{fmt(curve.min().item())} ({curve.argmin().item() + 1})",
-                curve[2 * b - 1].item(),
-                curve[-1].item(),
-                f"{curve[-1].item() / curve[b - 1].item():.2f}",
-            ]
-        )
+    rows = [window_row(window, e["loops"][:, last], b) for window, _, e in named]
     loops = cfg.eval_loops
     lines += [
         f"Error at k = {last} against loop iterations, to {loops} = {loops // b} b (b = {b}); "
@@ -946,6 +952,19 @@ def window_section(lines, name, claims, models, base):
             else "diverges past b: reproduced**."
         ),
         "",
+    ]
+
+
+def window_row(window, curve, b):
+    """A window's row: its error at the last k after b loops, its best (and where), after 2b and
+    after the last loop, and the last against b's."""
+    return [
+        window,
+        curve[b - 1].item(),
+        f"{fmt(curve.min().item())} ({curve.argmin().item() + 1})",
+        curve[2 * b - 1].item(),
+        curve[-1].item(),
+        f"{curve[-1].item() / curve[b - 1].item():.2f}",
     ]
 
 
