@@ -750,11 +750,12 @@ def converge_section(lines, name, claims, models, times):
     least_squares = by_model["looped"][0][1]["least squares"]
     rows.append(["least squares", "", "", "", *(least_squares[j].item() for j in ks)])
     stale = stale_models(lines, name, claim, models, by_model)
+    seeds = " and ".join(map(str, seeds_of(by_model)))
     lines += [
         f"Each model at the learning rate {claim.needs}'s sweep found best for it"
         f"{' when they were made' if stale else ''}, for "
         f"{cfg.steps:,} steps ({times} times the preset's; Adam's rate warmed up over "
-        f"{cfg.warmup} steps and decayed to 0 over the last {cfg.decay}), seeds 42 and 43, a "
+        f"{cfg.warmup} steps and decayed to 0 over the last {cfg.decay}), seeds {seeds}, a "
         f"validation point (256 prompts) every {cfg.eval_every} steps; made by "
         f"`python experiments.py {name}` on {by_model['looped'][0][2]['machine']}.",
         "",
@@ -797,6 +798,11 @@ def converge_runs(name, models):
         m: [r for r in runs.values() if (r[0].n_layer > 1) == (m == "standard")] for m in models
     }
     return runs, by_model
+
+
+def seeds_of(by_model):
+    """The seeds of a claim's runs, {model: [run tuples, cfg first]}, in order."""
+    return sorted({r[0].seed for rs in by_model.values() for r in rs})
 
 
 def stale_models(lines, name, claim, models, by_model):
@@ -847,9 +853,9 @@ def converge_verdict(by_model, cfg, k, final, flat_end):
         """The validation error at k at the curve's point nearest the step."""
         return min(curve, key=lambda p: abs(p[0] - step))[1][k]
 
-    still = []
+    still, seed = [], seeds_of(by_model)[0]  # the first seed's curve is read
     for model, rs in by_model.items():
-        first = [r[3] for r in rs if r[0].seed == 42][0]
+        first = [r[3] for r in rs if r[0].seed == seed][0]
         fall = at(first, flat_end * 7 / 8) - at(first, flat_end)
         ends = [at(r[3], flat_end) for r in rs]
         spread = max(ends) - min(ends)
@@ -867,8 +873,8 @@ def converge_verdict(by_model, cfg, k, final, flat_end):
         verdict = (
             f"**Not settled: the {behind} model is still improving at {cfg.steps:,} steps.** "
             f"{outcome[0].upper()}{outcome[1:]}; over the last eighth of the steps at the peak "
-            f"rate (to step {flat_end:,}) its validation error (seed 42) fell by {fmt(fall)}, more "
-            f"than the spread over seeds ({fmt(spread)})."
+            f"rate (to step {flat_end:,}) its validation error (seed {seed}) fell by "
+            f"{fmt(fall)}, more than the spread over seeds ({fmt(spread)})."
         )
     else:
         verdict = (
@@ -880,15 +886,15 @@ def converge_verdict(by_model, cfg, k, final, flat_end):
 
 
 def plot_converge(by_model, k, flat_end, claim, name):
-    """Both models' validation curves at k, seed 42 solid, against the thresholds."""
-    fig, ax = harness.figure(figsize=(7, 4.5))
+    """Both models' validation curves at k, the first seed's solid, against the thresholds."""
+    fig, ax, first = *harness.figure(figsize=(7, 4.5)), seeds_of(by_model)[0]
     for i, rs in enumerate(by_model.values()):
         for c, _, _, curve, _ in rs:
             ax.semilogy(
                 [p[0] for p in curve],
                 [p[1][k] for p in curve],
                 color=f"C{i}",
-                ls="-" if c.seed == 42 else "--",
+                ls="-" if c.seed == first else "--",
                 label=f"{looped.describe(c)}, lr {c.lr:g}, seed {c.seed}",
             )
     for level in THRESHOLDS:
