@@ -307,17 +307,27 @@ def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, presorted=None):
             # twin went.
             mid = below.double() / 2 + above.double() / 2
             splits.append((f, torch.where(mid == above.double(), below.double(), mid)))
-        n_leaf = torch.zeros(Q, 2**depth, dtype=r.dtype, device=X.device).scatter_add(
-            1, node, valid.to(r.dtype)
-        )
-        leaf_sum = torch.zeros_like(n_leaf).scatter_add(1, node, r)
-        leaf = leaf_sum / n_leaf.clamp(min=1)  # the mean residual of each leaf
-        q = torch.zeros(Q, 1, dtype=torch.long, device=X.device)
-        for f, thr in splits:  # route the query down the same splits
-            q = 2 * q + (query.gather(1, f.gather(1, q)) > thr.gather(1, q)).long()
+        leaf, q = leaf_means(node, valid, r, depth), route(query, splits)
         fit = fit + lr * leaf.gather(1, node)
         at_query = at_query + lr * leaf.gather(1, q)[:, 0]
     return at_query
+
+
+def leaf_means(node, valid, r, depth):
+    """The mean residual r of the real samples in each of the 2^depth leaves: (Q, 2^depth)."""
+    n_leaf = torch.zeros(r.shape[0], 2**depth, dtype=r.dtype, device=r.device)
+    n_leaf = n_leaf.scatter_add(1, node, valid.to(r.dtype))
+    leaf_sum = torch.zeros_like(n_leaf).scatter_add(1, node, r)
+    return leaf_sum / n_leaf.clamp(min=1)
+
+
+def route(query, splits):
+    """The leaf a query (Q, d) reaches down the splits [(feature, threshold), each (Q, nodes)],
+    one per level: (Q, 1)."""
+    q = torch.zeros(query.shape[0], 1, dtype=torch.long, device=query.device)
+    for f, thr in splits:
+        q = 2 * q + (query.gather(1, f.gather(1, q)) > thr.gather(1, q)).long()
+    return q
 
 
 def binary_split(up, valid, r, node, K):
