@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 import baselines
+import export
 import harness
 import looped
 import report
@@ -396,7 +397,6 @@ def bench_export(run_dir, n_loops=None, repeats=20, tol=0.03):
     """Median latency of PyTorch eager and onnxruntime at batch 1 and 64, measured in one run: the
     graph unrolled at n_loops (default b), and the adaptive graph (--until-converged tol, at most
     5 b loops) with the mean loops it used, and the error at k = n - 1 of both on those prompts."""
-    import export
 
     model, cfg = export.load_model(run_dir)
     n_loops, most = n_loops or cfg.n_loops, min(5 * cfg.n_loops, export.MAX_LOOPS)
@@ -503,7 +503,7 @@ def flags():
     p.add_argument(
         "--loops",
         type=harness.Count(1, looped.MAX_LOOPS),
-        help="loop iterations to unroll, 1 to 5 b (default: the trained b)",
+        help=f"loop iterations to unroll, 1 to {export.UNROLLED} b (default: the trained b)",
     )
     for p in sub.choices.values():
         p.add_argument(

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import numbers
 import os
-import stat
 import sys
 import time
 
@@ -528,7 +527,7 @@ def check_output(out):
     """Before any work, UserError unless out is a new name or a regular .onnx file, outside any run
     folder, in a folder that takes the name and lets this process write (a file made and removed
     there, as the export's own temporary file will be)."""
-    from harness import RUN_FILES, UserError
+    from harness import RUN_FILES, UserError, special
 
     if not isinstance(out, (str, os.PathLike)) or isinstance(os.fspath(out), bytes):
         raise UserError(f"-o must be a file name, got {out!r}")
@@ -536,7 +535,7 @@ def check_output(out):
     folder = os.path.dirname(os.path.abspath(out))
     if not out.endswith(".onnx") or os.path.basename(out) == ".onnx":
         raise UserError(f"-o {out}: give a file name that ends in .onnx")
-    if os.path.lexists(out) and not stat.S_ISREG(os.lstat(out).st_mode):
+    if special(out):
         raise UserError(f"cannot write {out}: it is not a regular file (a folder, link or device)")
     if os.path.exists(out) and not os.access(out, os.W_OK):
         raise UserError(f"cannot write {out}: it is read-only")

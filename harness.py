@@ -209,7 +209,7 @@ def cli(main):
         if rank() == 0:
             print(f"\n{prog}: stopped by SIGINT", file=sys.stderr)
         code = 130
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if world_size() > 1:
         # Under torchrun all is saved and the group is gone: skip the teardown, where gloo's
         # threads can still abort (1 run in 20).
         sys.stdout.flush()
@@ -249,11 +249,16 @@ def atomic(path):
             os.remove(path + ".tmp")
 
 
+def special(path):
+    """Whether something other than a regular file is at path: a folder, link, FIFO or device."""
+    return os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode)
+
+
 def check_tmp(path):
     """UserError if path.tmp, where atomic writes, is not a regular file: a link would be written
     through, a FIFO would block, a folder would fail after the work."""
     tmp = path + ".tmp"
-    if os.path.lexists(tmp) and not stat.S_ISREG(os.lstat(tmp).st_mode):
+    if special(tmp):
         raise UserError(f"cannot write {path}: {tmp} is in the way (not a regular file)")
 
 
@@ -265,7 +270,7 @@ def check_outputs(*paths):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot write {path} ({e.strerror})") from None
-        if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+        if special(path):
             raise UserError(f"cannot write {path}: it is not a regular file")
         check_tmp(path)
 
@@ -302,13 +307,14 @@ class Progress:
 
     def __init__(self, work, step, total):
         self.work, self.total = work, work(total)
-        self.start = self.last = (time.perf_counter(), step)
+        self.start = self.last = (time.perf_counter(), step, work(step))
 
     def __call__(self, step):
-        now, (then, before) = time.perf_counter(), self.last
-        per_unit = (now - then) / max(self.work(step) - self.work(before), 1e-12)
-        left = per_unit * (self.total - self.work(step))
-        self.last = (now, step)
+        now, done = time.perf_counter(), self.work(step)
+        then, before, done_before = self.last
+        per_unit = (now - then) / max(done - done_before, 1e-12)
+        left = per_unit * (self.total - done)
+        self.last = (now, step, done)
         ms = 1000 * (now - then) / max(step - before, 1)
         return ms, f"{duration(now - self.start[0])}, ~{duration(left)} left"
 
@@ -320,7 +326,7 @@ def check_folder(out, reuse=False, overwrite=False, create=True):
         raise UserError(f"cannot use {out} as a run folder: it is a file")
     for name in [*RUN_FILES, *(f"{f}.tmp" for f in RUN_FILES)]:  # else they fail mid-run
         path = os.path.join(out, name)
-        if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+        if special(path):
             raise UserError(f"cannot use {out} as a run folder: its {name} is not a regular file")
     used = [name for name in RUN_FILES[:2] if os.path.exists(os.path.join(out, name))]
     if used and not reuse and not overwrite:
@@ -353,7 +359,7 @@ def hold_folder(out, enabled=True):
     # Opened without following a link or waiting on a FIFO, and never truncated: a .lock that is not
     # a plain file is refused, whatever it points to left alone.
     path = os.path.join(out, ".lock")
-    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+    if special(path):
         raise UserError(f"cannot use the run folder {out}: its .lock is not a regular file")
     try:
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
@@ -418,7 +424,7 @@ def trim_log(path, step):
 def join_torchrun(batch_size, device):
     """(rank, world size, a gloo group to agree on stopping without a device sync): under torchrun
     (WORLD_SIZE > 1) join the process group, NCCL on CUDA, gloo on CPU; (0, 1, None) outside it."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = world_size()
     if world == 1:
         return 0, 1, None
     if batch_size % world:
@@ -651,13 +657,18 @@ def load_weights(model, state):
 def rank():
     """This process's rank under torchrun (its RANK), 0 outside it: known before the group is
     joined, so that each process can seed its own prompt generator."""
-    return int(os.environ.get("RANK", 0)) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else 0
+    return int(os.environ.get("RANK", 0)) if world_size() > 1 else 0
+
+
+def world_size():
+    """The processes of this torchrun job (its WORLD_SIZE), 1 outside torchrun."""
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def captures_steps(cfg, device):
     """Whether the training step is replayed as CUDA graphs (CapturedSteps): under --compile on one
     GPU. Its Adam must then be capturable, its rate a tensor changed in place, read by a replay."""
-    return cfg.compile and device.type == "cuda" and int(os.environ.get("WORLD_SIZE", 1)) == 1
+    return cfg.compile and device.type == "cuda" and world_size() == 1
 
 
 class TrainingRun:

@@ -747,15 +747,13 @@ def converge_section(lines, name, claims, models, times):
     target = statistics.mean(final["looped"])
     flops = {m: step_flops(rs[0][0]) for m, rs in by_model.items()}
     rows, reach = result_rows(runs, ks, k, target, flops)
-    least_squares = by_model["looped"][0][1]["least squares"]
-    rows.append(["least squares", "", "", "", *(least_squares[j].item() for j in ks)])
     stale = stale_models(lines, name, claim, models, by_model)
-    seeds = " and ".join(map(str, seeds_of(by_model)))
     lines += [
         f"Each model at the learning rate {claim.needs}'s sweep found best for it"
         f"{' when they were made' if stale else ''}, for "
         f"{cfg.steps:,} steps ({times} times the preset's; Adam's rate warmed up over "
-        f"{cfg.warmup} steps and decayed to 0 over the last {cfg.decay}), seeds {seeds}, a "
+        f"{cfg.warmup} steps and decayed to 0 over the last {cfg.decay}), seeds "
+        f"{' and '.join(map(str, seeds_of(by_model)))}, a "
         f"validation point (256 prompts) every {cfg.eval_every} steps; made by "
         f"`python experiments.py {name}` on {by_model['looped'][0][2]['machine']}.",
         "",
@@ -823,8 +821,8 @@ def stale_models(lines, name, claim, models, by_model):
 
 
 def result_rows(runs, ks, k, target, flops):
-    """converge's two tables: each run's test error at ks, and the steps (and TFLOP) it took to
-    reach each level of validation error at k."""
+    """converge's two tables: each run's test error at ks (and least squares'), and the steps (and
+    TFLOP) it took to reach each level of validation error at k."""
     rows, reach = [], []
     for run_name, (c, errors, _, curve, folder) in runs.items():
         model = "standard" if c.n_layer > 1 else "looped"
@@ -839,6 +837,8 @@ def result_rows(runs, ks, k, target, flops):
                 f"{training_seconds(folder) / 60:.0f} min",
             ]
         )
+    least_squares = next(iter(runs.values()))[1]["least squares"]  # the same test prompts
+    rows.append(["least squares", "", "", "", *(least_squares[j].item() for j in ks)])
     return rows, reach
 
 
