@@ -128,8 +128,8 @@ class Config:
     eval_seed: int = 1234
     """seed of the test prompts, apart from training's"""
     eval_every: int = 0
-    """steps between learning-curve points in log.jsonl (validation error on 256 prompts drawn
-    apart from the test's); 0: off"""
+    """steps between points of the learning curve, the val_error in log.jsonl (on 256 prompts
+    drawn apart from the test's); 0: off"""
 
 
 # ---------------------------------------------------------------------------- tasks
@@ -339,7 +339,7 @@ class LoopedTransformer(nn.Module):
 
 
 def count_parameters(model):
-    """(paper convention: blocks + ln_f, as nanoGPT counts; total: everything)."""
+    """(the paper's count: blocks and ln_f, as nanoGPT counts; everything)."""
     backbone = sum(p.numel() for p in [*model.blocks.parameters(), *model.ln_f.parameters()])
     return backbone, sum(p.numel() for p in model.parameters())
 
@@ -387,9 +387,8 @@ def describe(cfg):
     """The model in a few words, for tables and legends."""
     if cfg.n_loops == 1:
         return f"transformer, {cfg.n_layer} layers"
-    return f"looped, b = {cfg.n_loops}, T = {cfg.loop_window}" + (
-        f", {cfg.n_layer} layers" if cfg.n_layer > 1 else ""
-    )
+    layers = f", {cfg.n_layer} layers" if cfg.n_layer > 1 else ""
+    return f"looped, b = {cfg.n_loops}, T = {cfg.loop_window}{layers}"
 
 
 # ---------------------------------------------------------------------------- training
@@ -412,9 +411,9 @@ def train_step(forward, opt, ctx, xs, ys, n_loops, n_no_grad):
     return loss.detach()
 
 
-def learning_curve(model, cfg, device, ctx):
-    """--eval_every: a function of no arguments giving the error at every k after b loops, on 256
-    validation prompts drawn apart from the test prompts."""
+def val_error(model, cfg, device, ctx):
+    """--eval_every: a function of no arguments giving the validation error, at every k after b
+    loops on 256 prompts drawn apart from the test prompts."""
     val = eval_prompts(replace(cfg, eval_prompts=256, eval_seed=cfg.eval_seed + 1), device)
     at_b = replace(cfg, eval_loops=cfg.n_loops)
     return lambda: model_errors(model, at_b, val, ctx)["loops"][-1].tolist()
@@ -440,7 +439,7 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
     opt = torch.optim.Adam(model.parameters(), lr=lr, fused=cuda, capturable=captured)
     # Fresh prompts every step, drawn on the device: one stream per process under torchrun.
     prompts = torch.Generator(device).manual_seed(cfg.seed + harness.rank())
-    curve = learning_curve(model, cfg, device, ctx) if cfg.eval_every else None
+    val = val_error(model, cfg, device, ctx) if cfg.eval_every else None
     with harness.TrainingRun(
         cfg,
         model,
@@ -451,7 +450,7 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
         overwrite=overwrite,
         quiet=quiet,
         work=functools.partial(work_done, cfg),  # for the time-left estimate
-        learning_curve=curve,
+        learning_curve=val,
     ) as run:
         backbone, total = count_parameters(model)
         run.say(
@@ -505,14 +504,14 @@ PAPER = dict(n_dims=20, n_positions=101, n_embd=256, n_head=8, n_layer=1)  # pro
 PAPER.update(dims_start=5, curriculum_every=5000, loops_every=500)  # the curriculum's pace
 PAPER.update(steps=500_000, batch_size=64, lr=1e-4, warmup=0, decay=0)  # Adam at a constant rate
 PAPER.update(embed_init=0.02, attn_init=0.02, eval_loops=500)  # GPT-2's initialisation; the test
+REGRESSION = dict(n_loops=20, loop_window=15, n_points=41, points_start=11, points_inc=2)
+LONG = dict(n_points=101, points_start=26, points_inc=5)  # trees and ReLU networks: longer prompts
 PAPER_TASKS = {
-    "linreg": dict(n_loops=20, loop_window=15, n_points=41, points_start=11, points_inc=2),
-    "noisy_linreg": dict(n_loops=20, loop_window=15, n_points=41, points_start=11, points_inc=2),
-    "sparse_linreg": dict(n_loops=20, loop_window=10, n_points=41, points_start=11, points_inc=2),
-    "decision_tree": dict(
-        n_loops=70, loop_window=15, n_points=101, points_start=26, points_inc=5, eval_loops=200
-    ),
-    "relu_2nn": dict(n_loops=12, loop_window=5, n_points=101, points_start=26, points_inc=5),
+    "linreg": REGRESSION,
+    "noisy_linreg": REGRESSION,
+    "sparse_linreg": dict(REGRESSION, loop_window=10),
+    "decision_tree": dict(LONG, n_loops=70, loop_window=15, eval_loops=200),
+    "relu_2nn": dict(LONG, n_loops=12, loop_window=5),
 }
 # The laptop values are the dataclass's, except for two tasks (see the README, "Differences"): the
 # ReLU network's baseline trains one network per test prompt and prefix, so it gets fewer prompts.
@@ -562,10 +561,9 @@ def flag(name):
 MAX_LOOPS = 10_000
 SEED = harness.Count(0, 2**63 - 1)
 LIMITS = dict(n_loops=harness.Count(1, MAX_LOOPS), eval_loops=harness.Count(0, MAX_LOOPS))
-LIMITS.update(steps=harness.Count(1, 10**9))
-LIMITS.update(seed=SEED, eval_seed=SEED, n_positions=harness.Count(0))
-LIMITS.update({name: harness.Count(0) for name in ("points_inc", "curriculum_every")})
-LIMITS.update({name: harness.Count(0) for name in ("loops_every", "eval_every", "warmup", "decay")})
+LIMITS.update(steps=harness.Count(1, 10**9), seed=SEED, eval_seed=SEED)
+ZERO_IS_OFF = "n_positions points_inc curriculum_every loops_every eval_every warmup decay"
+LIMITS.update({name: harness.Count(0) for name in ZERO_IS_OFF.split()})
 
 
 def validate(cfg):
