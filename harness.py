@@ -1,33 +1,21 @@
-"""The run around the method, so that looped.py shows the method and nothing a user does loses work.
-
-`TrainingRun` holds a training loop's plumbing: the run folder (a used one refused, one process
-at a time), torchrun and DDP, an exact resume, CUDA graphs, the NaN check, the log and the
-learning curve, checkpoints, and SIGINT / SIGTERM turned into a request to save and stop. Around
-it: one-line errors and exit codes (`UserError`: exit 2; a signal: 130 for SIGINT, 143 for
-SIGTERM), a training command line from a config dataclass's field docstrings, files written
-whole or not at all (`atomic`), checkpoints loaded only when safe and consistent, the device and
-its precision, memory estimates checked before work starts, and a run's table and figures. It
-imports nothing of the project; looped.py, export.py, bench.py, report.py and experiments.py
-build on it.
+"""The run's plumbing, so that looped.py shows the method and nothing a user does loses work:
+`TrainingRun` (run folder and lock, torchrun and DDP, exact resume, CUDA graphs, NaN check, log,
+checkpoints, SIGINT / SIGTERM as a request to save and stop), the errors every command reports in
+one line (`UserError`, `Interrupted`), files written whole or not at all, checkpoints loaded only
+when safe, the device, and memory checked before work starts. It imports nothing of the project.
 """
 
-import argparse
-import ast
 import dataclasses
 import errno
-import inspect
 import io
 import json
 import math
-import numbers
 import os
 import pickle
 import shutil
 import signal
 import stat
-import sys
 import tempfile
-import textwrap
 import threading
 import time
 import warnings
@@ -42,8 +30,7 @@ RUN_FILES = ("ckpt.pt", "log.jsonl", "eval.json", "error_vs_examples.png", "erro
 
 class UserError(ValueError):
     """A mistake in the user's input, or a machine that cannot do what was asked (a full disk, too
-    little memory): every command line reports it as one line and exit code 2; to a Python caller
-    it is a ValueError."""
+    little memory): one line and exit code 2 on a command line (cli.cli), a ValueError in Python."""
 
 
 class Diverged(UserError):
@@ -51,171 +38,13 @@ class Diverged(UserError):
 
 
 class Interrupted(BaseException):
-    """A command stopped by SIGINT or SIGTERM: one line (empty on the processes of a torchrun job
-    other than rank 0) and the signal's conventional exit code, 128 + its number. A BaseException,
-    as KeyboardInterrupt is, so that no `except Exception` (torch.onnx.export retries a failed
-    trace that way) can swallow it."""
+    """A command stopped by SIGINT or SIGTERM: one line (empty on torchrun's ranks but 0) and exit
+    code 128 + the signal's number. A BaseException, as KeyboardInterrupt is, so that no `except
+    Exception` (torch.onnx.export retries a failed trace that way) can swallow it."""
 
     def __init__(self, message, signum):
         super().__init__(message)
         self.message, self.signum, self.code = message, signum, 128 + signum
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, not argparse's usage block
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-class Count:
-    """An argparse type, and a check for values given in code: a whole number from low to high
-    (high None: no bound here, the memory estimates bound it). `str(Count(1, 100))` is the range
-    that --help shows, so the help and the check are one definition."""
-
-    def __init__(self, low, high=None):
-        self.low, self.high = low, high
-
-    def __str__(self):
-        return f"{self.low:,} to {self.high:,}" if self.high is not None else f"at least {self.low}"
-
-    def __call__(self, text):
-        try:
-            value = int(text)
-        except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if not self.holds(value):
-            raise argparse.ArgumentTypeError(f"{value} is out of range: {self}")
-        return value
-
-    def holds(self, value):
-        return self.low <= value and (self.high is None or value <= self.high)
-
-    def check(self, name, value):
-        """UserError naming the flag unless value is a whole number in range."""
-        whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-        if not whole or not self.holds(value):
-            raise UserError(f"{name} must be a whole number {self}, got {value!r}")
-
-
-def positive(text):
-    """An argparse type: a finite number above 0 (a tolerance, a rate)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"{value} is not a finite number above 0")
-    return value
-
-
-def doc_parser(prog, doc):
-    """A command line's Parser: its description doc's first paragraph, its epilog the rest."""
-    first, rest = doc.split("\n\n", 1)
-    formatter = argparse.RawDescriptionHelpFormatter
-    return Parser(prog=prog, description=first, epilog=rest, formatter_class=formatter)
-
-
-def field_docs(cls):
-    """{field name: the docstring under it} for a dataclass written as cleanrl writes its Args."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    return {
-        field.target.id: " ".join(doc.value.value.split())
-        for field, doc in zip(body, body[1:])
-        if isinstance(field, ast.AnnAssign)
-        and isinstance(doc, ast.Expr)
-        and isinstance(doc.value, ast.Constant)
-        and isinstance(doc.value.value, str)
-    }
-
-
-def add_dataclass_flags(parser, cls, aliases=None, limits=None):
-    """One flag per field of dataclass cls (and its alias, if any), its help the field's docstring
-    with its range (limits: {field: Count}, where it has a top) and the default; a flag not given
-    parses to None, so that a preset can tell it apart."""
-    aliases, docs, limits = aliases or {}, field_docs(cls), limits or {}
-    for f in dataclasses.fields(cls):
-        flags = [f"--{f.name}"] + ([aliases[f.name]] if f.name in aliases else [])
-        kind = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)
-        limit = limits.get(f.name)
-        shown = f" ({limit})" if limit is not None and limit.high is not None else ""
-        default = repr(f.default) if f.default == "" else f.default
-        help = f"{docs[f.name]}{shown} [{default}]"
-        if kind is bool:
-            parser.add_argument(
-                *flags, action=argparse.BooleanOptionalAction, default=None, help=help
-            )
-        else:
-            metavar = kind.__name__.upper()
-            parser.add_argument(*flags, type=kind, dest=f.name, metavar=metavar, help=help)
-
-
-def run_flags(argv, cls, aliases, limits, **parser_kw):
-    """A training command line: one flag per field of dataclass cls, then --resume, --eval and
-    --overwrite. Returns ({field: value} for the flags given, the parsed arguments)."""
-    parser = Parser(formatter_class=argparse.RawDescriptionHelpFormatter, **parser_kw)
-    add_dataclass_flags(parser, cls, aliases, limits)
-    parser.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue a run from its checkpoint (--steps may grow)"
-    )
-    parser.add_argument(
-        "--eval",
-        metavar="RUN_DIR",
-        help="re-evaluate a saved run, no training (several runs, shifted prompts: experiments.py)",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="train into a run folder that holds a run, "
-        "replacing it (without this, a used folder is refused)",
-    )
-    args = parser.parse_args(argv)
-    for name in ("eval", "resume"):
-        if getattr(args, name) == "":
-            raise UserError(f"--{name} must name a run folder")
-    if args.eval and args.resume:
-        raise UserError("--eval re-evaluates a run and --resume trains it on: give one of them")
-    if args.overwrite and (args.eval or args.resume):
-        raise UserError("--overwrite starts a new run: it does not go with --eval or --resume")
-    names = [f.name for f in dataclasses.fields(cls)]
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}, args
-
-
-def stop_now(signum, frame):
-    """Outside the training loop a signal stops the command at once: nothing there is lost."""
-    raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
-
-
-def cli(main):
-    """Run a command line: a UserError is one line on stderr and exit code 2, never a traceback; a
-    signal stops it with one line and the signal's code (130, 143). A training run saves first."""
-    prog, code = os.path.basename(sys.argv[0]), 0
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop_now)  # Ctrl-C raises KeyboardInterrupt, handled below
-    try:
-        main()
-    except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        code = 2
-    # Under torchrun rank 0 alone says so (torchrun also stops the others this way).
-    except Interrupted as e:
-        if e.message and rank() == 0:
-            print(f"\n{prog}: {e.message}", file=sys.stderr)
-        code = e.code
-    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as `cat` does
-        with suppress(OSError, ValueError):  # no more writes to the closed pipe at exit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = 128 + signal.SIGPIPE
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop
-        if rank() == 0:
-            print(f"\n{prog}: stopped by SIGINT", file=sys.stderr)
-        code = 130
-    if world_size() > 1:
-        # Under torchrun all is saved and the group is gone: skip the teardown, where gloo's
-        # threads can still abort (1 run in 20).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
 
 
 # ---------------------------------------------------------------------------- files
@@ -241,9 +70,8 @@ def atomic(path):
         if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk: how full
             with suppress(OSError):
                 why += f"; {shutil.disk_usage(folder).free / 1e6:,.0f} MB free on its disk"
-        raise UserError(
-            f"cannot write {path} ({why}): the file there before, if any, is intact"
-        ) from None
+        why = f"cannot write {path} ({why}): the file there before, if any, is intact"
+        raise UserError(why) from None
     finally:
         with suppress(FileNotFoundError):
             os.remove(path + ".tmp")
@@ -255,16 +83,14 @@ def special(path):
 
 
 def check_tmp(path):
-    """UserError if path.tmp, where atomic writes, is not a regular file: a link would be written
-    through, a FIFO would block, a folder would fail after the work."""
-    tmp = path + ".tmp"
-    if special(tmp):
-        raise UserError(f"cannot write {path}: {tmp} is in the way (not a regular file)")
+    """UserError unless path.tmp, where atomic writes, is a regular file or nothing: a link would be
+    written through, a FIFO would block, a folder would fail after the work."""
+    if special(path + ".tmp"):
+        raise UserError(f"cannot write {path}: {path}.tmp is in the way (not a regular file)")
 
 
 def check_outputs(*paths):
-    """Before any work: each path's folder made (or UserError), and neither the path nor its .tmp
-    anything but a regular file."""
+    """Before any work: each path's folder made, and the path and its .tmp regular files or none."""
     for path in paths:
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -285,38 +111,11 @@ def append_line(log, record):
     try:
         print(json.dumps(record), file=log, flush=True)
     except OSError as e:
-        raise UserError(
-            f"cannot write {log.name} ({e.strerror}); the last checkpoint is intact"
-        ) from None
+        why = f"cannot write {log.name} ({e.strerror}); the last checkpoint is intact"
+        raise UserError(why) from None
 
 
-def duration(seconds):
-    """45s, 3m05s or 2h07m: a time as a person reads it."""
-    s = round(seconds)
-    if s < 60:
-        return f"{s}s"
-    return f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s // 60 % 60:02d}m"
-
-
-class Progress:
-    """Each report: the milliseconds per step since the previous report, and the time since
-    training started with an estimate of the time left. work(i) is the cost of steps 0 .. i - 1 in
-    any unit (the curriculum makes later steps dearer), total the last step; the seconds per unit
-    are measured over the steps since the previous report, so the estimate follows the machine's
-    actual speed. work is a function, not a table, so that a long run costs no memory up front."""
-
-    def __init__(self, work, step, total):
-        self.work, self.total = work, work(total)
-        self.start = self.last = (time.perf_counter(), step, work(step))
-
-    def __call__(self, step):
-        now, done = time.perf_counter(), self.work(step)
-        then, before, done_before = self.last
-        per_unit = (now - then) / max(done - done_before, 1e-12)
-        left = per_unit * (self.total - done)
-        self.last = (now, step, done)
-        ms = 1000 * (now - then) / max(step - before, 1)
-        return ms, f"{duration(now - self.start[0])}, ~{duration(left)} left"
+# ---------------------------------------------------------------------------- the run folder
 
 
 def check_folder(out, reuse=False, overwrite=False, create=True):
@@ -325,16 +124,13 @@ def check_folder(out, reuse=False, overwrite=False, create=True):
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"cannot use {out} as a run folder: it is a file")
     for name in [*RUN_FILES, *(f"{f}.tmp" for f in RUN_FILES)]:  # else they fail mid-run
-        path = os.path.join(out, name)
-        if special(path):
+        if special(os.path.join(out, name)):
             raise UserError(f"cannot use {out} as a run folder: its {name} is not a regular file")
     used = [name for name in RUN_FILES[:2] if os.path.exists(os.path.join(out, name))]
     if used and not reuse and not overwrite:
         ways = f"continue it with --resume {out}, " if "ckpt.pt" in used else ""
-        raise UserError(
-            f"{out} already holds a run ({' and '.join(used)}): {ways}train into another --out, "
-            f"or replace it with --overwrite"
-        )
+        ways += "train into another --out, or replace it with --overwrite"
+        raise UserError(f"{out} already holds a run ({' and '.join(used)}): {ways}")
     if not create and not os.path.exists(out):  # made, and tried, where the work starts
         return
     try:
@@ -346,9 +142,8 @@ def check_folder(out, reuse=False, overwrite=False, create=True):
 
 @contextmanager
 def hold_folder(out, enabled=True):
-    """Hold the run folder for this process: a second training run, --resume or --eval in the same
-    folder at the same time is refused, where both would write its files (POSIX; elsewhere no lock).
-    """
+    """Hold the run folder: a second training run, --resume or --eval in it at the same time is
+    refused, where both would write its files (POSIX; elsewhere no lock)."""
     try:
         import fcntl
     except ImportError:
@@ -370,42 +165,15 @@ def hold_folder(out, enabled=True):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise UserError(
+            why = (
                 f"another process is using the run folder {out}; wait for it, or use another --out"
-            ) from None
+            )
+            raise UserError(why) from None
         yield
 
 
-def remove_run(out):
-    """Delete a run's files, for --overwrite, once every check has passed."""
-    for name in RUN_FILES:
-        with suppress(FileNotFoundError):
-            os.remove(os.path.join(out, name))
-
-
-def load_tensors(path):
-    """torch.load of tensors and plain data only (weights_only): a file whose pickle names other
-    objects, and so could run code, is refused with one line and its code never runs; a file that
-    is no torch checkpoint at all (truncated, empty, random) is one line too."""
-    try:
-        with warnings.catch_warnings():  # torch warns about some plain pickles before refusing them
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e):  # "Trying to load unsupported GLOBAL os.system ..."
-            raise UserError(
-                f"{path} holds more than tensors and plain data: refused, as loading it "
-                "could run code"
-            ) from None
-        raise UserError(f"{path} is corrupt or not a torch checkpoint") from None
-    except Exception as e:
-        raise UserError(
-            f"{path} is corrupt or not a torch checkpoint ({type(e).__name__})"
-        ) from None
-
-
 def trim_log(path, step):
-    """Keep the JSON lines of a log up to a checkpoint's step: a run resumed there logs each step
+    """Keep a log's JSON lines up to a checkpoint's step, so that a run resumed there logs each step
     once, whatever a crash left past it (a line cut short, or garbage, goes too)."""
     kept = []
     if os.path.exists(path):
@@ -418,12 +186,97 @@ def trim_log(path, step):
         f.writelines(kept)
 
 
-# ---------------------------------------------------------------- hardware, memory and signals
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def load_tensors(path):
+    """torch.load of tensors and plain data only (weights_only): a pickle that names other objects,
+    and so could run code, is refused unrun; a file that is no checkpoint at all is one line too."""
+    try:
+        with warnings.catch_warnings():  # torch warns about some plain pickles before refusing them
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):  # "Trying to load unsupported GLOBAL os.system ..."
+            why = "holds more than tensors and plain data: refused, as loading it could run code"
+            raise UserError(f"{path} {why}") from None
+        raise UserError(f"{path} is corrupt or not a torch checkpoint") from None
+    except Exception as e:
+        why = type(e).__name__
+        raise UserError(f"{path} is corrupt or not a torch checkpoint ({why})") from None
+
+
+def save_checkpoint(path, model, opt, cfg, step, data_states):
+    """One dict, written atomically. data_states: every process's prompt generator, so that a
+    resumed run draws the prompts an uninterrupted one would."""
+    rng = {"data": data_states, "torch": torch.get_rng_state()}
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+    ckpt.update(config=dataclasses.asdict(cfg), step=step, rng=rng)
+    buffer = (
+        io.BytesIO()
+    )  # serialised first, so that a failed write is an OSError, caught by atomic
+    torch.save(ckpt, buffer)
+    with atomic(path) as tmp, open(tmp, "wb") as f:
+        f.write(buffer.getbuffer())
+
+
+def load_checkpoint(run_dir, make_config, weight_sizes):
+    """A run's checkpoint and its config, made by make_config from the saved values; UserError if
+    the file is missing or corrupt, or if the sizes its weights imply (weight_sizes, from the state
+    dict: {config field: size}) disagree with its config."""
+    path = os.path.join(run_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}")
+    ckpt = load_tensors(path)
+    try:
+        cfg, found = make_config(**ckpt["config"]), weight_sizes(ckpt["model"])
+        sound = type(ckpt["step"]) is int and ckpt["step"] >= 0 and "state" in ckpt["optimizer"]
+        if not (sound and ckpt["rng"]["data"]):
+            raise TypeError("step, optimizer or random states")
+    except UserError as e:
+        raise UserError(f"{path} was made with an incompatible config: {e}") from None
+    except Exception as e:
+        why = type(e).__name__
+        raise UserError(f"{path} is corrupt or not a looped checkpoint ({why})") from None
+    wrong = [name for name, value in found.items() if value != getattr(cfg, name)]
+    if wrong:
+        name = wrong[0]
+        why = f"its weights have {name} {found[name]}, its config {getattr(cfg, name)}"
+        raise UserError(f"{path}: {why}")
+    bad = [k for k, w in ckpt["model"].items() if torch.is_tensor(w) and not w.isfinite().all()]
+    if bad:  # training never saves such weights; a file changed since, or another program's
+        why = f"has weights that are not finite ({bad[0]}): the model diverged"
+        raise UserError(f"{path} (step {ckpt['step']}) {why}; train it again, with a lower --lr")
+    return ckpt, cfg
+
+
+def load_weights(model, state):
+    """model.load_state_dict(state), with one line where the two do not match."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        why = str(e).splitlines()[-1].strip()[:200]
+        raise UserError(f"checkpoint weights do not match its config: {why}") from None
+    return model
+
+
+# ---------------------------------------------------------------- torchrun and signals
+
+
+def world_size():
+    """The processes of this torchrun job (its WORLD_SIZE), 1 outside torchrun."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def rank():
+    """This process's rank under torchrun, 0 outside it: known before the group is joined, so that
+    each process can seed its own prompt generator."""
+    return int(os.environ.get("RANK", 0)) if world_size() > 1 else 0
 
 
 def join_torchrun(batch_size, device):
     """(rank, world size, a gloo group to agree on stopping without a device sync): under torchrun
-    (WORLD_SIZE > 1) join the process group, NCCL on CUDA, gloo on CPU; (0, 1, None) outside it."""
+    join the process group, NCCL on CUDA, gloo on CPU; (0, 1, None) outside it."""
     world = world_size()
     if world == 1:
         return 0, 1, None
@@ -431,6 +284,66 @@ def join_torchrun(batch_size, device):
         raise UserError(f"--batch_size {batch_size} does not split over {world} processes")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world, dist.new_group(backend="gloo") if device.type == "cuda" else None
+
+
+def agreed_signal(received, world, group=None):
+    """The signal to stop on, 0 for none: under torchrun the largest any process received, by a
+    host-side all-reduce over gloo, so that every process stops at the same step."""
+    if world == 1:  # called every step: no tensor, no collective
+        return received[0] if received else 0
+    signum = torch.tensor(received[0] if received else 0)
+    dist.all_reduce(signum, dist.ReduceOp.MAX, group=group)
+    return int(signum)
+
+
+@contextmanager
+def stop_signals(world):
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) ask the loop to save and stop after
+    the current step: yields the signals received. A second one stops at once, except under
+    torchrun, which forwards the signal it got to every process and kills them 30 s later."""
+
+    def handle(signum, frame):
+        if received and world == 1:
+            name = signal.Signals(signum).name
+            why = f"stopped by a second {name}: nothing saved since the last checkpoint"
+            raise Interrupted(why, signum)
+        received.append(signum)
+
+    received = []
+    main = threading.current_thread() is threading.main_thread()  # only it gets signals
+    old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        yield received
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# ---------------------------------------------------------------- device and memory
+
+
+def setup_device(cfg):
+    """Device and precision, decided once from cfg.device, cfg.amp and cfg.compile: (device,
+    autocast context or a null one). Under torchrun each process takes its LOCAL_RANK's GPU."""
+    mps = torch.backends.mps.is_available()
+    available = {"cuda": torch.cuda.is_available(), "mps": mps, "cpu": True}
+    name = next(k for k, v in available.items() if v) if cfg.device == "auto" else cfg.device
+    if not available[name.split(":")[0]]:
+        raise UserError(f"--device {name} asked for, but it is not available here")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
+    device = torch.device(name)
+    if device.type == "cuda":  # TF32 matmuls: about fp32's accuracy at tensor-core speed
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.set_device(device.index or 0)  # cuda:N the current device, for its streams
+    amp = cfg.amp and (device.type != "cpu" or cpu_has_bf16())
+    if cfg.amp and not amp:
+        slow = "bf16 autocast is several times slower"
+        print(f"--amp: this CPU has no native bf16, where {slow}; training in fp32")
+    if not amp:
+        return device, nullcontext()
+    # Under --compile without autocast's cache of cast weights, which a CUDA graph cannot hold.
+    return device, torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not cfg.compile)
 
 
 def cpu_has_bf16():
@@ -442,75 +355,6 @@ def cpu_has_bf16():
     except OSError:  # not Linux: oneDNN's own test
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
-class CapturedSteps:
-    """fn, a training step, run as CUDA graphs: recorded once per shape of its arguments (forward,
-    backward and optimizer step, thousands of kernels) and replayed with one launch per step. fn
-    must read its tensors only from its arguments, sync nothing with the host and draw no random
-    numbers; its optimizer must be capturable. Every call is a real step on its own arguments: the
-    first `warmup` calls of a new shape run eagerly on a side stream (as capture requires), the next
-    one is captured on that stream, and from then on a call copies its tensors into the graph's
-    static inputs and replays it, returning the graph's output (overwritten by the next replay). A
-    new shape frees the old graph (a curriculum never returns to one); a capture that fails is said
-    once, then fn runs eagerly (what the failed capture allocated may stay reserved). Tensors must
-    be on the current device.
-    https://docs.pytorch.org/docs/stable/notes/cuda.html#whole-network-capture"""
-
-    def __init__(self, fn, warmup=3):
-        self.fn, self.warmup, self.stream = fn, warmup, torch.cuda.Stream()
-        self.key, self.graph, self.failed, self.captures = None, None, False, 0
-
-    def __call__(self, *args):
-        if self.failed:
-            return self.fn(*args)
-        # Tensors are keyed by shape and dtype; other objects are kept, compared by identity.
-        key = tuple((a.shape, a.dtype) if torch.is_tensor(a) else a for a in args)
-        if key != self.key:
-            # A new curriculum stage: the old graph, its memory pool and static inputs go.
-            self.key, self.calls, self.graph, self.inputs, self.out = key, 0, None, None, None
-        self.calls += 1
-        if self.calls <= self.warmup:
-            self.stream.wait_stream(torch.cuda.current_stream())
-            # Uncaptured on purpose: no advice wanted.
-            with torch.cuda.stream(self.stream), warnings.catch_warnings():
-                warnings.filterwarnings(
-                    "ignore", "This instance was constructed with capturable=True"
-                )
-                out = self.fn(*args)
-            torch.cuda.current_stream().wait_stream(self.stream)
-            out.record_stream(torch.cuda.current_stream())  # made on the side stream, used here
-            return out
-        if self.graph is None:
-            self.inputs, graph = (
-                [a.clone() if torch.is_tensor(a) else a for a in args],
-                torch.cuda.CUDAGraph(),
-            )
-            try:
-                # Capture records and runs nothing: this call's step is the first replay. The
-                # outer stream context restores the stream if the capture fails.
-                with (
-                    torch.cuda.stream(self.stream),
-                    torch.cuda.graph(graph, stream=self.stream),
-                ):
-                    self.out = self.fn(*self.inputs)
-            except Interrupted:
-                raise
-            except Exception as e:  # RuntimeError from CUDA, others from a compiler
-                # The capture's own error, not capture_end's that follows it.
-                cause = e.__context__ or e
-                print(
-                    f"CUDA graph capture failed ({str(cause).splitlines()[0][:200]}): the steps "
-                    "run without CUDA graphs"
-                )
-                self.failed, self.inputs, self.out = True, None, None
-                return self.fn(*args)
-            self.graph, self.captures = graph, self.captures + 1
-        for static, a in zip(self.inputs, args):
-            if torch.is_tensor(a):
-                static.copy_(a)
-        self.graph.replay()
-        return self.out
 
 
 def device_memory(device):
@@ -531,9 +375,9 @@ def fits(needs, device, what):
     bytes}, exceeds the device's memory; the message names the flags of the largest term."""
     need, have = sum(needs.values()), device_memory(device)
     if have and need > have:
+        why = f"more than the {have / 2**30:,.1f} GiB of this {device.type} device"
         raise UserError(
-            f"{what} needs about {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of "
-            f"this {device.type} device: lower {max(needs, key=needs.get)}"
+            f"{what} needs about {need / 2**30:,.1f} GiB, {why}: lower {max(needs, key=needs.get)}"
         )
 
 
@@ -548,127 +392,93 @@ def memory_guard(flags):
         raise UserError(f"out of memory on this device: lower {flags}") from None
 
 
-def agreed_signal(received, world, group=None):
-    """The signal to stop on, 0 for none: under torchrun the largest that any process received, by a
-    host-side all-reduce over gloo (no device sync), so that every process stops at the same step.
-    """
-    if world == 1:  # called every step: no tensor, no collective
-        return received[0] if received else 0
-    signum = torch.tensor(received[0] if received else 0)
-    dist.all_reduce(signum, dist.ReduceOp.MAX, group=group)
-    return int(signum)
+def captures_steps(cfg, device):
+    """Whether the training step is replayed as CUDA graphs (CapturedSteps): under --compile on one
+    GPU. Its Adam must then be capturable, its rate a tensor changed in place, read by a replay."""
+    return cfg.compile and device.type == "cuda" and world_size() == 1
 
 
-@contextmanager
-def stop_signals(world):
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) ask the loop to save and stop after
-    the current step: yields the signals received. A second one stops at once, except under
-    torchrun, which forwards the signal it got to every process and kills them 30 s later."""
+class CapturedSteps:
+    """fn, a training step, run as CUDA graphs: captured once per shape of its arguments, then
+    replayed in one launch. fn must read its tensors only from its arguments (on the current
+    device), sync nothing with the host and draw no random numbers; its optimizer must be
+    capturable. Every call is a real step; its output is overwritten by the next replay. A failed
+    capture is said once, then fn runs eagerly.
+    https://docs.pytorch.org/docs/stable/notes/cuda.html#whole-network-capture"""
 
-    def handle(signum, frame):
-        if received and world == 1:
-            raise Interrupted(
-                f"stopped by a second {signal.Signals(signum).name}: nothing saved since the last "
-                f"checkpoint",
-                signum,
-            )
-        received.append(signum)
+    def __init__(self, fn, warmup=3):
+        self.fn, self.warmup, self.stream = fn, warmup, torch.cuda.Stream()
+        self.key, self.graph, self.failed, self.captures = None, None, False, 0
 
-    received = []
-    main = threading.current_thread() is threading.main_thread()  # only it gets signals
-    old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
-    try:
-        yield received
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+    def __call__(self, *args):
+        if self.failed:
+            return self.fn(*args)
+        # Tensors are keyed by shape and dtype; other objects are kept, compared by identity.
+        key = tuple((a.shape, a.dtype) if torch.is_tensor(a) else a for a in args)
+        if key != self.key:  # a new curriculum stage: the old graph and its memory go
+            self.key, self.calls, self.graph, self.inputs, self.out = key, 0, None, None, None
+        self.calls += 1
+        if self.calls <= self.warmup:
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream), warnings.catch_warnings():  # uncaptured on purpose
+                warnings.filterwarnings(
+                    "ignore", "This instance was constructed with capturable=True"
+                )
+                out = self.fn(*args)
+            torch.cuda.current_stream().wait_stream(self.stream)
+            out.record_stream(torch.cuda.current_stream())  # made on the side stream, used here
+            return out
+        if self.graph is None:
+            self.inputs = [a.clone() if torch.is_tensor(a) else a for a in args]
+            graph = torch.cuda.CUDAGraph()
+            try:
+                # Capture records and runs nothing: this call's step is the first replay. The
+                # outer stream context restores the stream if the capture fails.
+                with torch.cuda.stream(self.stream), torch.cuda.graph(graph, stream=self.stream):
+                    self.out = self.fn(*self.inputs)
+            except Interrupted:
+                raise
+            except Exception as e:  # RuntimeError from CUDA, others from a compiler
+                cause = e.__context__ or e  # the capture's own error, not capture_end's after it
+                why = str(cause).splitlines()[0][:200]
+                print(f"CUDA graph capture failed ({why}): the steps run without CUDA graphs")
+                self.failed, self.inputs, self.out = True, None, None
+                return self.fn(*args)
+            self.graph, self.captures = graph, self.captures + 1
+        for static, a in zip(self.inputs, args):
+            if torch.is_tensor(a):
+                static.copy_(a)
+        self.graph.replay()
+        return self.out
 
 
 # ---------------------------------------------------------------------------- a training run
 
 
-def save_checkpoint(path, model, opt, cfg, step, data_states):
-    """One dict, written atomically (a failed write keeps the previous one). data_states: every
-    process's prompt generator, so that a resumed run draws the prompts an uninterrupted one would.
-    """
-    ckpt = {
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "config": dataclasses.asdict(cfg),
-        "step": step,
-        "rng": {"data": data_states, "torch": torch.get_rng_state()},
-    }
-    # Serialised first, so that a failed write is an OSError, caught by atomic.
-    buffer = io.BytesIO()
-    torch.save(ckpt, buffer)
-    with atomic(path) as tmp, open(tmp, "wb") as f:
-        f.write(buffer.getbuffer())
+def duration(seconds):
+    """45s, 3m05s or 2h07m: a time as a person reads it."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    return f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s // 60 % 60:02d}m"
 
 
-def load_checkpoint(run_dir, make_config, weight_sizes):
-    """A run's checkpoint and its config, made by make_config from the saved values; UserError if
-    the file is missing or corrupt, or if the sizes its weights imply (weight_sizes, from the state
-    dict: {config field: size}) disagree with its config."""
-    path = os.path.join(run_dir, "ckpt.pt")
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}")
-    ckpt = load_tensors(path)  # a pickle that would run code is refused, unrun
-    try:
-        cfg, found = make_config(**ckpt["config"]), weight_sizes(ckpt["model"])
-        if not (
-            type(ckpt["step"]) is int
-            and ckpt["step"] >= 0
-            and "state" in ckpt["optimizer"]
-            and ckpt["rng"]["data"]
-        ):
-            raise TypeError("step, optimizer or random states")
-    except UserError as e:
-        raise UserError(f"{path} was made with an incompatible config: {e}") from None
-    except Exception as e:
-        raise UserError(
-            f"{path} is corrupt or not a looped checkpoint ({type(e).__name__})"
-        ) from None
-    wrong = [name for name, value in found.items() if value != getattr(cfg, name)]
-    if wrong:
-        raise UserError(
-            f"{path}: its weights have {wrong[0]} {found[wrong[0]]}, its config "
-            f"{getattr(cfg, wrong[0])}"
-        )
-    bad = [k for k, w in ckpt["model"].items() if torch.is_tensor(w) and not w.isfinite().all()]
-    if bad:  # training never saves such weights; a file changed since, or another program's
-        raise UserError(
-            f"{path} (step {ckpt['step']}) has weights that are not finite ({bad[0]}): the model "
-            "diverged; train it again, with a lower --lr"
-        )
-    return ckpt, cfg
+class Progress:
+    """Each call: the ms per step since the previous call, and the time since the start with an
+    estimate of the time left. work(i) is the cost of steps 0 .. i - 1 in any unit (a curriculum
+    makes later steps dearer), measured in seconds over the steps since the previous call."""
 
+    def __init__(self, work, step, total):
+        self.work, self.total = work, work(total)
+        self.start = self.last = (time.perf_counter(), step, work(step))
 
-def load_weights(model, state):
-    """model.load_state_dict(state), with one line where the two do not match."""
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(
-            f"checkpoint weights do not match its config: {str(e).splitlines()[-1].strip()[:200]}"
-        ) from None
-    return model
-
-
-def rank():
-    """This process's rank under torchrun (its RANK), 0 outside it: known before the group is
-    joined, so that each process can seed its own prompt generator."""
-    return int(os.environ.get("RANK", 0)) if world_size() > 1 else 0
-
-
-def world_size():
-    """The processes of this torchrun job (its WORLD_SIZE), 1 outside torchrun."""
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
-def captures_steps(cfg, device):
-    """Whether the training step is replayed as CUDA graphs (CapturedSteps): under --compile on one
-    GPU. Its Adam must then be capturable, its rate a tensor changed in place, read by a replay."""
-    return cfg.compile and device.type == "cuda" and world_size() == 1
+    def __call__(self, step):
+        now, done = time.perf_counter(), self.work(step)
+        then, before, done_before = self.last
+        left = (now - then) / max(done - done_before, 1e-12) * (self.total - done)
+        self.last = (now, step, done)
+        ms = 1000 * (now - then) / max(step - before, 1)
+        return ms, f"{duration(now - self.start[0])}, ~{duration(left)} left"
 
 
 class TrainingRun:
@@ -679,15 +489,9 @@ class TrainingRun:
                 loss = run.step(train_step, *batch, lr=...)
                 run.log(loss, d=d, n=n, b=b)
 
-    Entering it checks and holds the run folder (a used one is refused unless resumed or
-    overwritten), joins torchrun and, with `resume` (a checkpoint), restores the weights, the
-    optimizer, the prompt generator (one per process) and the log, so that the run continues
-    exactly. `run.step` runs the step function on the model (wrapped in DDP under torchrun) and the
-    optimizer, as CUDA graphs under --compile on one GPU, at the given rate. `run.log` counts the
-    step, checks for NaN, writes the log line and the learning-curve point (`learning_curve`, a
-    function of no arguments), and saves a checkpoint every cfg.ckpt_every steps. SIGINT and
-    SIGTERM end `run.steps()` after a saved step, which then raises Interrupted; under torchrun
-    every process stops at the same step. Only rank 0 writes and talks (`run.say`)."""
+    `resume` (a checkpoint) restores weights, optimizer, prompt generators and log exactly. SIGINT
+    and SIGTERM end `run.steps()` after a saved step, every process at the same one, which then
+    raises Interrupted. Only rank 0 writes and talks (`run.say`)."""
 
     def __init__(
         self,
@@ -718,7 +522,9 @@ class TrainingRun:
         try:
             self.rank, self.world, self.group = join_torchrun(cfg.batch_size, device)
             if self.overwrite and resume is None and self.rank == 0:  # every check has passed
-                remove_run(cfg.out)
+                for name in RUN_FILES:
+                    with suppress(FileNotFoundError):
+                        os.remove(os.path.join(cfg.out, name))
             self.say = (lambda *a: None) if self.quiet or self.rank else print
             self.batch_size = cfg.batch_size // self.world  # each process its share of the batch
             self.captured = captures_steps(cfg, device)
@@ -738,10 +544,8 @@ class TrainingRun:
         resume, gen = self.resume, self.prompts
         data = resume["rng"]["data"]  # a CUDA generator's state is not a CPU one's
         if len(data) != self.world or data[self.rank].numel() != gen.get_state().numel():
-            raise UserError(
-                f"resume on the kind of device (GPU or CPU) and with the processes "
-                f"({len(data)}) that wrote the checkpoint"
-            )
+            why = f"the processes ({len(data)}) that wrote the checkpoint"
+            raise UserError(f"resume on the kind of device (GPU or CPU) and with {why}")
         self.model.load_state_dict(resume["model"])
         # Adam's saved values, stepped as this run steps (fused, capturable), not as the saver did.
         saved = resume["optimizer"]
@@ -772,15 +576,10 @@ class TrainingRun:
         if self.world > 1:  # leave together: a group still referenced at exit can abort gloo
             dist.barrier()
             dist.destroy_process_group()
-        if self.signum:  # saved in log()
-            out, name = self.cfg.out, signal.Signals(self.signum).name
-            message = (
-                f"stopped by {name} at step {self.taken}, checkpoint saved; continue with "
-                f"--resume {out}"
-            )
-            raise Interrupted(
-                message if self.rank == 0 else "", self.signum
-            )  # rank 0 alone says so
+        if self.signum:  # saved in log(); rank 0 alone says so
+            name, out = signal.Signals(self.signum).name, self.cfg.out
+            why = f"stopped by {name} at step {self.taken}, checkpoint saved; continue with "
+            raise Interrupted(f"{why}--resume {out}" if self.rank == 0 else "", self.signum)
 
     def step(self, fn, *args, lr):
         """fn(forward, opt, *args) at Adam's rate lr: one training step, its loss left on the
@@ -796,10 +595,9 @@ class TrainingRun:
         """After a step: count it, agree on a signal, and every log_every steps (the only
         host-device syncs) check the loss and weights for NaN and log the mean loss since the last
         line with fields; then the learning-curve point and the checkpoint, when due."""
-        cfg, world = self.cfg, self.world
+        cfg, world, step = self.cfg, self.world, self.taken + 1
         self.running += loss  # on the device: no sync
-        self.taken += 1
-        step = self.taken
+        self.taken = step
         self.signum = agreed_signal(self.received, world, self.group)  # all stop at one step
         is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or self.signum
         if step % cfg.log_every == 0 or is_ckpt:
@@ -807,14 +605,10 @@ class TrainingRun:
                 dist.all_reduce(self.running)
                 self.running /= world
             mean = self.running.item() / (step - self.last)
-            if not math.isfinite(mean) or not all(
-                p.isfinite().all() for p in self.model.parameters()
-            ):
-                kept = (
-                    f"the last good checkpoint is kept in {self.ckpt_path}"
-                    if os.path.exists(self.ckpt_path)
-                    else "no checkpoint was written"
-                )
+            weights = self.model.parameters()
+            if not (math.isfinite(mean) and all(p.isfinite().all() for p in weights)):
+                kept = f"the last good checkpoint is kept in {self.ckpt_path}"
+                kept = kept if os.path.exists(self.ckpt_path) else "no checkpoint was written"
                 raise Diverged(
                     f"training diverged at step {step} (loss {mean}); lower --lr; {kept}"
                 )
@@ -841,133 +635,3 @@ class TrainingRun:
         if self.log_file:
             self.log_file.close()
         self.held.__exit__(*exc)
-
-
-def setup_device(cfg):
-    """Device and precision, decided once from cfg.device, cfg.amp and cfg.compile: (device,
-    autocast context or a null one). Under torchrun each process takes its LOCAL_RANK's GPU."""
-    available = {
-        "cuda": torch.cuda.is_available(),
-        "mps": torch.backends.mps.is_available(),
-        "cpu": True,
-    }
-    name = next(k for k, v in available.items() if v) if cfg.device == "auto" else cfg.device
-    if not available[name.split(":")[0]]:
-        raise UserError(f"--device {name} asked for, but it is not available here")
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        name = f"cuda:{os.environ['LOCAL_RANK']}"
-    device = torch.device(name)
-    if device.type == "cuda":  # TF32 matmuls: about fp32's accuracy at tensor-core speed
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.cuda.set_device(device.index or 0)  # cuda:N the current device, for its streams
-    amp = cfg.amp and (device.type != "cpu" or cpu_has_bf16())
-    if cfg.amp and not amp:
-        print(
-            "--amp: this CPU has no native bf16, where bf16 autocast is several times slower; "
-            "training in fp32"
-        )
-    if not amp:
-        return device, nullcontext()
-    # Under --compile without autocast's cache of cast weights, which a CUDA graph cannot hold.
-    return device, torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not cfg.compile)
-
-
-# ---------------------------------------------------------------- a run's table and figures
-
-
-def figure(*args, **kw):
-    """A new figure and its axes (plt.subplots' arguments), drawn off screen by the Agg backend so
-    that a run or the report draws where no display is."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(*args, **kw)
-
-
-def save_figure(fig, path):
-    """Lay the figure out and write it as a PNG, whole or not at all (atomic), then free it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with atomic(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-
-
-def table(runs, title, baseline_names):
-    """Error at a few k for runs [(name, cfg, errors)] on the same prompts, and the first run's
-    baselines (baseline_names, keys of its errors)."""
-    _, cfg, errors = runs[0]
-    ks = sorted(
-        {
-            k
-            for k in (1, cfg.n_dims // 2, cfg.n_dims, 2 * cfg.n_dims, cfg.n_points - 1)
-            if 0 < k < cfg.n_points
-        }
-    )
-    rows = {}
-    for name, c, e in runs:
-        rows[name] = e["loops"][c.n_loops - 1]
-        if c.eval_loops != c.n_loops:
-            rows[f"{name}: {c.eval_loops} loops"] = e["loops"][-1]
-    rows.update({name: errors[name] for name in baseline_names})
-    width = max(26, *map(len, rows)) + 2
-    lines = [
-        f"normalised squared error, {title}, d = {cfg.n_dims}, {cfg.eval_prompts} prompts",
-        f"{'k (in-context examples)':<{width}}" + "".join(f"{k:>9}" for k in ks),
-    ]
-    lines += [
-        f"{name:<{width}}" + "".join(f"{err[k].item():>9.4f}" for k in ks)
-        for name, err in rows.items()
-    ]
-    return "\n".join(lines)
-
-
-def plot(runs, out, title, baseline_names, suffix="", solvers=None, loops=True):
-    """Figures in folder out for runs [(name, cfg, errors)] evaluated on the same prompts: error
-    against in-context examples (every run, and the first run's baselines, baseline_names) and,
-    with loops, error at the last position against loop iterations (every looped run; solvers:
-    name -> error after each of its iterations, drawn one iteration per loop)."""
-    _, cfg, errors = runs[0]
-    fig, ax = figure(figsize=(6.5, 4.5))
-    curves = [(name, e["loops"][c.n_loops - 1], e["band looped"], 2.5) for name, c, e in runs]
-    curves += [(name, errors[name], errors[f"band {name}"], 1.5) for name in baseline_names]
-    for i, (name, err, band, lw) in enumerate(curves):
-        ax.plot(err, lw=lw, color=f"C{i}", label=name)
-        ax.fill_between(range(cfg.n_points), *band, color=f"C{i}", alpha=0.2, lw=0)
-    ax.set(
-        xlabel="in-context examples k",
-        ylabel="normalised squared error",
-        ylim=(-0.05, 1.5),
-        title=f"{title}, d = {cfg.n_dims} (90% bootstrap bands)",
-    )
-    figures = [(fig, ax, "examples")]
-    if loops and any(c.eval_loops > 1 for _, c, _ in runs):
-        fig, ax = figure(figsize=(6.5, 4.5))
-        last = cfg.n_points - 1
-        curves = [
-            (name, e["loops"][:, last], 2.5, c.n_loops) for name, c, e in runs if c.eval_loops > 1
-        ]
-        # A solver's iterations are drawn as loops, one iteration per loop.
-        curves += [(f"{n} iterations", err, 1.5, None) for n, err in (solvers or {}).items()]
-        for i, (name, err, lw, b) in enumerate(curves):
-            ax.semilogy(
-                range(1, len(err) + 1), err.clamp(min=1e-12), lw=lw, color=f"C{i}", label=name
-            )
-            if b:
-                ax.axvline(b, color=f"C{i}", ls="--", lw=1)
-        floor = min(err.min().item() for _, err, _, _ in curves)
-        solver = " (or solver iteration)" if solvers else ""
-        ax.set(
-            xlabel=f"loop iteration{solver}; dashed: trained b",
-            ylabel=f"normalised squared error at k = {last}",
-            title=f"{title}: error against iterations",
-            ylim=(max(floor / 3, 1e-8), None),  # the exact solvers reach 1e-14
-        )
-        figures.append((fig, ax, "loops"))
-    for fig, ax, name in figures:
-        ax.legend(fontsize=8)
-        save_figure(fig, os.path.join(out, f"error_vs_{name}{suffix}.png"))

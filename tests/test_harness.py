@@ -1,6 +1,6 @@
-"""Tests of harness.py: nothing lost (run folders, locks, signals, atomic writes, memory checks,
-safe checkpoint loading), the command lines' help, torchrun and DDP on gloo, and CUDA-graph
-bookkeeping."""
+"""Tests of harness.py, cli.py and plots.py: nothing lost (run folders, locks, signals, atomic
+writes, memory checks, safe checkpoint loading), the command lines' help, torchrun and DDP on gloo,
+and CUDA-graph bookkeeping."""
 
 import ast
 import contextlib
@@ -30,8 +30,9 @@ import looped
 
 def test_project_imports_form_the_designed_stack():
     """Every import of a project file, lazy ones included: baselines.py and harness.py are leaves,
-    looped.py needs only them, export.py nothing but looped.py and the leaves, and nothing imports
-    in a circle. Every .py file in the repository root is a project file."""
+    cli.py and plots.py need only harness.py, looped.py only these, export.py nothing but looped.py
+    and these, and nothing imports in a circle. Every .py file in the repository root is a project
+    file."""
     files = sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py"))
     imports = {}
     for name in files:
@@ -42,8 +43,10 @@ def test_project_imports_form_the_designed_stack():
         found |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         imports[name] = found & set(files)
     assert imports["baselines"] == imports["harness"] == set()
-    assert imports["looped"] == {"baselines", "harness"}
-    assert imports["export"] <= {"looped", "baselines", "harness"}
+    assert imports["cli"] == imports["plots"] == {"harness"}
+    leaves = {"baselines", "harness", "cli", "plots"}
+    assert imports["looped"] == leaves
+    assert imports["export"] <= leaves | {"looped"}
     assert "experiments" not in imports["bench"]
     order = []  # a topological order exists only where there is no circle
     while len(order) < len(files):

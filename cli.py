@@ -1,0 +1,168 @@
+"""Command lines: flags made from a config dataclass, argparse types whose range is their help, and
+`cli`, which runs a command so that a mistake is one line and exit code 2 (harness.UserError), a
+signal its conventional code (130, 143) and a closed pipe 141, never a traceback.
+"""
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import math
+import numbers
+import os
+import signal
+import sys
+import textwrap
+import threading
+from contextlib import suppress
+
+from harness import Interrupted, UserError, rank, world_size
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, not argparse's usage block
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+class Count:
+    """An argparse type, and a check for values given in code: a whole number from low to high
+    (high None: no bound here, the memory estimates bound it). `str(Count(1, 100))` is the range
+    that --help shows, so the help and the check are one definition."""
+
+    def __init__(self, low, high=None):
+        self.low, self.high = low, high
+
+    def __str__(self):
+        return f"{self.low:,} to {self.high:,}" if self.high is not None else f"at least {self.low}"
+
+    def __call__(self, text):
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not self.holds(value):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: {self}")
+        return value
+
+    def holds(self, value):
+        return self.low <= value and (self.high is None or value <= self.high)
+
+    def check(self, name, value):
+        """UserError naming the flag unless value is a whole number in range."""
+        whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if not whole or not self.holds(value):
+            raise UserError(f"{name} must be a whole number {self}, got {value!r}")
+
+
+def positive(text):
+    """An argparse type: a finite number above 0 (a tolerance, a rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{value} is not a finite number above 0")
+    return value
+
+
+def doc_parser(prog, doc):
+    """A command line's Parser: its description doc's first paragraph, its epilog the rest."""
+    first, rest = doc.split("\n\n", 1)
+    formatter = argparse.RawDescriptionHelpFormatter
+    return Parser(prog=prog, description=first, epilog=rest, formatter_class=formatter)
+
+
+def field_docs(cls):
+    """{field name: the docstring under it} for a dataclass written as cleanrl writes its Args."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {
+        field.target.id: " ".join(doc.value.value.split())
+        for field, doc in zip(body, body[1:])
+        if isinstance(field, ast.AnnAssign)
+        and isinstance(doc, ast.Expr)
+        and isinstance(doc.value, ast.Constant)
+        and isinstance(doc.value.value, str)
+    }
+
+
+def add_dataclass_flags(parser, cls, aliases=None, limits=None):
+    """One flag per field of dataclass cls (and its alias, if any), its help the field's docstring
+    with its range (limits: {field: Count}, where it has a top) and the default; a flag not given
+    parses to None, so that a preset can tell it apart."""
+    aliases, docs, limits = aliases or {}, field_docs(cls), limits or {}
+    for f in dataclasses.fields(cls):
+        flags = [f"--{f.name}"] + ([aliases[f.name]] if f.name in aliases else [])
+        kind = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)
+        limit = limits.get(f.name)
+        shown = f" ({limit})" if limit is not None and limit.high is not None else ""
+        default = repr(f.default) if f.default == "" else f.default
+        help = f"{docs[f.name]}{shown} [{default}]"
+        if kind is bool:
+            action = argparse.BooleanOptionalAction
+            parser.add_argument(*flags, action=action, default=None, help=help)
+        else:
+            metavar = kind.__name__.upper()
+            parser.add_argument(*flags, type=kind, dest=f.name, metavar=metavar, help=help)
+
+
+def run_flags(argv, cls, aliases, limits, **parser_kw):
+    """A training command line: one flag per field of dataclass cls, then --resume, --eval and
+    --overwrite. Returns ({field: value} for the flags given, the parsed arguments)."""
+    parser = Parser(formatter_class=argparse.RawDescriptionHelpFormatter, **parser_kw)
+    add_dataclass_flags(parser, cls, aliases, limits)
+    resume = "continue a run from its checkpoint (--steps may grow)"
+    parser.add_argument("--resume", metavar="RUN_DIR", help=resume)
+    again = "re-evaluate a saved run, no training (several runs, shifted prompts: experiments.py)"
+    parser.add_argument("--eval", metavar="RUN_DIR", help=again)
+    overwrite = "train into a run folder that holds a run, replacing it (without this, a used "
+    overwrite += "folder is refused)"
+    parser.add_argument("--overwrite", action="store_true", help=overwrite)
+    args = parser.parse_args(argv)
+    for name in ("eval", "resume"):
+        if getattr(args, name) == "":
+            raise UserError(f"--{name} must name a run folder")
+    if args.eval and args.resume:
+        raise UserError("--eval re-evaluates a run and --resume trains it on: give one of them")
+    if args.overwrite and (args.eval or args.resume):
+        raise UserError("--overwrite starts a new run: it does not go with --eval or --resume")
+    names = [f.name for f in dataclasses.fields(cls)]
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}, args
+
+
+def stop_now(signum, frame):
+    """Outside the training loop a signal stops the command at once: nothing there is lost."""
+    raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
+
+
+def cli(main):
+    """Run a command line: a UserError is one line on stderr and exit code 2, never a traceback; a
+    signal stops it with one line and the signal's code (130, 143). A training run saves first."""
+    prog, code = os.path.basename(sys.argv[0]), 0
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop_now)  # Ctrl-C raises KeyboardInterrupt, handled below
+    try:
+        main()
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        code = 2
+    # Under torchrun rank 0 alone says so (torchrun also stops the others this way).
+    except Interrupted as e:
+        if e.message and rank() == 0:
+            print(f"\n{prog}: {e.message}", file=sys.stderr)
+        code = e.code
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as `cat` does
+        with suppress(OSError, ValueError):  # no more writes to the closed pipe at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 128 + signal.SIGPIPE
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop
+        if rank() == 0:
+            print(f"\n{prog}: stopped by SIGINT", file=sys.stderr)
+        code = 130
+    if world_size() > 1:
+        # Under torchrun all is saved and the group is gone: skip the teardown, where gloo's
+        # threads can still abort (1 run in 20).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
