@@ -38,9 +38,8 @@ class Diverged(UserError):
 
 
 class Interrupted(BaseException):
-    """A command stopped by SIGINT or SIGTERM: one line (empty on torchrun's ranks but 0) and exit
-    code 128 + the signal's number. A BaseException, as KeyboardInterrupt is, so that no `except
-    Exception` (torch.onnx.export retries a failed trace that way) can swallow it."""
+    """SIGINT or SIGTERM: one line (empty but on rank 0) and exit code 128 + the signal's number.
+    A BaseException, so that no `except Exception` (torch.onnx.export retries so) swallows it."""
 
     def __init__(self, message, signum):
         super().__init__(message)
@@ -83,8 +82,7 @@ def special(path):
 
 
 def check_tmp(path):
-    """UserError unless path.tmp, where atomic writes, is a regular file or nothing: a link would be
-    written through, a FIFO would block, a folder would fail after the work."""
+    """UserError if path.tmp, where atomic writes, is a link (written through), FIFO or folder."""
     if special(path + ".tmp"):
         raise UserError(f"cannot write {path}: {path}.tmp is in the way (not a regular file)")
 
@@ -165,10 +163,8 @@ def hold_folder(out, enabled=True):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            why = (
-                f"another process is using the run folder {out}; wait for it, or use another --out"
-            )
-            raise UserError(why) from None
+            why = f"another process is using the run folder {out}"
+            raise UserError(f"{why}; wait for it, or use another --out") from None
         yield
 
 
@@ -212,9 +208,7 @@ def save_checkpoint(path, model, opt, cfg, step, data_states):
     rng = {"data": data_states, "torch": torch.get_rng_state()}
     ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict()}
     ckpt.update(config=dataclasses.asdict(cfg), step=step, rng=rng)
-    buffer = (
-        io.BytesIO()
-    )  # serialised first, so that a failed write is an OSError, caught by atomic
+    buffer = io.BytesIO()  # serialised first: a failed write is then an OSError, caught by atomic
     torch.save(ckpt, buffer)
     with atomic(path) as tmp, open(tmp, "wb") as f:
         f.write(buffer.getbuffer())
@@ -570,7 +564,6 @@ class TrainingRun:
         with stop_signals(self.world) as self.received:
             while self.taken < self.cfg.steps and not self.signum:
                 yield self.taken
-            # a signal in the last step or its save
             self.signum = self.signum or agreed_signal(self.received, self.world, self.group)
         del self.forward, self.graphs  # DDP's reducer holds the process group, a graph its memory
         if self.world > 1:  # leave together: a group still referenced at exit can abort gloo
@@ -582,8 +575,7 @@ class TrainingRun:
             raise Interrupted(f"{why}--resume {out}" if self.rank == 0 else "", self.signum)
 
     def step(self, fn, *args, lr):
-        """fn(forward, opt, *args) at Adam's rate lr: one training step, its loss left on the
-        device."""
+        """fn(forward, opt, *args) at Adam's rate lr: one step, its loss left on the device."""
         if self.captured:  # on a GPU, launches bound a small model's step, not arithmetic
             self.graphs = self.graphs or CapturedSteps(fn)
             self.opt.param_groups[0]["lr"].fill_(lr)
@@ -592,9 +584,8 @@ class TrainingRun:
         return (self.graphs or fn)(self.forward, self.opt, *args)
 
     def log(self, loss, **fields):
-        """After a step: count it, agree on a signal, and every log_every steps (the only
-        host-device syncs) check the loss and weights for NaN and log the mean loss since the last
-        line with fields; then the learning-curve point and the checkpoint, when due."""
+        """After a step: every log_every steps (the only host-device syncs) a NaN check and the mean
+        loss since the last line, with fields; the learning-curve point and checkpoint when due."""
         cfg, world, step = self.cfg, self.world, self.taken + 1
         self.running += loss  # on the device: no sync
         self.taken = step
@@ -609,9 +600,8 @@ class TrainingRun:
             if not (math.isfinite(mean) and all(p.isfinite().all() for p in weights)):
                 kept = f"the last good checkpoint is kept in {self.ckpt_path}"
                 kept = kept if os.path.exists(self.ckpt_path) else "no checkpoint was written"
-                raise Diverged(
-                    f"training diverged at step {step} (loss {mean}); lower --lr; {kept}"
-                )
+                why = f"training diverged at step {step} (loss {mean}); lower --lr"
+                raise Diverged(f"{why}; {kept}")
             ms, times = self.clock(step)
             self.last, self.running = step, torch.zeros((), device=self.device)
             shown = " ".join(f"{k} {v}" for k, v in fields.items())
