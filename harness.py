@@ -499,11 +499,11 @@ class TrainingRun:
         overwrite=False,
         quiet=False,
         work=None,
-        learning_curve=None,
+        val_error=None,
     ):
         self.cfg, self.model, self.device, self.resume = cfg, model, device, resume
         self.opt, self.prompts, self.work = optimizer, prompts, work
-        self.overwrite, self.quiet, self.learning_curve = overwrite, quiet, learning_curve
+        self.overwrite, self.quiet, self.val_error = overwrite, quiet, val_error
         self.log_file, self.loop = None, None
         self.ckpt_path = os.path.join(cfg.out, "ckpt.pt")
         self.log_path = os.path.join(cfg.out, "log.jsonl")
@@ -585,7 +585,7 @@ class TrainingRun:
 
     def log(self, loss, **fields):
         """After a step: every log_every steps (the only host-device syncs) a NaN check and the mean
-        loss since the last line, with fields; the learning-curve point and checkpoint when due."""
+        loss since the last line, with fields; the val_error point and checkpoint when due."""
         cfg, world, step = self.cfg, self.world, self.taken + 1
         self.running += loss  # on the device: no sync
         self.taken = step
@@ -609,8 +609,8 @@ class TrainingRun:
             if self.log_file:
                 append_line(self.log_file, dict(step=step, loss=mean, **fields, ms_per_step=ms))
         due = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
-        if self.learning_curve and due and self.rank == 0:  # before the checkpoint, which keeps it
-            append_line(self.log_file, dict(step=step, val_error=self.learning_curve()))
+        if self.val_error and due and self.rank == 0:  # before the checkpoint, which keeps it
+            append_line(self.log_file, dict(step=step, val_error=self.val_error()))
         if is_ckpt:
             states = [self.prompts.get_state()]
             if world > 1:  # every process's prompt generator, for an exact resume

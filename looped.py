@@ -419,10 +419,11 @@ def val_error(model, cfg, device, ctx):
     return lambda: model_errors(model, at_b, val, ctx)["loops"][-1].tolist()
 
 
-def train(cfg, resume=None, quiet=False, overwrite=False):
+def train(cfg, **options):
     """Train a looped transformer, then evaluate it; returns the evaluation's errors (None on the
     processes of a torchrun job other than rank 0). The run folder, resuming, torchrun, signals
-    and checkpoints are the harness's TrainingRun; the loop below is the method."""
+    and checkpoints are the harness's TrainingRun, with options resume (a checkpoint to continue),
+    overwrite (replace the run in cfg.out) and quiet; the loop below is the method."""
     started = time.perf_counter()
     device, ctx = harness.setup_device(cfg)
     check_memory(cfg, device)
@@ -440,17 +441,9 @@ def train(cfg, resume=None, quiet=False, overwrite=False):
     # Fresh prompts every step, drawn on the device: one stream per process under torchrun.
     prompts = torch.Generator(device).manual_seed(cfg.seed + harness.rank())
     val = val_error(model, cfg, device, ctx) if cfg.eval_every else None
+    work = functools.partial(work_done, cfg)  # each step's cost, for the time-left estimate
     with harness.TrainingRun(
-        cfg,
-        model,
-        device,
-        optimizer=opt,
-        prompts=prompts,
-        resume=resume,
-        overwrite=overwrite,
-        quiet=quiet,
-        work=functools.partial(work_done, cfg),  # for the time-left estimate
-        learning_curve=val,
+        cfg, model, device, optimizer=opt, prompts=prompts, work=work, val_error=val, **options
     ) as run:
         backbone, total = count_parameters(model)
         run.say(
