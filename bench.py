@@ -75,7 +75,7 @@ class Table:
         print(title)
         print(self.line(columns))
 
-    def line(self, cells):
+    def line(self, cells):  # the first column left-aligned, the others right-aligned
         first, *rest = zip(cells, self.widths)
         return f"{first[0]:<{first[1]}}" + "".join(f"{c:>{w}}" for c, w in rest)
 
@@ -384,7 +384,6 @@ def main(argv=None):
         saved = os.path.join(report.RESULTS, f"{name}.json")
         harness.check_outputs(saved)
     if args.command == "train":
-        looped.make_config(device=args.device)  # a bad device name is one line, before any work
         table = bench_train(args.device, [args.preset] if args.preset else ("laptop", "paper"))
     elif args.command == "loop":
         # Bad values are reported in one line, before any work.
