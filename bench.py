@@ -341,19 +341,19 @@ def flags():
     """bench.py's command line: a subcommand per benchmark, each with --save."""
     parser = harness.doc_parser("bench.py", __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    train, loop, base, onnx = (
+    p_train, p_loop, p_baselines, p_export = (
         sub.add_parser("train", help="training step speed (see bench_train)"),
         sub.add_parser("loop", help="steps per second of the real training loop (see bench_loop)"),
         sub.add_parser("baselines", help="batched solvers against per-prompt scikit-learn fits"),
         sub.add_parser("export", help="PyTorch eager against onnxruntime on a trained run"),
     )
     for p, presets in (
-        (train, "one model only (default: both)"),
-        (loop, "default: paper on CUDA, laptop elsewhere"),
+        (p_train, "one model only (default: both)"),
+        (p_loop, "default: paper on CUDA, laptop elsewhere"),
     ):
         p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
         p.add_argument("--preset", choices=("laptop", "paper"), help=presets)
-    steps, names, some = looped.LIMITS["steps"], list(baselines.BASELINES), harness.Count(1)
+    steps, names, count = looped.LIMITS["steps"], list(baselines.BASELINES), harness.Count(1)
     helps = {
         "--steps": f"training steps per mode, {steps}; the paper's curriculum first changes n at "
         "5000 [6000]",
@@ -364,12 +364,14 @@ def flags():
         "--loops": f"loop iterations to unroll, 1 to {export.UNROLLED} b (default: the trained b)",
         "--save": "also write the table to results/bench_NAME.json (bench_NAME_cuda.json on a GPU)",
     }
-    loop.add_argument("--steps", type=steps, default=6000, help=helps["--steps"])
-    base.add_argument("--prompts", type=some, default=1280, help=helps["--prompts"])
-    base.add_argument("--ref_prompts", type=some, default=16, help=helps["--ref_prompts"])
-    base.add_argument("--only", nargs="+", metavar="NAME", choices=names, help=helps["--only"])
-    onnx.add_argument("run_dir", help="a looped.py run folder (with ckpt.pt)")
-    onnx.add_argument("--loops", type=harness.Count(1, looped.MAX_LOOPS), help=helps["--loops"])
+    p_loop.add_argument("--steps", type=steps, default=6000, help=helps["--steps"])
+    p_baselines.add_argument("--prompts", type=count, default=1280, help=helps["--prompts"])
+    p_baselines.add_argument("--ref_prompts", type=count, default=16, help=helps["--ref_prompts"])
+    p_baselines.add_argument(
+        "--only", nargs="+", metavar="NAME", choices=names, help=helps["--only"]
+    )
+    p_export.add_argument("run_dir", help="a looped.py run folder (with ckpt.pt)")
+    p_export.add_argument("--loops", type=harness.Count(1, looped.MAX_LOOPS), help=helps["--loops"])
     for p in sub.choices.values():
         p.add_argument("--save", action="store_true", help=helps["--save"])
     return parser
