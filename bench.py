@@ -39,9 +39,7 @@ import report
 def seconds(fn, repeats, warmup=1, device=None):
     """Median wall time of fn() over repeats calls, after the warm-up calls (which compile, fill
     caches and pay for lazy imports); CUDA is synchronised around every call."""
-    sync = (
-        torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
-    )
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else lambda: None
     for _ in range(warmup):
         fn()
     times = []
@@ -62,13 +60,9 @@ def provenance():
 def machine():
     """The hardware a number was measured on: the CPU's model and cores, and the GPU if any."""
     cpu = open("/proc/cpuinfo").read() if os.path.isfile("/proc/cpuinfo") else ""
-    name = (
-        re.search(r"model name\s*: (.*)", cpu).group(1)
-        if "model name" in cpu
-        else platform.processor()
-    )
+    found = re.search(r"model name\s*: (.*)", cpu)
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{name}, {os.cpu_count()} cores{gpu}"
+    return f"{found.group(1) if found else platform.processor()}, {os.cpu_count()} cores{gpu}"
 
 
 class Table:
@@ -76,44 +70,25 @@ class Table:
     printed."""
 
     def __init__(self, title, columns, widths, digits=2):
-        self.title, self.columns, self.widths, self.digits, self.rows, self.text = (
-            title,
-            columns,
-            widths,
-            digits,
-            [],
-            [],
-        )
+        self.title, self.columns, self.widths, self.digits = title, columns, widths, digits
+        self.rows, self.text = [], []
         print(title)
         print(self.line(columns))
 
-    def line(self, cells):
-        return "".join(
-            f"{c:<{w}}" if i == 0 else f"{c:>{w}}"
-            for i, (c, w) in enumerate(zip(cells, self.widths))
-        )
+    def line(self, cells):  # the first column left-aligned, the others right-aligned
+        first, *rest = zip(cells, self.widths)
+        return f"{first[0]:<{first[1]}}" + "".join(f"{c:>{w}}" for c, w in rest)
 
     def add(self, *cells):
         self.rows.append(list(cells))
-        self.text.append(
-            [
-                c if isinstance(c, str) else f"{c:.{self.digits if abs(c) < 100 else 1}f}"
-                for c in cells
-            ]
-        )
+        digits = [self.digits if isinstance(c, str) or abs(c) < 100 else 1 for c in cells]
+        self.text.append([c if isinstance(c, str) else f"{c:.{d}f}" for c, d in zip(cells, digits)])
         print(self.line(self.text[-1]), flush=True)
 
     def save(self, path, command):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        record = {
-            "command": command,
-            **provenance(),
-            "date": datetime.date.today().isoformat(),
-            "title": self.title,
-            "columns": self.columns,
-            "rows": self.rows,
-            "text": self.text,
-        }
+        record = {"command": command, **provenance(), "date": datetime.date.today().isoformat()}
+        record |= {key: getattr(self, key) for key in ("title", "columns", "rows", "text")}
         harness.write_json(path, record, indent=1)
         print(f"saved {path}")
 
@@ -122,47 +97,31 @@ class Table:
 
 
 def bench_train(device_name, presets=("laptop", "paper")):
-    """ms per training step, prompts per second, and FLOP/s against this machine's matmul peak,
-    for the laptop preset and the paper's linear-regression model (b 20, T 15, D 256), fp32 and bf16
-    autocast, each at its final curriculum stage (full d, n and b). Modes: "eager"; "compiled", the
-    backbone M compiled as --compile compiles it (all --compile does on a CPU or under torchrun); on
-    CUDA also "captured", what --compile runs on one GPU (the compiled M, the whole step captured as
-    a CUDA graph by harness.CapturedSteps), "captured eager" (the same capture of the eager model)
-    and "reduce-overhead" (M's calls as torch.compile's CUDA graphs, the rest of the step eager)."""
+    """ms per training step, prompts per second, and FLOP/s against this machine's matmul peak, for
+    the laptop preset and the paper's linreg model (b 20, T 15, D 256), fp32 and bf16 autocast, at
+    the final curriculum stage (full d, n and b). Modes: "eager"; "compiled", M compiled as
+    --compile does (all it does on a CPU or under torchrun); on CUDA also "captured", what
+    --compile runs on one GPU (the compiled M, the whole step one CUDA graph: CapturedSteps),
+    "captured eager" (the same of the eager model) and "reduce-overhead" (M's calls as
+    torch.compile's CUDA graphs, the rest of the step eager)."""
     # A captured row's optimiser is capturable, and CapturedSteps runs its warm-up steps
     # uncaptured on purpose: the optimiser's warning about that says nothing here.
     warnings.filterwarnings("ignore", "This instance was constructed with capturable=True")
     device, _ = harness.setup_device(looped.make_config(device=device_name))
-    peak = {
-        amp: matmul_peak(device, torch.bfloat16 if amp else torch.float32) for amp in (False, True)
-    }
-    threads = torch.get_num_threads()
+    dtypes = {False: torch.float32, True: torch.bfloat16}  # by amp
+    peak = {amp: matmul_peak(device, dtype) for amp, dtype in dtypes.items()}
     table = Table(
-        f"training step, batch 64, {device}, {threads} threads; matmul peak (4096^2): "
-        f"fp32 {peak[False] / 1e9:.0f}, bf16 {peak[True] / 1e9:.0f} GFLOP/s",
-        [
-            "model",
-            "mode",
-            "dtype",
-            "ms/step",
-            "prompts/s",
-            "GFLOP/s",
-            "of peak %",
-            "saved MB",
-            "peak MB",
-        ],
+        f"training step, batch 64, {device}, {torch.get_num_threads()} threads; matmul peak "
+        f"(4096^2): fp32 {peak[False] / 1e9:.0f}, bf16 {peak[True] / 1e9:.0f} GFLOP/s",
+        "model|mode|dtype|ms/step|prompts/s|GFLOP/s|of peak %|saved MB|peak MB".split("|"),
         [8, 17, 6, 10, 11, 9, 11, 10, 9],
     )
-    modes = (
-        ("eager", "compiled", "reduce-overhead", "captured", "captured eager")
-        if device.type == "cuda"
-        else ("eager", "compiled")
-    )
+    modes = ["eager", "compiled"]
+    if device.type == "cuda":
+        modes += ["reduce-overhead", "captured", "captured eager"]
     # The captured rows go last: a failed capture can leave CUDA unusable for the rows after it.
-    rows = sorted(
-        itertools.product(presets, modes, (False, True)), key=lambda r: r[1].startswith("captured")
-    )
-    for preset, mode, amp in rows:
+    rows = itertools.product(presets, modes, (False, True))
+    for preset, mode, amp in sorted(rows, key=lambda r: r[1].startswith("captured")):
         row = time_step(preset, mode, amp, device_name, device, peak)
         if row is not None:
             table.add(*row)
@@ -176,17 +135,12 @@ def time_step(preset, mode, amp, device_name, device, peak):
     cfg = looped.make_config("linreg", preset, device=device_name, eval_prompts=64)
     torch.manual_seed(0)
     model = looped.LoopedTransformer(cfg).to(device)
-    captured = mode.startswith("captured")
-    opt = torch.optim.Adam(
-        model.parameters(), lr=cfg.lr, fused=device.type == "cuda", capturable=captured
-    )
+    captured, cuda = mode.startswith("captured"), device.type == "cuda"
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=cuda, capturable=captured)
     # bf16 autocast even on a CPU without native bf16, where looped.py trains in fp32; the
     # compiled modes turn autocast's weight cache off, as --compile does.
-    ctx = (
-        torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=mode == "eager")
-        if amp
-        else nullcontext()
-    )
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=mode == "eager")
+    ctx = bf16 if amp else nullcontext()
     xs, ys = looped.eval_prompts(cfg, device)[:2]  # batch 64
     args = (xs, ys, cfg.n_loops, cfg.n_loops - cfg.loop_window)
     with FlopCounterMode(display=False) as counter:  # counted on the eager model
@@ -199,43 +153,22 @@ def time_step(preset, mode, amp, device_name, device, peak):
     elif mode == "reduce-overhead":
         model.backbone = torch.compile(model.backbone, dynamic=True, mode="reduce-overhead")
     step = harness.CapturedSteps(looped.train_step) if captured else looped.train_step
-    run = step_runner(step, model, opt, ctx, args, new_graphs=mode == "reduce-overhead")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    # CapturedSteps runs 3 warm-up steps, then the capture: one more untimed call.
-    seconds_per_step = seconds(
-        run,
-        20 if preset == "laptop" or device.type == "cuda" else 3,
-        warmup=4 if captured else 3,
-        device=device,
-    )
-    if captured and step.failed:  # said by CapturedSteps; the eager fallback is not this row
-        return None
-    flops = counter.get_total_flops() / seconds_per_step
-    return [
-        preset,
-        mode,
-        "bf16" if amp else "fp32",
-        1000 * seconds_per_step,
-        64 / seconds_per_step,
-        flops / 1e9,
-        100 * flops / peak[amp],
-        saved / 1e6,
-        torch.cuda.max_memory_allocated() / 1e6 if device.type == "cuda" else "-",
-    ]
-
-
-def step_runner(step, model, opt, ctx, args, new_graphs=False):
-    """One training step as a call without arguments, for seconds(). new_graphs: tell
-    torch.compile's CUDA graphs ("reduce-overhead") that a new step begins, so that they may
-    overwrite the outputs of the step before."""
 
     def run():
-        if new_graphs:
+        if mode == "reduce-overhead":  # a new step: its CUDA graphs may overwrite the last outputs
             torch.compiler.cudagraph_mark_step_begin()
         return step(model, opt, ctx, *args)
 
-    return run
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    # CapturedSteps runs 3 warm-up steps, then the capture: one more untimed call.
+    repeats = 20 if preset == "laptop" or cuda else 3
+    t = seconds(run, repeats, warmup=4 if captured else 3, device=device)
+    if captured and step.failed:  # said by CapturedSteps; the eager fallback is not this row
+        return None
+    flops, dtype = counter.get_total_flops() / t, "bf16" if amp else "fp32"
+    memory = [saved / 1e6, torch.cuda.max_memory_allocated() / 1e6 if cuda else "-"]
+    return [preset, mode, dtype, 1000 * t, 64 / t, flops / 1e9, 100 * flops / peak[amp], *memory]
 
 
 def bench_loop(device_name, preset, steps):
@@ -248,36 +181,19 @@ def bench_loop(device_name, preset, steps):
     the step is bound by arithmetic rather than by kernel launches."""
     device, _ = harness.setup_device(looped.make_config(device=device_name))
     amp = device.type != "cpu" or harness.cpu_has_bf16()
-    threads = torch.get_num_threads()
+    rates = "mode|dtype|steps/s|steps/s after 1000|first 1000 s".split("|")
     table = Table(
-        f"training loop, linreg --preset {preset}, {steps} steps, {device}, {threads} threads",
-        [
-            "mode",
-            "dtype",
-            "steps/s",
-            "steps/s after 1000",
-            "first 1000 s",
-            f"{steps} steps s",
-            "500k at that rate h",
-        ],
+        f"training loop, linreg --preset {preset}, {steps} steps, {device}, "
+        f"{torch.get_num_threads()} threads",
+        rates + [f"{steps} steps s", "500k at that rate h"],
         [10, 6, 9, 20, 14, 16, 21],
     )
+    given = dict(steps=steps, device=device_name, amp=amp, log_every=100, ckpt_every=1000)
+    given.update(eval_prompts=16, eval_loops=looped.make_config("linreg", preset).n_loops)
     for compiled in (False, True):
         torch._dynamo.reset()
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = looped.make_config(
-                "linreg",
-                preset,
-                steps=steps,
-                device=device_name,
-                amp=amp,
-                compile=compiled,
-                out=os.path.join(tmp, "run"),
-                log_every=100,
-                ckpt_every=1000,
-                eval_prompts=16,
-                eval_loops=looped.make_config("linreg", preset).n_loops,
-            )
+            cfg = looped.make_config("linreg", preset, compile=compiled, out=f"{tmp}/run", **given)
             looped.train(cfg, quiet=True)
             with open(os.path.join(cfg.out, "log.jsonl")) as f:
                 lines = [r for r in map(json.loads, f) if "ms_per_step" in r]
@@ -288,15 +204,9 @@ def bench_loop(device_name, preset, steps):
         total = sum(k * m for k, m in ms) / 1000
         late = max(steps - 1000, 1) / max(total - first, 1e-9)
         rate = late if steps > 1000 else steps / total
-        table.add(
-            "compiled" if compiled else "eager",
-            "bf16" if amp else "fp32",
-            steps / total,
-            late if steps > 1000 else "-",
-            first if steps > 1000 else "-",
-            total,
-            looped.PAPER["steps"] / rate / 3600,
-        )
+        after = [late, first] if steps > 1000 else ["-", "-"]
+        mode, dtype = "compiled" if compiled else "eager", "bf16" if amp else "fp32"
+        table.add(mode, dtype, steps / total, *after, total, looped.PAPER["steps"] / rate / 3600)
     return table
 
 
@@ -307,8 +217,7 @@ def matmul_peak(device, dtype, size=4096):
 
 
 def activation_bytes(model, ctx, xs, ys, n_loops, n_no_grad):
-    """Bytes the forward pass keeps for the backward pass (the b - T no-grad iterations keep
-    none)."""
+    """Bytes the forward pass keeps for the backward pass (the b - T no-grad loops keep none)."""
     storages = {}  # views of one tensor share its storage: count each storage once
 
     def pack(t):
@@ -325,31 +234,25 @@ def activation_bytes(model, ctx, xs, ys, n_loops, n_no_grad):
 
 def sklearn_reference(name, xs, ys):
     """The same fits one prompt and one prefix at a time with scikit-learn, as the original code
-    does (Garg et al.'s baselines loop over prefixes and prompts). None if there is no such
-    model."""
+    does (Garg et al.'s baselines loop over prefixes and prompts); None if it has no such model."""
     from sklearn.ensemble import GradientBoostingRegressor
     from sklearn.linear_model import Lasso, LinearRegression, Ridge
     from sklearn.neighbors import KNeighborsRegressor
     from sklearn.tree import DecisionTreeRegressor
 
-    models = {
+    models = {  # i: the prefix's length
         "least squares": lambda i: LinearRegression(fit_intercept=False),
         "ridge": lambda i: Ridge(alpha=0.01, fit_intercept=False),
         "3-NN": lambda i: KNeighborsRegressor(n_neighbors=min(3, i)),
         "Lasso": lambda i: Lasso(alpha=0.01, fit_intercept=False, max_iter=100_000),
         "greedy tree": lambda i: DecisionTreeRegressor(max_depth=2),
         "greedy tree, sign(x)": lambda i: DecisionTreeRegressor(max_depth=4),
-        "boosted trees": lambda i: GradientBoostingRegressor(
-            max_depth=4, learning_rate=0.1, n_estimators=50
-        ),
-        "boosted trees, sign(x)": lambda i: GradientBoostingRegressor(
-            max_depth=4, learning_rate=0.1, n_estimators=50
-        ),
+        "boosted trees": lambda i: GradientBoostingRegressor(max_depth=4, n_estimators=50),
     }
+    models["boosted trees, sign(x)"] = models["boosted trees"]
     if name not in models:
         return None
-    X = np.sign(xs.numpy()) if "sign" in name else xs.numpy()
-    Y = ys.numpy()
+    X, Y = np.sign(xs.numpy()) if "sign" in name else xs.numpy(), ys.numpy()
     preds = np.zeros(Y.shape)
     for b in range(len(X)):
         for i in range(1, X.shape[1]):
@@ -367,12 +270,11 @@ def bench_baselines(prompts, ref_prompts, names):
         )
     warnings.filterwarnings("ignore")  # sklearn's Lasso warns on the underdetermined prefixes
     baselines.keep_freed_memory()
-    threads = torch.get_num_threads()
     table = Table(
         f"time to score {prompts} prompts of the baseline's task at every prefix length "
         f"(d = 20, the paper's n); scikit-learn timed on {ref_prompts} prompts and scaled; "
-        f"{threads} threads",
-        ["baseline", "task", "n", "batched s", "sklearn s", "speed-up"],
+        f"{torch.get_num_threads()} threads",
+        "baseline|task|n|batched s|sklearn s|speed-up".split("|"),
         [24, 15, 5, 12, 12, 10],
     )
     for name in names:
@@ -397,7 +299,6 @@ def bench_export(run_dir, n_loops=None, repeats=20, tol=0.03):
     """Median latency of PyTorch eager and onnxruntime at batch 1 and 64, measured in one run: the
     graph unrolled at n_loops (default b), and the adaptive graph (--until-converged tol, at most
     5 b loops) with the mean loops it used, and the error at k = n - 1 of both on those prompts."""
-
     model, cfg = export.load_model(run_dir)
     n_loops, most = n_loops or cfg.n_loops, min(5 * cfg.n_loops, export.MAX_LOOPS)
     norm = looped.error_normaliser(cfg.task, cfg.n_dims)
@@ -405,52 +306,31 @@ def bench_export(run_dir, n_loops=None, repeats=20, tol=0.03):
         fixed, adaptive = os.path.join(tmp, "model.onnx"), os.path.join(tmp, "adaptive.onnx")
         export.export(run_dir, fixed, n_loops, say=lambda *a: None)
         export.export(run_dir, adaptive, until_converged=tol, max_loops=most, say=lambda *a: None)
-        predictors = {
-            f"{n_loops} loops": export.Predictor(fixed),
-            f"until {tol:g}": export.Predictor(adaptive),
-        }
-        until = export.wrappers().UntilConverged(model, tol, most)
-        gen = torch.Generator().manual_seed(0)
-        threads = torch.get_num_threads()
-        table = Table(
-            f"{cfg.task}: d {cfg.n_dims}, n {cfg.n_points}, D {cfg.n_embd}, {threads} threads, "
-            f"onnxruntime on {predictors[f'{n_loops} loops'].provider}; median of {repeats}",
-            [
-                "graph",
-                "batch",
-                "torch eager ms",
-                "onnxruntime ms",
-                "speed-up",
-                "mean loops",
-                "error, last k",
-            ],
-            [14, 6, 16, 16, 10, 12, 14],
-            digits=3,
-        )
-        for (name, predictor), batch in itertools.product(predictors.items(), (1, 64)):
-            xs, ys = looped.TASKS[cfg.task](batch, cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
-            x_np, y_np = xs.numpy(), ys.numpy()
-            if predictor.adaptive:
-                run = functools.partial(until, xs, ys)
-            else:
-                run = functools.partial(model, xs, ys, n_loops, n_loops - 1)
-            with torch.inference_mode():
-                eager = 1000 * seconds(run, repeats)
-            ort = 1000 * seconds(functools.partial(predictor, x_np, y_np), repeats)
-            preds, loops = (
-                predictor(x_np, y_np, return_loops=True)
-                if predictor.adaptive
-                else (predictor(x_np, y_np), None)
-            )
-            table.add(
-                name,
-                str(batch),
-                eager,
-                ort,
-                eager / ort,
-                n_loops if loops is None else float(loops.mean()),
-                float(((preds[:, -1] - y_np[:, -1]) ** 2).mean() / norm),
-            )
+        unrolled, adaptive = export.Predictor(fixed), export.Predictor(adaptive)
+    until = export.wrappers().UntilConverged(model, tol, most)
+    gen = torch.Generator().manual_seed(0)
+    table = Table(
+        f"{cfg.task}: d {cfg.n_dims}, n {cfg.n_points}, D {cfg.n_embd}, {torch.get_num_threads()} "
+        f"threads, onnxruntime on {unrolled.provider}; median of {repeats}",
+        "graph|batch|torch eager ms|onnxruntime ms|speed-up|mean loops|error, last k".split("|"),
+        [14, 6, 16, 16, 10, 12, 14],
+        digits=3,
+    )
+    graphs = {f"{n_loops} loops": unrolled, f"until {tol:g}": adaptive}
+    for (name, predictor), batch in itertools.product(graphs.items(), (1, 64)):
+        xs, ys = looped.TASKS[cfg.task](batch, cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
+        x, y = xs.numpy(), ys.numpy()
+        args = (until, xs, ys) if predictor.adaptive else (model, xs, ys, n_loops, n_loops - 1)
+        with torch.inference_mode():
+            eager = 1000 * seconds(functools.partial(*args), repeats)
+        ort = 1000 * seconds(functools.partial(predictor, x, y), repeats)
+        if predictor.adaptive:
+            preds, loops = predictor(x, y, return_loops=True)
+            mean_loops = float(loops.mean())
+        else:
+            preds, mean_loops = predictor(x, y), n_loops
+        error = float(((preds[:, -1] - y[:, -1]) ** 2).mean() / norm)
+        table.add(name, str(batch), eager, ort, eager / ort, mean_loops, error)
     return table
 
 
@@ -461,56 +341,39 @@ def flags():
     """bench.py's command line: a subcommand per benchmark, each with --save."""
     parser = harness.doc_parser("bench.py", __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="training step speed (see bench_train)")
-    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-    p.add_argument("--preset", choices=("laptop", "paper"), help="one model only (default: both)")
-    p = sub.add_parser("loop", help="steps per second of the real training loop (see bench_loop)")
-    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-    p.add_argument(
-        "--preset",
-        choices=("laptop", "paper"),
-        help="default: paper on CUDA, laptop elsewhere",
+    p_train, p_loop, p_baselines, p_export = (
+        sub.add_parser("train", help="training step speed (see bench_train)"),
+        sub.add_parser("loop", help="steps per second of the real training loop (see bench_loop)"),
+        sub.add_parser("baselines", help="batched solvers against per-prompt scikit-learn fits"),
+        sub.add_parser("export", help="PyTorch eager against onnxruntime on a trained run"),
     )
-    p.add_argument(
-        "--steps",
-        type=looped.LIMITS["steps"],
-        default=6000,
-        help=f"training steps per mode, {looped.LIMITS['steps']}; the paper's curriculum first "
-        "changes n at 5000 [6000]",
+    for p, presets in (
+        (p_train, "one model only (default: both)"),
+        (p_loop, "default: paper on CUDA, laptop elsewhere"),
+    ):
+        p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+        p.add_argument("--preset", choices=("laptop", "paper"), help=presets)
+    steps, names, count = looped.LIMITS["steps"], list(baselines.BASELINES), harness.Count(1)
+    helps = {
+        "--steps": f"training steps per mode, {steps}; the paper's curriculum first changes n at "
+        "5000 [6000]",
+        "--prompts": "prompts scored by the batched solvers, at least 1, as memory allows "
+        "(paper: 1280)",
+        "--ref_prompts": "prompts fitted by scikit-learn, scaled to --prompts; 1 to --prompts [16]",
+        "--only": f"baselines to time (default all): {', '.join(names)}",
+        "--loops": f"loop iterations to unroll, 1 to {export.UNROLLED} b (default: the trained b)",
+        "--save": "also write the table to results/bench_NAME.json (bench_NAME_cuda.json on a GPU)",
+    }
+    p_loop.add_argument("--steps", type=steps, default=6000, help=helps["--steps"])
+    p_baselines.add_argument("--prompts", type=count, default=1280, help=helps["--prompts"])
+    p_baselines.add_argument("--ref_prompts", type=count, default=16, help=helps["--ref_prompts"])
+    p_baselines.add_argument(
+        "--only", nargs="+", metavar="NAME", choices=names, help=helps["--only"]
     )
-    p = sub.add_parser("baselines", help="batched solvers against per-prompt scikit-learn fits")
-    p.add_argument(
-        "--prompts",
-        type=harness.Count(1),
-        default=1280,
-        help="prompts scored by the batched solvers, at least 1, as memory allows (paper: 1280)",
-    )
-    p.add_argument(
-        "--ref_prompts",
-        type=harness.Count(1),
-        default=16,
-        help="prompts fitted by scikit-learn, scaled to --prompts; 1 to --prompts [16]",
-    )
-    p.add_argument(
-        "--only",
-        nargs="+",
-        metavar="NAME",
-        choices=list(baselines.BASELINES),
-        help=f"baselines to time (default all): {', '.join(baselines.BASELINES)}",
-    )
-    p = sub.add_parser("export", help="PyTorch eager against onnxruntime on a trained run")
-    p.add_argument("run_dir", help="a looped.py run folder (with ckpt.pt)")
-    p.add_argument(
-        "--loops",
-        type=harness.Count(1, looped.MAX_LOOPS),
-        help=f"loop iterations to unroll, 1 to {export.UNROLLED} b (default: the trained b)",
-    )
+    p_export.add_argument("run_dir", help="a looped.py run folder (with ckpt.pt)")
+    p_export.add_argument("--loops", type=harness.Count(1, looped.MAX_LOOPS), help=helps["--loops"])
     for p in sub.choices.values():
-        p.add_argument(
-            "--save",
-            action="store_true",
-            help="also write the table to results/bench_NAME.json (bench_NAME_cuda.json on a GPU)",
-        )
+        p.add_argument("--save", action="store_true", help=helps["--save"])
     return parser
 
 
@@ -523,17 +386,12 @@ def main(argv=None):
         saved = os.path.join(report.RESULTS, f"{name}.json")
         harness.check_outputs(saved)
     if args.command == "train":
-        looped.make_config(device=args.device)  # a bad device name is one line, before any work
         table = bench_train(args.device, [args.preset] if args.preset else ("laptop", "paper"))
     elif args.command == "loop":
         # Bad values are reported in one line, before any work.
         looped.make_config(preset=args.preset or "laptop", device=args.device, steps=args.steps)
-        preset = args.preset or (
-            "paper"
-            if harness.setup_device(looped.make_config(device=args.device))[0].type == "cuda"
-            else "laptop"
-        )
-        table = bench_loop(args.device, preset, args.steps)
+        cuda = harness.setup_device(looped.make_config(device=args.device))[0].type == "cuda"
+        table = bench_loop(args.device, args.preset or ("paper" if cuda else "laptop"), args.steps)
     elif args.command == "baselines":
         # The longest prompts the timed tasks have: n = 101 (trees and networks), d = 20.
         needs = {"--prompts": sum(baselines.memory_needed(args.prompts, 101, 20))}

@@ -23,6 +23,7 @@ import numbers
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -47,14 +48,13 @@ class VerificationError(Exception):
 class Predictor:
     """Run an exported looped transformer: `Predictor("model.onnx")(xs, ys)` -> predictions (B, n).
 
-    Uses CUDA when onnxruntime can really run there, else the CPU; `provider` says which one the
-    session uses. On CUDA, inputs and outputs are bound to the device (IO binding), so repeated
-    calls copy only the prompt in and the predictions out. On the CPU, a batch is split into one
-    shard per core, each run on one thread: onnxruntime's own threads speed up this model's many
-    small operations little (measured with `bench.py export`: 1.35x at batch 64 on 2 cores). A
-    batch smaller than the cores runs on one thread, or on all of them for a wide model (D >= 128,
-    WIDE): measured at batch 1, D = 256 takes 16.3 ms on all cores against 23.6 on one, while
-    D = 64 takes 1.46 ms on all against 1.16 on one."""
+    CUDA where onnxruntime can really run there, else the CPU (`provider` says which). On CUDA the
+    inputs and outputs are bound to the device (IO binding), so a call copies only the prompt in and
+    the predictions out. On the CPU a batch is split into one shard per core, each on one thread:
+    onnxruntime's own threads speed this model's many small operations up little (1.35x at batch 64
+    on 2 cores, `bench.py export`). A batch smaller than the cores runs on one thread, or on all of
+    them for a wide model (D >= WIDE): at batch 1, D = 256 takes 16.3 ms on all cores against 23.6
+    on one, while D = 64 takes 1.46 ms on all against 1.16 on one."""
 
     def __init__(self, path, device="auto"):
         import onnxruntime as ort
@@ -63,8 +63,7 @@ class Predictor:
             raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
         if not isinstance(path, (str, os.PathLike)):
             raise ValueError(f"path must be a file name, got {path!r}")
-        # Fatal messages only: on a machine without a GPU, onnxruntime logs its fallback from CUDA
-        # to the CPU as an error, though the CPU is what such a machine should use.
+        # Fatal messages only: without a GPU, onnxruntime logs its fallback to the CPU as an error.
         ort.set_default_logger_severity(4)
         providers = ["CPUExecutionProvider"]
         if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
@@ -72,56 +71,43 @@ class Predictor:
         if not os.path.isfile(path):
             raise ValueError(f"no ONNX model at {path}")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = 1  # parallel over the batch instead (see __call__)
+        options.intra_op_num_threads = 1  # parallel over the batch instead (see run)
         try:
-            self.session = ort.InferenceSession(path, options, providers=providers)
+            self.session = s = ort.InferenceSession(path, options, providers=providers)
         except Exception as e:  # onnxruntime raises its own types for unreadable graphs
-            raise ValueError(
-                f"{path} is not a loadable ONNX model: {str(e).splitlines()[0][:200]}"
-            ) from None
+            first = str(e).splitlines()[0][:200]
+            raise ValueError(f"{path} is not a loadable ONNX model: {first}") from None
         # get_available_providers lists CUDA even without a GPU; the session knows what it got
-        self.provider = self.session.get_providers()[0]
+        self.provider = s.get_providers()[0]
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
-        self.meta = meta = self.session.get_modelmeta().custom_metadata_map
-        self.n_dims, self.max_points, loops, wide = self.read_metadata(path)
+        self.meta = meta = s.get_modelmeta().custom_metadata_map
+        if "n_dims" not in meta:
+            raise ValueError(f"{path} has no looped metadata: was it made by export.py?")
+        try:
+            wide = json.loads(meta["config"]).get("n_embd", 0) >= WIDE
+            self.n_dims, self.max_points = int(meta["n_dims"]), int(meta["max_points"])
+            loops = meta["n_loops"]
+        except (KeyError, ValueError, AttributeError) as e:
+            raise ValueError(
+                f"{path} has incomplete or corrupt looped metadata ({type(e).__name__}: {e})"
+            ) from None
         self.dynamic_loops, self.adaptive = loops == "dynamic", loops == "adaptive"
         self.outputs = ["preds", "loops"] if self.adaptive else ["preds"]
         inputs = ["xs", "ys", "n_loops"] if self.dynamic_loops else ["xs", "ys"]
-        graph = (
-            [i.name for i in self.session.get_inputs()],
-            [o.name for o in self.session.get_outputs()],
-        )
+        graph = ([v.name for v in s.get_inputs()], [v.name for v in s.get_outputs()])
         if graph != (inputs, self.outputs):
             raise ValueError(
                 f"{path}: its graph's inputs and outputs {graph} are not what its metadata "
                 f"(n_loops {meta['n_loops']}) implies, {(inputs, self.outputs)}"
             )
-        self.cores = (
-            len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity")
-            else os.cpu_count() or 1
-        )
+        affinity = getattr(os, "sched_getaffinity", None)  # Linux only
+        self.cores = len(affinity(0)) if affinity else os.cpu_count() or 1
         self.pool = None  # threads for the CPU shards, started on the first batch that needs them
         # With fewer prompts than cores, a wide model runs faster on all cores in one session.
+        wide = self.device == "cpu" and wide
         self.wide = (
-            ort.InferenceSession(path, ort.SessionOptions(), providers=providers)
-            if self.device == "cpu" and wide
-            else None
+            ort.InferenceSession(path, ort.SessionOptions(), providers=providers) if wide else None
         )
-
-    def read_metadata(self, path):
-        """(d, the most points, the loop count, whether the model is wide) from the graph's looped
-        metadata."""
-        meta = self.meta
-        if "n_dims" not in meta:
-            raise ValueError(f"{path} has no looped metadata: was it made by export.py?")
-        try:
-            wide = json.loads(meta["config"]).get("n_embd", 0) >= WIDE
-            return int(meta["n_dims"]), int(meta["max_points"]), meta["n_loops"], wide
-        except (KeyError, ValueError, AttributeError) as e:
-            raise ValueError(
-                f"{path} has incomplete or corrupt looped metadata ({type(e).__name__}: {e})"
-            ) from None
 
     def __call__(self, xs, ys, n_loops=None, return_loops=False):
         """Predictions (B, n); with return_loops, for an --until-converged model, also the loops
@@ -158,24 +144,20 @@ class Predictor:
             if k == 1:
                 return self.session.run(self.outputs, feeds)
             if self.pool is None:
-                from concurrent.futures import ThreadPoolExecutor
-
                 self.pool = ThreadPoolExecutor(self.cores)
 
-            def run(shard):
-                return self.session.run(self.outputs, {**feeds, "xs": shard[0], "ys": shard[1]})
+            def shard(x, y):
+                return self.session.run(self.outputs, {**feeds, "xs": x, "ys": y})
 
-            shards = list(self.pool.map(run, zip(np.array_split(xs, k), np.array_split(ys, k))))
+            shards = self.pool.map(shard, np.array_split(xs, k), np.array_split(ys, k))
             return [np.concatenate(parts) for parts in zip(*shards)]
         import onnxruntime as ort
 
         binding = self.session.io_binding()
         for name, array in feeds.items():
-            binding.bind_ortvalue_input(
-                name, ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
-            )
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
         for name in self.outputs:
-            binding.bind_output(name, self.device)
+            binding.bind_output(name, "cuda")
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
 
@@ -186,9 +168,8 @@ class Predictor:
             try:
                 arrays[name] = np.asarray(a)
             except (ValueError, TypeError, RuntimeError) as e:  # ragged lists; a tensor in a graph
-                raise ValueError(
-                    f"{name} must be a {shape} array: {str(e).splitlines()[0]}"
-                ) from None
+                first = str(e).splitlines()[0]
+                raise ValueError(f"{name} must be a {shape} array: {first}") from None
         xs, ys = arrays["xs"], arrays["ys"]
         for name, a, rank in (("xs", xs, 3), ("ys", ys, 2)):
             if a.ndim != rank:
@@ -200,16 +181,12 @@ class Predictor:
         if ys.shape != xs.shape[:2]:
             raise ValueError(f"ys has shape {ys.shape}, expected (batch, n) = {xs.shape[:2]}")
         if not 1 <= xs.shape[1] <= self.max_points:
-            raise ValueError(
-                f"prompts have {xs.shape[1]} points; the model takes 1 to {self.max_points}"
-            )
+            n, most = xs.shape[1], self.max_points
+            raise ValueError(f"prompts have {n} points; the model takes 1 to {most}")
         if xs.shape[0] < 1:
             raise ValueError("the batch is empty")
         with np.errstate(over="ignore"):  # an overflow is reported below, as a ValueError
-            xs, ys = (
-                np.ascontiguousarray(xs, dtype=np.float32),
-                np.ascontiguousarray(ys, dtype=np.float32),
-            )
+            xs, ys = (np.ascontiguousarray(a, dtype=np.float32) for a in (xs, ys))
         # Checked after the cast, since a value finite in float64 (1e300) can be inf in float32.
         for name, a in (("xs", xs), ("ys", ys)):
             if not np.isfinite(a).all():
@@ -226,9 +203,9 @@ Wrappers = collections.namedtuple("Wrappers", "Unrolled DynamicLoops UntilConver
 
 
 def wrappers():
-    """The exportable forms of a trained model, each a torch module that calls the model's own
-    loop body, by name: `wrappers().UntilConverged(model, tol, max_loops)`. They are made in a
-    function so that importing this module does not import torch (see Predictor)."""
+    """The exportable forms of a trained model, torch modules that call its loop body, by name:
+    `wrappers().UntilConverged(model, tol, max_loops)`; made here so that importing this module
+    does not import torch (see Predictor)."""
     import torch
 
     class Unrolled(torch.nn.Module):
@@ -258,63 +235,66 @@ def wrappers():
             return self.model.read(Y)
 
     class UntilConverged(torch.nn.Module):
-        """Adaptive depth: iterate until the loop has converged, at most max_loops times.
-
-        A prompt freezes (its state, predictions and loop count stop changing) once the relative
-        change of its predictions (signal "prediction": ||p_t - p_{t-1}|| / ||p_t|| over its
-        positions, p_0 the read-out of Y_0 = 0) or of its loop state ("state":
-        ||Y_t - Y_{t-1}|| / ||Y_t||) falls below tol; the loop ends when every prompt has frozen.
-        Freezing per prompt makes a prompt's answer independent of the rest of its batch, so a
-        batch split over cores gives the same numbers as one whole; a whole-batch stop would make
-        each answer depend on its neighbours. Returns (preds (B, n), loops used (B,) int64)."""
+        """Adaptive depth, at most max_loops loops: see until_converged."""
 
         def __init__(self, model, tol, max_loops, signal="prediction"):
             super().__init__()
             self.model, self.tol, self.max_loops, self.signal = model, tol, max_loops, signal
 
-        def forward(self, xs, ys):
-            P = self.model.embed(xs, ys)  # (B, L, D)
-            Y = torch.zeros_like(P)
-            B = xs.shape[0]
-            # The flags and counts are fresh (B,) tensors rather than views: the values the
-            # loop carries must keep their strides from one iteration to the next, and a view's
-            # would not.
-            # Its members are iterations, Y_0, p_0, converged and loops used.
-            start = (
-                torch.zeros((), dtype=torch.int64),
-                Y,
-                self.model.read(Y),
-                torch.zeros(B, dtype=torch.bool, device=xs.device),
-                torch.zeros(B, dtype=torch.int64, device=xs.device),
-            )
-
-            def unfinished(t, Y, p, done, loops):
-                return (t < self.max_loops) & ~done.all()
-
-            def iteration(t, Y, p, done, loops):
-                Y_next = self.model.iterate(Y, P)
-                p_next = self.model.read(Y_next)  # (B, n)
-                new, old = (Y_next, Y) if self.signal == "state" else (p_next, p)
-                size = new.flatten(1).norm(dim=1).clamp(min=1e-30)
-                change = (new - old).flatten(1).norm(dim=1) / size
-                return (
-                    t + 1,
-                    torch.where(done[:, None, None], Y, Y_next),
-                    torch.where(done[:, None], p, p_next),
-                    done | (change < self.tol),
-                    torch.where(done, loops, t + 1),
-                )
-
-            if torch.compiler.is_exporting():  # one ONNX Loop
-                _, _, preds, _, loops = torch.while_loop(unfinished, iteration, start)
-                return preds, loops
-            # Eagerly, the same functions go round a plain loop: torch.while_loop would trace them.
-            state = start
-            while unfinished(*state):
-                state = iteration(*state)
-            return state[2], state[4]
+        forward = until_converged
 
     return Wrappers(Unrolled, DynamicLoops, UntilConverged)
+
+
+def until_converged(self, xs, ys):
+    """UntilConverged's forward, adaptive depth: a prompt freezes (its state, predictions and loop
+    count stop changing) once the relative change of its predictions (signal "prediction":
+    ||p_t - p_{t-1}|| / ||p_t|| over its positions, p_0 the read-out of Y_0 = 0) or of its loop
+    state ("state": ||Y_t - Y_{t-1}|| / ||Y_t||) falls below tol; the loop ends when all have frozen
+    or after max_loops. Freezing per prompt makes a prompt's answer independent of the rest of its
+    batch, so a batch split over cores gives the same numbers as one whole, where a whole-batch
+    stop would make each answer depend on its neighbours. Returns preds (B, n), loops (B,) int64."""
+    import torch
+
+    model, B = self.model, xs.shape[0]
+    P = model.embed(xs, ys)  # (B, L, D)
+    Y = torch.zeros_like(P)
+    # (iterations, Y_0, p_0, converged, loops used). The flags and counts are fresh (B,) tensors
+    # rather than views: the values the loop carries must keep their strides from one iteration
+    # to the next, and a view's would not.
+    start = (
+        torch.zeros((), dtype=torch.int64),
+        Y,
+        model.read(Y),
+        torch.zeros(B, dtype=torch.bool, device=xs.device),
+        torch.zeros(B, dtype=torch.int64, device=xs.device),
+    )
+
+    def unfinished(t, Y, p, done, loops):
+        return (t < self.max_loops) & ~done.all()
+
+    def iteration(t, Y, p, done, loops):
+        Y_next = model.iterate(Y, P)
+        p_next = model.read(Y_next)  # (B, n)
+        new, old = (Y_next, Y) if self.signal == "state" else (p_next, p)
+        size = new.flatten(1).norm(dim=1).clamp(min=1e-30)
+        change = (new - old).flatten(1).norm(dim=1) / size
+        return (
+            t + 1,
+            torch.where(done[:, None, None], Y, Y_next),
+            torch.where(done[:, None], p, p_next),
+            done | (change < self.tol),
+            torch.where(done, loops, t + 1),
+        )
+
+    if torch.compiler.is_exporting():  # one ONNX Loop
+        _, _, preds, _, loops = torch.while_loop(unfinished, iteration, start)
+        return preds, loops
+    # Eagerly, the same functions go round a plain loop: torch.while_loop would trace them.
+    state = start
+    while unfinished(*state):
+        state = iteration(*state)
+    return state[2], state[4]
 
 
 def onnx_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, **_):
@@ -326,9 +306,7 @@ def onnx_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, **_):
     against the untouched model."""
     import torch
 
-    assert attn_mask is None and dropout_p == 0 and is_causal, (
-        "written out for causal attention only"
-    )
+    assert attn_mask is None and dropout_p == 0 and is_causal, "written for causal attention only"
     L = q.shape[-2]
     causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
     keep = causal.to(q.dtype)  # (L, L): 1 for a key already seen, 0 for a later one
@@ -358,29 +336,26 @@ def export(
     max_loops=None,
     signal="prediction",
 ):
-    """Export, write metadata, verify; returns the verification report (a dict).
-
-    until_converged: the tolerance of an adaptive graph (UntilConverged), which runs at most
-    max_loops (default 5 b) loops."""
+    """Export, write metadata, verify; returns the verification report (a dict). until_converged:
+    the tolerance of an adaptive graph (UntilConverged), at most max_loops (default 5 b) loops."""
     import onnx
 
     import harness
 
     model, cfg = load_model(run_dir)
     check_output(out)  # before any work
-    adaptive = until_converged is not None
-    n_loops, max_loops = check_loops(cfg, n_loops, dynamic_loops, fp16, until_converged, max_loops)
-    if signal not in ("prediction", "state"):
-        raise harness.UserError(f"--stop-on must be prediction or state, got {signal!r}")
-    check_finite(model, cfg, run_dir, max_loops if adaptive else n_loops or cfg.n_loops)
-    forms = wrappers()
+    n_loops, max_loops = check_request(
+        model, cfg, run_dir, n_loops, dynamic_loops, fp16, until_converged, max_loops, signal
+    )
+    forms, extra, until = wrappers(), {}, None
     if dynamic_loops:
-        wrapper, loops, extra = forms.DynamicLoops(model), "dynamic", {}
-    elif adaptive:
+        wrapper, loops = forms.DynamicLoops(model), "dynamic"
+    elif until_converged is not None:
         wrapper, loops = forms.UntilConverged(model, until_converged, max_loops, signal), "adaptive"
         extra = {"tolerance": until_converged, "max_loops": max_loops, "signal": signal}
+        until = forms.UntilConverged(model, until_converged, max_loops, signal)  # for verify
     else:
-        wrapper, loops, extra = forms.Unrolled(model, n_loops), n_loops, {}
+        wrapper, loops = forms.Unrolled(model, n_loops), n_loops
     t0 = time.perf_counter()
     proto = trace(wrapper, cfg, loops)
     if fp16:
@@ -391,12 +366,8 @@ def export(
         onnx.save(proto, tmp)  # one self-contained file: the weights are small
         size, seconds = os.path.getsize(tmp) / 1e6, time.perf_counter() - t0
         say(f"exported {out} ({size:.1f} MB) in {seconds:.1f} s")
-        until = (
-            forms.UntilConverged(model, until_converged, max_loops, signal) if adaptive else None
-        )
         try:
-            fixed = loops if isinstance(loops, int) else None  # an unrolled graph's count
-            report = verify(tmp, model, cfg, fixed, fp16, until)
+            report = verify(tmp, model, cfg, n_loops, fp16, until)
         except VerificationError:
             raise
         except Exception as e:  # any failure, not only a parity miss
@@ -406,33 +377,36 @@ def export(
     return report
 
 
-def check_loops(cfg, n_loops, dynamic_loops, fp16, until_converged, max_loops):
+def check_request(model, cfg, run_dir, n_loops, dynamic_loops, fp16, until, max_loops, signal):
     """(n_loops, max_loops) as the graph will run them, or UserError before any work: an unrolled
-    graph's n_loops (default b) 1 to 5 b, an adaptive one's positive finite tolerance and max_loops
-    (default 5 b) 1 to MAX_LOOPS, in fp32."""
-    import harness
+    graph's n_loops (default b) 1 to 5 b, an adaptive one's positive finite tolerance (until) and
+    max_loops (default 5 b) 1 to MAX_LOOPS, in fp32; and the model's predictions finite there
+    (load_checkpoint has refused weights that are not)."""
+    import torch
 
-    if until_converged is not None:
+    import harness
+    import looped
+
+    if until is not None:
         if dynamic_loops or n_loops is not None:
             raise harness.UserError(
                 "--until-converged chooses the loop count: it excludes --loops and --dynamic-loops"
             )
         max_loops = min(5 * cfg.n_loops, MAX_LOOPS) if max_loops is None else max_loops
         harness.Count(1, MAX_LOOPS).check("--max-loops", max_loops)
-        real = isinstance(until_converged, numbers.Real) and not isinstance(until_converged, bool)
-        if not (real and until_converged > 0 and np.isfinite(until_converged)):
+        real = isinstance(until, numbers.Real) and not isinstance(until, bool)
+        if not (real and until > 0 and np.isfinite(until)):
             raise harness.UserError(
-                f"--until-converged must be a finite number above 0, got {until_converged}"
+                f"--until-converged must be a finite number above 0, got {until}"
             )
         if fp16:  # half precision rounds the change it tests by about as much as the tolerances
             raise harness.UserError("--until-converged needs fp32: it does not go with --fp16")
-        return None, int(max_loops)
-    if dynamic_loops:
-        if n_loops is not None:
-            raise harness.UserError(
-                "--loops and --dynamic-loops exclude each other: the loop count is an input"
-            )
-    else:
+        max_loops = int(max_loops)
+    elif dynamic_loops and n_loops is not None:
+        raise harness.UserError(
+            "--loops and --dynamic-loops exclude each other: the loop count is an input"
+        )
+    elif not dynamic_loops:
         n_loops = cfg.n_loops if n_loops is None else n_loops
         unrolled = harness.Count(1, UNROLLED * cfg.n_loops)
         whole = isinstance(n_loops, numbers.Integral) and not isinstance(n_loops, bool)
@@ -443,6 +417,17 @@ def check_loops(cfg, n_loops, dynamic_loops, fp16, until_converged, max_loops):
                 f"{MAX_LOOPS:,}"
             )
         n_loops = int(n_loops)
+    if signal not in ("prediction", "state"):
+        raise harness.UserError(f"--stop-on must be prediction or state, got {signal!r}")
+    at = max_loops if until is not None else n_loops or cfg.n_loops
+    gen = torch.Generator().manual_seed(0)
+    xs, ys = looped.TASKS[cfg.task](8, cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
+    with torch.no_grad():
+        if not model(xs, ys, at)[:, -1].isfinite().all():
+            raise harness.UserError(
+                f"{run_dir}: the model's predictions after {at} loops are not finite; "
+                "nothing was exported"
+            )
     return n_loops, max_loops
 
 
@@ -473,10 +458,8 @@ def trace(wrapper, cfg, loops):
     if loops == "dynamic":
         args, shapes["n_loops"] = (*args, torch.tensor(3)), None
     logging.getLogger("torch").setLevel(logging.ERROR)
-    with (
-        warnings.catch_warnings(),
-        mock.patch("torch.nn.functional.scaled_dot_product_attention", onnx_attention),
-    ):
+    attention = "torch.nn.functional.scaled_dot_product_attention"
+    with warnings.catch_warnings(), mock.patch(attention, onnx_attention):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             wrapper,
@@ -494,12 +477,20 @@ def trace(wrapper, cfg, loops):
 def half_precision(proto):
     """The graph with float16 weights and arithmetic; its inputs and outputs stay float32, so an
     app feeds the same arrays."""
+    import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     half = OnnxModel(convert_float_to_float16(proto, keep_io_types=True))
     half.topological_sort()  # the converter appends its input casts at the end of the graph
-    drop_value_info(half.model.graph)
+    # The types recorded for inner values are forgotten, in the Loop bodies too: the converter
+    # leaves some of a Loop body's at float32, and the checker infers them afresh.
+    graphs = [half.model.graph]
+    while graphs:
+        graph = graphs.pop()
+        del graph.value_info[:]
+        for node in graph.node:
+            graphs += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
     return half.model
 
 
@@ -524,9 +515,8 @@ def metadata(cfg, loops, fp16, **adaptive):
 
 
 def check_output(out):
-    """Before any work, UserError unless out is a new name or a regular .onnx file, outside any run
-    folder, in a folder that takes the name and lets this process write (a file made and removed
-    there, as the export's own temporary file will be)."""
+    """UserError, before any work, unless out is a new name or a writable regular .onnx file outside
+    any run folder, where a file can be made and removed (as the export's .tmp file will be)."""
     from harness import RUN_FILES, UserError, special
 
     if not isinstance(out, (str, os.PathLike)) or isinstance(os.fspath(out), bytes):
@@ -554,37 +544,6 @@ def check_output(out):
         raise UserError(f"cannot write {out} ({e.strerror})") from None
 
 
-def check_finite(model, cfg, run_dir, n_loops):
-    """UserError, before anything is written, where the model's predictions at n_loops are not
-    finite (load_checkpoint has refused weights that are not)."""
-    import torch
-
-    import harness
-    import looped
-
-    gen = torch.Generator().manual_seed(0)
-    xs, ys = looped.TASKS[cfg.task](8, cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
-    with torch.no_grad():
-        finite = model(xs, ys, n_loops)[:, -1].isfinite().all()
-    if not finite:
-        raise harness.UserError(
-            f"{run_dir}: the model's predictions after {n_loops} loops are not finite; "
-            "nothing was exported"
-        )
-
-
-def drop_value_info(graph):
-    """Forget the types recorded for a graph's inner values, in its Loop bodies too: the fp16
-    converter leaves some of a Loop body's at float32, and the checker infers them afresh."""
-    import onnx
-
-    del graph.value_info[:]
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                drop_value_info(attribute.g)
-
-
 def gap(got, expected):
     """max |got - expected|, infinite where either is not finite (NaN would compare as a pass)."""
     if not (np.isfinite(got).all() and np.isfinite(expected).all()):
@@ -594,9 +553,9 @@ def gap(got, expected):
 
 def verify(path, model, cfg, n_loops, fp16=False, adaptive=None):
     """The ONNX checker, symbolic batch and point axes, and parity with PyTorch on fresh prompts
-    at a batch size and prompt length unlike the export example; for an adaptive graph, its
-    PyTorch module (UntilConverged) run the same way, the loop counts equal. VerificationError on
-    any failure."""
+    at a batch size and prompt length unlike the export example: at n_loops for an unrolled graph,
+    at 1 and b for a dynamic one (n_loops None), and for an adaptive one against its PyTorch module
+    (UntilConverged), the loop counts equal. VerificationError on any failure."""
     import onnx
     import torch
 
@@ -606,95 +565,71 @@ def verify(path, model, cfg, n_loops, fp16=False, adaptive=None):
         onnx.checker.check_model(path, full_check=True)
     except Exception as e:
         raise VerificationError(f"ONNX checker: {str(e).splitlines()[0]}") from None
-    graph = onnx.load(path).graph
-    for inp in graph.input[:2]:
+    for inp in onnx.load(path).graph.input[:2]:
         dims = inp.type.tensor_type.shape.dim
         if not (dims[0].dim_param and dims[1].dim_param):
             raise VerificationError(f"input {inp.name} has a fixed batch or point axis: {dims}")
-    predictor = Predictor(path)
-    gen = torch.Generator().manual_seed(7)
-    report, worst = {"checker": "passed", "symbolic axes": "batch, n_points"}, 0.0
-    loops = [n_loops] if n_loops else [1, cfg.n_loops]
-    for batch, points in ((3, cfg.n_positions), (5, max(1, cfg.n_positions // 2 + 1))):
+    predictor, gen, worst = Predictor(path), torch.Generator().manual_seed(7), 0.0
+    loops, half = [n_loops] if n_loops else [1, cfg.n_loops], cfg.n_positions // 2 + 1
+    for batch, points in ((3, cfg.n_positions), (5, half)):
         xs, ys = looped.TASKS[cfg.task](batch, points, cfg.n_dims, cfg.n_dims, gen)
-        if adaptive is not None:
-            with torch.no_grad():
+        x, y = xs.numpy(), ys.numpy()
+        with torch.no_grad():
+            if adaptive is not None:
                 expected, used = (t.numpy() for t in adaptive(xs, ys))
-            got, got_used = predictor(xs.numpy(), ys.numpy(), return_loops=True)
-            # A change within round-off of the tolerance may stop one loop apart in the two, so
-            # the counts may differ by one; the predictions are compared where the counts agree.
-            if np.abs(got_used - used).max() > 1:
-                raise VerificationError(
-                    f"loops used: onnxruntime {got_used.tolist()}, torch {used.tolist()}"
-                )
-            same = got_used == used
-            worst, loops = (
-                max(worst, gap(got[same], expected[same])),
-                f"until converged (used {used.tolist()})",
-            )
-            continue
-        for b in loops:
-            with torch.no_grad():
+                got, got_used = predictor(x, y, return_loops=True)
+                # A change within round-off of the tolerance may stop one loop apart in the two,
+                # so the counts may differ by one; the predictions are compared where they agree.
+                if np.abs(got_used - used).max() > 1:
+                    raise VerificationError(
+                        f"loops used: onnxruntime {got_used.tolist()}, torch {used.tolist()}"
+                    )
+                worst = max(worst, gap(got[got_used == used], expected[got_used == used]))
+                loops = f"until converged (used {used.tolist()})"
+                continue
+            for b in loops:
                 expected = model(xs, ys, b)[:, -1].numpy()  # (B, n) after loop b
-            got = predictor(xs.numpy(), ys.numpy(), b if n_loops is None else None)
-            worst = max(worst, gap(got, expected))
+                worst = max(worst, gap(predictor(x, y, b if n_loops is None else None), expected))
     tol = PARITY_TOL_FP16 if fp16 else PARITY_TOL
-    report["parity"] = (
+    parity = (
         f"max |onnxruntime - torch| = {worst:.2e} (tolerance {tol:g}) at batch 3 and 5, "
-        f"n = {cfg.n_positions} and {cfg.n_positions // 2 + 1}, loops {loops}"
+        f"n = {cfg.n_positions} and {half}, loops {loops}"
     )
-    report["provider"] = predictor.provider
     if not worst <= tol:
-        raise VerificationError(report["parity"])
-    return report
+        raise VerificationError(parity)
+    report = {"checker": "passed", "symbolic axes": "batch, n_points", "parity": parity}
+    return {**report, "provider": predictor.provider}
 
 
 # ---------------------------------------------------------------------------- command line
 
 
 def flags():
-    """export.py's command line."""
+    """export.py's command line: its flags are export()'s arguments."""
     import harness
 
-    parser = harness.doc_parser("export.py", __doc__)
-    parser.add_argument("run_dir", help="a looped.py run folder (with ckpt.pt)")
-    parser.add_argument(
-        "--loops",
-        type=harness.Count(1, MAX_LOOPS),
-        help=f"loop iterations to unroll, 1 to {UNROLLED} b (default: the trained b)",
-    )
-    parser.add_argument(
-        "--dynamic-loops",
-        action="store_true",
-        help=f"the loop count is an int64 input instead, 1 to {MAX_LOOPS:,} per call",
-    )
-    parser.add_argument(
-        "-o",
-        "--out",
-        help="output file, a new name or an .onnx file to replace; never in a run folder "
+    loops = harness.Count(1, MAX_LOOPS)
+    helps = {
+        "--loops": f"loop iterations to unroll, 1 to {UNROLLED} b (default: the trained b)",
+        "--dynamic-loops": f"the loop count is an int64 input instead, 1 to {MAX_LOOPS:,} per call",
+        "--out": "output file, a new name or an .onnx file to replace; never in a run folder "
         "(default: RUN_DIR.onnx, beside the run folder)",
-    )
-    parser.add_argument(
-        "--fp16", action="store_true", help="half-precision weights, for GPU inference"
-    )
-    parser.add_argument(
-        "--until-converged",
-        type=harness.positive,
-        metavar="TOL",
-        help="adaptive depth: stop each prompt when the "
-        "relative change of its predictions (or --stop-on state) falls below TOL (a number "
-        "above 0); a second output gives the loops used",
-    )
-    parser.add_argument(
-        "--max-loops",
-        type=harness.Count(1, MAX_LOOPS),
-        help=f"with --until-converged: the most loops, {harness.Count(1, MAX_LOOPS)} (default 5 b)",
-    )
-    parser.add_argument(
-        "--stop-on",
-        choices=["prediction", "state"],
-        help="with --until-converged: the change that is tested [prediction]",
-    )
+        "--until-converged": "adaptive depth: stop each prompt when the relative change of its "
+        "predictions (or --stop-on state) falls below TOL (a number above 0); a second output "
+        "gives the loops used",
+        "--max-loops": f"with --until-converged: the most loops, {loops} (default 5 b)",
+        "--stop-on": "with --until-converged: the change that is tested [prediction]",
+    }
+    parser = harness.doc_parser("export.py", __doc__)
+    add = parser.add_argument
+    add("run_dir", help="a looped.py run folder (with ckpt.pt)")
+    add("--loops", type=loops, dest="n_loops", metavar="LOOPS", help=helps["--loops"])
+    add("--dynamic-loops", action="store_true", help=helps["--dynamic-loops"])
+    add("-o", "--out", help=helps["--out"])
+    add("--fp16", action="store_true", help="half-precision weights, for GPU inference")
+    add("--until-converged", type=harness.positive, metavar="TOL", help=helps["--until-converged"])
+    add("--max-loops", type=loops, help=helps["--max-loops"])
+    add("--stop-on", choices=["prediction", "state"], dest="signal", help=helps["--stop-on"])
     return parser
 
 
@@ -702,21 +637,13 @@ def main(argv=None):
     import harness
 
     args = flags().parse_args(argv)
-    if args.until_converged is None and (args.max_loops is not None or args.stop_on):
+    if args.until_converged is None and (args.max_loops is not None or args.signal):
         raise harness.UserError("--max-loops and --stop-on go with --until-converged")
     run = os.path.normpath(args.run_dir)  # the default: runs/linreg -> runs/linreg.onnx
     default = (os.path.abspath(run) if os.path.basename(run) in (".", "..") else run) + ".onnx"
+    given = {k: v for k, v in vars(args).items() if v is not None}  # the rest: export's defaults
     try:
-        export(
-            args.run_dir,
-            default if args.out is None else args.out,
-            args.loops,
-            args.dynamic_loops,
-            args.fp16,
-            until_converged=args.until_converged,
-            max_loops=args.max_loops,
-            signal=args.stop_on or "prediction",
-        )
+        export(given.pop("run_dir"), given.pop("out", default), **given)
     except VerificationError as e:
         print(f"export.py: verification failed, file deleted: {e}", file=sys.stderr)
         sys.exit(1)
