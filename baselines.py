@@ -1,17 +1,17 @@
 """Classical in-context learners, scored on the same prompts as the looped transformer.
 
-Every solver has one signature, `(xs (B, n, d), ys (B, n)) -> preds (B, n)`, where
-`preds[:, i]` is fitted on the first i pairs only and `preds[:, 0] = 0`, so its error curve
-lines up with the transformer's (the prediction of y_i sees x_1, y_1, ..., x_{i-1}, y_{i-1}, x_i).
-All are batched over prompts and prefix lengths in torch (no Python loop over prompts) and run
-on CPU or CUDA alike. The iterative solvers (gradient descent, Newton's iteration) also return
-their prediction after every iteration, to be drawn beside the looped model's iterations.
-This file imports nothing of the project; the error tables are `python experiments.py baselines`,
-the timings against per-prompt scikit-learn fits `python bench.py baselines`.
-Shapes: B prompts, n points, d input dim, Q = B * (prefixes) independent fitting problems.
+Every solver maps `(xs (B, n, d), ys (B, n)) -> preds (B, n)`, where `preds[:, i]` is fitted on
+the first i pairs only and `preds[:, 0] = 0`, so its error curve lines up with the transformer's
+(the prediction of y_i sees x_1, y_1, ..., x_{i-1}, y_{i-1}, x_i). All are batched over prompts
+and prefix lengths in torch (no Python loop over prompts), on CPU or CUDA alike. The iterative
+solvers (gradient descent, Newton's iteration) also return their prediction after every
+iteration, drawn beside the looped model's. A leaf: imports nothing of the project. Error tables:
+`python experiments.py baselines`; timings against per-prompt scikit-learn: `python bench.py
+baselines`. Shapes: B prompts, n points, d input dim, Q = B * (prefixes) fitting problems.
 """
 
 import ctypes
+import functools
 import math
 
 import torch
@@ -19,12 +19,11 @@ import torch.nn.functional as F
 
 
 def keep_freed_memory():
-    """Ask glibc's malloc to keep freed memory for reuse. By default it hands blocks of a few MB
+    """Ask glibc's malloc to keep freed memory for reuse: by default it hands blocks of a few MB
     back to the OS and page-faults them in again at the next allocation, and the batched solvers
-    allocate many such temporaries: measured here, Newton's iteration 1.8x, the greedy tree 1.6x
-    and Lasso 1.3x faster. The effect of the jemalloc or tcmalloc that PyTorch's CPU tuning guide
-    advises, without a preload; the command lines call it. False where there is no glibc (a
-    no-op)."""
+    allocate many such temporaries (measured: Newton 1.8x, greedy tree 1.6x, Lasso 1.3x faster).
+    The effect of the jemalloc or tcmalloc that PyTorch's CPU tuning guide advises, without a
+    preload. False where there is no glibc (a no-op)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
@@ -34,13 +33,20 @@ def keep_freed_memory():
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def by_prompts(fn, xs, ys, size, *args):
-    """Run fn on chunks of prompts: every solver is independent per prompt, and chunks bound
-    the memory of the (B, n, n, d) or (B, n, d, d) tensors at paper scale. Small chunks also
-    keep the iterative solvers' working set in cache (Lasso, trees: 1.4x to 1.9x on a CPU)."""
-    return torch.cat(
-        [fn(xs[s : s + size], ys[s : s + size], *args) for s in range(0, len(xs), size)]
-    )
+def by_prompts(size):
+    """Make a solver run on chunks of `size` prompts: every prompt is independent, and chunks bound
+    the memory of the (B, n, n, d) or (B, n, d, d) tensors at paper scale. Small chunks also keep
+    the iterative solvers' working set in cache (Lasso, trees: 1.4x to 1.9x on a CPU)."""
+
+    def chunked(solver):
+        @functools.wraps(solver)
+        def run(xs, ys, *args, **kwargs):
+            chunks = [(xs[s : s + size], ys[s : s + size]) for s in range(0, len(xs), size)]
+            return torch.cat([solver(x, y, *args, **kwargs) for x, y in chunks])
+
+        return run
+
+    return chunked
 
 
 def prefix_gram(xs, ys):
@@ -62,16 +68,12 @@ def predict_linear(w, xs):
 # ---------------------------------------------------------------------------- closed form
 
 
+@by_prompts(64)
 def least_squares(xs, ys):
-    """Minimum-norm least squares: w_i = pinv(X_{<i}) y_{<i}; pred_i = w_i . x_i.
-
-    Zero rows do not change a minimum-norm solution, so every prefix is the full (n, d)
-    design with the rows j >= i zeroed, and all n prefixes are solved in one batched pinv.
-    Right for underdetermined prefixes (i < d), where a full-rank-only solver fails."""
-    return by_prompts(_least_squares, xs, ys, 64)
-
-
-def _least_squares(xs, ys):
+    """Minimum-norm least squares: w_i = pinv(X_{<i}) y_{<i}; pred_i = w_i . x_i. Zero rows do not
+    change a minimum-norm solution, so every prefix is the full (n, d) design with the rows j >= i
+    zeroed, and all n prefixes are one batched pinv. Right for underdetermined prefixes (i < d),
+    where a full-rank-only solver fails."""
     n = xs.shape[1]
     mask = torch.ones(n, n, dtype=torch.float64, device=xs.device).tril(-1)  # (n, n): j < i
     X = xs.double()[:, None] * mask[None, :, :, None]  # (B, n, n, d): prefix i, row j
@@ -80,16 +82,11 @@ def _least_squares(xs, ys):
     return predict_linear(w, xs)
 
 
+@by_prompts(256)
 def ridge(xs, ys, alpha=0.01):
-    """Ridge without intercept: w_i = (G_i + alpha I)^-1 c_i, the minimum of
-    ||X w - y||^2 + alpha ||w||^2.
-
-    alpha = 0.01 = noise variance / prior variance of w is the Bayes-optimal predictor for
-    noisy linear regression (noise std 0.1, w ~ N(0, I))."""
-    return by_prompts(_ridge, xs, ys, 256, alpha)
-
-
-def _ridge(xs, ys, alpha):
+    """Ridge without intercept: w_i = (G_i + alpha I)^-1 c_i, the minimum of ||X w - y||^2 +
+    alpha ||w||^2. alpha = 0.01 = noise variance / prior variance of w is the Bayes-optimal
+    predictor for noisy linear regression (noise std 0.1, w ~ N(0, I))."""
     G, c = prefix_gram(xs, ys)
     eye = torch.eye(xs.shape[2], dtype=G.dtype, device=G.device)
     return predict_linear(torch.linalg.solve(G + alpha * eye, c), xs)
@@ -111,13 +108,10 @@ def zero(xs, ys):
 # ---------------------------------------------------------------------------- neighbours
 
 
+@by_prompts(128)
 def nearest_neighbours(xs, ys, k=3):
-    """k-NN, uniform weights: pred_i = mean of y_j over the k nearest x_j (j < i) to x_i;
-    fewer neighbours when i < k, as Garg et al. do."""
-    return by_prompts(_nearest_neighbours, xs, ys, 128, k)
-
-
-def _nearest_neighbours(xs, ys, k):
+    """k-NN, uniform weights: pred_i = mean of y_j over the k nearest x_j (j < i) to x_i; fewer
+    neighbours when i < k, as Garg et al. do."""
     B, n, _ = xs.shape
     x = xs.double()
     dist = (x[:, :, None] - x[:, None]).pow(2).sum(-1)  # (B, n, n): query i, candidate j
@@ -133,18 +127,13 @@ def _nearest_neighbours(xs, ys, k):
 # ---------------------------------------------------------------------------- sparse
 
 
+@by_prompts(64)
 def lasso(xs, ys, alpha=0.01):
-    """Lasso without intercept, in scikit-learn's convention:
-    min_w ||y - X w||^2 / (2 i) + alpha ||w||_1.
-
-    Solved exactly by the Lasso homotopy (LARS with drops, Efron et al. 2004) on the Gram
-    matrices of all prompts and prefixes at once: the solution is piecewise linear in the
-    penalty, so it is followed from w = 0 at lam = max |c_j| down to lam = i alpha, one
-    join or drop of a coordinate per step. Exact to float64 round-off; at most a few d steps."""
-    return by_prompts(_lasso, xs, ys, 64, alpha)
-
-
-def _lasso(xs, ys, alpha):
+    """Lasso without intercept, in scikit-learn's convention: min_w ||y - X w||^2 / (2 i) +
+    alpha ||w||_1. Solved exactly by the Lasso homotopy (LARS with drops, Efron et al. 2004) on
+    the Gram matrices of all prompts and prefixes at once: the solution is piecewise linear in
+    the penalty, so it is followed from w = 0 at lam = max |c_j| down to lam = i alpha, one join
+    or drop of a coordinate per step. Exact to float64 round-off; at most a few d steps."""
     B, n, d = xs.shape
     G, c = prefix_gram(xs, ys)
     G, c = G.view(-1, d, d), c.view(-1, d)  # (Q, d, d), (Q, d): one problem per prompt and prefix
@@ -167,9 +156,8 @@ def _lasso(xs, ys, alpha):
         # the next event: an inactive |rho_j| reaches lam - g, or an active w_j reaches 0
         join = torch.minimum(positive((lt - rt) / (1 - a), lt), positive((lt + rt) / (1 + a), lt))
         drop = positive(-wt / u, lt)
-        join, drop = join.masked_fill(on, math.inf), drop.masked_fill(~on, math.inf)
-        g_join, j_join = join.min(1)
-        g_drop, j_drop = drop.min(1)
+        g_join, j_join = join.masked_fill(on, math.inf).min(1)
+        g_drop, j_drop = drop.masked_fill(~on, math.inf).min(1)
         g_end = lt[:, 0] - target[todo]
         g = torch.minimum(torch.minimum(g_join, g_drop), g_end)  # (q,)
         wt, rt = wt + g[:, None] * u, rt - g[:, None] * a
@@ -194,39 +182,32 @@ def positive(step, lam):
 # ---------------------------------------------------------------------------- iterative
 
 
+@by_prompts(256)
 def gradient_descent_iterates(xs, ys, steps=100):
     """Gradient descent on L_i(w) = ||X_{<i} w - y_{<i}||^2 / (2 i) from w = 0, step 1 / lambda_max:
     w <- w - (G_i w - c_i) / lambda_max(G_i). Starting at 0 it converges to minimum-norm least
-    squares. Returns the prediction after every step, (B, steps, n)."""
-    return by_prompts(_gradient_descent, xs, ys, 256, steps)
-
-
-def _gradient_descent(xs, ys, steps):
+    squares. The prediction after every step, (B, steps, n)."""
     G, c = prefix_gram(xs, ys)
     step = 1 / torch.linalg.eigvalsh(G)[..., -1].clamp(min=1e-12)  # (B, n); the 1/i cancels
     w, preds = torch.zeros_like(c), []
     for _ in range(steps):
         w = w - step[..., None] * ((G @ w[..., None])[..., 0] - c)
         preds.append(predict_linear(w, xs))
-    return torch.stack(preds, dim=1)  # (B, steps, n)
+    return torch.stack(preds, dim=1)
 
 
+@by_prompts(256)
 def newton_iterates(xs, ys, steps=30):
-    """Iterative Newton (Newton-Schulz) for the pseudo-inverse of G_i = X^T X:
-    M_0 = G / lambda_max^2, M_{k+1} = 2 M_k - M_k G M_k, w_k = M_k c. Converges to minimum-norm
-    least squares, quadratically once started, in far fewer steps than gradient descent.
-    (B, steps, n)."""
-    return by_prompts(_newton, xs, ys, 256, steps)
-
-
-def _newton(xs, ys, steps):
+    """Iterative Newton (Newton-Schulz) for the pseudo-inverse of G_i = X^T X: M_0 = G /
+    lambda_max^2, M_{k+1} = 2 M_k - M_k G M_k, w_k = M_k c. Converges to minimum-norm least squares,
+    quadratically once started, in far fewer steps than gradient descent. (B, steps, n)."""
     G, c = prefix_gram(xs, ys)
     top = torch.linalg.eigvalsh(G)[..., -1].clamp(min=1e-12)  # (B, n)
     M, preds = G / top[..., None, None] ** 2, []
     for _ in range(steps):
         M = 2 * M - M @ G @ M
         preds.append(predict_linear((M @ c[..., None])[..., 0], xs))
-    return torch.stack(preds, dim=1)  # (B, steps, n)
+    return torch.stack(preds, dim=1)
 
 
 def gradient_descent(xs, ys):
@@ -259,19 +240,16 @@ def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, presorted=None):
     the split (feature f, threshold between consecutive values) that most reduces the squared
     error, i.e. maximises sum_L^2 / n_L + sum_R^2 / n_R; thresholds are midpoints, x <= t goes
     left. With n_trees > 1, gradient boosting on squared error: start from the mean, fit each
-    tree to the residuals, add lr times it. Batched over Q problems: X (Q, m, d), y (Q, m),
-    valid (Q, m) (the real samples come first), query (Q, d) -> the prediction at the query (Q,).
-    presorted: (order, ties) from prefix_orders with the x, lo and hi that made X,
-    or None when every feature is -1 or 1 (the tree on sign(x)), split by a matmul (unchecked).
-    The tree is grown level by level for all problems and nodes at once."""
+    tree to the residuals, add lr times it. Grown level by level for all Q problems and nodes at
+    once: X (Q, m, d), y (Q, m), valid (Q, m) (the real samples first), query (Q, d) -> the
+    prediction at the query (Q,). presorted: (order, ties) from prefix_orders with the x, lo and
+    hi that made X, or None when every feature is -1 or 1 (sign(x); split by a matmul, unchecked)."""
     Q, m, d = X.shape
     y = y * valid
     n_real = valid.sum(1, keepdim=True)  # (Q, 1)
-    fit = (
-        (y.sum(1, keepdim=True) / n_real.clamp(min=1)).expand(Q, m)
-        if n_trees > 1
-        else torch.zeros_like(y)
-    )
+    fit = torch.zeros_like(y)
+    if n_trees > 1:
+        fit = (y.sum(1, keepdim=True) / n_real.clamp(min=1)).expand(Q, m)
     at_query = fit[:, 0].clone()
     binary = presorted is None
     if binary:
@@ -282,8 +260,8 @@ def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, presorted=None):
     for _ in range(n_trees):
         r = (y - fit) * valid  # residuals, (Q, m)
         node = torch.zeros(Q, m, dtype=torch.long, device=X.device)
-        # sorted features: each node is one segment of every feature's order; a last segment
-        # holds the padding. (start, count) of the segments, (Q, K + 1), in positions 0 .. m-1,
+        # sorted features: each node is one segment of every feature's order, and a last segment
+        # holds the padding: (start, count) of the segments (Q, K + 1), in positions 0 .. m-1,
         # and the segment of each position (Q, m)
         if not binary:
             perm, seg = order, (torch.arange(m, device=X.device) >= n_real).long()
@@ -296,9 +274,8 @@ def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, presorted=None):
                 f, below, above = sorted_split(X, values, r, perm, seg, start, count)
             # The threshold lies between the values below and above it: a sample goes right if
             # its value is above `below`.
-            right = (
-                X.gather(2, f.gather(1, node)[..., None])[..., 0] > below.gather(1, node)
-            ) & valid
+            x_f = X.gather(2, f.gather(1, node)[..., None])[..., 0]  # (Q, m): its node's feature
+            right = (x_f > below.gather(1, node)) & valid
             if not binary and level < depth - 1:
                 perm, seg, start, count = partition(perm, right, node, seg, start, count)
             node = 2 * node + right.long()
@@ -347,11 +324,10 @@ def binary_split(up, valid, r, node, K):
 
 def sorted_split(X, values, r, perm, seg, start, count):
     """Best split of each node from every feature's sorted order: perm (Q, d, 1 + m) lists, after
-    the empty sample m, the samples of node 0, then node 1, ..., each node sorted by the feature's
-    value, so one cumulative sum gives every threshold's left sum. X (Q, m, d) as in fit_trees;
-    values (Q, d, m), the features with the padding at inf, is given only when some are tied.
-    Returns each node's feature and the values on either side of its threshold (Q, K), inf if
-    it stays a leaf."""
+    the empty sample m, the samples of node 0, then node 1, ..., each sorted by the feature's
+    value, so one cumulative sum gives every threshold's left sum. values (Q, d, m), the features
+    with the padding at inf, only when some are tied. Returns each node's feature and the values
+    on either side of its threshold (Q, K), inf if it stays a leaf."""
     Q, d, m = perm.shape[0], perm.shape[1], perm.shape[2] - 1
     K = start.shape[1] - 1
     pos = torch.arange(m, device=r.device)
@@ -377,14 +353,11 @@ def sorted_split(X, values, r, perm, seg, start, count):
     top = excess.amax(1)  # (Q, m): the best feature's |D| at each position (max(1) is 10x slower)
     ok = (seg1 - pos > 1) & (seg < K) & (top >= 0)  # the node has samples on both sides
     best = (top.square() * (n_left.reciprocal() + inv_right)).masked_fill(~ok, -math.inf)
-    node_best = torch.full((Q, K + 1), -math.inf, dtype=best.dtype, device=r.device).scatter_reduce(
-        1, seg, best, "amax"
-    )
+    node_best = best.new_full((Q, K + 1), -math.inf).scatter_reduce(1, seg, best, "amax")
     first = torch.where((best == node_best.gather(1, seg)) & ok, pos, m)
     p = torch.full((Q, K + 1), m, device=r.device).scatter_reduce(1, seg, first, "amin")
-    p = p[:, :K]  # (Q, K)
     has = node_best[:, :K] > -math.inf  # else every value of the node is tied: it stays a leaf
-    p = p.clamp(max=max(m - 2, 0))
+    p = p[:, :K].clamp(max=max(m - 2, 0))  # (Q, K); m (no split) is clamped to stay in range
     # the first best feature, and the samples on either side of its threshold
     f = excess.transpose(1, 2).gather(1, p[..., None].expand(Q, K, d)).argmax(2)
     lo = perm.flatten(1).gather(1, f * (m + 1) + p + 1)
@@ -416,9 +389,8 @@ def partition(perm, right, node, seg, start, count):
     # new = to_left - O + bit (to_right - to_left + 2 O)
     to_left, to_right = (pos + before)[:, None], (into - before - 1)[:, None]
     ones = ones[..., 1:]
-    new = torch.addcmul(
-        to_left - ones, bits[..., 1:], torch.add(to_right - to_left, ones, alpha=2)
-    ).long()
+    change = torch.add(to_right - to_left, ones, alpha=2)
+    new = torch.addcmul(to_left - ones, bits[..., 1:], change).long()
     moved = torch.empty_like(perm)
     moved[..., 0] = m
     moved[..., 1:].scatter_(2, new, perm[..., 1:])
@@ -455,9 +427,8 @@ def front(order, i, out):
     pos = torch.arange(order.shape[-1], device=order.device)
     # A kept sample goes to kept - 1 and another to i + pos - kept, which is, in one expression,
     # new = i + pos - kept + keep (2 kept - i - pos - 1).
-    new = torch.addcmul(
-        torch.sub(i + pos, kept), keep, torch.add(-1 - i - pos, kept, alpha=2)
-    ).long()
+    change = torch.add(-1 - i - pos, kept, alpha=2)
+    new = torch.addcmul(torch.sub(i + pos, kept), keep, change).long()
     return out.scatter_(-1, new, order.expand_as(new))
 
 
@@ -473,30 +444,33 @@ def tree_predictions(xs, ys, depth, n_trees=1, lr=1.0, sign=False, bucket=8):
         hi = min(lo + bucket, n)
         X, y, valid, query = prefix_problems(x, ys, lo, hi)
         presorted = None if sign else prefix_orders(x, order, lo, hi)
-        preds[:, lo:hi] = fit_trees(X, y, valid, query, depth, n_trees, lr, presorted).view(
-            B, hi - lo
-        )
+        fitted = fit_trees(X, y, valid, query, depth, n_trees, lr, presorted)
+        preds[:, lo:hi] = fitted.view(B, hi - lo)
     return preds.to(ys.dtype)
 
 
+@by_prompts(64)
 def greedy_tree(xs, ys):
     """A greedy regression tree of depth 2 on x (the paper's choice on raw inputs)."""
-    return by_prompts(tree_predictions, xs, ys, 64, 2)  # depth
+    return tree_predictions(xs, ys, depth=2)
 
 
+@by_prompts(256)
 def greedy_tree_sign(xs, ys):
     """A greedy regression tree of depth 4 on sign(x), the features the task's trees test."""
-    return by_prompts(tree_predictions, xs, ys, 256, 4, 1, 1.0, True)  # depth, trees, lr, sign
+    return tree_predictions(xs, ys, depth=4, sign=True)
 
 
+@by_prompts(64)
 def boosted_trees(xs, ys):
     """Gradient-boosted trees: 50 trees of depth 4, learning rate 0.1, squared error, on x."""
-    return by_prompts(tree_predictions, xs, ys, 64, 4, 50, 0.1)  # depth, trees, lr
+    return tree_predictions(xs, ys, depth=4, n_trees=50, lr=0.1)
 
 
+@by_prompts(32)
 def boosted_trees_sign(xs, ys):
     """The same boosted trees on sign(x)."""
-    return by_prompts(tree_predictions, xs, ys, 32, 4, 50, 0.1, True)  # depth, trees, lr, sign
+    return tree_predictions(xs, ys, depth=4, n_trees=50, lr=0.1, sign=True)
 
 
 # ---------------------------------------------------------------------------- networks
@@ -509,12 +483,8 @@ def relu_network(xs, ys, hidden=100, steps=1000, batch=10, lr=5e-3, seed=0):
     since Adam works element by element, each one trains exactly as it would alone."""
     chunk = 16  # prompts trained together: Adam's state stays in cache (1.5x faster than 64)
     # Each chunk of prompts draws from its own seed.
-    return torch.cat(
-        [
-            _relu_network(xs[s : s + chunk], ys[s : s + chunk], hidden, steps, batch, lr, seed + s)
-            for s in range(0, len(xs), chunk)
-        ]
-    )
+    runs = [(s, xs[s : s + chunk], ys[s : s + chunk]) for s in range(0, len(xs), chunk)]
+    return torch.cat([_relu_network(x, y, hidden, steps, batch, lr, seed + s) for s, x, y in runs])
 
 
 def _relu_network(xs, ys, hidden, steps, batch, lr, seed):
@@ -525,19 +495,16 @@ def _relu_network(xs, ys, hidden, steps, batch, lr, seed):
     # (Q,): the row of each problem's x_1 in the flat prompts
     first = torch.arange(B, device=xs.device).repeat_interleave(n - 1) * n
     flat_x, flat_y = xs.reshape(B * n, d), ys.reshape(B * n)
-
-    def uniform(*shape, fan_in):  # torch.nn.Linear's default initialisation
-        bound = 1 / math.sqrt(fan_in)
-        return (
-            (torch.rand(*shape, generator=gen, device=xs.device, dtype=xs.dtype) * 2 - 1) * bound
-        ).requires_grad_()
-
-    params = [
-        uniform(Q, d, hidden, fan_in=d),
-        uniform(Q, 1, hidden, fan_in=d),
-        uniform(Q, hidden, 1, fan_in=hidden),
-        uniform(Q, 1, 1, fan_in=hidden),
-    ]
+    params = []  # W1 (Q, d, hidden), b1, W2 (Q, hidden, 1), b2
+    for shape, fan_in in [
+        ((d, hidden), d),
+        ((1, hidden), d),
+        ((hidden, 1), hidden),
+        ((1, 1), hidden),
+    ]:
+        # torch.nn.Linear's default initialisation, U(-1 / sqrt(fan_in), 1 / sqrt(fan_in))
+        u = torch.rand(Q, *shape, generator=gen, device=xs.device, dtype=xs.dtype)
+        params.append(((u * 2 - 1) * (1 / math.sqrt(fan_in))).requires_grad_())
     opt = torch.optim.Adam(params, lr=lr, fused=True)
     with torch.enable_grad():  # evaluation may run under no_grad
         for _ in range(steps):
@@ -579,20 +546,12 @@ BASELINES = {
     "zero": zero,
 }
 # The classical learners each task's figures show: the paper's, plus zero as the floor.
+TREES = ["greedy tree", "greedy tree, sign(x)", "boosted trees", "boosted trees, sign(x)"]
 TASK_BASELINES = {
     "linreg": ["least squares", "averaging", "3-NN", "zero"],
     "noisy_linreg": ["least squares", "ridge", "averaging", "3-NN", "zero"],
     "sparse_linreg": ["least squares", "Lasso", "averaging", "3-NN", "zero"],
-    "decision_tree": [
-        "greedy tree",
-        "greedy tree, sign(x)",
-        "boosted trees",
-        "boosted trees, sign(x)",
-        "least squares",
-        "3-NN",
-        "averaging",
-        "zero",
-    ],
+    "decision_tree": [*TREES, "least squares", "3-NN", "averaging", "zero"],
     "relu_2nn": ["2-layer ReLU net", "least squares", "3-NN", "averaging", "zero"],
 }
 # Solvers whose iterations are drawn beside the looped model's loop iterations.
@@ -616,15 +575,14 @@ def bootstrap_band(sq, resamples=1000, seed=0):
     P = len(sq)
     gen = torch.Generator(sq.device).manual_seed(seed)
     picks = torch.randint(0, P, (resamples, P), generator=gen, device=sq.device)
-    counts = torch.zeros(resamples, P, device=sq.device).scatter_add_(
-        1, picks, torch.ones_like(picks, dtype=torch.float)
-    )
+    ones = torch.ones_like(picks, dtype=torch.float)
+    counts = torch.zeros(resamples, P, device=sq.device).scatter_add_(1, picks, ones)
     means = counts @ sq.float() / P  # (resamples, n)
     return torch.quantile(means, torch.tensor([0.05, 0.95], device=sq.device), dim=0)
 
 
 def memory_needed(prompts, n, d):
-    """Rough peak bytes of scoring the baselines, (the prompts, their predictions and bootstrap
-    counts; the solvers: a few (64, n, n, d) float64 tensors, as least squares solves every prefix
-    of 64 prompts at once and the other solvers need less)."""
+    """Rough peak bytes of scoring the baselines: the prompts, their predictions and bootstrap
+    counts; and the solvers, a few (64, n, n, d) float64 tensors (least squares solves every prefix
+    of 64 prompts at once; the other solvers need less)."""
     return 12 * prompts * (n * (d + 1) + 1000), 32 * 64 * n * n * d
