@@ -2,10 +2,9 @@
 
 Every solver maps `(xs (B, n, d), ys (B, n)) -> preds (B, n)`, where `preds[:, i]` is fitted on
 the first i pairs only and `preds[:, 0] = 0`, so its error curve lines up with the transformer's
-(the prediction of y_i sees x_1, y_1, ..., x_{i-1}, y_{i-1}, x_i). All are batched over prompts
-and prefix lengths in torch (no Python loop over prompts), on CPU or CUDA alike. The iterative
-solvers (gradient descent, Newton's iteration) also return their prediction after every
-iteration, drawn beside the looped model's. A leaf: imports nothing of the project. Error tables:
+(y_i is predicted from x_1, y_1, ..., x_{i-1}, y_{i-1}, x_i). All are batched over prompts and
+prefix lengths in torch, on CPU or CUDA; the iterative ones also return every iteration's
+prediction, drawn beside the looped model's. A leaf: imports nothing of the project. Error tables:
 `python experiments.py baselines`; timings against per-prompt scikit-learn: `python bench.py
 baselines`. Shapes: B prompts, n points, d input dim, Q = B * (prefixes) fitting problems.
 """
@@ -19,24 +18,23 @@ import torch.nn.functional as F
 
 
 def keep_freed_memory():
-    """Ask glibc's malloc to keep freed memory for reuse: by default it hands blocks of a few MB
-    back to the OS and page-faults them in again at the next allocation, and the batched solvers
-    allocate many such temporaries (measured: Newton 1.8x, greedy tree 1.6x, Lasso 1.3x faster).
-    The effect of the jemalloc or tcmalloc that PyTorch's CPU tuning guide advises, without a
-    preload. False where there is no glibc (a no-op)."""
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing blocks of a few MB back
+    to the OS and page-faulting them in at the next allocation, as the batched solvers' many
+    temporaries make it do (measured: Newton 1.8x, greedy tree 1.6x, Lasso 1.3x faster): the
+    effect of the jemalloc or tcmalloc that PyTorch's CPU tuning guide advises, without a preload.
+    False where there is no glibc (a no-op)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    # Both at glibc's maxima; mallopt returns 0 for a value it refuses.
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # set to glibc's maxima; 0 means refused
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def by_prompts(size):
-    """Make a solver run on chunks of `size` prompts: every prompt is independent, and chunks bound
-    the memory of the (B, n, n, d) or (B, n, d, d) tensors at paper scale. Small chunks also keep
-    the iterative solvers' working set in cache (Lasso, trees: 1.4x to 1.9x on a CPU)."""
+    """Make a solver run on chunks of `size` prompts (each prompt is independent): chunks bound the
+    memory of the (B, n, n, d) or (B, n, d, d) tensors at paper scale, and small ones keep the
+    iterative solvers' working set in cache (Lasso, trees: 1.4x to 1.9x faster on a CPU)."""
 
     def chunked(solver):
         @functools.wraps(solver)
@@ -53,11 +51,10 @@ def prefix_gram(xs, ys):
     """G_i = sum_{j<i} x_j x_j^T (B, n, d, d) and c_i = sum_{j<i} y_j x_j (B, n, d), in float64:
     the sufficient statistics of every prefix's least-squares problem."""
     x, y = xs.double(), ys.double()
-    G = torch.cumsum(x[..., :, None] * x[..., None, :], dim=1)  # (B, n, d, d): sum over j <= i
-    c = torch.cumsum(y[..., None] * x, dim=1)  # (B, n, d)
-    G = torch.cat([torch.zeros_like(G[:, :1]), G[:, :-1]], dim=1)  # shift: j < i
-    c = torch.cat([torch.zeros_like(c[:, :1]), c[:, :-1]], dim=1)
-    return G, c
+    G = torch.cumsum(x[..., :, None] * x[..., None, :], dim=1)  # sums over j <= i
+    c = torch.cumsum(y[..., None] * x, dim=1)
+    shift = [torch.cat([torch.zeros_like(t[:, :1]), t[:, :-1]], dim=1) for t in (G, c)]  # j < i
+    return tuple(shift)
 
 
 def predict_linear(w, xs):
@@ -65,15 +62,14 @@ def predict_linear(w, xs):
     return (w * xs.double()).sum(-1).to(xs.dtype)
 
 
-# ---------------------------------------------------------------------------- closed form
+# ---------------------------------------------------------------------------- closed form, k-NN
 
 
 @by_prompts(64)
 def least_squares(xs, ys):
-    """Minimum-norm least squares: w_i = pinv(X_{<i}) y_{<i}; pred_i = w_i . x_i. Zero rows do not
-    change a minimum-norm solution, so every prefix is the full (n, d) design with the rows j >= i
-    zeroed, and all n prefixes are one batched pinv. Right for underdetermined prefixes (i < d),
-    where a full-rank-only solver fails."""
+    """Minimum-norm least squares: w_i = pinv(X_{<i}) y_{<i}. Zero rows do not change a
+    minimum-norm solution, so prefix i is the full (n, d) design with rows j >= i zeroed, and all
+    n prefixes are one batched pinv, right for underdetermined prefixes (i < d) too."""
     n = xs.shape[1]
     mask = torch.ones(n, n, dtype=torch.float64, device=xs.device).tril(-1)  # (n, n): j < i
     X = xs.double()[:, None] * mask[None, :, :, None]  # (B, n, n, d): prefix i, row j
@@ -84,7 +80,7 @@ def least_squares(xs, ys):
 
 @by_prompts(256)
 def ridge(xs, ys, alpha=0.01):
-    """Ridge without intercept: w_i = (G_i + alpha I)^-1 c_i, the minimum of ||X w - y||^2 +
+    """Ridge without intercept: w_i = (G_i + alpha I)^-1 c_i minimises ||X w - y||^2 +
     alpha ||w||^2. alpha = 0.01 = noise variance / prior variance of w is the Bayes-optimal
     predictor for noisy linear regression (noise std 0.1, w ~ N(0, I))."""
     G, c = prefix_gram(xs, ys)
@@ -94,9 +90,8 @@ def ridge(xs, ys, alpha=0.01):
 
 def averaging(xs, ys):
     """Averaging estimator: w_i = mean_{j<i} y_j x_j; pred_i = w_i . x_i (0 at i = 0)."""
-    n = xs.shape[1]
     sums = torch.cumsum(ys[..., None] * xs, dim=1) - ys[..., None] * xs  # (B, n, d): sum over j < i
-    counts = torch.arange(n, device=xs.device).clamp(min=1)[None, :, None]
+    counts = torch.arange(xs.shape[1], device=xs.device).clamp(min=1)[None, :, None]
     return ((sums / counts) * xs).sum(-1)
 
 
@@ -105,18 +100,14 @@ def zero(xs, ys):
     return torch.zeros_like(ys)
 
 
-# ---------------------------------------------------------------------------- neighbours
-
-
 @by_prompts(128)
 def nearest_neighbours(xs, ys, k=3):
     """k-NN, uniform weights: pred_i = mean of y_j over the k nearest x_j (j < i) to x_i; fewer
     neighbours when i < k, as Garg et al. do."""
     B, n, _ = xs.shape
-    x = xs.double()
+    x, k = xs.double(), min(k, n)
     dist = (x[:, :, None] - x[:, None]).pow(2).sum(-1)  # (B, n, n): query i, candidate j
     future = torch.ones(n, n, dtype=torch.bool, device=xs.device).triu()  # j >= i is not seen
-    k = min(k, n)
     idx = dist.masked_fill(future, math.inf).topk(k, dim=2, largest=False).indices  # (B, n, k)
     neighbours = ys.gather(1, idx.flatten(1)).view(B, n, k)
     # (n, k): query i has seen min(i, k) neighbours
@@ -139,9 +130,8 @@ def lasso(xs, ys, alpha=0.01):
     G, c = G.view(-1, d, d), c.view(-1, d)  # (Q, d, d), (Q, d): one problem per prompt and prefix
     target = alpha * torch.arange(n, dtype=G.dtype, device=G.device).repeat(B)  # (Q,): i alpha
     lam, first = c.abs().max(1)  # w = 0 is optimal down to lam = max_j |c_j|
-    w = torch.zeros_like(c)
-    rho = c.clone()  # correlations c - G w: = lam sign(w_j) on the active set, |.| <= lam off it
-    active = F.one_hot(first, d).bool()  # (Q, d)
+    # rho, the correlations c - G w: lam sign(w_j) on the active set, |.| <= lam off it
+    w, rho, active = torch.zeros_like(c), c.clone(), F.one_hot(first, d).bool()
     todo = torch.nonzero(lam > target)[:, 0]
     eye = torch.eye(d, dtype=G.dtype, device=G.device)
     for _ in range(10 * d + 100):
@@ -155,9 +145,8 @@ def lasso(xs, ys, alpha=0.01):
         a = (Gt @ u[..., None])[..., 0]  # rho moves by -g a; a_A = s_A
         # the next event: an inactive |rho_j| reaches lam - g, or an active w_j reaches 0
         join = torch.minimum(positive((lt - rt) / (1 - a), lt), positive((lt + rt) / (1 + a), lt))
-        drop = positive(-wt / u, lt)
         g_join, j_join = join.masked_fill(on, math.inf).min(1)
-        g_drop, j_drop = drop.masked_fill(~on, math.inf).min(1)
+        g_drop, j_drop = positive(-wt / u, lt).masked_fill(~on, math.inf).min(1)
         g_end = lt[:, 0] - target[todo]
         g = torch.minimum(torch.minimum(g_join, g_drop), g_end)  # (q,)
         wt, rt = wt + g[:, None] * u, rt - g[:, None] * a
@@ -185,8 +174,8 @@ def positive(step, lam):
 @by_prompts(256)
 def gradient_descent_iterates(xs, ys, steps=100):
     """Gradient descent on L_i(w) = ||X_{<i} w - y_{<i}||^2 / (2 i) from w = 0, step 1 / lambda_max:
-    w <- w - (G_i w - c_i) / lambda_max(G_i). Starting at 0 it converges to minimum-norm least
-    squares. The prediction after every step, (B, steps, n)."""
+    w <- w - (G_i w - c_i) / lambda_max(G_i), which converges to minimum-norm least squares.
+    The prediction after every step, (B, steps, n)."""
     G, c = prefix_gram(xs, ys)
     step = 1 / torch.linalg.eigvalsh(G)[..., -1].clamp(min=1e-12)  # (B, n); the 1/i cancels
     w, preds = torch.zeros_like(c), []
@@ -199,8 +188,8 @@ def gradient_descent_iterates(xs, ys, steps=100):
 @by_prompts(256)
 def newton_iterates(xs, ys, steps=30):
     """Iterative Newton (Newton-Schulz) for the pseudo-inverse of G_i = X^T X: M_0 = G /
-    lambda_max^2, M_{k+1} = 2 M_k - M_k G M_k, w_k = M_k c. Converges to minimum-norm least squares,
-    quadratically once started, in far fewer steps than gradient descent. (B, steps, n)."""
+    lambda_max^2, M_{k+1} = 2 M_k - M_k G M_k, w_k = M_k c. It converges to minimum-norm least
+    squares, quadratically once started, in far fewer steps than gradient descent. (B, steps, n)."""
     G, c = prefix_gram(xs, ys)
     top = torch.linalg.eigvalsh(G)[..., -1].clamp(min=1e-12)  # (B, n)
     M, preds = G / top[..., None, None] ** 2, []
@@ -227,8 +216,7 @@ def prefix_problems(xs, ys, lo, hi):
     """The fitting problems of prefixes lo <= i < hi, padded to m = hi - 1 samples:
     X (Q, m, d), y (Q, m), valid (Q, m) (sample j < i), query x_i (Q, d); Q = B (hi - lo)."""
     B, n, d = xs.shape
-    i = torch.arange(lo, hi, device=xs.device)
-    m = hi - 1
+    i, m = torch.arange(lo, hi, device=xs.device), hi - 1
     X = xs[:, None, :m].expand(B, len(i), m, d).reshape(-1, m, d)
     y = ys[:, None, :m].expand(B, len(i), m).reshape(-1, m)
     valid = (torch.arange(m, device=xs.device)[None] < i[:, None]).repeat(B, 1)  # (Q, m)
@@ -240,10 +228,10 @@ def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, presorted=None):
     the split (feature f, threshold between consecutive values) that most reduces the squared
     error, i.e. maximises sum_L^2 / n_L + sum_R^2 / n_R; thresholds are midpoints, x <= t goes
     left. With n_trees > 1, gradient boosting on squared error: start from the mean, fit each
-    tree to the residuals, add lr times it. Grown level by level for all Q problems and nodes at
-    once: X (Q, m, d), y (Q, m), valid (Q, m) (the real samples first), query (Q, d) -> the
-    prediction at the query (Q,). presorted: (order, ties) from prefix_orders with the x, lo and
-    hi that made X, or None when every feature is -1 or 1 (sign(x); split by a matmul, unchecked)."""
+    tree to the residuals, add lr times it. Grown level by level, for all Q problems and nodes at
+    once: X (Q, m, d), y (Q, m), valid (Q, m) (real samples first), query (Q, d) -> the prediction
+    at the query (Q,). presorted: (order, ties) from prefix_orders with the x, lo and hi that made
+    X, or None when every feature is -1 or 1 (sign(x); split by a matmul, unchecked)."""
     Q, m, d = X.shape
     y = y * valid
     n_real = valid.sum(1, keepdim=True)  # (Q, 1)
@@ -260,9 +248,8 @@ def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, presorted=None):
     for _ in range(n_trees):
         r = (y - fit) * valid  # residuals, (Q, m)
         node = torch.zeros(Q, m, dtype=torch.long, device=X.device)
-        # sorted features: each node is one segment of every feature's order, and a last segment
-        # holds the padding: (start, count) of the segments (Q, K + 1), in positions 0 .. m-1,
-        # and the segment of each position (Q, m)
+        # sorted features: each node is a segment of every feature's order, the padding a last
+        # one: (start, count) of each segment (Q, K + 1), and the segment of each position (Q, m)
         if not binary:
             perm, seg = order, (torch.arange(m, device=X.device) >= n_real).long()
             start, count = torch.cat([0 * n_real, n_real], 1), torch.cat([n_real, m - n_real], 1)
@@ -272,16 +259,13 @@ def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, presorted=None):
                 f, below, above = binary_split(up, valid, r, node, 2**level)
             else:
                 f, below, above = sorted_split(X, values, r, perm, seg, start, count)
-            # The threshold lies between the values below and above it: a sample goes right if
-            # its value is above `below`.
             x_f = X.gather(2, f.gather(1, node)[..., None])[..., 0]  # (Q, m): its node's feature
-            right = (x_f > below.gather(1, node)) & valid
+            right = (x_f > below.gather(1, node)) & valid  # above the value below the threshold
             if not binary and level < depth - 1:
                 perm, seg, start, count = partition(perm, right, node, seg, start, count)
             node = 2 * node + right.long()
-            # The query goes by the midpoint, as in sklearn, which takes the value below when the
-            # midpoint rounds up to the value above, so that a query there goes where its training
-            # twin went.
+            # the query goes by the midpoint, as in sklearn, which takes the value below when the
+            # midpoint rounds up to the value above (so a query there goes where its twin went)
             mid = below.double() / 2 + above.double() / 2
             splits.append((f, torch.where(mid == above.double(), below.double(), mid)))
         leaf, q = leaf_means(node, valid, r, depth), route(query, splits)
@@ -294,13 +278,11 @@ def leaf_means(node, valid, r, depth):
     """The mean residual r of the real samples in each of the 2^depth leaves: (Q, 2^depth)."""
     n_leaf = torch.zeros(r.shape[0], 2**depth, dtype=r.dtype, device=r.device)
     n_leaf = n_leaf.scatter_add(1, node, valid.to(r.dtype))
-    leaf_sum = torch.zeros_like(n_leaf).scatter_add(1, node, r)
-    return leaf_sum / n_leaf.clamp(min=1)
+    return torch.zeros_like(n_leaf).scatter_add(1, node, r) / n_leaf.clamp(min=1)
 
 
 def route(query, splits):
-    """The leaf a query (Q, d) reaches down the splits [(feature, threshold), each (Q, nodes)],
-    one per level: (Q, 1)."""
+    """The leaf (Q, 1) a query (Q, d) reaches down the splits [(feature, threshold) (Q, nodes)]."""
     q = torch.zeros(query.shape[0], 1, dtype=torch.long, device=query.device)
     for f, thr in splits:
         q = 2 * q + (query.gather(1, f.gather(1, q)) > thr.gather(1, q)).long()
@@ -324,13 +306,12 @@ def binary_split(up, valid, r, node, K):
 
 def sorted_split(X, values, r, perm, seg, start, count):
     """Best split of each node from every feature's sorted order: perm (Q, d, 1 + m) lists, after
-    the empty sample m, the samples of node 0, then node 1, ..., each sorted by the feature's
-    value, so one cumulative sum gives every threshold's left sum. values (Q, d, m), the features
-    with the padding at inf, only when some are tied. Returns each node's feature and the values
-    on either side of its threshold (Q, K), inf if it stays a leaf."""
+    the empty sample m, the samples of node 0, then node 1, ..., each sorted by the feature, so one
+    cumulative sum gives every threshold's left sum. values (Q, d, m): the features, the padding
+    at inf, given only when some are tied. Returns each node's feature and the values on either
+    side of its threshold (Q, K), inf if it stays a leaf."""
     Q, d, m = perm.shape[0], perm.shape[1], perm.shape[2] - 1
-    K = start.shape[1] - 1
-    pos = torch.arange(m, device=r.device)
+    K, pos = start.shape[1] - 1, torch.arange(m, device=r.device)
     seg0 = start.gather(1, seg)  # (Q, m): where the segment of each position starts and ends
     seg1 = seg0 + count.gather(1, seg)
     cs = F.pad(r, (0, 1)).gather(1, perm.flatten(1)).view(Q, d, m + 1).cumsum(2)  # cs[..., 0] = 0
@@ -345,8 +326,7 @@ def sorted_split(X, values, r, perm, seg, start, count):
     n_left = (pos + 1 - seg0).to(r.dtype)
     inv_right = (seg1 - 1 - pos).clamp_(min=1).to(r.dtype).reciprocal_()
     shift = before + n_left * total / (seg1 - seg0).clamp(min=1).to(r.dtype)  # cs - shift = D
-    # a position's weight 1 / n_L + 1 / n_R is the same for every feature, so the best feature
-    # there has the largest |D|
+    # 1 / n_L + 1 / n_R is the same for every feature, so the best one has the largest |D|
     excess = (cs[..., 1:] - shift[:, None]).abs_()  # |D|, (Q, d, m)
     if values is not None:  # no threshold between equal values
         excess[..., :-1].masked_fill_(values.gather(2, perm[..., 1:]).diff(dim=2) <= 1e-7, -1)
@@ -368,23 +348,21 @@ def sorted_split(X, values, r, perm, seg, start, count):
 
 
 def partition(perm, right, node, seg, start, count):
-    """Split every segment of every feature's order stably into its left and right children,
-    which keeps each child sorted: the k-th right-goer of a segment moves to its right child's
-    k-th place, and a left-goer back by the number of right-goers before it. Returns the new
-    order, segment of each position, and (start, count) of each segment."""
+    """Split every segment of every feature's order stably into its left and right children, which
+    keeps each child sorted: the k-th right-goer of a segment moves to its right child's k-th
+    place, and a left-goer back by the number of right-goers before it. The new perm, seg, start
+    and count."""
     Q, d, m = perm.shape[0], perm.shape[1], perm.shape[2] - 1
-    K = start.shape[1] - 1
-    pos = torch.arange(m, device=perm.device)
-    # In float32, which is exact for counts and positions below 2^24, because torch.where and
-    # integer arithmetic are 2x slower on a CPU. bits[..., 0] = 0, the empty sample.
+    K, pos = start.shape[1] - 1, torch.arange(m, device=perm.device)
+    # float32, exact for counts below 2^24, since torch.where and integer arithmetic are 2x slower
+    # on a CPU; bits[..., 0] = 0, the empty sample
     bits = F.pad(right.float(), (0, 1)).gather(1, perm.flatten(1)).view(Q, d, m + 1)
     ones = bits.cumsum(2)  # right-goers up to each position, O
     before = ones[:, 0].gather(1, start.gather(1, seg))  # ... before the segment, O_0 (as above)
     n_right = torch.zeros_like(count).scatter_add(1, node, right.long())[:, :K]  # (Q, K)
     n_left = count[:, :K] - n_right
     right_start = start[:, :K] + n_left
-    # (Q, m): where the right child of each position's segment starts
-    into = F.pad(right_start, (0, 1), value=m).gather(1, seg)
+    into = F.pad(right_start, (0, 1), value=m).gather(1, seg)  # (Q, m): its right child's start
     # a left-goer moves to pos - (O - O_0), a right-goer to into + (O - O_0) - 1, that is,
     # new = to_left - O + bit (to_right - to_left + 2 O)
     to_left, to_right = (pos + before)[:, None], (into - before - 1)[:, None]
@@ -401,12 +379,11 @@ def partition(perm, right, node, seg, start, count):
 
 
 def prefix_orders(xs, order, lo, hi):
-    """Each feature's order of the samples for the prefixes lo <= i < hi of prefix_problems:
-    (Q, d, 1 + m), an empty sample m first, then the prefix's samples sorted by value, then the
-    others; and whether any two values are within 1e-7 (sklearn's "equal"). From order (B, d, L),
-    every feature's sort of the first L >= m samples, by stable filters: the first m samples, then
-    each prefix's first i keep their order and move to the front (2.2x faster than sorting each
-    prefix, measured on a CPU)."""
+    """Each feature's order of the samples for the prefixes lo <= i < hi of prefix_problems,
+    (Q, d, 1 + m): an empty sample m, the prefix's samples sorted by value, the others; and whether
+    two values are within 1e-7 (sklearn's "equal"). From order (B, d, L >= m), every feature's sort
+    of the first L samples, by stable filters that move the samples < i to the front (2.2x faster
+    than sorting each prefix on a CPU)."""
     B, m = xs.shape[0], hi - 1
     order = front(order, m, torch.empty_like(order))[..., :m]  # (B, d, m)
     # Ties are checked when splitting: no threshold may fall between two equal values.
@@ -421,12 +398,11 @@ def prefix_orders(xs, order, lo, hi):
 def front(order, i, out):
     """Write each row of order into out with the samples < i first, both parts in their order
     (order and i broadcast). Float32 arithmetic: exact below 2^24, 2x faster than torch.where."""
-    # 1 for the samples < i, 0 for the others: 5x faster than (order < i).float()
-    keep = (i - order.float()).clamp_(0, 1)
+    keep = (i - order.float()).clamp_(0, 1)  # 1 if < i, else 0: 5x faster than (order < i).float()
     kept = keep.cumsum(-1)  # kept samples up to each position
     pos = torch.arange(order.shape[-1], device=order.device)
-    # A kept sample goes to kept - 1 and another to i + pos - kept, which is, in one expression,
-    # new = i + pos - kept + keep (2 kept - i - pos - 1).
+    # a kept sample goes to kept - 1 and another to i + pos - kept, which is, in one expression,
+    # new = i + pos - kept + keep (2 kept - i - pos - 1)
     change = torch.add(-1 - i - pos, kept, alpha=2)
     new = torch.addcmul(torch.sub(i + pos, kept), keep, change).long()
     return out.scatter_(-1, new, order.expand_as(new))
