@@ -10,8 +10,8 @@ baselines`. Shapes: B prompts, n points, d input dim, Q = B * (prefixes) fitting
 """
 
 import ctypes
-import functools
 import math
+from functools import partial, wraps
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ def by_prompts(size):
     iterative solvers' working set in cache (Lasso, trees: 1.4x to 1.9x faster on a CPU)."""
 
     def chunked(solver):
-        @functools.wraps(solver)
+        @wraps(solver)
         def run(xs, ys, *args, **kwargs):
             chunks = [(xs[s : s + size], ys[s : s + size]) for s in range(0, len(xs), size)]
             return torch.cat([solver(x, y, *args, **kwargs) for x, y in chunks])
@@ -425,28 +425,10 @@ def tree_predictions(xs, ys, depth, n_trees=1, lr=1.0, sign=False, bucket=8):
     return preds.to(ys.dtype)
 
 
-@by_prompts(64)
-def greedy_tree(xs, ys):
-    """A greedy regression tree of depth 2 on x (the paper's choice on raw inputs)."""
-    return tree_predictions(xs, ys, depth=2)
-
-
-@by_prompts(256)
-def greedy_tree_sign(xs, ys):
-    """A greedy regression tree of depth 4 on sign(x), the features the task's trees test."""
-    return tree_predictions(xs, ys, depth=4, sign=True)
-
-
-@by_prompts(64)
-def boosted_trees(xs, ys):
-    """Gradient-boosted trees: 50 trees of depth 4, learning rate 0.1, squared error, on x."""
-    return tree_predictions(xs, ys, depth=4, n_trees=50, lr=0.1)
-
-
-@by_prompts(32)
-def boosted_trees_sign(xs, ys):
-    """The same boosted trees on sign(x)."""
-    return tree_predictions(xs, ys, depth=4, n_trees=50, lr=0.1, sign=True)
+def trees(chunk, xs, ys, **kwargs):
+    """tree_predictions on chunks of prompts: 256 for one tree on sign(x), down to 32 for 50
+    boosted trees."""
+    return by_prompts(chunk)(tree_predictions)(xs, ys, **kwargs)
 
 
 # ---------------------------------------------------------------------------- networks
@@ -457,27 +439,20 @@ def relu_network(xs, ys, hidden=100, steps=1000, batch=10, lr=5e-3, seed=0):
     1000 steps on minibatches of 10 of the prefix's pairs drawn with replacement, as Garg et
     al. do. All the networks are slices of one batched model: their losses are summed, and
     since Adam works element by element, each one trains exactly as it would alone."""
-    chunk = 16  # prompts trained together: Adam's state stays in cache (1.5x faster than 64)
-    # Each chunk of prompts draws from its own seed.
-    runs = [(s, xs[s : s + chunk], ys[s : s + chunk]) for s in range(0, len(xs), chunk)]
-    return torch.cat([_relu_network(x, y, hidden, steps, batch, lr, seed + s) for s, x, y in runs])
-
-
-def _relu_network(xs, ys, hidden, steps, batch, lr, seed):
+    if len(xs) > 16:  # 16 prompts at a time keep Adam's state in cache (1.5x faster than 64)
+        args = hidden, steps, batch, lr
+        chunks = [(s, xs[s : s + 16], ys[s : s + 16]) for s in range(0, len(xs), 16)]
+        return torch.cat([relu_network(x, y, *args, seed + s) for s, x, y in chunks])
     B, n, d = xs.shape
-    gen = torch.Generator(xs.device).manual_seed(seed)
+    gen = torch.Generator(xs.device).manual_seed(seed)  # each chunk of prompts has its own seed
     Q = B * (n - 1)  # problem (b, i): prompt b, fitted on its first i = 1 .. n-1 pairs
     size = torch.arange(1, n, device=xs.device).repeat(B)  # (Q,): i
     # (Q,): the row of each problem's x_1 in the flat prompts
     first = torch.arange(B, device=xs.device).repeat_interleave(n - 1) * n
     flat_x, flat_y = xs.reshape(B * n, d), ys.reshape(B * n)
-    params = []  # W1 (Q, d, hidden), b1, W2 (Q, hidden, 1), b2
-    for shape, fan_in in [
-        ((d, hidden), d),
-        ((1, hidden), d),
-        ((hidden, 1), hidden),
-        ((1, 1), hidden),
-    ]:
+    shapes = [((d, hidden), d), ((1, hidden), d), ((hidden, 1), hidden), ((1, 1), hidden)]
+    params = []  # W1 (Q, d, hidden), b1 (Q, 1, hidden), W2 (Q, hidden, 1), b2 (Q, 1, 1)
+    for shape, fan_in in shapes:
         # torch.nn.Linear's default initialisation, U(-1 / sqrt(fan_in), 1 / sqrt(fan_in))
         u = torch.rand(Q, *shape, generator=gen, device=xs.device, dtype=xs.dtype)
         params.append(((u * 2 - 1) * (1 / math.sqrt(fan_in))).requires_grad_())
@@ -514,10 +489,12 @@ BASELINES = {
     "Lasso": lasso,
     "gradient descent": gradient_descent,
     "Newton": newton,
-    "greedy tree": greedy_tree,
-    "greedy tree, sign(x)": greedy_tree_sign,
-    "boosted trees": boosted_trees,
-    "boosted trees, sign(x)": boosted_trees_sign,
+    # the paper's trees: depth 2 on x; depth 4 on sign(x), the features the task's trees test;
+    # gradient boosting of 50 trees of depth 4 on squared error, learning rate 0.1
+    "greedy tree": partial(trees, 64, depth=2),
+    "greedy tree, sign(x)": partial(trees, 256, depth=4, sign=True),
+    "boosted trees": partial(trees, 64, depth=4, n_trees=50, lr=0.1),
+    "boosted trees, sign(x)": partial(trees, 32, depth=4, n_trees=50, lr=0.1, sign=True),
     "2-layer ReLU net": relu_network,
     "zero": zero,
 }
