@@ -18,11 +18,10 @@ import torch.nn.functional as F
 
 
 def keep_freed_memory():
-    """Ask glibc's malloc to keep freed memory for reuse instead of handing blocks of a few MB back
-    to the OS and page-faulting them in at the next allocation, as the batched solvers' many
-    temporaries make it do (measured: Newton 1.8x, greedy tree 1.6x, Lasso 1.3x faster): the
-    effect of the jemalloc or tcmalloc that PyTorch's CPU tuning guide advises, without a preload.
-    False where there is no glibc (a no-op)."""
+    """Ask glibc's malloc to keep freed memory for reuse, not hand blocks of a few MB back to the OS
+    and page-fault them in again: the batched solvers allocate many such temporaries (measured:
+    Newton 1.8x, greedy tree 1.6x, Lasso 1.3x faster). What PyTorch's CPU tuning guide gets from
+    jemalloc or tcmalloc, without a preload. False where there is no glibc (a no-op)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
@@ -62,7 +61,7 @@ def predict_linear(w, xs):
     return (w * xs.double()).sum(-1).to(xs.dtype)
 
 
-# ---------------------------------------------------------------------------- closed form, k-NN
+# ---------------------------------------------------------------------------- closed form and k-NN
 
 
 @by_prompts(64)
@@ -115,7 +114,7 @@ def nearest_neighbours(xs, ys, k=3):
     return (neighbours * seen).sum(-1) / seen.sum(-1).clamp(min=1)
 
 
-# ---------------------------------------------------------------------------- sparse
+# ---------------------------------------------------------------------------- Lasso and iterative
 
 
 @by_prompts(64)
@@ -168,9 +167,6 @@ def positive(step, lam):
     return torch.where(step > 1e-12 * lam, step, math.inf).nan_to_num(math.inf)
 
 
-# ---------------------------------------------------------------------------- iterative
-
-
 @by_prompts(256)
 def gradient_descent_iterates(xs, ys, steps=100):
     """Gradient descent on L_i(w) = ||X_{<i} w - y_{<i}||^2 / (2 i) from w = 0, step 1 / lambda_max:
@@ -199,14 +195,9 @@ def newton_iterates(xs, ys, steps=30):
     return torch.stack(preds, dim=1)
 
 
-def gradient_descent(xs, ys):
-    """The gradient-descent iterate after 100 steps."""
-    return gradient_descent_iterates(xs, ys, 100)[:, -1]
-
-
-def newton(xs, ys):
-    """The Newton-Schulz iterate after 30 steps."""
-    return newton_iterates(xs, ys, 30)[:, -1]
+def final_iterate(iterates, steps, xs, ys):
+    """The prediction after the last of `steps` iterations, (B, n)."""
+    return iterates(xs, ys, steps)[:, -1]
 
 
 # ---------------------------------------------------------------------------- trees
@@ -224,14 +215,13 @@ def prefix_problems(xs, ys, lo, hi):
 
 
 def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, presorted=None):
-    """Greedy regression trees, the CART of scikit-learn's DecisionTreeRegressor: each node takes
-    the split (feature f, threshold between consecutive values) that most reduces the squared
-    error, i.e. maximises sum_L^2 / n_L + sum_R^2 / n_R; thresholds are midpoints, x <= t goes
-    left. With n_trees > 1, gradient boosting on squared error: start from the mean, fit each
-    tree to the residuals, add lr times it. Grown level by level, for all Q problems and nodes at
-    once: X (Q, m, d), y (Q, m), valid (Q, m) (real samples first), query (Q, d) -> the prediction
-    at the query (Q,). presorted: (order, ties) from prefix_orders with the x, lo and hi that made
-    X, or None when every feature is -1 or 1 (sign(x); split by a matmul, unchecked)."""
+    """Greedy regression trees, the CART of scikit-learn's DecisionTreeRegressor: each node splits
+    at the feature and threshold (a midpoint between consecutive values; x <= t goes left) that
+    maximise sum_L^2 / n_L + sum_R^2 / n_R, i.e. most reduce the squared error. n_trees > 1:
+    gradient boosting on squared error, from the mean, adding lr times a tree fitted to the
+    residuals. Grown level by level for all Q problems and nodes at once: X (Q, m, d), y, valid
+    (Q, m) (real samples first), query (Q, d) -> prediction (Q,). presorted: (order, ties) from
+    prefix_orders for this X, or None if every feature is -1 or 1 (sign(x); a matmul, unchecked)."""
     Q, m, d = X.shape
     y = y * valid
     n_real = valid.sum(1, keepdim=True)  # (Q, 1)
@@ -248,12 +238,12 @@ def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, presorted=None):
     for _ in range(n_trees):
         r = (y - fit) * valid  # residuals, (Q, m)
         node = torch.zeros(Q, m, dtype=torch.long, device=X.device)
+        q = torch.zeros(Q, 1, dtype=torch.long, device=X.device)  # the query's node
         # sorted features: each node is a segment of every feature's order, the padding a last
         # one: (start, count) of each segment (Q, K + 1), and the segment of each position (Q, m)
         if not binary:
             perm, seg = order, (torch.arange(m, device=X.device) >= n_real).long()
             start, count = torch.cat([0 * n_real, n_real], 1), torch.cat([n_real, m - n_real], 1)
-        splits = []
         for level in range(depth):
             if binary:
                 f, below, above = binary_split(up, valid, r, node, 2**level)
@@ -267,26 +257,13 @@ def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, presorted=None):
             # the query goes by the midpoint, as in sklearn, which takes the value below when the
             # midpoint rounds up to the value above (so a query there goes where its twin went)
             mid = below.double() / 2 + above.double() / 2
-            splits.append((f, torch.where(mid == above.double(), below.double(), mid)))
-        leaf, q = leaf_means(node, valid, r, depth), route(query, splits)
+            thr = torch.where(mid == above.double(), below.double(), mid)
+            q = 2 * q + (query.gather(1, f.gather(1, q)) > thr.gather(1, q)).long()
+        n_leaf = r.new_zeros(Q, 2**depth).scatter_add(1, node, valid.to(r.dtype))
+        leaf = torch.zeros_like(n_leaf).scatter_add(1, node, r) / n_leaf.clamp(min=1)  # mean r
         fit = fit + lr * leaf.gather(1, node)
         at_query = at_query + lr * leaf.gather(1, q)[:, 0]
     return at_query
-
-
-def leaf_means(node, valid, r, depth):
-    """The mean residual r of the real samples in each of the 2^depth leaves: (Q, 2^depth)."""
-    n_leaf = torch.zeros(r.shape[0], 2**depth, dtype=r.dtype, device=r.device)
-    n_leaf = n_leaf.scatter_add(1, node, valid.to(r.dtype))
-    return torch.zeros_like(n_leaf).scatter_add(1, node, r) / n_leaf.clamp(min=1)
-
-
-def route(query, splits):
-    """The leaf (Q, 1) a query (Q, d) reaches down the splits [(feature, threshold) (Q, nodes)]."""
-    q = torch.zeros(query.shape[0], 1, dtype=torch.long, device=query.device)
-    for f, thr in splits:
-        q = 2 * q + (query.gather(1, f.gather(1, q)) > thr.gather(1, q)).long()
-    return q
 
 
 def binary_split(up, valid, r, node, K):
@@ -487,8 +464,8 @@ BASELINES = {
     "averaging": averaging,
     "3-NN": nearest_neighbours,
     "Lasso": lasso,
-    "gradient descent": gradient_descent,
-    "Newton": newton,
+    "gradient descent": partial(final_iterate, gradient_descent_iterates, 100),
+    "Newton": partial(final_iterate, newton_iterates, 30),
     # the paper's trees: depth 2 on x; depth 4 on sign(x), the features the task's trees test;
     # gradient boosting of 50 trees of depth 4 on squared error, learning rate 0.1
     "greedy tree": partial(trees, 64, depth=2),
