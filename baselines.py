@@ -1,12 +1,12 @@
 """Classical in-context learners, scored on the same prompts as the looped transformer.
 
 Every solver maps `(xs (B, n, d), ys (B, n)) -> preds (B, n)`, where `preds[:, i]` is fitted on
-the first i pairs only and `preds[:, 0] = 0`, so its error curve lines up with the transformer's
-(y_i is predicted from x_1, y_1, ..., x_{i-1}, y_{i-1}, x_i). All are batched over prompts and
-prefix lengths in torch, on CPU or CUDA; the iterative ones also return every iteration's
-prediction, drawn beside the looped model's. A leaf: imports nothing of the project. Error tables:
-`python experiments.py baselines`; timings against per-prompt scikit-learn: `python bench.py
-baselines`. Shapes: B prompts, n points, d input dim, Q = B * (prefixes) fitting problems.
+the first i pairs only and `preds[:, 0] = 0`, so its error curve lines up with the transformer's.
+All are batched over prompts and prefix lengths in torch, on CPU or CUDA; the iterative ones
+also return every iteration's prediction, drawn beside the looped model's. A leaf: imports
+nothing of the project. Error tables: `python experiments.py baselines`; timings against
+per-prompt scikit-learn: `python bench.py baselines`. B prompts, n points, d input dim,
+Q = B * (prefixes) fitting problems.
 """
 
 import ctypes
@@ -120,10 +120,9 @@ def nearest_neighbours(xs, ys, k=3):
 @by_prompts(64)
 def lasso(xs, ys, alpha=0.01):
     """Lasso without intercept, in scikit-learn's convention: min_w ||y - X w||^2 / (2 i) +
-    alpha ||w||_1. Solved exactly by the Lasso homotopy (LARS with drops, Efron et al. 2004) on
-    the Gram matrices of all prompts and prefixes at once: the solution is piecewise linear in
-    the penalty, so it is followed from w = 0 at lam = max |c_j| down to lam = i alpha, one join
-    or drop of a coordinate per step. Exact to float64 round-off; at most a few d steps."""
+    alpha ||w||_1, solved exactly (to round-off) by the Lasso homotopy (LARS with drops, Efron et
+    al. 2004) for all prompts and prefixes at once: w is piecewise linear in the penalty, so it is
+    followed from w = 0 at lam = max |c_j| down to lam = i alpha, one join or drop per step."""
     B, n, d = xs.shape
     G, c = prefix_gram(xs, ys)
     G, c = G.view(-1, d, d), c.view(-1, d)  # (Q, d, d), (Q, d): one problem per prompt and prefix
@@ -230,11 +229,9 @@ def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, presorted=None):
         fit = (y.sum(1, keepdim=True) / n_real.clamp(min=1)).expand(Q, m)
     at_query = fit[:, 0].clone()
     binary = presorted is None
-    if binary:
-        up = (X > 0).to(y.dtype)  # (Q, m, d)
-    else:
-        order, ties = presorted
-        values = X.transpose(1, 2).masked_fill(~valid[:, None], math.inf) if ties else None
+    up = (X > 0).to(y.dtype) if binary else None  # (Q, m, d)
+    order, ties = (None, False) if binary else presorted
+    values = X.transpose(1, 2).masked_fill(~valid[:, None], math.inf) if ties else None
     for _ in range(n_trees):
         r = (y - fit) * valid  # residuals, (Q, m)
         node = torch.zeros(Q, m, dtype=torch.long, device=X.device)
@@ -282,11 +279,10 @@ def binary_split(up, valid, r, node, K):
 
 
 def sorted_split(X, values, r, perm, seg, start, count):
-    """Best split of each node from every feature's sorted order: perm (Q, d, 1 + m) lists, after
-    the empty sample m, the samples of node 0, then node 1, ..., each sorted by the feature, so one
-    cumulative sum gives every threshold's left sum. values (Q, d, m): the features, the padding
-    at inf, given only when some are tied. Returns each node's feature and the values on either
-    side of its threshold (Q, K), inf if it stays a leaf."""
+    """Best split of each node from every feature's order perm (Q, d, 1 + m): the empty sample m,
+    then node 0's samples, node 1's, ..., each sorted by the feature, so one cumulative sum gives
+    every threshold's left sum. values (Q, d, m) (padding at inf) only when some are tied. Each
+    node's feature and the values on either side of its threshold (Q, K), inf if it stays a leaf."""
     Q, d, m = perm.shape[0], perm.shape[1], perm.shape[2] - 1
     K, pos = start.shape[1] - 1, torch.arange(m, device=r.device)
     seg0 = start.gather(1, seg)  # (Q, m): where the segment of each position starts and ends
@@ -296,10 +292,9 @@ def sorted_split(X, values, r, perm, seg, start, count):
     # nodes before it), so the segment's start sum and total T are read from the first feature
     before = cs[:, 0].gather(1, seg0)  # (Q, m)
     total = cs[:, 0].gather(1, seg1) - before
-    # gain L^2 / n_L + (T - L)^2 / n_R = T^2 / n + D^2 (1 / n_L + 1 / n_R), n = n_L + n_R, where
-    # D = L - n_L T / n is the left sum's excess over its share (Friedman's form, as scikit-learn's
-    # boosting uses): T^2 / n is the same for the whole node, and there are no large terms to
-    # cancel when y is far from 0
+    # gain L^2 / n_L + (T - L)^2 / n_R = T^2 / n + D^2 (1 / n_L + 1 / n_R), n = n_L + n_R, with
+    # D = L - n_L T / n the left sum's excess over its share (Friedman's form, as sklearn's boosting
+    # uses): T^2 / n is the node's constant, and no large terms cancel when y is far from 0
     n_left = (pos + 1 - seg0).to(r.dtype)
     inv_right = (seg1 - 1 - pos).clamp_(min=1).to(r.dtype).reciprocal_()
     shift = before + n_left * total / (seg1 - seg0).clamp(min=1).to(r.dtype)  # cs - shift = D
@@ -325,15 +320,13 @@ def sorted_split(X, values, r, perm, seg, start, count):
 
 
 def partition(perm, right, node, seg, start, count):
-    """Split every segment of every feature's order stably into its left and right children, which
-    keeps each child sorted: the k-th right-goer of a segment moves to its right child's k-th
-    place, and a left-goer back by the number of right-goers before it. The new perm, seg, start
-    and count."""
+    """Split every segment of every feature's order stably into its children, which keeps each
+    sorted: a segment's k-th right-goer moves to its right child's k-th place, and a left-goer back
+    by the number of right-goers before it. The new perm, seg, start and count."""
     Q, d, m = perm.shape[0], perm.shape[1], perm.shape[2] - 1
     K, pos = start.shape[1] - 1, torch.arange(m, device=perm.device)
-    # float32, exact for counts below 2^24, since torch.where and integer arithmetic are 2x slower
-    # on a CPU; bits[..., 0] = 0, the empty sample
-    bits = F.pad(right.float(), (0, 1)).gather(1, perm.flatten(1)).view(Q, d, m + 1)
+    # float32 (exact below 2^24): torch.where and integer arithmetic are 2x slower on a CPU
+    bits = F.pad(right.float(), (0, 1)).gather(1, perm.flatten(1)).view(Q, d, m + 1)  # 0 for m
     ones = bits.cumsum(2)  # right-goers up to each position, O
     before = ones[:, 0].gather(1, start.gather(1, seg))  # ... before the segment, O_0 (as above)
     n_right = torch.zeros_like(count).scatter_add(1, node, right.long())[:, :K]  # (Q, K)
@@ -356,11 +349,10 @@ def partition(perm, right, node, seg, start, count):
 
 
 def prefix_orders(xs, order, lo, hi):
-    """Each feature's order of the samples for the prefixes lo <= i < hi of prefix_problems,
-    (Q, d, 1 + m): an empty sample m, the prefix's samples sorted by value, the others; and whether
-    two values are within 1e-7 (sklearn's "equal"). From order (B, d, L >= m), every feature's sort
-    of the first L samples, by stable filters that move the samples < i to the front (2.2x faster
-    than sorting each prefix on a CPU)."""
+    """Each feature's order (Q, d, 1 + m) for the prefixes lo <= i < hi of prefix_problems: an empty
+    sample m, the prefix's samples by value, the others; and whether two values are within 1e-7
+    (sklearn's "equal"). From order (B, d, L >= m), every feature's sort of the first L samples,
+    by stable filters moving the samples < i to the front (2.2x faster than sorting each prefix)."""
     B, m = xs.shape[0], hi - 1
     order = front(order, m, torch.empty_like(order))[..., :m]  # (B, d, m)
     # Ties are checked when splitting: no threshold may fall between two equal values.
@@ -403,8 +395,7 @@ def tree_predictions(xs, ys, depth, n_trees=1, lr=1.0, sign=False, bucket=8):
 
 
 def trees(chunk, xs, ys, **kwargs):
-    """tree_predictions on chunks of prompts: 256 for one tree on sign(x), down to 32 for 50
-    boosted trees."""
+    """tree_predictions on `chunk` prompts at a time."""
     return by_prompts(chunk)(tree_predictions)(xs, ys, **kwargs)
 
 
@@ -424,8 +415,7 @@ def relu_network(xs, ys, hidden=100, steps=1000, batch=10, lr=5e-3, seed=0):
     gen = torch.Generator(xs.device).manual_seed(seed)  # each chunk of prompts has its own seed
     Q = B * (n - 1)  # problem (b, i): prompt b, fitted on its first i = 1 .. n-1 pairs
     size = torch.arange(1, n, device=xs.device).repeat(B)  # (Q,): i
-    # (Q,): the row of each problem's x_1 in the flat prompts
-    first = torch.arange(B, device=xs.device).repeat_interleave(n - 1) * n
+    first = torch.arange(B, device=xs.device).repeat_interleave(n - 1) * n  # (Q,): x_1's row
     flat_x, flat_y = xs.reshape(B * n, d), ys.reshape(B * n)
     shapes = [((d, hidden), d), ((1, hidden), d), ((hidden, 1), hidden), ((1, 1), hidden)]
     params = []  # W1 (Q, d, hidden), b1 (Q, 1, hidden), W2 (Q, hidden, 1), b2 (Q, 1, 1)
@@ -489,9 +479,8 @@ ITERATES = {"gradient descent": gradient_descent_iterates, "Newton": newton_iter
 
 
 def task_errors(task, xs, ys, norm):
-    """Each of the task's baselines scored on test prompts: its normalised squared error per
-    position, "NAME" (n,), and the 90% bootstrap band of that mean over the prompts,
-    "band NAME" (2, n)."""
+    """Each of the task's baselines' normalised squared error per position, "NAME" (n,), and the
+    90% bootstrap band of that mean over the prompts, "band NAME" (2, n)."""
     errors = {}
     for name in TASK_BASELINES[task]:
         sq = (BASELINES[name](xs, ys) - ys).pow(2) / norm  # (P, n)
@@ -512,7 +501,6 @@ def bootstrap_band(sq, resamples=1000, seed=0):
 
 
 def memory_needed(prompts, n, d):
-    """Rough peak bytes of scoring the baselines: the prompts, their predictions and bootstrap
-    counts; and the solvers, a few (64, n, n, d) float64 tensors (least squares solves every prefix
-    of 64 prompts at once; the other solvers need less)."""
+    """Rough peak bytes of scoring the baselines: the prompts, predictions and bootstrap counts;
+    the solvers' (64, n, n, d) float64 tensors (least squares of 64 prompts; others need less)."""
     return 12 * prompts * (n * (d + 1) + 1000), 32 * 64 * n * n * d
