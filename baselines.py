@@ -1,12 +1,11 @@
 """Classical in-context learners, scored on the same prompts as the looped transformer.
 
-Every solver maps `(xs (B, n, d), ys (B, n)) -> preds (B, n)`, where `preds[:, i]` is fitted on
-the first i pairs only and `preds[:, 0] = 0`, so its error curve lines up with the transformer's.
-All are batched over prompts and prefix lengths in torch, on CPU or CUDA; the iterative ones
-also return every iteration's prediction, drawn beside the looped model's. A leaf: imports
-nothing of the project. Error tables: `python experiments.py baselines`; timings against
-per-prompt scikit-learn: `python bench.py baselines`. B prompts, n points, d input dim,
-Q = B * (prefixes) fitting problems.
+Every solver maps `(xs (B, n, d), ys (B, n)) -> preds (B, n)` (B prompts, n points, d input dim),
+`preds[:, i]` fitted on the first i pairs only and `preds[:, 0] = 0`, so its error curve lines up
+with the transformer's. All are batched in torch over the Q = B * (prefixes) fitting problems, on
+CPU or CUDA; the iterative ones also return every iteration's prediction, drawn beside the looped
+model's. A leaf: imports nothing of the project. Error tables: `python experiments.py baselines`;
+timings against per-prompt scikit-learn: `python bench.py baselines`.
 """
 
 import ctypes
@@ -31,9 +30,8 @@ def keep_freed_memory():
 
 
 def chunked(solver, size, xs, ys, *args, **kwargs):
-    """Run solver on `size` prompts at a time (each prompt is independent): chunks bound the memory
-    of the (B, n, n, d) or (B, n, d, d) tensors at paper scale, and small ones keep the iterative
-    solvers' working set in cache (Lasso, trees: 1.4x to 1.9x faster on a CPU)."""
+    """Run solver on `size` prompts at a time: chunks bound the memory of the (B, n, n, d) or
+    (B, n, d, d) tensors, and keep the working set in cache (Lasso, trees: 1.4x to 1.9x faster)."""
     parts = [(xs[s : s + size], ys[s : s + size]) for s in range(0, len(xs), size)]
     return torch.cat([solver(x, y, *args, **kwargs) for x, y in parts])
 
@@ -75,9 +73,8 @@ def least_squares(xs, ys):
 
 @by_prompts(256)
 def ridge(xs, ys, alpha=0.01):
-    """Ridge without intercept: w_i = (G_i + alpha I)^-1 c_i minimises ||X w - y||^2 +
-    alpha ||w||^2. alpha = 0.01 = noise variance / prior variance of w is the Bayes-optimal
-    predictor for noisy linear regression (noise std 0.1, w ~ N(0, I))."""
+    """Ridge without intercept: w_i = (G_i + alpha I)^-1 c_i. alpha = 0.01 = noise variance / prior
+    variance of w is Bayes-optimal for noisy linear regression (noise std 0.1, w ~ N(0, I))."""
     G, c = prefix_gram(xs, ys)
     eye = torch.eye(xs.shape[2], dtype=G.dtype, device=G.device)
     return predict_linear(torch.linalg.solve(G + alpha * eye, c), xs)
@@ -164,30 +161,28 @@ def positive(step, lam):
 
 @by_prompts(256)
 def gradient_descent_iterates(xs, ys, steps=100):
-    """Gradient descent on L_i(w) = ||X_{<i} w - y_{<i}||^2 / (2 i) from w = 0, step 1 / lambda_max:
-    w <- w - (G_i w - c_i) / lambda_max(G_i), which converges to minimum-norm least squares.
-    The prediction after every step, (B, steps, n)."""
+    """Gradient descent on ||X_{<i} w - y_{<i}||^2 / (2 i) from w = 0, w <- w - (G_i w - c_i) /
+    lambda_max(G_i): it converges to minimum-norm least squares. Every step's prediction."""
     G, c = prefix_gram(xs, ys)
     step = 1 / torch.linalg.eigvalsh(G)[..., -1].clamp(min=1e-12)  # (B, n); the 1/i cancels
     w, preds = torch.zeros_like(c), []
     for _ in range(steps):
         w = w - step[..., None] * ((G @ w[..., None])[..., 0] - c)
         preds.append(predict_linear(w, xs))
-    return torch.stack(preds, dim=1)
+    return torch.stack(preds, dim=1)  # (B, steps, n)
 
 
 @by_prompts(256)
 def newton_iterates(xs, ys, steps=30):
-    """Iterative Newton (Newton-Schulz) for the pseudo-inverse of G_i = X^T X: M_0 = G /
-    lambda_max^2, M_{k+1} = 2 M_k - M_k G M_k, w_k = M_k c. It converges to minimum-norm least
-    squares, quadratically once started, in far fewer steps than gradient descent. (B, steps, n)."""
+    """Iterative Newton (Newton-Schulz) for pinv(G_i): M_0 = G / lambda_max^2, M_{k+1} = 2 M_k -
+    M_k G M_k; w_k = M_k c tends to minimum-norm least squares, quadratically once started."""
     G, c = prefix_gram(xs, ys)
     top = torch.linalg.eigvalsh(G)[..., -1].clamp(min=1e-12)  # (B, n)
     M, preds = G / top[..., None, None] ** 2, []
     for _ in range(steps):
         M = 2 * M - M @ G @ M
         preds.append(predict_linear((M @ c[..., None])[..., 0], xs))
-    return torch.stack(preds, dim=1)
+    return torch.stack(preds, dim=1)  # (B, steps, n)
 
 
 def final_iterate(iterates, steps, xs, ys):
@@ -260,9 +255,8 @@ def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, presorted=None):
 
 
 def binary_split(up, valid, r, node, K):
-    """Best split of each node when every feature is -1 or 1 (the tree on sign(x)): the threshold
-    is 0, so the right side's counts and sums over all nodes and features are one batched matmul
-    with up = (x > 0) (Q, m, d)."""
+    """Best split of each node when every feature is -1 or 1 (sign(x)): the threshold is 0, so the
+    right side's counts and sums, all nodes and features, are one matmul with up = (x > 0)."""
     member = F.one_hot(node, K).to(r.dtype) * valid[..., None]  # (Q, m, K)
     both = torch.cat([member, member * r[..., None]], 2)  # (Q, m, 2K): counts, then residual sums
     right, total = both.transpose(1, 2) @ up, both.sum(1)[..., None]  # (Q, 2K, d), (Q, 2K, 1)
@@ -394,10 +388,10 @@ def tree_predictions(xs, ys, depth, n_trees=1, lr=1.0, sign=False, bucket=8):
 
 
 def relu_network(xs, ys, hidden=100, steps=1000, batch=10, lr=5e-3, seed=0):
-    """A 2-layer ReLU network d -> 100 -> 1 per prompt and prefix, trained by Adam (lr 5e-3) for
-    1000 steps on minibatches of 10 of the prefix's pairs drawn with replacement, as Garg et
-    al. do. All the networks are slices of one batched model: their losses are summed, and
-    since Adam works element by element, each one trains exactly as it would alone."""
+    """A 2-layer ReLU network d -> 100 -> 1 per prompt and prefix, trained as Garg et al. do: Adam
+    (lr 5e-3), 1000 steps on minibatches of 10 of the prefix's pairs drawn with replacement. The
+    networks are slices of one batched model whose losses are summed: Adam works element by
+    element, so each trains exactly as it would alone."""
     if len(xs) > 16:  # 16 prompts at a time keep Adam's state in cache (1.5x faster than 64)
         args = hidden, steps, batch, lr
         chunks = [(s, xs[s : s + 16], ys[s : s + 16]) for s in range(0, len(xs), 16)]
@@ -420,7 +414,6 @@ def relu_network(xs, ys, hidden=100, steps=1000, batch=10, lr=5e-3, seed=0):
             # each problem's minibatch: pairs j < i, drawn with replacement
             pick = (torch.rand(Q, batch, generator=gen, device=xs.device) * size[:, None]).long()
             rows = first[:, None] + pick  # (Q, batch)
-            # the sum of each network's own mean squared error
             loss = (two_layer(params, flat_x[rows]) - flat_y[rows]).pow(2).mean(1).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
