@@ -345,7 +345,6 @@ def prefix_orders(xs, order, lo, hi):
     by stable filters moving the samples < i to the front (2.2x faster than sorting each prefix)."""
     B, m = xs.shape[0], hi - 1
     order = front(order, m, torch.empty_like(order))[..., :m]  # (B, d, m)
-    # Ties are checked when splitting: no threshold may fall between two equal values.
     ties = bool((xs[:, :m].transpose(1, 2).gather(2, order).diff(dim=2) <= 1e-7).any())
     i = torch.arange(lo, hi, device=xs.device)[:, None, None]  # (hi - lo, 1, 1)
     out = order.new_empty(B, hi - lo, order.shape[1], m + 1)
