@@ -55,7 +55,7 @@ def predict_linear(w, xs):
     return (w * xs.double()).sum(-1).to(xs.dtype)
 
 
-# ---------------------------------------------------------------------------- closed form and k-NN
+# ---------------------------------------------------------------------------- linear solvers, k-NN
 
 
 @by_prompts(64)
@@ -105,9 +105,6 @@ def nearest_neighbours(xs, ys, k=3):
     # (n, k): query i has seen min(i, k) neighbours
     seen = torch.arange(k, device=xs.device)[None] < torch.arange(n, device=xs.device)[:, None]
     return (neighbours * seen).sum(-1) / seen.sum(-1).clamp(min=1)
-
-
-# ---------------------------------------------------------------------------- Lasso and iterative
 
 
 @by_prompts(64)
