@@ -380,12 +380,44 @@ def train_to_convergence(name, claim):
         run(name, run_name, task, **overrides)
 
 
+# ---------------------------------------------------------------------------- the verdicts
+# The rules that read each claim's numbers into its verdict; report.py renders what they find.
+
+WITHIN = 0.25  # the paper's criterion: two errors match when the larger is within 25% of the other
+MATCH = f"the two matching (within {WITHIN:.0%})"
+LOOPED_AHEAD, STANDARD_AHEAD = "the looped model ahead", "the standard model ahead"
+SETTLED = 1.5  # claim4: how far the error may rise past b for the loop to count as settled
+GOOD = 0.05  # seeds: an error at k = 2d that counts as having learned the task
+
+
+def finding(looped_error, standard_error):
+    """The paper's finding for a looped error against a standard one: MATCH, or who is ahead."""
+    L, S = looped_error, standard_error
+    if max(L, S) <= (1 + WITHIN) * min(L, S):
+        return MATCH
+    return LOOPED_AHEAD if L < S else STANDARD_AHEAD
+
+
+def converged(looped_error, standard_error, fall, spread, expected):
+    """converge's (finding, verdict) on the mean over seeds of each model's error. Where the finding
+    is not the paper's, the model behind may just need more steps: it counts as still improving,
+    and the verdict waits, when its validation curve fell over the last eighth of its steps at the
+    peak rate by more than the spread over seeds at their end."""
+    found = finding(looped_error, standard_error)
+    if found == expected:
+        return found, "Reproduced"
+    return found, "Not settled" if fall > spread else "Not reproduced"
+
+
 @dataclasses.dataclass(frozen=True)
 class Claim:
     """One of the paper's claims: what its command trains, and what the report says of it."""
 
     help: str  # the command's line in --help
     heading: str  # its section's heading in docs/results.md
+    # Its section's place there: the spread over seeds comes first, as it tells how far any single
+    # run below can be trusted; convergence follows the claims that compare the two models.
+    place: int
     section: Callable  # report's writer of that section: (lines, name, claims, models)
     # [(run name, task, overrides)]: what the command trains, in results/NAME/. Where the report
     # compares the two models on a task, the task's runs come in the order of MODELS.
@@ -394,8 +426,12 @@ class Claim:
     needs: str = ""  # the claim whose runs this one builds on: its best rates, its trained models
     paper: str = ""  # the paper's finding, as the report quotes it
     # [(task, the paper's finding or None, the paper's numbers)]: the report compares the looped
-    # and standard runs of each task and reads whether the paper's finding reproduced.
+    # and standard runs of each task and says whether the paper's finding reproduced.
     verdicts: list = ()
+    verdict: Callable = None  # the rule that reads the section's numbers into its verdict
+    rule: str = ""  # that rule, as the report states it
+    at_end: bool = False  # the verdict read at the prompt's last position, not at k = 2d
+    made: str = ""  # how the committed runs were made, where the report says so
     # A remark after the comparison; {steps}, {share} of the paper's 500k and {d} are its runs'.
     caveat: str = ""
     in_all: bool = True  # whether `python experiments.py all` trains it
@@ -420,6 +456,7 @@ CLAIMS = {
         help="linear regression: the looped model against the 12-layer one, each over 6 learning "
         "rates",
         heading="claim1: Linear regression: the looped model against the 12-layer transformer",
+        place=1,
         section=functools.partial(report.pairs_section, sweep=True),
         runs=[
             (report.variant(model, lr), "linreg", dict(overrides, lr=lr, **CURVES))
@@ -429,7 +466,8 @@ CLAIMS = {
         then=train_best_with_another_seed,
         paper="at k = 10, 20, 40 (d = 20): standard 0.519, 0.0204, 0.00048; looped 0.519, 0.0242, "
         f"0.00078; least squares {LEAST_SQUARES}, ~0, ~0",
-        verdicts=[("linreg", "match", "0.00078 against 0.00048 at k = 40, d = 20")],
+        verdicts=[("linreg", MATCH, "0.00078 against 0.00048 at k = 40, d = 20")],
+        verdict=finding,
         caveat="Each model is compared at its own best learning rate, picked on validation "
         "prompts, with one seed per learning rate; {steps} steps are {share:.2%} of the paper's "
         "500k, at d = {d} rather than 20.",
@@ -437,19 +475,22 @@ CLAIMS = {
     "claim2": Claim(
         help="sparse linear regression: the same",
         heading="claim2: Sparse linear regression",
+        place=2,
         section=report.pairs_section,
         runs=[("looped", "sparse_linreg", {}), ("standard", "sparse_linreg", STANDARD)],
         then=train_at_best_rates,
         needs="claim1",
         paper="at k = 10, 40 (d = 20, s = 3): standard 0.0848, 0.0017; looped 0.0213, 0.00061; "
         f"Lasso {LASSO[0]}, {LASSO[1]}",
-        verdicts=[("sparse_linreg", "looped ahead", "0.00061 against 0.0017 at k = 40, d = 20")],
+        verdicts=[("sparse_linreg", LOOPED_AHEAD, "0.00061 against 0.0017 at k = 40, d = 20")],
+        verdict=finding,
         caveat="At d = 5 with s = 3 the weights are barely sparse, so Lasso has little to gain "
         "over least squares here.",
     ),
     "claim3": Claim(
         help="decision trees and 2-layer ReLU networks: the same",
         heading="claim3: Decision trees and ReLU networks",
+        place=3,
         section=report.pairs_section,
         runs=[
             ("tree_looped", "decision_tree", {}),
@@ -464,12 +505,15 @@ CLAIMS = {
         "the paper",
         verdicts=[
             ("decision_tree", None, "for the decision tree"),
-            ("relu_2nn", "match", "0.180 against 0.170 at k = 100, d = 20"),
+            ("relu_2nn", MATCH, "0.180 against 0.170 at k = 100, d = 20"),
         ],
+        verdict=finding,
+        at_end=True,  # the paper reads trees and networks at the prompt's end
     ),
     "claim4": Claim(
         help="the loop settles on a fixed point past b; windows T = 10, 5, 3, 1",
         heading="claim4: the loop settles past b; the window T",
+        place=5,
         # T = 10, the default window, is claim1's looped run at the default rate.
         section=functools.partial(
             report.window_section, base=report.variant("looped", looped.make_config("linreg").lr)
@@ -479,30 +523,42 @@ CLAIMS = {
         needs="claim1",
         paper="the looped model's error stays flat when run far past b (to 500 loops); a "
         "too-small T diverges there",
+        verdict=lambda ratio: ratio <= SETTLED,  # the error at the last loop against that at b
+        rule=f"within {SETTLED:g}x of the error at b",
     ),
     "claim5": Claim(
         help="out of distribution: Garg et al.'s shifts, on claim1's best runs",
         heading="claim5: out of distribution",
+        place=6,
         section=functools.partial(report.shift_section, shifts=GARG_SHIFTS),
         then=evaluate_shifts,
         needs="claim1",
         paper="no number for Garg et al.'s shifts; Garg et al. find that a trained transformer "
         "degrades under them much as least squares does",
+        # Whether the looped model is ahead at k = 2d; a NaN, where no query exists, is not.
+        verdict=lambda looped_error, standard_error: looped_error < standard_error,
     ),
     "seeds": Claim(
         help="the default command (laptop preset, linear regression) with seeds "
         f"{SEEDS[0]} to {SEEDS[-1]}",
-        heading="The default command over ten seeds",
+        heading=f"The default command over {report.in_words(len(SEEDS))} seeds",
+        place=0,
         section=report.seeds_section,
         runs=[(f"seed{seed}", "linreg", dict(seed=seed)) for seed in SEEDS],
+        verdict=lambda error: error <= GOOD,  # at k = 2d
+        rule=f"at most {GOOD:g}",
+        made="two runs side by side: one alone with two threads is faster",
     ),
     "converge": Claim(
         help=f"claim1's two models at their best rates for {CONVERGE}x the steps, two seeds: "
         "hours on a CPU; an interrupted run continues",
         heading=f"claim1 to convergence: both models for {CONVERGE} times the steps",
+        place=4,
         section=functools.partial(report.converge_section, times=CONVERGE),
         then=train_to_convergence,
         needs="claim1",
+        verdicts=[("linreg", MATCH, "")],
+        verdict=converged,
         caveat="The training times come from each log's ms per step, so they move with whatever "
         "else ran on the machine (each run's threads are in the runs table) and compare the two "
         "models loosely. The FLOP counts compare them fairly.",

@@ -2,10 +2,12 @@
 
 experiments.py trains the claims' runs and keeps each one's log, evaluation and run record under
 results/CLAIM/RUN; this module reads those files and nothing else, so that a clean checkout
-rewrites the report byte for byte. It does not import experiments.py, which imports it: the
-report's entry point, `write`, takes the claim records (experiments.CLAIMS) and the models
-(experiments.MODELS) as arguments, and each claim's record names the function here that writes
-its section. experiments.py also uses the readers here to pick the runs it trains next.
+rewrites the report byte for byte. It renders and decides nothing: each claim's record
+(experiments.Claim) holds its runs, the paper's numbers, its place in the report, the rule that
+reads its verdict, and the function here that writes its section. It does not import
+experiments.py, which imports it: `write` takes the records (experiments.CLAIMS) and the models
+(experiments.MODELS) as arguments. experiments.py also uses the readers here to pick the runs it
+trains next.
 """
 
 import contextlib
@@ -23,20 +25,20 @@ import harness
 import looped
 
 RESULTS, FIGURES, REPORT = "results", "figures", os.path.join("docs", "results.md")
-
-# The report's sections in reading order. The spread over seeds comes first because it tells how
-# far any single run below can be trusted; convergence follows claim1, whose runs it extends.
-SECTIONS = ["seeds", "claim1", "claim2", "claim3", "converge", "claim4", "claim5"]
-
-FINDINGS = {
-    "match": "the two matching (within 25%)",
-    "looped ahead": "the looped model ahead",
-    "standard ahead": "the standard model ahead",
-}
 THRESHOLDS = [0.2, 0.1, 0.05]  # validation errors at k = 2d whose first step converge reports
+WORDS = "zero one two three four five six seven eight nine ten".split()
+
+
+def in_words(n):
+    return WORDS[n] if n < len(WORDS) else str(n)
 
 
 # ---------------------------------------------------------------------------- reading the runs
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def run_config(record):
@@ -49,19 +51,22 @@ def run_config(record):
 
 def read_run(folder):
     """(cfg, errors as tensors or None for a run that diverged, run record) of a run folder."""
-    with open(os.path.join(folder, "run.json")) as f:
-        record = json.load(f)
+    record = read_json(os.path.join(folder, "run.json"))
     errors = None
     if "diverged" not in record:
-        with open(os.path.join(folder, "eval.json")) as f:
-            errors = {k: torch.tensor(v) for k, v in json.load(f).items()}
+        errors = {k: torch.tensor(v) for k, v in read_json(f"{folder}/eval.json").items()}
     return run_config(record), errors, record
+
+
+def read_log(folder, key):
+    """The lines of a run's log.jsonl that hold key."""
+    with open(os.path.join(folder, "log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if key in r]
 
 
 def read_curve(folder):
     """A run's learning curve from its log: [(step, validation error at each position)]."""
-    with open(os.path.join(folder, "log.jsonl")) as f:
-        return [(r["step"], r["val_error"]) for r in map(json.loads, f) if "val_error" in r]
+    return [(r["step"], r["val_error"]) for r in read_log(folder, "val_error")]
 
 
 def done(folder):
@@ -103,12 +108,6 @@ def best_rates(claim, models):
     return {model: (best := best_run(claim, model)) and read_run(best)[0].lr for model in models}
 
 
-def model_pair(claim, task):
-    """A claim's looped and standard run names for a task: its runs of the task, which the record
-    lists in the models' order."""
-    return [name for name, t, _ in claim.runs if t == task]
-
-
 def at_best_rates(claim, names, rates, models):
     """A claim's looped and standard run names, each at its model's rate in rates where that run
     (NAME_lrLR) finished, else as given: trained at the default rate."""
@@ -123,10 +122,8 @@ def at_best_rates(claim, names, rates, models):
 def labels(cfgs):
     """A legend name per run: the model, and the run folder where models repeat."""
     names = [looped.describe(c) for c in cfgs]
-    return [
-        f"{name} ({os.path.basename(os.path.normpath(c.out))})" if names.count(name) > 1 else name
-        for name, c in zip(names, cfgs)
-    ]
+    folders = [f" ({os.path.basename(os.path.normpath(c.out))})" for c in cfgs]
+    return [name + folder * (names.count(name) > 1) for name, folder in zip(names, folders)]
 
 
 # ---------------------------------------------------------------------------- tables and figures
@@ -140,14 +137,9 @@ def fmt(x):
 
 
 def markdown(columns, rows):
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    return "\n".join(
-        lines
-        + [
-            "| " + " | ".join(fmt(c) if isinstance(c, float) else str(c) for c in row) + " |"
-            for row in rows
-        ]
-    )
+    cells = [columns] + [[fmt(c) if isinstance(c, float) else str(c) for c in row] for row in rows]
+    lines = ["| " + " | ".join(line) + " |" for line in cells]
+    return "\n".join([lines[0], "|" + "---|" * len(columns), *lines[1:]])
 
 
 def shown_ks(cfg=None, last=False, d=None, n=None):
@@ -160,33 +152,20 @@ def shown_ks(cfg=None, last=False, d=None, n=None):
     return ks + [n - 1] if (last or not ks) and n - 1 not in ks else ks
 
 
-def finding(L, S):
-    """The paper's criterion for a looped error L against a standard one S: a match within 25%."""
-    if max(L, S) <= 1.25 * min(L, S):
-        return "match"
-    return "looped ahead" if L < S else "standard ahead"
-
-
 # ---------------------------------------------------------------------------- studies of one run
 # The tables and figures of `python experiments.py probe` and `adaptive`: the command prints and
 # draws them when it runs, and the report again from the record it saved.
 
 
 def probe_table(record):
-    """Markdown: the probes' R^2 at a few iterations, and the prediction's distance from the
-    solvers' predictions."""
+    """The probes' R^2 at a few iterations, and the prediction's distance from the solvers'."""
     b, loops = record["config"]["n_loops"], record["loops"]
     ts = sorted({1, 2, 5, b // 2, b, loops} & set(range(1, loops + 1)))
-    rows = [
-        [f"R^2, {target}, {where}", *(curve[t - 1] for t in ts)]
-        for where, by in record["r2"].items()
-        for target, curve in by.items()
-    ]
-    rows += [
-        [f"gap to the {name} prediction after t steps", *(curve[t - 1] for t in ts)]
-        for name, curve in record["prediction gap"].items()
-    ]
-    rows += [["the model's error at the last position", *(record["error"][t - 1] for t in ts)]]
+    named = [(f"R^2, {t}, {where}", c) for where, by in record["r2"].items() for t, c in by.items()]
+    gaps = record["prediction gap"].items()
+    named += [(f"gap to the {name} prediction after t steps", curve) for name, curve in gaps]
+    named += [("the model's error at the last position", record["error"])]
+    rows = [[name, *(curve[t - 1] for t in ts)] for name, curve in named]
     return markdown(["after loop iteration t", *map(str, ts)], rows)
 
 
@@ -196,21 +175,14 @@ def plot_probe(record, path):
     for i, target in enumerate(record["r2"]["last x token"]):
         for where, ls in (("last x token", "-"), ("mean over tokens", "--")):
             a.plot(t, record["r2"][where][target], ls, color=f"C{i}", label=f"{target}, {where}")
-    a.set(
-        xlabel="loop iteration t",
-        ylabel="probe R^2 (held-out prompts)",
-        ylim=(-0.1, 1.02),
-        title="what a linear probe reads from the loop state",
-    )
+    a.set(xlabel="loop iteration t", ylabel="probe R^2 (held-out prompts)", ylim=(-0.1, 1.02))
+    a.set(title="what a linear probe reads from the loop state")
     for i, (name, curve) in enumerate(record["prediction gap"].items()):
         b.semilogy(t, curve, color=f"C{i}", label=f"model vs {name} after t steps")
     b.semilogy(t, record["error"], "k", label="model's error")
     b.axvline(record["config"]["n_loops"], color="gray", ls=":", lw=1)
-    b.set(
-        xlabel="loop iteration t (dotted: trained b)",
-        ylabel="normalised squared difference, last position",
-        title="the read-out against the solvers",
-    )
+    b.set(xlabel="loop iteration t (dotted: trained b)", title="the read-out against the solvers")
+    b.set(ylabel="normalised squared difference, last position")
     for ax in (a, b):
         ax.legend(fontsize=7)
     harness.save_figure(fig, path)
@@ -231,32 +203,17 @@ def plot_adaptive(record, path):
     fig, ax = harness.figure(figsize=(6.5, 4.5))
     for i, signal in enumerate(("prediction", "state")):
         rows = [r for r in record["rows"].values() if r.get("signal") == signal]
-        ax.plot(
-            [r["mean loops"] for r in rows],
-            [r["error"][k] for r in rows],
-            "o-",
-            color=f"C{i}",
-            label=f"stop on the {signal}",
-        )
-        for r in rows:
-            ax.annotate(
-                f"{r['tol']:g}",
-                (r["mean loops"], r["error"][k]),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
+        points = [(r["mean loops"], r["error"][k]) for r in rows]
+        ax.plot(*zip(*points), "o-", color=f"C{i}", label=f"stop on the {signal}")
+        for r, xy in zip(rows, points):
+            ax.annotate(f"{r['tol']:g}", xy, fontsize=7, xytext=(3, 3), textcoords="offset points")
     fixed = next(iter(record["rows"].values()))
     ax.plot(
         [fixed["mean loops"]], [fixed["error"][k]], "k*", ms=14, label=f"fixed b = {cfg.n_loops}"
     )
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="mean loops per prompt",
-        ylabel=f"normalised squared error at k = {k}",
-        title=f"adaptive depth (labels: tolerance; at most {record['max_loops']} loops)",
-    )
+    ax.set(xscale="log", yscale="log", xlabel="mean loops per prompt")
+    ax.set(ylabel=f"normalised squared error at k = {k}")
+    ax.set(title=f"adaptive depth (labels: tolerance; at most {record['max_loops']} loops)")
     ax.legend(fontsize=8)
     harness.save_figure(fig, path)
 
@@ -266,8 +223,8 @@ def plot_adaptive(record, path):
 
 def write(claims, models, baselines_note=""):
     """docs/results.md and its figures from results/ alone. claims: {name: claim record}, as
-    experiments.CLAIMS holds them; models: {model name: its overrides}, as experiments.MODELS;
-    baselines_note: the paper's numbers for the baselines' section."""
+    experiments.CLAIMS holds them, each section at its record's place; models: {model name: its
+    overrides}, as experiments.MODELS; baselines_note: the paper's numbers for the baselines."""
     os.makedirs(FIGURES, exist_ok=True)
     os.makedirs(os.path.dirname(REPORT), exist_ok=True)
     lines = [
@@ -280,8 +237,10 @@ def write(claims, models, baselines_note=""):
         "",
     ]
     runs_section(lines, claims)
-    for name in SECTIONS:
-        claims[name].section(lines, name, claims, models)
+    for name, claim in sorted(claims.items(), key=lambda item: item[1].place):
+        lines += [f"## {claim.heading}", ""]
+        lines += [f"The paper: {claim.paper}.", ""] if claim.paper else []
+        claim.section(lines, name, claims, models)
     study_section(
         lines,
         "probe",
@@ -304,16 +263,17 @@ def write(claims, models, baselines_note=""):
         adaptive_table,
         plot_adaptive,
     )
-    tables_section(
-        lines,
-        "Classical baselines at the paper's scale",
-        "baselines_*.json",
-        baselines_note,
-    )
-    tables_section(lines, "Speed", "bench_*.json")
+    tables_section(lines, "Classical baselines at the paper's scale", "baselines_", baselines_note)
+    tables_section(lines, "Speed", "bench_")
     with harness.atomic(REPORT) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
     print(f"wrote {REPORT} and its figures in {FIGURES}/")
+
+
+def not_run(lines, *names, why="", after=""):
+    """A section's line for runs not made yet: the commands that make them."""
+    commands = " && ".join(f"python experiments.py {name}" for name in names)
+    lines += [f"Not run yet{why}: `{commands}`{after}.", ""]
 
 
 def runs_section(lines, claims):
@@ -329,23 +289,17 @@ def runs_section(lines, claims):
         return
     rows = []
     for path in paths:
-        with open(path) as f:
-            r = json.load(f)
+        r = read_json(path)
         c = run_config(r)
-        rows.append(
-            [
-                os.path.dirname(path),
-                c.task,
-                looped.describe(c),
-                f"{c.lr:g}",
-                f"{c.embed_init:g} / {c.attn_init:g}",
-                c.steps,
-                f"{r['seconds'] / 60:.1f} min" + (" (diverged)" if "diverged" in r else ""),
-                r["machine"],
-                r["threads"],
-                r["torch"],
-            ]
-        )
+        wall = f"{r['seconds'] / 60:.1f} min" + (" (diverged)" if "diverged" in r else "")
+        init = f"{c.embed_init:g} / {c.attn_init:g}"
+        rows.append([os.path.dirname(path), c.task, looped.describe(c), f"{c.lr:g}", init])
+        rows[-1] += [c.steps, wall, r["machine"], r["threads"], r["torch"]]
+    columns = [
+        *"run task model lr init steps".split(),
+        "wall time",
+        *"machine threads torch".split(),
+    ]
     lines += [
         "## Runs",
         "",
@@ -355,41 +309,33 @@ def runs_section(lines, claims):
         f"paper's: 0.02 / 0.02; the laptop preset's: {looped.Config.embed_init:g} / "
         f"{looped.Config.attn_init:g}).",
         "",
-        markdown(
-            [
-                *("run", "task", "model", "lr", "init", "steps", "wall time"),
-                *("machine", "threads", "torch"),
-            ],
-            rows,
-        ),
+        markdown(columns, rows),
         "",
     ]
 
 
 def pairs_section(lines, name, claims, models, sweep=False):
     """A claim that pits the looped model against the standard one on some tasks: for each task, a
-    table, a figure and whether the paper's finding reproduced. With sweep, the claim's runs are a
+    table, a figure and the verdict by the claim's rule. With sweep, the claim's runs are a
     learning-rate sweep of both models, shown first, and each model is compared at its best rate.
     Otherwise each model is compared at the default rate and again at the best rate of the sweep
     in the claim the record needs, where those runs exist."""
     claim = claims[name]
-    lines += [f"## {claim.heading}", "", f"The paper: {claim.paper}.", ""]
     pairs, rates = [], best_rates(claim.needs, models) if claim.needs else {}
     best = sweep_section(name, models, lines) if sweep else None
     for task, expected, numbers in claim.verdicts:
         if sweep:
             pairs += [(task, *best, expected, numbers)] if best else []
         else:  # the same pair at the default rates, then at the sweep's, once if they are the same
-            at_default = model_pair(claim, task)
+            at_default = [run_name for run_name, t, _ in claim.runs if t == task]  # models' order
             at_best = at_best_rates(name, at_default, rates, models)
             for a, b in dict.fromkeys([tuple(at_default), tuple(at_best)]):
                 pairs.append((task, a, b, expected, numbers))
     if not pairs or not all(
         done(os.path.join(RESULTS, name, r)) for _, a, b, *_ in pairs for r in (a, b)
     ):
-        lines += [f"Not run yet: `python experiments.py {name}`.", ""]
-        return
-    compare_section(name, pairs, lines)
+        return not_run(lines, name)
+    compare_section(name, claim, pairs, lines)
     c = read_run(os.path.join(RESULTS, name, pairs[0][1]))[0]
     caveat = claim.caveat.format(steps=c.steps, share=c.steps / looped.PAPER["steps"], d=c.n_dims)
     lines += [caveat, ""] if caveat else []
@@ -397,32 +343,27 @@ def pairs_section(lines, name, claims, models, sweep=False):
         lines += learning_rate_caveat(name, claim.needs, pairs, rates, models)
 
 
-def compare_section(claim, pairs, lines):
+def compare_section(name, claim, pairs, lines):
     """Looped against standard for each (task, looped run, standard run, the paper's finding, its
-    numbers) of a claim: a table, a figure, and whether the paper's finding reproduced."""
+    numbers) of a claim: a table, a figure, and the verdict by the claim's rule."""
     seen = set()
     for task, a, b, expected, paper in pairs:
-        (ca, ea, _), (cb, eb, _) = (
-            read_run(os.path.join(RESULTS, claim, a)),
-            read_run(os.path.join(RESULTS, claim, b)),
-        )
+        (ca, ea, _), (cb, eb, _) = (read_run(os.path.join(RESULTS, name, r)) for r in (a, b))
         names = labels([ca, cb])
-        named = [(names[0], ca, ea), (names[1], cb, eb)]  # the baselines: the first run's
         # A task's second pair (at other learning rates) gets figures of its own.
-        suffix = f"_{claim}_{task}" + (f"_{b}" if task in seen else "")
+        suffix = f"_{name}_{task}" + (f"_{b}" if task in seen else "")
         seen.add(task)
+        named = [(names[0], ca, ea), (names[1], cb, eb)]  # the baselines: the first run's
         harness.plot(named, FIGURES, task, baselines.TASK_BASELINES[task], suffix)
         shown = [n for n in baselines.TASK_BASELINES[task] if n != "zero"][:4]
+        L, S = ea["loops"][ca.n_loops - 1], eb["loops"][0]
         rows = [
-            [
-                k,
-                ea["loops"][ca.n_loops - 1][k].item(),
-                eb["loops"][0][k].item(),
-                *(ea[n][k].item() for n in shown),
-            ]
+            [k, L[k].item(), S[k].item(), *(ea[n][k].item() for n in shown)]
             for k in shown_ks(ca, last=True)
         ]
         params = [looped.count_parameters(looped.LoopedTransformer(c))[0] for c in (ca, cb)]
+        k = ca.n_points - 1 if claim.at_end else shown_ks(ca)[-1]
+        found = claim.verdict(L[k].item(), S[k].item())
         lines += [
             f"**{task}**, d = {ca.n_dims}, n = {ca.n_points}, {ca.eval_prompts} test prompts: "
             f"{names[0]} ({params[0]:,} parameters by the paper's count) against {names[1]} "
@@ -433,30 +374,22 @@ def compare_section(claim, pairs, lines):
             f"![{task}: error against in-context examples]"
             f"(../{FIGURES}/error_vs_examples{suffix}.png)",
             "",
+            pair_verdict(found, k, L[k].item(), S[k].item(), expected, paper),
+            "",
         ]
-        k, verdict = pair_verdict(task, ca, ea, eb, expected, paper)
-        lines += [verdict, ""]
-        lines += seed_spread(claim, k, ((a, ca), (b, cb)))
+        lines += seed_spread(name, k, ((a, ca), (b, cb)))
 
 
-def pair_verdict(task, ca, ea, eb, expected, paper):
-    """(k, the verdict's paragraph) for a looped run (ca, ea) against a standard one (eb): whether
-    the paper's finding, expected (None where it gives no number), reproduced at this scale."""
-    # The paper reads trees and networks at the prompt's end, linear regression at k = 2d.
-    k = ca.n_points - 1 if task in ("decision_tree", "relu_2nn") else shown_ks(ca)[-1]
-    L, S = ea["loops"][ca.n_loops - 1][k].item(), eb["loops"][0][k].item()
-    found = finding(L, S)
+def pair_verdict(found, k, L, S, expected, paper):
+    """The verdict's paragraph: the claim's rule found `found` for the looped error L against the
+    standard S at k; the paper has `expected` (None where it gives no number)."""
     outcome = (
-        f"here at k = {k} the looped model has {fmt(L)} and the standard one {fmt(S)}: "
-        f"{FINDINGS[found]}"
+        f"here at k = {k} the looped model has {fmt(L)} and the standard one {fmt(S)}: {found}"
     )
     if not expected:
-        return k, f"The paper gives no number ({paper}); {outcome}."
+        return f"The paper gives no number ({paper}); {outcome}."
     verdict = "Reproduced" if found == expected else "Not reproduced"
-    return (
-        k,
-        f"**{verdict} at this scale.** The paper has {FINDINGS[expected]}: {paper}; {outcome}.",
-    )
+    return f"**{verdict} at this scale.** The paper has {expected}: {paper}; {outcome}."
 
 
 def seed_spread(claim, k, named):
@@ -529,47 +462,29 @@ def plot_sweep(sweeps, best, k, claim):
     fig, ax = harness.figure(figsize=(6.5, 4.5))
     for i, (model, runs) in enumerate(sweeps.items()):
         trained = [
-            (lr, r[2]["loops"][r[1].n_loops - 1][k].item())
-            for lr, r in runs.items()
-            if r[2] is not None
+            (lr, e["loops"][c.n_loops - 1][k].item())
+            for lr, (_, c, e, _) in runs.items()
+            if e is not None
         ]
         ax.loglog(
-            *zip(*trained),
-            "o-",
-            color=f"C{i}",
-            label=looped.describe(next(iter(runs.values()))[1]),
+            *zip(*trained), "o-", color=f"C{i}", label=looped.describe(next(iter(runs.values()))[1])
         )
-        ax.plot(
-            *zip(*[(lr, e) for lr, e in trained if runs[lr][0] == best[model]]),
-            "*",
-            ms=16,
-            color=f"C{i}",
-        )
+        star = [(lr, e) for lr, e in trained if runs[lr][0] == best[model]]
+        ax.plot(*zip(*star), "*", ms=16, color=f"C{i}")
         for lr in [lr for lr, r in runs.items() if r[2] is None]:
             ax.axvline(lr, color=f"C{i}", ls=":", label=f"{model} diverged at lr {lr:g}")
-    ax.set(
-        xlabel="Adam learning rate",
-        ylabel=f"normalised squared error at k = {k} (test)",
-        title="learning-rate sweep (star: best by validation prompts)",
-    )
+    ax.set(xlabel="Adam learning rate", ylabel=f"normalised squared error at k = {k} (test)")
+    ax.set(title="learning-rate sweep (star: best by validation prompts)")
     figures = [(fig, [ax], f"lr_sweep_{claim}")]
     fig, axes = harness.figure(1, len(sweeps), figsize=(11, 4.2), sharey=True)
     for ax, (model, runs) in zip(axes, sweeps.items()):
         for i, (lr, (folder, _, errors, curve)) in enumerate(runs.items()):
-            ax.semilogy(
-                [s for s, _ in curve],
-                [e[k] for _, e in curve],
-                color=f"C{i}",
-                lw=2.5 if folder == best[model] else 1.2,
-                label=f"lr {lr:g}"
-                + " (best)" * (folder == best[model])
-                + " (diverged)" * (errors is None),
-            )
-        ax.set(
-            title=looped.describe(next(iter(runs.values()))[1]),
-            xlabel="training step",
-            ylabel=f"validation error at k = {k}",
-        )
+            is_best = folder == best[model]
+            label = f"lr {lr:g}" + " (best)" * is_best + " (diverged)" * (errors is None)
+            steps, errors_at_k = [s for s, _ in curve], [e[k] for _, e in curve]
+            ax.semilogy(steps, errors_at_k, color=f"C{i}", lw=2.5 if is_best else 1.2, label=label)
+        ax.set(title=looped.describe(next(iter(runs.values()))[1]), xlabel="training step")
+        ax.set(ylabel=f"validation error at k = {k}")
     figures.append((fig, axes, f"learning_curves_{claim}"))
     for fig, axes, name in figures:
         for ax in axes:
@@ -610,32 +525,23 @@ def seeds_section(lines, name, claims, models):
     folders = [os.path.join(RESULTS, name, run_name) for run_name, _, _ in claim.runs]
     seeds = [overrides["seed"] for _, _, overrides in claim.runs]
     runs = [read_run(f) for f in folders if done(f)]
-    lines += [f"## {claim.heading}", ""]
     if not runs:
-        lines += [f"Not run yet: `python experiments.py {name}`.", ""]
-        return
-    cfg = runs[0][0]
+        return not_run(lines, name)
+    cfg, record = runs[0][0], runs[0][2]
     ks, k2d, b = shown_ks(cfg), 2 * cfg.n_dims, cfg.n_loops
-    rows, ends = [], []
-    for c, errors, record in runs:
-        ends.append(errors["loops"][b - 1][k2d].item())
-        rows.append(
-            [
-                c.seed,
-                *[errors["loops"][b - 1][k].item() for k in ks],
-                errors["loops"][-1][k2d].item(),
-                f"{record['seconds'] / 60:.1f} min",
-            ]
-        )
-    ends.sort()
-    good = sum(e <= 0.05 for e in ends)
+    rows = [
+        [c.seed, *(e["loops"][b - 1][k].item() for k in ks), e["loops"][-1][k2d].item()]
+        + [f"{r['seconds'] / 60:.1f} min"]
+        for c, e, r in runs
+    ]
+    ends = sorted(e["loops"][b - 1][k2d].item() for _, e, _ in runs)
+    good = sum(map(claim.verdict, ends))
     lines += [
         f"`python looped.py --task linreg --loops 20 --seed S` for S = {seeds[0]} to {seeds[-1]} "
         f"({cfg.steps} steps; Adam's rate up to {cfg.lr:g} over {cfg.warmup} steps, down to 0 over "
         f"the last {cfg.decay}; the prompt's embedding and the attention initialised at std "
         f"{cfg.embed_init:g} and {cfg.attn_init:g}), made by `python experiments.py {name}` on "
-        f"{runs[0][2]['machine']} with {runs[0][2]['threads']} thread per run, two runs side by "
-        f"side: one alone with two threads is faster.",
+        f"{record['machine']} with {record['threads']} thread per run, {claim.made}.",
         "",
         markdown(
             ["seed", *[f"k = {k}" for k in ks], f"k = {k2d}, {cfg.eval_loops} loops", "wall time"],
@@ -644,27 +550,27 @@ def seeds_section(lines, name, claims, models):
         "",
         f"At k = 2d = {k2d} after b = {b} loops, over {len(ends)} seeds: median "
         f"{fmt(statistics.median(ends))}, from {fmt(ends[0])} to {fmt(ends[-1])}; {good} of "
-        f"{len(ends)} at most 0.05.",
+        f"{len(ends)} {claim.rule}.",
         "",
         f"![training loss of each seed](../{FIGURES}/{name}.png)",
         "",
     ]
-    plot_seeds(runs, folders, cfg, name)
+    plot_seeds(runs, folders, cfg, name, claim.heading)
 
 
-def plot_seeds(runs, folders, cfg, name):
+def plot_seeds(runs, folders, cfg, name, title):
     """Each seed's training loss against step, beside two estimators' loss at the last stage."""
     b, k2d = cfg.n_loops, 2 * cfg.n_dims
     fig, ax = harness.figure(figsize=(7, 4.5))
     for i, ((c, errors, _), folder) in enumerate(zip(runs, folders)):
-        with open(os.path.join(folder, "log.jsonl")) as f:
-            log = [r for r in map(json.loads, f) if "loss" in r]
+        log = read_log(folder, "loss")
+        label = f"seed {c.seed}: {fmt(errors['loops'][b - 1][k2d].item())} at k = {k2d}"
         ax.semilogy(
             [r["step"] for r in log],
             [r["loss"] for r in log],
             color=f"C{i % 10}",
             lw=1.2,
-            label=f"seed {c.seed}: {fmt(errors['loops'][b - 1][k2d].item())} at k = {k2d}",
+            label=label,
         )
     # Two estimators' loss at the last stage's d and n, averaged over the n positions k = 0 .. n-1:
     # least squares, (d - k) / d for k < d; and one step of gradient descent from 0 with the best
@@ -676,11 +582,8 @@ def plot_seeds(runs, folders, cfg, name):
         (sum((d + 1) / (k + d + 1) for k in range(n)) / n, "one step of gradient descent", "--"),
     ]:
         ax.axhline(level, color="k", ls=style, lw=1, label=f"{estimator} (d = {d}, n = {n})")
-    ax.set(
-        xlabel="training step",
-        ylabel="training loss / d (d grows by the curriculum)",
-        title="the default command over ten seeds",
-    )
+    ax.set(xlabel="training step", ylabel="training loss / d (d grows by the curriculum)")
+    ax.set(title=title[0].lower() + title[1:])
     ax.legend(fontsize=7, ncol=2)
     harness.save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
 
@@ -697,24 +600,16 @@ def step_flops(cfg):
     gen = torch.Generator().manual_seed(0)
     xs, ys = looped.TASKS[cfg.task](cfg.batch_size, cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
     with FlopCounterMode(display=False) as counter:
-        looped.train_step(
-            model, opt, contextlib.nullcontext(), xs, ys, cfg.n_loops, cfg.n_loops - cfg.loop_window
-        )
+        b, no_grad = cfg.n_loops, cfg.n_loops - cfg.loop_window
+        looped.train_step(model, opt, contextlib.nullcontext(), xs, ys, b, no_grad)
     return counter.get_total_flops()
 
 
 def training_seconds(folder):
-    """A run's training time from its log (ms per step on each line), summed over every session
-    that it took."""
-    with open(os.path.join(folder, "log.jsonl")) as f:
-        log = [r for r in map(json.loads, f) if "ms_per_step" in r]
+    """A run's training time from its log (ms per step on each line), over all its sessions."""
+    log = read_log(folder, "ms_per_step")
     steps = [r["step"] - last["step"] for last, r in zip([{"step": 0}] + log, log)]
     return sum(r["ms_per_step"] * n for r, n in zip(log, steps)) / 1000
-
-
-def first_step(curve, k, level):
-    """The first step whose validation error at k is at most level; None if none is."""
-    return next((step for step, errors in curve if errors[k] <= level), None)
 
 
 def longer(cfg, best):
@@ -726,19 +621,11 @@ def longer(cfg, best):
 def converge_section(lines, name, claims, models, times):
     """A sweep's best runs trained for `times` their steps: the final errors, both learning curves
     on one figure, the steps (and training FLOPs) each model takes to reach given errors, and the
-    verdict by the paper's criterion (within 25% at k = 2d). The model behind counts as still
-    improving when its curve falls, over the last eighth of its steps at the peak rate, by more
-    than the spread over seeds."""
+    verdict by the claim's rule."""
     claim = claims[name]
-    lines += [f"## {claim.heading}", ""]
     runs, by_model = converge_runs(name, models)
     if not all(by_model.values()) or any(r[1] is None for r in runs.values()):
-        lines += [
-            f"Not run yet (or a run diverged): `python experiments.py {name}`, after "
-            f"{claim.needs}.",
-            "",
-        ]
-        return
+        return not_run(lines, name, why=" (or a run diverged)", after=f", after {claim.needs}")
     cfg = by_model["looped"][0][0]
     ks, k = shown_ks(cfg), shown_ks(cfg)[-1]
     final = {
@@ -748,6 +635,7 @@ def converge_section(lines, name, claims, models, times):
     flops = {m: step_flops(rs[0][0]) for m, rs in by_model.items()}
     rows, reach = result_rows(runs, ks, k, target, flops)
     stale = stale_models(lines, name, claim, models, by_model)
+    reach_columns = [*(f"to {fmt(x)}" for x in THRESHOLDS), f"to {fmt(target)} (looped's final)"]
     lines += [
         f"Each model at the learning rate {claim.needs}'s sweep found best for it"
         f"{' when they were made' if stale else ''}, for "
@@ -766,21 +654,12 @@ def converge_section(lines, name, claims, models, times):
         f"cost less), the GFLOP of one step at full size (batch {cfg.batch_size}), and the "
         f"training time from the log:",
         "",
-        markdown(
-            [
-                "run",
-                *(f"to {fmt(x)}" for x in THRESHOLDS),
-                f"to {fmt(target)} (looped's final)",
-                "GFLOP per step",
-                "training time",
-            ],
-            reach,
-        ),
+        markdown(["run", *reach_columns, "GFLOP per step", "training time"], reach),
         "",
     ]
     lines += [claim.caveat, ""] if claim.caveat else []
     flat_end = cfg.steps - cfg.decay  # the last step at the peak rate
-    lines += [converge_verdict(by_model, cfg, k, final, flat_end), ""]
+    lines += [converge_verdict(claim, by_model, cfg, k, final, flat_end), ""]
     plot_converge(by_model, k, flat_end, claim, name)
 
 
@@ -828,61 +707,50 @@ def result_rows(runs, ks, k, target, flops):
         model = "standard" if c.n_layer > 1 else "looped"
         test = [errors["loops"][c.n_loops - 1][j].item() for j in ks]
         rows.append([run_name, looped.describe(c), c.seed, f"{c.lr:g}", *test])
-        steps = [first_step(curve, k, level) for level in THRESHOLDS + [target]]
-        reach.append(
-            [
-                run_name,
-                *("-" if s is None else f"{s:,} ({s * flops[model] / 1e12:.3g})" for s in steps),
-                f"{flops[model] / 1e9:.2f}",
-                f"{training_seconds(folder) / 60:.0f} min",
-            ]
-        )
+        # The first step whose validation error at k is at most each level, None if none is.
+        steps = [next((s for s, e in curve if e[k] <= x), None) for x in THRESHOLDS + [target]]
+        reached = ["-" if s is None else f"{s:,} ({s * flops[model] / 1e12:.3g})" for s in steps]
+        minutes = f"{training_seconds(folder) / 60:.0f} min"
+        reach.append([run_name, *reached, f"{flops[model] / 1e9:.2f}", minutes])
     least_squares = next(iter(runs.values()))[1]["least squares"]  # the same test prompts
     rows.append(["least squares", "", "", "", *(least_squares[j].item() for j in ks)])
     return rows, reach
 
 
-def converge_verdict(by_model, cfg, k, final, flat_end):
-    """The verdict, from the mean over seeds of each model's test error at k = 2d; the model behind
-    is still improving when its curve fell, over the last eighth of its peak-rate steps, by more
-    than the spread over seeds."""
+def converge_verdict(claim, by_model, cfg, k, final, flat_end):
+    """The verdict by the claim's rule, from the mean over seeds of each model's test error at k,
+    and how far the validation curve (the first seed's) of the model behind fell over the last
+    eighth of its peak-rate steps, against the spread over seeds at their end."""
     L, S = statistics.mean(final["looped"]), statistics.mean(final["standard"])
-    behind = "standard" if S > L else "looped"
+    behind, seeds = "standard" if S > L else "looped", seeds_of(by_model)
 
     def at(curve, step):
         """The validation error at k at the curve's point nearest the step."""
         return min(curve, key=lambda p: abs(p[0] - step))[1][k]
 
-    still, seed = [], seeds_of(by_model)[0]  # the first seed's curve is read
-    for model, rs in by_model.items():
-        first = [r[3] for r in rs if r[0].seed == seed][0]
-        fall = at(first, flat_end * 7 / 8) - at(first, flat_end)
-        ends = [at(r[3], flat_end) for r in rs]
-        spread = max(ends) - min(ends)
-        if fall > spread:
-            still.append((model, fall, spread))
-    found = finding(L, S)
+    first = next(r[3] for r in by_model[behind] if r[0].seed == seeds[0])
+    fall = at(first, flat_end * 7 / 8) - at(first, flat_end)
+    ends = [at(r[3], flat_end) for r in by_model[behind]]
+    spread = max(ends) - min(ends)
+    ((_, expected, _),) = claim.verdicts
+    found, verdict = claim.verdict(L, S, fall, spread, expected)
     outcome = (
-        f"at k = {k}, the mean over two seeds of the test error is {fmt(L)} for the looped model "
-        f"and {fmt(S)} for the standard one: {FINDINGS[found]}"
+        f"at k = {k}, the mean over {in_words(len(seeds))} seeds of the test error is {fmt(L)} for "
+        f"the looped model and {fmt(S)} for the standard one: {found}"
     )
-    if found == "match":
-        verdict = f"**Reproduced at this scale.** The paper has {FINDINGS['match']}; {outcome}."
-    elif any(model == behind for model, *_ in still):
-        _, fall, spread = next(x for x in still if x[0] == behind)
-        verdict = (
+    if verdict == "Not settled":
+        return (
             f"**Not settled: the {behind} model is still improving at {cfg.steps:,} steps.** "
             f"{outcome[0].upper()}{outcome[1:]}; over the last eighth of the steps at the peak "
-            f"rate (to step {flat_end:,}) its validation error (seed {seed}) fell by "
+            f"rate (to step {flat_end:,}) its validation error (seed {seeds[0]}) fell by "
             f"{fmt(fall)}, more than the spread over seeds ({fmt(spread)})."
         )
-    else:
-        verdict = (
-            f"**Not reproduced at this scale.** The paper has {FINDINGS['match']}; {outcome}; the "
-            f"{behind} model's curve fell by less than the spread over seeds over the last eighth "
-            f"of its peak-rate steps."
-        )
-    return verdict
+    return f"**{verdict} at this scale.** The paper has {expected}; {outcome}" + (
+        "."
+        if verdict == "Reproduced"
+        else f"; the {behind} model's curve fell by less than the spread over seeds over the last "
+        "eighth of its peak-rate steps."
+    )
 
 
 def plot_converge(by_model, k, flat_end, claim, name):
@@ -890,21 +758,16 @@ def plot_converge(by_model, k, flat_end, claim, name):
     fig, ax, first = *harness.figure(figsize=(7, 4.5)), seeds_of(by_model)[0]
     for i, rs in enumerate(by_model.values()):
         for c, _, _, curve, _ in rs:
+            label = f"{looped.describe(c)}, lr {c.lr:g}, seed {c.seed}"
+            steps, errors = [p[0] for p in curve], [p[1][k] for p in curve]
             ax.semilogy(
-                [p[0] for p in curve],
-                [p[1][k] for p in curve],
-                color=f"C{i}",
-                ls="-" if c.seed == first else "--",
-                label=f"{looped.describe(c)}, lr {c.lr:g}, seed {c.seed}",
+                steps, errors, color=f"C{i}", ls="-" if c.seed == first else "--", label=label
             )
     for level in THRESHOLDS:
         ax.axhline(level, color="gray", lw=0.6, ls=":")
     ax.axvline(flat_end, color="k", lw=0.8, ls=":", label="the learning rate's decay starts")
-    ax.set(
-        xlabel="training step",
-        ylabel=f"validation error at k = {k}",
-        title=f"{claim.needs} to convergence",
-    )
+    ax.set(xlabel="training step", ylabel=f"validation error at k = {k}")
+    ax.set(title=f"{claim.needs} to convergence")
     ax.legend(fontsize=7)
     harness.save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
 
@@ -912,45 +775,36 @@ def plot_converge(by_model, k, flat_end, claim, name):
 def window_section(lines, name, claims, models, base):
     """The loop past b for each window T: the claim's runs, and `base`, the run of the claim it
     needs that trained with the default window. The error against loop iterations, and whether it
-    settles (at most 1.5 times the error at b) or drifts."""
+    settles or drifts, by the claim's rule."""
     claim = claims[name]
-    lines += [f"## {claim.heading}", "", f"The paper: {claim.paper}.", ""]
     folders = [os.path.join(RESULTS, claim.needs, base)] + [
         os.path.join(RESULTS, name, run_name) for run_name, _, _ in claim.runs
     ]
     if not all(map(done, folders)):
-        lines += [
-            f"Not run yet: `python experiments.py {claim.needs} && python experiments.py {name}`.",
-            "",
-        ]
-        return
+        return not_run(lines, claim.needs, name)
     named = [(f"T = {c.loop_window}", c, e) for c, e, _ in map(read_run, folders)]
-    with open(os.path.join(RESULTS, name, "solvers.json")) as f:  # lists, beside the metadata
-        solvers = {k: torch.tensor(v) for k, v in json.load(f).items() if isinstance(v, list)}
+    solvers = read_json(os.path.join(RESULTS, name, "solvers.json"))  # lists, beside the metadata
+    solvers = {k: torch.tensor(v) for k, v in solvers.items() if isinstance(v, list)}
     linreg = baselines.TASK_BASELINES["linreg"]
     harness.plot(named, FIGURES, "linreg, windows", linreg, f"_{name}", solvers)
     cfg = named[0][1]
-    last, b = cfg.n_points - 1, cfg.n_loops
+    last, b, loops = cfg.n_points - 1, cfg.n_loops, cfg.eval_loops
     rows = [window_row(window, e["loops"][:, last], b) for window, _, e in named]
-    loops = cfg.eval_loops
+    columns = ["window", "at b", "best (at loop)", "at 2b", f"at {loops}", f"{loops} / b"]
+    settled = [window for window, *_, ratio in rows if claim.verdict(float(ratio))]
+    drifted = [window for window, *_ in rows if window not in settled]
+    smallest = rows[-1][0]  # the claim's last run: T = 1
     lines += [
         f"Error at k = {last} against loop iterations, to {loops} = {loops // b} b (b = {b}); "
         f"gradient descent and Newton's iteration on the same prompts in the figure.",
         "",
-        markdown(
-            ["window", "at b", "best (at loop)", "at 2b", f"at {loops}", f"{loops} / b"], rows
-        ),
+        markdown(columns, rows),
         "",
         f"![error against loop iterations, four windows](../{FIGURES}/error_vs_loops_{name}.png)",
         "",
-    ]
-    settled = [window for window, *_, ratio in rows if float(ratio) <= 1.5]
-    drifted = [window for window, *_, ratio in rows if float(ratio) > 1.5]
-    smallest = rows[-1][0]  # the claim's last run: T = 1
-    lines += [
         f"**The fixed point: reproduced for {', '.join(settled) or 'no window'}"
         + (f", not for {', '.join(drifted)}" if drifted else "")
-        + f"**, taking 'settled' as an error at {loops} loops within 1.5x of the error at b. "
+        + f"**, taking 'settled' as an error at {loops} loops {claim.rule}. "
         "**The paper's warning that a too-small window "
         + (
             "diverges past b did not reproduce**: the small windows settle, at a higher error."
@@ -964,39 +818,28 @@ def window_section(lines, name, claims, models, base):
 def window_row(window, curve, b):
     """A window's row: its error at the last k after b loops, its best (and where), after 2b and
     after the last loop, and the last against b's."""
-    return [
-        window,
-        curve[b - 1].item(),
-        f"{fmt(curve.min().item())} ({curve.argmin().item() + 1})",
-        curve[2 * b - 1].item(),
-        curve[-1].item(),
-        f"{curve[-1].item() / curve[b - 1].item():.2f}",
-    ]
+    last, at_b = curve[-1].item(), curve[b - 1].item()
+    best = f"{fmt(curve.min().item())} ({curve.argmin().item() + 1})"
+    return [window, at_b, best, curve[2 * b - 1].item(), last, f"{last / at_b:.2f}"]
 
 
 def shift_section(lines, name, claims, models, shifts):
     """The two best runs of the claim the record needs, under each distribution shift: the error at
-    the paper's k of both models and of least squares, and under how many the looped model leads."""
+    the paper's k of both models and of least squares, and under how many the claim's rule finds
+    the looped model ahead."""
     claim = claims[name]
-    lines += [f"## {claim.heading}", "", f"The paper: {claim.paper}.", ""]
     files = [os.path.join(RESULTS, name, f"{s}.json") for s in shifts]
     if not all(map(os.path.isfile, files)):
-        lines += [
-            f"Not run yet: `python experiments.py {claim.needs} && python experiments.py {name}`.",
-            "",
-        ]
-        return
+        return not_run(lines, claim.needs, name)
     rows, behind = [], []
-    for path in files:
-        with open(path) as f:
-            record = json.load(f)
+    for record in map(read_json, files):
         (a, ra), (b, rb) = record["runs"].items()
         cfg = run_config(ra)
         ks = shown_ks(cfg)
         L = [ra["loops"][cfg.n_loops - 1][k] for k in ks]
         S = [rb["loops"][0][k] for k in ks]
         rows.append([record["shift"], *L, *S, *(ra["least squares"][k] for k in ks)])
-        behind += [] if L[-1] < S[-1] else [record["shift"]]
+        behind += [] if claim.verdict(L[-1], S[-1]) else [record["shift"]]
     head = [f"{who}, k = {k}" for who in ("looped", "standard", "least squares") for k in ks]
     lrs = " and ".join(f"{run_config(r).lr:g}" for r in record["runs"].values())
     lines += [
@@ -1020,31 +863,20 @@ def study_section(lines, kind, title, intro, table, plot):
     """The studies of single runs (experiments.save_study) of one kind: each one's command, table
     and figure."""
     files = sorted(glob.glob(os.path.join(RESULTS, kind, "*.json")))
-    if files:
-        lines += [f"## {title}", "", intro, ""]
+    lines += [f"## {title}", "", intro, ""] if files else []
     for path in files:
-        with open(path) as f:
-            record = json.load(f)
-        name = os.path.splitext(os.path.basename(path))[0]
-        lines += [
-            f"`{record['command']}` on {record['machine']}, torch {record['torch']}:",
-            "",
-            table(record),
-            "",
-            f"![{kind} of {name}](../{FIGURES}/{kind}_{name}.png)",
-            "",
-        ]
+        record, name = read_json(path), os.path.splitext(os.path.basename(path))[0]
+        lines += [f"`{record['command']}` on {record['machine']}, torch {record['torch']}:", ""]
+        lines += [table(record), "", f"![{kind} of {name}](../{FIGURES}/{kind}_{name}.png)", ""]
         plot(record, os.path.join(FIGURES, f"{kind}_{name}.png"))
 
 
-def tables_section(lines, title, pattern, note=""):
-    """Saved tables (bench.Table.save) under a heading."""
-    files = sorted(glob.glob(os.path.join(RESULTS, pattern)))
+def tables_section(lines, title, prefix, note=""):
+    """Saved tables (bench.Table.save), results/PREFIX*.json, under a heading."""
+    files = sorted(glob.glob(os.path.join(RESULTS, f"{prefix}*.json")))
     if files:
         lines += [f"## {title}", ""] + ([note, ""] if note else [])
-    for path in files:
-        with open(path) as f:
-            r = json.load(f)
+    for r in map(read_json, files):
         lines += [
             f"`{r['command']}` on {r['machine']}, torch {r['torch']}, {r['threads']} threads, "
             f"{r['date']}:",
