@@ -238,31 +238,10 @@ def write(claims, models, baselines_note=""):
     ]
     runs_section(lines, claims)
     for name, claim in sorted(claims.items(), key=lambda item: item[1].place):
-        lines += [f"## {claim.heading}", ""]
-        lines += [f"The paper: {claim.paper}.", ""] if claim.paper else []
+        add(lines, f"## {claim.heading}", claim.paper and f"The paper: {claim.paper}.")
         claim.section(lines, name, claims, models)
-    study_section(
-        lines,
-        "probe",
-        "What the loop computes: linear probes of the loop state",
-        "After each loop iteration t, a ridge probe (fitted on half of the fresh prompts, R^2 on"
-        " the other half) reads a quantity of the in-context data for the last query from the loop"
-        " state: at the token whose read-out predicts the last y, or averaged over all tokens. The"
-        " gaps compare the model's prediction after t loops with gradient descent's and Newton's"
-        " after t steps, normalised like the error.",
-        probe_table,
-        plot_probe,
-    )
-    study_section(
-        lines,
-        "adaptive",
-        "Adaptive depth: a loop that stops when it has converged",
-        "Each test prompt runs until the relative change of its predictions (or of its loop state)"
-        " between two iterations falls below the tolerance, then freezes; the same rule as"
-        " `export.py --until-converged`.",
-        adaptive_table,
-        plot_adaptive,
-    )
+    for kind, study in STUDIES.items():
+        study_section(lines, kind, *study)
     tables_section(lines, "Classical baselines at the paper's scale", "baselines_", baselines_note)
     tables_section(lines, "Speed", "bench_")
     with harness.atomic(REPORT) as tmp, open(tmp, "w") as f:
@@ -270,21 +249,25 @@ def write(claims, models, baselines_note=""):
     print(f"wrote {REPORT} and its figures in {FIGURES}/")
 
 
+def add(lines, *paragraphs):
+    """Paragraphs, each with a blank line after it; an empty one is left out."""
+    lines += [line for text in paragraphs if text for line in (text, "")]
+
+
+def image(alt, name):
+    return f"![{alt}](../{FIGURES}/{name}.png)"
+
+
 def not_run(lines, *names, why="", after=""):
-    """A section's line for runs not made yet: the commands that make them."""
     commands = " && ".join(f"python experiments.py {name}" for name in names)
-    lines += [f"Not run yet{why}: `{commands}`{after}.", ""]
+    add(lines, f"Not run yet{why}: `{commands}`{after}.")
 
 
 def runs_section(lines, claims):
-    """Every claim's runs in one table, with their wall times and machines. The seeds have a table
-    of their own, in their section."""
-    paths = sorted(
-        path
-        for name in claims
-        if name != "seeds"
-        for path in glob.glob(os.path.join(RESULTS, name, "*", "run.json"))
-    )
+    """Every claim's runs in one table, with their wall times and machines; not the seeds, which
+    have a table of their own in their section."""
+    found = [glob.glob(os.path.join(RESULTS, name, "*", "run.json")) for name in claims]
+    paths = sorted(p for name, ps in zip(claims, found) if name != "seeds" for p in ps)
     if not paths:
         return
     rows = []
@@ -295,23 +278,17 @@ def runs_section(lines, claims):
         init = f"{c.embed_init:g} / {c.attn_init:g}"
         rows.append([os.path.dirname(path), c.task, looped.describe(c), f"{c.lr:g}", init])
         rows[-1] += [c.steps, wall, r["machine"], r["threads"], r["torch"]]
-    columns = [
-        *"run task model lr init steps".split(),
-        "wall time",
-        *"machine threads torch".split(),
-    ]
-    lines += [
+    columns = "run,task,model,lr,init,steps,wall time,machine,threads,torch".split(",")
+    add(
+        lines,
         "## Runs",
-        "",
         "Wall time: training and evaluation, as `run` measured it; runs made side by side "
         "with one thread each took longer than one alone would. Init: the std of the prompt's "
         "embedding and of the attention's q, k, v weights at initialisation (GPT-2's and the "
         f"paper's: 0.02 / 0.02; the laptop preset's: {looped.Config.embed_init:g} / "
         f"{looped.Config.attn_init:g}).",
-        "",
         markdown(columns, rows),
-        "",
-    ]
+    )
 
 
 def pairs_section(lines, name, claims, models, sweep=False):
@@ -331,16 +308,16 @@ def pairs_section(lines, name, claims, models, sweep=False):
             at_best = at_best_rates(name, at_default, rates, models)
             for a, b in dict.fromkeys([tuple(at_default), tuple(at_best)]):
                 pairs.append((task, a, b, expected, numbers))
-    if not pairs or not all(
-        done(os.path.join(RESULTS, name, r)) for _, a, b, *_ in pairs for r in (a, b)
-    ):
+    folders = [os.path.join(RESULTS, name, r) for _, a, b, *_ in pairs for r in (a, b)]
+    if not pairs or not all(map(done, folders)):
         return not_run(lines, name)
     compare_section(name, claim, pairs, lines)
-    c = read_run(os.path.join(RESULTS, name, pairs[0][1]))[0]
-    caveat = claim.caveat.format(steps=c.steps, share=c.steps / looped.PAPER["steps"], d=c.n_dims)
-    lines += [caveat, ""] if caveat else []
+    c = read_run(folders[0])[0]
+    add(
+        lines, claim.caveat.format(steps=c.steps, share=c.steps / looped.PAPER["steps"], d=c.n_dims)
+    )
     if not sweep:
-        lines += learning_rate_caveat(name, claim.needs, pairs, rates, models)
+        learning_rate_caveat(lines, name, claim.needs, pairs, rates, models)
 
 
 def compare_section(name, claim, pairs, lines):
@@ -356,51 +333,35 @@ def compare_section(name, claim, pairs, lines):
         named = [(names[0], ca, ea), (names[1], cb, eb)]  # the baselines: the first run's
         harness.plot(named, FIGURES, task, baselines.TASK_BASELINES[task], suffix)
         shown = [n for n in baselines.TASK_BASELINES[task] if n != "zero"][:4]
-        L, S = ea["loops"][ca.n_loops - 1], eb["loops"][0]
-        rows = [
-            [k, L[k].item(), S[k].item(), *(ea[n][k].item() for n in shown)]
-            for k in shown_ks(ca, last=True)
-        ]
+        L, S = ea["loops"][ca.n_loops - 1].tolist(), eb["loops"][0].tolist()
+        ks = shown_ks(ca, last=True)
+        rows = [[k, L[k], S[k], *(ea[n][k].item() for n in shown)] for k in ks]
         params = [looped.count_parameters(looped.LoopedTransformer(c))[0] for c in (ca, cb)]
         k = ca.n_points - 1 if claim.at_end else shown_ks(ca)[-1]
-        found = claim.verdict(L[k].item(), S[k].item())
-        lines += [
+        found = claim.verdict(L[k], S[k])
+        outcome = f"here at k = {k} the looped model has {fmt(L[k])} and the standard one "
+        outcome += f"{fmt(S[k])}: {found}"
+        verdict = "Reproduced" if found == expected else "Not reproduced"
+        add(
+            lines,
             f"**{task}**, d = {ca.n_dims}, n = {ca.n_points}, {ca.eval_prompts} test prompts: "
             f"{names[0]} ({params[0]:,} parameters by the paper's count) against {names[1]} "
             f"({params[1]:,}), {ca.steps} steps each, at learning rates {ca.lr:g} and {cb.lr:g}.",
-            "",
             markdown(["k", "looped", "standard", *shown], rows),
-            "",
-            f"![{task}: error against in-context examples]"
-            f"(../{FIGURES}/error_vs_examples{suffix}.png)",
-            "",
-            pair_verdict(found, k, L[k].item(), S[k].item(), expected, paper),
-            "",
-        ]
-        lines += seed_spread(name, k, ((a, ca), (b, cb)))
+            image(f"{task}: error against in-context examples", f"error_vs_examples{suffix}"),
+            f"**{verdict} at this scale.** The paper has {expected}: {paper}; {outcome}."
+            if expected
+            else f"The paper gives no number ({paper}); {outcome}.",
+        )
+        seed_spread(lines, name, k, ((a, ca), (b, cb)))
 
 
-def pair_verdict(found, k, L, S, expected, paper):
-    """The verdict's paragraph: the claim's rule found `found` for the looped error L against the
-    standard S at k; the paper has `expected` (None where it gives no number)."""
-    outcome = (
-        f"here at k = {k} the looped model has {fmt(L)} and the standard one {fmt(S)}: {found}"
-    )
-    if not expected:
-        return f"The paper gives no number ({paper}); {outcome}."
-    verdict = "Reproduced" if found == expected else "Not reproduced"
-    return f"**{verdict} at this scale.** The paper has {expected}: {paper}; {outcome}."
-
-
-def seed_spread(claim, k, named):
-    """Lines on the same runs, named [(name, cfg)], with other seeds, where trained: what a user
-    should expect."""
-    lines = []
+def seed_spread(lines, claim, k, named):
+    """The same runs, named [(name, cfg)], with other seeds, where trained: what a user should
+    expect."""
     for run_name, c in named:
         pattern = os.path.join(RESULTS, claim, f"{run_name}_seed*", "run.json")
         seeds = [os.path.dirname(p) for p in sorted(glob.glob(pattern))]
-        if not seeds:
-            continue
         seeded = [read_run(f) for f in [os.path.join(RESULTS, claim, run_name), *seeds]]
         loops = c.eval_loops > c.n_loops
         spread = [
@@ -411,11 +372,8 @@ def seed_spread(claim, k, named):
             for s, e, _ in seeded
         ]
         at = f"at b = {c.n_loops} loops, and at {c.eval_loops}" if loops else "at its one pass"
-        lines += [
-            f"The {looped.describe(c)} at k = {k} over seeds ({at}): {'; '.join(spread)}.",
-            "",
-        ]
-    return lines
+        text = f"The {looped.describe(c)} at k = {k} over seeds ({at}): {'; '.join(spread)}."
+        add(lines, seeds and text)
 
 
 def sweep_section(claim, models, lines):
@@ -438,20 +396,17 @@ def sweep_section(claim, models, lines):
                 test = [errors["loops"][c.n_loops - 1][j].item() for j in ks]
                 rows.append([f"{lr:g}", name, curve[-1][1][k], *test])
     counts = " and ".join(sorted({str(len(r)) for r in sweeps.values()}))
-    lines += [
+    add(
+        lines,
         f"Both models trained at each of {counts} learning rates, with everything else the same "
         f"({cfg.steps} steps, batch {cfg.batch_size}, the same prompts and curriculum). Each "
         f"model's best learning rate is the one with the lowest error at k = {k} on 256 validation "
         f"prompts at the last step, drawn apart from the {cfg.eval_prompts} test prompts that the "
         f"table's other columns and the comparison below use.",
-        "",
         markdown(["lr", "model", f"validation, k = {k}", *(f"test, k = {j}" for j in ks)], rows),
-        "",
-        f"![test error against learning rate](../{FIGURES}/lr_sweep_{claim}.png)",
-        "",
-        f"![validation error against training step](../{FIGURES}/learning_curves_{claim}.png)",
-        "",
-    ]
+        image("test error against learning rate", f"lr_sweep_{claim}"),
+        image("validation error against training step", f"learning_curves_{claim}"),
+    )
     plot_sweep(sweeps, best, k, claim)
     return [os.path.basename(best[model]) for model in models]
 
@@ -462,13 +417,10 @@ def plot_sweep(sweeps, best, k, claim):
     fig, ax = harness.figure(figsize=(6.5, 4.5))
     for i, (model, runs) in enumerate(sweeps.items()):
         trained = [
-            (lr, e["loops"][c.n_loops - 1][k].item())
-            for lr, (_, c, e, _) in runs.items()
-            if e is not None
+            (lr, r[2]["loops"][r[1].n_loops - 1][k].item()) for lr, r in runs.items() if r[2]
         ]
-        ax.loglog(
-            *zip(*trained), "o-", color=f"C{i}", label=looped.describe(next(iter(runs.values()))[1])
-        )
+        name = looped.describe(next(iter(runs.values()))[1])
+        ax.loglog(*zip(*trained), "o-", color=f"C{i}", label=name)
         star = [(lr, e) for lr, e in trained if runs[lr][0] == best[model]]
         ax.plot(*zip(*star), "*", ms=16, color=f"C{i}")
         for lr in [lr for lr, r in runs.items() if r[2] is None]:
@@ -486,41 +438,38 @@ def plot_sweep(sweeps, best, k, claim):
         ax.set(title=looped.describe(next(iter(runs.values()))[1]), xlabel="training step")
         ax.set(ylabel=f"validation error at k = {k}")
     figures.append((fig, axes, f"learning_curves_{claim}"))
-    for fig, axes, name in figures:
-        for ax in axes:
+    for figure, shown, name in figures:
+        for ax in shown:
             ax.legend(fontsize=8)
-        harness.save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
+        harness.save_figure(figure, os.path.join(FIGURES, f"{name}.png"))
 
 
-def learning_rate_caveat(claim, swept, pairs, best_lr, models):
+def learning_rate_caveat(lines, claim, swept, pairs, best_lr, models):
     """For a claim not swept: whether its models trained at the learning rates that the sweep of
     claim `swept` found best."""
     if not all(best_lr.values()):
-        return []
-    used = [
-        {read_run(os.path.join(RESULTS, claim, pair[1 + i]))[0].lr for pair in pairs}
-        for i in range(len(models))
-    ]
+        return
+    used = [{read_run(os.path.join(RESULTS, claim, p[1 + i]))[0].lr for p in pairs} for i in (0, 1)]
     off = [
         f"the {model} model trained at lr {', '.join(f'{lr:g}' for lr in sorted(lrs))}, where "
         f"{swept}'s sweep found {best_lr[model]:g} best on linear regression"
         for model, lrs in zip(models, used)
         if best_lr[model] not in lrs
     ]
-    if off:
-        return [f"Not swept here: {'; '.join(off)}.", ""]
     rates = ", ".join(f"{m} {best_lr[m]:g}" for m in models)
-    return [
-        f"Not swept here: a task's second pair has each model at the learning rate {swept}'s sweep "
-        f"found best for it on linear regression ({rates}); which rate is best on this task is not "
-        f"measured.",
-        "",
-    ]
+    add(
+        lines,
+        f"Not swept here: {'; '.join(off)}."
+        if off
+        else f"Not swept here: a task's second pair has each model at the learning rate {swept}'s "
+        f"sweep found best for it on linear regression ({rates}); which rate is best on this task "
+        f"is not measured.",
+    )
 
 
 def seeds_section(lines, name, claims, models):
-    """The default command over ten seeds: each one's error at the paper's k, the spread at k = 2d,
-    and a figure of their training losses (where a seed sits on the plateau, and for how long)."""
+    """The default command over each seed: its error at the paper's k, the spread at k = 2d, and a
+    figure of their training losses (where a seed sits on the plateau, and for how long)."""
     claim = claims[name]
     folders = [os.path.join(RESULTS, name, run_name) for run_name, _, _ in claim.runs]
     seeds = [overrides["seed"] for _, _, overrides in claim.runs]
@@ -535,26 +484,20 @@ def seeds_section(lines, name, claims, models):
         for c, e, r in runs
     ]
     ends = sorted(e["loops"][b - 1][k2d].item() for _, e, _ in runs)
-    good = sum(map(claim.verdict, ends))
-    lines += [
+    columns = ["seed", *[f"k = {k}" for k in ks], f"k = {k2d}, {cfg.eval_loops} loops", "wall time"]
+    add(
+        lines,
         f"`python looped.py --task linreg --loops 20 --seed S` for S = {seeds[0]} to {seeds[-1]} "
         f"({cfg.steps} steps; Adam's rate up to {cfg.lr:g} over {cfg.warmup} steps, down to 0 over "
         f"the last {cfg.decay}; the prompt's embedding and the attention initialised at std "
         f"{cfg.embed_init:g} and {cfg.attn_init:g}), made by `python experiments.py {name}` on "
         f"{record['machine']} with {record['threads']} thread per run, {claim.made}.",
-        "",
-        markdown(
-            ["seed", *[f"k = {k}" for k in ks], f"k = {k2d}, {cfg.eval_loops} loops", "wall time"],
-            rows,
-        ),
-        "",
+        markdown(columns, rows),
         f"At k = 2d = {k2d} after b = {b} loops, over {len(ends)} seeds: median "
-        f"{fmt(statistics.median(ends))}, from {fmt(ends[0])} to {fmt(ends[-1])}; {good} of "
-        f"{len(ends)} {claim.rule}.",
-        "",
-        f"![training loss of each seed](../{FIGURES}/{name}.png)",
-        "",
-    ]
+        f"{fmt(statistics.median(ends))}, from {fmt(ends[0])} to {fmt(ends[-1])}; "
+        f"{sum(map(claim.verdict, ends))} of {len(ends)} {claim.rule}.",
+        image("training loss of each seed", name),
+    )
     plot_seeds(runs, folders, cfg, name, claim.heading)
 
 
@@ -563,15 +506,9 @@ def plot_seeds(runs, folders, cfg, name, title):
     b, k2d = cfg.n_loops, 2 * cfg.n_dims
     fig, ax = harness.figure(figsize=(7, 4.5))
     for i, ((c, errors, _), folder) in enumerate(zip(runs, folders)):
-        log = read_log(folder, "loss")
+        steps, losses = zip(*[(r["step"], r["loss"]) for r in read_log(folder, "loss")])
         label = f"seed {c.seed}: {fmt(errors['loops'][b - 1][k2d].item())} at k = {k2d}"
-        ax.semilogy(
-            [r["step"] for r in log],
-            [r["loss"] for r in log],
-            color=f"C{i % 10}",
-            lw=1.2,
-            label=label,
-        )
+        ax.semilogy(steps, losses, color=f"C{i % 10}", lw=1.2, label=label)
     # Two estimators' loss at the last stage's d and n, averaged over the n positions k = 0 .. n-1:
     # least squares, (d - k) / d for k < d; and one step of gradient descent from 0 with the best
     # step for each k, w = X^T y / (k + d + 1), whose error is (d + 1) / (k + d + 1), a moment of
@@ -605,19 +542,6 @@ def step_flops(cfg):
     return counter.get_total_flops()
 
 
-def training_seconds(folder):
-    """A run's training time from its log (ms per step on each line), over all its sessions."""
-    log = read_log(folder, "ms_per_step")
-    steps = [r["step"] - last["step"] for last, r in zip([{"step": 0}] + log, log)]
-    return sum(r["ms_per_step"] * n for r, n in zip(log, steps)) / 1000
-
-
-def longer(cfg, best):
-    """Whether a run is the sweep's best run trained again, with only its steps and seed changed."""
-    keep = ("steps", "seed", "ckpt_every", "out")
-    return bool(best) and dataclasses.replace(cfg, **{k: getattr(best, k) for k in keep}) == best
-
-
 def converge_section(lines, name, claims, models, times):
     """A sweep's best runs trained for `times` their steps: the final errors, both learning curves
     on one figure, the steps (and training FLOPs) each model takes to reach given errors, and the
@@ -632,11 +556,12 @@ def converge_section(lines, name, claims, models, times):
         m: [r[1]["loops"][r[0].n_loops - 1][k].item() for r in rs] for m, rs in by_model.items()
     }
     target = statistics.mean(final["looped"])
-    flops = {m: step_flops(rs[0][0]) for m, rs in by_model.items()}
-    rows, reach = result_rows(runs, ks, k, target, flops)
+    rows, reach = result_rows(runs, ks, k, target)
     stale = stale_models(lines, name, claim, models, by_model)
-    reach_columns = [*(f"to {fmt(x)}" for x in THRESHOLDS), f"to {fmt(target)} (looped's final)"]
-    lines += [
+    reached = [*(f"to {fmt(x)}" for x in THRESHOLDS), f"to {fmt(target)} (looped's final)"]
+    flat_end = cfg.steps - cfg.decay  # the last step at the peak rate
+    add(
+        lines,
         f"Each model at the learning rate {claim.needs}'s sweep found best for it"
         f"{' when they were made' if stale else ''}, for "
         f"{cfg.steps:,} steps ({times} times the preset's; Adam's rate warmed up over "
@@ -644,22 +569,16 @@ def converge_section(lines, name, claims, models, times):
         f"{' and '.join(map(str, seeds_of(by_model)))}, a "
         f"validation point (256 prompts) every {cfg.eval_every} steps; made by "
         f"`python experiments.py {name}` on {by_model['looped'][0][2]['machine']}.",
-        "",
         markdown(["run", "model", "seed", "lr", *(f"test, k = {j}" for j in ks)], rows),
-        "",
-        f"![validation error of both models against training step](../{FIGURES}/{name}.png)",
-        "",
+        image("validation error of both models against training step", name),
         f"The first step whose validation error at k = {k} is at most each level (in brackets: the "
         f"training TFLOP to get there, at the full-size step's count; the curriculum's early steps "
         f"cost less), the GFLOP of one step at full size (batch {cfg.batch_size}), and the "
         f"training time from the log:",
-        "",
-        markdown(["run", *reach_columns, "GFLOP per step", "training time"], reach),
-        "",
-    ]
-    lines += [claim.caveat, ""] if claim.caveat else []
-    flat_end = cfg.steps - cfg.decay  # the last step at the peak rate
-    lines += [converge_verdict(claim, by_model, cfg, k, final, flat_end), ""]
+        markdown(["run", *reached, "GFLOP per step", "training time"], reach),
+        claim.caveat,
+        converge_verdict(claim, by_model, cfg, k, final, flat_end),
+    )
     plot_converge(by_model, k, flat_end, claim, name)
 
 
@@ -671,9 +590,8 @@ def converge_runs(name, models):
     for folder in sorted(os.path.dirname(p) for p in files):
         cfg, errors, record = read_run(folder)
         runs[os.path.basename(folder)] = (cfg, errors, record, read_curve(folder), folder)
-    by_model = {
-        m: [r for r in runs.values() if (r[0].n_layer > 1) == (m == "standard")] for m in models
-    }
+    standard = {m: m == "standard" for m in models}
+    by_model = {m: [r for r in runs.values() if (r[0].n_layer > 1) == standard[m]] for m in models}
     return runs, by_model
 
 
@@ -683,35 +601,48 @@ def seeds_of(by_model):
 
 
 def stale_models(lines, name, claim, models, by_model):
-    """The models whose runs were trained from an earlier sweep (at another preset): shown, and
-    said to be so in lines."""
-    best = {m: best_run(claim.needs, m) for m in models}
-    best = {m: best[m] and read_run(best[m])[0] for m in models}
-    stale = [m for m, rs in by_model.items() if not all(longer(r[0], best[m]) for r in rs)]
-    if stale:
-        lines += [
-            f"These {' and '.join(stale)} runs were made from an earlier {claim.needs} sweep: "
-            f"their learning rate or initialisation is not that of {claim.needs}'s best run now "
-            f"(see the runs table). `rm -r results/{name}` and `python experiments.py {name}` "
-            "train them again.",
-            "",
-        ]
+    """The models whose runs were not trained from the sweep's best run as it is now (from an
+    earlier sweep, at another preset): said so in lines."""
+    best = {m: (folder := best_run(claim.needs, m)) and read_run(folder)[0] for m in models}
+    # A run is the best run trained again when only its steps and seed (and folder) differ.
+    keep = ("steps", "seed", "ckpt_every", "out")
+    stale = [
+        m
+        for m, rs in by_model.items()
+        if not all(
+            best[m]
+            and dataclasses.replace(r[0], **{k: getattr(best[m], k) for k in keep}) == best[m]
+            for r in rs
+        )
+    ]
+    add(
+        lines,
+        stale
+        and f"These {' and '.join(stale)} runs were made from an earlier {claim.needs} sweep: "
+        f"their learning rate or initialisation is not that of {claim.needs}'s best run now "
+        f"(see the runs table). `rm -r results/{name}` and `python experiments.py {name}` "
+        "train them again.",
+    )
     return stale
 
 
-def result_rows(runs, ks, k, target, flops):
+def result_rows(runs, ks, k, target):
     """converge's two tables: each run's test error at ks (and least squares'), and the steps (and
     TFLOP) it took to reach each level of validation error at k."""
-    rows, reach = [], []
+    rows, reach, flops = [], [], {}
     for run_name, (c, errors, _, curve, folder) in runs.items():
-        model = "standard" if c.n_layer > 1 else "looped"
+        flops[c.n_layer] = flops.get(c.n_layer) or step_flops(c)  # one count per model
         test = [errors["loops"][c.n_loops - 1][j].item() for j in ks]
         rows.append([run_name, looped.describe(c), c.seed, f"{c.lr:g}", *test])
         # The first step whose validation error at k is at most each level, None if none is.
         steps = [next((s for s, e in curve if e[k] <= x), None) for x in THRESHOLDS + [target]]
-        reached = ["-" if s is None else f"{s:,} ({s * flops[model] / 1e12:.3g})" for s in steps]
-        minutes = f"{training_seconds(folder) / 60:.0f} min"
-        reach.append([run_name, *reached, f"{flops[model] / 1e9:.2f}", minutes])
+        f = flops[c.n_layer]
+        reached = ["-" if s is None else f"{s:,} ({s * f / 1e12:.3g})" for s in steps]
+        # The training time: the log's ms per step, over all the run's sessions.
+        log = read_log(folder, "ms_per_step")
+        steps = [r["step"] - last["step"] for last, r in zip([{"step": 0}] + log, log)]
+        seconds = sum(r["ms_per_step"] * n for r, n in zip(log, steps)) / 1000
+        reach.append([run_name, *reached, f"{f / 1e9:.2f}", f"{seconds / 60:.0f} min"])
     least_squares = next(iter(runs.values()))[1]["least squares"]  # the same test prompts
     rows.append(["least squares", "", "", "", *(least_squares[j].item() for j in ks)])
     return rows, reach
@@ -745,12 +676,10 @@ def converge_verdict(claim, by_model, cfg, k, final, flat_end):
             f"rate (to step {flat_end:,}) its validation error (seed {seeds[0]}) fell by "
             f"{fmt(fall)}, more than the spread over seeds ({fmt(spread)})."
         )
-    return f"**{verdict} at this scale.** The paper has {expected}; {outcome}" + (
-        "."
-        if verdict == "Reproduced"
-        else f"; the {behind} model's curve fell by less than the spread over seeds over the last "
-        "eighth of its peak-rate steps."
-    )
+    why = f"; the {behind} model's curve fell by less than the spread over seeds over the last "
+    why += "eighth of its peak-rate steps"
+    why = "" if verdict == "Reproduced" else why
+    return f"**{verdict} at this scale.** The paper has {expected}; {outcome}{why}."
 
 
 def plot_converge(by_model, k, flat_end, claim, name):
@@ -777,9 +706,8 @@ def window_section(lines, name, claims, models, base):
     needs that trained with the default window. The error against loop iterations, and whether it
     settles or drifts, by the claim's rule."""
     claim = claims[name]
-    folders = [os.path.join(RESULTS, claim.needs, base)] + [
-        os.path.join(RESULTS, name, run_name) for run_name, _, _ in claim.runs
-    ]
+    folders = [os.path.join(RESULTS, claim.needs, base)]
+    folders += [os.path.join(RESULTS, name, run_name) for run_name, _, _ in claim.runs]
     if not all(map(done, folders)):
         return not_run(lines, claim.needs, name)
     named = [(f"T = {c.loop_window}", c, e) for c, e, _ in map(read_run, folders)]
@@ -789,19 +717,23 @@ def window_section(lines, name, claims, models, base):
     harness.plot(named, FIGURES, "linreg, windows", linreg, f"_{name}", solvers)
     cfg = named[0][1]
     last, b, loops = cfg.n_points - 1, cfg.n_loops, cfg.eval_loops
-    rows = [window_row(window, e["loops"][:, last], b) for window, _, e in named]
-    columns = ["window", "at b", "best (at loop)", "at 2b", f"at {loops}", f"{loops} / b"]
+    rows = []
+    for window, _, errors in named:  # the error at the last k after b, best (where), 2b, all
+        curve = errors["loops"][:, last].tolist()
+        best = f"{fmt(min(curve))} ({curve.index(min(curve)) + 1})"
+        rows.append([window, curve[b - 1], best, curve[2 * b - 1], curve[-1]])
+        rows[-1].append(f"{curve[-1] / curve[b - 1]:.2f}")
     settled = [window for window, *_, ratio in rows if claim.verdict(float(ratio))]
     drifted = [window for window, *_ in rows if window not in settled]
     smallest = rows[-1][0]  # the claim's last run: T = 1
-    lines += [
+    add(
+        lines,
         f"Error at k = {last} against loop iterations, to {loops} = {loops // b} b (b = {b}); "
         f"gradient descent and Newton's iteration on the same prompts in the figure.",
-        "",
-        markdown(columns, rows),
-        "",
-        f"![error against loop iterations, four windows](../{FIGURES}/error_vs_loops_{name}.png)",
-        "",
+        markdown(
+            ["window", "at b", "best (at loop)", "at 2b", f"at {loops}", f"{loops} / b"], rows
+        ),
+        image("error against loop iterations, four windows", f"error_vs_loops_{name}"),
         f"**The fixed point: reproduced for {', '.join(settled) or 'no window'}"
         + (f", not for {', '.join(drifted)}" if drifted else "")
         + f"**, taking 'settled' as an error at {loops} loops {claim.rule}. "
@@ -811,16 +743,7 @@ def window_section(lines, name, claims, models, base):
             if smallest in settled
             else "diverges past b: reproduced**."
         ),
-        "",
-    ]
-
-
-def window_row(window, curve, b):
-    """A window's row: its error at the last k after b loops, its best (and where), after 2b and
-    after the last loop, and the last against b's."""
-    last, at_b = curve[-1].item(), curve[b - 1].item()
-    best = f"{fmt(curve.min().item())} ({curve.argmin().item() + 1})"
-    return [window, at_b, best, curve[2 * b - 1].item(), last, f"{last / at_b:.2f}"]
+    )
 
 
 def shift_section(lines, name, claims, models, shifts):
@@ -842,12 +765,11 @@ def shift_section(lines, name, claims, models, shifts):
         behind += [] if claim.verdict(L[-1], S[-1]) else [record["shift"]]
     head = [f"{who}, k = {k}" for who in ("looped", "standard", "least squares") for k in ks]
     lrs = " and ".join(f"{run_config(r).lr:g}" for r in record["runs"].values())
-    lines += [
+    add(
+        lines,
         f"Normalised by E[y^2] under the shift; {cfg.eval_prompts} prompts; {claim.needs}'s runs "
         f"at learning rates {lrs} (looped, standard), each model's best.",
-        "",
         markdown(["shift", *head], rows),
-        "",
         f"With no number in the paper to reproduce: the looped model is ahead of the standard one "
         f"at k = {ks[-1]} under {len(rows) - len(behind)} of the {len(rows)} shifts"
         + (
@@ -855,34 +777,55 @@ def shift_section(lines, name, claims, models, shifts):
             if behind
             else "."
         ),
-        "",
-    ]
+    )
+
+
+STUDIES = {  # the studies of single runs: their section's title and introduction, table, figure
+    "probe": (
+        "What the loop computes: linear probes of the loop state",
+        "After each loop iteration t, a ridge probe (fitted on half of the fresh prompts, R^2 on"
+        " the other half) reads a quantity of the in-context data for the last query from the loop"
+        " state: at the token whose read-out predicts the last y, or averaged over all tokens. The"
+        " gaps compare the model's prediction after t loops with gradient descent's and Newton's"
+        " after t steps, normalised like the error.",
+        probe_table,
+        plot_probe,
+    ),
+    "adaptive": (
+        "Adaptive depth: a loop that stops when it has converged",
+        "Each test prompt runs until the relative change of its predictions (or of its loop state)"
+        " between two iterations falls below the tolerance, then freezes; the same rule as"
+        " `export.py --until-converged`.",
+        adaptive_table,
+        plot_adaptive,
+    ),
+}
 
 
 def study_section(lines, kind, title, intro, table, plot):
-    """The studies of single runs (experiments.save_study) of one kind: each one's command, table
-    and figure."""
+    """The studies (experiments.save_study) of one kind: each one's command, table and figure."""
     files = sorted(glob.glob(os.path.join(RESULTS, kind, "*.json")))
-    lines += [f"## {title}", "", intro, ""] if files else []
+    add(lines, *(files and [f"## {title}", intro]))
     for path in files:
         record, name = read_json(path), os.path.splitext(os.path.basename(path))[0]
-        lines += [f"`{record['command']}` on {record['machine']}, torch {record['torch']}:", ""]
-        lines += [table(record), "", f"![{kind} of {name}](../{FIGURES}/{kind}_{name}.png)", ""]
+        add(
+            lines,
+            f"`{record['command']}` on {record['machine']}, torch {record['torch']}:",
+            table(record),
+            image(f"{kind} of {name}", f"{kind}_{name}"),
+        )
         plot(record, os.path.join(FIGURES, f"{kind}_{name}.png"))
 
 
 def tables_section(lines, title, prefix, note=""):
     """Saved tables (bench.Table.save), results/PREFIX*.json, under a heading."""
     files = sorted(glob.glob(os.path.join(RESULTS, f"{prefix}*.json")))
-    if files:
-        lines += [f"## {title}", ""] + ([note, ""] if note else [])
+    add(lines, *(files and [f"## {title}", note]))
     for r in map(read_json, files):
-        lines += [
+        add(
+            lines,
             f"`{r['command']}` on {r['machine']}, torch {r['torch']}, {r['threads']} threads, "
             f"{r['date']}:",
-            "",
             r["title"],
-            "",
             markdown(r["columns"], r["text"]),
-            "",
-        ]
+        )
