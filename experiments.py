@@ -54,32 +54,10 @@ from report import FIGURES, RESULTS
 # are drawn. The last three change the query: the prompt predicting y_i is then
 # x_1 y_1 ... x_{i-1} y_{i-1} q_i, so each test prompt becomes m prompts, of which prompt i
 # is scored at position i only.
-SHIFTS = [
-    "skewed",
-    "half_subspace",
-    "noisy_y",
-    "scale_x=C",
-    "scale_y=C",
-    "random_quadrants",
-    "orthogonal",
-    "overlapping",
-]
-GARG_SHIFTS = [
-    "skewed",
-    "half_subspace",
-    "noisy_y",
-    "scale_x=0.333",
-    "scale_x=0.5",
-    "scale_x=2",
-    "scale_x=3",
-    "scale_y=0.333",
-    "scale_y=0.5",
-    "scale_y=2",
-    "scale_y=3",
-    "random_quadrants",
-    "orthogonal",
-    "overlapping",
-]
+SHIFTS = "skewed half_subspace noisy_y scale_x=C scale_y=C random_quadrants orthogonal overlapping"
+SHIFTS = SHIFTS.split()
+SCALES = [f"{kind}={c}" for kind in ("scale_x", "scale_y") for c in ("0.333", "0.5", "2", "3")]
+GARG_SHIFTS = SHIFTS[:3] + SCALES + SHIFTS[5:]
 
 
 def parse_shift(name):
@@ -129,11 +107,8 @@ def sample_shifted(name, B, n, d, gen):
     scale, noise = (c if kind == "scale_y" else 1.0), (1.0 if kind == "noisy_y" else 0.0)
     norm = d * c**2 + noise**2  # E[y^2]
     if queries is None:
-        return (
-            xs,
-            scale * (xs @ w)[..., 0] + noise * torch.randn(B, n, generator=gen, device=dev),
-            norm,
-        )
+        noise = noise * torch.randn(B, n, generator=gen, device=dev)
+        return xs, scale * (xs @ w)[..., 0] + noise, norm
     m = min(n, d) if kind == "orthogonal" else n  # m query prompts per drawn prompt
     # Query prompt i holds queries from position i on: (m, n).
     use_query = torch.arange(n, device=dev) >= torch.arange(m, device=dev)[:, None]
@@ -145,13 +120,8 @@ def shifted_errors(models, name, cfg, device):
     """model_errors for each (cfg, model, ctx), then baselines.task_errors, on the prompts of shift
     `name`. Query prompts are scored one query position i at a time: column i of the errors comes
     from the prompts that ask their query at i (NaN at positions with no query)."""
-    xs, ys, norm = sample_shifted(
-        name,
-        cfg.eval_prompts,
-        cfg.n_points,
-        cfg.n_dims,
-        torch.Generator(device).manual_seed(cfg.eval_seed),
-    )
+    gen = torch.Generator(device).manual_seed(cfg.eval_seed)
+    xs, ys, norm = sample_shifted(name, cfg.eval_prompts, cfg.n_points, cfg.n_dims, gen)
 
     def score(x, y):
         errors = [looped.model_errors(model, c, (x, y, norm), ctx) for c, model, ctx in models]
@@ -821,83 +791,43 @@ def tool_commands(sub):
     p = sub.add_parser(
         "compare", help="evaluate several runs on the same prompts: one table, one plot"
     )
-    p.add_argument(
-        "runs", nargs="+", metavar="RUN_DIR", help="looped.py run folders of one task, d and n"
-    )
-    p.add_argument("--out", help="folder for the figures (default runs/compare_TASK)")
-    p.add_argument(
-        "--eval_loops", type=LOOPS, help=f"loop iterations to run, {LOOPS} (default: each run's)"
-    )
-    p.add_argument(
-        "--shift", help=f"Garg et al.'s shifted prompts for linear regression: {', '.join(SHIFTS)}"
-    )
+    add = p.add_argument
+    add("runs", nargs="+", metavar="RUN_DIR", help="looped.py run folders of one task, d and n")
+    add("--out", help="folder for the figures (default runs/compare_TASK)")
+    add("--eval_loops", type=LOOPS, help=f"loop iterations to run, {LOOPS} (default: each run's)")
+    add("--shift", help=f"Garg et al.'s shifted prompts for linear regression: {', '.join(SHIFTS)}")
     p = sub.add_parser(
         "probe", help="linear probes of a looped run's loop state, iteration by iteration"
     )
-    p.add_argument(
-        "run", metavar="RUN_DIR", help="a looped linear-regression run folder (with ckpt.pt)"
-    )
-    p.add_argument(
-        "--prompts",
-        type=harness.Count(4),
-        default=2048,
-        help="fresh prompts, half to fit the probes, half to score them; at least 4, as memory "
-        "allows [2048]",
-    )
-    p.add_argument("--loops", type=LOOPS, help=f"iterations to probe, {LOOPS} (default 2b)")
-    p = sub.add_parser(
-        "adaptive",
-        help="adaptive depth: error and loops used for several tolerances, against fixed b",
-    )
-    p.add_argument("run", metavar="RUN_DIR", help="a looped.py run folder (with ckpt.pt)")
-    p.add_argument(
-        "--tolerances",
-        type=harness.positive,
-        nargs="+",
-        default=TOLERANCES,
-        help="relative changes to stop at, finite numbers above 0",
-    )
-    p.add_argument(
-        "--max_loops",
-        type=LOOPS,
-        help=f"the most loops per prompt, {LOOPS} (default the run's --eval_loops)",
-    )
+    add = p.add_argument
+    add("run", metavar="RUN_DIR", help="a looped linear-regression run folder (with ckpt.pt)")
+    text = "fresh prompts, half to fit the probes, half to score them; at least 4, as memory allows"
+    add("--prompts", type=harness.Count(4), default=2048, help=text + " [2048]")
+    add("--loops", type=LOOPS, help=f"iterations to probe, {LOOPS} (default 2b)")
+    text = "adaptive depth: error and loops used for several tolerances, against fixed b"
+    add = sub.add_parser("adaptive", help=text).add_argument
+    add("run", metavar="RUN_DIR", help="a looped.py run folder (with ckpt.pt)")
+    text = "relative changes to stop at, finite numbers above 0"
+    add("--tolerances", type=harness.positive, nargs="+", default=TOLERANCES, help=text)
+    text = f"the most loops per prompt, {LOOPS} (default the run's --eval_loops)"
+    add("--max_loops", type=LOOPS, help=text)
 
 
 def baselines_command(sub):
-    p = sub.add_parser(
-        "baselines", help="every baseline's error at chosen k, no model (paper scale by default)"
-    )
-    p.add_argument("--task", default="linreg", choices=list(looped.TASKS), help="function class")
-    p.add_argument("--n_dims", type=harness.Count(1), default=20, help="d (paper: 20)")
-    p.add_argument(
-        "--n_points",
-        type=harness.Count(0),
-        default=0,
-        help="n; 0: the paper's (41, or 101 for trees and networks)",
-    )
-    p.add_argument(
-        "--prompts", type=harness.Count(1), default=1280, help="test prompts (paper: 1280)"
-    )
-    p.add_argument(
-        "--k",
-        type=harness.Count(0),
-        nargs="+",
-        help="in-context examples to show, 0 to n - 1; default d/2, d, 2d, n-1",
-    )
-    p.add_argument(
-        "--seed", type=looped.SEED, default=1234, help=f"seed of the prompts, {looped.SEED}"
-    )
-    p.add_argument(
-        "--only",
-        nargs="+",
-        metavar="NAME",
-        choices=list(baselines.BASELINES),
-        help=f"baselines to run (default: the task's): {', '.join(baselines.BASELINES)}",
-    )
-    p.add_argument(
-        "--save", action="store_true", help="also write the table to results/baselines_TASK.json"
-    )
+    text = "every baseline's error at chosen k, no model (paper scale by default)"
+    add = sub.add_parser("baselines", help=text).add_argument
+    add("--task", default="linreg", choices=list(looped.TASKS), help="function class")
+    add("--n_dims", type=harness.Count(1), default=20, help="d (paper: 20)")
+    text = "n; 0: the paper's (41, or 101 for trees and networks)"
+    add("--n_points", type=harness.Count(0), default=0, help=text)
+    add("--prompts", type=harness.Count(1), default=1280, help="test prompts (paper: 1280)")
+    text = "in-context examples to show, 0 to n - 1; default d/2, d, 2d, n-1"
+    add("--k", type=harness.Count(0), nargs="+", help=text)
+    add("--seed", type=looped.SEED, default=1234, help=f"seed of the prompts, {looped.SEED}")
+    text = f"baselines to run (default: the task's): {', '.join(baselines.BASELINES)}"
+    add("--only", nargs="+", metavar="NAME", choices=list(baselines.BASELINES), help=text)
+    text = "also write the table to results/baselines_TASK.json"
+    add("--save", action="store_true", help=text)
 
 
 def run_baselines(args):
