@@ -30,7 +30,6 @@ Citations, as in looped.py: [LT] the authors' code, https://github.com/Leiay/loo
 
 import dataclasses
 import functools
-import json
 import math
 import numbers
 import os
@@ -131,17 +130,14 @@ def shifted_errors(models, name, cfg, device):
         return score(xs, ys)
     # One evaluation per query position, each with errors at every position (..., n).
     columns = [score(xs[:, i], ys[:, i]) for i in range(xs.shape[1])]
-    return [
-        {
-            key: F.pad(
-                torch.stack([col[r][key][..., i] for i, col in enumerate(columns)], -1),
-                (0, cfg.n_points - len(columns)),
-                value=float("nan"),
-            )
-            for key in columns[0][r]
+    pad, errors = (0, cfg.n_points - len(columns)), []
+    for r, first in enumerate(columns[0]):
+        stacked = {
+            key: torch.stack([c[r][key][..., i] for i, c in enumerate(columns)], -1)
+            for key in first
         }
-        for r in range(len(columns[0]))
-    ]
+        errors.append({key: F.pad(e, pad, value=float("nan")) for key, e in stacked.items()})
+    return errors
 
 
 # ---------------------------------------------------------------------------- several runs
@@ -181,7 +177,7 @@ def load_runs(run_dirs, given):
 def compare(run_dirs, out=None, given=None, shift=None):
     """Evaluate saved runs on the same test prompts, the baselines once: one table, figures in out
     (default runs/compare_TASK). With shift, on Garg et al.'s shifted prompts (linear regression
-    only). Returns the errors."""
+    only)."""
     if out is not None and not out:
         raise harness.UserError("--out must name a folder")
     runs = load_runs(run_dirs, given or {})
@@ -220,23 +216,20 @@ def run(claim, name, task, **overrides):
     interrupted one continues from its checkpoint); record run.json beside its log and evaluation.
     Returns its folder."""
     out = os.path.join(RESULTS, claim, name)
-    cfg = looped.make_config(task, out=out, **overrides)
+    cfg, again = (
+        looped.make_config(task, out=out, **overrides),
+        "delete it to train the claim's run there",
+    )
     if report.done(out):
-        with open(os.path.join(out, "run.json")) as f:
-            if report.run_config(json.load(f)) != cfg:
-                raise harness.UserError(
-                    f"{out} holds a run of another config (an earlier preset?): delete it "
-                    f"to train the claim's run there"
-                )
+        if report.run_config(report.read_json(os.path.join(out, "run.json"))) != cfg:
+            raise harness.UserError(
+                f"{out} holds a run of another config (an earlier preset?): {again}"
+            )
         print(f"{out}: done before, kept")
         return out
-    resume = None
-    if os.path.isfile(os.path.join(out, "ckpt.pt")):
-        resume = looped.load_checkpoint(out)[0]
+    resume = looped.load_checkpoint(out)[0] if os.path.isfile(f"{out}/ckpt.pt") else None
     if resume is not None and resume["config"] != dataclasses.asdict(cfg):
-        raise harness.UserError(
-            f"{out} holds a run of another config: delete it to train the claim's run there"
-        )
+        raise harness.UserError(f"{out} holds a run of another config: {again}")
     t0, diverged = time.perf_counter(), {}
     try:
         looped.train(cfg, resume=resume, overwrite=True)
@@ -248,15 +241,11 @@ def run(claim, name, task, **overrides):
         # A run that diverges is a result of the sweep, recorded as such, without an evaluation.
         print(f"{out}: {e}")
         diverged = {"diverged": str(e).split(";")[0]}
-    record = {
-        **diverged,
-        "command": f"python experiments.py {claim}",
-        "config": dataclasses.asdict(cfg),
-        **bench.provenance(),
-        # A resumed run's seconds count from the step it resumed at.
-        "seconds": time.perf_counter() - t0,
-        **({"resumed_at_step": resume["step"]} if resume else {}),
-    }
+    record = {**diverged, "command": f"python experiments.py {claim}"}
+    record.update(config=dataclasses.asdict(cfg), **bench.provenance())
+    # A resumed run's seconds count from the step it resumed at.
+    record["seconds"] = time.perf_counter() - t0
+    record.update({"resumed_at_step": resume["step"]} if resume else {})
     harness.write_json(os.path.join(out, "run.json"), record, indent=1)
     return out
 
@@ -297,10 +286,8 @@ def solve_the_test_prompts(name, claim):
     iteration, for the report to draw beside the loop's error."""
     cfg = looped.make_config("linreg")
     solvers = solver_errors(looped.eval_prompts(cfg, torch.device("cpu")), cfg.eval_loops)
-    harness.write_json(
-        os.path.join(RESULTS, name, "solvers.json"),
-        {**bench.provenance(), **{k: v.tolist() for k, v in solvers.items()}},
-    )
+    solvers = {**bench.provenance(), **{k: v.tolist() for k, v in solvers.items()}}
+    harness.write_json(os.path.join(RESULTS, name, "solvers.json"), solvers)
 
 
 def evaluate_shifts(name, claim):
@@ -332,12 +319,8 @@ def converge_runs(claim):
     for model, folder in best.items():
         cfg = report.read_run(folder)[0]
         for seed in (looped.Config.seed, SECOND_SEED):
-            overrides = {
-                **config_overrides(cfg),
-                "steps": CONVERGE * cfg.steps,
-                "seed": seed,
-                "ckpt_every": 500,
-            }
+            overrides = {**config_overrides(cfg), "steps": CONVERGE * cfg.steps, "seed": seed}
+            overrides["ckpt_every"] = 500
             # Seed 42 is the preset's, which the sweep trained with: its name has no seed.
             name = report.variant(model, cfg.lr, None if seed == looped.Config.seed else seed)
             runs.append((name, cfg.task, overrides))
@@ -553,14 +536,10 @@ def write_report():
 
 def save_errors(path, named, **meta):
     """A comparison's errors as JSON, with the machine it ran on."""
-    record = {
-        **meta,
-        **bench.provenance(),
-        "runs": {
-            name: {"config": dataclasses.asdict(c), **{k: v.tolist() for k, v in e.items()}}
-            for name, c, e in named
-        },
-    }
+    runs = {name: {"config": dataclasses.asdict(c)} for name, c, _ in named}
+    for name, _, errors in named:
+        runs[name].update({k: v.tolist() for k, v in errors.items()})
+    record = {**meta, **bench.provenance(), "runs": runs}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     harness.write_json(path, record)
 
@@ -620,51 +599,40 @@ def probe(run_dir, prompts=2048, loops=None):
     loops = min(2 * cfg.n_loops, looped.MAX_LOOPS) if loops is None else loops
     harness.Count(1, looped.MAX_LOOPS).check("--loops", loops)
     harness.Count(4).check("--prompts", prompts)
-    n, d, D = cfg.n_points, cfg.n_dims, cfg.n_embd
+    n, d, D, cpu = cfg.n_points, cfg.n_dims, cfg.n_embd, torch.device("cpu")
     # Per prompt: two states (D), a prediction and the four solvers' weights (d) per iteration, in
     # float32 and float64; the iterate baselines' predictions (n); the forward pass (2n tokens).
-    harness.fits(
-        {"--prompts or --loops": prompts * (loops * (8 * D + 4 + 32 * d + 16 * n) + 80 * n * D)},
-        torch.device("cpu"),
-        "probing",
-    )
+    need = prompts * (loops * (8 * D + 4 + 32 * d + 16 * n) + 80 * n * D)
+    harness.fits({"--prompts or --loops": need}, cpu, "probing")
     study_files("probe", run_dir, check=True)
-    model = looped.restore_model(ckpt, cfg, torch.device("cpu")).eval()
+    model = looped.restore_model(ckpt, cfg, cpu).eval()
     xs, ys = looped.TASKS[cfg.task](
-        prompts,
-        cfg.n_points,
-        cfg.n_dims,
-        cfg.n_dims,
-        torch.Generator().manual_seed(cfg.eval_seed + 2),
+        prompts, n, d, d, torch.Generator().manual_seed(cfg.eval_seed + 2)
     )
     states, preds = loop_states(model, xs, ys, loops)
     targets, half = solver_weights(xs, ys, loops), prompts // 2
+
+    def fit(states, target):  # the probes of one target, one per iteration
+        return [
+            probe_r2(s[:half], target[t, :half], s[half:], target[t, half:])
+            for t, s in enumerate(states)
+        ]
+
     r2 = {
-        where: {
-            name: [
-                probe_r2(s[:half], target[t, :half], s[half:], target[t, half:])
-                for t, s in enumerate(states[where])
-            ]
-            for name, target in targets.items()
-        }
-        for where in states
+        where: {name: fit(s, target) for name, target in targets.items()}
+        for where, s in states.items()
     }
     norm = looped.error_normaliser(cfg.task, cfg.n_dims)
     gap = {
         name: ((iterates(xs, ys, loops)[:, :, -1] - preds).pow(2).mean(0) / norm).tolist()
         for name, iterates in baselines.ITERATES.items()
     }
-    record = {
-        "command": f"python experiments.py probe {run_dir}",
-        "run": run_dir,
-        "config": dataclasses.asdict(cfg),
-        **bench.provenance(),
-        "prompts": prompts,
-        "loops": loops,
-        "r2": r2,
-        "prediction gap": gap,
-        "error": ((preds - ys[:, -1:]).pow(2).mean(0) / norm).tolist(),
-    }
+    record = {"command": f"python experiments.py probe {run_dir}", "run": run_dir}
+    record.update(
+        config=dataclasses.asdict(cfg), **bench.provenance(), prompts=prompts, loops=loops
+    )
+    record.update({"r2": r2, "prediction gap": gap})
+    record["error"] = ((preds - ys[:, -1:]).pow(2).mean(0) / norm).tolist()
     return save_study("probe", run_dir, record, report.plot_probe, report.probe_table)
 
 
@@ -719,38 +687,29 @@ def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
         raise harness.UserError(f"{run_dir} is not a looped model: there is no loop to stop")
     max_loops = cfg.eval_loops if max_loops is None else max_loops
     harness.Count(1, looped.MAX_LOOPS).check("--max_loops", max_loops)
-    real = [isinstance(t, numbers.Real) and not isinstance(t, bool) for t in tolerances]
-    if not tolerances or not all(
-        ok and t > 0 and math.isfinite(t) for ok, t in zip(real, tolerances)
-    ):
+
+    def ok(t):
+        return (
+            isinstance(t, numbers.Real) and not isinstance(t, bool) and t > 0 and math.isfinite(t)
+        )
+
+    if not tolerances or not all(map(ok, tolerances)):
         raise harness.UserError(f"--tolerances must be finite numbers above 0, got {tolerances}")
     study_files("adaptive", run_dir, check=True)
     xs, ys, norm = looped.eval_prompts(cfg, torch.device("cpu"))
     fixed = looped.model_errors(model, cfg, (xs, ys, norm))["loops"][cfg.n_loops - 1]
-    rows = {
-        f"fixed b = {cfg.n_loops}": {
-            "error": fixed.tolist(),
-            "mean loops": cfg.n_loops,
-            "max loops": cfg.n_loops,
-        }
-    }
+    b = cfg.n_loops
+    rows = {f"fixed b = {b}": {"error": fixed.tolist(), "mean loops": b, "max loops": b}}
     for signal in ("prediction", "state"):
         for tol in tolerances:
             preds, loops = export.wrappers().UntilConverged(model, tol, max_loops, signal)(xs, ys)
-            rows[f"{signal}, tol {tol:g}"] = {
-                "signal": signal,
-                "tol": tol,
-                "error": ((preds - ys).pow(2).mean(0) / norm).tolist(),
-                "mean loops": loops.float().mean().item(),
-                "max loops": loops.max().item(),
-            }
-    record = {
-        "command": f"python experiments.py adaptive {run_dir}",
-        "config": dataclasses.asdict(cfg),
-        **bench.provenance(),
-        "max_loops": max_loops,
-        "rows": rows,
-    }
+            error = ((preds - ys).pow(2).mean(0) / norm).tolist()
+            row = rows[f"{signal}, tol {tol:g}"] = {"signal": signal, "tol": tol, "error": error}
+            row.update({"mean loops": loops.float().mean().item(), "max loops": loops.max().item()})
+    record = {"command": f"python experiments.py adaptive {run_dir}"}
+    record.update(
+        config=dataclasses.asdict(cfg), **bench.provenance(), max_loops=max_loops, rows=rows
+    )
     return save_study("adaptive", run_dir, record, report.plot_adaptive, report.adaptive_table)
 
 
@@ -763,12 +722,9 @@ def baseline_table(task, n_dims, n_points, prompts, ks, seed, names, save=False)
     gen = torch.Generator().manual_seed(seed)
     xs, ys = looped.TASKS[task](prompts, n_points, n_dims, n_dims, gen)
     norm = looped.error_normaliser(task, n_dims)
-    table = bench.Table(
-        f"normalised squared error, {task}, d = {n_dims}, n = {n_points}, {prompts} prompts",
-        ["k (in-context examples)", *map(str, ks), "seconds"],
-        [26] + [9] * len(ks) + [10],
-        digits=4,
-    )
+    title = f"normalised squared error, {task}, d = {n_dims}, n = {n_points}, {prompts} prompts"
+    columns = ["k (in-context examples)", *map(str, ks), "seconds"]
+    table = bench.Table(title, columns, [26] + [9] * len(ks) + [10], digits=4)
     for name in names:
         t0 = time.perf_counter()
         err = (baselines.BASELINES[name](xs, ys) - ys).pow(2).mean(0) / norm
