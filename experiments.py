@@ -156,8 +156,7 @@ def solver_errors(test, steps):
 
 
 def load_runs(run_dirs, given):
-    """[(cfg, model, ctx)] of saved runs that can be compared (the same task, d and n); a UserError
-    for runs that cannot."""
+    """[(cfg, model, ctx)] of saved runs; a UserError unless they share their task, d and n."""
     runs = []
     for run_dir in run_dirs:
         ckpt, cfg = looped.saved_run(run_dir, given)
@@ -175,9 +174,8 @@ def load_runs(run_dirs, given):
 
 
 def compare(run_dirs, out=None, given=None, shift=None):
-    """Evaluate saved runs on the same test prompts, the baselines once: one table, figures in out
-    (default runs/compare_TASK). With shift, on Garg et al.'s shifted prompts (linear regression
-    only)."""
+    """Saved runs on the same test prompts, the baselines once: one table, figures in out (default
+    runs/compare_TASK). With shift, on Garg et al.'s shifted prompts (linear regression only)."""
     if out is not None and not out:
         raise harness.UserError("--out must name a folder")
     runs = load_runs(run_dirs, given or {})
@@ -213,15 +211,12 @@ def compare(run_dirs, out=None, given=None, shift=None):
 
 def run(claim, name, task, **overrides):
     """Train one run of a claim into results/CLAIM/NAME, unless it was evaluated there before (an
-    interrupted one continues from its checkpoint); record run.json beside its log and evaluation.
-    Returns its folder."""
+    interrupted one continues from its checkpoint); record run.json beside its log and eval.json."""
     out = os.path.join(RESULTS, claim, name)
-    cfg, again = (
-        looped.make_config(task, out=out, **overrides),
-        "delete it to train the claim's run there",
-    )
+    cfg = looped.make_config(task, out=out, **overrides)
+    again = "delete it to train the claim's run there"
     if report.done(out):
-        if report.run_config(report.read_json(os.path.join(out, "run.json"))) != cfg:
+        if report.run_config(report.read_json(f"{out}/run.json")) != cfg:
             raise harness.UserError(
                 f"{out} holds a run of another config (an earlier preset?): {again}"
             )
@@ -251,7 +246,6 @@ def run(claim, name, task, **overrides):
 
 
 def config_overrides(cfg):
-    """A run's config as run()'s overrides, to train it again with a change."""
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("task", "out")}
 
 
@@ -304,39 +298,33 @@ def evaluate_shifts(name, claim):
         save_errors(os.path.join(RESULTS, name, f"{shift}.json"), named, shift=shift)
 
 
-def converge_runs(claim):
-    """The best runs of the sweep in the claim named, to convergence: [(run name, task, overrides)],
-    each model as the sweep trained it at the learning rate found best for it, but for CONVERGE
-    times the steps, seeds 42 and 43. A run may take several sessions: an interrupted one
-    continues from its checkpoint (every 500 steps)."""
+def train_to_convergence(name, record):
+    """The best runs of the sweep in the claim the record needs, each model as the sweep trained it
+    at the learning rate found best for it, but for CONVERGE times the steps, seeds 42 and 43. A
+    run may take several sessions: an interrupted one continues from its checkpoint (every 500
+    steps)."""
+    claim = record.needs
     best = {model: report.best_run(claim, model) for model in MODELS}
     if not all(best.values()):
         raise harness.UserError(
             f"converge trains each model at {claim}'s best learning rate: run python "
             f"experiments.py {claim} first"
         )
-    runs = []
     for model, folder in best.items():
         cfg = report.read_run(folder)[0]
         for seed in (looped.Config.seed, SECOND_SEED):
-            overrides = {**config_overrides(cfg), "steps": CONVERGE * cfg.steps, "seed": seed}
-            overrides["ckpt_every"] = 500
+            longer = {"steps": CONVERGE * cfg.steps, "seed": seed, "ckpt_every": 500}
             # Seed 42 is the preset's, which the sweep trained with: its name has no seed.
-            name = report.variant(model, cfg.lr, None if seed == looped.Config.seed else seed)
-            runs.append((name, cfg.task, overrides))
-    return runs
-
-
-def train_to_convergence(name, claim):
-    """The runs of converge_runs, each continued from its checkpoint where one was interrupted."""
-    for run_name, task, overrides in converge_runs(claim.needs):
-        run(name, run_name, task, **overrides)
+            run_name = report.variant(model, cfg.lr, None if seed == looped.Config.seed else seed)
+            run(name, run_name, cfg.task, **{**config_overrides(cfg), **longer})
 
 
 # ---------------------------------------------------------------------------- the verdicts
 # The rules that read each claim's numbers into its verdict; report.py renders what they find.
 
-WITHIN = 0.25  # the paper's criterion: two errors match when the larger is within 25% of the other
+WITHIN = (
+    0.25  # the paper's criterion: two errors match when the larger is within 25% of the smaller
+)
 MATCH = f"the two matching (within {WITHIN:.0%})"
 LOOPED_AHEAD, STANDARD_AHEAD = "the looped model ahead", "the standard model ahead"
 SETTLED = 1.5  # claim4: how far the error may rise past b for the loop to count as settled
@@ -521,7 +509,6 @@ CLAIMS = {
 
 
 def claim(name):
-    """Train a claim's runs, then whatever else its record asks for."""
     record = CLAIMS[name]
     for run_name, task, overrides in record.runs:
         run(name, run_name, task, **overrides)
@@ -530,12 +517,10 @@ def claim(name):
 
 
 def write_report():
-    """docs/results.md and its figures, from results/ alone."""
     report.write(CLAIMS, MODELS, BASELINES_NOTE)
 
 
 def save_errors(path, named, **meta):
-    """A comparison's errors as JSON, with the machine it ran on."""
     runs = {name: {"config": dataclasses.asdict(c)} for name, c, _ in named}
     for name, _, errors in named:
         runs[name].update({k: v.tolist() for k, v in errors.items()})
@@ -650,8 +635,7 @@ def loop_states(model, xs, ys, loops):
 
 
 def study_files(kind, run_dir, check=False):
-    """A study's record and figure, results/KIND/RUN.json and figures/KIND_RUN.png; with check,
-    both checked writable before any work (harness.check_outputs)."""
+    """results/KIND/RUN.json and figures/KIND_RUN.png; with check, both checked writable."""
     name = os.path.basename(os.path.normpath(run_dir))
     files = os.path.join(RESULTS, kind, f"{name}.json"), os.path.join(FIGURES, f"{kind}_{name}.png")
     if check:
@@ -660,7 +644,6 @@ def study_files(kind, run_dir, check=False):
 
 
 def save_study(kind, run_dir, record, plot, table):
-    """A study of one run: its record and figure (study_files), and its table printed."""
     record_file, figure = study_files(kind, run_dir)
     harness.write_json(record_file, record, indent=1)
     plot(record, figure)
@@ -717,8 +700,7 @@ def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
 
 
 def baseline_table(task, n_dims, n_points, prompts, ks, seed, names, save=False):
-    """Every named baseline's normalised squared error at in-context example counts ks, on fixed
-    prompts."""
+    """Every named baseline's normalised squared error at in-context example counts ks."""
     gen = torch.Generator().manual_seed(seed)
     xs, ys = looped.TASKS[task](prompts, n_points, n_dims, n_dims, gen)
     norm = looped.error_normaliser(task, n_dims)
