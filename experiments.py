@@ -476,8 +476,8 @@ CLAIMS = {
         needs="claim1",
         paper="no number for Garg et al.'s shifts; Garg et al. find that a trained transformer "
         "degrades under them much as least squares does",
-        # Whether the looped model is ahead at k = 2d; a NaN, where no query exists, is not.
-        verdict=lambda looped_error, standard_error: looped_error < standard_error,
+        verdict=lambda looped_error, standard_error: looped_error < standard_error,  # at k = 2d
+        rule="a NaN, where no query exists, counts as not ahead",
     ),
     "seeds": Claim(
         help="the default command (laptop preset, linear regression) with seeds "
@@ -597,26 +597,18 @@ def probe(run_dir, prompts=2048, loops=None):
     states, preds = loop_states(model, xs, ys, loops)
     targets, half = solver_weights(xs, ys, loops), prompts // 2
 
-    def fit(states, target):  # the probes of one target, one per iteration
-        return [
-            probe_r2(s[:half], target[t, :half], s[half:], target[t, half:])
-            for t, s in enumerate(states)
-        ]
+    def fit(states, target):  # one probe per iteration, fitted on half the prompts
+        return [probe_r2(s[:half], y[:half], s[half:], y[half:]) for s, y in zip(states, target)]
 
-    r2 = {
-        where: {name: fit(s, target) for name, target in targets.items()}
-        for where, s in states.items()
-    }
+    r2 = {where: {name: fit(s, y) for name, y in targets.items()} for where, s in states.items()}
     norm = looped.error_normaliser(cfg.task, cfg.n_dims)
     gap = {
         name: ((iterates(xs, ys, loops)[:, :, -1] - preds).pow(2).mean(0) / norm).tolist()
         for name, iterates in baselines.ITERATES.items()
     }
     record = {"command": f"python experiments.py probe {run_dir}", "run": run_dir}
-    record.update(
-        config=dataclasses.asdict(cfg), **bench.provenance(), prompts=prompts, loops=loops
-    )
-    record.update({"r2": r2, "prediction gap": gap})
+    record.update(config=dataclasses.asdict(cfg), **bench.provenance())
+    record.update({"prompts": prompts, "loops": loops, "r2": r2, "prediction gap": gap})
     record["error"] = ((preds - ys[:, -1:]).pow(2).mean(0) / norm).tolist()
     return save_study("probe", run_dir, record, report.plot_probe, report.probe_table)
 
@@ -670,13 +662,9 @@ def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
         raise harness.UserError(f"{run_dir} is not a looped model: there is no loop to stop")
     max_loops = cfg.eval_loops if max_loops is None else max_loops
     harness.Count(1, looped.MAX_LOOPS).check("--max_loops", max_loops)
-
-    def ok(t):
-        return (
-            isinstance(t, numbers.Real) and not isinstance(t, bool) and t > 0 and math.isfinite(t)
-        )
-
-    if not tolerances or not all(map(ok, tolerances)):
+    real = [isinstance(t, numbers.Real) and not isinstance(t, bool) for t in tolerances]
+    finite = [r and t > 0 and math.isfinite(t) for r, t in zip(real, tolerances)]
+    if not tolerances or not all(finite):
         raise harness.UserError(f"--tolerances must be finite numbers above 0, got {tolerances}")
     study_files("adaptive", run_dir, check=True)
     xs, ys, norm = looped.eval_prompts(cfg, torch.device("cpu"))
@@ -689,10 +677,9 @@ def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
             error = ((preds - ys).pow(2).mean(0) / norm).tolist()
             row = rows[f"{signal}, tol {tol:g}"] = {"signal": signal, "tol": tol, "error": error}
             row.update({"mean loops": loops.float().mean().item(), "max loops": loops.max().item()})
-    record = {"command": f"python experiments.py adaptive {run_dir}"}
-    record.update(
-        config=dataclasses.asdict(cfg), **bench.provenance(), max_loops=max_loops, rows=rows
-    )
+    command = f"python experiments.py adaptive {run_dir}"
+    record = {"command": command, "config": dataclasses.asdict(cfg), **bench.provenance()}
+    record.update(max_loops=max_loops, rows=rows)
     return save_study("adaptive", run_dir, record, report.plot_adaptive, report.adaptive_table)
 
 

@@ -58,14 +58,12 @@ def read_run(folder):
     return run_config(record), errors, record
 
 
-def read_log(folder, key):
-    """The lines of a run's log.jsonl that hold key."""
+def read_log(folder, key):  # the lines of a run's log.jsonl that hold key
     with open(os.path.join(folder, "log.jsonl")) as f:
         return [r for r in map(json.loads, f) if key in r]
 
 
-def read_curve(folder):
-    """A run's learning curve from its log: [(step, validation error at each position)]."""
+def read_curve(folder):  # [(step, validation error at each position)]
     return [(r["step"], r["val_error"]) for r in read_log(folder, "val_error")]
 
 
@@ -264,10 +262,9 @@ def not_run(lines, *names, why="", after=""):
 
 
 def runs_section(lines, claims):
-    """Every claim's runs in one table, with their wall times and machines; not the seeds, which
-    have a table of their own in their section."""
-    found = [glob.glob(os.path.join(RESULTS, name, "*", "run.json")) for name in claims]
-    paths = sorted(p for name, ps in zip(claims, found) if name != "seeds" for p in ps)
+    """Every claim's runs in one table, with their wall times and machines; not the seeds'."""
+    shown = [name for name, claim in claims.items() if claim.section is not seeds_section]
+    paths = sorted(p for name in shown for p in glob.glob(f"{RESULTS}/{name}/*/run.json"))
     if not paths:
         return
     rows = []
@@ -292,11 +289,10 @@ def runs_section(lines, claims):
 
 
 def pairs_section(lines, name, claims, models, sweep=False):
-    """A claim that pits the looped model against the standard one on some tasks: for each task, a
-    table, a figure and the verdict by the claim's rule. With sweep, the claim's runs are a
-    learning-rate sweep of both models, shown first, and each model is compared at its best rate.
-    Otherwise each model is compared at the default rate and again at the best rate of the sweep
-    in the claim the record needs, where those runs exist."""
+    """The looped model against the standard one on each task of the claim's verdicts. With sweep,
+    the claim's runs are a learning-rate sweep of both models, shown first, and each model is
+    compared at its best rate. Otherwise at the default rate and again at the best rate of the
+    sweep in the claim the record needs, where those runs exist."""
     claim = claims[name]
     pairs, rates = [], best_rates(claim.needs, models) if claim.needs else {}
     best = sweep_section(name, models, lines) if sweep else None
@@ -321,8 +317,8 @@ def pairs_section(lines, name, claims, models, sweep=False):
 
 
 def compare_section(name, claim, pairs, lines):
-    """Looped against standard for each (task, looped run, standard run, the paper's finding, its
-    numbers) of a claim: a table, a figure, and the verdict by the claim's rule."""
+    """For each (task, looped run, standard run, the paper's finding, its numbers): a table, a
+    figure, and the verdict by the claim's rule."""
     seen = set()
     for task, a, b, expected, paper in pairs:
         (ca, ea, _), (cb, eb, _) = (read_run(os.path.join(RESULTS, name, r)) for r in (a, b))
@@ -357,8 +353,7 @@ def compare_section(name, claim, pairs, lines):
 
 
 def seed_spread(lines, claim, k, named):
-    """The same runs, named [(name, cfg)], with other seeds, where trained: what a user should
-    expect."""
+    """The same runs, named [(name, cfg)], with other seeds, where trained."""
     for run_name, c in named:
         pattern = os.path.join(RESULTS, claim, f"{run_name}_seed*", "run.json")
         seeds = [os.path.dirname(p) for p in sorted(glob.glob(pattern))]
@@ -377,9 +372,8 @@ def seed_spread(lines, claim, k, named):
 
 
 def sweep_section(claim, models, lines):
-    """The learning-rate sweep of both models: a table, the error against the learning rate, and
-    the learning curves. Returns each model's best run name (by the validation prompts), or None
-    before the sweep."""
+    """The learning-rate sweep of both models: a table and two figures. Returns each model's best
+    run name (by the validation prompts), or None before the sweep."""
     sweeps = {model: sweep_runs(claim, model) for model in models}
     best = {model: best_run(claim, model, sweeps[model]) for model in models}
     if not all(best.values()):
@@ -445,8 +439,7 @@ def plot_sweep(sweeps, best, k, claim):
 
 
 def learning_rate_caveat(lines, claim, swept, pairs, best_lr, models):
-    """For a claim not swept: whether its models trained at the learning rates that the sweep of
-    claim `swept` found best."""
+    """Whether a claim's models trained at the learning rates claim `swept`'s sweep found best."""
     if not all(best_lr.values()):
         return
     used = [{read_run(os.path.join(RESULTS, claim, p[1 + i]))[0].lr for p in pairs} for i in (0, 1)]
@@ -583,8 +576,7 @@ def converge_section(lines, name, claims, models, times):
 
 
 def converge_runs(name, models):
-    """A claim's runs, {folder name: (cfg, errors, run.json, learning curve, folder)}, and the
-    same grouped by model."""
+    """{folder name: (cfg, errors, run.json, learning curve, folder)}, and the same by model."""
     runs = {}
     files = glob.glob(os.path.join(RESULTS, name, "*", "run.json"))
     for folder in sorted(os.path.dirname(p) for p in files):
@@ -604,17 +596,7 @@ def stale_models(lines, name, claim, models, by_model):
     """The models whose runs were not trained from the sweep's best run as it is now (from an
     earlier sweep, at another preset): said so in lines."""
     best = {m: (folder := best_run(claim.needs, m)) and read_run(folder)[0] for m in models}
-    # A run is the best run trained again when only its steps and seed (and folder) differ.
-    keep = ("steps", "seed", "ckpt_every", "out")
-    stale = [
-        m
-        for m, rs in by_model.items()
-        if not all(
-            best[m]
-            and dataclasses.replace(r[0], **{k: getattr(best[m], k) for k in keep}) == best[m]
-            for r in rs
-        )
-    ]
+    stale = [m for m, rs in by_model.items() if not all(longer(r[0], best[m]) for r in rs)]
     add(
         lines,
         stale
@@ -626,9 +608,15 @@ def stale_models(lines, name, claim, models, by_model):
     return stale
 
 
+def longer(cfg, best):
+    """Whether a run is the sweep's best run trained again, with only its steps and seed changed."""
+    keep = ("steps", "seed", "ckpt_every", "out")
+    return bool(best) and dataclasses.replace(cfg, **{k: getattr(best, k) for k in keep}) == best
+
+
 def result_rows(runs, ks, k, target):
-    """converge's two tables: each run's test error at ks (and least squares'), and the steps (and
-    TFLOP) it took to reach each level of validation error at k."""
+    """Each run's test error at ks (and least squares'), and the steps (and TFLOP) it took to reach
+    each level of validation error at k."""
     rows, reach, flops = [], [], {}
     for run_name, (c, errors, _, curve, folder) in runs.items():
         flops[c.n_layer] = flops.get(c.n_layer) or step_flops(c)  # one count per model
@@ -703,8 +691,7 @@ def plot_converge(by_model, k, flat_end, claim, name):
 
 def window_section(lines, name, claims, models, base):
     """The loop past b for each window T: the claim's runs, and `base`, the run of the claim it
-    needs that trained with the default window. The error against loop iterations, and whether it
-    settles or drifts, by the claim's rule."""
+    needs that trained with the default window; whether each settles, by the claim's rule."""
     claim = claims[name]
     folders = [os.path.join(RESULTS, claim.needs, base)]
     folders += [os.path.join(RESULTS, name, run_name) for run_name, _, _ in claim.runs]
@@ -747,9 +734,8 @@ def window_section(lines, name, claims, models, base):
 
 
 def shift_section(lines, name, claims, models, shifts):
-    """The two best runs of the claim the record needs, under each distribution shift: the error at
-    the paper's k of both models and of least squares, and under how many the claim's rule finds
-    the looped model ahead."""
+    """The best runs of the claim the record needs under each shift, and under how many of them the
+    claim's rule finds the looped model ahead."""
     claim = claims[name]
     files = [os.path.join(RESULTS, name, f"{s}.json") for s in shifts]
     if not all(map(os.path.isfile, files)):
@@ -772,11 +758,7 @@ def shift_section(lines, name, claims, models, shifts):
         markdown(["shift", *head], rows),
         f"With no number in the paper to reproduce: the looped model is ahead of the standard one "
         f"at k = {ks[-1]} under {len(rows) - len(behind)} of the {len(rows)} shifts"
-        + (
-            f"; not under {', '.join(behind)} (a NaN, where no query exists, counts as not ahead)."
-            if behind
-            else "."
-        ),
+        + (f"; not under {', '.join(behind)} ({claim.rule})." if behind else "."),
     )
 
 
