@@ -240,7 +240,8 @@ def run(claim, name, task, **overrides):
     record.update(config=dataclasses.asdict(cfg), **bench.provenance())
     # A resumed run's seconds count from the step it resumed at.
     record["seconds"] = time.perf_counter() - t0
-    record.update({"resumed_at_step": resume["step"]} if resume else {})
+    if resume:
+        record["resumed_at_step"] = resume["step"]
     harness.write_json(os.path.join(out, "run.json"), record, indent=1)
     return out
 
@@ -322,13 +323,11 @@ def train_to_convergence(name, record):
 # ---------------------------------------------------------------------------- the verdicts
 # The rules that read each claim's numbers into its verdict; report.py renders what they find.
 
-WITHIN = (
-    0.25  # the paper's criterion: two errors match when the larger is within 25% of the smaller
-)
+WITHIN = 0.25  # the paper's criterion: two errors match when the larger is within 25% of the other
 MATCH = f"the two matching (within {WITHIN:.0%})"
 LOOPED_AHEAD, STANDARD_AHEAD = "the looped model ahead", "the standard model ahead"
 SETTLED = 1.5  # claim4: how far the error may rise past b for the loop to count as settled
-GOOD = 0.05  # seeds: an error at k = 2d that counts as having learned the task
+GOOD = 0.05  # seeds: the report counts the seeds whose error at k = 2d is at most this
 
 
 def finding(looped_error, standard_error):
@@ -751,8 +750,7 @@ def baselines_command(sub):
     add("--seed", type=looped.SEED, default=1234, help=f"seed of the prompts, {looped.SEED}")
     text = f"baselines to run (default: the task's): {', '.join(baselines.BASELINES)}"
     add("--only", nargs="+", metavar="NAME", choices=list(baselines.BASELINES), help=text)
-    text = "also write the table to results/baselines_TASK.json"
-    add("--save", action="store_true", help=text)
+    add("--save", action="store_true", help="also write the table to results/baselines_TASK.json")
 
 
 def run_baselines(args):
@@ -765,11 +763,8 @@ def run_baselines(args):
     if not ks:
         raise harness.UserError(f"--n_points {n} leaves no in-context example to score")
     prompts, prefixes = baselines.memory_needed(args.prompts, n, d)
-    harness.fits(
-        {"--prompts": prompts, "--n_points or --n_dims": prefixes},
-        torch.device("cpu"),
-        "fitting the baselines",
-    )
+    sizes = {"--prompts": prompts, "--n_points or --n_dims": prefixes}
+    harness.fits(sizes, torch.device("cpu"), "fitting the baselines")
     names = args.only or baselines.TASK_BASELINES[args.task]
     if args.save:
         harness.check_outputs(os.path.join(RESULTS, f"baselines_{args.task}.json"))

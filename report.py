@@ -539,8 +539,12 @@ def converge_section(lines, name, claims, models, times):
     """A sweep's best runs trained for `times` their steps: the final errors, both learning curves
     on one figure, the steps (and training FLOPs) each model takes to reach given errors, and the
     verdict by the claim's rule."""
-    claim = claims[name]
-    runs, by_model = converge_runs(name, models)
+    claim, runs = claims[name], {}  # {folder name: (cfg, errors, run.json, curve, folder)}
+    for folder in sorted(os.path.dirname(p) for p in glob.glob(f"{RESULTS}/{name}/*/run.json")):
+        cfg, errors, record = read_run(folder)
+        runs[os.path.basename(folder)] = (cfg, errors, record, read_curve(folder), folder)
+    standard = {m: m == "standard" for m in models}
+    by_model = {m: [r for r in runs.values() if (r[0].n_layer > 1) == standard[m]] for m in models}
     if not all(by_model.values()) or any(r[1] is None for r in runs.values()):
         return not_run(lines, name, why=" (or a run diverged)", after=f", after {claim.needs}")
     cfg = by_model["looped"][0][0]
@@ -573,18 +577,6 @@ def converge_section(lines, name, claims, models, times):
         converge_verdict(claim, by_model, cfg, k, final, flat_end),
     )
     plot_converge(by_model, k, flat_end, claim, name)
-
-
-def converge_runs(name, models):
-    """{folder name: (cfg, errors, run.json, learning curve, folder)}, and the same by model."""
-    runs = {}
-    files = glob.glob(os.path.join(RESULTS, name, "*", "run.json"))
-    for folder in sorted(os.path.dirname(p) for p in files):
-        cfg, errors, record = read_run(folder)
-        runs[os.path.basename(folder)] = (cfg, errors, record, read_curve(folder), folder)
-    standard = {m: m == "standard" for m in models}
-    by_model = {m: [r for r in runs.values() if (r[0].n_layer > 1) == standard[m]] for m in models}
-    return runs, by_model
 
 
 def seeds_of(by_model):
