@@ -131,12 +131,11 @@ def shifted_errors(models, name, cfg, device):
     # One evaluation per query position, each with errors at every position (..., n).
     columns = [score(xs[:, i], ys[:, i]) for i in range(xs.shape[1])]
     pad, errors = (0, cfg.n_points - len(columns)), []
-    for r, first in enumerate(columns[0]):
-        stacked = {
-            key: torch.stack([c[r][key][..., i] for i, c in enumerate(columns)], -1)
-            for key in first
-        }
-        errors.append({key: F.pad(e, pad, value=float("nan")) for key, e in stacked.items()})
+    for r, first in enumerate(columns[0]):  # r: the model (or the baselines) whose errors these are
+        column = {key: [c[r][key][..., i] for i, c in enumerate(columns)] for key in first}
+        errors.append(
+            {k: F.pad(torch.stack(e, -1), pad, value=float("nan")) for k, e in column.items()}
+        )
     return errors
 
 
@@ -590,9 +589,8 @@ def probe(run_dir, prompts=2048, loops=None):
     harness.fits({"--prompts or --loops": need}, cpu, "probing")
     study_files("probe", run_dir, check=True)
     model = looped.restore_model(ckpt, cfg, cpu).eval()
-    xs, ys = looped.TASKS[cfg.task](
-        prompts, n, d, d, torch.Generator().manual_seed(cfg.eval_seed + 2)
-    )
+    gen = torch.Generator().manual_seed(cfg.eval_seed + 2)
+    xs, ys = looped.TASKS[cfg.task](prompts, n, d, d, gen)
     states, preds = loop_states(model, xs, ys, loops)
     targets, half = solver_weights(xs, ys, loops), prompts // 2
 
@@ -698,10 +696,8 @@ def baseline_table(task, n_dims, n_points, prompts, ks, seed, names, save=False)
         err = (baselines.BASELINES[name](xs, ys) - ys).pow(2).mean(0) / norm
         table.add(name, *(err[k].item() for k in ks), time.perf_counter() - t0)
     if save:
-        table.save(
-            os.path.join(RESULTS, f"baselines_{task}.json"),
-            "python experiments.py " + shlex.join(sys.argv[1:]),
-        )
+        command = "python experiments.py " + shlex.join(sys.argv[1:])
+        table.save(os.path.join(RESULTS, f"baselines_{task}.json"), command)
 
 
 # ---------------------------------------------------------------------------- command line
@@ -712,18 +708,14 @@ LOOPS = harness.Count(1, looped.MAX_LOOPS)  # the loop counts the tools take
 
 def tool_commands(sub):
     """compare, probe and adaptive: the tools for any runs, and their flags."""
-    p = sub.add_parser(
-        "compare", help="evaluate several runs on the same prompts: one table, one plot"
-    )
-    add = p.add_argument
+    text = "evaluate several runs on the same prompts: one table, one plot"
+    add = sub.add_parser("compare", help=text).add_argument
     add("runs", nargs="+", metavar="RUN_DIR", help="looped.py run folders of one task, d and n")
     add("--out", help="folder for the figures (default runs/compare_TASK)")
     add("--eval_loops", type=LOOPS, help=f"loop iterations to run, {LOOPS} (default: each run's)")
     add("--shift", help=f"Garg et al.'s shifted prompts for linear regression: {', '.join(SHIFTS)}")
-    p = sub.add_parser(
-        "probe", help="linear probes of a looped run's loop state, iteration by iteration"
-    )
-    add = p.add_argument
+    text = "linear probes of a looped run's loop state, iteration by iteration"
+    add = sub.add_parser("probe", help=text).add_argument
     add("run", metavar="RUN_DIR", help="a looped linear-regression run folder (with ckpt.pt)")
     text = "fresh prompts, half to fit the probes, half to score them; at least 4, as memory allows"
     add("--prompts", type=harness.Count(4), default=2048, help=text + " [2048]")
@@ -778,9 +770,8 @@ def main(argv=None):
     for name, record in CLAIMS.items():
         sub.add_parser(name, help=record.help)
     sub.add_parser("all", help="claim1 ... claim5 and seeds in turn (not converge)")
-    sub.add_parser(
-        "report", help="write docs/results.md and its figures from results/, no training"
-    )
+    text = "write docs/results.md and its figures from results/, no training"
+    sub.add_parser("report", help=text)
     tool_commands(sub)
     baselines_command(sub)
     args = parser.parse_args(argv)

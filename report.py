@@ -206,9 +206,8 @@ def plot_adaptive(record, path):
         for r, xy in zip(rows, points):
             ax.annotate(f"{r['tol']:g}", xy, fontsize=7, xytext=(3, 3), textcoords="offset points")
     fixed = next(iter(record["rows"].values()))
-    ax.plot(
-        [fixed["mean loops"]], [fixed["error"][k]], "k*", ms=14, label=f"fixed b = {cfg.n_loops}"
-    )
+    label = f"fixed b = {cfg.n_loops}"
+    ax.plot([fixed["mean loops"]], [fixed["error"][k]], "k*", ms=14, label=label)
     ax.set(xscale="log", yscale="log", xlabel="mean loops per prompt")
     ax.set(ylabel=f"normalised squared error at k = {k}")
     ax.set(title=f"adaptive depth (labels: tolerance; at most {record['max_loops']} loops)")
@@ -668,10 +667,9 @@ def plot_converge(by_model, k, flat_end, claim, name):
     for i, rs in enumerate(by_model.values()):
         for c, _, _, curve, _ in rs:
             label = f"{looped.describe(c)}, lr {c.lr:g}, seed {c.seed}"
+            ls = "-" if c.seed == first else "--"
             steps, errors = [p[0] for p in curve], [p[1][k] for p in curve]
-            ax.semilogy(
-                steps, errors, color=f"C{i}", ls="-" if c.seed == first else "--", label=label
-            )
+            ax.semilogy(steps, errors, color=f"C{i}", ls=ls, label=label)
     for level in THRESHOLDS:
         ax.axhline(level, color="gray", lw=0.6, ls=":")
     ax.axvline(flat_end, color="k", lw=0.8, ls=":", label="the learning rate's decay starts")
@@ -702,6 +700,7 @@ def window_section(lines, name, claims, models, base):
         best = f"{fmt(min(curve))} ({curve.index(min(curve)) + 1})"
         rows.append([window, curve[b - 1], best, curve[2 * b - 1], curve[-1]])
         rows[-1].append(f"{curve[-1] / curve[b - 1]:.2f}")
+    columns = ["window", "at b", "best (at loop)", "at 2b", f"at {loops}", f"{loops} / b"]
     settled = [window for window, *_, ratio in rows if claim.verdict(float(ratio))]
     drifted = [window for window, *_ in rows if window not in settled]
     smallest = rows[-1][0]  # the claim's last run: T = 1
@@ -709,9 +708,7 @@ def window_section(lines, name, claims, models, base):
         lines,
         f"Error at k = {last} against loop iterations, to {loops} = {loops // b} b (b = {b}); "
         f"gradient descent and Newton's iteration on the same prompts in the figure.",
-        markdown(
-            ["window", "at b", "best (at loop)", "at 2b", f"at {loops}", f"{loops} / b"], rows
-        ),
+        markdown(columns, rows),
         image("error against loop iterations, four windows", f"error_vs_loops_{name}"),
         f"**The fixed point: reproduced for {', '.join(settled) or 'no window'}"
         + (f", not for {', '.join(drifted)}" if drifted else "")
