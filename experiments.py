@@ -79,20 +79,20 @@ def sample_shifted(name, B, n, d, gen):
     shift, so that predicting 0 still scores about 1."""
     kind, c = parse_shift(name)
     dev = gen.device
-    z = torch.randn(B, n, d, generator=gen, device=dev)
-    w = torch.randn(B, d, 1, generator=gen, device=dev)
+    randn = functools.partial(torch.randn, generator=gen, device=dev)
+    z, w = randn(B, n, d), randn(B, d, 1)
     xs, queries = z, None
     if kind in ("skewed", "half_subspace"):  # covariance U diag(eig) U^T, U a random rotation
         # Skewed: [G] maps x by U diag(1/i) U^T, so the eigenvalues go as 1/i^2.
         i = torch.arange(1, d + 1, device=dev)
         eig = 1 / i**2 if kind == "skewed" else (i <= d // 2).float()
         eig = eig * d / eig.sum()  # trace d, as N(0, I_d) has
-        U = torch.linalg.qr(torch.randn(B, d, d, generator=gen, device=dev)).Q  # (B, d, d)
+        U = torch.linalg.qr(randn(B, d, d)).Q  # (B, d, d)
         xs = (z * eig.sqrt()) @ U.transpose(1, 2)
     elif kind == "scale_x":
         xs = c * z
     elif kind == "random_quadrants":  # in-context x in one random orthant; queries anywhere
-        xs = z.abs() * torch.randn(B, 1, d, generator=gen, device=dev).sign()
+        xs = z.abs() * randn(B, 1, d).sign()
         queries = z
     elif kind == "orthogonal":  # q_i orthogonal to x_1 .. x_{i-1}, |q_i| = |x_i|; exists for i <= d
         queries = z.clone()
@@ -106,8 +106,7 @@ def sample_shifted(name, B, n, d, gen):
     scale, noise = (c if kind == "scale_y" else 1.0), (1.0 if kind == "noisy_y" else 0.0)
     norm = d * c**2 + noise**2  # E[y^2]
     if queries is None:
-        noise = noise * torch.randn(B, n, generator=gen, device=dev)
-        return xs, scale * (xs @ w)[..., 0] + noise, norm
+        return xs, scale * (xs @ w)[..., 0] + noise * randn(B, n), norm
     m = min(n, d) if kind == "orthogonal" else n  # m query prompts per drawn prompt
     # Query prompt i holds queries from position i on: (m, n).
     use_query = torch.arange(n, device=dev) >= torch.arange(m, device=dev)[:, None]
