@@ -30,7 +30,6 @@ Citations, as in looped.py: [LT] the authors' code, https://github.com/Leiay/loo
 
 import dataclasses
 import functools
-import json
 import math
 import numbers
 import os
@@ -54,32 +53,10 @@ from report import FIGURES, RESULTS
 # are drawn. The last three change the query: the prompt predicting y_i is then
 # x_1 y_1 ... x_{i-1} y_{i-1} q_i, so each test prompt becomes m prompts, of which prompt i
 # is scored at position i only.
-SHIFTS = [
-    "skewed",
-    "half_subspace",
-    "noisy_y",
-    "scale_x=C",
-    "scale_y=C",
-    "random_quadrants",
-    "orthogonal",
-    "overlapping",
-]
-GARG_SHIFTS = [
-    "skewed",
-    "half_subspace",
-    "noisy_y",
-    "scale_x=0.333",
-    "scale_x=0.5",
-    "scale_x=2",
-    "scale_x=3",
-    "scale_y=0.333",
-    "scale_y=0.5",
-    "scale_y=2",
-    "scale_y=3",
-    "random_quadrants",
-    "orthogonal",
-    "overlapping",
-]
+SHIFTS = "skewed half_subspace noisy_y scale_x=C scale_y=C random_quadrants orthogonal overlapping"
+SHIFTS = SHIFTS.split()
+SCALES = [f"{kind}={c}" for kind in ("scale_x", "scale_y") for c in ("0.333", "0.5", "2", "3")]
+GARG_SHIFTS = SHIFTS[:3] + SCALES + SHIFTS[5:]
 
 
 def parse_shift(name):
@@ -102,20 +79,20 @@ def sample_shifted(name, B, n, d, gen):
     shift, so that predicting 0 still scores about 1."""
     kind, c = parse_shift(name)
     dev = gen.device
-    z = torch.randn(B, n, d, generator=gen, device=dev)
-    w = torch.randn(B, d, 1, generator=gen, device=dev)
+    randn = functools.partial(torch.randn, generator=gen, device=dev)
+    z, w = randn(B, n, d), randn(B, d, 1)
     xs, queries = z, None
     if kind in ("skewed", "half_subspace"):  # covariance U diag(eig) U^T, U a random rotation
         # Skewed: [G] maps x by U diag(1/i) U^T, so the eigenvalues go as 1/i^2.
         i = torch.arange(1, d + 1, device=dev)
         eig = 1 / i**2 if kind == "skewed" else (i <= d // 2).float()
         eig = eig * d / eig.sum()  # trace d, as N(0, I_d) has
-        U = torch.linalg.qr(torch.randn(B, d, d, generator=gen, device=dev)).Q  # (B, d, d)
+        U = torch.linalg.qr(randn(B, d, d)).Q  # (B, d, d)
         xs = (z * eig.sqrt()) @ U.transpose(1, 2)
     elif kind == "scale_x":
         xs = c * z
     elif kind == "random_quadrants":  # in-context x in one random orthant; queries anywhere
-        xs = z.abs() * torch.randn(B, 1, d, generator=gen, device=dev).sign()
+        xs = z.abs() * randn(B, 1, d).sign()
         queries = z
     elif kind == "orthogonal":  # q_i orthogonal to x_1 .. x_{i-1}, |q_i| = |x_i|; exists for i <= d
         queries = z.clone()
@@ -129,11 +106,7 @@ def sample_shifted(name, B, n, d, gen):
     scale, noise = (c if kind == "scale_y" else 1.0), (1.0 if kind == "noisy_y" else 0.0)
     norm = d * c**2 + noise**2  # E[y^2]
     if queries is None:
-        return (
-            xs,
-            scale * (xs @ w)[..., 0] + noise * torch.randn(B, n, generator=gen, device=dev),
-            norm,
-        )
+        return xs, scale * (xs @ w)[..., 0] + noise * randn(B, n), norm
     m = min(n, d) if kind == "orthogonal" else n  # m query prompts per drawn prompt
     # Query prompt i holds queries from position i on: (m, n).
     use_query = torch.arange(n, device=dev) >= torch.arange(m, device=dev)[:, None]
@@ -145,13 +118,8 @@ def shifted_errors(models, name, cfg, device):
     """model_errors for each (cfg, model, ctx), then baselines.task_errors, on the prompts of shift
     `name`. Query prompts are scored one query position i at a time: column i of the errors comes
     from the prompts that ask their query at i (NaN at positions with no query)."""
-    xs, ys, norm = sample_shifted(
-        name,
-        cfg.eval_prompts,
-        cfg.n_points,
-        cfg.n_dims,
-        torch.Generator(device).manual_seed(cfg.eval_seed),
-    )
+    gen = torch.Generator(device).manual_seed(cfg.eval_seed)
+    xs, ys, norm = sample_shifted(name, cfg.eval_prompts, cfg.n_points, cfg.n_dims, gen)
 
     def score(x, y):
         errors = [looped.model_errors(model, c, (x, y, norm), ctx) for c, model, ctx in models]
@@ -161,17 +129,13 @@ def shifted_errors(models, name, cfg, device):
         return score(xs, ys)
     # One evaluation per query position, each with errors at every position (..., n).
     columns = [score(xs[:, i], ys[:, i]) for i in range(xs.shape[1])]
-    return [
-        {
-            key: F.pad(
-                torch.stack([col[r][key][..., i] for i, col in enumerate(columns)], -1),
-                (0, cfg.n_points - len(columns)),
-                value=float("nan"),
-            )
-            for key in columns[0][r]
-        }
-        for r in range(len(columns[0]))
-    ]
+    pad, errors = (0, cfg.n_points - len(columns)), []
+    for r, first in enumerate(columns[0]):  # r: the model (or the baselines) whose errors these are
+        column = {key: [c[r][key][..., i] for i, c in enumerate(columns)] for key in first}
+        errors.append(
+            {k: F.pad(torch.stack(e, -1), pad, value=float("nan")) for k, e in column.items()}
+        )
+    return errors
 
 
 # ---------------------------------------------------------------------------- several runs
@@ -190,8 +154,7 @@ def solver_errors(test, steps):
 
 
 def load_runs(run_dirs, given):
-    """[(cfg, model, ctx)] of saved runs that can be compared (the same task, d and n); a UserError
-    for runs that cannot."""
+    """[(cfg, model, ctx)] of saved runs; a UserError unless they share their task, d and n."""
     runs = []
     for run_dir in run_dirs:
         ckpt, cfg = looped.saved_run(run_dir, given)
@@ -209,9 +172,8 @@ def load_runs(run_dirs, given):
 
 
 def compare(run_dirs, out=None, given=None, shift=None):
-    """Evaluate saved runs on the same test prompts, the baselines once: one table, figures in out
-    (default runs/compare_TASK). With shift, on Garg et al.'s shifted prompts (linear regression
-    only). Returns the errors."""
+    """Saved runs on the same test prompts, the baselines once: one table, figures in out (default
+    runs/compare_TASK). With shift, on Garg et al.'s shifted prompts (linear regression only)."""
     if out is not None and not out:
         raise harness.UserError("--out must name a folder")
     runs = load_runs(run_dirs, given or {})
@@ -247,26 +209,20 @@ def compare(run_dirs, out=None, given=None, shift=None):
 
 def run(claim, name, task, **overrides):
     """Train one run of a claim into results/CLAIM/NAME, unless it was evaluated there before (an
-    interrupted one continues from its checkpoint); record run.json beside its log and evaluation.
-    Returns its folder."""
+    interrupted one continues from its checkpoint); record run.json beside its log and eval.json."""
     out = os.path.join(RESULTS, claim, name)
     cfg = looped.make_config(task, out=out, **overrides)
+    again = "delete it to train the claim's run there"
     if report.done(out):
-        with open(os.path.join(out, "run.json")) as f:
-            if report.run_config(json.load(f)) != cfg:
-                raise harness.UserError(
-                    f"{out} holds a run of another config (an earlier preset?): delete it "
-                    f"to train the claim's run there"
-                )
+        if report.run_config(report.read_json(f"{out}/run.json")) != cfg:
+            raise harness.UserError(
+                f"{out} holds a run of another config (an earlier preset?): {again}"
+            )
         print(f"{out}: done before, kept")
         return out
-    resume = None
-    if os.path.isfile(os.path.join(out, "ckpt.pt")):
-        resume = looped.load_checkpoint(out)[0]
+    resume = looped.load_checkpoint(out)[0] if os.path.isfile(f"{out}/ckpt.pt") else None
     if resume is not None and resume["config"] != dataclasses.asdict(cfg):
-        raise harness.UserError(
-            f"{out} holds a run of another config: delete it to train the claim's run there"
-        )
+        raise harness.UserError(f"{out} holds a run of another config: {again}")
     t0, diverged = time.perf_counter(), {}
     try:
         looped.train(cfg, resume=resume, overwrite=True)
@@ -278,21 +234,17 @@ def run(claim, name, task, **overrides):
         # A run that diverges is a result of the sweep, recorded as such, without an evaluation.
         print(f"{out}: {e}")
         diverged = {"diverged": str(e).split(";")[0]}
-    record = {
-        **diverged,
-        "command": f"python experiments.py {claim}",
-        "config": dataclasses.asdict(cfg),
-        **bench.provenance(),
-        # A resumed run's seconds count from the step it resumed at.
-        "seconds": time.perf_counter() - t0,
-        **({"resumed_at_step": resume["step"]} if resume else {}),
-    }
+    record = {**diverged, "command": f"python experiments.py {claim}"}
+    record.update(config=dataclasses.asdict(cfg), **bench.provenance())
+    # A resumed run's seconds count from the step it resumed at.
+    record["seconds"] = time.perf_counter() - t0
+    if resume:
+        record["resumed_at_step"] = resume["step"]
     harness.write_json(os.path.join(out, "run.json"), record, indent=1)
     return out
 
 
 def config_overrides(cfg):
-    """A run's config as run()'s overrides, to train it again with a change."""
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("task", "out")}
 
 
@@ -327,10 +279,8 @@ def solve_the_test_prompts(name, claim):
     iteration, for the report to draw beside the loop's error."""
     cfg = looped.make_config("linreg")
     solvers = solver_errors(looped.eval_prompts(cfg, torch.device("cpu")), cfg.eval_loops)
-    harness.write_json(
-        os.path.join(RESULTS, name, "solvers.json"),
-        {**bench.provenance(), **{k: v.tolist() for k, v in solvers.items()}},
-    )
+    solvers = {**bench.provenance(), **{k: v.tolist() for k, v in solvers.items()}}
+    harness.write_json(os.path.join(RESULTS, name, "solvers.json"), solvers)
 
 
 def evaluate_shifts(name, claim):
@@ -347,37 +297,54 @@ def evaluate_shifts(name, claim):
         save_errors(os.path.join(RESULTS, name, f"{shift}.json"), named, shift=shift)
 
 
-def converge_runs(claim):
-    """The best runs of the sweep in the claim named, to convergence: [(run name, task, overrides)],
-    each model as the sweep trained it at the learning rate found best for it, but for CONVERGE
-    times the steps, seeds 42 and 43. A run may take several sessions: an interrupted one
-    continues from its checkpoint (every 500 steps)."""
+def train_to_convergence(name, record):
+    """The best runs of the sweep in the claim the record needs, each model as the sweep trained it
+    at the learning rate found best for it, but for CONVERGE times the steps, seeds 42 and 43. A
+    run may take several sessions: an interrupted one continues from its checkpoint (every 500
+    steps)."""
+    claim = record.needs
     best = {model: report.best_run(claim, model) for model in MODELS}
     if not all(best.values()):
         raise harness.UserError(
             f"converge trains each model at {claim}'s best learning rate: run python "
             f"experiments.py {claim} first"
         )
-    runs = []
     for model, folder in best.items():
         cfg = report.read_run(folder)[0]
         for seed in (looped.Config.seed, SECOND_SEED):
-            overrides = {
-                **config_overrides(cfg),
-                "steps": CONVERGE * cfg.steps,
-                "seed": seed,
-                "ckpt_every": 500,
-            }
+            longer = {"steps": CONVERGE * cfg.steps, "seed": seed, "ckpt_every": 500}
             # Seed 42 is the preset's, which the sweep trained with: its name has no seed.
-            name = report.variant(model, cfg.lr, None if seed == looped.Config.seed else seed)
-            runs.append((name, cfg.task, overrides))
-    return runs
+            run_name = report.variant(model, cfg.lr, None if seed == looped.Config.seed else seed)
+            run(name, run_name, cfg.task, **{**config_overrides(cfg), **longer})
 
 
-def train_to_convergence(name, claim):
-    """The runs of converge_runs, each continued from its checkpoint where one was interrupted."""
-    for run_name, task, overrides in converge_runs(claim.needs):
-        run(name, run_name, task, **overrides)
+# ---------------------------------------------------------------------------- the verdicts
+# The rules that read each claim's numbers into its verdict; report.py renders what they find.
+
+WITHIN = 0.25  # the paper's criterion: two errors match when the larger is within 25% of the other
+MATCH = f"the two matching (within {WITHIN:.0%})"
+LOOPED_AHEAD, STANDARD_AHEAD = "the looped model ahead", "the standard model ahead"
+SETTLED = 1.5  # claim4: how far the error may rise past b for the loop to count as settled
+GOOD = 0.05  # seeds: the report counts the seeds whose error at k = 2d is at most this
+
+
+def finding(looped_error, standard_error):
+    """The paper's finding for a looped error against a standard one: MATCH, or who is ahead."""
+    L, S = looped_error, standard_error
+    if max(L, S) <= (1 + WITHIN) * min(L, S):
+        return MATCH
+    return LOOPED_AHEAD if L < S else STANDARD_AHEAD
+
+
+def converged(looped_error, standard_error, fall, spread, expected):
+    """converge's (finding, verdict) on the mean over seeds of each model's error. Where the finding
+    is not the paper's, the model behind may just need more steps: it counts as still improving,
+    and the verdict waits, when its validation curve fell over the last eighth of its steps at the
+    peak rate by more than the spread over seeds at their end."""
+    found = finding(looped_error, standard_error)
+    if found == expected:
+        return found, "Reproduced"
+    return found, "Not settled" if fall > spread else "Not reproduced"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,6 +353,9 @@ class Claim:
 
     help: str  # the command's line in --help
     heading: str  # its section's heading in docs/results.md
+    # Its section's place there: the spread over seeds comes first, as it tells how far any single
+    # run below can be trusted; convergence follows the claims that compare the two models.
+    place: int
     section: Callable  # report's writer of that section: (lines, name, claims, models)
     # [(run name, task, overrides)]: what the command trains, in results/NAME/. Where the report
     # compares the two models on a task, the task's runs come in the order of MODELS.
@@ -394,8 +364,12 @@ class Claim:
     needs: str = ""  # the claim whose runs this one builds on: its best rates, its trained models
     paper: str = ""  # the paper's finding, as the report quotes it
     # [(task, the paper's finding or None, the paper's numbers)]: the report compares the looped
-    # and standard runs of each task and reads whether the paper's finding reproduced.
+    # and standard runs of each task and says whether the paper's finding reproduced.
     verdicts: list = ()
+    verdict: Callable = None  # the rule that reads the section's numbers into its verdict
+    rule: str = ""  # that rule, as the report states it
+    at_end: bool = False  # the verdict read at the prompt's last position, not at k = 2d
+    made: str = ""  # how the committed runs were made, where the report says so
     # A remark after the comparison; {steps}, {share} of the paper's 500k and {d} are its runs'.
     caveat: str = ""
     in_all: bool = True  # whether `python experiments.py all` trains it
@@ -420,6 +394,7 @@ CLAIMS = {
         help="linear regression: the looped model against the 12-layer one, each over 6 learning "
         "rates",
         heading="claim1: Linear regression: the looped model against the 12-layer transformer",
+        place=1,
         section=functools.partial(report.pairs_section, sweep=True),
         runs=[
             (report.variant(model, lr), "linreg", dict(overrides, lr=lr, **CURVES))
@@ -429,7 +404,8 @@ CLAIMS = {
         then=train_best_with_another_seed,
         paper="at k = 10, 20, 40 (d = 20): standard 0.519, 0.0204, 0.00048; looped 0.519, 0.0242, "
         f"0.00078; least squares {LEAST_SQUARES}, ~0, ~0",
-        verdicts=[("linreg", "match", "0.00078 against 0.00048 at k = 40, d = 20")],
+        verdicts=[("linreg", MATCH, "0.00078 against 0.00048 at k = 40, d = 20")],
+        verdict=finding,
         caveat="Each model is compared at its own best learning rate, picked on validation "
         "prompts, with one seed per learning rate; {steps} steps are {share:.2%} of the paper's "
         "500k, at d = {d} rather than 20.",
@@ -437,19 +413,22 @@ CLAIMS = {
     "claim2": Claim(
         help="sparse linear regression: the same",
         heading="claim2: Sparse linear regression",
+        place=2,
         section=report.pairs_section,
         runs=[("looped", "sparse_linreg", {}), ("standard", "sparse_linreg", STANDARD)],
         then=train_at_best_rates,
         needs="claim1",
         paper="at k = 10, 40 (d = 20, s = 3): standard 0.0848, 0.0017; looped 0.0213, 0.00061; "
         f"Lasso {LASSO[0]}, {LASSO[1]}",
-        verdicts=[("sparse_linreg", "looped ahead", "0.00061 against 0.0017 at k = 40, d = 20")],
+        verdicts=[("sparse_linreg", LOOPED_AHEAD, "0.00061 against 0.0017 at k = 40, d = 20")],
+        verdict=finding,
         caveat="At d = 5 with s = 3 the weights are barely sparse, so Lasso has little to gain "
         "over least squares here.",
     ),
     "claim3": Claim(
         help="decision trees and 2-layer ReLU networks: the same",
         heading="claim3: Decision trees and ReLU networks",
+        place=3,
         section=report.pairs_section,
         runs=[
             ("tree_looped", "decision_tree", {}),
@@ -464,12 +443,15 @@ CLAIMS = {
         "the paper",
         verdicts=[
             ("decision_tree", None, "for the decision tree"),
-            ("relu_2nn", "match", "0.180 against 0.170 at k = 100, d = 20"),
+            ("relu_2nn", MATCH, "0.180 against 0.170 at k = 100, d = 20"),
         ],
+        verdict=finding,
+        at_end=True,  # the paper reads trees and networks at the prompt's end
     ),
     "claim4": Claim(
         help="the loop settles on a fixed point past b; windows T = 10, 5, 3, 1",
         heading="claim4: the loop settles past b; the window T",
+        place=5,
         # T = 10, the default window, is claim1's looped run at the default rate.
         section=functools.partial(
             report.window_section, base=report.variant("looped", looped.make_config("linreg").lr)
@@ -479,30 +461,42 @@ CLAIMS = {
         needs="claim1",
         paper="the looped model's error stays flat when run far past b (to 500 loops); a "
         "too-small T diverges there",
+        verdict=lambda ratio: ratio <= SETTLED,  # the error at the last loop against that at b
+        rule=f"within {SETTLED:g}x of the error at b",
     ),
     "claim5": Claim(
         help="out of distribution: Garg et al.'s shifts, on claim1's best runs",
         heading="claim5: out of distribution",
+        place=6,
         section=functools.partial(report.shift_section, shifts=GARG_SHIFTS),
         then=evaluate_shifts,
         needs="claim1",
         paper="no number for Garg et al.'s shifts; Garg et al. find that a trained transformer "
         "degrades under them much as least squares does",
+        verdict=lambda looped_error, standard_error: looped_error < standard_error,  # at k = 2d
+        rule="a NaN, where no query exists, counts as not ahead",
     ),
     "seeds": Claim(
         help="the default command (laptop preset, linear regression) with seeds "
         f"{SEEDS[0]} to {SEEDS[-1]}",
-        heading="The default command over ten seeds",
+        heading=f"The default command over {report.in_words(len(SEEDS))} seeds",
+        place=0,
         section=report.seeds_section,
         runs=[(f"seed{seed}", "linreg", dict(seed=seed)) for seed in SEEDS],
+        verdict=lambda error: error <= GOOD,  # at k = 2d
+        rule=f"at most {GOOD:g}",
+        made="two runs side by side: one alone with two threads is faster",
     ),
     "converge": Claim(
         help=f"claim1's two models at their best rates for {CONVERGE}x the steps, two seeds: "
         "hours on a CPU; an interrupted run continues",
         heading=f"claim1 to convergence: both models for {CONVERGE} times the steps",
+        place=4,
         section=functools.partial(report.converge_section, times=CONVERGE),
         then=train_to_convergence,
         needs="claim1",
+        verdicts=[("linreg", MATCH, "")],
+        verdict=converged,
         caveat="The training times come from each log's ms per step, so they move with whatever "
         "else ran on the machine (each run's threads are in the runs table) and compare the two "
         "models loosely. The FLOP counts compare them fairly.",
@@ -512,7 +506,6 @@ CLAIMS = {
 
 
 def claim(name):
-    """Train a claim's runs, then whatever else its record asks for."""
     record = CLAIMS[name]
     for run_name, task, overrides in record.runs:
         run(name, run_name, task, **overrides)
@@ -521,20 +514,14 @@ def claim(name):
 
 
 def write_report():
-    """docs/results.md and its figures, from results/ alone."""
     report.write(CLAIMS, MODELS, BASELINES_NOTE)
 
 
 def save_errors(path, named, **meta):
-    """A comparison's errors as JSON, with the machine it ran on."""
-    record = {
-        **meta,
-        **bench.provenance(),
-        "runs": {
-            name: {"config": dataclasses.asdict(c), **{k: v.tolist() for k, v in e.items()}}
-            for name, c, e in named
-        },
-    }
+    runs = {name: {"config": dataclasses.asdict(c)} for name, c, _ in named}
+    for name, _, errors in named:
+        runs[name].update({k: v.tolist() for k, v in errors.items()})
+    record = {**meta, **bench.provenance(), "runs": runs}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     harness.write_json(path, record)
 
@@ -594,51 +581,31 @@ def probe(run_dir, prompts=2048, loops=None):
     loops = min(2 * cfg.n_loops, looped.MAX_LOOPS) if loops is None else loops
     harness.Count(1, looped.MAX_LOOPS).check("--loops", loops)
     harness.Count(4).check("--prompts", prompts)
-    n, d, D = cfg.n_points, cfg.n_dims, cfg.n_embd
+    n, d, D, cpu = cfg.n_points, cfg.n_dims, cfg.n_embd, torch.device("cpu")
     # Per prompt: two states (D), a prediction and the four solvers' weights (d) per iteration, in
     # float32 and float64; the iterate baselines' predictions (n); the forward pass (2n tokens).
-    harness.fits(
-        {"--prompts or --loops": prompts * (loops * (8 * D + 4 + 32 * d + 16 * n) + 80 * n * D)},
-        torch.device("cpu"),
-        "probing",
-    )
+    need = prompts * (loops * (8 * D + 4 + 32 * d + 16 * n) + 80 * n * D)
+    harness.fits({"--prompts or --loops": need}, cpu, "probing")
     study_files("probe", run_dir, check=True)
-    model = looped.restore_model(ckpt, cfg, torch.device("cpu")).eval()
-    xs, ys = looped.TASKS[cfg.task](
-        prompts,
-        cfg.n_points,
-        cfg.n_dims,
-        cfg.n_dims,
-        torch.Generator().manual_seed(cfg.eval_seed + 2),
-    )
+    model = looped.restore_model(ckpt, cfg, cpu).eval()
+    gen = torch.Generator().manual_seed(cfg.eval_seed + 2)
+    xs, ys = looped.TASKS[cfg.task](prompts, n, d, d, gen)
     states, preds = loop_states(model, xs, ys, loops)
     targets, half = solver_weights(xs, ys, loops), prompts // 2
-    r2 = {
-        where: {
-            name: [
-                probe_r2(s[:half], target[t, :half], s[half:], target[t, half:])
-                for t, s in enumerate(states[where])
-            ]
-            for name, target in targets.items()
-        }
-        for where in states
-    }
+
+    def fit(states, target):  # one probe per iteration, fitted on half the prompts
+        return [probe_r2(s[:half], y[:half], s[half:], y[half:]) for s, y in zip(states, target)]
+
+    r2 = {where: {name: fit(s, y) for name, y in targets.items()} for where, s in states.items()}
     norm = looped.error_normaliser(cfg.task, cfg.n_dims)
     gap = {
         name: ((iterates(xs, ys, loops)[:, :, -1] - preds).pow(2).mean(0) / norm).tolist()
         for name, iterates in baselines.ITERATES.items()
     }
-    record = {
-        "command": f"python experiments.py probe {run_dir}",
-        "run": run_dir,
-        "config": dataclasses.asdict(cfg),
-        **bench.provenance(),
-        "prompts": prompts,
-        "loops": loops,
-        "r2": r2,
-        "prediction gap": gap,
-        "error": ((preds - ys[:, -1:]).pow(2).mean(0) / norm).tolist(),
-    }
+    record = {"command": f"python experiments.py probe {run_dir}", "run": run_dir}
+    record.update(config=dataclasses.asdict(cfg), **bench.provenance())
+    record.update({"prompts": prompts, "loops": loops, "r2": r2, "prediction gap": gap})
+    record["error"] = ((preds - ys[:, -1:]).pow(2).mean(0) / norm).tolist()
     return save_study("probe", run_dir, record, report.plot_probe, report.probe_table)
 
 
@@ -656,8 +623,7 @@ def loop_states(model, xs, ys, loops):
 
 
 def study_files(kind, run_dir, check=False):
-    """A study's record and figure, results/KIND/RUN.json and figures/KIND_RUN.png; with check,
-    both checked writable before any work (harness.check_outputs)."""
+    """results/KIND/RUN.json and figures/KIND_RUN.png; with check, both checked writable."""
     name = os.path.basename(os.path.normpath(run_dir))
     files = os.path.join(RESULTS, kind, f"{name}.json"), os.path.join(FIGURES, f"{kind}_{name}.png")
     if check:
@@ -666,7 +632,6 @@ def study_files(kind, run_dir, check=False):
 
 
 def save_study(kind, run_dir, record, plot, table):
-    """A study of one run: its record and figure (study_files), and its table printed."""
     record_file, figure = study_files(kind, run_dir)
     harness.write_json(record_file, record, indent=1)
     plot(record, figure)
@@ -694,37 +659,23 @@ def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
     max_loops = cfg.eval_loops if max_loops is None else max_loops
     harness.Count(1, looped.MAX_LOOPS).check("--max_loops", max_loops)
     real = [isinstance(t, numbers.Real) and not isinstance(t, bool) for t in tolerances]
-    if not tolerances or not all(
-        ok and t > 0 and math.isfinite(t) for ok, t in zip(real, tolerances)
-    ):
+    finite = [r and t > 0 and math.isfinite(t) for r, t in zip(real, tolerances)]
+    if not tolerances or not all(finite):
         raise harness.UserError(f"--tolerances must be finite numbers above 0, got {tolerances}")
     study_files("adaptive", run_dir, check=True)
     xs, ys, norm = looped.eval_prompts(cfg, torch.device("cpu"))
     fixed = looped.model_errors(model, cfg, (xs, ys, norm))["loops"][cfg.n_loops - 1]
-    rows = {
-        f"fixed b = {cfg.n_loops}": {
-            "error": fixed.tolist(),
-            "mean loops": cfg.n_loops,
-            "max loops": cfg.n_loops,
-        }
-    }
+    b = cfg.n_loops
+    rows = {f"fixed b = {b}": {"error": fixed.tolist(), "mean loops": b, "max loops": b}}
     for signal in ("prediction", "state"):
         for tol in tolerances:
             preds, loops = export.wrappers().UntilConverged(model, tol, max_loops, signal)(xs, ys)
-            rows[f"{signal}, tol {tol:g}"] = {
-                "signal": signal,
-                "tol": tol,
-                "error": ((preds - ys).pow(2).mean(0) / norm).tolist(),
-                "mean loops": loops.float().mean().item(),
-                "max loops": loops.max().item(),
-            }
-    record = {
-        "command": f"python experiments.py adaptive {run_dir}",
-        "config": dataclasses.asdict(cfg),
-        **bench.provenance(),
-        "max_loops": max_loops,
-        "rows": rows,
-    }
+            error = ((preds - ys).pow(2).mean(0) / norm).tolist()
+            row = rows[f"{signal}, tol {tol:g}"] = {"signal": signal, "tol": tol, "error": error}
+            row.update({"mean loops": loops.float().mean().item(), "max loops": loops.max().item()})
+    command = f"python experiments.py adaptive {run_dir}"
+    record = {"command": command, "config": dataclasses.asdict(cfg), **bench.provenance()}
+    record.update(max_loops=max_loops, rows=rows)
     return save_study("adaptive", run_dir, record, report.plot_adaptive, report.adaptive_table)
 
 
@@ -732,26 +683,20 @@ def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
 
 
 def baseline_table(task, n_dims, n_points, prompts, ks, seed, names, save=False):
-    """Every named baseline's normalised squared error at in-context example counts ks, on fixed
-    prompts."""
+    """Every named baseline's normalised squared error at in-context example counts ks."""
     gen = torch.Generator().manual_seed(seed)
     xs, ys = looped.TASKS[task](prompts, n_points, n_dims, n_dims, gen)
     norm = looped.error_normaliser(task, n_dims)
-    table = bench.Table(
-        f"normalised squared error, {task}, d = {n_dims}, n = {n_points}, {prompts} prompts",
-        ["k (in-context examples)", *map(str, ks), "seconds"],
-        [26] + [9] * len(ks) + [10],
-        digits=4,
-    )
+    title = f"normalised squared error, {task}, d = {n_dims}, n = {n_points}, {prompts} prompts"
+    columns = ["k (in-context examples)", *map(str, ks), "seconds"]
+    table = bench.Table(title, columns, [26] + [9] * len(ks) + [10], digits=4)
     for name in names:
         t0 = time.perf_counter()
         err = (baselines.BASELINES[name](xs, ys) - ys).pow(2).mean(0) / norm
         table.add(name, *(err[k].item() for k in ks), time.perf_counter() - t0)
     if save:
-        table.save(
-            os.path.join(RESULTS, f"baselines_{task}.json"),
-            "python experiments.py " + shlex.join(sys.argv[1:]),
-        )
+        command = "python experiments.py " + shlex.join(sys.argv[1:])
+        table.save(os.path.join(RESULTS, f"baselines_{task}.json"), command)
 
 
 # ---------------------------------------------------------------------------- command line
@@ -762,86 +707,41 @@ LOOPS = harness.Count(1, looped.MAX_LOOPS)  # the loop counts the tools take
 
 def tool_commands(sub):
     """compare, probe and adaptive: the tools for any runs, and their flags."""
-    p = sub.add_parser(
-        "compare", help="evaluate several runs on the same prompts: one table, one plot"
-    )
-    p.add_argument(
-        "runs", nargs="+", metavar="RUN_DIR", help="looped.py run folders of one task, d and n"
-    )
-    p.add_argument("--out", help="folder for the figures (default runs/compare_TASK)")
-    p.add_argument(
-        "--eval_loops", type=LOOPS, help=f"loop iterations to run, {LOOPS} (default: each run's)"
-    )
-    p.add_argument(
-        "--shift", help=f"Garg et al.'s shifted prompts for linear regression: {', '.join(SHIFTS)}"
-    )
-    p = sub.add_parser(
-        "probe", help="linear probes of a looped run's loop state, iteration by iteration"
-    )
-    p.add_argument(
-        "run", metavar="RUN_DIR", help="a looped linear-regression run folder (with ckpt.pt)"
-    )
-    p.add_argument(
-        "--prompts",
-        type=harness.Count(4),
-        default=2048,
-        help="fresh prompts, half to fit the probes, half to score them; at least 4, as memory "
-        "allows [2048]",
-    )
-    p.add_argument("--loops", type=LOOPS, help=f"iterations to probe, {LOOPS} (default 2b)")
-    p = sub.add_parser(
-        "adaptive",
-        help="adaptive depth: error and loops used for several tolerances, against fixed b",
-    )
-    p.add_argument("run", metavar="RUN_DIR", help="a looped.py run folder (with ckpt.pt)")
-    p.add_argument(
-        "--tolerances",
-        type=harness.positive,
-        nargs="+",
-        default=TOLERANCES,
-        help="relative changes to stop at, finite numbers above 0",
-    )
-    p.add_argument(
-        "--max_loops",
-        type=LOOPS,
-        help=f"the most loops per prompt, {LOOPS} (default the run's --eval_loops)",
-    )
+    text = "evaluate several runs on the same prompts: one table, one plot"
+    add = sub.add_parser("compare", help=text).add_argument
+    add("runs", nargs="+", metavar="RUN_DIR", help="looped.py run folders of one task, d and n")
+    add("--out", help="folder for the figures (default runs/compare_TASK)")
+    add("--eval_loops", type=LOOPS, help=f"loop iterations to run, {LOOPS} (default: each run's)")
+    add("--shift", help=f"Garg et al.'s shifted prompts for linear regression: {', '.join(SHIFTS)}")
+    text = "linear probes of a looped run's loop state, iteration by iteration"
+    add = sub.add_parser("probe", help=text).add_argument
+    add("run", metavar="RUN_DIR", help="a looped linear-regression run folder (with ckpt.pt)")
+    text = "fresh prompts, half to fit the probes, half to score them; at least 4, as memory allows"
+    add("--prompts", type=harness.Count(4), default=2048, help=text + " [2048]")
+    add("--loops", type=LOOPS, help=f"iterations to probe, {LOOPS} (default 2b)")
+    text = "adaptive depth: error and loops used for several tolerances, against fixed b"
+    add = sub.add_parser("adaptive", help=text).add_argument
+    add("run", metavar="RUN_DIR", help="a looped.py run folder (with ckpt.pt)")
+    text = "relative changes to stop at, finite numbers above 0"
+    add("--tolerances", type=harness.positive, nargs="+", default=TOLERANCES, help=text)
+    text = f"the most loops per prompt, {LOOPS} (default the run's --eval_loops)"
+    add("--max_loops", type=LOOPS, help=text)
 
 
 def baselines_command(sub):
-    p = sub.add_parser(
-        "baselines", help="every baseline's error at chosen k, no model (paper scale by default)"
-    )
-    p.add_argument("--task", default="linreg", choices=list(looped.TASKS), help="function class")
-    p.add_argument("--n_dims", type=harness.Count(1), default=20, help="d (paper: 20)")
-    p.add_argument(
-        "--n_points",
-        type=harness.Count(0),
-        default=0,
-        help="n; 0: the paper's (41, or 101 for trees and networks)",
-    )
-    p.add_argument(
-        "--prompts", type=harness.Count(1), default=1280, help="test prompts (paper: 1280)"
-    )
-    p.add_argument(
-        "--k",
-        type=harness.Count(0),
-        nargs="+",
-        help="in-context examples to show, 0 to n - 1; default d/2, d, 2d, n-1",
-    )
-    p.add_argument(
-        "--seed", type=looped.SEED, default=1234, help=f"seed of the prompts, {looped.SEED}"
-    )
-    p.add_argument(
-        "--only",
-        nargs="+",
-        metavar="NAME",
-        choices=list(baselines.BASELINES),
-        help=f"baselines to run (default: the task's): {', '.join(baselines.BASELINES)}",
-    )
-    p.add_argument(
-        "--save", action="store_true", help="also write the table to results/baselines_TASK.json"
-    )
+    text = "every baseline's error at chosen k, no model (paper scale by default)"
+    add = sub.add_parser("baselines", help=text).add_argument
+    add("--task", default="linreg", choices=list(looped.TASKS), help="function class")
+    add("--n_dims", type=harness.Count(1), default=20, help="d (paper: 20)")
+    text = "n; 0: the paper's (41, or 101 for trees and networks)"
+    add("--n_points", type=harness.Count(0), default=0, help=text)
+    add("--prompts", type=harness.Count(1), default=1280, help="test prompts (paper: 1280)")
+    text = "in-context examples to show, 0 to n - 1; default d/2, d, 2d, n-1"
+    add("--k", type=harness.Count(0), nargs="+", help=text)
+    add("--seed", type=looped.SEED, default=1234, help=f"seed of the prompts, {looped.SEED}")
+    text = f"baselines to run (default: the task's): {', '.join(baselines.BASELINES)}"
+    add("--only", nargs="+", metavar="NAME", choices=list(baselines.BASELINES), help=text)
+    add("--save", action="store_true", help="also write the table to results/baselines_TASK.json")
 
 
 def run_baselines(args):
@@ -854,11 +754,8 @@ def run_baselines(args):
     if not ks:
         raise harness.UserError(f"--n_points {n} leaves no in-context example to score")
     prompts, prefixes = baselines.memory_needed(args.prompts, n, d)
-    harness.fits(
-        {"--prompts": prompts, "--n_points or --n_dims": prefixes},
-        torch.device("cpu"),
-        "fitting the baselines",
-    )
+    sizes = {"--prompts": prompts, "--n_points or --n_dims": prefixes}
+    harness.fits(sizes, torch.device("cpu"), "fitting the baselines")
     names = args.only or baselines.TASK_BASELINES[args.task]
     if args.save:
         harness.check_outputs(os.path.join(RESULTS, f"baselines_{args.task}.json"))
@@ -872,9 +769,8 @@ def main(argv=None):
     for name, record in CLAIMS.items():
         sub.add_parser(name, help=record.help)
     sub.add_parser("all", help="claim1 ... claim5 and seeds in turn (not converge)")
-    sub.add_parser(
-        "report", help="write docs/results.md and its figures from results/, no training"
-    )
+    text = "write docs/results.md and its figures from results/, no training"
+    sub.add_parser("report", help=text)
     tool_commands(sub)
     baselines_command(sub)
     args = parser.parse_args(argv)

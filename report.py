@@ -2,10 +2,12 @@
 
 experiments.py trains the claims' runs and keeps each one's log, evaluation and run record under
 results/CLAIM/RUN; this module reads those files and nothing else, so that a clean checkout
-rewrites the report byte for byte. It does not import experiments.py, which imports it: the
-report's entry point, `write`, takes the claim records (experiments.CLAIMS) and the models
-(experiments.MODELS) as arguments, and each claim's record names the function here that writes
-its section. experiments.py also uses the readers here to pick the runs it trains next.
+rewrites the report byte for byte. It renders and decides nothing: each claim's record
+(experiments.Claim) holds its runs, the paper's numbers, its place in the report, the rule that
+reads its verdict, and the function here that writes its section. It does not import
+experiments.py, which imports it: `write` takes the records (experiments.CLAIMS) and the models
+(experiments.MODELS) as arguments. experiments.py also uses the readers here to pick the runs it
+trains next.
 """
 
 import contextlib
@@ -23,20 +25,20 @@ import harness
 import looped
 
 RESULTS, FIGURES, REPORT = "results", "figures", os.path.join("docs", "results.md")
-
-# The report's sections in reading order. The spread over seeds comes first because it tells how
-# far any single run below can be trusted; convergence follows claim1, whose runs it extends.
-SECTIONS = ["seeds", "claim1", "claim2", "claim3", "converge", "claim4", "claim5"]
-
-FINDINGS = {
-    "match": "the two matching (within 25%)",
-    "looped ahead": "the looped model ahead",
-    "standard ahead": "the standard model ahead",
-}
 THRESHOLDS = [0.2, 0.1, 0.05]  # validation errors at k = 2d whose first step converge reports
+WORDS = "zero one two three four five six seven eight nine ten".split()
+
+
+def in_words(n):
+    return WORDS[n] if n < len(WORDS) else str(n)
 
 
 # ---------------------------------------------------------------------------- reading the runs
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def run_config(record):
@@ -49,19 +51,20 @@ def run_config(record):
 
 def read_run(folder):
     """(cfg, errors as tensors or None for a run that diverged, run record) of a run folder."""
-    with open(os.path.join(folder, "run.json")) as f:
-        record = json.load(f)
+    record = read_json(os.path.join(folder, "run.json"))
     errors = None
     if "diverged" not in record:
-        with open(os.path.join(folder, "eval.json")) as f:
-            errors = {k: torch.tensor(v) for k, v in json.load(f).items()}
+        errors = {k: torch.tensor(v) for k, v in read_json(f"{folder}/eval.json").items()}
     return run_config(record), errors, record
 
 
-def read_curve(folder):
-    """A run's learning curve from its log: [(step, validation error at each position)]."""
+def read_log(folder, key):  # the lines of a run's log.jsonl that hold key
     with open(os.path.join(folder, "log.jsonl")) as f:
-        return [(r["step"], r["val_error"]) for r in map(json.loads, f) if "val_error" in r]
+        return [r for r in map(json.loads, f) if key in r]
+
+
+def read_curve(folder):  # [(step, validation error at each position)]
+    return [(r["step"], r["val_error"]) for r in read_log(folder, "val_error")]
 
 
 def done(folder):
@@ -103,12 +106,6 @@ def best_rates(claim, models):
     return {model: (best := best_run(claim, model)) and read_run(best)[0].lr for model in models}
 
 
-def model_pair(claim, task):
-    """A claim's looped and standard run names for a task: its runs of the task, which the record
-    lists in the models' order."""
-    return [name for name, t, _ in claim.runs if t == task]
-
-
 def at_best_rates(claim, names, rates, models):
     """A claim's looped and standard run names, each at its model's rate in rates where that run
     (NAME_lrLR) finished, else as given: trained at the default rate."""
@@ -123,10 +120,8 @@ def at_best_rates(claim, names, rates, models):
 def labels(cfgs):
     """A legend name per run: the model, and the run folder where models repeat."""
     names = [looped.describe(c) for c in cfgs]
-    return [
-        f"{name} ({os.path.basename(os.path.normpath(c.out))})" if names.count(name) > 1 else name
-        for name, c in zip(names, cfgs)
-    ]
+    folders = [f" ({os.path.basename(os.path.normpath(c.out))})" for c in cfgs]
+    return [name + folder * (names.count(name) > 1) for name, folder in zip(names, folders)]
 
 
 # ---------------------------------------------------------------------------- tables and figures
@@ -140,14 +135,9 @@ def fmt(x):
 
 
 def markdown(columns, rows):
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    return "\n".join(
-        lines
-        + [
-            "| " + " | ".join(fmt(c) if isinstance(c, float) else str(c) for c in row) + " |"
-            for row in rows
-        ]
-    )
+    cells = [columns] + [[fmt(c) if isinstance(c, float) else str(c) for c in row] for row in rows]
+    lines = ["| " + " | ".join(line) + " |" for line in cells]
+    return "\n".join([lines[0], "|" + "---|" * len(columns), *lines[1:]])
 
 
 def shown_ks(cfg=None, last=False, d=None, n=None):
@@ -160,33 +150,20 @@ def shown_ks(cfg=None, last=False, d=None, n=None):
     return ks + [n - 1] if (last or not ks) and n - 1 not in ks else ks
 
 
-def finding(L, S):
-    """The paper's criterion for a looped error L against a standard one S: a match within 25%."""
-    if max(L, S) <= 1.25 * min(L, S):
-        return "match"
-    return "looped ahead" if L < S else "standard ahead"
-
-
 # ---------------------------------------------------------------------------- studies of one run
 # The tables and figures of `python experiments.py probe` and `adaptive`: the command prints and
 # draws them when it runs, and the report again from the record it saved.
 
 
 def probe_table(record):
-    """Markdown: the probes' R^2 at a few iterations, and the prediction's distance from the
-    solvers' predictions."""
+    """The probes' R^2 at a few iterations, and the prediction's distance from the solvers'."""
     b, loops = record["config"]["n_loops"], record["loops"]
     ts = sorted({1, 2, 5, b // 2, b, loops} & set(range(1, loops + 1)))
-    rows = [
-        [f"R^2, {target}, {where}", *(curve[t - 1] for t in ts)]
-        for where, by in record["r2"].items()
-        for target, curve in by.items()
-    ]
-    rows += [
-        [f"gap to the {name} prediction after t steps", *(curve[t - 1] for t in ts)]
-        for name, curve in record["prediction gap"].items()
-    ]
-    rows += [["the model's error at the last position", *(record["error"][t - 1] for t in ts)]]
+    named = [(f"R^2, {t}, {where}", c) for where, by in record["r2"].items() for t, c in by.items()]
+    gaps = record["prediction gap"].items()
+    named += [(f"gap to the {name} prediction after t steps", curve) for name, curve in gaps]
+    named += [("the model's error at the last position", record["error"])]
+    rows = [[name, *(curve[t - 1] for t in ts)] for name, curve in named]
     return markdown(["after loop iteration t", *map(str, ts)], rows)
 
 
@@ -196,21 +173,14 @@ def plot_probe(record, path):
     for i, target in enumerate(record["r2"]["last x token"]):
         for where, ls in (("last x token", "-"), ("mean over tokens", "--")):
             a.plot(t, record["r2"][where][target], ls, color=f"C{i}", label=f"{target}, {where}")
-    a.set(
-        xlabel="loop iteration t",
-        ylabel="probe R^2 (held-out prompts)",
-        ylim=(-0.1, 1.02),
-        title="what a linear probe reads from the loop state",
-    )
+    a.set(xlabel="loop iteration t", ylabel="probe R^2 (held-out prompts)", ylim=(-0.1, 1.02))
+    a.set(title="what a linear probe reads from the loop state")
     for i, (name, curve) in enumerate(record["prediction gap"].items()):
         b.semilogy(t, curve, color=f"C{i}", label=f"model vs {name} after t steps")
     b.semilogy(t, record["error"], "k", label="model's error")
     b.axvline(record["config"]["n_loops"], color="gray", ls=":", lw=1)
-    b.set(
-        xlabel="loop iteration t (dotted: trained b)",
-        ylabel="normalised squared difference, last position",
-        title="the read-out against the solvers",
-    )
+    b.set(xlabel="loop iteration t (dotted: trained b)", title="the read-out against the solvers")
+    b.set(ylabel="normalised squared difference, last position")
     for ax in (a, b):
         ax.legend(fontsize=7)
     harness.save_figure(fig, path)
@@ -231,32 +201,16 @@ def plot_adaptive(record, path):
     fig, ax = harness.figure(figsize=(6.5, 4.5))
     for i, signal in enumerate(("prediction", "state")):
         rows = [r for r in record["rows"].values() if r.get("signal") == signal]
-        ax.plot(
-            [r["mean loops"] for r in rows],
-            [r["error"][k] for r in rows],
-            "o-",
-            color=f"C{i}",
-            label=f"stop on the {signal}",
-        )
-        for r in rows:
-            ax.annotate(
-                f"{r['tol']:g}",
-                (r["mean loops"], r["error"][k]),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
+        points = [(r["mean loops"], r["error"][k]) for r in rows]
+        ax.plot(*zip(*points), "o-", color=f"C{i}", label=f"stop on the {signal}")
+        for r, xy in zip(rows, points):
+            ax.annotate(f"{r['tol']:g}", xy, fontsize=7, xytext=(3, 3), textcoords="offset points")
     fixed = next(iter(record["rows"].values()))
-    ax.plot(
-        [fixed["mean loops"]], [fixed["error"][k]], "k*", ms=14, label=f"fixed b = {cfg.n_loops}"
-    )
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="mean loops per prompt",
-        ylabel=f"normalised squared error at k = {k}",
-        title=f"adaptive depth (labels: tolerance; at most {record['max_loops']} loops)",
-    )
+    label = f"fixed b = {cfg.n_loops}"
+    ax.plot([fixed["mean loops"]], [fixed["error"][k]], "k*", ms=14, label=label)
+    ax.set(xscale="log", yscale="log", xlabel="mean loops per prompt")
+    ax.set(ylabel=f"normalised squared error at k = {k}")
+    ax.set(title=f"adaptive depth (labels: tolerance; at most {record['max_loops']} loops)")
     ax.legend(fontsize=8)
     harness.save_figure(fig, path)
 
@@ -266,8 +220,8 @@ def plot_adaptive(record, path):
 
 def write(claims, models, baselines_note=""):
     """docs/results.md and its figures from results/ alone. claims: {name: claim record}, as
-    experiments.CLAIMS holds them; models: {model name: its overrides}, as experiments.MODELS;
-    baselines_note: the paper's numbers for the baselines' section."""
+    experiments.CLAIMS holds them, each section at its record's place; models: {model name: its
+    overrides}, as experiments.MODELS; baselines_note: the paper's numbers for the baselines."""
     os.makedirs(FIGURES, exist_ok=True)
     os.makedirs(os.path.dirname(REPORT), exist_ok=True)
     lines = [
@@ -280,194 +234,128 @@ def write(claims, models, baselines_note=""):
         "",
     ]
     runs_section(lines, claims)
-    for name in SECTIONS:
-        claims[name].section(lines, name, claims, models)
-    study_section(
-        lines,
-        "probe",
-        "What the loop computes: linear probes of the loop state",
-        "After each loop iteration t, a ridge probe (fitted on half of the fresh prompts, R^2 on"
-        " the other half) reads a quantity of the in-context data for the last query from the loop"
-        " state: at the token whose read-out predicts the last y, or averaged over all tokens. The"
-        " gaps compare the model's prediction after t loops with gradient descent's and Newton's"
-        " after t steps, normalised like the error.",
-        probe_table,
-        plot_probe,
-    )
-    study_section(
-        lines,
-        "adaptive",
-        "Adaptive depth: a loop that stops when it has converged",
-        "Each test prompt runs until the relative change of its predictions (or of its loop state)"
-        " between two iterations falls below the tolerance, then freezes; the same rule as"
-        " `export.py --until-converged`.",
-        adaptive_table,
-        plot_adaptive,
-    )
-    tables_section(
-        lines,
-        "Classical baselines at the paper's scale",
-        "baselines_*.json",
-        baselines_note,
-    )
-    tables_section(lines, "Speed", "bench_*.json")
+    for name, claim in sorted(claims.items(), key=lambda item: item[1].place):
+        add(lines, f"## {claim.heading}", claim.paper and f"The paper: {claim.paper}.")
+        claim.section(lines, name, claims, models)
+    for kind, study in STUDIES.items():
+        study_section(lines, kind, *study)
+    tables_section(lines, "Classical baselines at the paper's scale", "baselines_", baselines_note)
+    tables_section(lines, "Speed", "bench_")
     with harness.atomic(REPORT) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
     print(f"wrote {REPORT} and its figures in {FIGURES}/")
 
 
+def add(lines, *paragraphs):
+    """Paragraphs, each with a blank line after it; an empty one is left out."""
+    lines += [line for text in paragraphs if text for line in (text, "")]
+
+
+def image(alt, name):
+    return f"![{alt}](../{FIGURES}/{name}.png)"
+
+
+def not_run(lines, *names, why="", after=""):
+    commands = " && ".join(f"python experiments.py {name}" for name in names)
+    add(lines, f"Not run yet{why}: `{commands}`{after}.")
+
+
 def runs_section(lines, claims):
-    """Every claim's runs in one table, with their wall times and machines. The seeds have a table
-    of their own, in their section."""
-    paths = sorted(
-        path
-        for name in claims
-        if name != "seeds"
-        for path in glob.glob(os.path.join(RESULTS, name, "*", "run.json"))
-    )
+    """Every claim's runs in one table, with their wall times and machines; not the seeds'."""
+    shown = [name for name, claim in claims.items() if claim.section is not seeds_section]
+    paths = sorted(p for name in shown for p in glob.glob(f"{RESULTS}/{name}/*/run.json"))
     if not paths:
         return
     rows = []
     for path in paths:
-        with open(path) as f:
-            r = json.load(f)
+        r = read_json(path)
         c = run_config(r)
-        rows.append(
-            [
-                os.path.dirname(path),
-                c.task,
-                looped.describe(c),
-                f"{c.lr:g}",
-                f"{c.embed_init:g} / {c.attn_init:g}",
-                c.steps,
-                f"{r['seconds'] / 60:.1f} min" + (" (diverged)" if "diverged" in r else ""),
-                r["machine"],
-                r["threads"],
-                r["torch"],
-            ]
-        )
-    lines += [
+        wall = f"{r['seconds'] / 60:.1f} min" + (" (diverged)" if "diverged" in r else "")
+        init = f"{c.embed_init:g} / {c.attn_init:g}"
+        rows.append([os.path.dirname(path), c.task, looped.describe(c), f"{c.lr:g}", init])
+        rows[-1] += [c.steps, wall, r["machine"], r["threads"], r["torch"]]
+    columns = "run,task,model,lr,init,steps,wall time,machine,threads,torch".split(",")
+    add(
+        lines,
         "## Runs",
-        "",
         "Wall time: training and evaluation, as `run` measured it; runs made side by side "
         "with one thread each took longer than one alone would. Init: the std of the prompt's "
         "embedding and of the attention's q, k, v weights at initialisation (GPT-2's and the "
         f"paper's: 0.02 / 0.02; the laptop preset's: {looped.Config.embed_init:g} / "
         f"{looped.Config.attn_init:g}).",
-        "",
-        markdown(
-            [
-                *("run", "task", "model", "lr", "init", "steps", "wall time"),
-                *("machine", "threads", "torch"),
-            ],
-            rows,
-        ),
-        "",
-    ]
+        markdown(columns, rows),
+    )
 
 
 def pairs_section(lines, name, claims, models, sweep=False):
-    """A claim that pits the looped model against the standard one on some tasks: for each task, a
-    table, a figure and whether the paper's finding reproduced. With sweep, the claim's runs are a
-    learning-rate sweep of both models, shown first, and each model is compared at its best rate.
-    Otherwise each model is compared at the default rate and again at the best rate of the sweep
-    in the claim the record needs, where those runs exist."""
+    """The looped model against the standard one on each task of the claim's verdicts. With sweep,
+    the claim's runs are a learning-rate sweep of both models, shown first, and each model is
+    compared at its best rate. Otherwise at the default rate and again at the best rate of the
+    sweep in the claim the record needs, where those runs exist."""
     claim = claims[name]
-    lines += [f"## {claim.heading}", "", f"The paper: {claim.paper}.", ""]
     pairs, rates = [], best_rates(claim.needs, models) if claim.needs else {}
     best = sweep_section(name, models, lines) if sweep else None
     for task, expected, numbers in claim.verdicts:
         if sweep:
             pairs += [(task, *best, expected, numbers)] if best else []
         else:  # the same pair at the default rates, then at the sweep's, once if they are the same
-            at_default = model_pair(claim, task)
+            at_default = [run_name for run_name, t, _ in claim.runs if t == task]  # models' order
             at_best = at_best_rates(name, at_default, rates, models)
             for a, b in dict.fromkeys([tuple(at_default), tuple(at_best)]):
                 pairs.append((task, a, b, expected, numbers))
-    if not pairs or not all(
-        done(os.path.join(RESULTS, name, r)) for _, a, b, *_ in pairs for r in (a, b)
-    ):
-        lines += [f"Not run yet: `python experiments.py {name}`.", ""]
-        return
-    compare_section(name, pairs, lines)
-    c = read_run(os.path.join(RESULTS, name, pairs[0][1]))[0]
-    caveat = claim.caveat.format(steps=c.steps, share=c.steps / looped.PAPER["steps"], d=c.n_dims)
-    lines += [caveat, ""] if caveat else []
+    folders = [os.path.join(RESULTS, name, r) for _, a, b, *_ in pairs for r in (a, b)]
+    if not pairs or not all(map(done, folders)):
+        return not_run(lines, name)
+    compare_section(name, claim, pairs, lines)
+    c = read_run(folders[0])[0]
+    add(
+        lines, claim.caveat.format(steps=c.steps, share=c.steps / looped.PAPER["steps"], d=c.n_dims)
+    )
     if not sweep:
-        lines += learning_rate_caveat(name, claim.needs, pairs, rates, models)
+        learning_rate_caveat(lines, name, claim.needs, pairs, rates, models)
 
 
-def compare_section(claim, pairs, lines):
-    """Looped against standard for each (task, looped run, standard run, the paper's finding, its
-    numbers) of a claim: a table, a figure, and whether the paper's finding reproduced."""
+def compare_section(name, claim, pairs, lines):
+    """For each (task, looped run, standard run, the paper's finding, its numbers): a table, a
+    figure, and the verdict by the claim's rule."""
     seen = set()
     for task, a, b, expected, paper in pairs:
-        (ca, ea, _), (cb, eb, _) = (
-            read_run(os.path.join(RESULTS, claim, a)),
-            read_run(os.path.join(RESULTS, claim, b)),
-        )
+        (ca, ea, _), (cb, eb, _) = (read_run(os.path.join(RESULTS, name, r)) for r in (a, b))
         names = labels([ca, cb])
-        named = [(names[0], ca, ea), (names[1], cb, eb)]  # the baselines: the first run's
         # A task's second pair (at other learning rates) gets figures of its own.
-        suffix = f"_{claim}_{task}" + (f"_{b}" if task in seen else "")
+        suffix = f"_{name}_{task}" + (f"_{b}" if task in seen else "")
         seen.add(task)
+        named = [(names[0], ca, ea), (names[1], cb, eb)]  # the baselines: the first run's
         harness.plot(named, FIGURES, task, baselines.TASK_BASELINES[task], suffix)
         shown = [n for n in baselines.TASK_BASELINES[task] if n != "zero"][:4]
-        rows = [
-            [
-                k,
-                ea["loops"][ca.n_loops - 1][k].item(),
-                eb["loops"][0][k].item(),
-                *(ea[n][k].item() for n in shown),
-            ]
-            for k in shown_ks(ca, last=True)
-        ]
+        L, S = ea["loops"][ca.n_loops - 1].tolist(), eb["loops"][0].tolist()
+        ks = shown_ks(ca, last=True)
+        rows = [[k, L[k], S[k], *(ea[n][k].item() for n in shown)] for k in ks]
         params = [looped.count_parameters(looped.LoopedTransformer(c))[0] for c in (ca, cb)]
-        lines += [
+        k = ca.n_points - 1 if claim.at_end else shown_ks(ca)[-1]
+        found = claim.verdict(L[k], S[k])
+        outcome = f"here at k = {k} the looped model has {fmt(L[k])} and the standard one "
+        outcome += f"{fmt(S[k])}: {found}"
+        verdict = "Reproduced" if found == expected else "Not reproduced"
+        add(
+            lines,
             f"**{task}**, d = {ca.n_dims}, n = {ca.n_points}, {ca.eval_prompts} test prompts: "
             f"{names[0]} ({params[0]:,} parameters by the paper's count) against {names[1]} "
             f"({params[1]:,}), {ca.steps} steps each, at learning rates {ca.lr:g} and {cb.lr:g}.",
-            "",
             markdown(["k", "looped", "standard", *shown], rows),
-            "",
-            f"![{task}: error against in-context examples]"
-            f"(../{FIGURES}/error_vs_examples{suffix}.png)",
-            "",
-        ]
-        k, verdict = pair_verdict(task, ca, ea, eb, expected, paper)
-        lines += [verdict, ""]
-        lines += seed_spread(claim, k, ((a, ca), (b, cb)))
+            image(f"{task}: error against in-context examples", f"error_vs_examples{suffix}"),
+            f"**{verdict} at this scale.** The paper has {expected}: {paper}; {outcome}."
+            if expected
+            else f"The paper gives no number ({paper}); {outcome}.",
+        )
+        seed_spread(lines, name, k, ((a, ca), (b, cb)))
 
 
-def pair_verdict(task, ca, ea, eb, expected, paper):
-    """(k, the verdict's paragraph) for a looped run (ca, ea) against a standard one (eb): whether
-    the paper's finding, expected (None where it gives no number), reproduced at this scale."""
-    # The paper reads trees and networks at the prompt's end, linear regression at k = 2d.
-    k = ca.n_points - 1 if task in ("decision_tree", "relu_2nn") else shown_ks(ca)[-1]
-    L, S = ea["loops"][ca.n_loops - 1][k].item(), eb["loops"][0][k].item()
-    found = finding(L, S)
-    outcome = (
-        f"here at k = {k} the looped model has {fmt(L)} and the standard one {fmt(S)}: "
-        f"{FINDINGS[found]}"
-    )
-    if not expected:
-        return k, f"The paper gives no number ({paper}); {outcome}."
-    verdict = "Reproduced" if found == expected else "Not reproduced"
-    return (
-        k,
-        f"**{verdict} at this scale.** The paper has {FINDINGS[expected]}: {paper}; {outcome}.",
-    )
-
-
-def seed_spread(claim, k, named):
-    """Lines on the same runs, named [(name, cfg)], with other seeds, where trained: what a user
-    should expect."""
-    lines = []
+def seed_spread(lines, claim, k, named):
+    """The same runs, named [(name, cfg)], with other seeds, where trained."""
     for run_name, c in named:
         pattern = os.path.join(RESULTS, claim, f"{run_name}_seed*", "run.json")
         seeds = [os.path.dirname(p) for p in sorted(glob.glob(pattern))]
-        if not seeds:
-            continue
         seeded = [read_run(f) for f in [os.path.join(RESULTS, claim, run_name), *seeds]]
         loops = c.eval_loops > c.n_loops
         spread = [
@@ -478,17 +366,13 @@ def seed_spread(claim, k, named):
             for s, e, _ in seeded
         ]
         at = f"at b = {c.n_loops} loops, and at {c.eval_loops}" if loops else "at its one pass"
-        lines += [
-            f"The {looped.describe(c)} at k = {k} over seeds ({at}): {'; '.join(spread)}.",
-            "",
-        ]
-    return lines
+        text = f"The {looped.describe(c)} at k = {k} over seeds ({at}): {'; '.join(spread)}."
+        add(lines, seeds and text)
 
 
 def sweep_section(claim, models, lines):
-    """The learning-rate sweep of both models: a table, the error against the learning rate, and
-    the learning curves. Returns each model's best run name (by the validation prompts), or None
-    before the sweep."""
+    """The learning-rate sweep of both models: a table and two figures. Returns each model's best
+    run name (by the validation prompts), or None before the sweep."""
     sweeps = {model: sweep_runs(claim, model) for model in models}
     best = {model: best_run(claim, model, sweeps[model]) for model in models}
     if not all(best.values()):
@@ -505,20 +389,17 @@ def sweep_section(claim, models, lines):
                 test = [errors["loops"][c.n_loops - 1][j].item() for j in ks]
                 rows.append([f"{lr:g}", name, curve[-1][1][k], *test])
     counts = " and ".join(sorted({str(len(r)) for r in sweeps.values()}))
-    lines += [
+    add(
+        lines,
         f"Both models trained at each of {counts} learning rates, with everything else the same "
         f"({cfg.steps} steps, batch {cfg.batch_size}, the same prompts and curriculum). Each "
         f"model's best learning rate is the one with the lowest error at k = {k} on 256 validation "
         f"prompts at the last step, drawn apart from the {cfg.eval_prompts} test prompts that the "
         f"table's other columns and the comparison below use.",
-        "",
         markdown(["lr", "model", f"validation, k = {k}", *(f"test, k = {j}" for j in ks)], rows),
-        "",
-        f"![test error against learning rate](../{FIGURES}/lr_sweep_{claim}.png)",
-        "",
-        f"![validation error against training step](../{FIGURES}/learning_curves_{claim}.png)",
-        "",
-    ]
+        image("test error against learning rate", f"lr_sweep_{claim}"),
+        image("validation error against training step", f"learning_curves_{claim}"),
+    )
     plot_sweep(sweeps, best, k, claim)
     return [os.path.basename(best[model]) for model in models]
 
@@ -529,143 +410,97 @@ def plot_sweep(sweeps, best, k, claim):
     fig, ax = harness.figure(figsize=(6.5, 4.5))
     for i, (model, runs) in enumerate(sweeps.items()):
         trained = [
-            (lr, r[2]["loops"][r[1].n_loops - 1][k].item())
-            for lr, r in runs.items()
-            if r[2] is not None
+            (lr, r[2]["loops"][r[1].n_loops - 1][k].item()) for lr, r in runs.items() if r[2]
         ]
-        ax.loglog(
-            *zip(*trained),
-            "o-",
-            color=f"C{i}",
-            label=looped.describe(next(iter(runs.values()))[1]),
-        )
-        ax.plot(
-            *zip(*[(lr, e) for lr, e in trained if runs[lr][0] == best[model]]),
-            "*",
-            ms=16,
-            color=f"C{i}",
-        )
+        name = looped.describe(next(iter(runs.values()))[1])
+        ax.loglog(*zip(*trained), "o-", color=f"C{i}", label=name)
+        star = [(lr, e) for lr, e in trained if runs[lr][0] == best[model]]
+        ax.plot(*zip(*star), "*", ms=16, color=f"C{i}")
         for lr in [lr for lr, r in runs.items() if r[2] is None]:
             ax.axvline(lr, color=f"C{i}", ls=":", label=f"{model} diverged at lr {lr:g}")
-    ax.set(
-        xlabel="Adam learning rate",
-        ylabel=f"normalised squared error at k = {k} (test)",
-        title="learning-rate sweep (star: best by validation prompts)",
-    )
+    ax.set(xlabel="Adam learning rate", ylabel=f"normalised squared error at k = {k} (test)")
+    ax.set(title="learning-rate sweep (star: best by validation prompts)")
     figures = [(fig, [ax], f"lr_sweep_{claim}")]
     fig, axes = harness.figure(1, len(sweeps), figsize=(11, 4.2), sharey=True)
     for ax, (model, runs) in zip(axes, sweeps.items()):
         for i, (lr, (folder, _, errors, curve)) in enumerate(runs.items()):
-            ax.semilogy(
-                [s for s, _ in curve],
-                [e[k] for _, e in curve],
-                color=f"C{i}",
-                lw=2.5 if folder == best[model] else 1.2,
-                label=f"lr {lr:g}"
-                + " (best)" * (folder == best[model])
-                + " (diverged)" * (errors is None),
-            )
-        ax.set(
-            title=looped.describe(next(iter(runs.values()))[1]),
-            xlabel="training step",
-            ylabel=f"validation error at k = {k}",
-        )
+            is_best = folder == best[model]
+            label = f"lr {lr:g}" + " (best)" * is_best + " (diverged)" * (errors is None)
+            steps, errors_at_k = [s for s, _ in curve], [e[k] for _, e in curve]
+            ax.semilogy(steps, errors_at_k, color=f"C{i}", lw=2.5 if is_best else 1.2, label=label)
+        ax.set(title=looped.describe(next(iter(runs.values()))[1]), xlabel="training step")
+        ax.set(ylabel=f"validation error at k = {k}")
     figures.append((fig, axes, f"learning_curves_{claim}"))
-    for fig, axes, name in figures:
-        for ax in axes:
+    for figure, shown, name in figures:
+        for ax in shown:
             ax.legend(fontsize=8)
-        harness.save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
+        harness.save_figure(figure, os.path.join(FIGURES, f"{name}.png"))
 
 
-def learning_rate_caveat(claim, swept, pairs, best_lr, models):
-    """For a claim not swept: whether its models trained at the learning rates that the sweep of
-    claim `swept` found best."""
+def learning_rate_caveat(lines, claim, swept, pairs, best_lr, models):
+    """Whether a claim's models trained at the learning rates claim `swept`'s sweep found best."""
     if not all(best_lr.values()):
-        return []
-    used = [
-        {read_run(os.path.join(RESULTS, claim, pair[1 + i]))[0].lr for pair in pairs}
-        for i in range(len(models))
-    ]
+        return
+    used = [{read_run(os.path.join(RESULTS, claim, p[1 + i]))[0].lr for p in pairs} for i in (0, 1)]
     off = [
         f"the {model} model trained at lr {', '.join(f'{lr:g}' for lr in sorted(lrs))}, where "
         f"{swept}'s sweep found {best_lr[model]:g} best on linear regression"
         for model, lrs in zip(models, used)
         if best_lr[model] not in lrs
     ]
-    if off:
-        return [f"Not swept here: {'; '.join(off)}.", ""]
     rates = ", ".join(f"{m} {best_lr[m]:g}" for m in models)
-    return [
-        f"Not swept here: a task's second pair has each model at the learning rate {swept}'s sweep "
-        f"found best for it on linear regression ({rates}); which rate is best on this task is not "
-        f"measured.",
-        "",
-    ]
+    add(
+        lines,
+        f"Not swept here: {'; '.join(off)}."
+        if off
+        else f"Not swept here: a task's second pair has each model at the learning rate {swept}'s "
+        f"sweep found best for it on linear regression ({rates}); which rate is best on this task "
+        f"is not measured.",
+    )
 
 
 def seeds_section(lines, name, claims, models):
-    """The default command over ten seeds: each one's error at the paper's k, the spread at k = 2d,
-    and a figure of their training losses (where a seed sits on the plateau, and for how long)."""
+    """The default command over each seed: its error at the paper's k, the spread at k = 2d, and a
+    figure of their training losses (where a seed sits on the plateau, and for how long)."""
     claim = claims[name]
     folders = [os.path.join(RESULTS, name, run_name) for run_name, _, _ in claim.runs]
     seeds = [overrides["seed"] for _, _, overrides in claim.runs]
     runs = [read_run(f) for f in folders if done(f)]
-    lines += [f"## {claim.heading}", ""]
     if not runs:
-        lines += [f"Not run yet: `python experiments.py {name}`.", ""]
-        return
-    cfg = runs[0][0]
+        return not_run(lines, name)
+    cfg, record = runs[0][0], runs[0][2]
     ks, k2d, b = shown_ks(cfg), 2 * cfg.n_dims, cfg.n_loops
-    rows, ends = [], []
-    for c, errors, record in runs:
-        ends.append(errors["loops"][b - 1][k2d].item())
-        rows.append(
-            [
-                c.seed,
-                *[errors["loops"][b - 1][k].item() for k in ks],
-                errors["loops"][-1][k2d].item(),
-                f"{record['seconds'] / 60:.1f} min",
-            ]
-        )
-    ends.sort()
-    good = sum(e <= 0.05 for e in ends)
-    lines += [
+    rows = [
+        [c.seed, *(e["loops"][b - 1][k].item() for k in ks), e["loops"][-1][k2d].item()]
+        + [f"{r['seconds'] / 60:.1f} min"]
+        for c, e, r in runs
+    ]
+    ends = sorted(e["loops"][b - 1][k2d].item() for _, e, _ in runs)
+    columns = ["seed", *[f"k = {k}" for k in ks], f"k = {k2d}, {cfg.eval_loops} loops", "wall time"]
+    add(
+        lines,
         f"`python looped.py --task linreg --loops 20 --seed S` for S = {seeds[0]} to {seeds[-1]} "
         f"({cfg.steps} steps; Adam's rate up to {cfg.lr:g} over {cfg.warmup} steps, down to 0 over "
         f"the last {cfg.decay}; the prompt's embedding and the attention initialised at std "
         f"{cfg.embed_init:g} and {cfg.attn_init:g}), made by `python experiments.py {name}` on "
-        f"{runs[0][2]['machine']} with {runs[0][2]['threads']} thread per run, two runs side by "
-        f"side: one alone with two threads is faster.",
-        "",
-        markdown(
-            ["seed", *[f"k = {k}" for k in ks], f"k = {k2d}, {cfg.eval_loops} loops", "wall time"],
-            rows,
-        ),
-        "",
+        f"{record['machine']} with {record['threads']} thread per run, {claim.made}.",
+        markdown(columns, rows),
         f"At k = 2d = {k2d} after b = {b} loops, over {len(ends)} seeds: median "
-        f"{fmt(statistics.median(ends))}, from {fmt(ends[0])} to {fmt(ends[-1])}; {good} of "
-        f"{len(ends)} at most 0.05.",
-        "",
-        f"![training loss of each seed](../{FIGURES}/{name}.png)",
-        "",
-    ]
-    plot_seeds(runs, folders, cfg, name)
+        f"{fmt(statistics.median(ends))}, from {fmt(ends[0])} to {fmt(ends[-1])}; "
+        f"{sum(map(claim.verdict, ends))} of {len(ends)} {claim.rule}.",
+        image("training loss of each seed", name),
+    )
+    plot_seeds(runs, folders, cfg, name, claim.heading)
 
 
-def plot_seeds(runs, folders, cfg, name):
+def plot_seeds(runs, folders, cfg, name, title):
     """Each seed's training loss against step, beside two estimators' loss at the last stage."""
     b, k2d = cfg.n_loops, 2 * cfg.n_dims
     fig, ax = harness.figure(figsize=(7, 4.5))
     for i, ((c, errors, _), folder) in enumerate(zip(runs, folders)):
-        with open(os.path.join(folder, "log.jsonl")) as f:
-            log = [r for r in map(json.loads, f) if "loss" in r]
-        ax.semilogy(
-            [r["step"] for r in log],
-            [r["loss"] for r in log],
-            color=f"C{i % 10}",
-            lw=1.2,
-            label=f"seed {c.seed}: {fmt(errors['loops'][b - 1][k2d].item())} at k = {k2d}",
-        )
+        steps, losses = zip(*[(r["step"], r["loss"]) for r in read_log(folder, "loss")])
+        label = f"seed {c.seed}: {fmt(errors['loops'][b - 1][k2d].item())} at k = {k2d}"
+        ax.semilogy(steps, losses, color=f"C{i % 10}", lw=1.2, label=label)
     # Two estimators' loss at the last stage's d and n, averaged over the n positions k = 0 .. n-1:
     # least squares, (d - k) / d for k < d; and one step of gradient descent from 0 with the best
     # step for each k, w = X^T y / (k + d + 1), whose error is (d + 1) / (k + d + 1), a moment of
@@ -676,11 +511,8 @@ def plot_seeds(runs, folders, cfg, name):
         (sum((d + 1) / (k + d + 1) for k in range(n)) / n, "one step of gradient descent", "--"),
     ]:
         ax.axhline(level, color="k", ls=style, lw=1, label=f"{estimator} (d = {d}, n = {n})")
-    ax.set(
-        xlabel="training step",
-        ylabel="training loss / d (d grows by the curriculum)",
-        title="the default command over ten seeds",
-    )
+    ax.set(xlabel="training step", ylabel="training loss / d (d grows by the curriculum)")
+    ax.set(title=title[0].lower() + title[1:])
     ax.legend(fontsize=7, ncol=2)
     harness.save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
 
@@ -697,58 +529,35 @@ def step_flops(cfg):
     gen = torch.Generator().manual_seed(0)
     xs, ys = looped.TASKS[cfg.task](cfg.batch_size, cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
     with FlopCounterMode(display=False) as counter:
-        looped.train_step(
-            model, opt, contextlib.nullcontext(), xs, ys, cfg.n_loops, cfg.n_loops - cfg.loop_window
-        )
+        b, no_grad = cfg.n_loops, cfg.n_loops - cfg.loop_window
+        looped.train_step(model, opt, contextlib.nullcontext(), xs, ys, b, no_grad)
     return counter.get_total_flops()
-
-
-def training_seconds(folder):
-    """A run's training time from its log (ms per step on each line), summed over every session
-    that it took."""
-    with open(os.path.join(folder, "log.jsonl")) as f:
-        log = [r for r in map(json.loads, f) if "ms_per_step" in r]
-    steps = [r["step"] - last["step"] for last, r in zip([{"step": 0}] + log, log)]
-    return sum(r["ms_per_step"] * n for r, n in zip(log, steps)) / 1000
-
-
-def first_step(curve, k, level):
-    """The first step whose validation error at k is at most level; None if none is."""
-    return next((step for step, errors in curve if errors[k] <= level), None)
-
-
-def longer(cfg, best):
-    """Whether a run is the sweep's best run trained again, with only its steps and seed changed."""
-    keep = ("steps", "seed", "ckpt_every", "out")
-    return bool(best) and dataclasses.replace(cfg, **{k: getattr(best, k) for k in keep}) == best
 
 
 def converge_section(lines, name, claims, models, times):
     """A sweep's best runs trained for `times` their steps: the final errors, both learning curves
     on one figure, the steps (and training FLOPs) each model takes to reach given errors, and the
-    verdict by the paper's criterion (within 25% at k = 2d). The model behind counts as still
-    improving when its curve falls, over the last eighth of its steps at the peak rate, by more
-    than the spread over seeds."""
-    claim = claims[name]
-    lines += [f"## {claim.heading}", ""]
-    runs, by_model = converge_runs(name, models)
+    verdict by the claim's rule."""
+    claim, runs = claims[name], {}  # {folder name: (cfg, errors, run.json, curve, folder)}
+    for folder in sorted(os.path.dirname(p) for p in glob.glob(f"{RESULTS}/{name}/*/run.json")):
+        cfg, errors, record = read_run(folder)
+        runs[os.path.basename(folder)] = (cfg, errors, record, read_curve(folder), folder)
+    standard = {m: m == "standard" for m in models}
+    by_model = {m: [r for r in runs.values() if (r[0].n_layer > 1) == standard[m]] for m in models}
     if not all(by_model.values()) or any(r[1] is None for r in runs.values()):
-        lines += [
-            f"Not run yet (or a run diverged): `python experiments.py {name}`, after "
-            f"{claim.needs}.",
-            "",
-        ]
-        return
+        return not_run(lines, name, why=" (or a run diverged)", after=f", after {claim.needs}")
     cfg = by_model["looped"][0][0]
     ks, k = shown_ks(cfg), shown_ks(cfg)[-1]
     final = {
         m: [r[1]["loops"][r[0].n_loops - 1][k].item() for r in rs] for m, rs in by_model.items()
     }
     target = statistics.mean(final["looped"])
-    flops = {m: step_flops(rs[0][0]) for m, rs in by_model.items()}
-    rows, reach = result_rows(runs, ks, k, target, flops)
+    rows, reach = result_rows(runs, ks, k, target)
     stale = stale_models(lines, name, claim, models, by_model)
-    lines += [
+    reached = [*(f"to {fmt(x)}" for x in THRESHOLDS), f"to {fmt(target)} (looped's final)"]
+    flat_end = cfg.steps - cfg.decay  # the last step at the peak rate
+    add(
+        lines,
         f"Each model at the learning rate {claim.needs}'s sweep found best for it"
         f"{' when they were made' if stale else ''}, for "
         f"{cfg.steps:,} steps ({times} times the preset's; Adam's rate warmed up over "
@@ -756,46 +565,17 @@ def converge_section(lines, name, claims, models, times):
         f"{' and '.join(map(str, seeds_of(by_model)))}, a "
         f"validation point (256 prompts) every {cfg.eval_every} steps; made by "
         f"`python experiments.py {name}` on {by_model['looped'][0][2]['machine']}.",
-        "",
         markdown(["run", "model", "seed", "lr", *(f"test, k = {j}" for j in ks)], rows),
-        "",
-        f"![validation error of both models against training step](../{FIGURES}/{name}.png)",
-        "",
+        image("validation error of both models against training step", name),
         f"The first step whose validation error at k = {k} is at most each level (in brackets: the "
         f"training TFLOP to get there, at the full-size step's count; the curriculum's early steps "
         f"cost less), the GFLOP of one step at full size (batch {cfg.batch_size}), and the "
         f"training time from the log:",
-        "",
-        markdown(
-            [
-                "run",
-                *(f"to {fmt(x)}" for x in THRESHOLDS),
-                f"to {fmt(target)} (looped's final)",
-                "GFLOP per step",
-                "training time",
-            ],
-            reach,
-        ),
-        "",
-    ]
-    lines += [claim.caveat, ""] if claim.caveat else []
-    flat_end = cfg.steps - cfg.decay  # the last step at the peak rate
-    lines += [converge_verdict(by_model, cfg, k, final, flat_end), ""]
+        markdown(["run", *reached, "GFLOP per step", "training time"], reach),
+        claim.caveat,
+        converge_verdict(claim, by_model, cfg, k, final, flat_end),
+    )
     plot_converge(by_model, k, flat_end, claim, name)
-
-
-def converge_runs(name, models):
-    """A claim's runs, {folder name: (cfg, errors, run.json, learning curve, folder)}, and the
-    same grouped by model."""
-    runs = {}
-    files = glob.glob(os.path.join(RESULTS, name, "*", "run.json"))
-    for folder in sorted(os.path.dirname(p) for p in files):
-        cfg, errors, record = read_run(folder)
-        runs[os.path.basename(folder)] = (cfg, errors, record, read_curve(folder), folder)
-    by_model = {
-        m: [r for r in runs.values() if (r[0].n_layer > 1) == (m == "standard")] for m in models
-    }
-    return runs, by_model
 
 
 def seeds_of(by_model):
@@ -804,85 +584,81 @@ def seeds_of(by_model):
 
 
 def stale_models(lines, name, claim, models, by_model):
-    """The models whose runs were trained from an earlier sweep (at another preset): shown, and
-    said to be so in lines."""
-    best = {m: best_run(claim.needs, m) for m in models}
-    best = {m: best[m] and read_run(best[m])[0] for m in models}
+    """The models whose runs were not trained from the sweep's best run as it is now (from an
+    earlier sweep, at another preset): said so in lines."""
+    best = {m: (folder := best_run(claim.needs, m)) and read_run(folder)[0] for m in models}
     stale = [m for m, rs in by_model.items() if not all(longer(r[0], best[m]) for r in rs)]
-    if stale:
-        lines += [
-            f"These {' and '.join(stale)} runs were made from an earlier {claim.needs} sweep: "
-            f"their learning rate or initialisation is not that of {claim.needs}'s best run now "
-            f"(see the runs table). `rm -r results/{name}` and `python experiments.py {name}` "
-            "train them again.",
-            "",
-        ]
+    add(
+        lines,
+        stale
+        and f"These {' and '.join(stale)} runs were made from an earlier {claim.needs} sweep: "
+        f"their learning rate or initialisation is not that of {claim.needs}'s best run now "
+        f"(see the runs table). `rm -r results/{name}` and `python experiments.py {name}` "
+        "train them again.",
+    )
     return stale
 
 
-def result_rows(runs, ks, k, target, flops):
-    """converge's two tables: each run's test error at ks (and least squares'), and the steps (and
-    TFLOP) it took to reach each level of validation error at k."""
-    rows, reach = [], []
+def longer(cfg, best):
+    """Whether a run is the sweep's best run trained again, with only its steps and seed changed."""
+    keep = ("steps", "seed", "ckpt_every", "out")
+    return bool(best) and dataclasses.replace(cfg, **{k: getattr(best, k) for k in keep}) == best
+
+
+def result_rows(runs, ks, k, target):
+    """Each run's test error at ks (and least squares'), and the steps (and TFLOP) it took to reach
+    each level of validation error at k."""
+    rows, reach, flops = [], [], {}
     for run_name, (c, errors, _, curve, folder) in runs.items():
-        model = "standard" if c.n_layer > 1 else "looped"
+        flops[c.n_layer] = flops.get(c.n_layer) or step_flops(c)  # one count per model
         test = [errors["loops"][c.n_loops - 1][j].item() for j in ks]
         rows.append([run_name, looped.describe(c), c.seed, f"{c.lr:g}", *test])
-        steps = [first_step(curve, k, level) for level in THRESHOLDS + [target]]
-        reach.append(
-            [
-                run_name,
-                *("-" if s is None else f"{s:,} ({s * flops[model] / 1e12:.3g})" for s in steps),
-                f"{flops[model] / 1e9:.2f}",
-                f"{training_seconds(folder) / 60:.0f} min",
-            ]
-        )
+        # The first step whose validation error at k is at most each level, None if none is.
+        steps = [next((s for s, e in curve if e[k] <= x), None) for x in THRESHOLDS + [target]]
+        f = flops[c.n_layer]
+        reached = ["-" if s is None else f"{s:,} ({s * f / 1e12:.3g})" for s in steps]
+        # The training time: the log's ms per step, over all the run's sessions.
+        log = read_log(folder, "ms_per_step")
+        steps = [r["step"] - last["step"] for last, r in zip([{"step": 0}] + log, log)]
+        seconds = sum(r["ms_per_step"] * n for r, n in zip(log, steps)) / 1000
+        reach.append([run_name, *reached, f"{f / 1e9:.2f}", f"{seconds / 60:.0f} min"])
     least_squares = next(iter(runs.values()))[1]["least squares"]  # the same test prompts
     rows.append(["least squares", "", "", "", *(least_squares[j].item() for j in ks)])
     return rows, reach
 
 
-def converge_verdict(by_model, cfg, k, final, flat_end):
-    """The verdict, from the mean over seeds of each model's test error at k = 2d; the model behind
-    is still improving when its curve fell, over the last eighth of its peak-rate steps, by more
-    than the spread over seeds."""
+def converge_verdict(claim, by_model, cfg, k, final, flat_end):
+    """The verdict by the claim's rule, from the mean over seeds of each model's test error at k,
+    and how far the validation curve (the first seed's) of the model behind fell over the last
+    eighth of its peak-rate steps, against the spread over seeds at their end."""
     L, S = statistics.mean(final["looped"]), statistics.mean(final["standard"])
-    behind = "standard" if S > L else "looped"
+    behind, seeds = "standard" if S > L else "looped", seeds_of(by_model)
 
     def at(curve, step):
         """The validation error at k at the curve's point nearest the step."""
         return min(curve, key=lambda p: abs(p[0] - step))[1][k]
 
-    still, seed = [], seeds_of(by_model)[0]  # the first seed's curve is read
-    for model, rs in by_model.items():
-        first = [r[3] for r in rs if r[0].seed == seed][0]
-        fall = at(first, flat_end * 7 / 8) - at(first, flat_end)
-        ends = [at(r[3], flat_end) for r in rs]
-        spread = max(ends) - min(ends)
-        if fall > spread:
-            still.append((model, fall, spread))
-    found = finding(L, S)
+    first = next(r[3] for r in by_model[behind] if r[0].seed == seeds[0])
+    fall = at(first, flat_end * 7 / 8) - at(first, flat_end)
+    ends = [at(r[3], flat_end) for r in by_model[behind]]
+    spread = max(ends) - min(ends)
+    ((_, expected, _),) = claim.verdicts
+    found, verdict = claim.verdict(L, S, fall, spread, expected)
     outcome = (
-        f"at k = {k}, the mean over two seeds of the test error is {fmt(L)} for the looped model "
-        f"and {fmt(S)} for the standard one: {FINDINGS[found]}"
+        f"at k = {k}, the mean over {in_words(len(seeds))} seeds of the test error is {fmt(L)} for "
+        f"the looped model and {fmt(S)} for the standard one: {found}"
     )
-    if found == "match":
-        verdict = f"**Reproduced at this scale.** The paper has {FINDINGS['match']}; {outcome}."
-    elif any(model == behind for model, *_ in still):
-        _, fall, spread = next(x for x in still if x[0] == behind)
-        verdict = (
+    if verdict == "Not settled":
+        return (
             f"**Not settled: the {behind} model is still improving at {cfg.steps:,} steps.** "
             f"{outcome[0].upper()}{outcome[1:]}; over the last eighth of the steps at the peak "
-            f"rate (to step {flat_end:,}) its validation error (seed {seed}) fell by "
+            f"rate (to step {flat_end:,}) its validation error (seed {seeds[0]}) fell by "
             f"{fmt(fall)}, more than the spread over seeds ({fmt(spread)})."
         )
-    else:
-        verdict = (
-            f"**Not reproduced at this scale.** The paper has {FINDINGS['match']}; {outcome}; the "
-            f"{behind} model's curve fell by less than the spread over seeds over the last eighth "
-            f"of its peak-rate steps."
-        )
-    return verdict
+    why = f"; the {behind} model's curve fell by less than the spread over seeds over the last "
+    why += "eighth of its peak-rate steps"
+    why = "" if verdict == "Reproduced" else why
+    return f"**{verdict} at this scale.** The paper has {expected}; {outcome}{why}."
 
 
 def plot_converge(by_model, k, flat_end, claim, name):
@@ -890,167 +666,137 @@ def plot_converge(by_model, k, flat_end, claim, name):
     fig, ax, first = *harness.figure(figsize=(7, 4.5)), seeds_of(by_model)[0]
     for i, rs in enumerate(by_model.values()):
         for c, _, _, curve, _ in rs:
-            ax.semilogy(
-                [p[0] for p in curve],
-                [p[1][k] for p in curve],
-                color=f"C{i}",
-                ls="-" if c.seed == first else "--",
-                label=f"{looped.describe(c)}, lr {c.lr:g}, seed {c.seed}",
-            )
+            label = f"{looped.describe(c)}, lr {c.lr:g}, seed {c.seed}"
+            ls = "-" if c.seed == first else "--"
+            steps, errors = [p[0] for p in curve], [p[1][k] for p in curve]
+            ax.semilogy(steps, errors, color=f"C{i}", ls=ls, label=label)
     for level in THRESHOLDS:
         ax.axhline(level, color="gray", lw=0.6, ls=":")
     ax.axvline(flat_end, color="k", lw=0.8, ls=":", label="the learning rate's decay starts")
-    ax.set(
-        xlabel="training step",
-        ylabel=f"validation error at k = {k}",
-        title=f"{claim.needs} to convergence",
-    )
+    ax.set(xlabel="training step", ylabel=f"validation error at k = {k}")
+    ax.set(title=f"{claim.needs} to convergence")
     ax.legend(fontsize=7)
     harness.save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
 
 
 def window_section(lines, name, claims, models, base):
     """The loop past b for each window T: the claim's runs, and `base`, the run of the claim it
-    needs that trained with the default window. The error against loop iterations, and whether it
-    settles (at most 1.5 times the error at b) or drifts."""
+    needs that trained with the default window; whether each settles, by the claim's rule."""
     claim = claims[name]
-    lines += [f"## {claim.heading}", "", f"The paper: {claim.paper}.", ""]
-    folders = [os.path.join(RESULTS, claim.needs, base)] + [
-        os.path.join(RESULTS, name, run_name) for run_name, _, _ in claim.runs
-    ]
+    folders = [os.path.join(RESULTS, claim.needs, base)]
+    folders += [os.path.join(RESULTS, name, run_name) for run_name, _, _ in claim.runs]
     if not all(map(done, folders)):
-        lines += [
-            f"Not run yet: `python experiments.py {claim.needs} && python experiments.py {name}`.",
-            "",
-        ]
-        return
+        return not_run(lines, claim.needs, name)
     named = [(f"T = {c.loop_window}", c, e) for c, e, _ in map(read_run, folders)]
-    with open(os.path.join(RESULTS, name, "solvers.json")) as f:  # lists, beside the metadata
-        solvers = {k: torch.tensor(v) for k, v in json.load(f).items() if isinstance(v, list)}
+    solvers = read_json(os.path.join(RESULTS, name, "solvers.json"))  # lists, beside the metadata
+    solvers = {k: torch.tensor(v) for k, v in solvers.items() if isinstance(v, list)}
     linreg = baselines.TASK_BASELINES["linreg"]
     harness.plot(named, FIGURES, "linreg, windows", linreg, f"_{name}", solvers)
     cfg = named[0][1]
-    last, b = cfg.n_points - 1, cfg.n_loops
-    rows = [window_row(window, e["loops"][:, last], b) for window, _, e in named]
-    loops = cfg.eval_loops
-    lines += [
+    last, b, loops = cfg.n_points - 1, cfg.n_loops, cfg.eval_loops
+    rows = []
+    for window, _, errors in named:  # the error at the last k after b, best (where), 2b, all
+        curve = errors["loops"][:, last].tolist()
+        best = f"{fmt(min(curve))} ({curve.index(min(curve)) + 1})"
+        rows.append([window, curve[b - 1], best, curve[2 * b - 1], curve[-1]])
+        rows[-1].append(f"{curve[-1] / curve[b - 1]:.2f}")
+    columns = ["window", "at b", "best (at loop)", "at 2b", f"at {loops}", f"{loops} / b"]
+    settled = [window for window, *_, ratio in rows if claim.verdict(float(ratio))]
+    drifted = [window for window, *_ in rows if window not in settled]
+    smallest = rows[-1][0]  # the claim's last run: T = 1
+    add(
+        lines,
         f"Error at k = {last} against loop iterations, to {loops} = {loops // b} b (b = {b}); "
         f"gradient descent and Newton's iteration on the same prompts in the figure.",
-        "",
-        markdown(
-            ["window", "at b", "best (at loop)", "at 2b", f"at {loops}", f"{loops} / b"], rows
-        ),
-        "",
-        f"![error against loop iterations, four windows](../{FIGURES}/error_vs_loops_{name}.png)",
-        "",
-    ]
-    settled = [window for window, *_, ratio in rows if float(ratio) <= 1.5]
-    drifted = [window for window, *_, ratio in rows if float(ratio) > 1.5]
-    smallest = rows[-1][0]  # the claim's last run: T = 1
-    lines += [
+        markdown(columns, rows),
+        image("error against loop iterations, four windows", f"error_vs_loops_{name}"),
         f"**The fixed point: reproduced for {', '.join(settled) or 'no window'}"
         + (f", not for {', '.join(drifted)}" if drifted else "")
-        + f"**, taking 'settled' as an error at {loops} loops within 1.5x of the error at b. "
+        + f"**, taking 'settled' as an error at {loops} loops {claim.rule}. "
         "**The paper's warning that a too-small window "
         + (
             "diverges past b did not reproduce**: the small windows settle, at a higher error."
             if smallest in settled
             else "diverges past b: reproduced**."
         ),
-        "",
-    ]
-
-
-def window_row(window, curve, b):
-    """A window's row: its error at the last k after b loops, its best (and where), after 2b and
-    after the last loop, and the last against b's."""
-    return [
-        window,
-        curve[b - 1].item(),
-        f"{fmt(curve.min().item())} ({curve.argmin().item() + 1})",
-        curve[2 * b - 1].item(),
-        curve[-1].item(),
-        f"{curve[-1].item() / curve[b - 1].item():.2f}",
-    ]
+    )
 
 
 def shift_section(lines, name, claims, models, shifts):
-    """The two best runs of the claim the record needs, under each distribution shift: the error at
-    the paper's k of both models and of least squares, and under how many the looped model leads."""
+    """The best runs of the claim the record needs under each shift, and under how many of them the
+    claim's rule finds the looped model ahead."""
     claim = claims[name]
-    lines += [f"## {claim.heading}", "", f"The paper: {claim.paper}.", ""]
     files = [os.path.join(RESULTS, name, f"{s}.json") for s in shifts]
     if not all(map(os.path.isfile, files)):
-        lines += [
-            f"Not run yet: `python experiments.py {claim.needs} && python experiments.py {name}`.",
-            "",
-        ]
-        return
+        return not_run(lines, claim.needs, name)
     rows, behind = [], []
-    for path in files:
-        with open(path) as f:
-            record = json.load(f)
+    for record in map(read_json, files):
         (a, ra), (b, rb) = record["runs"].items()
         cfg = run_config(ra)
         ks = shown_ks(cfg)
         L = [ra["loops"][cfg.n_loops - 1][k] for k in ks]
         S = [rb["loops"][0][k] for k in ks]
         rows.append([record["shift"], *L, *S, *(ra["least squares"][k] for k in ks)])
-        behind += [] if L[-1] < S[-1] else [record["shift"]]
+        behind += [] if claim.verdict(L[-1], S[-1]) else [record["shift"]]
     head = [f"{who}, k = {k}" for who in ("looped", "standard", "least squares") for k in ks]
     lrs = " and ".join(f"{run_config(r).lr:g}" for r in record["runs"].values())
-    lines += [
+    add(
+        lines,
         f"Normalised by E[y^2] under the shift; {cfg.eval_prompts} prompts; {claim.needs}'s runs "
         f"at learning rates {lrs} (looped, standard), each model's best.",
-        "",
         markdown(["shift", *head], rows),
-        "",
         f"With no number in the paper to reproduce: the looped model is ahead of the standard one "
         f"at k = {ks[-1]} under {len(rows) - len(behind)} of the {len(rows)} shifts"
-        + (
-            f"; not under {', '.join(behind)} (a NaN, where no query exists, counts as not ahead)."
-            if behind
-            else "."
-        ),
-        "",
-    ]
+        + (f"; not under {', '.join(behind)} ({claim.rule})." if behind else "."),
+    )
+
+
+STUDIES = {  # the studies of single runs: their section's title and introduction, table, figure
+    "probe": (
+        "What the loop computes: linear probes of the loop state",
+        "After each loop iteration t, a ridge probe (fitted on half of the fresh prompts, R^2 on"
+        " the other half) reads a quantity of the in-context data for the last query from the loop"
+        " state: at the token whose read-out predicts the last y, or averaged over all tokens. The"
+        " gaps compare the model's prediction after t loops with gradient descent's and Newton's"
+        " after t steps, normalised like the error.",
+        probe_table,
+        plot_probe,
+    ),
+    "adaptive": (
+        "Adaptive depth: a loop that stops when it has converged",
+        "Each test prompt runs until the relative change of its predictions (or of its loop state)"
+        " between two iterations falls below the tolerance, then freezes; the same rule as"
+        " `export.py --until-converged`.",
+        adaptive_table,
+        plot_adaptive,
+    ),
+}
 
 
 def study_section(lines, kind, title, intro, table, plot):
-    """The studies of single runs (experiments.save_study) of one kind: each one's command, table
-    and figure."""
+    """The studies (experiments.save_study) of one kind: each one's command, table and figure."""
     files = sorted(glob.glob(os.path.join(RESULTS, kind, "*.json")))
-    if files:
-        lines += [f"## {title}", "", intro, ""]
+    add(lines, *(files and [f"## {title}", intro]))
     for path in files:
-        with open(path) as f:
-            record = json.load(f)
-        name = os.path.splitext(os.path.basename(path))[0]
-        lines += [
+        record, name = read_json(path), os.path.splitext(os.path.basename(path))[0]
+        add(
+            lines,
             f"`{record['command']}` on {record['machine']}, torch {record['torch']}:",
-            "",
             table(record),
-            "",
-            f"![{kind} of {name}](../{FIGURES}/{kind}_{name}.png)",
-            "",
-        ]
+            image(f"{kind} of {name}", f"{kind}_{name}"),
+        )
         plot(record, os.path.join(FIGURES, f"{kind}_{name}.png"))
 
 
-def tables_section(lines, title, pattern, note=""):
-    """Saved tables (bench.Table.save) under a heading."""
-    files = sorted(glob.glob(os.path.join(RESULTS, pattern)))
-    if files:
-        lines += [f"## {title}", ""] + ([note, ""] if note else [])
-    for path in files:
-        with open(path) as f:
-            r = json.load(f)
-        lines += [
+def tables_section(lines, title, prefix, note=""):
+    """Saved tables (bench.Table.save), results/PREFIX*.json, under a heading."""
+    files = sorted(glob.glob(os.path.join(RESULTS, f"{prefix}*.json")))
+    add(lines, *(files and [f"## {title}", note]))
+    for r in map(read_json, files):
+        add(
+            lines,
             f"`{r['command']}` on {r['machine']}, torch {r['torch']}, {r['threads']} threads, "
             f"{r['date']}:",
-            "",
             r["title"],
-            "",
             markdown(r["columns"], r["text"]),
-            "",
-        ]
+        )

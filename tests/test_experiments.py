@@ -368,6 +368,23 @@ def test_converge_trains_claim1s_best_runs_longer_and_reads_the_verdict_from_the
     assert "These looped runs were made from an earlier claim1 sweep" in "\n".join(lines)
 
 
+def test_the_verdict_rules_are_in_the_claims_records():
+    """The rules that the report renders: the paper's match within 25%, converge waiting on a model
+    still improving, claim4's settled window, claim5's lead (a NaN is no lead), the seeds' good
+    runs; and the report's order of sections, from the records."""
+    e, claims = experiments, experiments.CLAIMS
+    assert e.finding(1.0, 1.25) == e.MATCH == "the two matching (within 25%)"
+    assert (e.finding(1.0, 1.26), e.finding(1.26, 1.0)) == (e.LOOPED_AHEAD, e.STANDARD_AHEAD)
+    assert e.converged(1.0, 2.0, 0.1, 0.05, e.MATCH) == (e.LOOPED_AHEAD, "Not settled")
+    assert e.converged(1.0, 2.0, 0.01, 0.05, e.MATCH) == (e.LOOPED_AHEAD, "Not reproduced")
+    assert e.converged(1.0, 1.1, 1.0, 0.0, e.MATCH) == (e.MATCH, "Reproduced")
+    assert claims["claim4"].verdict(1.5) and not claims["claim4"].verdict(1.51)
+    assert claims["claim5"].verdict(0.1, 0.2) and not claims["claim5"].verdict(float("nan"), 0.2)
+    assert claims["seeds"].verdict(0.05) and not claims["seeds"].verdict(0.051)
+    order = sorted(claims, key=lambda name: claims[name].place)
+    assert order == ["seeds", "claim1", "claim2", "claim3", "converge", "claim4", "claim5"]
+
+
 def test_the_seeds_claim_reports_each_seed_and_the_spread(tmp_path, monkeypatch):
     """seeds trains one run per seed; the report gives each seed's row and the median and range at
     k = 2d after b loops, read from the runs' eval.json."""
