@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 import baselines
+import cli
 import export
 import harness
 import looped
@@ -339,7 +340,7 @@ def bench_export(run_dir, n_loops=None, repeats=20, tol=0.03):
 
 def flags():
     """bench.py's command line: a subcommand per benchmark, each with --save."""
-    parser = harness.doc_parser("bench.py", __doc__)
+    parser = cli.doc_parser("bench.py", __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_train, p_loop, p_baselines, p_export = (
         sub.add_parser("train", help="training step speed (see bench_train)"),
@@ -353,7 +354,7 @@ def flags():
     ):
         p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
         p.add_argument("--preset", choices=("laptop", "paper"), help=presets)
-    steps, names, count = looped.LIMITS["steps"], list(baselines.BASELINES), harness.Count(1)
+    steps, names, count = looped.LIMITS["steps"], list(baselines.BASELINES), cli.Count(1)
     helps = {
         "--steps": f"training steps per mode, {steps}; the paper's curriculum first changes n at "
         "5000 [6000]",
@@ -371,7 +372,7 @@ def flags():
         "--only", nargs="+", metavar="NAME", choices=names, help=helps["--only"]
     )
     p_export.add_argument("run_dir", help="a looped.py run folder (with ckpt.pt)")
-    p_export.add_argument("--loops", type=harness.Count(1, looped.MAX_LOOPS), help=helps["--loops"])
+    p_export.add_argument("--loops", type=cli.Count(1, looped.MAX_LOOPS), help=helps["--loops"])
     for p in sub.choices.values():
         p.add_argument("--save", action="store_true", help=helps["--save"])
     return parser
@@ -409,4 +410,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    harness.cli(main)
+    cli.cli(main)

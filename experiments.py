@@ -43,8 +43,10 @@ import torch.nn.functional as F
 
 import baselines
 import bench
+import cli
 import harness
 import looped
+import plots
 import report
 from report import FIGURES, RESULTS
 
@@ -198,8 +200,8 @@ def compare(run_dirs, out=None, given=None, shift=None):
     named = [(name, c, {**e, **classical}) for name, (c, _, _), e in zip(names, runs, errors)]
     title = f"{cfg.task}, shift {shift}" if shift else cfg.task
     shown = baselines.TASK_BASELINES[cfg.task]
-    harness.plot(named, out, title, shown, f"_{shift}" if shift else "", solvers, loops=not shift)
-    print(harness.table(named, title, shown))
+    plots.plot(named, out, title, shown, f"_{shift}" if shift else "", solvers, loops=not shift)
+    print(plots.table(named, title, shown))
     print(f"figures in {out}")
     return named, solvers
 
@@ -579,8 +581,8 @@ def probe(run_dir, prompts=2048, loops=None):
             f"{looped.describe(cfg)}, {cfg.task})"
         )
     loops = min(2 * cfg.n_loops, looped.MAX_LOOPS) if loops is None else loops
-    harness.Count(1, looped.MAX_LOOPS).check("--loops", loops)
-    harness.Count(4).check("--prompts", prompts)
+    cli.Count(1, looped.MAX_LOOPS).check("--loops", loops)
+    cli.Count(4).check("--prompts", prompts)
     n, d, D, cpu = cfg.n_points, cfg.n_dims, cfg.n_embd, torch.device("cpu")
     # Per prompt: two states (D), a prediction and the four solvers' weights (d) per iteration, in
     # float32 and float64; the iterate baselines' predictions (n); the forward pass (2n tokens).
@@ -657,7 +659,7 @@ def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
     if cfg.n_loops == 1:
         raise harness.UserError(f"{run_dir} is not a looped model: there is no loop to stop")
     max_loops = cfg.eval_loops if max_loops is None else max_loops
-    harness.Count(1, looped.MAX_LOOPS).check("--max_loops", max_loops)
+    cli.Count(1, looped.MAX_LOOPS).check("--max_loops", max_loops)
     real = [isinstance(t, numbers.Real) and not isinstance(t, bool) for t in tolerances]
     finite = [r and t > 0 and math.isfinite(t) for r, t in zip(real, tolerances)]
     if not tolerances or not all(finite):
@@ -702,7 +704,7 @@ def baseline_table(task, n_dims, n_points, prompts, ks, seed, names, save=False)
 # ---------------------------------------------------------------------------- command line
 
 
-LOOPS = harness.Count(1, looped.MAX_LOOPS)  # the loop counts the tools take
+LOOPS = cli.Count(1, looped.MAX_LOOPS)  # the loop counts the tools take
 
 
 def tool_commands(sub):
@@ -717,13 +719,13 @@ def tool_commands(sub):
     add = sub.add_parser("probe", help=text).add_argument
     add("run", metavar="RUN_DIR", help="a looped linear-regression run folder (with ckpt.pt)")
     text = "fresh prompts, half to fit the probes, half to score them; at least 4, as memory allows"
-    add("--prompts", type=harness.Count(4), default=2048, help=text + " [2048]")
+    add("--prompts", type=cli.Count(4), default=2048, help=text + " [2048]")
     add("--loops", type=LOOPS, help=f"iterations to probe, {LOOPS} (default 2b)")
     text = "adaptive depth: error and loops used for several tolerances, against fixed b"
     add = sub.add_parser("adaptive", help=text).add_argument
     add("run", metavar="RUN_DIR", help="a looped.py run folder (with ckpt.pt)")
     text = "relative changes to stop at, finite numbers above 0"
-    add("--tolerances", type=harness.positive, nargs="+", default=TOLERANCES, help=text)
+    add("--tolerances", type=cli.positive, nargs="+", default=TOLERANCES, help=text)
     text = f"the most loops per prompt, {LOOPS} (default the run's --eval_loops)"
     add("--max_loops", type=LOOPS, help=text)
 
@@ -732,12 +734,12 @@ def baselines_command(sub):
     text = "every baseline's error at chosen k, no model (paper scale by default)"
     add = sub.add_parser("baselines", help=text).add_argument
     add("--task", default="linreg", choices=list(looped.TASKS), help="function class")
-    add("--n_dims", type=harness.Count(1), default=20, help="d (paper: 20)")
+    add("--n_dims", type=cli.Count(1), default=20, help="d (paper: 20)")
     text = "n; 0: the paper's (41, or 101 for trees and networks)"
-    add("--n_points", type=harness.Count(0), default=0, help=text)
-    add("--prompts", type=harness.Count(1), default=1280, help="test prompts (paper: 1280)")
+    add("--n_points", type=cli.Count(0), default=0, help=text)
+    add("--prompts", type=cli.Count(1), default=1280, help="test prompts (paper: 1280)")
     text = "in-context examples to show, 0 to n - 1; default d/2, d, 2d, n-1"
-    add("--k", type=harness.Count(0), nargs="+", help=text)
+    add("--k", type=cli.Count(0), nargs="+", help=text)
     add("--seed", type=looped.SEED, default=1234, help=f"seed of the prompts, {looped.SEED}")
     text = f"baselines to run (default: the task's): {', '.join(baselines.BASELINES)}"
     add("--only", nargs="+", metavar="NAME", choices=list(baselines.BASELINES), help=text)
@@ -764,7 +766,7 @@ def run_baselines(args):
 
 
 def main(argv=None):
-    parser = harness.doc_parser("experiments.py", __doc__)
+    parser = cli.doc_parser("experiments.py", __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, record in CLAIMS.items():
         sub.add_parser(name, help=record.help)
@@ -795,4 +797,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    harness.cli(main)
+    cli.cli(main)

@@ -384,6 +384,7 @@ def check_request(model, cfg, run_dir, n_loops, dynamic_loops, fp16, until, max_
     (load_checkpoint has refused weights that are not)."""
     import torch
 
+    import cli
     import harness
     import looped
 
@@ -393,7 +394,7 @@ def check_request(model, cfg, run_dir, n_loops, dynamic_loops, fp16, until, max_
                 "--until-converged chooses the loop count: it excludes --loops and --dynamic-loops"
             )
         max_loops = min(5 * cfg.n_loops, MAX_LOOPS) if max_loops is None else max_loops
-        harness.Count(1, MAX_LOOPS).check("--max-loops", max_loops)
+        cli.Count(1, MAX_LOOPS).check("--max-loops", max_loops)
         real = isinstance(until, numbers.Real) and not isinstance(until, bool)
         if not (real and until > 0 and np.isfinite(until)):
             raise harness.UserError(
@@ -408,7 +409,7 @@ def check_request(model, cfg, run_dir, n_loops, dynamic_loops, fp16, until, max_
         )
     elif not dynamic_loops:
         n_loops = cfg.n_loops if n_loops is None else n_loops
-        unrolled = harness.Count(1, UNROLLED * cfg.n_loops)
+        unrolled = cli.Count(1, UNROLLED * cfg.n_loops)
         whole = isinstance(n_loops, numbers.Integral) and not isinstance(n_loops, bool)
         if not (whole and unrolled.holds(n_loops)):
             raise harness.UserError(
@@ -606,9 +607,9 @@ def verify(path, model, cfg, n_loops, fp16=False, adaptive=None):
 
 def flags():
     """export.py's command line: its flags are export()'s arguments."""
-    import harness
+    import cli
 
-    loops = harness.Count(1, MAX_LOOPS)
+    loops = cli.Count(1, MAX_LOOPS)
     helps = {
         "--loops": f"loop iterations to unroll, 1 to {UNROLLED} b (default: the trained b)",
         "--dynamic-loops": f"the loop count is an int64 input instead, 1 to {MAX_LOOPS:,} per call",
@@ -620,14 +621,14 @@ def flags():
         "--max-loops": f"with --until-converged: the most loops, {loops} (default 5 b)",
         "--stop-on": "with --until-converged: the change that is tested [prediction]",
     }
-    parser = harness.doc_parser("export.py", __doc__)
+    parser = cli.doc_parser("export.py", __doc__)
     add = parser.add_argument
     add("run_dir", help="a looped.py run folder (with ckpt.pt)")
     add("--loops", type=loops, dest="n_loops", metavar="LOOPS", help=helps["--loops"])
     add("--dynamic-loops", action="store_true", help=helps["--dynamic-loops"])
     add("-o", "--out", help=helps["--out"])
     add("--fp16", action="store_true", help="half-precision weights, for GPU inference")
-    add("--until-converged", type=harness.positive, metavar="TOL", help=helps["--until-converged"])
+    add("--until-converged", type=cli.positive, metavar="TOL", help=helps["--until-converged"])
     add("--max-loops", type=loops, help=helps["--max-loops"])
     add("--stop-on", choices=["prediction", "state"], dest="signal", help=helps["--stop-on"])
     return parser
@@ -650,6 +651,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import harness
+    import cli
 
-    harness.cli(main)
+    cli.cli(main)

@@ -40,7 +40,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import baselines
+import cli
 import harness
+import plots
 from harness import UserError
 
 # ---------------------------------------------------------------------------- config
@@ -479,8 +481,8 @@ def finish(model, cfg, device, ctx, say=print, started=None):
         os.path.join(cfg.out, "eval.json"), {k: v.tolist() for k, v in errors.items()}
     )
     runs, shown = [(describe(cfg), cfg, errors)], baselines.TASK_BASELINES[cfg.task]
-    harness.plot(runs, cfg.out, cfg.task, shown)
-    say(harness.table(runs, cfg.task, shown))
+    plots.plot(runs, cfg.out, cfg.task, shown)
+    say(plots.table(runs, cfg.task, shown))
     now = time.perf_counter()
     total = f", done in {harness.duration(now - started)}" if started else ""
     say(f"evaluated in {harness.duration(now - t0)}{total}; plots in {cfg.out}")
@@ -552,17 +554,17 @@ def flag(name):
 # tops here bound time, which no estimate knows before a run: loops at test time at most MAX_LOOPS
 # (20 times the paper's 500), steps 2,000 times the paper's 500,000, seeds torch's int64.
 MAX_LOOPS = 10_000
-SEED = harness.Count(0, 2**63 - 1)
-LIMITS = dict(n_loops=harness.Count(1, MAX_LOOPS), eval_loops=harness.Count(0, MAX_LOOPS))
-LIMITS.update(steps=harness.Count(1, 10**9), seed=SEED, eval_seed=SEED)
+SEED = cli.Count(0, 2**63 - 1)
+LIMITS = dict(n_loops=cli.Count(1, MAX_LOOPS), eval_loops=cli.Count(0, MAX_LOOPS))
+LIMITS.update(steps=cli.Count(1, 10**9), seed=SEED, eval_seed=SEED)
 ZERO_IS_OFF = "n_positions points_inc curriculum_every loops_every eval_every warmup decay"
-LIMITS.update({name: harness.Count(0) for name in ZERO_IS_OFF.split()})
+LIMITS.update({name: cli.Count(0) for name in ZERO_IS_OFF.split()})
 
 
 def validate(cfg):
     for f in fields(Config):
         if f.type in (int, "int"):
-            LIMITS.get(f.name, harness.Count(1)).check(flag(f.name), getattr(cfg, f.name))
+            LIMITS.get(f.name, cli.Count(1)).check(flag(f.name), getattr(cfg, f.name))
     for name in ("lr", "embed_init", "attn_init"):
         if not getattr(cfg, name) > 0 or not math.isfinite(getattr(cfg, name)):
             raise UserError(f"--{name} must be a positive number, got {getattr(cfg, name)}")
@@ -664,7 +666,7 @@ def saved_run(run_dir, given, resume=False):
 
 
 def main(argv=None):
-    given, args = harness.run_flags(
+    given, args = cli.run_flags(
         argv,
         Config,
         FLAG,  # one flag per field, its docstring the help; then --resume, --eval, --overwrite
@@ -735,4 +737,4 @@ def work_done(cfg, step):
 
 
 if __name__ == "__main__":
-    harness.cli(main)
+    cli.cli(main)

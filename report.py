@@ -23,6 +23,7 @@ import torch
 import baselines
 import harness
 import looped
+import plots
 
 RESULTS, FIGURES, REPORT = "results", "figures", os.path.join("docs", "results.md")
 THRESHOLDS = [0.2, 0.1, 0.05]  # validation errors at k = 2d whose first step converge reports
@@ -169,7 +170,7 @@ def probe_table(record):
 
 def plot_probe(record, path):
     t = range(1, record["loops"] + 1)
-    fig, (a, b) = harness.figure(1, 2, figsize=(11, 4.2))
+    fig, (a, b) = plots.figure(1, 2, figsize=(11, 4.2))
     for i, target in enumerate(record["r2"]["last x token"]):
         for where, ls in (("last x token", "-"), ("mean over tokens", "--")):
             a.plot(t, record["r2"][where][target], ls, color=f"C{i}", label=f"{target}, {where}")
@@ -183,7 +184,7 @@ def plot_probe(record, path):
     b.set(ylabel="normalised squared difference, last position")
     for ax in (a, b):
         ax.legend(fontsize=7)
-    harness.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 def adaptive_table(record):
@@ -198,7 +199,7 @@ def adaptive_table(record):
 def plot_adaptive(record, path):
     cfg = run_config(record)
     k = shown_ks(cfg)[-1]
-    fig, ax = harness.figure(figsize=(6.5, 4.5))
+    fig, ax = plots.figure(figsize=(6.5, 4.5))
     for i, signal in enumerate(("prediction", "state")):
         rows = [r for r in record["rows"].values() if r.get("signal") == signal]
         points = [(r["mean loops"], r["error"][k]) for r in rows]
@@ -212,7 +213,7 @@ def plot_adaptive(record, path):
     ax.set(ylabel=f"normalised squared error at k = {k}")
     ax.set(title=f"adaptive depth (labels: tolerance; at most {record['max_loops']} loops)")
     ax.legend(fontsize=8)
-    harness.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------- the report
@@ -326,7 +327,7 @@ def compare_section(name, claim, pairs, lines):
         suffix = f"_{name}_{task}" + (f"_{b}" if task in seen else "")
         seen.add(task)
         named = [(names[0], ca, ea), (names[1], cb, eb)]  # the baselines: the first run's
-        harness.plot(named, FIGURES, task, baselines.TASK_BASELINES[task], suffix)
+        plots.plot(named, FIGURES, task, baselines.TASK_BASELINES[task], suffix)
         shown = [n for n in baselines.TASK_BASELINES[task] if n != "zero"][:4]
         L, S = ea["loops"][ca.n_loops - 1].tolist(), eb["loops"][0].tolist()
         ks = shown_ks(ca, last=True)
@@ -407,7 +408,7 @@ def sweep_section(claim, models, lines):
 def plot_sweep(sweeps, best, k, claim):
     """Two figures of a sweep: test error at k against learning rate, one line per model; validation
     error at k against training step, one panel per model, one line per learning rate."""
-    fig, ax = harness.figure(figsize=(6.5, 4.5))
+    fig, ax = plots.figure(figsize=(6.5, 4.5))
     for i, (model, runs) in enumerate(sweeps.items()):
         trained = [
             (lr, r[2]["loops"][r[1].n_loops - 1][k].item()) for lr, r in runs.items() if r[2]
@@ -421,7 +422,7 @@ def plot_sweep(sweeps, best, k, claim):
     ax.set(xlabel="Adam learning rate", ylabel=f"normalised squared error at k = {k} (test)")
     ax.set(title="learning-rate sweep (star: best by validation prompts)")
     figures = [(fig, [ax], f"lr_sweep_{claim}")]
-    fig, axes = harness.figure(1, len(sweeps), figsize=(11, 4.2), sharey=True)
+    fig, axes = plots.figure(1, len(sweeps), figsize=(11, 4.2), sharey=True)
     for ax, (model, runs) in zip(axes, sweeps.items()):
         for i, (lr, (folder, _, errors, curve)) in enumerate(runs.items()):
             is_best = folder == best[model]
@@ -434,7 +435,7 @@ def plot_sweep(sweeps, best, k, claim):
     for figure, shown, name in figures:
         for ax in shown:
             ax.legend(fontsize=8)
-        harness.save_figure(figure, os.path.join(FIGURES, f"{name}.png"))
+        plots.save_figure(figure, os.path.join(FIGURES, f"{name}.png"))
 
 
 def learning_rate_caveat(lines, claim, swept, pairs, best_lr, models):
@@ -496,7 +497,7 @@ def seeds_section(lines, name, claims, models):
 def plot_seeds(runs, folders, cfg, name, title):
     """Each seed's training loss against step, beside two estimators' loss at the last stage."""
     b, k2d = cfg.n_loops, 2 * cfg.n_dims
-    fig, ax = harness.figure(figsize=(7, 4.5))
+    fig, ax = plots.figure(figsize=(7, 4.5))
     for i, ((c, errors, _), folder) in enumerate(zip(runs, folders)):
         steps, losses = zip(*[(r["step"], r["loss"]) for r in read_log(folder, "loss")])
         label = f"seed {c.seed}: {fmt(errors['loops'][b - 1][k2d].item())} at k = {k2d}"
@@ -514,7 +515,7 @@ def plot_seeds(runs, folders, cfg, name, title):
     ax.set(xlabel="training step", ylabel="training loss / d (d grows by the curriculum)")
     ax.set(title=title[0].lower() + title[1:])
     ax.legend(fontsize=7, ncol=2)
-    harness.save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
+    plots.save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
 
 
 def step_flops(cfg):
@@ -663,7 +664,7 @@ def converge_verdict(claim, by_model, cfg, k, final, flat_end):
 
 def plot_converge(by_model, k, flat_end, claim, name):
     """Both models' validation curves at k, the first seed's solid, against the thresholds."""
-    fig, ax, first = *harness.figure(figsize=(7, 4.5)), seeds_of(by_model)[0]
+    fig, ax, first = *plots.figure(figsize=(7, 4.5)), seeds_of(by_model)[0]
     for i, rs in enumerate(by_model.values()):
         for c, _, _, curve, _ in rs:
             label = f"{looped.describe(c)}, lr {c.lr:g}, seed {c.seed}"
@@ -676,7 +677,7 @@ def plot_converge(by_model, k, flat_end, claim, name):
     ax.set(xlabel="training step", ylabel=f"validation error at k = {k}")
     ax.set(title=f"{claim.needs} to convergence")
     ax.legend(fontsize=7)
-    harness.save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
+    plots.save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
 
 
 def window_section(lines, name, claims, models, base):
@@ -691,7 +692,7 @@ def window_section(lines, name, claims, models, base):
     solvers = read_json(os.path.join(RESULTS, name, "solvers.json"))  # lists, beside the metadata
     solvers = {k: torch.tensor(v) for k, v in solvers.items() if isinstance(v, list)}
     linreg = baselines.TASK_BASELINES["linreg"]
-    harness.plot(named, FIGURES, "linreg, windows", linreg, f"_{name}", solvers)
+    plots.plot(named, FIGURES, "linreg, windows", linreg, f"_{name}", solvers)
     cfg = named[0][1]
     last, b, loops = cfg.n_points - 1, cfg.n_loops, cfg.eval_loops
     rows = []

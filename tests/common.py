@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-import harness
+import cli
 import looped
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -23,12 +23,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 
 
 def run_cli(main, *args):
-    """A command line run in this process as its __main__ runs it (harness.cli): exit code and
+    """A command line run in this process as its __main__ runs it (cli.cli): exit code and
     output."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            harness.cli(lambda: main(list(args)))
+            cli.cli(lambda: main(list(args)))
             code = 0
         except SystemExit as e:
             code = e.code

@@ -334,7 +334,7 @@ def test_sigterm_stops_an_export_at_once(trained_run, tmp_path, monkeypatch):
     def signalled(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGTERM)  # harness.cli's handler raises Interrupted
+            os.kill(os.getpid(), signal.SIGTERM)  # cli.cli's handler raises Interrupted
         return attention(*args, **kwargs)
 
     monkeypatch.setattr(export, "onnx_attention", signalled)

@@ -493,7 +493,7 @@ def ddp_step(rank, world, port, xs, ys, path):
     del ddp  # its reducer holds the process group: drop it first, then leave together
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
-    # All is saved: skip the interpreter's teardown, as harness.cli does under torchrun, since
+    # All is saved: skip the interpreter's teardown, as cli.cli does under torchrun, since
     # gloo's threads can still abort there ("terminate called without an active exception").
     os._exit(0)
 
@@ -722,11 +722,11 @@ def test_a_lock_that_is_not_a_plain_file_is_refused_and_left_alone(trained_run, 
 def test_a_closed_stdout_ends_a_command_quietly():
     """`python export.py ... | head -1`: once head has gone, a print raises BrokenPipeError; the
     command ends with SIGPIPE's code and no traceback."""
-    code = "import harness; harness.cli(lambda: print('x' * 10**6))"
+    code = "import cli; cli.cli(lambda: print('x' * 10**6))"
     r = subprocess.run(
         f'{sys.executable} -c "{code}" | head -c 10', shell=True, cwd=ROOT, capture_output=True
     )
     assert r.stdout == b"x" * 10 and r.stderr == b"", r.stderr
-    code = "import harness; harness.cli(lambda: (_ for _ in ()).throw(BrokenPipeError()))"
+    code = "import cli; cli.cli(lambda: (_ for _ in ()).throw(BrokenPipeError()))"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True)
     assert r.returncode == 141 and r.stderr == b"", r.stderr
