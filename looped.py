@@ -477,9 +477,7 @@ def finish(model, cfg, device, ctx, say=print, started=None):
             f"the model's test error in {cfg.out} is not finite (its predictions overflow): "
             "eval.json and the plots are left as they were; train it again, with a lower --lr"
         )
-    harness.write_json(
-        os.path.join(cfg.out, "eval.json"), {k: v.tolist() for k, v in errors.items()}
-    )
+    harness.write_json(f"{cfg.out}/eval.json", {k: v.tolist() for k, v in errors.items()})
     runs, shown = [(describe(cfg), cfg, errors)], baselines.TASK_BASELINES[cfg.task]
     plots.plot(runs, cfg.out, cfg.task, shown)
     say(plots.table(runs, cfg.task, shown))
@@ -530,10 +528,9 @@ def make_config(task="linreg", preset="laptop", **overrides):
     common, per_task = PRESETS[preset]
     values = {"task": task, "preset": preset, **common, **per_task.get(task, {})}
     values.update(overrides)
+    window = values.get("loop_window", Config.loop_window)
     if "loop_window" not in overrides and "n_loops" in overrides:  # T defaults to min(T, b)
-        values["loop_window"] = min(
-            values.get("loop_window", Config.loop_window), values["n_loops"]
-        )
+        values["loop_window"] = min(window, values["n_loops"])
     cfg = Config(**values)
     cfg.out = cfg.out or os.path.join("runs", task)  # the derived values, set once here
     cfg.n_positions = cfg.n_positions or cfg.n_points
@@ -573,15 +570,11 @@ def validate(cfg):
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
     if cfg.n_points > cfg.n_positions:
-        raise UserError(
-            f"--n_points {cfg.n_points} is beyond the position table "
-            f"(n_positions {cfg.n_positions})"
-        )
+        table = f"the position table (n_positions {cfg.n_positions})"
+        raise UserError(f"--n_points {cfg.n_points} is beyond {table}")
     if cfg.eval_loops < cfg.n_loops:  # the evaluation reports the error at b loops
-        raise UserError(
-            f"--eval_loops {cfg.eval_loops} is below --loops {cfg.n_loops}: evaluate at least "
-            "b loops"
-        )
+        below = f"--eval_loops {cfg.eval_loops} is below --loops {cfg.n_loops}"
+        raise UserError(f"{below}: evaluate at least b loops")
     kind, colon, index = cfg.device.partition(":")
     number = index.isascii() and index.isdigit() and kind != "auto"
     if kind not in ("auto", "cuda", "mps", "cpu") or (colon and not number):
@@ -605,13 +598,10 @@ def check_memory(cfg, device, training=True):
     if training:
         step = 4 * cfg.batch_size * L * D * (20 * cfg.n_layer * cfg.loop_window + 20)
         harness.fits({STEP_FLAGS: step, WEIGHT_FLAGS: 4 * weights}, device, "a training step")
-    solvers = baselines.memory_needed(cfg.eval_prompts, cfg.n_points, cfg.n_dims)
-    needs = {
-        "--n_points or --eval_loops": 4 * 256 * (20 * L * D + 2 * cfg.eval_loops * n),
-        WEIGHT_FLAGS: weights,
-        "--eval_prompts": solvers[0],
-        "--n_points or --n_dims": solvers[1],
-    }
+    prompts, prefixes = baselines.memory_needed(cfg.eval_prompts, cfg.n_points, cfg.n_dims)
+    evaluation = 4 * 256 * (20 * L * D + 2 * cfg.eval_loops * n)
+    needs = {"--n_points or --eval_loops": evaluation, WEIGHT_FLAGS: weights}
+    needs.update({"--eval_prompts": prompts, "--n_points or --n_dims": prefixes})
     harness.fits(needs, device, "the evaluation")
 
 
@@ -666,14 +656,11 @@ def saved_run(run_dir, given, resume=False):
 
 
 def main(argv=None):
+    # One flag per field of Config, its docstring the help; then --resume, --eval, --overwrite.
+    defaults = "[defaults] are the laptop preset's; --preset paper and --task change some of them."
+    intro = __doc__.split("\n\n")[1]
     given, args = cli.run_flags(
-        argv,
-        Config,
-        FLAG,  # one flag per field, its docstring the help; then --resume, --eval, --overwrite
-        LIMITS,
-        prog="looped.py",
-        description=__doc__.split("\n\n")[1],
-        epilog="[defaults] are the laptop preset's; --preset paper and --task change some of them.",
+        argv, Config, FLAG, LIMITS, prog="looped.py", description=intro, epilog=defaults
     )
     baselines.keep_freed_memory()  # the evaluation's solvers allocate many large temporaries
     training = sorted(TRAINING_ONLY & set(given))
