@@ -1,14 +1,9 @@
-"""docs/results.md and its figures, written from the files under results/ alone.
-
-experiments.py trains the claims' runs and keeps each one's log, evaluation and run record under
-results/CLAIM/RUN; this module reads those files and nothing else, so that a clean checkout
-rewrites the report byte for byte. It renders and decides nothing: each claim's record
-(experiments.Claim) holds its runs, the paper's numbers, its place in the report, the rule that
-reads its verdict, and the function here that writes its section. It does not import
-experiments.py, which imports it: `write` takes the records (experiments.CLAIMS) and the models
-(experiments.MODELS) as arguments. experiments.py also uses the readers here to pick the runs it
-trains next.
-"""
+"""docs/results.md and its figures, written from the files under results/CLAIM/RUN alone, so that a
+clean checkout rewrites the report byte for byte. It renders and decides nothing: each claim's
+record (experiments.Claim) holds its runs, the paper's numbers, its place in the report, the rule
+that reads its verdict, and the function here that writes its section. experiments.py imports this
+module (and uses its readers to pick the runs it trains next), so `write` takes the records and
+the models as arguments."""
 
 import collections
 import contextlib
@@ -47,9 +42,8 @@ def read_json(path):
 
 
 def run_config(record):
-    """The config of a run.json record. Runs made before the learning-rate schedule existed
-    recorded no warm-up or decay: they trained at a constant rate, which 0 and 0 reproduce; runs
-    made before embed_init and attn_init were initialised at GPT-2's 0.02."""
+    """The config of a run.json record. Runs made before the learning-rate schedule trained at a
+    constant rate (warm-up and decay 0); before embed_init and attn_init, at GPT-2's 0.02."""
     before = {"warmup": 0, "decay": 0, **looped.BEFORE_INIT}
     return looped.make_config(**{**before, **record["config"]})
 
@@ -74,14 +68,12 @@ def at_b(run, k):
     return run.errors["loops"][run.cfg.n_loops - 1][k].item()
 
 
-def done(folder):
-    """Whether a run folder holds a finished run (its run.json, written last)."""
+def done(folder):  # whether a run folder holds a finished run: its run.json, written last
     return os.path.isfile(os.path.join(folder, "run.json"))
 
 
 def variant(name, lr=None, seed=None):
-    """The name of run NAME trained again at another learning rate or seed: NAME_lrLR_seedS. The
-    claims name their extra runs so, and the report finds them by these suffixes."""
+    """NAME_lrLR_seedS: run NAME trained again at another rate or seed, as the claims name them."""
     return name + (f"_lr{lr:g}" if lr else "") + (f"_seed{seed}" if seed else "")
 
 
@@ -92,8 +84,7 @@ def claim_runs(claim, curves=False):
 
 
 def sweep_runs(claim, model):
-    """{lr: Run, with its curve} of one model's learning-rate sweep: the runs MODEL_lrLR of a claim
-    (as variant names them), not their other seeds."""
+    """{lr: Run, with its curve} of a model's learning-rate sweep: a claim's runs MODEL_lrLR."""
     runs = claim_runs(claim, curves=True).items()
     runs = {r.cfg.lr: r for n, r in runs if n.startswith(f"{model}_lr") and "_seed" not in n}
     return dict(sorted(runs.items()))
@@ -120,13 +111,6 @@ def best_rates(claim, models):
     return {model: (best := best_run(claim, model)) and read_run(best).cfg.lr for model in models}
 
 
-def at_best_rates(runs, names, rates, models):
-    """A claim's looped and standard run names, each at its model's rate in rates where that run
-    (NAME_lrLR) is in runs and trained, else as given: trained at the default rate."""
-    best = [variant(name, rates.get(model)) for model, name in zip(models, names)]
-    return [b if b in runs and runs[b].errors is not None else n for b, n in zip(best, names)]
-
-
 def labels(cfgs):
     """A legend name per run: the model, and the run folder where models repeat."""
     names = [looped.describe(c) for c in cfgs]
@@ -151,9 +135,8 @@ def markdown(columns, rows):
 
 
 def shown_ks(cfg=None, last=False, d=None, n=None):
-    """The in-context example counts k a table shows: the paper's d/2, d and 2d (10, 20 and 40 at
-    d = 20) where they fit in the prompt; with last, the last position n - 1 as well. Where none
-    fit, the last position alone. d and n default to the config's."""
+    """The k a table shows: the paper's d/2, d and 2d (10, 20 and 40 at d = 20) where they fit in
+    the prompt, with last (or where none fit) the last position n - 1 too; d, n: the config's."""
     d = cfg.n_dims if d is None else d
     n = cfg.n_points if n is None else n
     ks = [k for k in (d // 2, d, 2 * d) if 0 < k < n]
@@ -233,9 +216,8 @@ def plot_adaptive(record, path):
 
 
 def write(claims, models, baselines_note=""):
-    """docs/results.md and its figures from results/ alone. claims: {name: claim record}, as
-    experiments.CLAIMS holds them, each section at its record's place; models: {model name: its
-    overrides}, as experiments.MODELS; baselines_note: the paper's numbers for the baselines."""
+    """docs/results.md and its figures: claims and models as experiments.CLAIMS and MODELS hold
+    them; baselines_note: the paper's numbers for the baselines."""
     os.makedirs(FIGURES, exist_ok=True)
     os.makedirs(os.path.dirname(REPORT), exist_ok=True)
     lines = []
@@ -306,6 +288,7 @@ def pairs_section(lines, name, claims, models, sweep=False):
     compared at its best rate. Otherwise at the default rate and again at the best rate of the
     sweep in the claim the record needs, where those runs exist."""
     claim, runs = claims[name], claim_runs(name)
+    trained = {run_name for run_name, r in runs.items() if r.errors is not None}
     pairs, rates = [], best_rates(claim.needs, models) if claim.needs else {}
     best = sweep_section(name, models, lines) if sweep else None
     for task, expected, numbers in claim.verdicts:
@@ -313,18 +296,31 @@ def pairs_section(lines, name, claims, models, sweep=False):
             pairs += [(task, *best, expected, numbers)] if best else []
         else:  # the same pair at the default rates, then at the sweep's, once if they are the same
             at_default = [run_name for run_name, t, _ in claim.runs if t == task]  # models' order
-            at_best = at_best_rates(runs, at_default, rates, models)
+            at_best = [variant(n, rates.get(m)) for m, n in zip(models, at_default)]
+            at_best = [b if b in trained else n for b, n in zip(at_best, at_default)]
             for a, b in dict.fromkeys([tuple(at_default), tuple(at_best)]):
                 pairs.append((task, a, b, expected, numbers))
     if not pairs or not all(r in runs for _, a, b, *_ in pairs for r in (a, b)):
         return not_run(lines, name)
     cfgs = compare_section(name, claim, pairs, runs, lines)
     c = cfgs[0][0]
-    add(
-        lines, claim.caveat.format(steps=c.steps, share=c.steps / looped.PAPER["steps"], d=c.n_dims)
+    share = c.steps / looped.PAPER["steps"]
+    add(lines, claim.caveat.format(steps=c.steps, share=share, d=c.n_dims))
+    if sweep or not all(rates.values()):  # else: did they train at the needed sweep's best rates?
+        return
+    used = [{c.lr for c in model_cfgs} for model_cfgs in zip(*cfgs)]
+    off = [
+        f"the {model} model trained at lr {', '.join(f'{lr:g}' for lr in sorted(lrs))}, where "
+        f"{claim.needs}'s sweep found {rates[model]:g} best on linear regression"
+        for model, lrs in zip(models, used)
+        if rates[model] not in lrs
+    ]
+    at = ", ".join(f"{m} {rates[m]:g}" for m in models)
+    same = (
+        f"a task's second pair has each model at the learning rate {claim.needs}'s sweep found "
+        f"best for it on linear regression ({at}); which rate is best on this task is not measured"
     )
-    if not sweep:
-        learning_rate_caveat(lines, claim.needs, cfgs, rates, models)
+    add(lines, f"Not swept here: {'; '.join(off) or same}.")
 
 
 def compare_section(name, claim, pairs, runs, lines):
@@ -382,8 +378,7 @@ def seed_spread(lines, k, named, runs):
 
 
 def sweep_section(claim, models, lines):
-    """The learning-rate sweep of both models: a table and two figures. Returns each model's best
-    run name (by the validation prompts), or None before the sweep."""
+    """The sweep's table and figures; each model's best run name, or None before the sweep."""
     sweeps = {model: sweep_runs(claim, model) for model in models}
     best = {model: best_run(claim, model, sweeps[model]) for model in models}
     if not all(best.values()):
@@ -415,8 +410,7 @@ def sweep_section(claim, models, lines):
 
 
 def plot_sweep(sweeps, best, k, claim):
-    """Two figures of a sweep: test error at k against learning rate, one line per model; validation
-    error at k against training step, one panel per model, one line per learning rate."""
+    """Test error at k against learning rate; validation error at k against step, by model."""
     fig, ax = plots.figure(figsize=(6.5, 4.5))
     for i, (model, runs) in enumerate(sweeps.items()):
         trained = [(lr, at_b(r, k)) for lr, r in runs.items() if r.errors is not None]
@@ -439,29 +433,6 @@ def plot_sweep(sweeps, best, k, claim):
         ax.set(title=looped.describe(next(iter(runs.values())).cfg), xlabel="training step")
         ax.set(ylabel=f"validation error at k = {k}")
     save(fig, f"{FIGURES}/learning_curves_{claim}.png", *axes, fontsize=8)
-
-
-def learning_rate_caveat(lines, swept, cfgs, best_lr, models):
-    """Whether a claim's models, cfgs [(looped, standard)], trained at the learning rates claim
-    `swept`'s sweep found best."""
-    if not all(best_lr.values()):
-        return
-    used = [{c.lr for c in model_cfgs} for model_cfgs in zip(*cfgs)]
-    off = [
-        f"the {model} model trained at lr {', '.join(f'{lr:g}' for lr in sorted(lrs))}, where "
-        f"{swept}'s sweep found {best_lr[model]:g} best on linear regression"
-        for model, lrs in zip(models, used)
-        if best_lr[model] not in lrs
-    ]
-    rates = ", ".join(f"{m} {best_lr[m]:g}" for m in models)
-    add(
-        lines,
-        f"Not swept here: {'; '.join(off)}."
-        if off
-        else f"Not swept here: a task's second pair has each model at the learning rate {swept}'s "
-        f"sweep found best for it on linear regression ({rates}); which rate is best on this task "
-        f"is not measured.",
-    )
 
 
 def seeds_section(lines, name, claims, models):
@@ -520,9 +491,8 @@ def plot_seeds(runs, name, title):
 
 
 def step_flops(cfg):
-    """Floating-point operations of one training step at the last curriculum stage (full d, n and
-    b), batch cfg.batch_size, as torch's FlopCounterMode counts them: b block passes forward and T
-    backward for the looped model, 12 of each for the standard one."""
+    """FLOPs of one training step at the last curriculum stage (full d, n, b), as FlopCounterMode
+    counts them: b block passes forward and T backward (looped), 12 of each (standard)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
@@ -537,9 +507,8 @@ def step_flops(cfg):
 
 
 def converge_section(lines, name, claims, models, times):
-    """A sweep's best runs trained for `times` their steps: the final errors, both learning curves
-    on one figure, the steps (and training FLOPs) each model takes to reach given errors, and the
-    verdict by the claim's rule."""
+    """A sweep's best runs trained for `times` their steps: their errors, learning curves, the steps
+    (and FLOPs) each takes to reach given errors, and the verdict by the claim's rule."""
     claim, runs = claims[name], list(claim_runs(name, curves=True).values())
     by_model = {m: [r for r in runs if (r.cfg.n_layer > 1) == (m == "standard")] for m in models}
     if not all(by_model.values()) or any(r.errors is None for r in runs):
@@ -597,8 +566,7 @@ def longer(cfg, best):
 
 
 def result_rows(runs, ks, k, target):
-    """Each run's test error at ks (and least squares'), and the steps (and TFLOP) it took to reach
-    each level of validation error at k."""
+    """Each run's test error at ks, and the steps (and TFLOP) it took to reach each level at k."""
     rows, reach, flops = [], [], {}
     for r in runs:
         c, run_name = r.cfg, os.path.basename(r.folder)
@@ -618,9 +586,8 @@ def result_rows(runs, ks, k, target):
 
 
 def converge_verdict(claim, by_model, seeds, k, final, flat_end):
-    """The verdict by the claim's rule, from the mean over seeds of each model's test error at k,
-    and how far the validation curve (the first seed's) of the model behind fell over the last
-    eighth of its peak-rate steps, against the spread over seeds at their end."""
+    """The verdict by the claim's rule: the mean test errors at k, and how far the model behind fell
+    (first seed) over the last eighth of its peak-rate steps against its spread over seeds."""
     L, S = statistics.mean(final["looped"]), statistics.mean(final["standard"])
     behind = "standard" if S > L else "looped"
 
@@ -669,8 +636,7 @@ def plot_converge(by_model, seeds, k, flat_end, claim, name):
 
 
 def window_section(lines, name, claims, models, base):
-    """The loop past b for each window T: the claim's runs, and `base`, the run of the claim it
-    needs that trained with the default window; whether each settles, by the claim's rule."""
+    """The loop past b for each window T (`base`: the needed claim's run at the default window)."""
     claim = claims[name]
     folders = [os.path.join(RESULTS, claim.needs, base)]
     folders += [os.path.join(RESULTS, name, run_name) for run_name, _, _ in claim.runs]
@@ -690,6 +656,7 @@ def window_section(lines, name, claims, models, base):
         ratio = f"{curve[-1] / curve[b - 1]:.2f}"
         rows.append([window, curve[b - 1], best, curve[2 * b - 1], curve[-1], ratio])
         settled += [window] if claim.verdict(float(ratio)) else []
+    columns = ["window", "at b", "best (at loop)", "at 2b", f"at {loops}", f"{loops} / b"]
     drifted = [window for window, *_ in rows if window not in settled]
     warning = (  # by the claim's last run: T = 1
         "diverges past b did not reproduce**: the small windows settle, at a higher error."
@@ -700,9 +667,7 @@ def window_section(lines, name, claims, models, base):
         lines,
         f"Error at k = {last} against loop iterations, to {loops} = {loops // b} b (b = {b}); "
         f"gradient descent and Newton's iteration on the same prompts in the figure.",
-        markdown(
-            ["window", "at b", "best (at loop)", "at 2b", f"at {loops}", f"{loops} / b"], rows
-        ),
+        markdown(columns, rows),
         image("error against loop iterations, four windows", f"error_vs_loops_{name}"),
         f"**The fixed point: reproduced for {', '.join(settled) or 'no window'}"
         + (f", not for {', '.join(drifted)}" if drifted else "")
@@ -712,8 +677,7 @@ def window_section(lines, name, claims, models, base):
 
 
 def shift_section(lines, name, claims, models, shifts):
-    """The best runs of the claim the record needs under each shift, and under how many of them the
-    claim's rule finds the looped model ahead."""
+    """The needed claim's best runs under each shift; under how many the looped model is ahead."""
     claim = claims[name]
     files = [os.path.join(RESULTS, name, f"{s}.json") for s in shifts]
     if not all(map(os.path.isfile, files)):
@@ -768,13 +732,9 @@ def study_section(lines, kind, title, intro, table, plot):
     add(lines, *(files and [f"## {title}", intro]))
     for path in files:
         record, name = read_json(path), os.path.splitext(os.path.basename(path))[0]
-        add(
-            lines,
-            f"`{record['command']}` on {record['machine']}, torch {record['torch']}:",
-            table(record),
-            image(f"{kind} of {name}", f"{kind}_{name}"),
-        )
-        plot(record, os.path.join(FIGURES, f"{kind}_{name}.png"))
+        made = f"`{record['command']}` on {record['machine']}, torch {record['torch']}:"
+        add(lines, made, table(record), image(f"{kind} of {name}", f"{kind}_{name}"))
+        plot(record, f"{FIGURES}/{kind}_{name}.png")
 
 
 def tables_section(lines, title, prefix, note=""):
@@ -782,10 +742,5 @@ def tables_section(lines, title, prefix, note=""):
     files = sorted(glob.glob(os.path.join(RESULTS, f"{prefix}*.json")))
     add(lines, *(files and [f"## {title}", note]))
     for r in map(read_json, files):
-        add(
-            lines,
-            f"`{r['command']}` on {r['machine']}, torch {r['torch']}, {r['threads']} threads, "
-            f"{r['date']}:",
-            r["title"],
-            markdown(r["columns"], r["text"]),
-        )
+        made = f"`{r['command']}` on {r['machine']}, torch {r['torch']}, {r['threads']} threads"
+        add(lines, f"{made}, {r['date']}:", r["title"], markdown(r["columns"], r["text"]))
