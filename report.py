@@ -98,12 +98,9 @@ def best_run(claim, model, runs=None):
     """The folder of a model's best learning rate, or None before its sweep. The best has the lowest
     validation error at k = 2d at the last step: those prompts are drawn apart from the test
     prompts, so that the test stays fair to both models. runs: the sweep, if already read."""
-    found = [
-        (validation(r), r.folder)
-        for r in (runs or sweep_runs(claim, model)).values()
-        if r.errors is not None and r.curve and math.isfinite(validation(r))
-    ]
-    return min(found)[1] if found else None
+    runs = (runs or sweep_runs(claim, model)).values()
+    found = [r for r in runs if r.errors is not None and r.curve and math.isfinite(validation(r))]
+    return min(found, key=lambda r: (validation(r), r.folder)).folder if found else None
 
 
 def best_rates(claim, models):
@@ -302,7 +299,8 @@ def pairs_section(lines, name, claims, models, sweep=False):
                 pairs.append((task, a, b, expected, numbers))
     if not pairs or not all(r in runs for _, a, b, *_ in pairs for r in (a, b)):
         return not_run(lines, name)
-    cfgs = compare_section(name, claim, pairs, runs, lines)
+    compare_section(name, claim, pairs, runs, lines)
+    cfgs = [(runs[a].cfg, runs[b].cfg) for _, a, b, *_ in pairs]
     c = cfgs[0][0]
     share = c.steps / looped.PAPER["steps"]
     add(lines, claim.caveat.format(steps=c.steps, share=share, d=c.n_dims))
@@ -325,15 +323,14 @@ def pairs_section(lines, name, claims, models, sweep=False):
 
 def compare_section(name, claim, pairs, runs, lines):
     """For each (task, looped run, standard run, the paper's finding, its numbers): a table, a
-    figure, and the verdict by the claim's rule. Returns their configs, [(looped, standard)]."""
-    seen, cfgs = set(), []
+    figure, and the verdict by the claim's rule."""
+    seen = set()
     for task, a, b, expected, paper in pairs:
         (ca, ea, *_), (cb, eb, *_) = runs[a], runs[b]
         names = labels([ca, cb])
         # A task's second pair (at other learning rates) gets figures of its own.
         suffix = f"_{name}_{task}" + (f"_{b}" if task in seen else "")
         seen.add(task)
-        cfgs.append((ca, cb))
         named = [(names[0], ca, ea), (names[1], cb, eb)]  # the baselines: the first run's
         plots.plot(named, FIGURES, task, baselines.TASK_BASELINES[task], suffix)
         shown = [n for n in baselines.TASK_BASELINES[task] if n != "zero"][:4]
@@ -358,7 +355,6 @@ def compare_section(name, claim, pairs, runs, lines):
             else f"The paper gives no number ({paper}); {outcome}.",
         )
         seed_spread(lines, k, [(a, runs[a]), (b, runs[b])], runs)
-    return cfgs
 
 
 def seed_spread(lines, k, named, runs):
@@ -515,21 +511,19 @@ def converge_section(lines, name, claims, models, times):
         return not_run(lines, name, why=" (or a run diverged)", after=f", after {claim.needs}")
     cfg, seeds = by_model["looped"][0].cfg, sorted({r.cfg.seed for r in runs})
     ks, k = shown_ks(cfg), shown_ks(cfg)[-1]
-    final = {m: [at_b(r, k) for r in rs] for m, rs in by_model.items()}
-    target = statistics.mean(final["looped"])
-    rows, reach = result_rows(runs, ks, k, target)
+    L, S = (statistics.mean(at_b(r, k) for r in by_model[m]) for m in ("looped", "standard"))
+    rows, reach = result_rows(runs, ks, k, L)
     stale = stale_models(lines, name, claim, models, by_model)
-    reached = [*(f"to {fmt(x)}" for x in THRESHOLDS), f"to {fmt(target)} (looped's final)"]
+    reached = [*(f"to {fmt(x)}" for x in THRESHOLDS), f"to {fmt(L)} (looped's final)"]
     flat_end = cfg.steps - cfg.decay  # the last step at the peak rate
     add(
         lines,
         f"Each model at the learning rate {claim.needs}'s sweep found best for it"
-        f"{' when they were made' if stale else ''}, for "
-        f"{cfg.steps:,} steps ({times} times the preset's; Adam's rate warmed up over "
-        f"{cfg.warmup} steps and decayed to 0 over the last {cfg.decay}), seeds "
-        f"{' and '.join(map(str, seeds))}, a "
-        f"validation point (256 prompts) every {cfg.eval_every} steps; made by "
-        f"`python experiments.py {name}` on {by_model['looped'][0].record['machine']}.",
+        f"{' when they were made' if stale else ''}, for {cfg.steps:,} steps ({times} times the "
+        f"preset's; Adam's rate warmed up over {cfg.warmup} steps and decayed to 0 over the last "
+        f"{cfg.decay}), seeds {' and '.join(map(str, seeds))}, a validation point (256 prompts) "
+        f"every {cfg.eval_every} steps; made by `python experiments.py {name}` on "
+        f"{by_model['looped'][0].record['machine']}.",
         markdown(["run", "model", "seed", "lr", *(f"test, k = {j}" for j in ks)], rows),
         image("validation error of both models against training step", name),
         f"The first step whose validation error at k = {k} is at most each level (in brackets: the "
@@ -538,7 +532,7 @@ def converge_section(lines, name, claims, models, times):
         f"training time from the log:",
         markdown(["run", *reached, "GFLOP per step", "training time"], reach),
         claim.caveat,
-        converge_verdict(claim, by_model, seeds, k, final, flat_end),
+        converge_verdict(claim, by_model, seeds, k, L, S, flat_end),
     )
     plot_converge(by_model, seeds, k, flat_end, claim, name)
 
@@ -585,14 +579,12 @@ def result_rows(runs, ks, k, target):
     return rows, reach
 
 
-def converge_verdict(claim, by_model, seeds, k, final, flat_end):
+def converge_verdict(claim, by_model, seeds, k, L, S, flat_end):
     """The verdict by the claim's rule: the mean test errors at k, and how far the model behind fell
     (first seed) over the last eighth of its peak-rate steps against its spread over seeds."""
-    L, S = statistics.mean(final["looped"]), statistics.mean(final["standard"])
     behind = "standard" if S > L else "looped"
 
-    def at(run, step):
-        """The validation error at k at the run's curve point nearest the step."""
+    def at(run, step):  # the validation error at k at the run's curve point nearest the step
         return min(run.curve, key=lambda p: abs(p[0] - step))[1][k]
 
     first = next(r for r in by_model[behind] if r.cfg.seed == seeds[0])
@@ -613,8 +605,7 @@ def converge_verdict(claim, by_model, seeds, k, final, flat_end):
             f"{fmt(fall)}, more than the spread over seeds ({fmt(spread)})."
         )
     why = f"; the {behind} model's curve fell by less than the spread over seeds over the last "
-    why += "eighth of its peak-rate steps"
-    why = "" if verdict == "Reproduced" else why
+    why = "" if verdict == "Reproduced" else why + "eighth of its peak-rate steps"
     return f"**{verdict} at this scale.** The paper has {expected}; {outcome}{why}."
 
 
@@ -658,11 +649,8 @@ def window_section(lines, name, claims, models, base):
         settled += [window] if claim.verdict(float(ratio)) else []
     columns = ["window", "at b", "best (at loop)", "at 2b", f"at {loops}", f"{loops} / b"]
     drifted = [window for window, *_ in rows if window not in settled]
-    warning = (  # by the claim's last run: T = 1
-        "diverges past b did not reproduce**: the small windows settle, at a higher error."
-        if rows[-1][0] in settled
-        else "diverges past b: reproduced**."
-    )
+    warning = "diverges past b did not reproduce**: the small windows settle, at a higher error."
+    warning = warning if rows[-1][0] in settled else "diverges past b: reproduced**."  # T = 1
     add(
         lines,
         f"Error at k = {last} against loop iterations, to {loops} = {loops // b} b (b = {b}); "
