@@ -260,13 +260,11 @@ def runs_section(lines, claims):
     if not paths:
         return
     rows = []
-    for path in paths:
-        r = read_json(path)
-        c = run_config(r)
-        wall = f"{r['seconds'] / 60:.1f} min" + (" (diverged)" if "diverged" in r else "")
+    for path, r in zip(paths, map(read_json, paths)):
+        c, wall = run_config(r), f"{r['seconds'] / 60:.1f} min" + " (diverged)" * ("diverged" in r)
         init = f"{c.embed_init:g} / {c.attn_init:g}"
-        rows.append([os.path.dirname(path), c.task, looped.describe(c), f"{c.lr:g}", init])
-        rows[-1] += [c.steps, wall, r["machine"], r["threads"], r["torch"]]
+        rows.append([os.path.dirname(path), c.task, looped.describe(c), f"{c.lr:g}", init, c.steps])
+        rows[-1] += [wall, r["machine"], r["threads"], r["torch"]]
     add(
         lines,
         "## Runs",
@@ -280,10 +278,9 @@ def runs_section(lines, claims):
 
 
 def pairs_section(lines, name, claims, models, sweep=False):
-    """The looped model against the standard one on each task of the claim's verdicts. With sweep,
-    the claim's runs are a learning-rate sweep of both models, shown first, and each model is
-    compared at its best rate. Otherwise at the default rate and again at the best rate of the
-    sweep in the claim the record needs, where those runs exist."""
+    """The looped model against the standard one on each task of the claim's verdicts: with sweep,
+    each at its best rate in the claim's own sweep, shown first; else at the default rates and
+    again at the best rates of the needed claim's sweep, where those runs exist."""
     claim, runs = claims[name], claim_runs(name)
     trained = {run_name for run_name, r in runs.items() if r.errors is not None}
     pairs, rates = [], best_rates(claim.needs, models) if claim.needs else {}
@@ -343,6 +340,8 @@ def compare_section(name, claim, pairs, runs, lines):
         outcome = f"here at k = {k} the looped model has {fmt(L[k])} and the standard one "
         outcome += f"{fmt(S[k])}: {found}"
         verdict = "Reproduced" if found == expected else "Not reproduced"
+        said = f"**{verdict} at this scale.** The paper has {expected}: {paper}"
+        said = said if expected else f"The paper gives no number ({paper})"
         add(
             lines,
             f"**{task}**, d = {ca.n_dims}, n = {ca.n_points}, {ca.eval_prompts} test prompts: "
@@ -350,9 +349,7 @@ def compare_section(name, claim, pairs, runs, lines):
             f"({params[1]:,}), {ca.steps} steps each, at learning rates {ca.lr:g} and {cb.lr:g}.",
             markdown(["k", "looped", "standard", *shown], rows),
             image(f"{task}: error against in-context examples", f"error_vs_examples{suffix}"),
-            f"**{verdict} at this scale.** The paper has {expected}: {paper}; {outcome}."
-            if expected
-            else f"The paper gives no number ({paper}); {outcome}.",
+            f"{said}; {outcome}.",
         )
         seed_spread(lines, k, [(a, runs[a]), (b, runs[b])], runs)
 
@@ -513,7 +510,17 @@ def converge_section(lines, name, claims, models, times):
     ks, k = shown_ks(cfg), shown_ks(cfg)[-1]
     L, S = (statistics.mean(at_b(r, k) for r in by_model[m]) for m in ("looped", "standard"))
     rows, reach = result_rows(runs, ks, k, L)
-    stale = stale_models(lines, name, claim, models, by_model)
+    # Runs not trained from the sweep's best run as it is now: from an earlier sweep, or preset.
+    best = {m: (folder := best_run(claim.needs, m)) and read_run(folder).cfg for m in models}
+    stale = [m for m, rs in by_model.items() if not all(longer(r.cfg, best[m]) for r in rs)]
+    add(
+        lines,
+        stale
+        and f"These {' and '.join(stale)} runs were made from an earlier {claim.needs} sweep: "
+        f"their learning rate or initialisation is not that of {claim.needs}'s best run now "
+        f"(see the runs table). `rm -r results/{name}` and `python experiments.py {name}` train "
+        "them again.",
+    )
     reached = [*(f"to {fmt(x)}" for x in THRESHOLDS), f"to {fmt(L)} (looped's final)"]
     flat_end = cfg.steps - cfg.decay  # the last step at the peak rate
     add(
@@ -535,22 +542,6 @@ def converge_section(lines, name, claims, models, times):
         converge_verdict(claim, by_model, seeds, k, L, S, flat_end),
     )
     plot_converge(by_model, seeds, k, flat_end, claim, name)
-
-
-def stale_models(lines, name, claim, models, by_model):
-    """The models whose runs were not trained from the sweep's best run as it is now (from an
-    earlier sweep, at another preset): said so in lines."""
-    best = {m: (folder := best_run(claim.needs, m)) and read_run(folder).cfg for m in models}
-    stale = [m for m, rs in by_model.items() if not all(longer(r.cfg, best[m]) for r in rs)]
-    add(
-        lines,
-        stale
-        and f"These {' and '.join(stale)} runs were made from an earlier {claim.needs} sweep: "
-        f"their learning rate or initialisation is not that of {claim.needs}'s best run now "
-        f"(see the runs table). `rm -r results/{name}` and `python experiments.py {name}` "
-        "train them again.",
-    )
-    return stale
 
 
 def longer(cfg, best):
