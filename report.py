@@ -361,10 +361,8 @@ def seed_spread(lines, k, named, runs):
         loops = [c.n_loops - 1] + ([-1] if c.eval_loops > c.n_loops else [])  # b, and all loops
         spread = []
         for s in [run, *seeds]:
-            at_k = (
-                [fmt(s.errors["loops"][t][k].item()) for t in loops] if s.errors else ["diverged"]
-            )
-            spread.append(f"seed {s.cfg.seed}: {', '.join(at_k)}")
+            at_k = [fmt(s.errors["loops"][t][k].item()) for t in loops] if s.errors else []
+            spread.append(f"seed {s.cfg.seed}: {', '.join(at_k) or 'diverged'}")
         at = f"at b = {c.n_loops} loops, and at {c.eval_loops}" if loops[1:] else "at its one pass"
         text = f"The {looped.describe(c)} at k = {k} over seeds ({at}): {'; '.join(spread)}."
         add(lines, seeds and text)
@@ -607,8 +605,7 @@ def plot_converge(by_model, seeds, k, flat_end, claim, name):
         for r in rs:
             label = f"{looped.describe(r.cfg)}, lr {r.cfg.lr:g}, seed {r.cfg.seed}"
             ls = "-" if r.cfg.seed == seeds[0] else "--"
-            steps, errors = [p[0] for p in r.curve], [p[1][k] for p in r.curve]
-            ax.semilogy(steps, errors, color=f"C{i}", ls=ls, label=label)
+            ax.semilogy(*zip(*[(s, e[k]) for s, e in r.curve]), color=f"C{i}", ls=ls, label=label)
     for level in THRESHOLDS:
         ax.axhline(level, color="gray", lw=0.6, ls=":")
     ax.axvline(flat_end, color="k", lw=0.8, ls=":", label="the learning rate's decay starts")
@@ -620,8 +617,9 @@ def plot_converge(by_model, seeds, k, flat_end, claim, name):
 def window_section(lines, name, claims, models, base):
     """The loop past b for each window T (`base`: the needed claim's run at the default window)."""
     claim = claims[name]
-    folders = [os.path.join(RESULTS, claim.needs, base)]
-    folders += [os.path.join(RESULTS, name, run_name) for run_name, _, _ in claim.runs]
+    folders = [f"{RESULTS}/{claim.needs}/{base}"] + [
+        f"{RESULTS}/{name}/{n}" for n, *_ in claim.runs
+    ]
     if not all(map(done, folders)):
         return not_run(lines, claim.needs, name)
     named = [(f"T = {r.cfg.loop_window}", r.cfg, r.errors) for r in map(read_run, folders)]
