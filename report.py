@@ -297,13 +297,12 @@ def pairs_section(lines, name, claims, models, sweep=False):
     if not pairs or not all(r in runs for _, a, b, *_ in pairs for r in (a, b)):
         return not_run(lines, name)
     compare_section(name, claim, pairs, runs, lines)
-    cfgs = [(runs[a].cfg, runs[b].cfg) for _, a, b, *_ in pairs]
-    c = cfgs[0][0]
+    c = runs[pairs[0][1]].cfg
     share = c.steps / looped.PAPER["steps"]
     add(lines, claim.caveat.format(steps=c.steps, share=share, d=c.n_dims))
     if sweep or not all(rates.values()):  # else: did they train at the needed sweep's best rates?
         return
-    used = [{c.lr for c in model_cfgs} for model_cfgs in zip(*cfgs)]
+    used = [{runs[pair[i]].cfg.lr for pair in pairs} for i in (1, 2)]  # each model's rates
     off = [
         f"the {model} model trained at lr {', '.join(f'{lr:g}' for lr in sorted(lrs))}, where "
         f"{claim.needs}'s sweep found {rates[model]:g} best on linear regression"
@@ -402,11 +401,11 @@ def sweep_section(claim, models, lines):
 
 def plot_sweep(sweeps, best, k, claim):
     """Test error at k against learning rate; validation error at k against step, by model."""
+    names = {m: looped.describe(next(iter(runs.values())).cfg) for m, runs in sweeps.items()}
     fig, ax = plots.figure(figsize=(6.5, 4.5))
     for i, (model, runs) in enumerate(sweeps.items()):
         trained = [(lr, at_b(r, k)) for lr, r in runs.items() if r.errors is not None]
-        name = looped.describe(next(iter(runs.values())).cfg)
-        ax.loglog(*zip(*trained), "o-", color=f"C{i}", label=name)
+        ax.loglog(*zip(*trained), "o-", color=f"C{i}", label=names[model])
         star = [(lr, e) for lr, e in trained if runs[lr].folder == best[model]]
         ax.plot(*zip(*star), "*", ms=16, color=f"C{i}")
         for lr in [lr for lr, r in runs.items() if r.errors is None]:
@@ -421,8 +420,7 @@ def plot_sweep(sweeps, best, k, claim):
             label = f"lr {lr:g}" + " (best)" * is_best + " (diverged)" * (r.errors is None)
             steps, errors_at_k = [s for s, _ in r.curve], [e[k] for _, e in r.curve]
             ax.semilogy(steps, errors_at_k, color=f"C{i}", lw=2.5 if is_best else 1.2, label=label)
-        ax.set(title=looped.describe(next(iter(runs.values())).cfg), xlabel="training step")
-        ax.set(ylabel=f"validation error at k = {k}")
+        ax.set(title=names[model], xlabel="training step", ylabel=f"validation error at k = {k}")
     save(fig, f"{FIGURES}/learning_curves_{claim}.png", *axes, fontsize=8)
 
 
