@@ -31,9 +31,7 @@ def in_words(n):
 
 
 # ---------------------------------------------------------------------------- reading the runs
-# A finished run folder: its config, its test errors (tensors; None where training diverged), its
-# run.json record, and, where asked for, its validation curve [(step, error at each position)].
-Run = collections.namedtuple("Run", "cfg errors record folder curve")
+Run = collections.namedtuple("Run", "cfg errors record folder curve")  # what read_run reads
 
 
 def read_json(path):
@@ -49,7 +47,8 @@ def run_config(record):
 
 
 def read_run(folder, curve=False):
-    """The Run in a finished run folder; with curve, its validation curve read from its log."""
+    """A finished run folder's config, test errors (tensors; None where training diverged), run.json
+    record, and with curve its validation curve from the log, [(step, error at each position)]."""
     record = read_json(os.path.join(folder, "run.json"))
     errors = None
     if "diverged" not in record:
@@ -336,8 +335,6 @@ def compare_section(name, claim, pairs, runs, lines):
         params = [looped.count_parameters(looped.LoopedTransformer(c))[0] for c in (ca, cb)]
         k = ca.n_points - 1 if claim.at_end else shown_ks(ca)[-1]
         found = claim.verdict(L[k], S[k])
-        outcome = f"here at k = {k} the looped model has {fmt(L[k])} and the standard one "
-        outcome += f"{fmt(S[k])}: {found}"
         verdict = "Reproduced" if found == expected else "Not reproduced"
         said = f"**{verdict} at this scale.** The paper has {expected}: {paper}"
         said = said if expected else f"The paper gives no number ({paper})"
@@ -348,7 +345,8 @@ def compare_section(name, claim, pairs, runs, lines):
             f"({params[1]:,}), {ca.steps} steps each, at learning rates {ca.lr:g} and {cb.lr:g}.",
             markdown(["k", "looped", "standard", *shown], rows),
             image(f"{task}: error against in-context examples", f"error_vs_examples{suffix}"),
-            f"{said}; {outcome}.",
+            f"{said}; here at k = {k} the looped model has {fmt(L[k])} and the standard one "
+            f"{fmt(S[k])}: {found}.",
         )
         seed_spread(lines, k, [(a, runs[a]), (b, runs[b])], runs)
 
