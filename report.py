@@ -139,8 +139,7 @@ def shown_ks(cfg=None, last=False, d=None, n=None):
     return ks + [n - 1] if (last or not ks) and n - 1 not in ks else ks
 
 
-def save(fig, path, *axes, **legend):
-    """The figure at path, each of axes with its legend (legend: the legend's arguments)."""
+def save(fig, path, *axes, **legend):  # each of axes with its legend, then the figure
     for ax in axes:
         ax.legend(**legend)
     plots.save_figure(fig, path)
@@ -212,8 +211,7 @@ def plot_adaptive(record, path):
 
 
 def write(claims, models, baselines_note=""):
-    """docs/results.md and its figures: claims and models as experiments.CLAIMS and MODELS hold
-    them; baselines_note: the paper's numbers for the baselines."""
+    """docs/results.md and its figures, from experiments.CLAIMS, MODELS and BASELINES_NOTE."""
     os.makedirs(FIGURES, exist_ok=True)
     os.makedirs(os.path.dirname(REPORT), exist_ok=True)
     lines = []
@@ -634,8 +632,8 @@ def window_section(lines, name, claims, models, base):
         settled += [window] if claim.verdict(float(ratio)) else []
     columns = ["window", "at b", "best (at loop)", "at 2b", f"at {loops}", f"{loops} / b"]
     drifted = [window for window, *_ in rows if window not in settled]
-    warning = "diverges past b did not reproduce**: the small windows settle, at a higher error."
-    warning = warning if rows[-1][0] in settled else "diverges past b: reproduced**."  # T = 1
+    settles = "diverges past b did not reproduce**: the small windows settle, at a higher error."
+    warning = settles if rows[-1][0] in settled else "diverges past b: reproduced**."  # T = 1
     add(
         lines,
         f"Error at k = {last} against loop iterations, to {loops} = {loops // b} b (b = {b}); "
