@@ -1,15 +1,11 @@
-"""docs/results.md and its figures, written from the files under results/ alone.
+"""docs/results.md and its figures, written from the files under results/CLAIM/RUN alone, so that a
+clean checkout rewrites the report byte for byte. It renders and decides nothing: each claim's
+record (experiments.Claim) holds its runs, the paper's numbers, its place in the report, the rule
+that reads its verdict, and the function here that writes its section. experiments.py imports this
+module (and uses its readers to pick the runs it trains next), so `write` takes the records and
+the models as arguments."""
 
-experiments.py trains the claims' runs and keeps each one's log, evaluation and run record under
-results/CLAIM/RUN; this module reads those files and nothing else, so that a clean checkout
-rewrites the report byte for byte. It renders and decides nothing: each claim's record
-(experiments.Claim) holds its runs, the paper's numbers, its place in the report, the rule that
-reads its verdict, and the function here that writes its section. It does not import
-experiments.py, which imports it: `write` takes the records (experiments.CLAIMS) and the models
-(experiments.MODELS) as arguments. experiments.py also uses the readers here to pick the runs it
-trains next.
-"""
-
+import collections
 import contextlib
 import dataclasses
 import glob
@@ -35,6 +31,7 @@ def in_words(n):
 
 
 # ---------------------------------------------------------------------------- reading the runs
+Run = collections.namedtuple("Run", "cfg errors record folder curve")  # what read_run reads
 
 
 def read_json(path):
@@ -43,20 +40,21 @@ def read_json(path):
 
 
 def run_config(record):
-    """The config of a run.json record. Runs made before the learning-rate schedule existed
-    recorded no warm-up or decay: they trained at a constant rate, which 0 and 0 reproduce; runs
-    made before embed_init and attn_init were initialised at GPT-2's 0.02."""
+    """The config of a run.json record. Runs made before the learning-rate schedule trained at a
+    constant rate (warm-up and decay 0); before embed_init and attn_init, at GPT-2's 0.02."""
     before = {"warmup": 0, "decay": 0, **looped.BEFORE_INIT}
     return looped.make_config(**{**before, **record["config"]})
 
 
-def read_run(folder):
-    """(cfg, errors as tensors or None for a run that diverged, run record) of a run folder."""
+def read_run(folder, curve=False):
+    """A finished run folder's config, test errors (tensors; None where training diverged), run.json
+    record, and with curve its validation curve from the log, [(step, error at each position)]."""
     record = read_json(os.path.join(folder, "run.json"))
     errors = None
     if "diverged" not in record:
         errors = {k: torch.tensor(v) for k, v in read_json(f"{folder}/eval.json").items()}
-    return run_config(record), errors, record
+    curve = [(r["step"], r["val_error"]) for r in read_log(folder, "val_error")] if curve else None
+    return Run(run_config(record), errors, record, folder, curve)
 
 
 def read_log(folder, key):  # the lines of a run's log.jsonl that hold key
@@ -64,58 +62,49 @@ def read_log(folder, key):  # the lines of a run's log.jsonl that hold key
         return [r for r in map(json.loads, f) if key in r]
 
 
-def read_curve(folder):  # [(step, validation error at each position)]
-    return [(r["step"], r["val_error"]) for r in read_log(folder, "val_error")]
+def at_b(run, k):
+    """A run's test error at position k after its trained b loops (the standard model: one pass)."""
+    return run.errors["loops"][run.cfg.n_loops - 1][k].item()
 
 
-def done(folder):
-    """Whether a run folder holds a finished run (its run.json, written last)."""
+def done(folder):  # whether a run folder holds a finished run: its run.json, written last
     return os.path.isfile(os.path.join(folder, "run.json"))
 
 
 def variant(name, lr=None, seed=None):
-    """The name of run NAME trained again at another learning rate or seed: NAME_lrLR_seedS. The
-    claims name their extra runs so, and the report finds them by these suffixes."""
+    """NAME_lrLR_seedS: run NAME trained again at another rate or seed, as the claims name them."""
     return name + (f"_lr{lr:g}" if lr else "") + (f"_seed{seed}" if seed else "")
 
 
+def claim_runs(claim, curves=False):
+    """{run name: Run} of a claim's finished runs, by name; with curves, their validation curves."""
+    folders = sorted(os.path.dirname(p) for p in glob.glob(f"{RESULTS}/{claim}/*/run.json"))
+    return {os.path.basename(folder): read_run(folder, curves) for folder in folders}
+
+
 def sweep_runs(claim, model):
-    """{lr: (folder, cfg, errors or None, validation curve)} of one model's learning-rate sweep:
-    the runs MODEL_lrLR of a claim (not their other seeds)."""
-    runs = {}
-    for folder in glob.glob(os.path.join(RESULTS, claim, f"{model}_lr*")):  # as variant names them
-        if "_seed" not in os.path.basename(folder) and done(folder):
-            cfg, errors, _ = read_run(folder)
-            runs[cfg.lr] = (folder, cfg, errors, read_curve(folder))
+    """{lr: Run, with its curve} of a model's learning-rate sweep: a claim's runs MODEL_lrLR."""
+    runs = claim_runs(claim, curves=True).items()
+    runs = {r.cfg.lr: r for n, r in runs if n.startswith(f"{model}_lr") and "_seed" not in n}
     return dict(sorted(runs.items()))
+
+
+def validation(run):  # the validation error at k = 2d at the last step
+    return run.curve[-1][1][shown_ks(run.cfg)[-1]]
 
 
 def best_run(claim, model, runs=None):
     """The folder of a model's best learning rate, or None before its sweep. The best has the lowest
     validation error at k = 2d at the last step: those prompts are drawn apart from the test
     prompts, so that the test stays fair to both models. runs: the sweep, if already read."""
-    found = [
-        (curve[-1][1][shown_ks(cfg)[-1]], folder)
-        for folder, cfg, errors, curve in (runs or sweep_runs(claim, model)).values()
-        if errors is not None and curve and math.isfinite(curve[-1][1][shown_ks(cfg)[-1]])
-    ]
-    return min(found)[1] if found else None
+    runs = (runs or sweep_runs(claim, model)).values()
+    found = [r for r in runs if r.errors is not None and r.curve and math.isfinite(validation(r))]
+    return min(found, key=lambda r: (validation(r), r.folder)).folder if found else None
 
 
 def best_rates(claim, models):
     """The best learning rate (best_run) of each model in a claim's sweep, or None before it."""
-    return {model: (best := best_run(claim, model)) and read_run(best)[0].lr for model in models}
-
-
-def at_best_rates(claim, names, rates, models):
-    """A claim's looped and standard run names, each at its model's rate in rates where that run
-    (NAME_lrLR) finished, else as given: trained at the default rate."""
-    found = []
-    for model, name in zip(models, names):
-        folder = rates.get(model) and os.path.join(RESULTS, claim, variant(name, rates[model]))
-        trained = folder and done(folder) and read_run(folder)[1] is not None
-        found.append(os.path.basename(folder) if trained else name)
-    return found
+    return {model: (best := best_run(claim, model)) and read_run(best).cfg.lr for model in models}
 
 
 def labels(cfgs):
@@ -142,13 +131,18 @@ def markdown(columns, rows):
 
 
 def shown_ks(cfg=None, last=False, d=None, n=None):
-    """The in-context example counts k a table shows: the paper's d/2, d and 2d (10, 20 and 40 at
-    d = 20) where they fit in the prompt; with last, the last position n - 1 as well. Where none
-    fit, the last position alone. d and n default to the config's."""
+    """The k a table shows: the paper's d/2, d and 2d (10, 20 and 40 at d = 20) where they fit in
+    the prompt, with last (or where none fit) the last position n - 1 too; d, n: the config's."""
     d = cfg.n_dims if d is None else d
     n = cfg.n_points if n is None else n
     ks = [k for k in (d // 2, d, 2 * d) if 0 < k < n]
     return ks + [n - 1] if (last or not ks) and n - 1 not in ks else ks
+
+
+def save(fig, path, *axes, **legend):  # each of axes with its legend, then the figure
+    for ax in axes:
+        ax.legend(**legend)
+    plots.save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------- studies of one run
@@ -182,9 +176,7 @@ def plot_probe(record, path):
     b.axvline(record["config"]["n_loops"], color="gray", ls=":", lw=1)
     b.set(xlabel="loop iteration t (dotted: trained b)", title="the read-out against the solvers")
     b.set(ylabel="normalised squared difference, last position")
-    for ax in (a, b):
-        ax.legend(fontsize=7)
-    plots.save_figure(fig, path)
+    save(fig, path, a, b, fontsize=7)
 
 
 def adaptive_table(record):
@@ -212,28 +204,25 @@ def plot_adaptive(record, path):
     ax.set(xscale="log", yscale="log", xlabel="mean loops per prompt")
     ax.set(ylabel=f"normalised squared error at k = {k}")
     ax.set(title=f"adaptive depth (labels: tolerance; at most {record['max_loops']} loops)")
-    ax.legend(fontsize=8)
-    plots.save_figure(fig, path)
+    save(fig, path, ax, fontsize=8)
 
 
 # ---------------------------------------------------------------------------- the report
 
 
 def write(claims, models, baselines_note=""):
-    """docs/results.md and its figures from results/ alone. claims: {name: claim record}, as
-    experiments.CLAIMS holds them, each section at its record's place; models: {model name: its
-    overrides}, as experiments.MODELS; baselines_note: the paper's numbers for the baselines."""
+    """docs/results.md and its figures, from experiments.CLAIMS, MODELS and BASELINES_NOTE."""
     os.makedirs(FIGURES, exist_ok=True)
     os.makedirs(os.path.dirname(REPORT), exist_ok=True)
-    lines = [
+    lines = []
+    add(
+        lines,
         "# Results at laptop scale",
-        "",
         "Written by `python experiments.py report` from the files under `results/`; do not edit by"
-        " hand.",
-        "Each claim's runs come from `python experiments.py CLAIM` (see the README); every number",
-        "below is read from a file there, which also records the machine and the torch version.",
-        "",
-    ]
+        " hand.\nEach claim's runs come from `python experiments.py CLAIM` (see the README); every"
+        " number\nbelow is read from a file there, which also records the machine and the torch"
+        " version.",
+    )
     runs_section(lines, claims)
     for name, claim in sorted(claims.items(), key=lambda item: item[1].place):
         add(lines, f"## {claim.heading}", claim.paper and f"The paper: {claim.paper}.")
@@ -268,14 +257,11 @@ def runs_section(lines, claims):
     if not paths:
         return
     rows = []
-    for path in paths:
-        r = read_json(path)
-        c = run_config(r)
-        wall = f"{r['seconds'] / 60:.1f} min" + (" (diverged)" if "diverged" in r else "")
+    for path, r in zip(paths, map(read_json, paths)):
+        c, wall = run_config(r), f"{r['seconds'] / 60:.1f} min" + " (diverged)" * ("diverged" in r)
         init = f"{c.embed_init:g} / {c.attn_init:g}"
-        rows.append([os.path.dirname(path), c.task, looped.describe(c), f"{c.lr:g}", init])
-        rows[-1] += [c.steps, wall, r["machine"], r["threads"], r["torch"]]
-    columns = "run,task,model,lr,init,steps,wall time,machine,threads,torch".split(",")
+        rows.append([os.path.dirname(path), c.task, looped.describe(c), f"{c.lr:g}", init, c.steps])
+        rows[-1] += [wall, r["machine"], r["threads"], r["torch"]]
     add(
         lines,
         "## Runs",
@@ -284,16 +270,16 @@ def runs_section(lines, claims):
         "embedding and of the attention's q, k, v weights at initialisation (GPT-2's and the "
         f"paper's: 0.02 / 0.02; the laptop preset's: {looped.Config.embed_init:g} / "
         f"{looped.Config.attn_init:g}).",
-        markdown(columns, rows),
+        markdown("run,task,model,lr,init,steps,wall time,machine,threads,torch".split(","), rows),
     )
 
 
 def pairs_section(lines, name, claims, models, sweep=False):
-    """The looped model against the standard one on each task of the claim's verdicts. With sweep,
-    the claim's runs are a learning-rate sweep of both models, shown first, and each model is
-    compared at its best rate. Otherwise at the default rate and again at the best rate of the
-    sweep in the claim the record needs, where those runs exist."""
-    claim = claims[name]
+    """The looped model against the standard one on each task of the claim's verdicts: with sweep,
+    each at its best rate in the claim's own sweep, shown first; else at the default rates and
+    again at the best rates of the needed claim's sweep, where those runs exist."""
+    claim, runs = claims[name], claim_runs(name)
+    trained = {run_name for run_name, r in runs.items() if r.errors is not None}
     pairs, rates = [], best_rates(claim.needs, models) if claim.needs else {}
     best = sweep_section(name, models, lines) if sweep else None
     for task, expected, numbers in claim.verdicts:
@@ -301,27 +287,39 @@ def pairs_section(lines, name, claims, models, sweep=False):
             pairs += [(task, *best, expected, numbers)] if best else []
         else:  # the same pair at the default rates, then at the sweep's, once if they are the same
             at_default = [run_name for run_name, t, _ in claim.runs if t == task]  # models' order
-            at_best = at_best_rates(name, at_default, rates, models)
+            at_best = [variant(n, rates.get(m)) for m, n in zip(models, at_default)]
+            at_best = [b if b in trained else n for b, n in zip(at_best, at_default)]
             for a, b in dict.fromkeys([tuple(at_default), tuple(at_best)]):
                 pairs.append((task, a, b, expected, numbers))
-    folders = [os.path.join(RESULTS, name, r) for _, a, b, *_ in pairs for r in (a, b)]
-    if not pairs or not all(map(done, folders)):
+    if not pairs or not all(r in runs for _, a, b, *_ in pairs for r in (a, b)):
         return not_run(lines, name)
-    compare_section(name, claim, pairs, lines)
-    c = read_run(folders[0])[0]
-    add(
-        lines, claim.caveat.format(steps=c.steps, share=c.steps / looped.PAPER["steps"], d=c.n_dims)
+    compare_section(name, claim, pairs, runs, lines)
+    c = runs[pairs[0][1]].cfg
+    share = c.steps / looped.PAPER["steps"]
+    add(lines, claim.caveat.format(steps=c.steps, share=share, d=c.n_dims))
+    if sweep or not all(rates.values()):  # else: did they train at the needed sweep's best rates?
+        return
+    used = [{runs[pair[i]].cfg.lr for pair in pairs} for i in (1, 2)]  # each model's rates
+    off = [
+        f"the {model} model trained at lr {', '.join(f'{lr:g}' for lr in sorted(lrs))}, where "
+        f"{claim.needs}'s sweep found {rates[model]:g} best on linear regression"
+        for model, lrs in zip(models, used)
+        if rates[model] not in lrs
+    ]
+    at = ", ".join(f"{m} {rates[m]:g}" for m in models)
+    same = (
+        f"a task's second pair has each model at the learning rate {claim.needs}'s sweep found "
+        f"best for it on linear regression ({at}); which rate is best on this task is not measured"
     )
-    if not sweep:
-        learning_rate_caveat(lines, name, claim.needs, pairs, rates, models)
+    add(lines, f"Not swept here: {'; '.join(off) or same}.")
 
 
-def compare_section(name, claim, pairs, lines):
+def compare_section(name, claim, pairs, runs, lines):
     """For each (task, looped run, standard run, the paper's finding, its numbers): a table, a
     figure, and the verdict by the claim's rule."""
     seen = set()
     for task, a, b, expected, paper in pairs:
-        (ca, ea, _), (cb, eb, _) = (read_run(os.path.join(RESULTS, name, r)) for r in (a, b))
+        (ca, ea, *_), (cb, eb, *_) = runs[a], runs[b]
         names = labels([ca, cb])
         # A task's second pair (at other learning rates) gets figures of its own.
         suffix = f"_{name}_{task}" + (f"_{b}" if task in seen else "")
@@ -335,9 +333,9 @@ def compare_section(name, claim, pairs, lines):
         params = [looped.count_parameters(looped.LoopedTransformer(c))[0] for c in (ca, cb)]
         k = ca.n_points - 1 if claim.at_end else shown_ks(ca)[-1]
         found = claim.verdict(L[k], S[k])
-        outcome = f"here at k = {k} the looped model has {fmt(L[k])} and the standard one "
-        outcome += f"{fmt(S[k])}: {found}"
         verdict = "Reproduced" if found == expected else "Not reproduced"
+        said = f"**{verdict} at this scale.** The paper has {expected}: {paper}"
+        said = said if expected else f"The paper gives no number ({paper})"
         add(
             lines,
             f"**{task}**, d = {ca.n_dims}, n = {ca.n_points}, {ca.eval_prompts} test prompts: "
@@ -345,50 +343,42 @@ def compare_section(name, claim, pairs, lines):
             f"({params[1]:,}), {ca.steps} steps each, at learning rates {ca.lr:g} and {cb.lr:g}.",
             markdown(["k", "looped", "standard", *shown], rows),
             image(f"{task}: error against in-context examples", f"error_vs_examples{suffix}"),
-            f"**{verdict} at this scale.** The paper has {expected}: {paper}; {outcome}."
-            if expected
-            else f"The paper gives no number ({paper}); {outcome}.",
+            f"{said}; here at k = {k} the looped model has {fmt(L[k])} and the standard one "
+            f"{fmt(S[k])}: {found}.",
         )
-        seed_spread(lines, name, k, ((a, ca), (b, cb)))
+        seed_spread(lines, k, [(a, runs[a]), (b, runs[b])], runs)
 
 
-def seed_spread(lines, claim, k, named):
-    """The same runs, named [(name, cfg)], with other seeds, where trained."""
-    for run_name, c in named:
-        pattern = os.path.join(RESULTS, claim, f"{run_name}_seed*", "run.json")
-        seeds = [os.path.dirname(p) for p in sorted(glob.glob(pattern))]
-        seeded = [read_run(f) for f in [os.path.join(RESULTS, claim, run_name), *seeds]]
-        loops = c.eval_loops > c.n_loops
-        spread = [
-            f"seed {s.seed}: diverged"
-            if e is None
-            else f"seed {s.seed}: {fmt(e['loops'][s.n_loops - 1][k].item())}"
-            + (f", {fmt(e['loops'][-1][k].item())}" if loops else "")
-            for s, e, _ in seeded
-        ]
-        at = f"at b = {c.n_loops} loops, and at {c.eval_loops}" if loops else "at its one pass"
+def seed_spread(lines, k, named, runs):
+    """The runs named [(name, Run)] at their other seeds, where runs, {name: Run}, holds them."""
+    for run_name, run in named:
+        c, seeds = run.cfg, [r for n, r in runs.items() if n.startswith(f"{run_name}_seed")]
+        loops = [c.n_loops - 1] + ([-1] if c.eval_loops > c.n_loops else [])  # b, and all loops
+        spread = []
+        for s in [run, *seeds]:
+            at_k = [fmt(s.errors["loops"][t][k].item()) for t in loops] if s.errors else []
+            spread.append(f"seed {s.cfg.seed}: {', '.join(at_k) or 'diverged'}")
+        at = f"at b = {c.n_loops} loops, and at {c.eval_loops}" if loops[1:] else "at its one pass"
         text = f"The {looped.describe(c)} at k = {k} over seeds ({at}): {'; '.join(spread)}."
         add(lines, seeds and text)
 
 
 def sweep_section(claim, models, lines):
-    """The learning-rate sweep of both models: a table and two figures. Returns each model's best
-    run name (by the validation prompts), or None before the sweep."""
+    """The sweep's table and figures; each model's best run name, or None before the sweep."""
     sweeps = {model: sweep_runs(claim, model) for model in models}
     best = {model: best_run(claim, model, sweeps[model]) for model in models}
     if not all(best.values()):
         return None
-    cfg = next(iter(next(iter(sweeps.values())).values()))[1]
+    cfg = next(r.cfg for runs in sweeps.values() for r in runs.values())
     ks, k = shown_ks(cfg), shown_ks(cfg)[-1]
     rows = []
     for model, runs in sweeps.items():
-        for lr, (folder, c, errors, curve) in runs.items():
-            name = model + " (best)" * (folder == best[model])
-            if errors is None:
+        for lr, r in runs.items():
+            name = model + " (best)" * (r.folder == best[model])
+            if r.errors is None:
                 rows.append([f"{lr:g}", name, "diverged", *["-"] * len(ks)])
             else:
-                test = [errors["loops"][c.n_loops - 1][j].item() for j in ks]
-                rows.append([f"{lr:g}", name, curve[-1][1][k], *test])
+                rows.append([f"{lr:g}", name, validation(r), *(at_b(r, j) for j in ks)])
     counts = " and ".join(sorted({str(len(r)) for r in sweeps.values()}))
     add(
         lines,
@@ -406,77 +396,46 @@ def sweep_section(claim, models, lines):
 
 
 def plot_sweep(sweeps, best, k, claim):
-    """Two figures of a sweep: test error at k against learning rate, one line per model; validation
-    error at k against training step, one panel per model, one line per learning rate."""
+    """Test error at k against learning rate; validation error at k against step, by model."""
+    names = {m: looped.describe(next(iter(runs.values())).cfg) for m, runs in sweeps.items()}
     fig, ax = plots.figure(figsize=(6.5, 4.5))
     for i, (model, runs) in enumerate(sweeps.items()):
-        trained = [
-            (lr, r[2]["loops"][r[1].n_loops - 1][k].item()) for lr, r in runs.items() if r[2]
-        ]
-        name = looped.describe(next(iter(runs.values()))[1])
-        ax.loglog(*zip(*trained), "o-", color=f"C{i}", label=name)
-        star = [(lr, e) for lr, e in trained if runs[lr][0] == best[model]]
+        trained = [(lr, at_b(r, k)) for lr, r in runs.items() if r.errors is not None]
+        ax.loglog(*zip(*trained), "o-", color=f"C{i}", label=names[model])
+        star = [(lr, e) for lr, e in trained if runs[lr].folder == best[model]]
         ax.plot(*zip(*star), "*", ms=16, color=f"C{i}")
-        for lr in [lr for lr, r in runs.items() if r[2] is None]:
+        for lr in [lr for lr, r in runs.items() if r.errors is None]:
             ax.axvline(lr, color=f"C{i}", ls=":", label=f"{model} diverged at lr {lr:g}")
     ax.set(xlabel="Adam learning rate", ylabel=f"normalised squared error at k = {k} (test)")
     ax.set(title="learning-rate sweep (star: best by validation prompts)")
-    figures = [(fig, [ax], f"lr_sweep_{claim}")]
+    save(fig, f"{FIGURES}/lr_sweep_{claim}.png", ax, fontsize=8)
     fig, axes = plots.figure(1, len(sweeps), figsize=(11, 4.2), sharey=True)
     for ax, (model, runs) in zip(axes, sweeps.items()):
-        for i, (lr, (folder, _, errors, curve)) in enumerate(runs.items()):
-            is_best = folder == best[model]
-            label = f"lr {lr:g}" + " (best)" * is_best + " (diverged)" * (errors is None)
-            steps, errors_at_k = [s for s, _ in curve], [e[k] for _, e in curve]
+        for i, (lr, r) in enumerate(runs.items()):
+            is_best = r.folder == best[model]
+            label = f"lr {lr:g}" + " (best)" * is_best + " (diverged)" * (r.errors is None)
+            steps, errors_at_k = [s for s, _ in r.curve], [e[k] for _, e in r.curve]
             ax.semilogy(steps, errors_at_k, color=f"C{i}", lw=2.5 if is_best else 1.2, label=label)
-        ax.set(title=looped.describe(next(iter(runs.values()))[1]), xlabel="training step")
-        ax.set(ylabel=f"validation error at k = {k}")
-    figures.append((fig, axes, f"learning_curves_{claim}"))
-    for figure, shown, name in figures:
-        for ax in shown:
-            ax.legend(fontsize=8)
-        plots.save_figure(figure, os.path.join(FIGURES, f"{name}.png"))
-
-
-def learning_rate_caveat(lines, claim, swept, pairs, best_lr, models):
-    """Whether a claim's models trained at the learning rates claim `swept`'s sweep found best."""
-    if not all(best_lr.values()):
-        return
-    used = [{read_run(os.path.join(RESULTS, claim, p[1 + i]))[0].lr for p in pairs} for i in (0, 1)]
-    off = [
-        f"the {model} model trained at lr {', '.join(f'{lr:g}' for lr in sorted(lrs))}, where "
-        f"{swept}'s sweep found {best_lr[model]:g} best on linear regression"
-        for model, lrs in zip(models, used)
-        if best_lr[model] not in lrs
-    ]
-    rates = ", ".join(f"{m} {best_lr[m]:g}" for m in models)
-    add(
-        lines,
-        f"Not swept here: {'; '.join(off)}."
-        if off
-        else f"Not swept here: a task's second pair has each model at the learning rate {swept}'s "
-        f"sweep found best for it on linear regression ({rates}); which rate is best on this task "
-        f"is not measured.",
-    )
+        ax.set(title=names[model], xlabel="training step", ylabel=f"validation error at k = {k}")
+    save(fig, f"{FIGURES}/learning_curves_{claim}.png", *axes, fontsize=8)
 
 
 def seeds_section(lines, name, claims, models):
     """The default command over each seed: its error at the paper's k, the spread at k = 2d, and a
     figure of their training losses (where a seed sits on the plateau, and for how long)."""
-    claim = claims[name]
-    folders = [os.path.join(RESULTS, name, run_name) for run_name, _, _ in claim.runs]
+    claim, runs = claims[name], claim_runs(name)
     seeds = [overrides["seed"] for _, _, overrides in claim.runs]
-    runs = [read_run(f) for f in folders if done(f)]
+    runs = [runs[run_name] for run_name, _, _ in claim.runs if run_name in runs]
     if not runs:
         return not_run(lines, name)
-    cfg, record = runs[0][0], runs[0][2]
-    ks, k2d, b = shown_ks(cfg), 2 * cfg.n_dims, cfg.n_loops
+    cfg, record = runs[0].cfg, runs[0].record
+    ks, k2d = shown_ks(cfg), 2 * cfg.n_dims
     rows = [
-        [c.seed, *(e["loops"][b - 1][k].item() for k in ks), e["loops"][-1][k2d].item()]
-        + [f"{r['seconds'] / 60:.1f} min"]
-        for c, e, r in runs
+        [r.cfg.seed, *(at_b(r, k) for k in ks), r.errors["loops"][-1][k2d].item()]
+        + [f"{r.record['seconds'] / 60:.1f} min"]
+        for r in runs
     ]
-    ends = sorted(e["loops"][b - 1][k2d].item() for _, e, _ in runs)
+    ends = sorted(at_b(r, k2d) for r in runs)
     columns = ["seed", *[f"k = {k}" for k in ks], f"k = {k2d}, {cfg.eval_loops} loops", "wall time"]
     add(
         lines,
@@ -486,27 +445,26 @@ def seeds_section(lines, name, claims, models):
         f"{cfg.embed_init:g} and {cfg.attn_init:g}), made by `python experiments.py {name}` on "
         f"{record['machine']} with {record['threads']} thread per run, {claim.made}.",
         markdown(columns, rows),
-        f"At k = 2d = {k2d} after b = {b} loops, over {len(ends)} seeds: median "
+        f"At k = 2d = {k2d} after b = {cfg.n_loops} loops, over {len(ends)} seeds: median "
         f"{fmt(statistics.median(ends))}, from {fmt(ends[0])} to {fmt(ends[-1])}; "
         f"{sum(map(claim.verdict, ends))} of {len(ends)} {claim.rule}.",
         image("training loss of each seed", name),
     )
-    plot_seeds(runs, folders, cfg, name, claim.heading)
+    plot_seeds(runs, name, claim.heading)
 
 
-def plot_seeds(runs, folders, cfg, name, title):
+def plot_seeds(runs, name, title):
     """Each seed's training loss against step, beside two estimators' loss at the last stage."""
-    b, k2d = cfg.n_loops, 2 * cfg.n_dims
+    d, n = runs[0].cfg.n_dims, runs[0].cfg.n_points
     fig, ax = plots.figure(figsize=(7, 4.5))
-    for i, ((c, errors, _), folder) in enumerate(zip(runs, folders)):
-        steps, losses = zip(*[(r["step"], r["loss"]) for r in read_log(folder, "loss")])
-        label = f"seed {c.seed}: {fmt(errors['loops'][b - 1][k2d].item())} at k = {k2d}"
+    for i, r in enumerate(runs):
+        steps, losses = zip(*[(line["step"], line["loss"]) for line in read_log(r.folder, "loss")])
+        label = f"seed {r.cfg.seed}: {fmt(at_b(r, 2 * d))} at k = {2 * d}"
         ax.semilogy(steps, losses, color=f"C{i % 10}", lw=1.2, label=label)
     # Two estimators' loss at the last stage's d and n, averaged over the n positions k = 0 .. n-1:
     # least squares, (d - k) / d for k < d; and one step of gradient descent from 0 with the best
     # step for each k, w = X^T y / (k + d + 1), whose error is (d + 1) / (k + d + 1), a moment of
     # the Wishart distribution.
-    d, n = cfg.n_dims, cfg.n_points
     for level, estimator, style in [
         (sum(max(d - k, 0) / d for k in range(n)) / n, "least squares", ":"),
         (sum((d + 1) / (k + d + 1) for k in range(n)) / n, "one step of gradient descent", "--"),
@@ -514,14 +472,12 @@ def plot_seeds(runs, folders, cfg, name, title):
         ax.axhline(level, color="k", ls=style, lw=1, label=f"{estimator} (d = {d}, n = {n})")
     ax.set(xlabel="training step", ylabel="training loss / d (d grows by the curriculum)")
     ax.set(title=title[0].lower() + title[1:])
-    ax.legend(fontsize=7, ncol=2)
-    plots.save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
+    save(fig, f"{FIGURES}/{name}.png", ax, fontsize=7, ncol=2)
 
 
 def step_flops(cfg):
-    """Floating-point operations of one training step at the last curriculum stage (full d, n and
-    b), batch cfg.batch_size, as torch's FlopCounterMode counts them: b block passes forward and T
-    backward for the looped model, 12 of each for the standard one."""
+    """FLOPs of one training step at the last curriculum stage (full d, n, b), as FlopCounterMode
+    counts them: b block passes forward and T backward (looped), 12 of each (standard)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
@@ -536,36 +492,37 @@ def step_flops(cfg):
 
 
 def converge_section(lines, name, claims, models, times):
-    """A sweep's best runs trained for `times` their steps: the final errors, both learning curves
-    on one figure, the steps (and training FLOPs) each model takes to reach given errors, and the
-    verdict by the claim's rule."""
-    claim, runs = claims[name], {}  # {folder name: (cfg, errors, run.json, curve, folder)}
-    for folder in sorted(os.path.dirname(p) for p in glob.glob(f"{RESULTS}/{name}/*/run.json")):
-        cfg, errors, record = read_run(folder)
-        runs[os.path.basename(folder)] = (cfg, errors, record, read_curve(folder), folder)
-    standard = {m: m == "standard" for m in models}
-    by_model = {m: [r for r in runs.values() if (r[0].n_layer > 1) == standard[m]] for m in models}
-    if not all(by_model.values()) or any(r[1] is None for r in runs.values()):
+    """A sweep's best runs trained for `times` their steps: their errors, learning curves, the steps
+    (and FLOPs) each takes to reach given errors, and the verdict by the claim's rule."""
+    claim, runs = claims[name], list(claim_runs(name, curves=True).values())
+    by_model = {m: [r for r in runs if (r.cfg.n_layer > 1) == (m == "standard")] for m in models}
+    if not all(by_model.values()) or any(r.errors is None for r in runs):
         return not_run(lines, name, why=" (or a run diverged)", after=f", after {claim.needs}")
-    cfg = by_model["looped"][0][0]
+    cfg, seeds = by_model["looped"][0].cfg, sorted({r.cfg.seed for r in runs})
     ks, k = shown_ks(cfg), shown_ks(cfg)[-1]
-    final = {
-        m: [r[1]["loops"][r[0].n_loops - 1][k].item() for r in rs] for m, rs in by_model.items()
-    }
-    target = statistics.mean(final["looped"])
-    rows, reach = result_rows(runs, ks, k, target)
-    stale = stale_models(lines, name, claim, models, by_model)
-    reached = [*(f"to {fmt(x)}" for x in THRESHOLDS), f"to {fmt(target)} (looped's final)"]
+    L, S = (statistics.mean(at_b(r, k) for r in by_model[m]) for m in ("looped", "standard"))
+    rows, reach = result_rows(runs, ks, k, L)
+    # Runs not trained from the sweep's best run as it is now: from an earlier sweep, or preset.
+    best = {m: (folder := best_run(claim.needs, m)) and read_run(folder).cfg for m in models}
+    stale = [m for m, rs in by_model.items() if not all(longer(r.cfg, best[m]) for r in rs)]
+    add(
+        lines,
+        stale
+        and f"These {' and '.join(stale)} runs were made from an earlier {claim.needs} sweep: "
+        f"their learning rate or initialisation is not that of {claim.needs}'s best run now "
+        f"(see the runs table). `rm -r results/{name}` and `python experiments.py {name}` train "
+        "them again.",
+    )
+    reached = [*(f"to {fmt(x)}" for x in THRESHOLDS), f"to {fmt(L)} (looped's final)"]
     flat_end = cfg.steps - cfg.decay  # the last step at the peak rate
     add(
         lines,
         f"Each model at the learning rate {claim.needs}'s sweep found best for it"
-        f"{' when they were made' if stale else ''}, for "
-        f"{cfg.steps:,} steps ({times} times the preset's; Adam's rate warmed up over "
-        f"{cfg.warmup} steps and decayed to 0 over the last {cfg.decay}), seeds "
-        f"{' and '.join(map(str, seeds_of(by_model)))}, a "
-        f"validation point (256 prompts) every {cfg.eval_every} steps; made by "
-        f"`python experiments.py {name}` on {by_model['looped'][0][2]['machine']}.",
+        f"{' when they were made' if stale else ''}, for {cfg.steps:,} steps ({times} times the "
+        f"preset's; Adam's rate warmed up over {cfg.warmup} steps and decayed to 0 over the last "
+        f"{cfg.decay}), seeds {' and '.join(map(str, seeds))}, a validation point (256 prompts) "
+        f"every {cfg.eval_every} steps; made by `python experiments.py {name}` on "
+        f"{by_model['looped'][0].record['machine']}.",
         markdown(["run", "model", "seed", "lr", *(f"test, k = {j}" for j in ks)], rows),
         image("validation error of both models against training step", name),
         f"The first step whose validation error at k = {k} is at most each level (in brackets: the "
@@ -574,30 +531,9 @@ def converge_section(lines, name, claims, models, times):
         f"training time from the log:",
         markdown(["run", *reached, "GFLOP per step", "training time"], reach),
         claim.caveat,
-        converge_verdict(claim, by_model, cfg, k, final, flat_end),
+        converge_verdict(claim, by_model, seeds, k, L, S, flat_end),
     )
-    plot_converge(by_model, k, flat_end, claim, name)
-
-
-def seeds_of(by_model):
-    """The seeds of a claim's runs, {model: [run tuples, cfg first]}, in order."""
-    return sorted({r[0].seed for rs in by_model.values() for r in rs})
-
-
-def stale_models(lines, name, claim, models, by_model):
-    """The models whose runs were not trained from the sweep's best run as it is now (from an
-    earlier sweep, at another preset): said so in lines."""
-    best = {m: (folder := best_run(claim.needs, m)) and read_run(folder)[0] for m in models}
-    stale = [m for m, rs in by_model.items() if not all(longer(r[0], best[m]) for r in rs)]
-    add(
-        lines,
-        stale
-        and f"These {' and '.join(stale)} runs were made from an earlier {claim.needs} sweep: "
-        f"their learning rate or initialisation is not that of {claim.needs}'s best run now "
-        f"(see the runs table). `rm -r results/{name}` and `python experiments.py {name}` "
-        "train them again.",
-    )
-    return stale
+    plot_converge(by_model, seeds, k, flat_end, claim, name)
 
 
 def longer(cfg, best):
@@ -607,41 +543,36 @@ def longer(cfg, best):
 
 
 def result_rows(runs, ks, k, target):
-    """Each run's test error at ks (and least squares'), and the steps (and TFLOP) it took to reach
-    each level of validation error at k."""
+    """Each run's test error at ks, and the steps (and TFLOP) it took to reach each level at k."""
     rows, reach, flops = [], [], {}
-    for run_name, (c, errors, _, curve, folder) in runs.items():
-        flops[c.n_layer] = flops.get(c.n_layer) or step_flops(c)  # one count per model
-        test = [errors["loops"][c.n_loops - 1][j].item() for j in ks]
-        rows.append([run_name, looped.describe(c), c.seed, f"{c.lr:g}", *test])
+    for r in runs:
+        c, run_name = r.cfg, os.path.basename(r.folder)
+        f = flops[c.n_layer] = flops.get(c.n_layer) or step_flops(c)  # one count per model
+        rows.append([run_name, looped.describe(c), c.seed, f"{c.lr:g}", *(at_b(r, j) for j in ks)])
         # The first step whose validation error at k is at most each level, None if none is.
-        steps = [next((s for s, e in curve if e[k] <= x), None) for x in THRESHOLDS + [target]]
-        f = flops[c.n_layer]
+        steps = [next((s for s, e in r.curve if e[k] <= x), None) for x in THRESHOLDS + [target]]
         reached = ["-" if s is None else f"{s:,} ({s * f / 1e12:.3g})" for s in steps]
         # The training time: the log's ms per step, over all the run's sessions.
-        log = read_log(folder, "ms_per_step")
-        steps = [r["step"] - last["step"] for last, r in zip([{"step": 0}] + log, log)]
-        seconds = sum(r["ms_per_step"] * n for r, n in zip(log, steps)) / 1000
+        log = read_log(r.folder, "ms_per_step")
+        steps = [now["step"] - last["step"] for last, now in zip([{"step": 0}] + log, log)]
+        seconds = sum(now["ms_per_step"] * n for now, n in zip(log, steps)) / 1000
         reach.append([run_name, *reached, f"{f / 1e9:.2f}", f"{seconds / 60:.0f} min"])
-    least_squares = next(iter(runs.values()))[1]["least squares"]  # the same test prompts
+    least_squares = runs[0].errors["least squares"]  # the same test prompts
     rows.append(["least squares", "", "", "", *(least_squares[j].item() for j in ks)])
     return rows, reach
 
 
-def converge_verdict(claim, by_model, cfg, k, final, flat_end):
-    """The verdict by the claim's rule, from the mean over seeds of each model's test error at k,
-    and how far the validation curve (the first seed's) of the model behind fell over the last
-    eighth of its peak-rate steps, against the spread over seeds at their end."""
-    L, S = statistics.mean(final["looped"]), statistics.mean(final["standard"])
-    behind, seeds = "standard" if S > L else "looped", seeds_of(by_model)
+def converge_verdict(claim, by_model, seeds, k, L, S, flat_end):
+    """The verdict by the claim's rule: the mean test errors at k, and how far the model behind fell
+    (first seed) over the last eighth of its peak-rate steps against its spread over seeds."""
+    behind = "standard" if S > L else "looped"
 
-    def at(curve, step):
-        """The validation error at k at the curve's point nearest the step."""
-        return min(curve, key=lambda p: abs(p[0] - step))[1][k]
+    def at(run, step):  # the validation error at k at the run's curve point nearest the step
+        return min(run.curve, key=lambda p: abs(p[0] - step))[1][k]
 
-    first = next(r[3] for r in by_model[behind] if r[0].seed == seeds[0])
+    first = next(r for r in by_model[behind] if r.cfg.seed == seeds[0])
     fall = at(first, flat_end * 7 / 8) - at(first, flat_end)
-    ends = [at(r[3], flat_end) for r in by_model[behind]]
+    ends = [at(r, flat_end) for r in by_model[behind]]
     spread = max(ends) - min(ends)
     ((_, expected, _),) = claim.verdicts
     found, verdict = claim.verdict(L, S, fall, spread, expected)
@@ -651,60 +582,58 @@ def converge_verdict(claim, by_model, cfg, k, final, flat_end):
     )
     if verdict == "Not settled":
         return (
-            f"**Not settled: the {behind} model is still improving at {cfg.steps:,} steps.** "
+            f"**Not settled: the {behind} model is still improving at {first.cfg.steps:,} steps.** "
             f"{outcome[0].upper()}{outcome[1:]}; over the last eighth of the steps at the peak "
             f"rate (to step {flat_end:,}) its validation error (seed {seeds[0]}) fell by "
             f"{fmt(fall)}, more than the spread over seeds ({fmt(spread)})."
         )
     why = f"; the {behind} model's curve fell by less than the spread over seeds over the last "
-    why += "eighth of its peak-rate steps"
-    why = "" if verdict == "Reproduced" else why
+    why = "" if verdict == "Reproduced" else why + "eighth of its peak-rate steps"
     return f"**{verdict} at this scale.** The paper has {expected}; {outcome}{why}."
 
 
-def plot_converge(by_model, k, flat_end, claim, name):
+def plot_converge(by_model, seeds, k, flat_end, claim, name):
     """Both models' validation curves at k, the first seed's solid, against the thresholds."""
-    fig, ax, first = *plots.figure(figsize=(7, 4.5)), seeds_of(by_model)[0]
+    fig, ax = plots.figure(figsize=(7, 4.5))
     for i, rs in enumerate(by_model.values()):
-        for c, _, _, curve, _ in rs:
-            label = f"{looped.describe(c)}, lr {c.lr:g}, seed {c.seed}"
-            ls = "-" if c.seed == first else "--"
-            steps, errors = [p[0] for p in curve], [p[1][k] for p in curve]
-            ax.semilogy(steps, errors, color=f"C{i}", ls=ls, label=label)
+        for r in rs:
+            label = f"{looped.describe(r.cfg)}, lr {r.cfg.lr:g}, seed {r.cfg.seed}"
+            ls = "-" if r.cfg.seed == seeds[0] else "--"
+            ax.semilogy(*zip(*[(s, e[k]) for s, e in r.curve]), color=f"C{i}", ls=ls, label=label)
     for level in THRESHOLDS:
         ax.axhline(level, color="gray", lw=0.6, ls=":")
     ax.axvline(flat_end, color="k", lw=0.8, ls=":", label="the learning rate's decay starts")
     ax.set(xlabel="training step", ylabel=f"validation error at k = {k}")
     ax.set(title=f"{claim.needs} to convergence")
-    ax.legend(fontsize=7)
-    plots.save_figure(fig, os.path.join(FIGURES, f"{name}.png"))
+    save(fig, f"{FIGURES}/{name}.png", ax, fontsize=7)
 
 
 def window_section(lines, name, claims, models, base):
-    """The loop past b for each window T: the claim's runs, and `base`, the run of the claim it
-    needs that trained with the default window; whether each settles, by the claim's rule."""
+    """The loop past b for each window T (`base`: the needed claim's run at the default window)."""
     claim = claims[name]
-    folders = [os.path.join(RESULTS, claim.needs, base)]
-    folders += [os.path.join(RESULTS, name, run_name) for run_name, _, _ in claim.runs]
+    folders = [f"{RESULTS}/{claim.needs}/{base}"] + [
+        f"{RESULTS}/{name}/{n}" for n, *_ in claim.runs
+    ]
     if not all(map(done, folders)):
         return not_run(lines, claim.needs, name)
-    named = [(f"T = {c.loop_window}", c, e) for c, e, _ in map(read_run, folders)]
+    named = [(f"T = {r.cfg.loop_window}", r.cfg, r.errors) for r in map(read_run, folders)]
     solvers = read_json(os.path.join(RESULTS, name, "solvers.json"))  # lists, beside the metadata
     solvers = {k: torch.tensor(v) for k, v in solvers.items() if isinstance(v, list)}
     linreg = baselines.TASK_BASELINES["linreg"]
     plots.plot(named, FIGURES, "linreg, windows", linreg, f"_{name}", solvers)
     cfg = named[0][1]
     last, b, loops = cfg.n_points - 1, cfg.n_loops, cfg.eval_loops
-    rows = []
+    rows, settled = [], []
     for window, _, errors in named:  # the error at the last k after b, best (where), 2b, all
         curve = errors["loops"][:, last].tolist()
         best = f"{fmt(min(curve))} ({curve.index(min(curve)) + 1})"
-        rows.append([window, curve[b - 1], best, curve[2 * b - 1], curve[-1]])
-        rows[-1].append(f"{curve[-1] / curve[b - 1]:.2f}")
+        ratio = f"{curve[-1] / curve[b - 1]:.2f}"
+        rows.append([window, curve[b - 1], best, curve[2 * b - 1], curve[-1], ratio])
+        settled += [window] if claim.verdict(float(ratio)) else []
     columns = ["window", "at b", "best (at loop)", "at 2b", f"at {loops}", f"{loops} / b"]
-    settled = [window for window, *_, ratio in rows if claim.verdict(float(ratio))]
     drifted = [window for window, *_ in rows if window not in settled]
-    smallest = rows[-1][0]  # the claim's last run: T = 1
+    settles = "diverges past b did not reproduce**: the small windows settle, at a higher error."
+    warning = settles if rows[-1][0] in settled else "diverges past b: reproduced**."  # T = 1
     add(
         lines,
         f"Error at k = {last} against loop iterations, to {loops} = {loops // b} b (b = {b}); "
@@ -714,25 +643,19 @@ def window_section(lines, name, claims, models, base):
         f"**The fixed point: reproduced for {', '.join(settled) or 'no window'}"
         + (f", not for {', '.join(drifted)}" if drifted else "")
         + f"**, taking 'settled' as an error at {loops} loops {claim.rule}. "
-        "**The paper's warning that a too-small window "
-        + (
-            "diverges past b did not reproduce**: the small windows settle, at a higher error."
-            if smallest in settled
-            else "diverges past b: reproduced**."
-        ),
+        f"**The paper's warning that a too-small window {warning}",
     )
 
 
 def shift_section(lines, name, claims, models, shifts):
-    """The best runs of the claim the record needs under each shift, and under how many of them the
-    claim's rule finds the looped model ahead."""
+    """The needed claim's best runs under each shift; under how many the looped model is ahead."""
     claim = claims[name]
     files = [os.path.join(RESULTS, name, f"{s}.json") for s in shifts]
     if not all(map(os.path.isfile, files)):
         return not_run(lines, claim.needs, name)
     rows, behind = [], []
     for record in map(read_json, files):
-        (a, ra), (b, rb) = record["runs"].items()
+        ra, rb = record["runs"].values()
         cfg = run_config(ra)
         ks = shown_ks(cfg)
         L = [ra["loops"][cfg.n_loops - 1][k] for k in ks]
@@ -780,13 +703,9 @@ def study_section(lines, kind, title, intro, table, plot):
     add(lines, *(files and [f"## {title}", intro]))
     for path in files:
         record, name = read_json(path), os.path.splitext(os.path.basename(path))[0]
-        add(
-            lines,
-            f"`{record['command']}` on {record['machine']}, torch {record['torch']}:",
-            table(record),
-            image(f"{kind} of {name}", f"{kind}_{name}"),
-        )
-        plot(record, os.path.join(FIGURES, f"{kind}_{name}.png"))
+        made = f"`{record['command']}` on {record['machine']}, torch {record['torch']}:"
+        add(lines, made, table(record), image(f"{kind} of {name}", f"{kind}_{name}"))
+        plot(record, f"{FIGURES}/{kind}_{name}.png")
 
 
 def tables_section(lines, title, prefix, note=""):
@@ -794,10 +713,5 @@ def tables_section(lines, title, prefix, note=""):
     files = sorted(glob.glob(os.path.join(RESULTS, f"{prefix}*.json")))
     add(lines, *(files and [f"## {title}", note]))
     for r in map(read_json, files):
-        add(
-            lines,
-            f"`{r['command']}` on {r['machine']}, torch {r['torch']}, {r['threads']} threads, "
-            f"{r['date']}:",
-            r["title"],
-            markdown(r["columns"], r["text"]),
-        )
+        made = f"`{r['command']}` on {r['machine']}, torch {r['torch']}, {r['threads']} threads"
+        add(lines, f"{made}, {r['date']}:", r["title"], markdown(r["columns"], r["text"]))
