@@ -76,9 +76,8 @@ def parse_shift(name):
 
 
 def sample_shifted(name, B, n, d, gen):
-    """Linear-regression test prompts under a shift: (xs, ys, normaliser), xs (B, n, d) for a plain
-    batch or (B, m, n, d) for query prompts, ys to match. The normaliser is E[y^2] under the
-    shift, so that predicting 0 still scores about 1."""
+    """Linear-regression test prompts under a shift: (xs (B, n, d), or (B, m, n, d) for query
+    prompts; ys to match; the normaliser E[y^2] under the shift, so that 0 still scores about 1)."""
     kind, c = parse_shift(name)
     dev = gen.device
     randn = functools.partial(torch.randn, generator=gen, device=dev)
@@ -118,8 +117,7 @@ def sample_shifted(name, B, n, d, gen):
 
 def shifted_errors(models, name, cfg, device):
     """model_errors for each (cfg, model, ctx), then baselines.task_errors, on the prompts of shift
-    `name`. Query prompts are scored one query position i at a time: column i of the errors comes
-    from the prompts that ask their query at i (NaN at positions with no query)."""
+    `name`; under a query shift, column i comes from the prompts asking at i (NaN where none do)."""
     gen = torch.Generator(device).manual_seed(cfg.eval_seed)
     xs, ys, norm = sample_shifted(name, cfg.eval_prompts, cfg.n_points, cfg.n_dims, gen)
 
@@ -176,6 +174,8 @@ def load_runs(run_dirs, given):
 def compare(run_dirs, out=None, given=None, shift=None):
     """Saved runs on the same test prompts, the baselines once: one table, figures in out (default
     runs/compare_TASK). With shift, on Garg et al.'s shifted prompts (linear regression only)."""
+    if shift:
+        parse_shift(shift)  # a bad name fails here, before any work
     if out is not None and not out:
         raise harness.UserError("--out must name a folder")
     runs = load_runs(run_dirs, given or {})
@@ -207,6 +207,14 @@ def compare(run_dirs, out=None, given=None, shift=None):
 
 
 # ---------------------------------------------------------------------------- the claims
+
+STANDARD = dict(n_layer=12, n_loops=1, eval_loops=1)  # the paper's 12-layer GPT-2, the same budget
+MODELS = {"looped": {}, "standard": STANDARD}
+SWEEP = [3e-5, 1e-4, 3e-4, 6e-4, 1e-3, 2e-3]  # Adam's learning rate, the same six for both models
+SEEDS = range(looped.Config.seed, looped.Config.seed + 10)  # the default command's spread
+SECOND_SEED = 43  # a claim's second seed, where it trains one
+CURVES = dict(eval_every=250)  # a learning-curve point every 250 steps, on validation prompts
+CONVERGE = 8  # converge trains claim1's best runs for this many times the preset's steps
 
 
 def run(claim, name, task, **overrides):
@@ -246,20 +254,23 @@ def run(claim, name, task, **overrides):
     return out
 
 
-def config_overrides(cfg):
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("task", "out")}
-
-
-def train_best_with_another_seed(name, claim):
-    """After a sweep: each model at its best learning rate again, with seed 43, which tells what a
-    user of that rate should expect."""
-    for model in MODELS:
-        folder = report.best_run(name, model)
-        if folder:
-            cfg = report.read_run(folder)[0]
-            overrides = {**config_overrides(cfg), "seed": SECOND_SEED}
-            variant = report.variant(os.path.basename(folder), seed=SECOND_SEED)
-            run(name, variant, cfg.task, **overrides)
+def train_best_again(name, claim, seeds=(SECOND_SEED,), times=1, **changes):
+    """Each model's best run in the claim's own sweep, or in the one it needs, again with each of
+    seeds, for `times` its steps: seed 43 tells what a user of that rate should expect."""
+    sweep = claim.needs or name
+    best = [report.best_run(sweep, model) for model in MODELS]
+    if claim.needs and not all(best):
+        raise harness.UserError(
+            f"{name} trains each model at {sweep}'s best learning rate: run python "
+            f"experiments.py {sweep} first"
+        )
+    for folder in filter(None, best):  # None: every run of that model in the sweep diverged
+        cfg = report.read_run(folder)[0]
+        kept = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}
+        for seed in seeds:
+            suffix = None if seed == cfg.seed else seed  # the sweep's seed: the name has none
+            at_seed = report.variant(os.path.basename(folder), seed=suffix)
+            run(name, at_seed, **{**kept, "steps": times * cfg.steps, "seed": seed, **changes})
 
 
 def train_at_best_rates(name, claim, seeds=()):
@@ -277,8 +288,7 @@ def train_at_best_rates(name, claim, seeds=()):
 
 
 def solve_the_test_prompts(name, claim):
-    """Gradient descent and Newton's iteration on the default run's test prompts, iteration by
-    iteration, for the report to draw beside the loop's error."""
+    """Gradient descent and Newton's iteration on the default run's test prompts, for the report."""
     cfg = looped.make_config("linreg")
     solvers = solver_errors(looped.eval_prompts(cfg, torch.device("cpu")), cfg.eval_loops)
     solvers = {**bench.provenance(), **{k: v.tolist() for k, v in solvers.items()}}
@@ -286,8 +296,7 @@ def solve_the_test_prompts(name, claim):
 
 
 def evaluate_shifts(name, claim):
-    """Every shift of Garg et al.'s suite, on the two models of the claim it needs, each at its best
-    learning rate (their checkpoints)."""
+    """Garg et al.'s suite on the checkpoints of each model's best run in the claim it needs."""
     runs = [report.best_run(claim.needs, model) for model in MODELS]
     if not all(r and os.path.isfile(os.path.join(r, "ckpt.pt")) for r in runs):
         raise harness.UserError(
@@ -296,28 +305,11 @@ def evaluate_shifts(name, claim):
         )
     for shift in GARG_SHIFTS:
         named, _ = compare(runs, os.path.join(RESULTS, name, "figures"), shift=shift)
-        save_errors(os.path.join(RESULTS, name, f"{shift}.json"), named, shift=shift)
-
-
-def train_to_convergence(name, record):
-    """The best runs of the sweep in the claim the record needs, each model as the sweep trained it
-    at the learning rate found best for it, but for CONVERGE times the steps, seeds 42 and 43. A
-    run may take several sessions: an interrupted one continues from its checkpoint (every 500
-    steps)."""
-    claim = record.needs
-    best = {model: report.best_run(claim, model) for model in MODELS}
-    if not all(best.values()):
-        raise harness.UserError(
-            f"converge trains each model at {claim}'s best learning rate: run python "
-            f"experiments.py {claim} first"
-        )
-    for model, folder in best.items():
-        cfg = report.read_run(folder)[0]
-        for seed in (looped.Config.seed, SECOND_SEED):
-            longer = {"steps": CONVERGE * cfg.steps, "seed": seed, "ckpt_every": 500}
-            # Seed 42 is the preset's, which the sweep trained with: its name has no seed.
-            run_name = report.variant(model, cfg.lr, None if seed == looped.Config.seed else seed)
-            run(name, run_name, cfg.task, **{**config_overrides(cfg), **longer})
+        errors = {run: {"config": dataclasses.asdict(c)} for run, c, _ in named}
+        for run, _, e in named:
+            errors[run].update({k: v.tolist() for k, v in e.items()})
+        record = {"shift": shift, **bench.provenance(), "runs": errors}
+        harness.write_json(os.path.join(RESULTS, name, f"{shift}.json"), record)
 
 
 # ---------------------------------------------------------------------------- the verdicts
@@ -374,16 +366,8 @@ class Claim:
     made: str = ""  # how the committed runs were made, where the report says so
     # A remark after the comparison; {steps}, {share} of the paper's 500k and {d} are its runs'.
     caveat: str = ""
-    in_all: bool = True  # whether `python experiments.py all` trains it
 
 
-STANDARD = dict(n_layer=12, n_loops=1, eval_loops=1)  # the paper's 12-layer GPT-2, the same budget
-MODELS = {"looped": {}, "standard": STANDARD}
-SWEEP = [3e-5, 1e-4, 3e-4, 6e-4, 1e-3, 2e-3]  # Adam's learning rate, the same six for both models
-SEEDS = range(looped.Config.seed, looped.Config.seed + 10)  # the default command's spread
-SECOND_SEED = 43  # a claim's second seed, where it trains one
-CURVES = dict(eval_every=250)  # a learning-curve point every 250 steps, on validation prompts
-CONVERGE = 8  # converge trains claim1's best runs for this many times the preset's steps
 # The paper's numbers come from [LT]'s notebooks, at full scale (d = 20, 500k steps); those of the
 # classical baselines appear in two claims and in the report's baselines section.
 LEAST_SQUARES, LASSO = "0.515", ("0.0498", "0.00013")  # at k = 10; at k = 10 and 40
@@ -403,7 +387,7 @@ CLAIMS = {
             for lr in SWEEP
             for model, overrides in MODELS.items()
         ],
-        then=train_best_with_another_seed,
+        then=train_best_again,
         paper="at k = 10, 20, 40 (d = 20): standard 0.519, 0.0204, 0.00048; looped 0.519, 0.0242, "
         f"0.00078; least squares {LEAST_SQUARES}, ~0, ~0",
         verdicts=[("linreg", MATCH, "0.00078 against 0.00048 at k = 40, d = 20")],
@@ -495,14 +479,14 @@ CLAIMS = {
         heading=f"claim1 to convergence: both models for {CONVERGE} times the steps",
         place=4,
         section=functools.partial(report.converge_section, times=CONVERGE),
-        then=train_to_convergence,
+        # Seeds 42 and 43. A run may take several sessions: it continues from its last checkpoint.
+        then=functools.partial(train_best_again, seeds=SEEDS[:2], times=CONVERGE, ckpt_every=500),
         needs="claim1",
         verdicts=[("linreg", MATCH, "")],
         verdict=converged,
         caveat="The training times come from each log's ms per step, so they move with whatever "
         "else ran on the machine (each run's threads are in the runs table) and compare the two "
         "models loosely. The FLOP counts compare them fairly.",
-        in_all=False,
     ),
 }
 
@@ -517,15 +501,6 @@ def claim(name):
 
 def write_report():
     report.write(CLAIMS, MODELS, BASELINES_NOTE)
-
-
-def save_errors(path, named, **meta):
-    runs = {name: {"config": dataclasses.asdict(c)} for name, c, _ in named}
-    for name, _, errors in named:
-        runs[name].update({k: v.tolist() for k, v in errors.items()})
-    record = {**meta, **bench.provenance(), "runs": runs}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    harness.write_json(path, record)
 
 
 # ---------------------------------------------------------------------- probes of the loop state
@@ -588,7 +563,7 @@ def probe(run_dir, prompts=2048, loops=None):
     # float32 and float64; the iterate baselines' predictions (n); the forward pass (2n tokens).
     need = prompts * (loops * (8 * D + 4 + 32 * d + 16 * n) + 80 * n * D)
     harness.fits({"--prompts or --loops": need}, cpu, "probing")
-    study_files("probe", run_dir, check=True)
+    files = study_files("probe", run_dir)
     model = looped.restore_model(ckpt, cfg, cpu).eval()
     gen = torch.Generator().manual_seed(cfg.eval_seed + 2)
     xs, ys = looped.TASKS[cfg.task](prompts, n, d, d, gen)
@@ -608,7 +583,7 @@ def probe(run_dir, prompts=2048, loops=None):
     record.update(config=dataclasses.asdict(cfg), **bench.provenance())
     record.update({"prompts": prompts, "loops": loops, "r2": r2, "prediction gap": gap})
     record["error"] = ((preds - ys[:, -1:]).pow(2).mean(0) / norm).tolist()
-    return save_study("probe", run_dir, record, report.plot_probe, report.probe_table)
+    return save_study(files, record, report.plot_probe, report.probe_table)
 
 
 def loop_states(model, xs, ys, loops):
@@ -624,17 +599,16 @@ def loop_states(model, xs, ys, loops):
     return states, torch.stack(preds, 1)
 
 
-def study_files(kind, run_dir, check=False):
-    """results/KIND/RUN.json and figures/KIND_RUN.png; with check, both checked writable."""
+def study_files(kind, run_dir):
+    """results/KIND/RUN.json and figures/KIND_RUN.png, both checked writable."""
     name = os.path.basename(os.path.normpath(run_dir))
     files = os.path.join(RESULTS, kind, f"{name}.json"), os.path.join(FIGURES, f"{kind}_{name}.png")
-    if check:
-        harness.check_outputs(*files)
+    harness.check_outputs(*files)
     return files
 
 
-def save_study(kind, run_dir, record, plot, table):
-    record_file, figure = study_files(kind, run_dir)
+def save_study(files, record, plot, table):
+    record_file, figure = files
     harness.write_json(record_file, record, indent=1)
     plot(record, figure)
     print(table(record))
@@ -661,10 +635,9 @@ def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
     max_loops = cfg.eval_loops if max_loops is None else max_loops
     cli.Count(1, looped.MAX_LOOPS).check("--max_loops", max_loops)
     real = [isinstance(t, numbers.Real) and not isinstance(t, bool) for t in tolerances]
-    finite = [r and t > 0 and math.isfinite(t) for r, t in zip(real, tolerances)]
-    if not tolerances or not all(finite):
+    if not tolerances or not all(r and 0 < t < math.inf for r, t in zip(real, tolerances)):
         raise harness.UserError(f"--tolerances must be finite numbers above 0, got {tolerances}")
-    study_files("adaptive", run_dir, check=True)
+    files = study_files("adaptive", run_dir)
     xs, ys, norm = looped.eval_prompts(cfg, torch.device("cpu"))
     fixed = looped.model_errors(model, cfg, (xs, ys, norm))["loops"][cfg.n_loops - 1]
     b = cfg.n_loops
@@ -678,7 +651,7 @@ def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
     command = f"python experiments.py adaptive {run_dir}"
     record = {"command": command, "config": dataclasses.asdict(cfg), **bench.provenance()}
     record.update(max_loops=max_loops, rows=rows)
-    return save_study("adaptive", run_dir, record, report.plot_adaptive, report.adaptive_table)
+    return save_study(files, record, report.plot_adaptive, report.adaptive_table)
 
 
 # ---------------------------------------------------------------------------- baselines alone
@@ -708,7 +681,7 @@ LOOPS = cli.Count(1, looped.MAX_LOOPS)  # the loop counts the tools take
 
 
 def tool_commands(sub):
-    """compare, probe and adaptive: the tools for any runs, and their flags."""
+    """compare, probe, adaptive and baselines: the tools for any runs, and their flags."""
     text = "evaluate several runs on the same prompts: one table, one plot"
     add = sub.add_parser("compare", help=text).add_argument
     add("runs", nargs="+", metavar="RUN_DIR", help="looped.py run folders of one task, d and n")
@@ -728,9 +701,6 @@ def tool_commands(sub):
     add("--tolerances", type=cli.positive, nargs="+", default=TOLERANCES, help=text)
     text = f"the most loops per prompt, {LOOPS} (default the run's --eval_loops)"
     add("--max_loops", type=LOOPS, help=text)
-
-
-def baselines_command(sub):
     text = "every baseline's error at chosen k, no model (paper scale by default)"
     add = sub.add_parser("baselines", help=text).add_argument
     add("--task", default="linreg", choices=list(looped.TASKS), help="function class")
@@ -774,12 +744,9 @@ def main(argv=None):
     text = "write docs/results.md and its figures from results/, no training"
     sub.add_parser("report", help=text)
     tool_commands(sub)
-    baselines_command(sub)
     args = parser.parse_args(argv)
     baselines.keep_freed_memory()
     if args.command == "compare":
-        if args.shift:
-            parse_shift(args.shift)  # a bad name fails here, before any work
         given = {"eval_loops": args.eval_loops} if args.eval_loops else {}
         compare(args.runs, args.out, given, args.shift)
     elif args.command == "baselines":
@@ -791,7 +758,7 @@ def main(argv=None):
     elif args.command == "report":
         write_report()
     else:
-        everything = [name for name, record in CLAIMS.items() if record.in_all]
+        everything = [name for name in CLAIMS if name != "converge"]
         for name in everything if args.command == "all" else [args.command]:
             claim(name)
 
