@@ -44,11 +44,14 @@ import torch.nn.functional as F
 import baselines
 import bench
 import cli
+import export
 import harness
 import looped
 import plots
 import report
 from report import FIGURES, RESULTS
+
+LOOPS = cli.Count(1, looped.MAX_LOOPS)  # the loop counts that compare, probe and adaptive take
 
 # ---------------------------------------------------------------------------- out of distribution
 # Garg et al.'s suite for linear regression ([G], `src/eval.py`). The first five change how x or y
@@ -291,8 +294,8 @@ def solve_the_test_prompts(name, claim):
     """Gradient descent and Newton's iteration on the default run's test prompts, for the report."""
     cfg = looped.make_config("linreg")
     solvers = solver_errors(looped.eval_prompts(cfg, torch.device("cpu")), cfg.eval_loops)
-    solvers = {**bench.provenance(), **{k: v.tolist() for k, v in solvers.items()}}
-    harness.write_json(os.path.join(RESULTS, name, "solvers.json"), solvers)
+    record, path = {**bench.provenance(), **solvers}, os.path.join(RESULTS, name, "solvers.json")
+    harness.write_json(path, record, default=torch.Tensor.tolist)
 
 
 def evaluate_shifts(name, claim):
@@ -305,11 +308,10 @@ def evaluate_shifts(name, claim):
         )
     for shift in GARG_SHIFTS:
         named, _ = compare(runs, os.path.join(RESULTS, name, "figures"), shift=shift)
-        errors = {run: {"config": dataclasses.asdict(c)} for run, c, _ in named}
-        for run, _, e in named:
-            errors[run].update({k: v.tolist() for k, v in e.items()})
+        errors = {label: {"config": dataclasses.asdict(c), **e} for label, c, e in named}
         record = {"shift": shift, **bench.provenance(), "runs": errors}
-        harness.write_json(os.path.join(RESULTS, name, f"{shift}.json"), record)
+        path = os.path.join(RESULTS, name, f"{shift}.json")
+        harness.write_json(path, record, default=torch.Tensor.tolist)  # tensors as lists
 
 
 # ---------------------------------------------------------------------------- the verdicts
@@ -331,10 +333,9 @@ def finding(looped_error, standard_error):
 
 
 def converged(looped_error, standard_error, fall, spread, expected):
-    """converge's (finding, verdict) on the mean over seeds of each model's error. Where the finding
-    is not the paper's, the model behind may just need more steps: it counts as still improving,
-    and the verdict waits, when its validation curve fell over the last eighth of its steps at the
-    peak rate by more than the spread over seeds at their end."""
+    """converge's (finding, verdict) on each model's error, mean over seeds. A finding not the
+    paper's waits ("Not settled") while the model behind still improves: its validation curve fell
+    over the last eighth of its steps at the peak rate by more than the seeds' spread at the end."""
     found = finding(looped_error, standard_error)
     if found == expected:
         return found, "Reproduced"
@@ -347,18 +348,15 @@ class Claim:
 
     help: str  # the command's line in --help
     heading: str  # its section's heading in docs/results.md
-    # Its section's place there: the spread over seeds comes first, as it tells how far any single
-    # run below can be trusted; convergence follows the claims that compare the two models.
-    place: int
+    place: int  # its section's place there: seeds first, their spread says how far to trust a run
     section: Callable  # report's writer of that section: (lines, name, claims, models)
-    # [(run name, task, overrides)]: what the command trains, in results/NAME/. Where the report
-    # compares the two models on a task, the task's runs come in the order of MODELS.
+    # [(run name, task, overrides)]: what the command trains, in results/NAME/; the runs of a task
+    # whose two models the report compares come in the order of MODELS.
     runs: list = ()
     then: Callable = None  # what the command does next, (name, claim): more runs, or evaluations
     needs: str = ""  # the claim whose runs this one builds on: its best rates, its trained models
     paper: str = ""  # the paper's finding, as the report quotes it
-    # [(task, the paper's finding or None, the paper's numbers)]: the report compares the looped
-    # and standard runs of each task and says whether the paper's finding reproduced.
+    # [(task, the paper's finding or None, its numbers)]: whether it reproduced, looped vs standard
     verdicts: list = ()
     verdict: Callable = None  # the rule that reads the section's numbers into its verdict
     rule: str = ""  # that rule, as the report states it
@@ -511,8 +509,7 @@ def write_report():
 
 def probe_r2(fit_x, fit_y, test_x, test_y, alpha=1e-3):
     """R^2 on (test_x, test_y), all (P, features), of a ridge map with intercept fitted on (fit_x,
-    fit_y): 1 for a target that is a linear function of the state, about 0 (or below) for one that
-    is not."""
+    fit_y): 1 for a target linear in the state, about 0 (or below) for one that is not."""
     mean_x, mean_y = fit_x.mean(0), fit_y.mean(0)
     X, Y = (fit_x - mean_x).double(), (fit_y - mean_y).double()
     # The ridge is relative to the states' scale, so that alpha means the same at any scale.
@@ -546,25 +543,23 @@ def solver_weights(xs, ys, steps):
 
 @torch.no_grad()
 def probe(run_dir, prompts=2048, loops=None):
-    """Probe a linear-regression run's loop state after each iteration; writes
-    results/probe/RUN.json and figures/probe_RUN.png, prints a table. The prompts are fresh (seed
-    eval_seed + 2): half fit the probes, half score them."""
-    ckpt, cfg = looped.load_checkpoint(run_dir)
+    """Probe a linear-regression run's loop state after each iteration, on fresh prompts (seed
+    eval_seed + 2), half to fit the probes, half to score them: results/probe/RUN.json, a figure."""
+    model, cfg = export.load_model(run_dir)
     if cfg.task not in ("linreg", "noisy_linreg") or cfg.n_loops == 1:
         raise harness.UserError(
             f"{run_dir}: probes need a looped linear-regression run (this one: "
             f"{looped.describe(cfg)}, {cfg.task})"
         )
     loops = min(2 * cfg.n_loops, looped.MAX_LOOPS) if loops is None else loops
-    cli.Count(1, looped.MAX_LOOPS).check("--loops", loops)
+    LOOPS.check("--loops", loops)
     cli.Count(4).check("--prompts", prompts)
     n, d, D, cpu = cfg.n_points, cfg.n_dims, cfg.n_embd, torch.device("cpu")
     # Per prompt: two states (D), a prediction and the four solvers' weights (d) per iteration, in
     # float32 and float64; the iterate baselines' predictions (n); the forward pass (2n tokens).
     need = prompts * (loops * (8 * D + 4 + 32 * d + 16 * n) + 80 * n * D)
     harness.fits({"--prompts or --loops": need}, cpu, "probing")
-    files = study_files("probe", run_dir)
-    model = looped.restore_model(ckpt, cfg, cpu).eval()
+    study_files("probe", run_dir)
     gen = torch.Generator().manual_seed(cfg.eval_seed + 2)
     xs, ys = looped.TASKS[cfg.task](prompts, n, d, d, gen)
     states, preds = loop_states(model, xs, ys, loops)
@@ -579,11 +574,9 @@ def probe(run_dir, prompts=2048, loops=None):
         name: ((iterates(xs, ys, loops)[:, :, -1] - preds).pow(2).mean(0) / norm).tolist()
         for name, iterates in baselines.ITERATES.items()
     }
-    record = {"command": f"python experiments.py probe {run_dir}", "run": run_dir}
-    record.update(config=dataclasses.asdict(cfg), **bench.provenance())
-    record.update({"prompts": prompts, "loops": loops, "r2": r2, "prediction gap": gap})
-    record["error"] = ((preds - ys[:, -1:]).pow(2).mean(0) / norm).tolist()
-    return save_study(files, record, report.plot_probe, report.probe_table)
+    found = {"run": run_dir, "prompts": prompts, "loops": loops, "r2": r2, "prediction gap": gap}
+    found["error"] = ((preds - ys[:, -1:]).pow(2).mean(0) / norm).tolist()
+    return save_study("probe", run_dir, cfg, found, report.plot_probe, report.probe_table)
 
 
 def loop_states(model, xs, ys, loops):
@@ -600,15 +593,18 @@ def loop_states(model, xs, ys, loops):
 
 
 def study_files(kind, run_dir):
-    """results/KIND/RUN.json and figures/KIND_RUN.png, both checked writable."""
+    """results/KIND/RUN.json and figures/KIND_RUN.png, both checked writable (before any work)."""
     name = os.path.basename(os.path.normpath(run_dir))
     files = os.path.join(RESULTS, kind, f"{name}.json"), os.path.join(FIGURES, f"{kind}_{name}.png")
     harness.check_outputs(*files)
     return files
 
 
-def save_study(files, record, plot, table):
-    record_file, figure = files
+def save_study(kind, run_dir, cfg, found, plot, table):
+    """Write a study's record (command, config, machine, what it found), draw it, print a table."""
+    command = f"python experiments.py {kind} {run_dir}"
+    record = {"command": command, "config": dataclasses.asdict(cfg), **bench.provenance(), **found}
+    record_file, figure = study_files(kind, run_dir)
     harness.write_json(record_file, record, indent=1)
     plot(record, figure)
     print(table(record))
@@ -624,20 +620,17 @@ TOLERANCES = [0.1, 0.03, 0.01, 0.003, 0.001]
 
 @torch.no_grad()
 def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
-    """Error against compute of adaptive depth on a run's test prompts, both stopping signals and
-    every tolerance against the fixed b; writes results/adaptive/RUN.json and
-    figures/adaptive_RUN.png."""
-    import export
-
+    """Error against loops of adaptive depth on a run's test prompts, both stopping signals at every
+    tolerance against the fixed b: results/adaptive/RUN.json and a figure."""
     model, cfg = export.load_model(run_dir)
     if cfg.n_loops == 1:
         raise harness.UserError(f"{run_dir} is not a looped model: there is no loop to stop")
     max_loops = cfg.eval_loops if max_loops is None else max_loops
-    cli.Count(1, looped.MAX_LOOPS).check("--max_loops", max_loops)
+    LOOPS.check("--max_loops", max_loops)
     real = [isinstance(t, numbers.Real) and not isinstance(t, bool) for t in tolerances]
     if not tolerances or not all(r and 0 < t < math.inf for r, t in zip(real, tolerances)):
         raise harness.UserError(f"--tolerances must be finite numbers above 0, got {tolerances}")
-    files = study_files("adaptive", run_dir)
+    study_files("adaptive", run_dir)
     xs, ys, norm = looped.eval_prompts(cfg, torch.device("cpu"))
     fixed = looped.model_errors(model, cfg, (xs, ys, norm))["loops"][cfg.n_loops - 1]
     b = cfg.n_loops
@@ -648,36 +641,43 @@ def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
             error = ((preds - ys).pow(2).mean(0) / norm).tolist()
             row = rows[f"{signal}, tol {tol:g}"] = {"signal": signal, "tol": tol, "error": error}
             row.update({"mean loops": loops.float().mean().item(), "max loops": loops.max().item()})
-    command = f"python experiments.py adaptive {run_dir}"
-    record = {"command": command, "config": dataclasses.asdict(cfg), **bench.provenance()}
-    record.update(max_loops=max_loops, rows=rows)
-    return save_study(files, record, report.plot_adaptive, report.adaptive_table)
+    found = {"max_loops": max_loops, "rows": rows}
+    return save_study("adaptive", run_dir, cfg, found, report.plot_adaptive, report.adaptive_table)
 
 
 # ---------------------------------------------------------------------------- baselines alone
 
 
 def baseline_table(task, n_dims, n_points, prompts, ks, seed, names, save=False):
-    """Every named baseline's normalised squared error at in-context example counts ks."""
-    gen = torch.Generator().manual_seed(seed)
-    xs, ys = looped.TASKS[task](prompts, n_points, n_dims, n_dims, gen)
-    norm = looped.error_normaliser(task, n_dims)
-    title = f"normalised squared error, {task}, d = {n_dims}, n = {n_points}, {prompts} prompts"
-    columns = ["k (in-context examples)", *map(str, ks), "seconds"]
-    table = bench.Table(title, columns, [26] + [9] * len(ks) + [10], digits=4)
-    for name in names:
-        t0 = time.perf_counter()
-        err = (baselines.BASELINES[name](xs, ys) - ys).pow(2).mean(0) / norm
-        table.add(name, *(err[k].item() for k in ks), time.perf_counter() - t0)
+    """The baselines command: each of names' (None: the task's) normalised squared error at
+    in-context example counts ks (None: the paper's and n - 1), n_points 0 meaning the paper's."""
+    n, d = n_points or looped.PAPER_TASKS[task]["n_points"], n_dims
+    # The paper's k and the prompt's last position; none at all for a prompt of one point.
+    ks = ks or [k for k in report.shown_ks(d=d, n=n, last=True) if k > 0]
+    if any(not 0 <= k < n for k in ks):
+        raise harness.UserError(f"--k must be in 0 .. n-1 = {n - 1}")
+    if not ks:
+        raise harness.UserError(f"--n_points {n} leaves no in-context example to score")
+    sizes = zip(("--prompts", "--n_points or --n_dims"), baselines.memory_needed(prompts, n, d))
+    harness.fits(dict(sizes), torch.device("cpu"), "fitting the baselines")
+    path = os.path.join(RESULTS, f"baselines_{task}.json")
     if save:
-        command = "python experiments.py " + shlex.join(sys.argv[1:])
-        table.save(os.path.join(RESULTS, f"baselines_{task}.json"), command)
+        harness.check_outputs(path)
+    title = f"normalised squared error, {task}, d = {d}, n = {n}, {prompts} prompts"
+    with harness.memory_guard("--prompts, --n_points or --n_dims"):
+        xs, ys = looped.TASKS[task](prompts, n, d, d, torch.Generator().manual_seed(seed))
+        norm = looped.error_normaliser(task, d)
+        columns = ["k (in-context examples)", *map(str, ks), "seconds"]
+        table = bench.Table(title, columns, [26] + [9] * len(ks) + [10], digits=4)
+        for name in names or baselines.TASK_BASELINES[task]:
+            t0 = time.perf_counter()
+            err = (baselines.BASELINES[name](xs, ys) - ys).pow(2).mean(0) / norm
+            table.add(name, *(err[k].item() for k in ks), time.perf_counter() - t0)
+    if save:
+        table.save(path, "python experiments.py " + shlex.join(sys.argv[1:]))
 
 
 # ---------------------------------------------------------------------------- command line
-
-
-LOOPS = cli.Count(1, looped.MAX_LOOPS)  # the loop counts the tools take
 
 
 def tool_commands(sub):
@@ -716,25 +716,6 @@ def tool_commands(sub):
     add("--save", action="store_true", help="also write the table to results/baselines_TASK.json")
 
 
-def run_baselines(args):
-    """The baselines command: its sizes checked against memory, then the table."""
-    n, d = args.n_points or looped.PAPER_TASKS[args.task]["n_points"], args.n_dims
-    # The paper's k and the prompt's last position; none at all for a prompt of one point.
-    ks = args.k or [k for k in report.shown_ks(d=d, n=n, last=True) if k > 0]
-    if any(not 0 <= k < n for k in ks):
-        raise harness.UserError(f"--k must be in 0 .. n-1 = {n - 1}")
-    if not ks:
-        raise harness.UserError(f"--n_points {n} leaves no in-context example to score")
-    prompts, prefixes = baselines.memory_needed(args.prompts, n, d)
-    sizes = {"--prompts": prompts, "--n_points or --n_dims": prefixes}
-    harness.fits(sizes, torch.device("cpu"), "fitting the baselines")
-    names = args.only or baselines.TASK_BASELINES[args.task]
-    if args.save:
-        harness.check_outputs(os.path.join(RESULTS, f"baselines_{args.task}.json"))
-    with harness.memory_guard("--prompts, --n_points or --n_dims"):
-        baseline_table(args.task, d, n, args.prompts, ks, args.seed, names, args.save)
-
-
 def main(argv=None):
     parser = cli.doc_parser("experiments.py", __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -750,7 +731,8 @@ def main(argv=None):
         given = {"eval_loops": args.eval_loops} if args.eval_loops else {}
         compare(args.runs, args.out, given, args.shift)
     elif args.command == "baselines":
-        run_baselines(args)
+        sizes = args.task, args.n_dims, args.n_points, args.prompts, args.k, args.seed
+        baseline_table(*sizes, args.only, args.save)
     elif args.command == "probe":
         probe(args.run, args.prompts, args.loops)
     elif args.command == "adaptive":
