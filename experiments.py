@@ -118,11 +118,10 @@ def sample_shifted(name, B, n, d, gen):
     return xs, scale * (xs.reshape(B, m * n, d) @ w)[..., 0].reshape(B, m, n), norm
 
 
-def shifted_errors(models, name, cfg, device):
-    """model_errors for each (cfg, model, ctx), then baselines.task_errors, on the prompts of shift
-    `name`; under a query shift, column i comes from the prompts asking at i (NaN where none do)."""
-    gen = torch.Generator(device).manual_seed(cfg.eval_seed)
-    xs, ys, norm = sample_shifted(name, cfg.eval_prompts, cfg.n_points, cfg.n_dims, gen)
+def errors_on(models, cfg, test):
+    """model_errors of each (cfg, model, ctx), then baselines.task_errors, on test (xs, ys, norm):
+    of query prompts, column i comes from the prompts asking at i (NaN where none do)."""
+    xs, ys, norm = test
 
     def score(x, y):
         errors = [looped.model_errors(model, c, (x, y, norm), ctx) for c, model, ctx in models]
@@ -191,14 +190,13 @@ def compare(run_dirs, out=None, given=None, shift=None):
     # Before any work: a run folder is refused, its own plots having these names.
     harness.check_folder(out)
     if shift:
-        *errors, classical = shifted_errors(runs, shift, cfg, device)
-        solvers = {}
+        gen = torch.Generator(device).manual_seed(cfg.eval_seed)
+        test = sample_shifted(shift, cfg.eval_prompts, cfg.n_points, cfg.n_dims, gen)
     else:
         test = looped.eval_prompts(cfg, device)
-        errors = [looped.model_errors(model, c, test, ctx) for c, model, ctx in runs]
-        classical = baselines.task_errors(cfg.task, *test)
-        linear = cfg.task in ("linreg", "noisy_linreg", "sparse_linreg")
-        solvers = solver_errors(test, max(c.eval_loops for c, _, _ in runs)) if linear else {}
+    *errors, classical = errors_on(runs, cfg, test)
+    linear = not shift and cfg.task in ("linreg", "noisy_linreg", "sparse_linreg")
+    solvers = solver_errors(test, max(c.eval_loops for c, _, _ in runs)) if linear else {}
     names = report.labels([c for c, _, _ in runs])
     named = [(name, c, {**e, **classical}) for name, (c, _, _), e in zip(names, runs, errors)]
     title = f"{cfg.task}, shift {shift}" if shift else cfg.task
@@ -258,8 +256,8 @@ def run(claim, name, task, **overrides):
 
 
 def train_best_again(name, claim, seeds=(SECOND_SEED,), times=1, **changes):
-    """Each model's best run in the claim's own sweep, or in the one it needs, again with each of
-    seeds, for `times` its steps: seed 43 tells what a user of that rate should expect."""
+    """Each model's best run in the claim's own sweep (claim1: seed 43 says what a user of that rate
+    should expect) or in the one it needs (converge), again at each seed, for `times` its steps."""
     sweep = claim.needs or name
     best = [report.best_run(sweep, model) for model in MODELS]
     if claim.needs and not all(best):
