@@ -44,11 +44,14 @@ import torch.nn.functional as F
 import baselines
 import bench
 import cli
+import export
 import harness
 import looped
 import plots
 import report
 from report import FIGURES, RESULTS
+
+LOOPS = cli.Count(1, looped.MAX_LOOPS)  # the loop counts that compare, probe and adaptive take
 
 # ---------------------------------------------------------------------------- out of distribution
 # Garg et al.'s suite for linear regression ([G], `src/eval.py`). The first five change how x or y
@@ -76,9 +79,8 @@ def parse_shift(name):
 
 
 def sample_shifted(name, B, n, d, gen):
-    """Linear-regression test prompts under a shift: (xs, ys, normaliser), xs (B, n, d) for a plain
-    batch or (B, m, n, d) for query prompts, ys to match. The normaliser is E[y^2] under the
-    shift, so that predicting 0 still scores about 1."""
+    """Linear-regression test prompts under a shift: (xs (B, n, d), or (B, m, n, d) for query
+    prompts; ys to match; the normaliser E[y^2] under the shift, so that 0 still scores about 1)."""
     kind, c = parse_shift(name)
     dev = gen.device
     randn = functools.partial(torch.randn, generator=gen, device=dev)
@@ -116,12 +118,10 @@ def sample_shifted(name, B, n, d, gen):
     return xs, scale * (xs.reshape(B, m * n, d) @ w)[..., 0].reshape(B, m, n), norm
 
 
-def shifted_errors(models, name, cfg, device):
-    """model_errors for each (cfg, model, ctx), then baselines.task_errors, on the prompts of shift
-    `name`. Query prompts are scored one query position i at a time: column i of the errors comes
-    from the prompts that ask their query at i (NaN at positions with no query)."""
-    gen = torch.Generator(device).manual_seed(cfg.eval_seed)
-    xs, ys, norm = sample_shifted(name, cfg.eval_prompts, cfg.n_points, cfg.n_dims, gen)
+def errors_on(models, cfg, test):
+    """model_errors of each (cfg, model, ctx), then baselines.task_errors, on test (xs, ys, norm):
+    of query prompts, column i comes from the prompts asking at i (NaN where none do)."""
+    xs, ys, norm = test
 
     def score(x, y):
         errors = [looped.model_errors(model, c, (x, y, norm), ctx) for c, model, ctx in models]
@@ -176,6 +176,8 @@ def load_runs(run_dirs, given):
 def compare(run_dirs, out=None, given=None, shift=None):
     """Saved runs on the same test prompts, the baselines once: one table, figures in out (default
     runs/compare_TASK). With shift, on Garg et al.'s shifted prompts (linear regression only)."""
+    if shift:
+        parse_shift(shift)  # a bad name fails here, before any work
     if out is not None and not out:
         raise harness.UserError("--out must name a folder")
     runs = load_runs(run_dirs, given or {})
@@ -188,14 +190,13 @@ def compare(run_dirs, out=None, given=None, shift=None):
     # Before any work: a run folder is refused, its own plots having these names.
     harness.check_folder(out)
     if shift:
-        *errors, classical = shifted_errors(runs, shift, cfg, device)
-        solvers = {}
+        gen = torch.Generator(device).manual_seed(cfg.eval_seed)
+        test = sample_shifted(shift, cfg.eval_prompts, cfg.n_points, cfg.n_dims, gen)
     else:
         test = looped.eval_prompts(cfg, device)
-        errors = [looped.model_errors(model, c, test, ctx) for c, model, ctx in runs]
-        classical = baselines.task_errors(cfg.task, *test)
-        linear = cfg.task in ("linreg", "noisy_linreg", "sparse_linreg")
-        solvers = solver_errors(test, max(c.eval_loops for c, _, _ in runs)) if linear else {}
+    *errors, classical = errors_on(runs, cfg, test)
+    linear = not shift and cfg.task in ("linreg", "noisy_linreg", "sparse_linreg")
+    solvers = solver_errors(test, max(c.eval_loops for c, _, _ in runs)) if linear else {}
     names = report.labels([c for c, _, _ in runs])
     named = [(name, c, {**e, **classical}) for name, (c, _, _), e in zip(names, runs, errors)]
     title = f"{cfg.task}, shift {shift}" if shift else cfg.task
@@ -207,6 +208,14 @@ def compare(run_dirs, out=None, given=None, shift=None):
 
 
 # ---------------------------------------------------------------------------- the claims
+
+STANDARD = dict(n_layer=12, n_loops=1, eval_loops=1)  # the paper's 12-layer GPT-2, the same budget
+MODELS = {"looped": {}, "standard": STANDARD}
+SWEEP = [3e-5, 1e-4, 3e-4, 6e-4, 1e-3, 2e-3]  # Adam's learning rate, the same six for both models
+SEEDS = range(looped.Config.seed, looped.Config.seed + 10)  # the default command's spread
+SECOND_SEED = 43  # a claim's second seed, where it trains one
+CURVES = dict(eval_every=250)  # a learning-curve point every 250 steps, on validation prompts
+CONVERGE = 8  # converge trains claim1's best runs for this many times the preset's steps
 
 
 def run(claim, name, task, **overrides):
@@ -246,20 +255,23 @@ def run(claim, name, task, **overrides):
     return out
 
 
-def config_overrides(cfg):
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("task", "out")}
-
-
-def train_best_with_another_seed(name, claim):
-    """After a sweep: each model at its best learning rate again, with seed 43, which tells what a
-    user of that rate should expect."""
-    for model in MODELS:
-        folder = report.best_run(name, model)
-        if folder:
-            cfg = report.read_run(folder)[0]
-            overrides = {**config_overrides(cfg), "seed": SECOND_SEED}
-            variant = report.variant(os.path.basename(folder), seed=SECOND_SEED)
-            run(name, variant, cfg.task, **overrides)
+def train_best_again(name, claim, seeds=(SECOND_SEED,), times=1, **changes):
+    """Each model's best run in the claim's own sweep (claim1: seed 43 says what a user of that rate
+    should expect) or in the one it needs (converge), again at each seed, for `times` its steps."""
+    sweep = claim.needs or name
+    best = [report.best_run(sweep, model) for model in MODELS]
+    if claim.needs and not all(best):
+        raise harness.UserError(
+            f"{name} trains each model at {sweep}'s best learning rate: run python "
+            f"experiments.py {sweep} first"
+        )
+    for folder in filter(None, best):  # None: every run of that model in the sweep diverged
+        cfg = report.read_run(folder)[0]
+        kept = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}
+        for seed in seeds:
+            suffix = None if seed == cfg.seed else seed  # the sweep's seed: the name has none
+            at_seed = report.variant(os.path.basename(folder), seed=suffix)
+            run(name, at_seed, **{**kept, "steps": times * cfg.steps, "seed": seed, **changes})
 
 
 def train_at_best_rates(name, claim, seeds=()):
@@ -277,17 +289,15 @@ def train_at_best_rates(name, claim, seeds=()):
 
 
 def solve_the_test_prompts(name, claim):
-    """Gradient descent and Newton's iteration on the default run's test prompts, iteration by
-    iteration, for the report to draw beside the loop's error."""
+    """Gradient descent and Newton's iteration on the default run's test prompts, for the report."""
     cfg = looped.make_config("linreg")
     solvers = solver_errors(looped.eval_prompts(cfg, torch.device("cpu")), cfg.eval_loops)
-    solvers = {**bench.provenance(), **{k: v.tolist() for k, v in solvers.items()}}
-    harness.write_json(os.path.join(RESULTS, name, "solvers.json"), solvers)
+    record, path = {**bench.provenance(), **solvers}, os.path.join(RESULTS, name, "solvers.json")
+    harness.write_json(path, record, default=torch.Tensor.tolist)
 
 
 def evaluate_shifts(name, claim):
-    """Every shift of Garg et al.'s suite, on the two models of the claim it needs, each at its best
-    learning rate (their checkpoints)."""
+    """Garg et al.'s suite on the checkpoints of each model's best run in the claim it needs."""
     runs = [report.best_run(claim.needs, model) for model in MODELS]
     if not all(r and os.path.isfile(os.path.join(r, "ckpt.pt")) for r in runs):
         raise harness.UserError(
@@ -296,28 +306,10 @@ def evaluate_shifts(name, claim):
         )
     for shift in GARG_SHIFTS:
         named, _ = compare(runs, os.path.join(RESULTS, name, "figures"), shift=shift)
-        save_errors(os.path.join(RESULTS, name, f"{shift}.json"), named, shift=shift)
-
-
-def train_to_convergence(name, record):
-    """The best runs of the sweep in the claim the record needs, each model as the sweep trained it
-    at the learning rate found best for it, but for CONVERGE times the steps, seeds 42 and 43. A
-    run may take several sessions: an interrupted one continues from its checkpoint (every 500
-    steps)."""
-    claim = record.needs
-    best = {model: report.best_run(claim, model) for model in MODELS}
-    if not all(best.values()):
-        raise harness.UserError(
-            f"converge trains each model at {claim}'s best learning rate: run python "
-            f"experiments.py {claim} first"
-        )
-    for model, folder in best.items():
-        cfg = report.read_run(folder)[0]
-        for seed in (looped.Config.seed, SECOND_SEED):
-            longer = {"steps": CONVERGE * cfg.steps, "seed": seed, "ckpt_every": 500}
-            # Seed 42 is the preset's, which the sweep trained with: its name has no seed.
-            run_name = report.variant(model, cfg.lr, None if seed == looped.Config.seed else seed)
-            run(name, run_name, cfg.task, **{**config_overrides(cfg), **longer})
+        errors = {label: {"config": dataclasses.asdict(c), **e} for label, c, e in named}
+        record = {"shift": shift, **bench.provenance(), "runs": errors}
+        path = os.path.join(RESULTS, name, f"{shift}.json")
+        harness.write_json(path, record, default=torch.Tensor.tolist)  # tensors as lists
 
 
 # ---------------------------------------------------------------------------- the verdicts
@@ -339,10 +331,9 @@ def finding(looped_error, standard_error):
 
 
 def converged(looped_error, standard_error, fall, spread, expected):
-    """converge's (finding, verdict) on the mean over seeds of each model's error. Where the finding
-    is not the paper's, the model behind may just need more steps: it counts as still improving,
-    and the verdict waits, when its validation curve fell over the last eighth of its steps at the
-    peak rate by more than the spread over seeds at their end."""
+    """converge's (finding, verdict) on each model's error, mean over seeds. A finding not the
+    paper's waits ("Not settled") while the model behind still improves: its validation curve fell
+    over the last eighth of its steps at the peak rate by more than the seeds' spread at the end."""
     found = finding(looped_error, standard_error)
     if found == expected:
         return found, "Reproduced"
@@ -355,18 +346,15 @@ class Claim:
 
     help: str  # the command's line in --help
     heading: str  # its section's heading in docs/results.md
-    # Its section's place there: the spread over seeds comes first, as it tells how far any single
-    # run below can be trusted; convergence follows the claims that compare the two models.
-    place: int
+    place: int  # its section's place there: seeds first, their spread says how far to trust a run
     section: Callable  # report's writer of that section: (lines, name, claims, models)
-    # [(run name, task, overrides)]: what the command trains, in results/NAME/. Where the report
-    # compares the two models on a task, the task's runs come in the order of MODELS.
+    # [(run name, task, overrides)]: what the command trains, in results/NAME/; the runs of a task
+    # whose two models the report compares come in the order of MODELS.
     runs: list = ()
     then: Callable = None  # what the command does next, (name, claim): more runs, or evaluations
     needs: str = ""  # the claim whose runs this one builds on: its best rates, its trained models
     paper: str = ""  # the paper's finding, as the report quotes it
-    # [(task, the paper's finding or None, the paper's numbers)]: the report compares the looped
-    # and standard runs of each task and says whether the paper's finding reproduced.
+    # [(task, the paper's finding or None, its numbers)]: whether it reproduced, looped vs standard
     verdicts: list = ()
     verdict: Callable = None  # the rule that reads the section's numbers into its verdict
     rule: str = ""  # that rule, as the report states it
@@ -374,16 +362,8 @@ class Claim:
     made: str = ""  # how the committed runs were made, where the report says so
     # A remark after the comparison; {steps}, {share} of the paper's 500k and {d} are its runs'.
     caveat: str = ""
-    in_all: bool = True  # whether `python experiments.py all` trains it
 
 
-STANDARD = dict(n_layer=12, n_loops=1, eval_loops=1)  # the paper's 12-layer GPT-2, the same budget
-MODELS = {"looped": {}, "standard": STANDARD}
-SWEEP = [3e-5, 1e-4, 3e-4, 6e-4, 1e-3, 2e-3]  # Adam's learning rate, the same six for both models
-SEEDS = range(looped.Config.seed, looped.Config.seed + 10)  # the default command's spread
-SECOND_SEED = 43  # a claim's second seed, where it trains one
-CURVES = dict(eval_every=250)  # a learning-curve point every 250 steps, on validation prompts
-CONVERGE = 8  # converge trains claim1's best runs for this many times the preset's steps
 # The paper's numbers come from [LT]'s notebooks, at full scale (d = 20, 500k steps); those of the
 # classical baselines appear in two claims and in the report's baselines section.
 LEAST_SQUARES, LASSO = "0.515", ("0.0498", "0.00013")  # at k = 10; at k = 10 and 40
@@ -403,7 +383,7 @@ CLAIMS = {
             for lr in SWEEP
             for model, overrides in MODELS.items()
         ],
-        then=train_best_with_another_seed,
+        then=train_best_again,
         paper="at k = 10, 20, 40 (d = 20): standard 0.519, 0.0204, 0.00048; looped 0.519, 0.0242, "
         f"0.00078; least squares {LEAST_SQUARES}, ~0, ~0",
         verdicts=[("linreg", MATCH, "0.00078 against 0.00048 at k = 40, d = 20")],
@@ -495,14 +475,14 @@ CLAIMS = {
         heading=f"claim1 to convergence: both models for {CONVERGE} times the steps",
         place=4,
         section=functools.partial(report.converge_section, times=CONVERGE),
-        then=train_to_convergence,
+        # Seeds 42 and 43. A run may take several sessions: it continues from its last checkpoint.
+        then=functools.partial(train_best_again, seeds=SEEDS[:2], times=CONVERGE, ckpt_every=500),
         needs="claim1",
         verdicts=[("linreg", MATCH, "")],
         verdict=converged,
         caveat="The training times come from each log's ms per step, so they move with whatever "
         "else ran on the machine (each run's threads are in the runs table) and compare the two "
         "models loosely. The FLOP counts compare them fairly.",
-        in_all=False,
     ),
 }
 
@@ -519,15 +499,6 @@ def write_report():
     report.write(CLAIMS, MODELS, BASELINES_NOTE)
 
 
-def save_errors(path, named, **meta):
-    runs = {name: {"config": dataclasses.asdict(c)} for name, c, _ in named}
-    for name, _, errors in named:
-        runs[name].update({k: v.tolist() for k, v in errors.items()})
-    record = {**meta, **bench.provenance(), "runs": runs}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    harness.write_json(path, record)
-
-
 # ---------------------------------------------------------------------- probes of the loop state
 # Does the loop compute an iterative solver? After each iteration t, a linear probe (closed-form
 # ridge) reads a quantity of the in-context data from the loop state Y_t, fitted on half of fresh
@@ -536,8 +507,7 @@ def save_errors(path, named, **meta):
 
 def probe_r2(fit_x, fit_y, test_x, test_y, alpha=1e-3):
     """R^2 on (test_x, test_y), all (P, features), of a ridge map with intercept fitted on (fit_x,
-    fit_y): 1 for a target that is a linear function of the state, about 0 (or below) for one that
-    is not."""
+    fit_y): 1 for a target linear in the state, about 0 (or below) for one that is not."""
     mean_x, mean_y = fit_x.mean(0), fit_y.mean(0)
     X, Y = (fit_x - mean_x).double(), (fit_y - mean_y).double()
     # The ridge is relative to the states' scale, so that alpha means the same at any scale.
@@ -571,25 +541,23 @@ def solver_weights(xs, ys, steps):
 
 @torch.no_grad()
 def probe(run_dir, prompts=2048, loops=None):
-    """Probe a linear-regression run's loop state after each iteration; writes
-    results/probe/RUN.json and figures/probe_RUN.png, prints a table. The prompts are fresh (seed
-    eval_seed + 2): half fit the probes, half score them."""
-    ckpt, cfg = looped.load_checkpoint(run_dir)
+    """Probe a linear-regression run's loop state after each iteration, on fresh prompts (seed
+    eval_seed + 2), half to fit the probes, half to score them: results/probe/RUN.json, a figure."""
+    model, cfg = export.load_model(run_dir)
     if cfg.task not in ("linreg", "noisy_linreg") or cfg.n_loops == 1:
         raise harness.UserError(
             f"{run_dir}: probes need a looped linear-regression run (this one: "
             f"{looped.describe(cfg)}, {cfg.task})"
         )
     loops = min(2 * cfg.n_loops, looped.MAX_LOOPS) if loops is None else loops
-    cli.Count(1, looped.MAX_LOOPS).check("--loops", loops)
+    LOOPS.check("--loops", loops)
     cli.Count(4).check("--prompts", prompts)
     n, d, D, cpu = cfg.n_points, cfg.n_dims, cfg.n_embd, torch.device("cpu")
     # Per prompt: two states (D), a prediction and the four solvers' weights (d) per iteration, in
     # float32 and float64; the iterate baselines' predictions (n); the forward pass (2n tokens).
     need = prompts * (loops * (8 * D + 4 + 32 * d + 16 * n) + 80 * n * D)
     harness.fits({"--prompts or --loops": need}, cpu, "probing")
-    study_files("probe", run_dir, check=True)
-    model = looped.restore_model(ckpt, cfg, cpu).eval()
+    study_files("probe", run_dir)
     gen = torch.Generator().manual_seed(cfg.eval_seed + 2)
     xs, ys = looped.TASKS[cfg.task](prompts, n, d, d, gen)
     states, preds = loop_states(model, xs, ys, loops)
@@ -604,11 +572,9 @@ def probe(run_dir, prompts=2048, loops=None):
         name: ((iterates(xs, ys, loops)[:, :, -1] - preds).pow(2).mean(0) / norm).tolist()
         for name, iterates in baselines.ITERATES.items()
     }
-    record = {"command": f"python experiments.py probe {run_dir}", "run": run_dir}
-    record.update(config=dataclasses.asdict(cfg), **bench.provenance())
-    record.update({"prompts": prompts, "loops": loops, "r2": r2, "prediction gap": gap})
-    record["error"] = ((preds - ys[:, -1:]).pow(2).mean(0) / norm).tolist()
-    return save_study("probe", run_dir, record, report.plot_probe, report.probe_table)
+    found = {"run": run_dir, "prompts": prompts, "loops": loops, "r2": r2, "prediction gap": gap}
+    found["error"] = ((preds - ys[:, -1:]).pow(2).mean(0) / norm).tolist()
+    return save_study("probe", run_dir, cfg, found, report.plot_probe, report.probe_table)
 
 
 def loop_states(model, xs, ys, loops):
@@ -624,16 +590,18 @@ def loop_states(model, xs, ys, loops):
     return states, torch.stack(preds, 1)
 
 
-def study_files(kind, run_dir, check=False):
-    """results/KIND/RUN.json and figures/KIND_RUN.png; with check, both checked writable."""
+def study_files(kind, run_dir):
+    """results/KIND/RUN.json and figures/KIND_RUN.png, both checked writable (before any work)."""
     name = os.path.basename(os.path.normpath(run_dir))
     files = os.path.join(RESULTS, kind, f"{name}.json"), os.path.join(FIGURES, f"{kind}_{name}.png")
-    if check:
-        harness.check_outputs(*files)
+    harness.check_outputs(*files)
     return files
 
 
-def save_study(kind, run_dir, record, plot, table):
+def save_study(kind, run_dir, cfg, found, plot, table):
+    """Write a study's record (command, config, machine, what it found), draw it, print a table."""
+    command = f"python experiments.py {kind} {run_dir}"
+    record = {"command": command, "config": dataclasses.asdict(cfg), **bench.provenance(), **found}
     record_file, figure = study_files(kind, run_dir)
     harness.write_json(record_file, record, indent=1)
     plot(record, figure)
@@ -650,21 +618,17 @@ TOLERANCES = [0.1, 0.03, 0.01, 0.003, 0.001]
 
 @torch.no_grad()
 def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
-    """Error against compute of adaptive depth on a run's test prompts, both stopping signals and
-    every tolerance against the fixed b; writes results/adaptive/RUN.json and
-    figures/adaptive_RUN.png."""
-    import export
-
+    """Error against loops of adaptive depth on a run's test prompts, both stopping signals at every
+    tolerance against the fixed b: results/adaptive/RUN.json and a figure."""
     model, cfg = export.load_model(run_dir)
     if cfg.n_loops == 1:
         raise harness.UserError(f"{run_dir} is not a looped model: there is no loop to stop")
     max_loops = cfg.eval_loops if max_loops is None else max_loops
-    cli.Count(1, looped.MAX_LOOPS).check("--max_loops", max_loops)
+    LOOPS.check("--max_loops", max_loops)
     real = [isinstance(t, numbers.Real) and not isinstance(t, bool) for t in tolerances]
-    finite = [r and t > 0 and math.isfinite(t) for r, t in zip(real, tolerances)]
-    if not tolerances or not all(finite):
+    if not tolerances or not all(r and 0 < t < math.inf for r, t in zip(real, tolerances)):
         raise harness.UserError(f"--tolerances must be finite numbers above 0, got {tolerances}")
-    study_files("adaptive", run_dir, check=True)
+    study_files("adaptive", run_dir)
     xs, ys, norm = looped.eval_prompts(cfg, torch.device("cpu"))
     fixed = looped.model_errors(model, cfg, (xs, ys, norm))["loops"][cfg.n_loops - 1]
     b = cfg.n_loops
@@ -675,40 +639,47 @@ def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
             error = ((preds - ys).pow(2).mean(0) / norm).tolist()
             row = rows[f"{signal}, tol {tol:g}"] = {"signal": signal, "tol": tol, "error": error}
             row.update({"mean loops": loops.float().mean().item(), "max loops": loops.max().item()})
-    command = f"python experiments.py adaptive {run_dir}"
-    record = {"command": command, "config": dataclasses.asdict(cfg), **bench.provenance()}
-    record.update(max_loops=max_loops, rows=rows)
-    return save_study("adaptive", run_dir, record, report.plot_adaptive, report.adaptive_table)
+    found = {"max_loops": max_loops, "rows": rows}
+    return save_study("adaptive", run_dir, cfg, found, report.plot_adaptive, report.adaptive_table)
 
 
 # ---------------------------------------------------------------------------- baselines alone
 
 
 def baseline_table(task, n_dims, n_points, prompts, ks, seed, names, save=False):
-    """Every named baseline's normalised squared error at in-context example counts ks."""
-    gen = torch.Generator().manual_seed(seed)
-    xs, ys = looped.TASKS[task](prompts, n_points, n_dims, n_dims, gen)
-    norm = looped.error_normaliser(task, n_dims)
-    title = f"normalised squared error, {task}, d = {n_dims}, n = {n_points}, {prompts} prompts"
-    columns = ["k (in-context examples)", *map(str, ks), "seconds"]
-    table = bench.Table(title, columns, [26] + [9] * len(ks) + [10], digits=4)
-    for name in names:
-        t0 = time.perf_counter()
-        err = (baselines.BASELINES[name](xs, ys) - ys).pow(2).mean(0) / norm
-        table.add(name, *(err[k].item() for k in ks), time.perf_counter() - t0)
+    """The baselines command: each of names' (None: the task's) normalised squared error at
+    in-context example counts ks (None: the paper's and n - 1), n_points 0 meaning the paper's."""
+    n, d = n_points or looped.PAPER_TASKS[task]["n_points"], n_dims
+    # The paper's k and the prompt's last position; none at all for a prompt of one point.
+    ks = ks or [k for k in report.shown_ks(d=d, n=n, last=True) if k > 0]
+    if any(not 0 <= k < n for k in ks):
+        raise harness.UserError(f"--k must be in 0 .. n-1 = {n - 1}")
+    if not ks:
+        raise harness.UserError(f"--n_points {n} leaves no in-context example to score")
+    sizes = zip(("--prompts", "--n_points or --n_dims"), baselines.memory_needed(prompts, n, d))
+    harness.fits(dict(sizes), torch.device("cpu"), "fitting the baselines")
+    path = os.path.join(RESULTS, f"baselines_{task}.json")
     if save:
-        command = "python experiments.py " + shlex.join(sys.argv[1:])
-        table.save(os.path.join(RESULTS, f"baselines_{task}.json"), command)
+        harness.check_outputs(path)
+    title = f"normalised squared error, {task}, d = {d}, n = {n}, {prompts} prompts"
+    with harness.memory_guard("--prompts, --n_points or --n_dims"):
+        xs, ys = looped.TASKS[task](prompts, n, d, d, torch.Generator().manual_seed(seed))
+        norm = looped.error_normaliser(task, d)
+        columns = ["k (in-context examples)", *map(str, ks), "seconds"]
+        table = bench.Table(title, columns, [26] + [9] * len(ks) + [10], digits=4)
+        for name in names or baselines.TASK_BASELINES[task]:
+            t0 = time.perf_counter()
+            err = (baselines.BASELINES[name](xs, ys) - ys).pow(2).mean(0) / norm
+            table.add(name, *(err[k].item() for k in ks), time.perf_counter() - t0)
+    if save:
+        table.save(path, "python experiments.py " + shlex.join(sys.argv[1:]))
 
 
 # ---------------------------------------------------------------------------- command line
 
 
-LOOPS = cli.Count(1, looped.MAX_LOOPS)  # the loop counts the tools take
-
-
 def tool_commands(sub):
-    """compare, probe and adaptive: the tools for any runs, and their flags."""
+    """compare, probe, adaptive and baselines: the tools for any runs, and their flags."""
     text = "evaluate several runs on the same prompts: one table, one plot"
     add = sub.add_parser("compare", help=text).add_argument
     add("runs", nargs="+", metavar="RUN_DIR", help="looped.py run folders of one task, d and n")
@@ -728,9 +699,6 @@ def tool_commands(sub):
     add("--tolerances", type=cli.positive, nargs="+", default=TOLERANCES, help=text)
     text = f"the most loops per prompt, {LOOPS} (default the run's --eval_loops)"
     add("--max_loops", type=LOOPS, help=text)
-
-
-def baselines_command(sub):
     text = "every baseline's error at chosen k, no model (paper scale by default)"
     add = sub.add_parser("baselines", help=text).add_argument
     add("--task", default="linreg", choices=list(looped.TASKS), help="function class")
@@ -746,25 +714,6 @@ def baselines_command(sub):
     add("--save", action="store_true", help="also write the table to results/baselines_TASK.json")
 
 
-def run_baselines(args):
-    """The baselines command: its sizes checked against memory, then the table."""
-    n, d = args.n_points or looped.PAPER_TASKS[args.task]["n_points"], args.n_dims
-    # The paper's k and the prompt's last position; none at all for a prompt of one point.
-    ks = args.k or [k for k in report.shown_ks(d=d, n=n, last=True) if k > 0]
-    if any(not 0 <= k < n for k in ks):
-        raise harness.UserError(f"--k must be in 0 .. n-1 = {n - 1}")
-    if not ks:
-        raise harness.UserError(f"--n_points {n} leaves no in-context example to score")
-    prompts, prefixes = baselines.memory_needed(args.prompts, n, d)
-    sizes = {"--prompts": prompts, "--n_points or --n_dims": prefixes}
-    harness.fits(sizes, torch.device("cpu"), "fitting the baselines")
-    names = args.only or baselines.TASK_BASELINES[args.task]
-    if args.save:
-        harness.check_outputs(os.path.join(RESULTS, f"baselines_{args.task}.json"))
-    with harness.memory_guard("--prompts, --n_points or --n_dims"):
-        baseline_table(args.task, d, n, args.prompts, ks, args.seed, names, args.save)
-
-
 def main(argv=None):
     parser = cli.doc_parser("experiments.py", __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -774,16 +723,14 @@ def main(argv=None):
     text = "write docs/results.md and its figures from results/, no training"
     sub.add_parser("report", help=text)
     tool_commands(sub)
-    baselines_command(sub)
     args = parser.parse_args(argv)
     baselines.keep_freed_memory()
     if args.command == "compare":
-        if args.shift:
-            parse_shift(args.shift)  # a bad name fails here, before any work
         given = {"eval_loops": args.eval_loops} if args.eval_loops else {}
         compare(args.runs, args.out, given, args.shift)
     elif args.command == "baselines":
-        run_baselines(args)
+        sizes = args.task, args.n_dims, args.n_points, args.prompts, args.k, args.seed
+        baseline_table(*sizes, args.only, args.save)
     elif args.command == "probe":
         probe(args.run, args.prompts, args.loops)
     elif args.command == "adaptive":
@@ -791,7 +738,7 @@ def main(argv=None):
     elif args.command == "report":
         write_report()
     else:
-        everything = [name for name, record in CLAIMS.items() if record.in_all]
+        everything = [name for name in CLAIMS if name != "converge"]
         for name in everything if args.command == "all" else [args.command]:
             claim(name)
 

@@ -93,11 +93,11 @@ def test_query_prompts_are_scored_at_their_query_position_only():
     cfg = tiny_config(eval_prompts=12)
     torch.manual_seed(0)
     model = looped.LoopedTransformer(cfg).eval()
-    errors, classical = experiments.shifted_errors(
-        [(cfg, model, contextlib.nullcontext())], "orthogonal", cfg, torch.device("cpu")
-    )
     xs, ys, norm = experiments.sample_shifted(
         "orthogonal", 12, 9, 4, torch.Generator().manual_seed(cfg.eval_seed)
+    )
+    errors, classical = experiments.errors_on(
+        [(cfg, model, contextlib.nullcontext())], cfg, (xs, ys, norm)
     )
     assert xs.shape == (12, 4, 9, 4)  # orthogonal queries exist for i < d = 4
     with torch.no_grad():
