@@ -16,13 +16,15 @@ only inside the functions that export and verify, so an app can copy this one fi
 code and `from export import Predictor`. Export latency: `python bench.py export RUN_DIR`.
 """
 
-import collections
 import dataclasses
 import json
+import logging
 import numbers
 import os
 import sys
 import time
+import types
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -31,8 +33,7 @@ VERSION = "0.2.0"
 PARITY_TOL = 1e-4  # max |onnxruntime - PyTorch| on fresh prompts, float32 graphs
 PARITY_TOL_FP16 = 5e-2  # the same for --fp16 graphs: half precision keeps about 3 digits
 WIDE = 128  # from this D on, a batch smaller than the cores runs on all of them (see Predictor)
-# The most loops a graph runs: looped.MAX_LOOPS, restated because Predictor imports no torch.
-MAX_LOOPS = 10_000
+MAX_LOOPS = 10_000  # the most loops a graph runs: looped.MAX_LOOPS (Predictor imports no torch)
 # An unrolled graph holds every loop it runs: each one adds about 0.8 s of export and 65 KB of
 # graph at the laptop size (2-core AMD EPYC), so it goes to 5 b; --dynamic-loops to MAX_LOOPS.
 UNROLLED = 5
@@ -159,14 +160,12 @@ class Predictor:
     def check(self, xs, ys):
         """Inputs as float32 arrays of the right shape, or a ValueError that says what is wrong."""
         arrays = []
-        for name, a, rank in (("xs", xs, 3), ("ys", ys, 2)):
-            shape = "(batch, n, d)" if rank == 3 else "(batch, n)"
+        for name, a, rank, shape in (("xs", xs, 3, "(batch, n, d)"), ("ys", ys, 2, "(batch, n)")):
             try:
                 a = np.asarray(a)
             except (ValueError, TypeError, RuntimeError) as e:  # ragged lists; a tensor in a graph
-                raise ValueError(
-                    f"{name} must be a {shape} array: {str(e).splitlines()[0]}"
-                ) from None
+                first = str(e).splitlines()[0]
+                raise ValueError(f"{name} must be a {shape} array: {first}") from None
             if a.ndim != rank:
                 raise ValueError(f"{name} must have rank {rank}, got shape {a.shape}")
             if not np.issubdtype(a.dtype, np.floating):
@@ -193,9 +192,6 @@ class Predictor:
 
 
 # ---------------------------------------------------------------------------- export (torch)
-
-
-Wrappers = collections.namedtuple("Wrappers", "Loops UntilConverged")
 
 
 def wrappers():
@@ -232,7 +228,7 @@ def wrappers():
 
         forward = until_converged
 
-    return Wrappers(Loops, UntilConverged)
+    return types.SimpleNamespace(Loops=Loops, UntilConverged=UntilConverged)
 
 
 def until_converged(self, xs, ys):
@@ -272,13 +268,12 @@ def until_converged(self, xs, ys):
         )
 
     if torch.compiler.is_exporting():  # one ONNX Loop
-        _, _, preds, _, loops = torch.while_loop(unfinished, iteration, start)
-        return preds, loops
-    # Eagerly, the same functions go round a plain loop: torch.while_loop would trace them.
-    state = start
-    while unfinished(*state):
-        state = iteration(*state)
-    return state[2], state[4]
+        state = torch.while_loop(unfinished, iteration, start)
+    else:  # eagerly, the same functions go round a plain loop: torch.while_loop would trace them
+        state = start
+        while unfinished(*state):
+            state = iteration(*state)
+    return state[2], state[4]  # preds, loops
 
 
 def onnx_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, **_):
@@ -417,16 +412,12 @@ def trace(wrapper, cfg, loops):
     """The wrapper traced into an ONNX graph (a ModelProto) by torch's exporter, with the batch and
     point axes symbolic. loops: the graph's loop count as its metadata gives it, an int, "dynamic"
     (an int64 input n_loops) or "adaptive" (a second output, the loops each prompt used)."""
-    import logging
-    import warnings
-    from unittest import mock
-
-    import torch
+    from unittest import mock  # not at the top: 25 ms that every app using Predictor would pay
 
     # Imported now, not lazily inside the export: a signal that lands in a lazy import leaves a
     # half-made module, whose error would replace the signal's one line.
     import torch._dynamo  # noqa: F401
-    import torch.export  # noqa: F401
+    import torch.export
 
     import looped
 
@@ -480,19 +471,11 @@ def metadata(cfg, loops, fp16, **adaptive):
     """The graph's description, as the ONNX metadata's strings: what Predictor and apps read."""
     import looped
 
-    meta = {
-        "task": cfg.task,
-        "n_dims": cfg.n_dims,
-        "max_points": cfg.n_positions,
-        "n_loops": loops,
-        "trained_loops": cfg.n_loops,
-        **adaptive,  # tolerance, max_loops, signal
-        "error_normaliser": looped.error_normaliser(cfg.task, cfg.n_dims),
-        "precision": "fp16" if fp16 else "fp32",
-        "config": json.dumps(dataclasses.asdict(cfg)),
-        "version": VERSION,
-        "producer": "looped export.py",
-    }
+    meta = dict(task=cfg.task, n_dims=cfg.n_dims, max_points=cfg.n_positions, n_loops=loops)
+    meta.update(trained_loops=cfg.n_loops, **adaptive)  # adaptive: tolerance, max_loops, signal
+    meta.update(error_normaliser=looped.error_normaliser(cfg.task, cfg.n_dims))
+    meta.update(precision="fp16" if fp16 else "fp32", config=json.dumps(dataclasses.asdict(cfg)))
+    meta.update(version=VERSION, producer="looped export.py")
     return {k: str(v) for k, v in meta.items()}
 
 
