@@ -108,8 +108,7 @@ class Predictor:
         self.wide = ort.InferenceSession(path, providers=providers) if wide else None
 
     def __call__(self, xs, ys, n_loops=None, return_loops=False):
-        """Predictions (B, n); with return_loops, for an --until-converged model, also the loops
-        each prompt used (B,)."""
+        """Predictions (B, n); with return_loops also the loops each prompt used (B,), int64."""
         if return_loops and not self.adaptive:
             raise ValueError("only an --until-converged model reports the loops it used")
         out = self.run(*self.check(xs, ys), n_loops)
@@ -195,9 +194,8 @@ class Predictor:
 
 
 def wrappers():
-    """The exportable forms of a trained model, torch modules that call its loop body, by name:
-    `wrappers().UntilConverged(model, tol, max_loops)`; made here so that importing this module
-    does not import torch (see Predictor)."""
+    """The torch modules that export traces, `wrappers().UntilConverged(model, tol, max_loops)`:
+    made here so that importing this module imports no torch (see Predictor)."""
     import torch
 
     class Loops(torch.nn.Module):
@@ -244,9 +242,8 @@ def until_converged(self, xs, ys):
     model, B = self.model, xs.shape[0]
     P = model.embed(xs, ys)  # (B, L, D)
     Y = torch.zeros_like(P)
-    # (iterations, Y_0, p_0, converged, loops used). The flags and counts are fresh (B,) tensors
-    # rather than views: the values the loop carries must keep their strides from one iteration
-    # to the next, and a view's would not.
+    # (iterations, Y_0, p_0, converged, loops used); the last two fresh (B,) tensors, not views:
+    # what the loop carries must keep its strides from one iteration to the next.
     start = (torch.zeros((), dtype=torch.int64), Y, model.read(Y))
     start += tuple(torch.zeros(B, dtype=t, device=xs.device) for t in (torch.bool, torch.int64))
 
@@ -320,6 +317,7 @@ def export(
     import onnx
 
     import harness
+    import looped
 
     model, cfg = load_model(run_dir)
     check_output(out)  # before any work
@@ -336,7 +334,13 @@ def export(
     proto = trace(wrapper, cfg, loops)
     if fp16:
         proto = half_precision(proto)
-    onnx.helper.set_model_props(proto, metadata(cfg, loops, fp16, **adaptive))
+    # The graph's description, as strings: what Predictor and apps read.
+    meta = dict(task=cfg.task, n_dims=cfg.n_dims, max_points=cfg.n_positions, n_loops=loops)
+    meta.update(trained_loops=cfg.n_loops, **adaptive)  # adaptive: tolerance, max_loops, signal
+    meta.update(error_normaliser=looped.error_normaliser(cfg.task, cfg.n_dims))
+    meta.update(precision="fp16" if fp16 else "fp32", config=json.dumps(dataclasses.asdict(cfg)))
+    meta.update(version=VERSION, producer="looped export.py")
+    onnx.helper.set_model_props(proto, {k: str(v) for k, v in meta.items()})
     # The graph is verified before it replaces anything at `out`: a failure leaves no file.
     with harness.atomic(out) as tmp:
         onnx.save(proto, tmp)  # one self-contained file: the weights are small
@@ -354,11 +358,9 @@ def export(
 
 
 def check_request(model, cfg, run_dir, n_loops, dynamic_loops, fp16, until, max_loops, signal):
-    """(loops, max_loops): the graph's loop count as its metadata gives it (a number, "dynamic" or
-    "adaptive") and an adaptive graph's most loops; or UserError before any work: an unrolled
-    graph's n_loops (default b) 1 to 5 b, an adaptive one's positive finite tolerance (until) and
-    max_loops (default 5 b) 1 to MAX_LOOPS, in fp32; and the model's predictions finite there
-    (load_checkpoint has refused weights that are not)."""
+    """(loops, max_loops): the graph's loop count as its metadata gives it (an int, "dynamic" or
+    "adaptive") and an adaptive graph's most loops (default 5 b); or UserError before any work.
+    The model's predictions must be finite there (load_checkpoint refused weights that are not)."""
     import torch
 
     import cli
@@ -410,8 +412,7 @@ def check_request(model, cfg, run_dir, n_loops, dynamic_loops, fp16, until, max_
 
 def trace(wrapper, cfg, loops):
     """The wrapper traced into an ONNX graph (a ModelProto) by torch's exporter, with the batch and
-    point axes symbolic. loops: the graph's loop count as its metadata gives it, an int, "dynamic"
-    (an int64 input n_loops) or "adaptive" (a second output, the loops each prompt used)."""
+    point axes symbolic; "dynamic" loops are an int64 input, "adaptive" ones a second output."""
     from unittest import mock  # not at the top: 25 ms that every app using Predictor would pay
 
     # Imported now, not lazily inside the export: a signal that lands in a lazy import leaves a
@@ -465,18 +466,6 @@ def half_precision(proto):
         for node in graph.node:
             graphs += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
     return half.model
-
-
-def metadata(cfg, loops, fp16, **adaptive):
-    """The graph's description, as the ONNX metadata's strings: what Predictor and apps read."""
-    import looped
-
-    meta = dict(task=cfg.task, n_dims=cfg.n_dims, max_points=cfg.n_positions, n_loops=loops)
-    meta.update(trained_loops=cfg.n_loops, **adaptive)  # adaptive: tolerance, max_loops, signal
-    meta.update(error_normaliser=looped.error_normaliser(cfg.task, cfg.n_dims))
-    meta.update(precision="fp16" if fp16 else "fp32", config=json.dumps(dataclasses.asdict(cfg)))
-    meta.update(version=VERSION, producer="looped export.py")
-    return {k: str(v) for k, v in meta.items()}
 
 
 def check_output(out):
@@ -569,7 +558,7 @@ def verify(path, model, cfg, loops, fp16=False, adaptive=None):
 # ---------------------------------------------------------------------------- command line
 
 
-def flags():
+def main(argv=None):
     """export.py's command line: its flags are export()'s arguments."""
     import cli
 
@@ -595,15 +584,9 @@ def flags():
     add("--until-converged", type=cli.positive, metavar="TOL", help=helps["--until-converged"])
     add("--max-loops", type=loops, help=helps["--max-loops"])
     add("--stop-on", choices=["prediction", "state"], dest="signal", help=helps["--stop-on"])
-    return parser
-
-
-def main(argv=None):
-    import harness
-
-    args = flags().parse_args(argv)
+    args = parser.parse_args(argv)
     if args.until_converged is None and (args.max_loops is not None or args.signal):
-        raise harness.UserError("--max-loops and --stop-on go with --until-converged")
+        parser.error("--max-loops and --stop-on go with --until-converged")
     run = os.path.normpath(args.run_dir)  # the default: runs/linreg -> runs/linreg.onnx
     default = (os.path.abspath(run) if os.path.basename(run) in (".", "..") else run) + ".onnx"
     given = {k: v for k, v in vars(args).items() if v is not None}  # the rest: export's defaults
