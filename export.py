@@ -16,13 +16,15 @@ only inside the functions that export and verify, so an app can copy this one fi
 code and `from export import Predictor`. Export latency: `python bench.py export RUN_DIR`.
 """
 
-import collections
 import dataclasses
 import json
+import logging
 import numbers
 import os
 import sys
 import time
+import types
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -31,8 +33,7 @@ VERSION = "0.2.0"
 PARITY_TOL = 1e-4  # max |onnxruntime - PyTorch| on fresh prompts, float32 graphs
 PARITY_TOL_FP16 = 5e-2  # the same for --fp16 graphs: half precision keeps about 3 digits
 WIDE = 128  # from this D on, a batch smaller than the cores runs on all of them (see Predictor)
-# The most loops a graph runs: looped.MAX_LOOPS, restated because Predictor imports no torch.
-MAX_LOOPS = 10_000
+MAX_LOOPS = 10_000  # the most loops a graph runs: looped.MAX_LOOPS (Predictor imports no torch)
 # An unrolled graph holds every loop it runs: each one adds about 0.8 s of export and 65 KB of
 # graph at the laptop size (2-core AMD EPYC), so it goes to 5 b; --dynamic-loops to MAX_LOOPS.
 UNROLLED = 5
@@ -84,34 +85,30 @@ class Predictor:
         if "n_dims" not in meta:
             raise ValueError(f"{path} has no looped metadata: was it made by export.py?")
         try:
-            wide = json.loads(meta["config"]).get("n_embd", 0) >= WIDE
+            wide = json.loads(meta["config"]).get("n_embd", 0) >= WIDE and self.device == "cpu"
             self.n_dims, self.max_points = int(meta["n_dims"]), int(meta["max_points"])
-            loops = meta["n_loops"]
+            self.loops = meta["n_loops"]  # a number, "dynamic" or "adaptive"
         except (KeyError, ValueError, AttributeError) as e:
             raise ValueError(
                 f"{path} has incomplete or corrupt looped metadata ({type(e).__name__}: {e})"
             ) from None
-        self.dynamic_loops, self.adaptive = loops == "dynamic", loops == "adaptive"
+        self.adaptive = self.loops == "adaptive"  # bench.py reads it
         self.outputs = ["preds", "loops"] if self.adaptive else ["preds"]
-        inputs = ["xs", "ys", "n_loops"] if self.dynamic_loops else ["xs", "ys"]
+        inputs = ["xs", "ys", "n_loops"] if self.loops == "dynamic" else ["xs", "ys"]
         graph = ([v.name for v in s.get_inputs()], [v.name for v in s.get_outputs()])
         if graph != (inputs, self.outputs):
             raise ValueError(
                 f"{path}: its graph's inputs and outputs {graph} are not what its metadata "
-                f"(n_loops {meta['n_loops']}) implies, {(inputs, self.outputs)}"
+                f"(n_loops {self.loops}) implies, {(inputs, self.outputs)}"
             )
         affinity = getattr(os, "sched_getaffinity", None)  # Linux only
         self.cores = len(affinity(0)) if affinity else os.cpu_count() or 1
-        self.pool = None  # threads for the CPU shards, started on the first batch that needs them
+        self.pool = ThreadPoolExecutor(self.cores)  # for the CPU shards; starts no thread yet
         # With fewer prompts than cores, a wide model runs faster on all cores in one session.
-        wide = self.device == "cpu" and wide
-        self.wide = (
-            ort.InferenceSession(path, ort.SessionOptions(), providers=providers) if wide else None
-        )
+        self.wide = ort.InferenceSession(path, providers=providers) if wide else None
 
     def __call__(self, xs, ys, n_loops=None, return_loops=False):
-        """Predictions (B, n); with return_loops, for an --until-converged model, also the loops
-        each prompt used (B,)."""
+        """Predictions (B, n); with return_loops also the loops each prompt used (B,), int64."""
         if return_loops and not self.adaptive:
             raise ValueError("only an --until-converged model reports the loops it used")
         out = self.run(*self.check(xs, ys), n_loops)
@@ -124,7 +121,7 @@ class Predictor:
             raise ValueError(
                 f"n_loops must be a whole number from 1 to {MAX_LOOPS:,}, got {n_loops!r}"
             )
-        if self.dynamic_loops:
+        if self.loops == "dynamic":
             if n_loops is None:
                 raise ValueError("this model takes the loop count per call: pass n_loops")
             feeds["n_loops"] = np.array(int(n_loops), dtype=np.int64)
@@ -132,9 +129,9 @@ class Predictor:
             raise ValueError(
                 f"this model chooses its own loop count, at most {self.meta.get('max_loops')}"
             )
-        elif n_loops is not None and n_loops != int(self.meta["n_loops"]):
+        elif n_loops is not None and n_loops != int(self.loops):
             raise ValueError(
-                f"this model was exported at {self.meta['n_loops']} loops; "
+                f"this model was exported at {self.loops} loops; "
                 f"export with --dynamic-loops to choose per call"
             )
         if self.device == "cpu":  # one shard of the batch per core, each on one thread
@@ -143,8 +140,6 @@ class Predictor:
                 return self.wide.run(self.outputs, feeds)
             if k == 1:
                 return self.session.run(self.outputs, feeds)
-            if self.pool is None:
-                self.pool = ThreadPoolExecutor(self.cores)
 
             def shard(x, y):
                 return self.session.run(self.outputs, {**feeds, "xs": x, "ys": y})
@@ -163,19 +158,26 @@ class Predictor:
 
     def check(self, xs, ys):
         """Inputs as float32 arrays of the right shape, or a ValueError that says what is wrong."""
-        arrays = {}
-        for name, a, shape in (("xs", xs, "(batch, n, d)"), ("ys", ys, "(batch, n)")):
+        arrays = []
+        for name, a, rank, shape in (("xs", xs, 3, "(batch, n, d)"), ("ys", ys, 2, "(batch, n)")):
             try:
-                arrays[name] = np.asarray(a)
+                a = np.asarray(a)
             except (ValueError, TypeError, RuntimeError) as e:  # ragged lists; a tensor in a graph
                 first = str(e).splitlines()[0]
                 raise ValueError(f"{name} must be a {shape} array: {first}") from None
-        xs, ys = arrays["xs"], arrays["ys"]
-        for name, a, rank in (("xs", xs, 3), ("ys", ys, 2)):
             if a.ndim != rank:
                 raise ValueError(f"{name} must have rank {rank}, got shape {a.shape}")
             if not np.issubdtype(a.dtype, np.floating):
                 raise ValueError(f"{name} must be floating point, got {a.dtype}")
+            with np.errstate(over="ignore"):  # an overflow is reported below, as a ValueError
+                a = np.ascontiguousarray(a, dtype=np.float32)
+            # Checked after the cast, since a value finite in float64 (1e300) can be inf in float32.
+            if not np.isfinite(a).all():
+                raise ValueError(
+                    f"{name} has NaN or infinite values, or values beyond float32's range (3.4e38)"
+                )
+            arrays.append(a)
+        xs, ys = arrays
         if xs.shape[2] != self.n_dims:
             raise ValueError(f"xs has d = {xs.shape[2]}, the model takes d = {self.n_dims}")
         if ys.shape != xs.shape[:2]:
@@ -185,47 +187,28 @@ class Predictor:
             raise ValueError(f"prompts have {n} points; the model takes 1 to {most}")
         if xs.shape[0] < 1:
             raise ValueError("the batch is empty")
-        with np.errstate(over="ignore"):  # an overflow is reported below, as a ValueError
-            xs, ys = (np.ascontiguousarray(a, dtype=np.float32) for a in (xs, ys))
-        # Checked after the cast, since a value finite in float64 (1e300) can be inf in float32.
-        for name, a in (("xs", xs), ("ys", ys)):
-            if not np.isfinite(a).all():
-                raise ValueError(
-                    f"{name} has NaN or infinite values, or values beyond float32's range (3.4e38)"
-                )
         return xs, ys
 
 
 # ---------------------------------------------------------------------------- export (torch)
 
 
-Wrappers = collections.namedtuple("Wrappers", "Unrolled DynamicLoops UntilConverged")
-
-
 def wrappers():
-    """The exportable forms of a trained model, torch modules that call its loop body, by name:
-    `wrappers().UntilConverged(model, tol, max_loops)`; made here so that importing this module
-    does not import torch (see Predictor)."""
+    """The torch modules that export traces, `wrappers().UntilConverged(model, tol, max_loops)`:
+    made here so that importing this module imports no torch (see Predictor)."""
     import torch
 
-    class Unrolled(torch.nn.Module):
-        """The loop written out n_loops times; only the last read-out is returned."""
+    class Loops(torch.nn.Module):
+        """The loop written out n_loops times, only the last read-out returned; or, n_loops None,
+        the loop count an int64 input of forward: torch.while_loop becomes an ONNX Loop."""
 
-        def __init__(self, model, n_loops):
+        def __init__(self, model, n_loops=None):
             super().__init__()
             self.model, self.n_loops = model, n_loops
 
-        def forward(self, xs, ys):
-            return self.model(xs, ys, self.n_loops, self.n_loops - 1)[:, -1]  # (B, n)
-
-    class DynamicLoops(torch.nn.Module):
-        """The same with the loop count as an int64 input: torch.while_loop becomes ONNX Loop."""
-
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, xs, ys, n_loops):
+        def forward(self, xs, ys, n_loops=None):
+            if self.n_loops is not None:
+                return self.model(xs, ys, self.n_loops, self.n_loops - 1)[:, -1]  # (B, n)
             P = self.model.embed(xs, ys)  # (B, L, D)
             _, Y = torch.while_loop(
                 lambda t, Y: t < n_loops,
@@ -243,7 +226,7 @@ def wrappers():
 
         forward = until_converged
 
-    return Wrappers(Unrolled, DynamicLoops, UntilConverged)
+    return types.SimpleNamespace(Loops=Loops, UntilConverged=UntilConverged)
 
 
 def until_converged(self, xs, ys):
@@ -259,16 +242,10 @@ def until_converged(self, xs, ys):
     model, B = self.model, xs.shape[0]
     P = model.embed(xs, ys)  # (B, L, D)
     Y = torch.zeros_like(P)
-    # (iterations, Y_0, p_0, converged, loops used). The flags and counts are fresh (B,) tensors
-    # rather than views: the values the loop carries must keep their strides from one iteration
-    # to the next, and a view's would not.
-    start = (
-        torch.zeros((), dtype=torch.int64),
-        Y,
-        model.read(Y),
-        torch.zeros(B, dtype=torch.bool, device=xs.device),
-        torch.zeros(B, dtype=torch.int64, device=xs.device),
-    )
+    # (iterations, Y_0, p_0, converged, loops used); the last two fresh (B,) tensors, not views:
+    # what the loop carries must keep its strides from one iteration to the next.
+    start = (torch.zeros((), dtype=torch.int64), Y, model.read(Y))
+    start += tuple(torch.zeros(B, dtype=t, device=xs.device) for t in (torch.bool, torch.int64))
 
     def unfinished(t, Y, p, done, loops):
         return (t < self.max_loops) & ~done.all()
@@ -288,13 +265,12 @@ def until_converged(self, xs, ys):
         )
 
     if torch.compiler.is_exporting():  # one ONNX Loop
-        _, _, preds, _, loops = torch.while_loop(unfinished, iteration, start)
-        return preds, loops
-    # Eagerly, the same functions go round a plain loop: torch.while_loop would trace them.
-    state = start
-    while unfinished(*state):
-        state = iteration(*state)
-    return state[2], state[4]
+        state = torch.while_loop(unfinished, iteration, start)
+    else:  # eagerly, the same functions go round a plain loop: torch.while_loop would trace them
+        state = start
+        while unfinished(*state):
+            state = iteration(*state)
+    return state[2], state[4]  # preds, loops
 
 
 def onnx_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, **_):
@@ -341,33 +317,37 @@ def export(
     import onnx
 
     import harness
+    import looped
 
     model, cfg = load_model(run_dir)
     check_output(out)  # before any work
-    n_loops, max_loops = check_request(
+    loops, max_loops = check_request(
         model, cfg, run_dir, n_loops, dynamic_loops, fp16, until_converged, max_loops, signal
     )
-    forms, extra, until = wrappers(), {}, None
-    if dynamic_loops:
-        wrapper, loops = forms.DynamicLoops(model), "dynamic"
-    elif until_converged is not None:
-        wrapper, loops = forms.UntilConverged(model, until_converged, max_loops, signal), "adaptive"
-        extra = {"tolerance": until_converged, "max_loops": max_loops, "signal": signal}
-        until = forms.UntilConverged(model, until_converged, max_loops, signal)  # for verify
+    forms, adaptive = wrappers(), {}
+    if loops == "adaptive":
+        wrapper = forms.UntilConverged(model, until_converged, max_loops, signal)
+        adaptive = {"tolerance": until_converged, "max_loops": max_loops, "signal": signal}
     else:
-        wrapper, loops = forms.Unrolled(model, n_loops), n_loops
+        wrapper = forms.Loops(model, None if loops == "dynamic" else loops)
     t0 = time.perf_counter()
     proto = trace(wrapper, cfg, loops)
     if fp16:
         proto = half_precision(proto)
-    onnx.helper.set_model_props(proto, metadata(cfg, loops, fp16, **extra))
+    # The graph's description, as strings: what Predictor and apps read.
+    meta = dict(task=cfg.task, n_dims=cfg.n_dims, max_points=cfg.n_positions, n_loops=loops)
+    meta.update(trained_loops=cfg.n_loops, **adaptive)  # adaptive: tolerance, max_loops, signal
+    meta.update(error_normaliser=looped.error_normaliser(cfg.task, cfg.n_dims))
+    meta.update(precision="fp16" if fp16 else "fp32", config=json.dumps(dataclasses.asdict(cfg)))
+    meta.update(version=VERSION, producer="looped export.py")
+    onnx.helper.set_model_props(proto, {k: str(v) for k, v in meta.items()})
     # The graph is verified before it replaces anything at `out`: a failure leaves no file.
     with harness.atomic(out) as tmp:
         onnx.save(proto, tmp)  # one self-contained file: the weights are small
         size, seconds = os.path.getsize(tmp) / 1e6, time.perf_counter() - t0
         say(f"exported {out} ({size:.1f} MB) in {seconds:.1f} s")
         try:
-            report = verify(tmp, model, cfg, n_loops, fp16, until)
+            report = verify(tmp, model, cfg, loops, fp16, wrapper if adaptive else None)
         except VerificationError:
             raise
         except Exception as e:  # any failure, not only a parity miss
@@ -378,33 +358,31 @@ def export(
 
 
 def check_request(model, cfg, run_dir, n_loops, dynamic_loops, fp16, until, max_loops, signal):
-    """(n_loops, max_loops) as the graph will run them, or UserError before any work: an unrolled
-    graph's n_loops (default b) 1 to 5 b, an adaptive one's positive finite tolerance (until) and
-    max_loops (default 5 b) 1 to MAX_LOOPS, in fp32; and the model's predictions finite there
-    (load_checkpoint has refused weights that are not)."""
+    """(loops, max_loops): the graph's loop count as its metadata gives it (an int, "dynamic" or
+    "adaptive") and an adaptive graph's most loops (default 5 b); or UserError before any work.
+    The model's predictions must be finite there (load_checkpoint refused weights that are not)."""
     import torch
 
     import cli
-    import harness
     import looped
+    from harness import UserError
 
+    loops = "dynamic"
     if until is not None:
         if dynamic_loops or n_loops is not None:
-            raise harness.UserError(
+            raise UserError(
                 "--until-converged chooses the loop count: it excludes --loops and --dynamic-loops"
             )
         max_loops = min(5 * cfg.n_loops, MAX_LOOPS) if max_loops is None else max_loops
         cli.Count(1, MAX_LOOPS).check("--max-loops", max_loops)
         real = isinstance(until, numbers.Real) and not isinstance(until, bool)
         if not (real and until > 0 and np.isfinite(until)):
-            raise harness.UserError(
-                f"--until-converged must be a finite number above 0, got {until}"
-            )
+            raise UserError(f"--until-converged must be a finite number above 0, got {until}")
         if fp16:  # half precision rounds the change it tests by about as much as the tolerances
-            raise harness.UserError("--until-converged needs fp32: it does not go with --fp16")
-        max_loops = int(max_loops)
+            raise UserError("--until-converged needs fp32: it does not go with --fp16")
+        loops, max_loops = "adaptive", int(max_loops)
     elif dynamic_loops and n_loops is not None:
-        raise harness.UserError(
+        raise UserError(
             "--loops and --dynamic-loops exclude each other: the loop count is an input"
         )
     elif not dynamic_loops:
@@ -412,40 +390,35 @@ def check_request(model, cfg, run_dir, n_loops, dynamic_loops, fp16, until, max_
         unrolled = cli.Count(1, UNROLLED * cfg.n_loops)
         whole = isinstance(n_loops, numbers.Integral) and not isinstance(n_loops, bool)
         if not (whole and unrolled.holds(n_loops)):
-            raise harness.UserError(
+            raise UserError(
                 f"--loops must be {unrolled} for this run ({UNROLLED} b, b = {cfg.n_loops}), got "
                 f"{n_loops}: an unrolled graph holds every loop; --dynamic-loops takes up to "
                 f"{MAX_LOOPS:,}"
             )
-        n_loops = int(n_loops)
+        loops = int(n_loops)
     if signal not in ("prediction", "state"):
-        raise harness.UserError(f"--stop-on must be prediction or state, got {signal!r}")
-    at = max_loops if until is not None else n_loops or cfg.n_loops
+        raise UserError(f"--stop-on must be prediction or state, got {signal!r}")
+    at = {"adaptive": max_loops, "dynamic": cfg.n_loops}.get(loops, loops)
     gen = torch.Generator().manual_seed(0)
     xs, ys = looped.TASKS[cfg.task](8, cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
     with torch.no_grad():
         if not model(xs, ys, at)[:, -1].isfinite().all():
-            raise harness.UserError(
+            raise UserError(
                 f"{run_dir}: the model's predictions after {at} loops are not finite; "
                 "nothing was exported"
             )
-    return n_loops, max_loops
+    return loops, max_loops
 
 
 def trace(wrapper, cfg, loops):
     """The wrapper traced into an ONNX graph (a ModelProto) by torch's exporter, with the batch and
-    point axes symbolic. loops: the graph's loop count as its metadata gives it, an int, "dynamic"
-    (an int64 input n_loops) or "adaptive" (a second output, the loops each prompt used)."""
-    import logging
-    import warnings
-    from unittest import mock
-
-    import torch
+    point axes symbolic; "dynamic" loops are an int64 input, "adaptive" ones a second output."""
+    from unittest import mock  # not at the top: 25 ms that every app using Predictor would pay
 
     # Imported now, not lazily inside the export: a signal that lands in a lazy import leaves a
     # half-made module, whose error would replace the signal's one line.
     import torch._dynamo  # noqa: F401
-    import torch.export  # noqa: F401
+    import torch.export
 
     import looped
 
@@ -495,26 +468,6 @@ def half_precision(proto):
     return half.model
 
 
-def metadata(cfg, loops, fp16, **adaptive):
-    """The graph's description, as the ONNX metadata's strings: what Predictor and apps read."""
-    import looped
-
-    meta = {
-        "task": cfg.task,
-        "n_dims": cfg.n_dims,
-        "max_points": cfg.n_positions,
-        "n_loops": loops,
-        "trained_loops": cfg.n_loops,
-        **adaptive,  # tolerance, max_loops, signal
-        "error_normaliser": looped.error_normaliser(cfg.task, cfg.n_dims),
-        "precision": "fp16" if fp16 else "fp32",
-        "config": json.dumps(dataclasses.asdict(cfg)),
-        "version": VERSION,
-        "producer": "looped export.py",
-    }
-    return {k: str(v) for k, v in meta.items()}
-
-
 def check_output(out):
     """UserError, before any work, unless out is a new name or a writable regular .onnx file outside
     any run folder, where a file can be made and removed (as the export's .tmp file will be)."""
@@ -552,11 +505,11 @@ def gap(got, expected):
     return float(np.abs(got - expected).max(initial=0))
 
 
-def verify(path, model, cfg, n_loops, fp16=False, adaptive=None):
+def verify(path, model, cfg, loops, fp16=False, adaptive=None):
     """The ONNX checker, symbolic batch and point axes, and parity with PyTorch on fresh prompts
-    at a batch size and prompt length unlike the export example: at n_loops for an unrolled graph,
-    at 1 and b for a dynamic one (n_loops None), and for an adaptive one against its PyTorch module
-    (UntilConverged), the loop counts equal. VerificationError on any failure."""
+    at a batch size and prompt length unlike the export example: at `loops` for an unrolled graph,
+    at 1 and b for a dynamic one, and for an adaptive one against its PyTorch module (adaptive,
+    an UntilConverged), the loop counts equal. VerificationError on any failure."""
     import onnx
     import torch
 
@@ -571,7 +524,7 @@ def verify(path, model, cfg, n_loops, fp16=False, adaptive=None):
         if not (dims[0].dim_param and dims[1].dim_param):
             raise VerificationError(f"input {inp.name} has a fixed batch or point axis: {dims}")
     predictor, gen, worst = Predictor(path), torch.Generator().manual_seed(7), 0.0
-    loops, half = [n_loops] if n_loops else [1, cfg.n_loops], cfg.n_positions // 2 + 1
+    tried, half = [loops] if isinstance(loops, int) else [1, cfg.n_loops], cfg.n_positions // 2 + 1
     for batch, points in ((3, cfg.n_positions), (5, half)):
         xs, ys = looped.TASKS[cfg.task](batch, points, cfg.n_dims, cfg.n_dims, gen)
         x, y = xs.numpy(), ys.numpy()
@@ -586,15 +539,15 @@ def verify(path, model, cfg, n_loops, fp16=False, adaptive=None):
                         f"loops used: onnxruntime {got_used.tolist()}, torch {used.tolist()}"
                     )
                 worst = max(worst, gap(got[got_used == used], expected[got_used == used]))
-                loops = f"until converged (used {used.tolist()})"
+                tried = f"until converged (used {used.tolist()})"
                 continue
-            for b in loops:
+            for b in tried:  # an unrolled graph takes its own loop count as well
                 expected = model(xs, ys, b)[:, -1].numpy()  # (B, n) after loop b
-                worst = max(worst, gap(predictor(x, y, b if n_loops is None else None), expected))
+                worst = max(worst, gap(predictor(x, y, b), expected))
     tol = PARITY_TOL_FP16 if fp16 else PARITY_TOL
     parity = (
         f"max |onnxruntime - torch| = {worst:.2e} (tolerance {tol:g}) at batch 3 and 5, "
-        f"n = {cfg.n_positions} and {half}, loops {loops}"
+        f"n = {cfg.n_positions} and {half}, loops {tried}"
     )
     if not worst <= tol:
         raise VerificationError(parity)
@@ -605,7 +558,7 @@ def verify(path, model, cfg, n_loops, fp16=False, adaptive=None):
 # ---------------------------------------------------------------------------- command line
 
 
-def flags():
+def main(argv=None):
     """export.py's command line: its flags are export()'s arguments."""
     import cli
 
@@ -631,15 +584,9 @@ def flags():
     add("--until-converged", type=cli.positive, metavar="TOL", help=helps["--until-converged"])
     add("--max-loops", type=loops, help=helps["--max-loops"])
     add("--stop-on", choices=["prediction", "state"], dest="signal", help=helps["--stop-on"])
-    return parser
-
-
-def main(argv=None):
-    import harness
-
-    args = flags().parse_args(argv)
+    args = parser.parse_args(argv)
     if args.until_converged is None and (args.max_loops is not None or args.signal):
-        raise harness.UserError("--max-loops and --stop-on go with --until-converged")
+        parser.error("--max-loops and --stop-on go with --until-converged")
     run = os.path.normpath(args.run_dir)  # the default: runs/linreg -> runs/linreg.onnx
     default = (os.path.abspath(run) if os.path.basename(run) in (".", "..") else run) + ".onnx"
     given = {k: v for k, v in vars(args).items() if v is not None}  # the rest: export's defaults

@@ -179,6 +179,9 @@ def test_metadata_round_trip_and_input_validation(trained_run, tmp_path):
         with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
             p(x, y)
     assert p(xs.astype("float64"), ys).dtype == "float32"  # float64 inputs are cast, not refused
+    assert (p(xs, ys, n_loops=3) == p(xs, ys)).all()  # its own loop count, as verify() passes it
+    with pytest.raises(ValueError, match="exported at 3 loops"):
+        p(xs, ys, n_loops=4)
     huge = xs.astype("float64")
     huge[0, 0, 0] = 1e300  # finite in float64, inf in float32
     with pytest.raises(ValueError, match="float32's range"):
