@@ -73,24 +73,16 @@ def doc_parser(prog, doc):
     return Parser(prog=prog, description=first, epilog=rest, formatter_class=formatter)
 
 
-def field_docs(cls):
-    """{field name: the docstring under it} for a dataclass written as cleanrl writes its Args."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    return {
-        field.target.id: " ".join(doc.value.value.split())
-        for field, doc in zip(body, body[1:])
-        if isinstance(field, ast.AnnAssign)
-        and isinstance(doc, ast.Expr)
-        and isinstance(doc.value, ast.Constant)
-        and isinstance(doc.value.value, str)
-    }
-
-
-def add_dataclass_flags(parser, cls, aliases=None, limits=None):
-    """One flag per field of dataclass cls (and its alias, if any), its help the field's docstring
-    with its range (limits: {field: Count}, where it has a top) and the default; a flag not given
-    parses to None, so that a preset can tell it apart."""
-    aliases, docs, limits = aliases or {}, field_docs(cls), limits or {}
+def run_flags(argv, cls, aliases, limits, **parser_kw):
+    """A training command line: one flag per field of dataclass cls (and its alias, if any), then
+    --resume, --eval and --overwrite. A field's help is the docstring under it, as cleanrl writes
+    its Args, with its range (limits: {field: Count}, where it has a top) and its default. Returns
+    ({field: value} for the flags given, so that a preset can tell them apart, the arguments)."""
+    parser = Parser(formatter_class=argparse.RawDescriptionHelpFormatter, **parser_kw)
+    body, docs = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body, {}
+    for field, doc in zip(body, body[1:]):
+        if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr):
+            docs[field.target.id] = " ".join(doc.value.value.split())
     for f in dataclasses.fields(cls):
         flags = [f"--{f.name}"] + ([aliases[f.name]] if f.name in aliases else [])
         kind = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)
@@ -104,13 +96,6 @@ def add_dataclass_flags(parser, cls, aliases=None, limits=None):
         else:
             metavar = kind.__name__.upper()
             parser.add_argument(*flags, type=kind, dest=f.name, metavar=metavar, help=help)
-
-
-def run_flags(argv, cls, aliases, limits, **parser_kw):
-    """A training command line: one flag per field of dataclass cls, then --resume, --eval and
-    --overwrite. Returns ({field: value} for the flags given, the parsed arguments)."""
-    parser = Parser(formatter_class=argparse.RawDescriptionHelpFormatter, **parser_kw)
-    add_dataclass_flags(parser, cls, aliases, limits)
     resume = "continue a run from its checkpoint (--steps may grow)"
     parser.add_argument("--resume", metavar="RUN_DIR", help=resume)
     again = "re-evaluate a saved run, no training (several runs, shifted prompts: experiments.py)"
@@ -130,14 +115,13 @@ def run_flags(argv, cls, aliases, limits, **parser_kw):
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}, args
 
 
-def stop_now(signum, frame):
-    """Outside the training loop a signal stops the command at once: nothing there is lost."""
-    raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
-
-
 def cli(main):
     """Run a command line: a UserError is one line on stderr and exit code 2, never a traceback; a
     signal stops it with one line and the signal's code (130, 143). A training run saves first."""
+
+    def stop_now(signum, frame):  # outside the training loop nothing is lost: stop at once
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
+
     prog, code = os.path.basename(sys.argv[0]), 0
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop_now)  # Ctrl-C raises KeyboardInterrupt, handled below
@@ -147,7 +131,8 @@ def cli(main):
         print(f"{prog}: error: {e}", file=sys.stderr)
         code = 2
     # Under torchrun rank 0 alone says so (torchrun also stops the others this way).
-    except Interrupted as e:
+    except (Interrupted, KeyboardInterrupt) as e:  # KeyboardInterrupt: Ctrl-C outside the loop
+        e = e if isinstance(e, Interrupted) else Interrupted("stopped by SIGINT", signal.SIGINT)
         if e.message and rank() == 0:
             print(f"\n{prog}: {e.message}", file=sys.stderr)
         code = e.code
@@ -155,10 +140,6 @@ def cli(main):
         with suppress(OSError, ValueError):  # no more writes to the closed pipe at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 128 + signal.SIGPIPE
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop
-        if rank() == 0:
-            print(f"\n{prog}: stopped by SIGINT", file=sys.stderr)
-        code = 130
     if world_size() > 1:
         # Under torchrun all is saved and the group is gone: skip the teardown, where gloo's
         # threads can still abort (1 run in 20).

@@ -1,9 +1,8 @@
 """The run's plumbing, so that looped.py shows the method and nothing a user does loses work:
 `TrainingRun` (run folder and lock, torchrun and DDP, exact resume, CUDA graphs, NaN check, log,
-checkpoints, SIGINT / SIGTERM as a request to save and stop), the errors every command reports in
-one line (`UserError`, `Interrupted`), files written whole or not at all, checkpoints loaded only
-when safe, the device, and memory checked before work starts. It imports nothing of the project.
-"""
+checkpoints, SIGINT / SIGTERM as a request to save and stop), one-line errors, files written whole,
+safe checkpoint loads, the device, and memory checked before work starts. It imports nothing of the
+project."""
 
 import dataclasses
 import errno
@@ -19,7 +18,7 @@ import tempfile
 import threading
 import time
 import warnings
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 
 import torch
 import torch.distributed as dist
@@ -46,7 +45,7 @@ class Interrupted(BaseException):
         self.message, self.signum, self.code = message, signum, 128 + signum
 
 
-# ---------------------------------------------------------------------------- files
+# ---------------------------------------------------------------- files and the run folder
 
 
 @contextmanager
@@ -82,7 +81,7 @@ def special(path):
 
 
 def check_tmp(path):
-    """UserError if path.tmp, where atomic writes, is a link (written through), FIFO or folder."""
+    """Where atomic writes, path.tmp: a link would be written through, a FIFO would block."""
     if special(path + ".tmp"):
         raise UserError(f"cannot write {path}: {path}.tmp is in the way (not a regular file)")
 
@@ -113,9 +112,6 @@ def append_line(log, record):
         raise UserError(why) from None
 
 
-# ---------------------------------------------------------------------------- the run folder
-
-
 def check_folder(out, reuse=False, overwrite=False, create=True):
     """Before any work: refuse a file, an unwritable folder, or one that holds a run, unless it is
     reused (--resume, --eval of the run there) or to be overwritten."""
@@ -142,13 +138,11 @@ def check_folder(out, reuse=False, overwrite=False, create=True):
 def hold_folder(out, enabled=True):
     """Hold the run folder: a second training run, --resume or --eval in it at the same time is
     refused, where both would write its files (POSIX; elsewhere no lock)."""
-    try:
-        import fcntl
-    except ImportError:
-        enabled = False
-    if not enabled:
+    if not enabled or os.name != "posix":
         yield
         return
+    import fcntl
+
     # Opened without following a link or waiting on a FIFO, and never truncated: a .lock that is not
     # a plain file is refused, whatever it points to left alone.
     path = os.path.join(out, ".lock")
@@ -192,14 +186,13 @@ def load_tensors(path):
         with warnings.catch_warnings():  # torch warns about some plain pickles before refusing them
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e):  # "Trying to load unsupported GLOBAL os.system ..."
+    except Exception as e:
+        unpickling = isinstance(e, pickle.UnpicklingError)
+        if unpickling and "GLOBAL" in str(e):  # "Trying to load unsupported GLOBAL os.system ..."
             why = "holds more than tensors and plain data: refused, as loading it could run code"
             raise UserError(f"{path} {why}") from None
-        raise UserError(f"{path} is corrupt or not a torch checkpoint") from None
-    except Exception as e:
-        why = type(e).__name__
-        raise UserError(f"{path} is corrupt or not a torch checkpoint ({why})") from None
+        why = "" if unpickling else f" ({type(e).__name__})"
+        raise UserError(f"{path} is corrupt or not a torch checkpoint{why}") from None
 
 
 def save_checkpoint(path, model, opt, cfg, step, data_states):
@@ -232,11 +225,10 @@ def load_checkpoint(run_dir, make_config, weight_sizes):
     except Exception as e:
         why = type(e).__name__
         raise UserError(f"{path} is corrupt or not a looped checkpoint ({why})") from None
-    wrong = [name for name, value in found.items() if value != getattr(cfg, name)]
-    if wrong:
-        name = wrong[0]
-        why = f"its weights have {name} {found[name]}, its config {getattr(cfg, name)}"
-        raise UserError(f"{path}: {why}")
+    for name, size in found.items():
+        if size != getattr(cfg, name):
+            why = f"its weights have {name} {size}, its config {getattr(cfg, name)}"
+            raise UserError(f"{path}: {why}")
     bad = [k for k, w in ckpt["model"].items() if torch.is_tensor(w) and not w.isfinite().all()]
     if bad:  # training never saves such weights; a file changed since, or another program's
         why = f"has weights that are not finite ({bad[0]}): the model diverged"
@@ -268,24 +260,13 @@ def rank():
     return int(os.environ.get("RANK", 0)) if world_size() > 1 else 0
 
 
-def join_torchrun(batch_size, device):
-    """(rank, world size, a gloo group to agree on stopping without a device sync): under torchrun
-    join the process group, NCCL on CUDA, gloo on CPU; (0, 1, None) outside it."""
-    world = world_size()
-    if world == 1:
-        return 0, 1, None
-    if batch_size % world:
-        raise UserError(f"--batch_size {batch_size} does not split over {world} processes")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world, dist.new_group(backend="gloo") if device.type == "cuda" else None
-
-
 def agreed_signal(received, world, group=None):
     """The signal to stop on, 0 for none: under torchrun the largest any process received, by a
     host-side all-reduce over gloo, so that every process stops at the same step."""
+    signum = received[0] if received else 0
     if world == 1:  # called every step: no tensor, no collective
-        return received[0] if received else 0
-    signum = torch.tensor(received[0] if received else 0)
+        return signum
+    signum = torch.tensor(signum)
     dist.all_reduce(signum, dist.ReduceOp.MAX, group=group)
     return int(signum)
 
@@ -351,28 +332,23 @@ def cpu_has_bf16():
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def device_memory(device):
-    """Bytes of memory the device has: a GPU's, or for a CPU the machine's (or the container's
-    cgroup limit, where lower); None where it cannot be read."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    if not hasattr(os, "sysconf"):
-        return None
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    with suppress(OSError, ValueError):  # cgroup v2; "max" means no limit
-        have = min(have, int(open("/sys/fs/cgroup/memory.max").read()))
-    return have
-
-
 def fits(needs, device, what):
     """UserError, before any work, where the estimate for `what`, {flags that set a term: its
-    bytes}, exceeds the device's memory; the message names the flags of the largest term."""
-    need, have = sum(needs.values()), device_memory(device)
-    if have and need > have:
+    bytes}, exceeds the device's memory (a GPU's; a CPU's: the machine's, or its container's cgroup
+    limit where lower); the message names the flags of the largest term."""
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    elif hasattr(os, "sysconf"):
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        with suppress(OSError, ValueError):  # cgroup v2; "max" means no limit
+            have = min(have, int(open("/sys/fs/cgroup/memory.max").read()))
+    else:  # the memory cannot be read: no check
+        return
+    need = sum(needs.values())
+    if need > have:
         why = f"more than the {have / 2**30:,.1f} GiB of this {device.type} device"
-        raise UserError(
-            f"{what} needs about {need / 2**30:,.1f} GiB, {why}: lower {max(needs, key=needs.get)}"
-        )
+        flags = max(needs, key=needs.get)
+        raise UserError(f"{what} needs about {need / 2**30:,.1f} GiB, {why}: lower {flags}")
 
 
 @contextmanager
@@ -415,9 +391,7 @@ class CapturedSteps:
         if self.calls <= self.warmup:
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream), warnings.catch_warnings():  # uncaptured on purpose
-                warnings.filterwarnings(
-                    "ignore", "This instance was constructed with capturable=True"
-                )
+                warnings.filterwarnings("ignore", "This instance was constructed with capturable")
                 out = self.fn(*args)
             torch.cuda.current_stream().wait_stream(self.stream)
             out.record_stream(torch.cuda.current_stream())  # made on the side stream, used here
@@ -485,7 +459,8 @@ class TrainingRun:
 
     `resume` (a checkpoint) restores weights, optimizer, prompt generators and log exactly. SIGINT
     and SIGTERM end `run.steps()` after a saved step, every process at the same one, which then
-    raises Interrupted. Only rank 0 writes and talks (`run.say`)."""
+    raises Interrupted. Only rank 0 writes and talks (`run.say`). The run folder is checked and held
+    from the moment the run is made to the end of the `with`."""
 
     def __init__(
         self,
@@ -501,43 +476,43 @@ class TrainingRun:
         work=None,
         val_error=None,
     ):
-        self.cfg, self.model, self.device, self.resume = cfg, model, device, resume
-        self.opt, self.prompts, self.work = optimizer, prompts, work
-        self.overwrite, self.quiet, self.val_error = overwrite, quiet, val_error
-        self.log_file, self.loop = None, None
-        self.ckpt_path = os.path.join(cfg.out, "ckpt.pt")
-        self.log_path = os.path.join(cfg.out, "log.jsonl")
-
-    def __enter__(self):
-        cfg, device, resume = self.cfg, self.device, self.resume
-        check_folder(cfg.out, reuse=resume is not None, overwrite=self.overwrite)  # every process
-        self.held = hold_folder(cfg.out, rank() == 0)  # before any joins
-        self.held.__enter__()
+        self.cfg, self.model, self.device, self.opt = cfg, model, device, optimizer
+        self.prompts, self.work, self.val_error = prompts, work or (lambda step: step), val_error
+        self.ckpt_path, self.log_file = os.path.join(cfg.out, "ckpt.pt"), None
+        check_folder(cfg.out, reuse=resume is not None, overwrite=overwrite)  # every process
+        self.held = ExitStack()  # the lock (taken before any joins), the log, the signal handlers
+        self.held.enter_context(hold_folder(cfg.out, rank() == 0))
         try:
-            self.rank, self.world, self.group = join_torchrun(cfg.batch_size, device)
-            if self.overwrite and resume is None and self.rank == 0:  # every check has passed
+            self.rank, self.world, self.group = 0, world_size(), None
+            if cfg.batch_size % self.world:
+                why = f"does not split over {self.world} processes"
+                raise UserError(f"--batch_size {cfg.batch_size} {why}")
+            if self.world > 1:  # NCCL on CUDA, gloo on CPU, and a gloo group to agree on stopping
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+                self.rank = dist.get_rank()  # without a device sync (agreed_signal)
+                self.group = dist.new_group(backend="gloo") if device.type == "cuda" else None
+            if overwrite and resume is None and self.rank == 0:  # every check has passed
                 for name in RUN_FILES:
                     with suppress(FileNotFoundError):
                         os.remove(os.path.join(cfg.out, name))
-            self.say = (lambda *a: None) if self.quiet or self.rank else print
+            self.say = (lambda *a: None) if quiet or self.rank else print
             self.batch_size = cfg.batch_size // self.world  # each process its share of the batch
             self.captured = captures_steps(cfg, device)
-            self.taken = self.restore() if resume is not None else 0
             self.graphs = None  # under --compile on one GPU, the step as CUDA graphs (step())
+            self.taken = self.restore(resume) if resume is not None else 0
             # DDP: each process's half-batch gradient, averaged, is the whole batch's gradient.
-            self.forward = DistributedDataParallel(self.model) if self.world > 1 else self.model
+            self.forward = DistributedDataParallel(model) if self.world > 1 else model
             if self.rank == 0:
-                self.log_file = open(self.log_path, "a" if resume else "w")
+                log = open(os.path.join(cfg.out, "log.jsonl"), "a" if resume else "w")
+                self.log_file = self.held.enter_context(log)
         except BaseException:
-            self.held.__exit__(None, None, None)
+            self.held.close()
             raise
-        return self
 
-    def restore(self):
+    def restore(self, resume):
         """Continue exactly where the checkpoint left off; returns its step."""
-        resume, gen = self.resume, self.prompts
         data = resume["rng"]["data"]  # a CUDA generator's state is not a CPU one's
-        if len(data) != self.world or data[self.rank].numel() != gen.get_state().numel():
+        if len(data) != self.world or data[self.rank].numel() != self.prompts.get_state().numel():
             why = f"the processes ({len(data)}) that wrote the checkpoint"
             raise UserError(f"resume on the kind of device (GPU or CPU) and with {why}")
         self.model.load_state_dict(resume["model"])
@@ -545,22 +520,22 @@ class TrainingRun:
         saved = resume["optimizer"]
         groups = [{**g, **self.opt.defaults} for g in saved["param_groups"]]
         self.opt.load_state_dict({**saved, "param_groups": groups})
-        gen.set_state(data[self.rank])
+        self.prompts.set_state(data[self.rank])
         torch.set_rng_state(resume["rng"]["torch"])
         self.say(f"resuming from step {resume['step']}")
         if self.rank == 0:  # each step logged once, whatever a crash left past the checkpoint
-            trim_log(self.log_path, resume["step"])
+            trim_log(os.path.join(self.cfg.out, "log.jsonl"), resume["step"])
         return resume["step"]
 
     def steps(self):
         """The steps to take, from 0 or the checkpoint's, until cfg.steps or a signal."""
-        self.loop = self._steps()
-        return self.loop
+        loop = self._steps()
+        self.held.callback(loop.close)  # on an error in the loop: the signal handlers go back
+        return loop
 
     def _steps(self):
-        self.running, self.last = torch.zeros((), device=self.device), self.taken
-        self.clock = Progress(self.work or (lambda step: step), self.taken, self.cfg.steps)
-        self.signum = 0
+        self.running, self.last, self.signum = torch.zeros((), device=self.device), self.taken, 0
+        self.clock = Progress(self.work, self.taken, self.cfg.steps)
         with stop_signals(self.world) as self.received:
             while self.taken < self.cfg.steps and not self.signum:
                 yield self.taken
@@ -619,9 +594,8 @@ class TrainingRun:
             if self.rank == 0:
                 save_checkpoint(self.ckpt_path, self.model, self.opt, cfg, step, states)
 
+    def __enter__(self):
+        return self
+
     def __exit__(self, *exc):
-        if self.loop is not None:
-            self.loop.close()  # on an error in the loop: the signal handlers go back
-        if self.log_file:
-            self.log_file.close()
         self.held.__exit__(*exc)
