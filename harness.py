@@ -45,7 +45,7 @@ class Interrupted(BaseException):
         self.message, self.signum, self.code = message, signum, 128 + signum
 
 
-# ---------------------------------------------------------------- files and the run folder
+# ---------------------------------------------------------- files, run folders and checkpoints
 
 
 @contextmanager
@@ -81,7 +81,7 @@ def special(path):
 
 
 def check_tmp(path):
-    """Where atomic writes, path.tmp: a link would be written through, a FIFO would block."""
+    """UserError if path.tmp, where atomic writes, is a link (written through), FIFO or folder."""
     if special(path + ".tmp"):
         raise UserError(f"cannot write {path}: {path}.tmp is in the way (not a regular file)")
 
@@ -136,8 +136,7 @@ def check_folder(out, reuse=False, overwrite=False, create=True):
 
 @contextmanager
 def hold_folder(out, enabled=True):
-    """Hold the run folder: a second training run, --resume or --eval in it at the same time is
-    refused, where both would write its files (POSIX; elsewhere no lock)."""
+    """Lock the run folder against a second run, --resume or --eval in it at once (POSIX only)."""
     if not enabled or os.name != "posix":
         yield
         return
@@ -163,8 +162,7 @@ def hold_folder(out, enabled=True):
 
 
 def trim_log(path, step):
-    """Keep a log's JSON lines up to a checkpoint's step, so that a run resumed there logs each step
-    once, whatever a crash left past it (a line cut short, or garbage, goes too)."""
+    """Keep a log's lines up to step, for a run resumed there (a line cut short or garbage goes)."""
     kept = []
     if os.path.exists(path):
         with open(path, errors="replace") as f:
@@ -176,12 +174,8 @@ def trim_log(path, step):
         f.writelines(kept)
 
 
-# ---------------------------------------------------------------------------- checkpoints
-
-
 def load_tensors(path):
-    """torch.load of tensors and plain data only (weights_only): a pickle that names other objects,
-    and so could run code, is refused unrun; a file that is no checkpoint at all is one line too."""
+    """torch.load of tensors and plain data only: a pickle that could run code is refused unrun."""
     try:
         with warnings.catch_warnings():  # torch warns about some plain pickles before refusing them
             warnings.simplefilter("ignore")
@@ -196,8 +190,7 @@ def load_tensors(path):
 
 
 def save_checkpoint(path, model, opt, cfg, step, data_states):
-    """One dict, written atomically. data_states: every process's prompt generator, so that a
-    resumed run draws the prompts an uninterrupted one would."""
+    """One dict, written atomically; data_states: every process's prompt generator's state."""
     rng = {"data": data_states, "torch": torch.get_rng_state()}
     ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict()}
     ckpt.update(config=dataclasses.asdict(cfg), step=step, rng=rng)
@@ -208,9 +201,8 @@ def save_checkpoint(path, model, opt, cfg, step, data_states):
 
 
 def load_checkpoint(run_dir, make_config, weight_sizes):
-    """A run's checkpoint and its config, made by make_config from the saved values; UserError if
-    the file is missing or corrupt, or if the sizes its weights imply (weight_sizes, from the state
-    dict: {config field: size}) disagree with its config."""
+    """A run's (checkpoint, config made by make_config); UserError if the file is corrupt or if the
+    sizes its weights imply, weight_sizes(state dict) -> {config field: size}, disagree with it."""
     path = os.path.join(run_dir, "ckpt.pt")
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
@@ -246,7 +238,7 @@ def load_weights(model, state):
     return model
 
 
-# ---------------------------------------------------------------- torchrun and signals
+# ----------------------------------------------------- torchrun, signals, device and memory
 
 
 def world_size():
@@ -255,8 +247,7 @@ def world_size():
 
 
 def rank():
-    """This process's rank under torchrun, 0 outside it: known before the group is joined, so that
-    each process can seed its own prompt generator."""
+    """This process's rank under torchrun (0 outside), known before the group is joined."""
     return int(os.environ.get("RANK", 0)) if world_size() > 1 else 0
 
 
@@ -292,9 +283,6 @@ def stop_signals(world):
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-
-
-# ---------------------------------------------------------------- device and memory
 
 
 def setup_device(cfg):
@@ -333,9 +321,8 @@ def cpu_has_bf16():
 
 
 def fits(needs, device, what):
-    """UserError, before any work, where the estimate for `what`, {flags that set a term: its
-    bytes}, exceeds the device's memory (a GPU's; a CPU's: the machine's, or its container's cgroup
-    limit where lower); the message names the flags of the largest term."""
+    """UserError where the estimate for `what`, {flags setting a term: its bytes}, exceeds the
+    device's memory (a GPU's, or the machine's or its cgroup's limit), naming the largest term's."""
     if device.type == "cuda":
         have = torch.cuda.get_device_properties(device).total_memory
     elif hasattr(os, "sysconf"):
@@ -404,9 +391,7 @@ class CapturedSteps:
                 # outer stream context restores the stream if the capture fails.
                 with torch.cuda.stream(self.stream), torch.cuda.graph(graph, stream=self.stream):
                     self.out = self.fn(*self.inputs)
-            except Interrupted:
-                raise
-            except Exception as e:  # RuntimeError from CUDA, others from a compiler
+            except Exception as e:  # from CUDA or a compiler (Interrupted is no Exception)
                 cause = e.__context__ or e  # the capture's own error, not capture_end's after it
                 why = str(cause).splitlines()[0][:200]
                 print(f"CUDA graph capture failed ({why}): the steps run without CUDA graphs")
@@ -432,9 +417,8 @@ def duration(seconds):
 
 
 class Progress:
-    """Each call: the ms per step since the previous call, and the time since the start with an
-    estimate of the time left. work(i) is the cost of steps 0 .. i - 1 in any unit (a curriculum
-    makes later steps dearer), measured in seconds over the steps since the previous call."""
+    """Each call: the ms per step since the last call, and the time since the start and left.
+    work(i): the cost of steps 0 .. i - 1 in any unit (a curriculum makes later steps dearer)."""
 
     def __init__(self, work, step, total):
         self.work, self.total = work, work(total)
@@ -449,7 +433,7 @@ class Progress:
         return ms, f"{duration(now - self.start[0])}, ~{duration(left)} left"
 
 
-class TrainingRun:
+class TrainingRun(ExitStack):
     """What a training loop needs around the method, so that the loop itself shows only the method:
 
         with TrainingRun(cfg, model, device, optimizer=opt, prompts=gen, ...) as run:
@@ -460,7 +444,7 @@ class TrainingRun:
     `resume` (a checkpoint) restores weights, optimizer, prompt generators and log exactly. SIGINT
     and SIGTERM end `run.steps()` after a saved step, every process at the same one, which then
     raises Interrupted. Only rank 0 writes and talks (`run.say`). The run folder is checked and held
-    from the moment the run is made to the end of the `with`."""
+    from the moment the run is made; what it holds (an ExitStack) goes at the end of the `with`."""
 
     def __init__(
         self,
@@ -480,8 +464,8 @@ class TrainingRun:
         self.prompts, self.work, self.val_error = prompts, work or (lambda step: step), val_error
         self.ckpt_path, self.log_file = os.path.join(cfg.out, "ckpt.pt"), None
         check_folder(cfg.out, reuse=resume is not None, overwrite=overwrite)  # every process
-        self.held = ExitStack()  # the lock (taken before any joins), the log, the signal handlers
-        self.held.enter_context(hold_folder(cfg.out, rank() == 0))
+        super().__init__()  # holds the lock (taken before any joins), the log, the signal handlers
+        self.enter_context(hold_folder(cfg.out, rank() == 0))
         try:
             self.rank, self.world, self.group = 0, world_size(), None
             if cfg.batch_size % self.world:
@@ -497,16 +481,15 @@ class TrainingRun:
                         os.remove(os.path.join(cfg.out, name))
             self.say = (lambda *a: None) if quiet or self.rank else print
             self.batch_size = cfg.batch_size // self.world  # each process its share of the batch
-            self.captured = captures_steps(cfg, device)
             self.graphs = None  # under --compile on one GPU, the step as CUDA graphs (step())
             self.taken = self.restore(resume) if resume is not None else 0
             # DDP: each process's half-batch gradient, averaged, is the whole batch's gradient.
             self.forward = DistributedDataParallel(model) if self.world > 1 else model
             if self.rank == 0:
                 log = open(os.path.join(cfg.out, "log.jsonl"), "a" if resume else "w")
-                self.log_file = self.held.enter_context(log)
+                self.log_file = self.enter_context(log)
         except BaseException:
-            self.held.close()
+            self.close()
             raise
 
     def restore(self, resume):
@@ -517,9 +500,8 @@ class TrainingRun:
             raise UserError(f"resume on the kind of device (GPU or CPU) and with {why}")
         self.model.load_state_dict(resume["model"])
         # Adam's saved values, stepped as this run steps (fused, capturable), not as the saver did.
-        saved = resume["optimizer"]
-        groups = [{**g, **self.opt.defaults} for g in saved["param_groups"]]
-        self.opt.load_state_dict({**saved, "param_groups": groups})
+        groups = [{**g, **self.opt.defaults} for g in resume["optimizer"]["param_groups"]]
+        self.opt.load_state_dict({**resume["optimizer"], "param_groups": groups})
         self.prompts.set_state(data[self.rank])
         torch.set_rng_state(resume["rng"]["torch"])
         self.say(f"resuming from step {resume['step']}")
@@ -530,7 +512,7 @@ class TrainingRun:
     def steps(self):
         """The steps to take, from 0 or the checkpoint's, until cfg.steps or a signal."""
         loop = self._steps()
-        self.held.callback(loop.close)  # on an error in the loop: the signal handlers go back
+        self.callback(loop.close)  # on an error in the loop: the signal handlers go back
         return loop
 
     def _steps(self):
@@ -551,11 +533,12 @@ class TrainingRun:
 
     def step(self, fn, *args, lr):
         """fn(forward, opt, *args) at Adam's rate lr: one step, its loss left on the device."""
-        if self.captured:  # on a GPU, launches bound a small model's step, not arithmetic
+        group = self.opt.param_groups[0]
+        if torch.is_tensor(group["lr"]):  # captures_steps: on a GPU launches bound a small step
             self.graphs = self.graphs or CapturedSteps(fn)
-            self.opt.param_groups[0]["lr"].fill_(lr)
+            group["lr"].fill_(lr)  # read by the replays
         else:
-            self.opt.param_groups[0]["lr"] = lr
+            group["lr"] = lr
         return (self.graphs or fn)(self.forward, self.opt, *args)
 
     def log(self, loss, **fields):
@@ -587,15 +570,8 @@ class TrainingRun:
         if self.val_error and due and self.rank == 0:  # before the checkpoint, which keeps it
             append_line(self.log_file, dict(step=step, val_error=self.val_error()))
         if is_ckpt:
-            states = [self.prompts.get_state()]
-            if world > 1:  # every process's prompt generator, for an exact resume
-                states = [None] * world
-                dist.all_gather_object(states, self.prompts.get_state())
+            states = [self.prompts.get_state()] * world  # every process's, for an exact resume
+            if world > 1:
+                dist.all_gather_object(states, states[0])
             if self.rank == 0:
                 save_checkpoint(self.ckpt_path, self.model, self.opt, cfg, step, states)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.held.__exit__(*exc)
