@@ -1,7 +1,6 @@
 """Command lines: flags made from a config dataclass, argparse types whose range is their help, and
 `cli`, which runs a command so that a mistake is one line and exit code 2 (harness.UserError), a
-signal its conventional code (130, 143) and a closed pipe 141, never a traceback.
-"""
+signal its conventional code (130, 143) and a closed pipe 141, never a traceback."""
 
 import argparse
 import ast
@@ -26,9 +25,8 @@ class Parser(argparse.ArgumentParser):
 
 
 class Count:
-    """An argparse type, and a check for values given in code: a whole number from low to high
-    (high None: no bound here, the memory estimates bound it). `str(Count(1, 100))` is the range
-    that --help shows, so the help and the check are one definition."""
+    """An argparse type, and a check of values given in code: a whole number from low to high (None:
+    the memory estimates bound it). Its str is the range --help shows: help and check are one."""
 
     def __init__(self, low, high=None):
         self.low, self.high = low, high

@@ -161,34 +161,6 @@ def hold_folder(out, enabled=True):
         yield
 
 
-def trim_log(path, step):
-    """Keep a log's lines up to step, for a run resumed there (a line cut short or garbage goes)."""
-    kept = []
-    if os.path.exists(path):
-        with open(path, errors="replace") as f:
-            for line in f:
-                with suppress(ValueError, KeyError, TypeError):
-                    if line.endswith("\n") and json.loads(line)["step"] <= step:
-                        kept.append(line)
-    with atomic(path) as tmp, open(tmp, "w") as f:
-        f.writelines(kept)
-
-
-def load_tensors(path):
-    """torch.load of tensors and plain data only: a pickle that could run code is refused unrun."""
-    try:
-        with warnings.catch_warnings():  # torch warns about some plain pickles before refusing them
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        unpickling = isinstance(e, pickle.UnpicklingError)
-        if unpickling and "GLOBAL" in str(e):  # "Trying to load unsupported GLOBAL os.system ..."
-            why = "holds more than tensors and plain data: refused, as loading it could run code"
-            raise UserError(f"{path} {why}") from None
-        why = "" if unpickling else f" ({type(e).__name__})"
-        raise UserError(f"{path} is corrupt or not a torch checkpoint{why}") from None
-
-
 def save_checkpoint(path, model, opt, cfg, step, data_states):
     """One dict, written atomically; data_states: every process's prompt generator's state."""
     rng = {"data": data_states, "torch": torch.get_rng_state()}
@@ -202,11 +174,22 @@ def save_checkpoint(path, model, opt, cfg, step, data_states):
 
 def load_checkpoint(run_dir, make_config, weight_sizes):
     """A run's (checkpoint, config made by make_config); UserError if the file is corrupt or if the
-    sizes its weights imply, weight_sizes(state dict) -> {config field: size}, disagree with it."""
+    sizes its weights imply, weight_sizes(state dict) -> {config field: size}, disagree with it.
+    Tensors and plain data only (weights_only): a pickle that could run code is refused unrun."""
     path = os.path.join(run_dir, "ckpt.pt")
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
-    ckpt = load_tensors(path)
+    try:
+        with warnings.catch_warnings():  # torch warns about some plain pickles before refusing them
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        unpickling = isinstance(e, pickle.UnpicklingError)
+        if unpickling and "GLOBAL" in str(e):  # "Trying to load unsupported GLOBAL os.system ..."
+            why = "holds more than tensors and plain data: refused, as loading it could run code"
+            raise UserError(f"{path} {why}") from None
+        why = "" if unpickling else f" ({type(e).__name__})"
+        raise UserError(f"{path} is corrupt or not a torch checkpoint{why}") from None
     try:
         cfg, found = make_config(**ckpt["config"]), weight_sizes(ckpt["model"])
         sound = type(ckpt["step"]) is int and ckpt["step"] >= 0 and "state" in ckpt["optimizer"]
@@ -331,10 +314,9 @@ def fits(needs, device, what):
             have = min(have, int(open("/sys/fs/cgroup/memory.max").read()))
     else:  # the memory cannot be read: no check
         return
-    need = sum(needs.values())
+    need, flags = sum(needs.values()), max(needs, key=needs.get)
     if need > have:
         why = f"more than the {have / 2**30:,.1f} GiB of this {device.type} device"
-        flags = max(needs, key=needs.get)
         raise UserError(f"{what} needs about {need / 2**30:,.1f} GiB, {why}: lower {flags}")
 
 
@@ -356,12 +338,11 @@ def captures_steps(cfg, device):
 
 
 class CapturedSteps:
-    """fn, a training step, run as CUDA graphs: captured once per shape of its arguments, then
-    replayed in one launch. fn must read its tensors only from its arguments (on the current
-    device), sync nothing with the host and draw no random numbers; its optimizer must be
-    capturable. Every call is a real step; its output is overwritten by the next replay. A failed
-    capture is said once, then fn runs eagerly.
-    https://docs.pytorch.org/docs/stable/notes/cuda.html#whole-network-capture"""
+    """fn, a training step, as CUDA graphs: captured once per shape of its arguments, then replayed
+    in one launch. fn must read tensors only from its arguments (on the current device), sync
+    nothing with the host, draw no random numbers, and step a capturable optimizer. Every call is
+    a real step, its output overwritten by the next replay; a failed capture is said once, then fn
+    runs eagerly. https://docs.pytorch.org/docs/stable/notes/cuda.html#whole-network-capture"""
 
     def __init__(self, fn, warmup=3):
         self.fn, self.warmup, self.stream = fn, warmup, torch.cuda.Stream()
@@ -444,7 +425,7 @@ class TrainingRun(ExitStack):
     `resume` (a checkpoint) restores weights, optimizer, prompt generators and log exactly. SIGINT
     and SIGTERM end `run.steps()` after a saved step, every process at the same one, which then
     raises Interrupted. Only rank 0 writes and talks (`run.say`). The run folder is checked and held
-    from the moment the run is made; what it holds (an ExitStack) goes at the end of the `with`."""
+    from the run's making; what it holds (an ExitStack) is let go at the end of the `with`."""
 
     def __init__(
         self,
@@ -464,16 +445,15 @@ class TrainingRun(ExitStack):
         self.prompts, self.work, self.val_error = prompts, work or (lambda step: step), val_error
         self.ckpt_path, self.log_file = os.path.join(cfg.out, "ckpt.pt"), None
         check_folder(cfg.out, reuse=resume is not None, overwrite=overwrite)  # every process
+        self.rank, self.world, self.group = rank(), world_size(), None
         super().__init__()  # holds the lock (taken before any joins), the log, the signal handlers
-        self.enter_context(hold_folder(cfg.out, rank() == 0))
+        self.enter_context(hold_folder(cfg.out, self.rank == 0))
         try:
-            self.rank, self.world, self.group = 0, world_size(), None
             if cfg.batch_size % self.world:
                 why = f"does not split over {self.world} processes"
                 raise UserError(f"--batch_size {cfg.batch_size} {why}")
-            if self.world > 1:  # NCCL on CUDA, gloo on CPU, and a gloo group to agree on stopping
+            if self.world > 1:  # NCCL on CUDA, gloo on CPU, and gloo to agree on stopping (no sync)
                 dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-                self.rank = dist.get_rank()  # without a device sync (agreed_signal)
                 self.group = dist.new_group(backend="gloo") if device.type == "cuda" else None
             if overwrite and resume is None and self.rank == 0:  # every check has passed
                 for name in RUN_FILES:
@@ -506,7 +486,14 @@ class TrainingRun(ExitStack):
         torch.set_rng_state(resume["rng"]["torch"])
         self.say(f"resuming from step {resume['step']}")
         if self.rank == 0:  # each step logged once, whatever a crash left past the checkpoint
-            trim_log(os.path.join(self.cfg.out, "log.jsonl"), resume["step"])
+            path, kept = os.path.join(self.cfg.out, "log.jsonl"), []  # (a line cut short goes too)
+            with suppress(FileNotFoundError), open(path, errors="replace") as f:
+                for line in f:
+                    with suppress(ValueError, KeyError, TypeError):
+                        if line.endswith("\n") and json.loads(line)["step"] <= resume["step"]:
+                            kept.append(line)
+            with atomic(path) as tmp, open(tmp, "w") as f:
+                f.writelines(kept)
         return resume["step"]
 
     def steps(self):

@@ -1,6 +1,5 @@
-"""A run's table and figures: error against in-context examples and against loop iterations, for a
-run, several runs on the same prompts (experiments.py) and the report; figures drawn off screen and
-written whole (harness.atomic)."""
+"""Tables and figures of error against in-context examples and loop iterations, for a run, runs on
+the same prompts (experiments.py) and the report; drawn off screen, written whole (atomic)."""
 
 import os
 
@@ -8,8 +7,7 @@ from harness import atomic
 
 
 def figure(*args, **kw):
-    """A new figure and its axes (plt.subplots' arguments), drawn by the Agg backend, so that a run
-    or the report draws where no display is."""
+    """plt.subplots(*args, **kw) on the Agg backend, so that it draws where no display is."""
     import matplotlib
 
     matplotlib.use("Agg")
