@@ -88,12 +88,10 @@ def run_flags(argv, cls, aliases, limits, **parser_kw):
         shown = f" ({limit})" if limit is not None and limit.high is not None else ""
         default = repr(f.default) if f.default == "" else f.default
         help = f"{docs[f.name]}{shown} [{default}]"
-        if kind is bool:
-            action = argparse.BooleanOptionalAction
-            parser.add_argument(*flags, action=action, default=None, help=help)
+        if kind is bool:  # --flag / --no-flag, None when neither is given
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, help=help)
         else:
-            metavar = kind.__name__.upper()
-            parser.add_argument(*flags, type=kind, dest=f.name, metavar=metavar, help=help)
+            parser.add_argument(*flags, type=kind, metavar=kind.__name__.upper(), help=help)
     resume = "continue a run from its checkpoint (--steps may grow)"
     parser.add_argument("--resume", metavar="RUN_DIR", help=resume)
     again = "re-evaluate a saved run, no training (several runs, shifted prompts: experiments.py)"

@@ -1,8 +1,7 @@
 """The run's plumbing, so that looped.py shows the method and nothing a user does loses work:
 `TrainingRun` (run folder and lock, torchrun and DDP, exact resume, CUDA graphs, NaN check, log,
-checkpoints, SIGINT / SIGTERM as a request to save and stop), one-line errors, files written whole,
-safe checkpoint loads, the device, and memory checked before work starts. It imports nothing of the
-project."""
+checkpoints, SIGINT / SIGTERM as save-and-stop), one-line errors, files written whole, safe
+checkpoint loads, the device, and memory checked up front. It imports nothing of the project."""
 
 import dataclasses
 import errno
@@ -113,8 +112,7 @@ def append_line(log, record):
 
 
 def check_folder(out, reuse=False, overwrite=False, create=True):
-    """Before any work: refuse a file, an unwritable folder, or one that holds a run, unless it is
-    reused (--resume, --eval of the run there) or to be overwritten."""
+    """Up front: refuse a file, an unwritable folder, or a run's, unless reused or overwritten."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"cannot use {out} as a run folder: it is a file")
     for name in [*RUN_FILES, *(f"{f}.tmp" for f in RUN_FILES)]:  # else they fail mid-run
@@ -235,8 +233,7 @@ def rank():
 
 
 def agreed_signal(received, world, group=None):
-    """The signal to stop on, 0 for none: under torchrun the largest any process received, by a
-    host-side all-reduce over gloo, so that every process stops at the same step."""
+    """The signal to stop on (0: none); under torchrun the largest any process got, so all stop."""
     signum = received[0] if received else 0
     if world == 1:  # called every step: no tensor, no collective
         return signum

@@ -74,9 +74,8 @@ def plot(runs, out, title, baseline_names, suffix="", solvers=None, loops=True):
             if b:
                 ax.axvline(b, color=f"C{i}", ls="--", lw=1)
         floor = min(err.min().item() for _, err, _, _ in curves)
-        solver = " (or solver iteration)" if solvers else ""
-        ax.set_xlabel(f"loop iteration{solver}; dashed: trained b")
-        ax.set_ylabel(f"normalised squared error at k = {last}")
+        xlabel = f"loop iteration{' (or solver iteration)' if solvers else ''}; dashed: trained b"
+        ax.set(xlabel=xlabel, ylabel=f"normalised squared error at k = {last}")
         ax.set_title(f"{title}: error against iterations")
         ax.set_ylim(max(floor / 3, 1e-8), None)  # the exact solvers reach 1e-14
         figures.append((fig, ax, "loops"))
