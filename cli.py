@@ -1,6 +1,5 @@
-"""Command lines: flags made from a config dataclass, argparse types whose range is their help, and
-`cli`, which runs a command so that a mistake is one line and exit code 2 (harness.UserError), a
-signal its conventional code (130, 143) and a closed pipe 141, never a traceback."""
+"""Command lines: flags from a config dataclass, argparse types whose range is their help, and
+`cli`: one line, no traceback, and exit code 2 on a mistake, 130/143 on a signal, 141 on EPIPE."""
 
 import argparse
 import ast
@@ -72,10 +71,9 @@ def doc_parser(prog, doc):
 
 
 def run_flags(argv, cls, aliases, limits, **parser_kw):
-    """A training command line: one flag per field of dataclass cls (and its alias, if any), then
-    --resume, --eval and --overwrite. A field's help is the docstring under it, as cleanrl writes
-    its Args, with its range (limits: {field: Count}, where it has a top) and its default. Returns
-    ({field: value} for the flags given, so that a preset can tell them apart, the arguments)."""
+    """A training command line: a flag per field of dataclass cls (and its alias), its help the
+    docstring under it (cleanrl's Args), range (limits: {field: Count}) and default; then --resume,
+    --eval, --overwrite. Returns ({field: value} of flags given, not defaults; the arguments)."""
     parser = Parser(formatter_class=argparse.RawDescriptionHelpFormatter, **parser_kw)
     body, docs = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body, {}
     for field, doc in zip(body, body[1:]):
@@ -126,10 +124,9 @@ def cli(main):
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         code = 2
-    # Under torchrun rank 0 alone says so (torchrun also stops the others this way).
     except (Interrupted, KeyboardInterrupt) as e:  # KeyboardInterrupt: Ctrl-C outside the loop
         e = e if isinstance(e, Interrupted) else Interrupted("stopped by SIGINT", signal.SIGINT)
-        if e.message and rank() == 0:
+        if e.message and rank() == 0:  # under torchrun, which stops all so, rank 0 alone says so
             print(f"\n{prog}: {e.message}", file=sys.stderr)
         code = e.code
     except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as `cat` does

@@ -140,8 +140,7 @@ def hold_folder(out, enabled=True):
         return
     import fcntl
 
-    # Opened without following a link or waiting on a FIFO, and never truncated: a .lock that is not
-    # a plain file is refused, whatever it points to left alone.
+    # Never through a link, blocked on a FIFO or truncated: what a .lock points to is left alone.
     path = os.path.join(out, ".lock")
     if special(path):
         raise UserError(f"cannot use the run folder {out}: its .lock is not a regular file")
@@ -329,8 +328,7 @@ def memory_guard(flags):
 
 
 def captures_steps(cfg, device):
-    """Whether the training step is replayed as CUDA graphs (CapturedSteps): under --compile on one
-    GPU. Its Adam must then be capturable, its rate a tensor changed in place, read by a replay."""
+    """Whether steps replay as CUDA graphs (CapturedSteps, capturable Adam): --compile, one GPU."""
     return cfg.compile and device.type == "cuda" and world_size() == 1
 
 
@@ -348,7 +346,6 @@ class CapturedSteps:
     def __call__(self, *args):
         if self.failed:
             return self.fn(*args)
-        # Tensors are keyed by shape and dtype; other objects are kept, compared by identity.
         key = tuple((a.shape, a.dtype) if torch.is_tensor(a) else a for a in args)
         if key != self.key:  # a new curriculum stage: the old graph and its memory go
             self.key, self.calls, self.graph, self.inputs, self.out = key, 0, None, None, None
@@ -370,8 +367,7 @@ class CapturedSteps:
                 with torch.cuda.stream(self.stream), torch.cuda.graph(graph, stream=self.stream):
                     self.out = self.fn(*self.inputs)
             except Exception as e:  # from CUDA or a compiler (Interrupted is no Exception)
-                cause = e.__context__ or e  # the capture's own error, not capture_end's after it
-                why = str(cause).splitlines()[0][:200]
+                why = str(e.__context__ or e).splitlines()[0][:200]  # the cause, not capture_end's
                 print(f"CUDA graph capture failed ({why}): the steps run without CUDA graphs")
                 self.failed, self.inputs, self.out = True, None, None
                 return self.fn(*args)
@@ -421,8 +417,8 @@ class TrainingRun(ExitStack):
 
     `resume` (a checkpoint) restores weights, optimizer, prompt generators and log exactly. SIGINT
     and SIGTERM end `run.steps()` after a saved step, every process at the same one, which then
-    raises Interrupted. Only rank 0 writes and talks (`run.say`). The run folder is checked and held
-    from the run's making; what it holds (an ExitStack) is let go at the end of the `with`."""
+    raises Interrupted. Only rank 0 writes and talks (`run.say`). The run holds its folder from its
+    making; the `with` lets go of all it holds (an ExitStack: lock, log, signal handlers)."""
 
     def __init__(
         self,
@@ -440,7 +436,7 @@ class TrainingRun(ExitStack):
     ):
         self.cfg, self.model, self.device, self.opt = cfg, model, device, optimizer
         self.prompts, self.work, self.val_error = prompts, work or (lambda step: step), val_error
-        self.ckpt_path, self.log_file = os.path.join(cfg.out, "ckpt.pt"), None
+        self.ckpt_path, self.log_file, self.graphs = os.path.join(cfg.out, "ckpt.pt"), None, None
         check_folder(cfg.out, reuse=resume is not None, overwrite=overwrite)  # every process
         self.rank, self.world, self.group = rank(), world_size(), None
         super().__init__()  # holds the lock (taken before any joins), the log, the signal handlers
@@ -458,7 +454,6 @@ class TrainingRun(ExitStack):
                         os.remove(os.path.join(cfg.out, name))
             self.say = (lambda *a: None) if quiet or self.rank else print
             self.batch_size = cfg.batch_size // self.world  # each process its share of the batch
-            self.graphs = None  # under --compile on one GPU, the step as CUDA graphs (step())
             self.taken = self.restore(resume) if resume is not None else 0
             # DDP: each process's half-batch gradient, averaged, is the whole batch's gradient.
             self.forward = DistributedDataParallel(model) if self.world > 1 else model
@@ -529,8 +524,7 @@ class TrainingRun(ExitStack):
         """After a step: every log_every steps (the only host-device syncs) a NaN check and the mean
         loss since the last line, with fields; the val_error point and checkpoint when due."""
         cfg, world, step = self.cfg, self.world, self.taken + 1
-        self.running += loss  # on the device: no sync
-        self.taken = step
+        self.running, self.taken = self.running + loss, step  # the sum on the device: no sync
         self.signum = agreed_signal(self.received, world, self.group)  # all stop at one step
         is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or self.signum
         if step % cfg.log_every == 0 or is_ckpt:

@@ -48,10 +48,9 @@ def table(runs, title, baseline_names):
 
 
 def plot(runs, out, title, baseline_names, suffix="", solvers=None, loops=True):
-    """Figures in folder out for runs [(name, cfg, errors)] evaluated on the same prompts: error
-    against in-context examples (every run, and the first run's baselines, baseline_names) and,
-    with loops, error at the last position against loop iterations (every looped run; solvers:
-    name -> error after each of its iterations, drawn one iteration per loop)."""
+    """Figures in out for runs [(name, cfg, errors)] on the same prompts: error against k (every
+    run, and the first run's baselines) and, with loops, error at the last k against iterations
+    (every looped run; solvers: name -> error after each of its iterations, one per loop)."""
     _, cfg, errors = runs[0]
     fig, ax = figure(figsize=(6.5, 4.5))
     curves = [(name, e["loops"][c.n_loops - 1], e["band looped"], 2.5) for name, c, e in runs]
