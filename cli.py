@@ -1,7 +1,5 @@
-"""Command lines: flags made from a config dataclass, argparse types whose range is their help, and
-`cli`, which runs a command so that a mistake is one line and exit code 2 (harness.UserError), a
-signal its conventional code (130, 143) and a closed pipe 141, never a traceback.
-"""
+"""Command lines: flags from a config dataclass, argparse types whose range is their help, and
+`cli`: one line, no traceback, and exit code 2 on a mistake, 130/143 on a signal, 141 on EPIPE."""
 
 import argparse
 import ast
@@ -26,9 +24,8 @@ class Parser(argparse.ArgumentParser):
 
 
 class Count:
-    """An argparse type, and a check for values given in code: a whole number from low to high
-    (high None: no bound here, the memory estimates bound it). `str(Count(1, 100))` is the range
-    that --help shows, so the help and the check are one definition."""
+    """An argparse type, and a check of values given in code: a whole number from low to high (None:
+    the memory estimates bound it). Its str is the range --help shows: help and check are one."""
 
     def __init__(self, low, high=None):
         self.low, self.high = low, high
@@ -73,24 +70,15 @@ def doc_parser(prog, doc):
     return Parser(prog=prog, description=first, epilog=rest, formatter_class=formatter)
 
 
-def field_docs(cls):
-    """{field name: the docstring under it} for a dataclass written as cleanrl writes its Args."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    return {
-        field.target.id: " ".join(doc.value.value.split())
-        for field, doc in zip(body, body[1:])
-        if isinstance(field, ast.AnnAssign)
-        and isinstance(doc, ast.Expr)
-        and isinstance(doc.value, ast.Constant)
-        and isinstance(doc.value.value, str)
-    }
-
-
-def add_dataclass_flags(parser, cls, aliases=None, limits=None):
-    """One flag per field of dataclass cls (and its alias, if any), its help the field's docstring
-    with its range (limits: {field: Count}, where it has a top) and the default; a flag not given
-    parses to None, so that a preset can tell it apart."""
-    aliases, docs, limits = aliases or {}, field_docs(cls), limits or {}
+def run_flags(argv, cls, aliases, limits, **parser_kw):
+    """A training command line: a flag per field of dataclass cls (and its alias), its help the
+    docstring under it (cleanrl's Args), range (limits: {field: Count}) and default; then --resume,
+    --eval, --overwrite. Returns ({field: value} of flags given, not defaults; the arguments)."""
+    parser = Parser(formatter_class=argparse.RawDescriptionHelpFormatter, **parser_kw)
+    body, docs = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body, {}
+    for field, doc in zip(body, body[1:]):
+        if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr):
+            docs[field.target.id] = " ".join(doc.value.value.split())
     for f in dataclasses.fields(cls):
         flags = [f"--{f.name}"] + ([aliases[f.name]] if f.name in aliases else [])
         kind = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)
@@ -98,19 +86,10 @@ def add_dataclass_flags(parser, cls, aliases=None, limits=None):
         shown = f" ({limit})" if limit is not None and limit.high is not None else ""
         default = repr(f.default) if f.default == "" else f.default
         help = f"{docs[f.name]}{shown} [{default}]"
-        if kind is bool:
-            action = argparse.BooleanOptionalAction
-            parser.add_argument(*flags, action=action, default=None, help=help)
+        if kind is bool:  # --flag / --no-flag, None when neither is given
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, help=help)
         else:
-            metavar = kind.__name__.upper()
-            parser.add_argument(*flags, type=kind, dest=f.name, metavar=metavar, help=help)
-
-
-def run_flags(argv, cls, aliases, limits, **parser_kw):
-    """A training command line: one flag per field of dataclass cls, then --resume, --eval and
-    --overwrite. Returns ({field: value} for the flags given, the parsed arguments)."""
-    parser = Parser(formatter_class=argparse.RawDescriptionHelpFormatter, **parser_kw)
-    add_dataclass_flags(parser, cls, aliases, limits)
+            parser.add_argument(*flags, type=kind, metavar=kind.__name__.upper(), help=help)
     resume = "continue a run from its checkpoint (--steps may grow)"
     parser.add_argument("--resume", metavar="RUN_DIR", help=resume)
     again = "re-evaluate a saved run, no training (several runs, shifted prompts: experiments.py)"
@@ -130,14 +109,13 @@ def run_flags(argv, cls, aliases, limits, **parser_kw):
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}, args
 
 
-def stop_now(signum, frame):
-    """Outside the training loop a signal stops the command at once: nothing there is lost."""
-    raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
-
-
 def cli(main):
     """Run a command line: a UserError is one line on stderr and exit code 2, never a traceback; a
     signal stops it with one line and the signal's code (130, 143). A training run saves first."""
+
+    def stop_now(signum, frame):  # outside the training loop nothing is lost: stop at once
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
+
     prog, code = os.path.basename(sys.argv[0]), 0
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop_now)  # Ctrl-C raises KeyboardInterrupt, handled below
@@ -146,19 +124,15 @@ def cli(main):
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         code = 2
-    # Under torchrun rank 0 alone says so (torchrun also stops the others this way).
-    except Interrupted as e:
-        if e.message and rank() == 0:
+    except (Interrupted, KeyboardInterrupt) as e:  # KeyboardInterrupt: Ctrl-C outside the loop
+        e = e if isinstance(e, Interrupted) else Interrupted("stopped by SIGINT", signal.SIGINT)
+        if e.message and rank() == 0:  # under torchrun, which stops all so, rank 0 alone says so
             print(f"\n{prog}: {e.message}", file=sys.stderr)
         code = e.code
     except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as `cat` does
         with suppress(OSError, ValueError):  # no more writes to the closed pipe at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 128 + signal.SIGPIPE
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop
-        if rank() == 0:
-            print(f"\n{prog}: stopped by SIGINT", file=sys.stderr)
-        code = 130
     if world_size() > 1:
         # Under torchrun all is saved and the group is gone: skip the teardown, where gloo's
         # threads can still abort (1 run in 20).

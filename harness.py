@@ -1,9 +1,7 @@
 """The run's plumbing, so that looped.py shows the method and nothing a user does loses work:
 `TrainingRun` (run folder and lock, torchrun and DDP, exact resume, CUDA graphs, NaN check, log,
-checkpoints, SIGINT / SIGTERM as a request to save and stop), the errors every command reports in
-one line (`UserError`, `Interrupted`), files written whole or not at all, checkpoints loaded only
-when safe, the device, and memory checked before work starts. It imports nothing of the project.
-"""
+checkpoints, SIGINT / SIGTERM as save-and-stop), one-line errors, files written whole, safe
+checkpoint loads, the device, and memory checked up front. It imports nothing of the project."""
 
 import dataclasses
 import errno
@@ -19,7 +17,7 @@ import tempfile
 import threading
 import time
 import warnings
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 
 import torch
 import torch.distributed as dist
@@ -46,7 +44,7 @@ class Interrupted(BaseException):
         self.message, self.signum, self.code = message, signum, 128 + signum
 
 
-# ---------------------------------------------------------------------------- files
+# ---------------------------------------------------------- files, run folders and checkpoints
 
 
 @contextmanager
@@ -113,12 +111,8 @@ def append_line(log, record):
         raise UserError(why) from None
 
 
-# ---------------------------------------------------------------------------- the run folder
-
-
 def check_folder(out, reuse=False, overwrite=False, create=True):
-    """Before any work: refuse a file, an unwritable folder, or one that holds a run, unless it is
-    reused (--resume, --eval of the run there) or to be overwritten."""
+    """Up front: refuse a file, an unwritable folder, or a run's, unless reused or overwritten."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"cannot use {out} as a run folder: it is a file")
     for name in [*RUN_FILES, *(f"{f}.tmp" for f in RUN_FILES)]:  # else they fail mid-run
@@ -140,17 +134,13 @@ def check_folder(out, reuse=False, overwrite=False, create=True):
 
 @contextmanager
 def hold_folder(out, enabled=True):
-    """Hold the run folder: a second training run, --resume or --eval in it at the same time is
-    refused, where both would write its files (POSIX; elsewhere no lock)."""
-    try:
-        import fcntl
-    except ImportError:
-        enabled = False
-    if not enabled:
+    """Lock the run folder against a second run, --resume or --eval in it at once (POSIX only)."""
+    if not enabled or os.name != "posix":
         yield
         return
-    # Opened without following a link or waiting on a FIFO, and never truncated: a .lock that is not
-    # a plain file is refused, whatever it points to left alone.
+    import fcntl
+
+    # Never through a link, blocked on a FIFO or truncated: what a .lock points to is left alone.
     path = os.path.join(out, ".lock")
     if special(path):
         raise UserError(f"cannot use the run folder {out}: its .lock is not a regular file")
@@ -168,43 +158,8 @@ def hold_folder(out, enabled=True):
         yield
 
 
-def trim_log(path, step):
-    """Keep a log's JSON lines up to a checkpoint's step, so that a run resumed there logs each step
-    once, whatever a crash left past it (a line cut short, or garbage, goes too)."""
-    kept = []
-    if os.path.exists(path):
-        with open(path, errors="replace") as f:
-            for line in f:
-                with suppress(ValueError, KeyError, TypeError):
-                    if line.endswith("\n") and json.loads(line)["step"] <= step:
-                        kept.append(line)
-    with atomic(path) as tmp, open(tmp, "w") as f:
-        f.writelines(kept)
-
-
-# ---------------------------------------------------------------------------- checkpoints
-
-
-def load_tensors(path):
-    """torch.load of tensors and plain data only (weights_only): a pickle that names other objects,
-    and so could run code, is refused unrun; a file that is no checkpoint at all is one line too."""
-    try:
-        with warnings.catch_warnings():  # torch warns about some plain pickles before refusing them
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e):  # "Trying to load unsupported GLOBAL os.system ..."
-            why = "holds more than tensors and plain data: refused, as loading it could run code"
-            raise UserError(f"{path} {why}") from None
-        raise UserError(f"{path} is corrupt or not a torch checkpoint") from None
-    except Exception as e:
-        why = type(e).__name__
-        raise UserError(f"{path} is corrupt or not a torch checkpoint ({why})") from None
-
-
 def save_checkpoint(path, model, opt, cfg, step, data_states):
-    """One dict, written atomically. data_states: every process's prompt generator, so that a
-    resumed run draws the prompts an uninterrupted one would."""
+    """One dict, written atomically; data_states: every process's prompt generator's state."""
     rng = {"data": data_states, "torch": torch.get_rng_state()}
     ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict()}
     ckpt.update(config=dataclasses.asdict(cfg), step=step, rng=rng)
@@ -215,13 +170,23 @@ def save_checkpoint(path, model, opt, cfg, step, data_states):
 
 
 def load_checkpoint(run_dir, make_config, weight_sizes):
-    """A run's checkpoint and its config, made by make_config from the saved values; UserError if
-    the file is missing or corrupt, or if the sizes its weights imply (weight_sizes, from the state
-    dict: {config field: size}) disagree with its config."""
+    """A run's (checkpoint, config made by make_config); UserError if the file is corrupt or if the
+    sizes its weights imply, weight_sizes(state dict) -> {config field: size}, disagree with it.
+    Tensors and plain data only (weights_only): a pickle that could run code is refused unrun."""
     path = os.path.join(run_dir, "ckpt.pt")
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
-    ckpt = load_tensors(path)
+    try:
+        with warnings.catch_warnings():  # torch warns about some plain pickles before refusing them
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        unpickling = isinstance(e, pickle.UnpicklingError)
+        if unpickling and "GLOBAL" in str(e):  # "Trying to load unsupported GLOBAL os.system ..."
+            why = "holds more than tensors and plain data: refused, as loading it could run code"
+            raise UserError(f"{path} {why}") from None
+        why = "" if unpickling else f" ({type(e).__name__})"
+        raise UserError(f"{path} is corrupt or not a torch checkpoint{why}") from None
     try:
         cfg, found = make_config(**ckpt["config"]), weight_sizes(ckpt["model"])
         sound = type(ckpt["step"]) is int and ckpt["step"] >= 0 and "state" in ckpt["optimizer"]
@@ -232,11 +197,10 @@ def load_checkpoint(run_dir, make_config, weight_sizes):
     except Exception as e:
         why = type(e).__name__
         raise UserError(f"{path} is corrupt or not a looped checkpoint ({why})") from None
-    wrong = [name for name, value in found.items() if value != getattr(cfg, name)]
-    if wrong:
-        name = wrong[0]
-        why = f"its weights have {name} {found[name]}, its config {getattr(cfg, name)}"
-        raise UserError(f"{path}: {why}")
+    for name, size in found.items():
+        if size != getattr(cfg, name):
+            why = f"its weights have {name} {size}, its config {getattr(cfg, name)}"
+            raise UserError(f"{path}: {why}")
     bad = [k for k, w in ckpt["model"].items() if torch.is_tensor(w) and not w.isfinite().all()]
     if bad:  # training never saves such weights; a file changed since, or another program's
         why = f"has weights that are not finite ({bad[0]}): the model diverged"
@@ -254,7 +218,7 @@ def load_weights(model, state):
     return model
 
 
-# ---------------------------------------------------------------- torchrun and signals
+# ----------------------------------------------------- torchrun, signals, device and memory
 
 
 def world_size():
@@ -263,29 +227,16 @@ def world_size():
 
 
 def rank():
-    """This process's rank under torchrun, 0 outside it: known before the group is joined, so that
-    each process can seed its own prompt generator."""
+    """This process's rank under torchrun (0 outside), known before the group is joined."""
     return int(os.environ.get("RANK", 0)) if world_size() > 1 else 0
 
 
-def join_torchrun(batch_size, device):
-    """(rank, world size, a gloo group to agree on stopping without a device sync): under torchrun
-    join the process group, NCCL on CUDA, gloo on CPU; (0, 1, None) outside it."""
-    world = world_size()
-    if world == 1:
-        return 0, 1, None
-    if batch_size % world:
-        raise UserError(f"--batch_size {batch_size} does not split over {world} processes")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world, dist.new_group(backend="gloo") if device.type == "cuda" else None
-
-
 def agreed_signal(received, world, group=None):
-    """The signal to stop on, 0 for none: under torchrun the largest any process received, by a
-    host-side all-reduce over gloo, so that every process stops at the same step."""
+    """The signal to stop on (0: none); under torchrun the largest any process got, so all stop."""
+    signum = received[0] if received else 0
     if world == 1:  # called every step: no tensor, no collective
-        return received[0] if received else 0
-    signum = torch.tensor(received[0] if received else 0)
+        return signum
+    signum = torch.tensor(signum)
     dist.all_reduce(signum, dist.ReduceOp.MAX, group=group)
     return int(signum)
 
@@ -311,9 +262,6 @@ def stop_signals(world):
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-
-
-# ---------------------------------------------------------------- device and memory
 
 
 def setup_device(cfg):
@@ -351,28 +299,21 @@ def cpu_has_bf16():
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def device_memory(device):
-    """Bytes of memory the device has: a GPU's, or for a CPU the machine's (or the container's
-    cgroup limit, where lower); None where it cannot be read."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    if not hasattr(os, "sysconf"):
-        return None
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    with suppress(OSError, ValueError):  # cgroup v2; "max" means no limit
-        have = min(have, int(open("/sys/fs/cgroup/memory.max").read()))
-    return have
-
-
 def fits(needs, device, what):
-    """UserError, before any work, where the estimate for `what`, {flags that set a term: its
-    bytes}, exceeds the device's memory; the message names the flags of the largest term."""
-    need, have = sum(needs.values()), device_memory(device)
-    if have and need > have:
+    """UserError where the estimate for `what`, {flags setting a term: its bytes}, exceeds the
+    device's memory (a GPU's, or the machine's or its cgroup's limit), naming the largest term's."""
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    elif hasattr(os, "sysconf"):
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        with suppress(OSError, ValueError):  # cgroup v2; "max" means no limit
+            have = min(have, int(open("/sys/fs/cgroup/memory.max").read()))
+    else:  # the memory cannot be read: no check
+        return
+    need, flags = sum(needs.values()), max(needs, key=needs.get)
+    if need > have:
         why = f"more than the {have / 2**30:,.1f} GiB of this {device.type} device"
-        raise UserError(
-            f"{what} needs about {need / 2**30:,.1f} GiB, {why}: lower {max(needs, key=needs.get)}"
-        )
+        raise UserError(f"{what} needs about {need / 2**30:,.1f} GiB, {why}: lower {flags}")
 
 
 @contextmanager
@@ -387,18 +328,16 @@ def memory_guard(flags):
 
 
 def captures_steps(cfg, device):
-    """Whether the training step is replayed as CUDA graphs (CapturedSteps): under --compile on one
-    GPU. Its Adam must then be capturable, its rate a tensor changed in place, read by a replay."""
+    """Whether steps replay as CUDA graphs (CapturedSteps, capturable Adam): --compile, one GPU."""
     return cfg.compile and device.type == "cuda" and world_size() == 1
 
 
 class CapturedSteps:
-    """fn, a training step, run as CUDA graphs: captured once per shape of its arguments, then
-    replayed in one launch. fn must read its tensors only from its arguments (on the current
-    device), sync nothing with the host and draw no random numbers; its optimizer must be
-    capturable. Every call is a real step; its output is overwritten by the next replay. A failed
-    capture is said once, then fn runs eagerly.
-    https://docs.pytorch.org/docs/stable/notes/cuda.html#whole-network-capture"""
+    """fn, a training step, as CUDA graphs: captured once per shape of its arguments, then replayed
+    in one launch. fn must read tensors only from its arguments (on the current device), sync
+    nothing with the host, draw no random numbers, and step a capturable optimizer. Every call is
+    a real step, its output overwritten by the next replay; a failed capture is said once, then fn
+    runs eagerly. https://docs.pytorch.org/docs/stable/notes/cuda.html#whole-network-capture"""
 
     def __init__(self, fn, warmup=3):
         self.fn, self.warmup, self.stream = fn, warmup, torch.cuda.Stream()
@@ -407,7 +346,6 @@ class CapturedSteps:
     def __call__(self, *args):
         if self.failed:
             return self.fn(*args)
-        # Tensors are keyed by shape and dtype; other objects are kept, compared by identity.
         key = tuple((a.shape, a.dtype) if torch.is_tensor(a) else a for a in args)
         if key != self.key:  # a new curriculum stage: the old graph and its memory go
             self.key, self.calls, self.graph, self.inputs, self.out = key, 0, None, None, None
@@ -415,9 +353,7 @@ class CapturedSteps:
         if self.calls <= self.warmup:
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream), warnings.catch_warnings():  # uncaptured on purpose
-                warnings.filterwarnings(
-                    "ignore", "This instance was constructed with capturable=True"
-                )
+                warnings.filterwarnings("ignore", "This instance was constructed with capturable")
                 out = self.fn(*args)
             torch.cuda.current_stream().wait_stream(self.stream)
             out.record_stream(torch.cuda.current_stream())  # made on the side stream, used here
@@ -430,11 +366,8 @@ class CapturedSteps:
                 # outer stream context restores the stream if the capture fails.
                 with torch.cuda.stream(self.stream), torch.cuda.graph(graph, stream=self.stream):
                     self.out = self.fn(*self.inputs)
-            except Interrupted:
-                raise
-            except Exception as e:  # RuntimeError from CUDA, others from a compiler
-                cause = e.__context__ or e  # the capture's own error, not capture_end's after it
-                why = str(cause).splitlines()[0][:200]
+            except Exception as e:  # from CUDA or a compiler (Interrupted is no Exception)
+                why = str(e.__context__ or e).splitlines()[0][:200]  # the cause, not capture_end's
                 print(f"CUDA graph capture failed ({why}): the steps run without CUDA graphs")
                 self.failed, self.inputs, self.out = True, None, None
                 return self.fn(*args)
@@ -458,9 +391,8 @@ def duration(seconds):
 
 
 class Progress:
-    """Each call: the ms per step since the previous call, and the time since the start with an
-    estimate of the time left. work(i) is the cost of steps 0 .. i - 1 in any unit (a curriculum
-    makes later steps dearer), measured in seconds over the steps since the previous call."""
+    """Each call: the ms per step since the last call, and the time since the start and left.
+    work(i): the cost of steps 0 .. i - 1 in any unit (a curriculum makes later steps dearer)."""
 
     def __init__(self, work, step, total):
         self.work, self.total = work, work(total)
@@ -475,7 +407,7 @@ class Progress:
         return ms, f"{duration(now - self.start[0])}, ~{duration(left)} left"
 
 
-class TrainingRun:
+class TrainingRun(ExitStack):
     """What a training loop needs around the method, so that the loop itself shows only the method:
 
         with TrainingRun(cfg, model, device, optimizer=opt, prompts=gen, ...) as run:
@@ -485,7 +417,8 @@ class TrainingRun:
 
     `resume` (a checkpoint) restores weights, optimizer, prompt generators and log exactly. SIGINT
     and SIGTERM end `run.steps()` after a saved step, every process at the same one, which then
-    raises Interrupted. Only rank 0 writes and talks (`run.say`)."""
+    raises Interrupted. Only rank 0 writes and talks (`run.say`). The run holds its folder from its
+    making; the `with` lets go of all it holds (an ExitStack: lock, log, signal handlers)."""
 
     def __init__(
         self,
@@ -501,66 +434,69 @@ class TrainingRun:
         work=None,
         val_error=None,
     ):
-        self.cfg, self.model, self.device, self.resume = cfg, model, device, resume
-        self.opt, self.prompts, self.work = optimizer, prompts, work
-        self.overwrite, self.quiet, self.val_error = overwrite, quiet, val_error
-        self.log_file, self.loop = None, None
-        self.ckpt_path = os.path.join(cfg.out, "ckpt.pt")
-        self.log_path = os.path.join(cfg.out, "log.jsonl")
-
-    def __enter__(self):
-        cfg, device, resume = self.cfg, self.device, self.resume
-        check_folder(cfg.out, reuse=resume is not None, overwrite=self.overwrite)  # every process
-        self.held = hold_folder(cfg.out, rank() == 0)  # before any joins
-        self.held.__enter__()
+        self.cfg, self.model, self.device, self.opt = cfg, model, device, optimizer
+        self.prompts, self.work, self.val_error = prompts, work or (lambda step: step), val_error
+        self.ckpt_path, self.log_file, self.graphs = os.path.join(cfg.out, "ckpt.pt"), None, None
+        check_folder(cfg.out, reuse=resume is not None, overwrite=overwrite)  # every process
+        self.rank, self.world, self.group = rank(), world_size(), None
+        super().__init__()  # holds the lock (taken before any joins), the log, the signal handlers
+        self.enter_context(hold_folder(cfg.out, self.rank == 0))
         try:
-            self.rank, self.world, self.group = join_torchrun(cfg.batch_size, device)
-            if self.overwrite and resume is None and self.rank == 0:  # every check has passed
+            if cfg.batch_size % self.world:
+                why = f"does not split over {self.world} processes"
+                raise UserError(f"--batch_size {cfg.batch_size} {why}")
+            if self.world > 1:  # NCCL on CUDA, gloo on CPU, and gloo to agree on stopping (no sync)
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+                self.group = dist.new_group(backend="gloo") if device.type == "cuda" else None
+            if overwrite and resume is None and self.rank == 0:  # every check has passed
                 for name in RUN_FILES:
                     with suppress(FileNotFoundError):
                         os.remove(os.path.join(cfg.out, name))
-            self.say = (lambda *a: None) if self.quiet or self.rank else print
+            self.say = (lambda *a: None) if quiet or self.rank else print
             self.batch_size = cfg.batch_size // self.world  # each process its share of the batch
-            self.captured = captures_steps(cfg, device)
-            self.taken = self.restore() if resume is not None else 0
-            self.graphs = None  # under --compile on one GPU, the step as CUDA graphs (step())
+            self.taken = self.restore(resume) if resume is not None else 0
             # DDP: each process's half-batch gradient, averaged, is the whole batch's gradient.
-            self.forward = DistributedDataParallel(self.model) if self.world > 1 else self.model
+            self.forward = DistributedDataParallel(model) if self.world > 1 else model
             if self.rank == 0:
-                self.log_file = open(self.log_path, "a" if resume else "w")
+                log = open(os.path.join(cfg.out, "log.jsonl"), "a" if resume else "w")
+                self.log_file = self.enter_context(log)
         except BaseException:
-            self.held.__exit__(None, None, None)
+            self.close()
             raise
-        return self
 
-    def restore(self):
+    def restore(self, resume):
         """Continue exactly where the checkpoint left off; returns its step."""
-        resume, gen = self.resume, self.prompts
         data = resume["rng"]["data"]  # a CUDA generator's state is not a CPU one's
-        if len(data) != self.world or data[self.rank].numel() != gen.get_state().numel():
+        if len(data) != self.world or data[self.rank].numel() != self.prompts.get_state().numel():
             why = f"the processes ({len(data)}) that wrote the checkpoint"
             raise UserError(f"resume on the kind of device (GPU or CPU) and with {why}")
         self.model.load_state_dict(resume["model"])
         # Adam's saved values, stepped as this run steps (fused, capturable), not as the saver did.
-        saved = resume["optimizer"]
-        groups = [{**g, **self.opt.defaults} for g in saved["param_groups"]]
-        self.opt.load_state_dict({**saved, "param_groups": groups})
-        gen.set_state(data[self.rank])
+        groups = [{**g, **self.opt.defaults} for g in resume["optimizer"]["param_groups"]]
+        self.opt.load_state_dict({**resume["optimizer"], "param_groups": groups})
+        self.prompts.set_state(data[self.rank])
         torch.set_rng_state(resume["rng"]["torch"])
         self.say(f"resuming from step {resume['step']}")
         if self.rank == 0:  # each step logged once, whatever a crash left past the checkpoint
-            trim_log(self.log_path, resume["step"])
+            path, kept = os.path.join(self.cfg.out, "log.jsonl"), []  # (a line cut short goes too)
+            with suppress(FileNotFoundError), open(path, errors="replace") as f:
+                for line in f:
+                    with suppress(ValueError, KeyError, TypeError):
+                        if line.endswith("\n") and json.loads(line)["step"] <= resume["step"]:
+                            kept.append(line)
+            with atomic(path) as tmp, open(tmp, "w") as f:
+                f.writelines(kept)
         return resume["step"]
 
     def steps(self):
         """The steps to take, from 0 or the checkpoint's, until cfg.steps or a signal."""
-        self.loop = self._steps()
-        return self.loop
+        loop = self._steps()
+        self.callback(loop.close)  # on an error in the loop: the signal handlers go back
+        return loop
 
     def _steps(self):
-        self.running, self.last = torch.zeros((), device=self.device), self.taken
-        self.clock = Progress(self.work or (lambda step: step), self.taken, self.cfg.steps)
-        self.signum = 0
+        self.running, self.last, self.signum = torch.zeros((), device=self.device), self.taken, 0
+        self.clock = Progress(self.work, self.taken, self.cfg.steps)
         with stop_signals(self.world) as self.received:
             while self.taken < self.cfg.steps and not self.signum:
                 yield self.taken
@@ -576,19 +512,19 @@ class TrainingRun:
 
     def step(self, fn, *args, lr):
         """fn(forward, opt, *args) at Adam's rate lr: one step, its loss left on the device."""
-        if self.captured:  # on a GPU, launches bound a small model's step, not arithmetic
+        group = self.opt.param_groups[0]
+        if torch.is_tensor(group["lr"]):  # captures_steps: on a GPU launches bound a small step
             self.graphs = self.graphs or CapturedSteps(fn)
-            self.opt.param_groups[0]["lr"].fill_(lr)
+            group["lr"].fill_(lr)  # read by the replays
         else:
-            self.opt.param_groups[0]["lr"] = lr
+            group["lr"] = lr
         return (self.graphs or fn)(self.forward, self.opt, *args)
 
     def log(self, loss, **fields):
         """After a step: every log_every steps (the only host-device syncs) a NaN check and the mean
         loss since the last line, with fields; the val_error point and checkpoint when due."""
         cfg, world, step = self.cfg, self.world, self.taken + 1
-        self.running += loss  # on the device: no sync
-        self.taken = step
+        self.running, self.taken = self.running + loss, step  # the sum on the device: no sync
         self.signum = agreed_signal(self.received, world, self.group)  # all stop at one step
         is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or self.signum
         if step % cfg.log_every == 0 or is_ckpt:
@@ -612,16 +548,8 @@ class TrainingRun:
         if self.val_error and due and self.rank == 0:  # before the checkpoint, which keeps it
             append_line(self.log_file, dict(step=step, val_error=self.val_error()))
         if is_ckpt:
-            states = [self.prompts.get_state()]
-            if world > 1:  # every process's prompt generator, for an exact resume
-                states = [None] * world
-                dist.all_gather_object(states, self.prompts.get_state())
+            states = [self.prompts.get_state()] * world  # every process's, for an exact resume
+            if world > 1:
+                dist.all_gather_object(states, states[0])
             if self.rank == 0:
                 save_checkpoint(self.ckpt_path, self.model, self.opt, cfg, step, states)
-
-    def __exit__(self, *exc):
-        if self.loop is not None:
-            self.loop.close()  # on an error in the loop: the signal handlers go back
-        if self.log_file:
-            self.log_file.close()
-        self.held.__exit__(*exc)

@@ -1,6 +1,5 @@
-"""A run's table and figures: error against in-context examples and against loop iterations, for a
-run, several runs on the same prompts (experiments.py) and the report; figures drawn off screen and
-written whole (harness.atomic)."""
+"""Tables and figures of error against in-context examples and loop iterations, for a run, runs on
+the same prompts (experiments.py) and the report; drawn off screen, written whole (atomic)."""
 
 import os
 
@@ -8,8 +7,7 @@ from harness import atomic
 
 
 def figure(*args, **kw):
-    """A new figure and its axes (plt.subplots' arguments), drawn by the Agg backend, so that a run
-    or the report draws where no display is."""
+    """plt.subplots(*args, **kw) on the Agg backend, so that it draws where no display is."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,10 +48,9 @@ def table(runs, title, baseline_names):
 
 
 def plot(runs, out, title, baseline_names, suffix="", solvers=None, loops=True):
-    """Figures in folder out for runs [(name, cfg, errors)] evaluated on the same prompts: error
-    against in-context examples (every run, and the first run's baselines, baseline_names) and,
-    with loops, error at the last position against loop iterations (every looped run; solvers:
-    name -> error after each of its iterations, drawn one iteration per loop)."""
+    """Figures in out for runs [(name, cfg, errors)] on the same prompts: error against k (every
+    run, and the first run's baselines) and, with loops, error at the last k against iterations
+    (every looped run; solvers: name -> error after each of its iterations, one per loop)."""
     _, cfg, errors = runs[0]
     fig, ax = figure(figsize=(6.5, 4.5))
     curves = [(name, e["loops"][c.n_loops - 1], e["band looped"], 2.5) for name, c, e in runs]
@@ -76,9 +73,8 @@ def plot(runs, out, title, baseline_names, suffix="", solvers=None, loops=True):
             if b:
                 ax.axvline(b, color=f"C{i}", ls="--", lw=1)
         floor = min(err.min().item() for _, err, _, _ in curves)
-        solver = " (or solver iteration)" if solvers else ""
-        ax.set_xlabel(f"loop iteration{solver}; dashed: trained b")
-        ax.set_ylabel(f"normalised squared error at k = {last}")
+        xlabel = f"loop iteration{' (or solver iteration)' if solvers else ''}; dashed: trained b"
+        ax.set(xlabel=xlabel, ylabel=f"normalised squared error at k = {last}")
         ax.set_title(f"{title}: error against iterations")
         ax.set_ylim(max(floor / 3, 1e-8), None)  # the exact solvers reach 1e-14
         figures.append((fig, ax, "loops"))
