@@ -104,8 +104,7 @@ def lasso(xs, ys, alpha=0.01):
     solved exactly for all problems at once by the homotopy (LARS with drops, Efron et al. 2004): w,
     piecewise linear in the penalty lam, is followed from 0 at lam = max |c_j| to lam = i alpha."""
     B, n, d = xs.shape
-    G, c = prefix_gram(xs, ys)
-    G, c = G.view(-1, d, d), c.view(-1, d)  # (Q, d, d), (Q, d): one problem per prompt and prefix
+    G, c = (t.flatten(0, 1) for t in prefix_gram(xs, ys))  # (Q, d, d), (Q, d): Q = B n problems
     target = alpha * torch.arange(n, dtype=G.dtype, device=G.device).repeat(B)  # (Q,): i alpha
     lam, first = c.abs().max(1)  # w = 0 is optimal down to lam = max_j |c_j|
     # rho, the correlations c - G w: lam sign(w_j) on the active set, |.| <= lam off it
@@ -249,10 +248,9 @@ def binary_split(up, valid, r, node, K):
 
 
 def sorted_split(X, values, r, perm, seg, start, count):
-    """Best split of each node from every feature's order perm (Q, d, 1 + m): the empty sample m,
-    then node 0's samples, node 1's, ..., each sorted by the feature, so one cumulative sum gives
-    every threshold's left sum. values (Q, d, m) (padding at inf) only when some are tied. Each
-    node's feature and the values on either side of its threshold (Q, K), inf if it stays a leaf."""
+    """Best split of each node from every feature's order perm (Q, d, 1 + m), the empty sample m
+    then each node's samples by value, so one cumsum gives all left sums; values (Q, d, m) (padding
+    inf) if some tie. Each node's feature and values either side of its threshold (Q, K)."""
     Q, d, m = perm.shape[0], perm.shape[1], perm.shape[2] - 1
     K, pos = start.shape[1] - 1, torch.arange(m, device=r.device)
     seg0 = start.gather(1, seg)  # (Q, m): where the segment of each position starts and ends
