@@ -239,9 +239,8 @@ def sklearn_reference(name, xs, ys):
         return None
     X, Y = np.sign(xs.numpy()) if "sign" in name else xs.numpy(), ys.numpy()
     preds = np.zeros(Y.shape)
-    for b in range(len(X)):
-        for i in range(1, X.shape[1]):
-            preds[b, i] = models[name](i).fit(X[b, :i], Y[b, :i]).predict(X[b, i : i + 1])[0]
+    for b, i in itertools.product(range(len(X)), range(1, X.shape[1])):
+        preds[b, i] = models[name](i).fit(X[b, :i], Y[b, :i]).predict(X[b, i : i + 1])[0]
     return preds
 
 
