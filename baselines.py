@@ -2,10 +2,9 @@
 
 Every solver maps `(xs (B, n, d), ys (B, n)) -> preds (B, n)` (B prompts, n points, d input dim),
 `preds[:, i]` fitted on the first i pairs only and `preds[:, 0] = 0`, so its error curve lines up
-with the transformer's. All are batched in torch over the Q = B * (prefixes) fitting problems, on
-CPU or CUDA; the iterative ones also return every iteration's prediction, drawn beside the looped
-model's. A leaf: imports nothing of the project. Error tables: `python experiments.py baselines`;
-timings against per-prompt scikit-learn: `python bench.py baselines`.
+with the transformer's; all are batched in torch over the Q = B * (prefixes) fitting problems, on
+CPU or CUDA. A leaf: imports nothing of the project. Error tables: `python experiments.py
+baselines`; timings against per-prompt scikit-learn: `python bench.py baselines`.
 """
 
 import ctypes
@@ -17,10 +16,9 @@ import torch.nn.functional as F
 
 
 def keep_freed_memory():
-    """Ask glibc's malloc to keep freed memory for reuse, not hand blocks of a few MB back to the OS
-    and page-fault them in again: the batched solvers allocate many such temporaries (measured:
-    Newton 1.8x, greedy tree 1.6x, Lasso 1.3x faster). What PyTorch's CPU tuning guide gets from
-    jemalloc or tcmalloc, without a preload. False where there is no glibc (a no-op)."""
+    """Ask glibc's malloc to keep the solvers' many freed temporaries of a few MB for reuse, not
+    hand them back to the OS and page-fault them in again (measured: Newton 1.8x, greedy tree 1.6x,
+    Lasso 1.3x faster), what jemalloc gives, without a preload. False where there is no glibc."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
@@ -36,8 +34,7 @@ def chunked(solver, size, xs, ys, *args, **kwargs):
     return torch.cat([solver(x, y, *args, **kwargs) for x, y in parts])
 
 
-def by_prompts(size):
-    """chunked as a decorator: `@by_prompts(64)` above a solver."""
+def by_prompts(size):  # chunked as a decorator
     return lambda solver: wraps(solver)(partial(chunked, solver, size))
 
 
@@ -60,9 +57,8 @@ def predict_linear(w, xs):
 
 @by_prompts(64)
 def least_squares(xs, ys):
-    """Minimum-norm least squares: w_i = pinv(X_{<i}) y_{<i}. Zero rows do not change a
-    minimum-norm solution, so prefix i is the full (n, d) design with rows j >= i zeroed, and all
-    n prefixes are one batched pinv, right for underdetermined prefixes (i < d) too."""
+    """Minimum-norm least squares, w_i = pinv(X_{<i}) y_{<i}: zeroed rows j >= i leave it unchanged,
+    so all n prefixes are one batched pinv of the (n, d) design, right for i < d too."""
     n = xs.shape[1]
     mask = torch.ones(n, n, dtype=torch.float64, device=xs.device).tril(-1)  # (n, n): j < i
     X = xs.double()[:, None] * mask[None, :, :, None]  # (B, n, n, d): prefix i, row j
@@ -87,11 +83,6 @@ def averaging(xs, ys):
     return ((sums / counts) * xs).sum(-1)
 
 
-def zero(xs, ys):
-    """The zero predictor: scores about 1 under the paper's normaliser."""
-    return torch.zeros_like(ys)
-
-
 @by_prompts(128)
 def nearest_neighbours(xs, ys, k=3):
     """k-NN, uniform weights: pred_i = mean of y_j over the k nearest x_j (j < i) to x_i; fewer
@@ -109,13 +100,11 @@ def nearest_neighbours(xs, ys, k=3):
 
 @by_prompts(64)
 def lasso(xs, ys, alpha=0.01):
-    """Lasso without intercept, in scikit-learn's convention: min_w ||y - X w||^2 / (2 i) +
-    alpha ||w||_1, solved exactly (to round-off) by the Lasso homotopy (LARS with drops, Efron et
-    al. 2004) for all prompts and prefixes at once: w is piecewise linear in the penalty, so it is
-    followed from w = 0 at lam = max |c_j| down to lam = i alpha, one join or drop per step."""
+    """Lasso without intercept as in scikit-learn, min_w ||y - X w||^2 / (2 i) + alpha ||w||_1,
+    solved exactly for all problems at once by the homotopy (LARS with drops, Efron et al. 2004): w,
+    piecewise linear in the penalty lam, is followed from 0 at lam = max |c_j| to lam = i alpha."""
     B, n, d = xs.shape
-    G, c = prefix_gram(xs, ys)
-    G, c = G.view(-1, d, d), c.view(-1, d)  # (Q, d, d), (Q, d): one problem per prompt and prefix
+    G, c = (t.flatten(0, 1) for t in prefix_gram(xs, ys))  # (Q, d, d), (Q, d): Q = B n problems
     target = alpha * torch.arange(n, dtype=G.dtype, device=G.device).repeat(B)  # (Q,): i alpha
     lam, first = c.abs().max(1)  # w = 0 is optimal down to lam = max_j |c_j|
     # rho, the correlations c - G w: lam sign(w_j) on the active set, |.| <= lam off it
@@ -182,12 +171,7 @@ def newton_iterates(xs, ys, steps=30):
     return torch.stack(preds, dim=1)  # (B, steps, n)
 
 
-def final_iterate(iterates, steps, xs, ys):
-    """The prediction after the last of `steps` iterations, (B, n)."""
-    return iterates(xs, ys, steps)[:, -1]
-
-
-# ---------------------------------------------------------------------------- trees
+# ---------------------------------------------------------------------------- trees, networks
 
 
 def prefix_problems(xs, ys, lo, hi):
@@ -202,19 +186,17 @@ def prefix_problems(xs, ys, lo, hi):
 
 
 def fit_trees(X, y, valid, query, depth, n_trees=1, lr=1.0, presorted=None):
-    """Greedy regression trees, the CART of scikit-learn's DecisionTreeRegressor: each node splits
-    at the feature and threshold (a midpoint between consecutive values; x <= t goes left) that
-    maximise sum_L^2 / n_L + sum_R^2 / n_R, i.e. most reduce the squared error. n_trees > 1:
-    gradient boosting on squared error, from the mean, adding lr times a tree fitted to the
-    residuals. Grown level by level for all Q problems and nodes at once: X (Q, m, d), y, valid
-    (Q, m) (real samples first), query (Q, d) -> prediction (Q,). presorted: (order, ties) from
-    prefix_orders for this X, or None if every feature is -1 or 1 (sign(x); a matmul, unchecked)."""
+    """Greedy regression trees as scikit-learn's DecisionTreeRegressor (CART): each node splits at
+    the feature and threshold (a midpoint between consecutive values; x <= t goes left) maximising
+    sum_L^2 / n_L + sum_R^2 / n_R. n_trees > 1: gradient boosting from the mean, adding lr times a
+    tree fitted to the residuals. All Q problems and nodes grow level by level at once: X (Q, m, d),
+    y, valid (Q, m) (real samples first), query (Q, d) -> prediction (Q,). presorted: prefix_orders'
+    (order, ties), or None if every feature is -1 or 1 (sign(x): a matmul, unchecked)."""
     Q, m, d = X.shape
     y = y * valid
     n_real = valid.sum(1, keepdim=True)  # (Q, 1)
-    fit = torch.zeros_like(y)
-    if n_trees > 1:
-        fit = (y.sum(1, keepdim=True) / n_real.clamp(min=1)).expand(Q, m)
+    mean = (y.sum(1, keepdim=True) / n_real.clamp(min=1)).expand(Q, m)
+    fit = mean if n_trees > 1 else torch.zeros_like(y)  # boosting starts from the mean
     at_query = fit[:, 0].clone()
     binary = presorted is None
     up = (X > 0).to(y.dtype) if binary else None  # (Q, m, d)
@@ -266,10 +248,9 @@ def binary_split(up, valid, r, node, K):
 
 
 def sorted_split(X, values, r, perm, seg, start, count):
-    """Best split of each node from every feature's order perm (Q, d, 1 + m): the empty sample m,
-    then node 0's samples, node 1's, ..., each sorted by the feature, so one cumulative sum gives
-    every threshold's left sum. values (Q, d, m) (padding at inf) only when some are tied. Each
-    node's feature and the values on either side of its threshold (Q, K), inf if it stays a leaf."""
+    """Best split of each node from every feature's order perm (Q, d, 1 + m), the empty sample m
+    then each node's samples by value, so one cumsum gives all left sums; values (Q, d, m) (padding
+    inf) if some tie. Each node's feature and values either side of its threshold (Q, K)."""
     Q, d, m = perm.shape[0], perm.shape[1], perm.shape[2] - 1
     K, pos = start.shape[1] - 1, torch.arange(m, device=r.device)
     seg0 = start.gather(1, seg)  # (Q, m): where the segment of each position starts and ends
@@ -297,7 +278,6 @@ def sorted_split(X, values, r, perm, seg, start, count):
     p = torch.full((Q, K + 1), m, device=r.device).scatter_reduce(1, seg, first, "amin")
     has = node_best[:, :K] > -math.inf  # else every value of the node is tied: it stays a leaf
     p = p[:, :K].clamp(max=max(m - 2, 0))  # (Q, K); m (no split) is clamped to stay in range
-    # the first best feature, and the samples on either side of its threshold
     f = excess.transpose(1, 2).gather(1, p[..., None].expand(Q, K, d)).argmax(2)
     lo = perm.flatten(1).gather(1, f * (m + 1) + p + 1)
     hi = perm.flatten(1).gather(1, f * (m + 1) + (p + 2).clamp(max=m))
@@ -336,10 +316,9 @@ def partition(perm, right, node, seg, start, count):
 
 
 def prefix_orders(xs, order, lo, hi):
-    """Each feature's order (Q, d, 1 + m) for the prefixes lo <= i < hi of prefix_problems: an empty
-    sample m, the prefix's samples by value, the others; and whether two values are within 1e-7
-    (sklearn's "equal"). From order (B, d, L >= m), every feature's sort of the first L samples,
-    by stable filters moving the samples < i to the front (2.2x faster than sorting each prefix)."""
+    """Each feature's order (Q, d, 1 + m) for prefixes lo <= i < hi of prefix_problems (an empty
+    sample m, the prefix's samples by value, the others) and whether two values are within 1e-7
+    (sklearn's "equal"), by stable filters of order (B, d, L >= m): 2.2x faster than sorting."""
     B, m = xs.shape[0], hi - 1
     order = front(order, m, torch.empty_like(order))[..., :m]  # (B, d, m)
     ties = bool((xs[:, :m].transpose(1, 2).gather(2, order).diff(dim=2) <= 1e-7).any())
@@ -364,8 +343,8 @@ def front(order, i, out):
 
 
 def tree_predictions(xs, ys, depth, n_trees=1, lr=1.0, sign=False, bucket=8):
-    """Fit every prefix's tree(s) and predict its query: (B, n) with preds[:, 0] = 0. Prefixes are
-    grouped by length (bucket at a time) so that the padding stays small."""
+    """Fit every prefix's tree(s) and predict its query: (B, n), preds[:, 0] = 0. Prefixes are
+    grouped by length, bucket at a time, so that the padding stays small."""
     B, n, _ = xs.shape
     x = torch.sign(xs) if sign else xs
     # (B, d, n - 1): every feature's order, filtered for each prefix by prefix_orders
@@ -375,19 +354,14 @@ def tree_predictions(xs, ys, depth, n_trees=1, lr=1.0, sign=False, bucket=8):
         hi = min(lo + bucket, n)
         X, y, valid, query = prefix_problems(x, ys, lo, hi)
         presorted = None if sign else prefix_orders(x, order, lo, hi)
-        fitted = fit_trees(X, y, valid, query, depth, n_trees, lr, presorted)
-        preds[:, lo:hi] = fitted.view(B, hi - lo)
+        preds[:, lo:hi] = fit_trees(X, y, valid, query, depth, n_trees, lr, presorted).view(B, -1)
     return preds.to(ys.dtype)
-
-
-# ---------------------------------------------------------------------------- networks
 
 
 def relu_network(xs, ys, hidden=100, steps=1000, batch=10, lr=5e-3, seed=0):
     """A 2-layer ReLU network d -> 100 -> 1 per prompt and prefix, trained as Garg et al. do: Adam
-    (lr 5e-3), 1000 steps on minibatches of 10 of the prefix's pairs drawn with replacement. The
-    networks are slices of one batched model whose losses are summed: Adam works element by
-    element, so each trains exactly as it would alone."""
+    (lr 5e-3), 1000 steps on minibatches of 10 of the prefix's pairs drawn with replacement, all as
+    slices of one model, losses summed (Adam is element-wise: each trains as if alone)."""
     if len(xs) > 16:  # 16 prompts at a time keep Adam's state in cache (1.5x faster than 64)
         args = hidden, steps, batch, lr
         chunks = [(s, xs[s : s + 16], ys[s : s + 16]) for s in range(0, len(xs), 16)]
@@ -400,14 +374,12 @@ def relu_network(xs, ys, hidden=100, steps=1000, batch=10, lr=5e-3, seed=0):
     flat_x, flat_y = xs.reshape(B * n, d), ys.reshape(B * n)
     shapes = [((d, hidden), d), ((1, hidden), d), ((hidden, 1), hidden), ((1, 1), hidden)]
     params = []  # W1 (Q, d, hidden), b1 (Q, 1, hidden), W2 (Q, hidden, 1), b2 (Q, 1, 1)
-    for shape, fan_in in shapes:
-        # torch.nn.Linear's default initialisation, U(-1 / sqrt(fan_in), 1 / sqrt(fan_in))
+    for shape, fan_in in shapes:  # torch.nn.Linear's initialisation, U(+-1 / sqrt(fan_in))
         u = torch.rand(Q, *shape, generator=gen, device=xs.device, dtype=xs.dtype)
         params.append(((u * 2 - 1) * (1 / math.sqrt(fan_in))).requires_grad_())
     opt = torch.optim.Adam(params, lr=lr, fused=True)
     with torch.enable_grad():  # evaluation may run under no_grad
         for _ in range(steps):
-            # each problem's minibatch: pairs j < i, drawn with replacement
             pick = (torch.rand(Q, batch, generator=gen, device=xs.device) * size[:, None]).long()
             rows = first[:, None] + pick  # (Q, batch)
             loss = (two_layer(params, flat_x[rows]) - flat_y[rows]).pow(2).mean(1).sum()
@@ -428,23 +400,22 @@ def two_layer(params, x):
 # ---------------------------------------------------------------------------- which baselines
 
 
-# Gradient boosting: 50 trees of depth 4 on squared error, learning rate 0.1.
-BOOSTED = {"depth": 4, "n_trees": 50, "lr": 0.1}
+BOOSTED = {"depth": 4, "n_trees": 50, "lr": 0.1}  # gradient boosting on squared error
 BASELINES = {
     "least squares": least_squares,
     "ridge": ridge,
     "averaging": averaging,
     "3-NN": nearest_neighbours,
     "Lasso": lasso,
-    "gradient descent": partial(final_iterate, gradient_descent_iterates, 100),
-    "Newton": partial(final_iterate, newton_iterates, 30),
+    "gradient descent": lambda xs, ys: gradient_descent_iterates(xs, ys, 100)[:, -1],
+    "Newton": lambda xs, ys: newton_iterates(xs, ys, 30)[:, -1],
     # the paper's trees: depth 2 on x; depth 4 on sign(x), the features the task's trees test
     "greedy tree": partial(chunked, tree_predictions, 64, depth=2),
     "greedy tree, sign(x)": partial(chunked, tree_predictions, 256, depth=4, sign=True),
     "boosted trees": partial(chunked, tree_predictions, 64, **BOOSTED),
     "boosted trees, sign(x)": partial(chunked, tree_predictions, 32, **BOOSTED, sign=True),
     "2-layer ReLU net": relu_network,
-    "zero": zero,
+    "zero": lambda xs, ys: torch.zeros_like(ys),  # scores about 1 under the paper's normaliser
 }
 # The classical learners each task's figures show: the paper's, plus zero as the floor.
 TREES = ["greedy tree", "greedy tree, sign(x)", "boosted trees", "boosted trees, sign(x)"]
@@ -460,8 +431,8 @@ ITERATES = {"gradient descent": gradient_descent_iterates, "Newton": newton_iter
 
 
 def task_errors(task, xs, ys, norm):
-    """Each of the task's baselines' normalised squared error per position, "NAME" (n,), and the
-    90% bootstrap band of that mean over the prompts, "band NAME" (2, n)."""
+    """Each of the task's baselines' normalised squared error per position, "NAME" (n,), and the 90%
+    bootstrap band of that mean over the prompts, "band NAME" (2, n)."""
     errors = {}
     for name in TASK_BASELINES[task]:
         sq = (BASELINES[name](xs, ys) - ys).pow(2) / norm  # (P, n)
@@ -470,8 +441,8 @@ def task_errors(task, xs, ys, norm):
 
 
 def bootstrap_band(sq, resamples=1000, seed=0):
-    """90% bootstrap interval of the mean over prompts, per position: sq (P, n) -> (2, n).
-    A resample is a vector of counts per prompt, so all 1000 means are one matmul."""
+    """90% bootstrap interval of the mean over prompts, per position: sq (P, n) -> (2, n). A
+    resample is a vector of counts per prompt, so all 1000 means are one matmul."""
     P = len(sq)
     gen = torch.Generator(sq.device).manual_seed(seed)
     picks = torch.randint(0, P, (resamples, P), generator=gen, device=sq.device)
@@ -482,6 +453,6 @@ def bootstrap_band(sq, resamples=1000, seed=0):
 
 
 def memory_needed(prompts, n, d):
-    """Rough peak bytes of scoring the baselines: the prompts, predictions and bootstrap counts;
-    the solvers' (64, n, n, d) float64 tensors (least squares of 64 prompts; others need less)."""
+    """Rough peak bytes of scoring the baselines: the prompts, predictions and bootstrap counts; the
+    solvers' (64, n, n, d) float64 tensors (least squares of 64 prompts; others need less)."""
     return 12 * prompts * (n * (d + 1) + 1000), 32 * 64 * n * n * d

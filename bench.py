@@ -15,7 +15,6 @@ import datetime
 import functools
 import importlib.util
 import itertools
-import json
 import os
 import platform
 import re
@@ -67,14 +66,12 @@ def machine():
 
 
 class Table:
-    """Rows printed as they are measured, and kept for --save: the numbers and the cells as
-    printed."""
+    """Rows printed as they are measured, kept for --save as numbers and as printed cells."""
 
     def __init__(self, title, columns, widths, digits=2):
         self.title, self.columns, self.widths, self.digits = title, columns, widths, digits
         self.rows, self.text = [], []
-        print(title)
-        print(self.line(columns))
+        print(title, self.line(columns), sep="\n")
 
     def line(self, cells):  # the first column left-aligned, the others right-aligned
         first, *rest = zip(cells, self.widths)
@@ -97,43 +94,37 @@ class Table:
 # ---------------------------------------------------------------------------- training
 
 
-def bench_train(device_name, presets=("laptop", "paper")):
-    """ms per training step, prompts per second, and FLOP/s against this machine's matmul peak, for
-    the laptop preset and the paper's linreg model (b 20, T 15, D 256), fp32 and bf16 autocast, at
-    the final curriculum stage (full d, n and b). Modes: "eager"; "compiled", M compiled as
-    --compile does (all it does on a CPU or under torchrun); on CUDA also "captured", what
-    --compile runs on one GPU (the compiled M, the whole step one CUDA graph: CapturedSteps),
-    "captured eager" (the same of the eager model) and "reduce-overhead" (M's calls as
-    torch.compile's CUDA graphs, the rest of the step eager)."""
-    # A captured row's optimiser is capturable, and CapturedSteps runs its warm-up steps
-    # uncaptured on purpose: the optimiser's warning about that says nothing here.
+def bench_train(device, presets=("laptop", "paper")):
+    """ms per training step, prompts/s and FLOP/s against this machine's matmul peak, for the laptop
+    preset and the paper's linreg model (b 20, T 15, D 256), fp32 and bf16 autocast, at the final
+    curriculum stage. Modes: "eager"; "compiled", M compiled as --compile does (all it does on a CPU
+    or under torchrun); on CUDA also "captured", what --compile runs on one GPU (the compiled M, the
+    whole step one CUDA graph: CapturedSteps), "captured eager" (the same, M eager) and
+    "reduce-overhead" (M's calls as torch.compile's CUDA graphs, the rest eager)."""
+    # CapturedSteps warms up uncaptured on purpose: the capturable optimiser's warning is noise.
     warnings.filterwarnings("ignore", "This instance was constructed with capturable=True")
-    device, _ = harness.setup_device(looped.make_config(device=device_name))
-    dtypes = {False: torch.float32, True: torch.bfloat16}  # by amp
-    peak = {amp: matmul_peak(device, dtype) for amp, dtype in dtypes.items()}
+    peak = {False: matmul_peak(device, torch.float32), True: matmul_peak(device, torch.bfloat16)}
     table = Table(
         f"training step, batch 64, {device}, {torch.get_num_threads()} threads; matmul peak "
         f"(4096^2): fp32 {peak[False] / 1e9:.0f}, bf16 {peak[True] / 1e9:.0f} GFLOP/s",
         "model|mode|dtype|ms/step|prompts/s|GFLOP/s|of peak %|saved MB|peak MB".split("|"),
         [8, 17, 6, 10, 11, 9, 11, 10, 9],
     )
-    modes = ["eager", "compiled"]
-    if device.type == "cuda":
-        modes += ["reduce-overhead", "captured", "captured eager"]
+    cuda_modes = ["reduce-overhead", "captured", "captured eager"] if device.type == "cuda" else []
     # The captured rows go last: a failed capture can leave CUDA unusable for the rows after it.
-    rows = itertools.product(presets, modes, (False, True))
+    rows = itertools.product(presets, ["eager", "compiled", *cuda_modes], (False, True))
     for preset, mode, amp in sorted(rows, key=lambda r: r[1].startswith("captured")):
-        row = time_step(preset, mode, amp, device_name, device, peak)
+        row = time_step(preset, mode, amp, device, peak)
         if row is not None:
             table.add(*row)
     return table
 
 
-def time_step(preset, mode, amp, device_name, device, peak):
+def time_step(preset, mode, amp, device, peak):
     """bench_train's row for one model, mode and precision, or None where a capture failed."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = looped.make_config("linreg", preset, device=device_name, eval_prompts=64)
+    cfg = looped.make_config("linreg", preset, eval_prompts=64)
     torch.manual_seed(0)
     model = looped.LoopedTransformer(cfg).to(device)
     captured, cuda = mode.startswith("captured"), device.type == "cuda"
@@ -172,15 +163,13 @@ def time_step(preset, mode, amp, device_name, device, peak):
     return [preset, mode, dtype, 1000 * t, 64 / t, flops / 1e9, 100 * flops / peak[amp], *memory]
 
 
-def bench_loop(device_name, preset, steps):
+def bench_loop(device, preset, steps):
     """Steps per second of the real training loop, looped.train on linear regression for its first
-    steps: curriculum changes (b every 500 steps, d and n every 5000 at the paper's), prompts drawn
-    on the device, logging every 100 steps and a checkpoint every 1000 included; the evaluation
-    after it is not. Eager and --compile (on one GPU the whole step captured as CUDA graphs, one
-    per curriculum stage), in bf16 where the device has it. The 500k-step hours are at the rate
-    past step 1000, with the curriculum's short prompts: later, longer prompts take longer where
-    the step is bound by arithmetic rather than by kernel launches."""
-    device, _ = harness.setup_device(looped.make_config(device=device_name))
+    steps, with curriculum changes (b every 500 steps, d and n every 5000 at the paper's), prompts
+    drawn on the device, logging every 100 steps and a checkpoint every 1000, but not the evaluation
+    after it. Eager and --compile (on one GPU the step as CUDA graphs, one per curriculum stage), in
+    bf16 where the device has it. The 500k-step hours are at the rate past step 1000, with short
+    prompts: later, longer ones take longer where arithmetic, not launches, bounds the step."""
     amp = device.type != "cpu" or harness.cpu_has_bf16()
     rates = "mode|dtype|steps/s|steps/s after 1000|first 1000 s".split("|")
     table = Table(
@@ -189,23 +178,21 @@ def bench_loop(device_name, preset, steps):
         rates + [f"{steps} steps s", "500k at that rate h"],
         [10, 6, 9, 20, 14, 16, 21],
     )
-    given = dict(steps=steps, device=device_name, amp=amp, log_every=100, ckpt_every=1000)
+    given = dict(steps=steps, device=str(device), amp=amp, log_every=100, ckpt_every=1000)
     given.update(eval_prompts=16, eval_loops=looped.make_config("linreg", preset).n_loops)
     for compiled in (False, True):
         torch._dynamo.reset()
         with tempfile.TemporaryDirectory() as tmp:
             cfg = looped.make_config("linreg", preset, compile=compiled, out=f"{tmp}/run", **given)
             looped.train(cfg, quiet=True)
-            with open(os.path.join(cfg.out, "log.jsonl")) as f:
-                lines = [r for r in map(json.loads, f) if "ms_per_step" in r]
+            lines = report.read_log(cfg.out, "ms_per_step")
         # Each log line holds the mean ms per step since the line before it.
-        steps_at = [0] + [r["step"] for r in lines]
-        ms = [(b - a, r["ms_per_step"]) for a, b, r in zip(steps_at, steps_at[1:], lines)]
-        first = sum(k * m for (k, m), b in zip(ms, steps_at[1:]) if b <= 1000) / 1000
-        total = sum(k * m for k, m in ms) / 1000
-        late = max(steps - 1000, 1) / max(total - first, 1e-9)
-        rate = late if steps > 1000 else steps / total
-        after = [late, first] if steps > 1000 else ["-", "-"]
+        ends = [r["step"] for r in lines]
+        ms = [(b, (b - a) * r["ms_per_step"]) for a, b, r in zip([0] + ends, ends, lines)]
+        first = sum(m for b, m in ms if b <= 1000) / 1000
+        total = sum(m for _, m in ms) / 1000
+        late = (steps - 1000) / max(total - first, 1e-9)  # steps/s past step 1000
+        rate, after = (late, [late, first]) if steps > 1000 else (steps / total, ["-", "-"])
         mode, dtype = "compiled" if compiled else "eager", "bf16" if amp else "fp32"
         table.add(mode, dtype, steps / total, *after, total, looped.PAPER["steps"] / rate / 3600)
     return table
@@ -236,28 +223,24 @@ def activation_bytes(model, ctx, xs, ys, n_loops, n_no_grad):
 def sklearn_reference(name, xs, ys):
     """The same fits one prompt and one prefix at a time with scikit-learn, as the original code
     does (Garg et al.'s baselines loop over prefixes and prompts); None if it has no such model."""
-    from sklearn.ensemble import GradientBoostingRegressor
-    from sklearn.linear_model import Lasso, LinearRegression, Ridge
-    from sklearn.neighbors import KNeighborsRegressor
-    from sklearn.tree import DecisionTreeRegressor
+    from sklearn import ensemble, linear_model, neighbors, tree
 
     models = {  # i: the prefix's length
-        "least squares": lambda i: LinearRegression(fit_intercept=False),
-        "ridge": lambda i: Ridge(alpha=0.01, fit_intercept=False),
-        "3-NN": lambda i: KNeighborsRegressor(n_neighbors=min(3, i)),
-        "Lasso": lambda i: Lasso(alpha=0.01, fit_intercept=False, max_iter=100_000),
-        "greedy tree": lambda i: DecisionTreeRegressor(max_depth=2),
-        "greedy tree, sign(x)": lambda i: DecisionTreeRegressor(max_depth=4),
-        "boosted trees": lambda i: GradientBoostingRegressor(max_depth=4, n_estimators=50),
+        "least squares": lambda i: linear_model.LinearRegression(fit_intercept=False),
+        "ridge": lambda i: linear_model.Ridge(alpha=0.01, fit_intercept=False),
+        "3-NN": lambda i: neighbors.KNeighborsRegressor(n_neighbors=min(3, i)),
+        "Lasso": lambda i: linear_model.Lasso(alpha=0.01, fit_intercept=False, max_iter=100_000),
+        "greedy tree": lambda i: tree.DecisionTreeRegressor(max_depth=2),
+        "greedy tree, sign(x)": lambda i: tree.DecisionTreeRegressor(max_depth=4),
+        "boosted trees": lambda i: ensemble.GradientBoostingRegressor(max_depth=4, n_estimators=50),
     }
     models["boosted trees, sign(x)"] = models["boosted trees"]
     if name not in models:
         return None
     X, Y = np.sign(xs.numpy()) if "sign" in name else xs.numpy(), ys.numpy()
     preds = np.zeros(Y.shape)
-    for b in range(len(X)):
-        for i in range(1, X.shape[1]):
-            preds[b, i] = models[name](i).fit(X[b, :i], Y[b, :i]).predict(X[b, i : i + 1])[0]
+    for b, i in itertools.product(range(len(X)), range(1, X.shape[1])):
+        preds[b, i] = models[name](i).fit(X[b, :i], Y[b, :i]).predict(X[b, i : i + 1])[0]
     return preds
 
 
@@ -284,11 +267,10 @@ def bench_baselines(prompts, ref_prompts, names):
         xs, ys = looped.TASKS[task](prompts, n, 20, 20, torch.Generator().manual_seed(0))
         fit = baselines.BASELINES[name]
         fit(xs[:2], ys[:2])  # warm-up, untimed: first calls pay for imports and caches
-        sklearn_reference(name, xs[:1], ys[:1])
+        done = sklearn_reference(name, xs[:1], ys[:1])  # None where scikit-learn has no such model
         ours = seconds(functools.partial(fit, xs, ys), repeats=1, warmup=0)
-        t0 = time.perf_counter()
-        done = sklearn_reference(name, xs[:ref_prompts], ys[:ref_prompts])
-        ref = (time.perf_counter() - t0) * prompts / ref_prompts
+        few = functools.partial(sklearn_reference, name, xs[:ref_prompts], ys[:ref_prompts])
+        ref = seconds(few, repeats=1, warmup=0) * prompts / ref_prompts
         table.add(name, task, str(n), ours, *(["-", "-"] if done is None else [ref, ref / ours]))
     return table
 
@@ -325,11 +307,8 @@ def bench_export(run_dir, n_loops=None, repeats=20, tol=0.03):
         with torch.inference_mode():
             eager = 1000 * seconds(functools.partial(*args), repeats)
         ort = 1000 * seconds(functools.partial(predictor, x, y), repeats)
-        if predictor.adaptive:
-            preds, loops = predictor(x, y, return_loops=True)
-            mean_loops = float(loops.mean())
-        else:
-            preds, mean_loops = predictor(x, y), n_loops
+        out = predictor(x, y, return_loops=predictor.adaptive)
+        preds, mean_loops = (out[0], float(out[1].mean())) if predictor.adaptive else (out, n_loops)
         error = float(((preds[:, -1] - y[:, -1]) ** 2).mean() / norm)
         table.add(name, str(batch), eager, ort, eager / ort, mean_loops, error)
     return table
@@ -342,20 +321,14 @@ def flags():
     """bench.py's command line: a subcommand per benchmark, each with --save."""
     parser = cli.doc_parser("bench.py", __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train, p_loop, p_baselines, p_export = (
-        sub.add_parser("train", help="training step speed (see bench_train)"),
-        sub.add_parser("loop", help="steps per second of the real training loop (see bench_loop)"),
-        sub.add_parser("baselines", help="batched solvers against per-prompt scikit-learn fits"),
-        sub.add_parser("export", help="PyTorch eager against onnxruntime on a trained run"),
-    )
-    for p, presets in (
-        (p_train, "one model only (default: both)"),
-        (p_loop, "default: paper on CUDA, laptop elsewhere"),
-    ):
-        p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-        p.add_argument("--preset", choices=("laptop", "paper"), help=presets)
     steps, names, count = looped.LIMITS["steps"], list(baselines.BASELINES), cli.Count(1)
     helps = {
+        "train": "training step speed (see bench_train)",
+        "loop": "steps per second of the real training loop (see bench_loop)",
+        "baselines": "batched solvers against per-prompt scikit-learn fits",
+        "export": "PyTorch eager against onnxruntime on a trained run",
+        "train --preset": "one model only (default: both)",
+        "loop --preset": "default: paper on CUDA, laptop elsewhere",
         "--steps": f"training steps per mode, {steps}; the paper's curriculum first changes n at "
         "5000 [6000]",
         "--prompts": "prompts scored by the batched solvers, at least 1, as memory allows "
@@ -365,6 +338,11 @@ def flags():
         "--loops": f"loop iterations to unroll, 1 to {export.UNROLLED} b (default: the trained b)",
         "--save": "also write the table to results/bench_NAME.json (bench_NAME_cuda.json on a GPU)",
     }
+    commands = "train loop baselines export".split()
+    p_train, p_loop, p_baselines, p_export = (sub.add_parser(c, help=helps[c]) for c in commands)
+    for p, command in ((p_train, "train"), (p_loop, "loop")):
+        p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+        p.add_argument("--preset", choices=("laptop", "paper"), help=helps[f"{command} --preset"])
     p_loop.add_argument("--steps", type=steps, default=6000, help=helps["--steps"])
     p_baselines.add_argument("--prompts", type=count, default=1280, help=helps["--prompts"])
     p_baselines.add_argument("--ref_prompts", type=count, default=16, help=helps["--ref_prompts"])
@@ -381,27 +359,25 @@ def flags():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = flags().parse_args(argv)
+    device = harness.setup_device(looped.make_config(device=getattr(args, "device", "cpu")))[0]
     if args.save:  # a GPU's tables beside the CPU's, results/bench_train_cuda.json: checked first
-        device = harness.setup_device(looped.make_config(device=getattr(args, "device", "cpu")))[0]
         name = f"bench_{args.command}" + ("" if device.type == "cpu" else f"_{device.type}")
         saved = os.path.join(report.RESULTS, f"{name}.json")
         harness.check_outputs(saved)
     if args.command == "train":
-        table = bench_train(args.device, [args.preset] if args.preset else ("laptop", "paper"))
+        table = bench_train(device, [args.preset] if args.preset else ("laptop", "paper"))
     elif args.command == "loop":
-        # Bad values are reported in one line, before any work.
-        looped.make_config(preset=args.preset or "laptop", device=args.device, steps=args.steps)
-        cuda = harness.setup_device(looped.make_config(device=args.device))[0].type == "cuda"
-        table = bench_loop(args.device, args.preset or ("paper" if cuda else "laptop"), args.steps)
+        preset = args.preset or ("paper" if device.type == "cuda" else "laptop")
+        table = bench_loop(device, preset, args.steps)
     elif args.command == "baselines":
         # The longest prompts the timed tasks have: n = 101 (trees and networks), d = 20.
         needs = {"--prompts": sum(baselines.memory_needed(args.prompts, 101, 20))}
         harness.fits(needs, torch.device("cpu"), "timing the baselines")
-        names = args.only or [name for name in baselines.BASELINES if name != "zero"]
         if args.ref_prompts > args.prompts:
             raise harness.UserError(
                 f"--ref_prompts {args.ref_prompts} exceeds --prompts {args.prompts}"
             )
+        names = args.only or [name for name in baselines.BASELINES if name != "zero"]
         table = bench_baselines(args.prompts, args.ref_prompts, names)
     else:
         table = bench_export(args.run_dir, args.loops)
