@@ -1,5 +1,6 @@
 """Command lines: flags from a config dataclass, argparse types whose range is their help, and
-`cli`: one line, no traceback, and exit code 2 on a mistake, 130/143 on a signal, 141 on EPIPE."""
+`cli`: one line, no traceback, and exit code 2 on a mistake, 130/143 on a signal, 141 when the
+output is closed early (`| head`)."""
 
 import argparse
 import ast

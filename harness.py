@@ -513,9 +513,9 @@ class TrainingRun(ExitStack):
     def step(self, fn, *args, lr):
         """fn(forward, opt, *args) at Adam's rate lr: one step, its loss left on the device."""
         group = self.opt.param_groups[0]
-        if torch.is_tensor(group["lr"]):  # captures_steps: on a GPU launches bound a small step
+        if torch.is_tensor(group["lr"]):  # where captures_steps: the step replayed as CUDA graphs,
             self.graphs = self.graphs or CapturedSteps(fn)
-            group["lr"].fill_(lr)  # read by the replays
+            group["lr"].fill_(lr)  # which read the rate from this tensor
         else:
             group["lr"] = lr
         return (self.graphs or fn)(self.forward, self.opt, *args)

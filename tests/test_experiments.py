@@ -157,6 +157,14 @@ def test_compare_of_two_runs_under_a_shift_draws_one_comparison(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "transformer, 2 layers" in r.stdout and "looped, b = 6, T = 3" in r.stdout
     assert os.path.isfile(tmp_path / "cmp" / "error_vs_examples_orthogonal.png")
+    # The shifted prompts are the test prompts' draw (eval_seed), shifted: the same for every run.
+    named, _ = experiments.compare([str(a), str(b)], str(tmp_path / "cmp2"), shift="orthogonal")
+    runs = experiments.load_runs([str(a), str(b)], {})
+    cfg = runs[0][0]
+    gen = torch.Generator().manual_seed(cfg.eval_seed)
+    test = experiments.sample_shifted("orthogonal", cfg.eval_prompts, 9, 4, gen)
+    for (_, _, got), expected in zip(named, experiments.errors_on(runs, cfg, test)):
+        assert torch.allclose(got["loops"], expected["loops"], equal_nan=True)
     for args, words in [
         (["compare", str(a), "--shift", "tilted"], "unknown shift"),
         (["compare", str(a), "/nonexistent/run"], "no checkpoint"),
