@@ -34,8 +34,13 @@ def chunked(solver, size, xs, ys, *args, **kwargs):
     return torch.cat([solver(x, y, *args, **kwargs) for x, y in parts])
 
 
-def by_prompts(size):  # chunked as a decorator
-    return lambda solver: wraps(solver)(partial(chunked, solver, size))
+def by_prompts(size):
+    """chunked as a decorator: `@by_prompts(64)` runs the solver below on 64 prompts at a time."""
+
+    def decorate(solver):
+        return wraps(solver)(partial(chunked, solver, size))
+
+    return decorate
 
 
 def prefix_gram(xs, ys):
@@ -148,7 +153,8 @@ def positive(step, lam):
 @by_prompts(256)
 def gradient_descent_iterates(xs, ys, steps=100):
     """Gradient descent on ||X_{<i} w - y_{<i}||^2 / (2 i) from w = 0, w <- w - (G_i w - c_i) /
-    lambda_max(G_i): it converges to minimum-norm least squares. Every step's prediction."""
+    lambda_max(G_i): it converges to minimum-norm least squares. Returns the prediction after every
+    step, (B, steps, n)."""
     G, c = prefix_gram(xs, ys)
     step = 1 / torch.linalg.eigvalsh(G)[..., -1].clamp(min=1e-12)  # (B, n); the 1/i cancels
     w, preds = torch.zeros_like(c), []
@@ -161,7 +167,8 @@ def gradient_descent_iterates(xs, ys, steps=100):
 @by_prompts(256)
 def newton_iterates(xs, ys, steps=30):
     """Iterative Newton (Newton-Schulz) for pinv(G_i): M_0 = G / lambda_max^2, M_{k+1} = 2 M_k -
-    M_k G M_k; w_k = M_k c tends to minimum-norm least squares, quadratically once started."""
+    M_k G M_k; w_k = M_k c tends to minimum-norm least squares, quadratically once started. Returns
+    the prediction after every step, (B, steps, n)."""
     G, c = prefix_gram(xs, ys)
     top = torch.linalg.eigvalsh(G)[..., -1].clamp(min=1e-12)  # (B, n)
     M, preds = G / top[..., None, None] ** 2, []

@@ -232,8 +232,11 @@ def sklearn_reference(name, xs, ys):
         "Lasso": lambda i: linear_model.Lasso(alpha=0.01, fit_intercept=False, max_iter=100_000),
         "greedy tree": lambda i: tree.DecisionTreeRegressor(max_depth=2),
         "greedy tree, sign(x)": lambda i: tree.DecisionTreeRegressor(max_depth=4),
-        "boosted trees": lambda i: ensemble.GradientBoostingRegressor(max_depth=4, n_estimators=50),
     }
+    boost = baselines.BOOSTED  # the same settings as the batched boosting
+    models["boosted trees"] = lambda i: ensemble.GradientBoostingRegressor(
+        max_depth=boost["depth"], n_estimators=boost["n_trees"], learning_rate=boost["lr"]
+    )
     models["boosted trees, sign(x)"] = models["boosted trees"]
     if name not in models:
         return None

@@ -78,7 +78,8 @@ def run_flags(argv, cls, aliases, limits, **parser_kw):
     parser = Parser(formatter_class=argparse.RawDescriptionHelpFormatter, **parser_kw)
     body, docs = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body, {}
     for field, doc in zip(body, body[1:]):
-        if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr):
+        text = isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+        if isinstance(field, ast.AnnAssign) and text and isinstance(doc.value.value, str):
             docs[field.target.id] = " ".join(doc.value.value.split())
     for f in dataclasses.fields(cls):
         flags = [f"--{f.name}"] + ([aliases[f.name]] if f.name in aliases else [])

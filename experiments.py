@@ -58,8 +58,9 @@ LOOPS = cli.Count(1, looped.MAX_LOOPS)  # the loop counts that compare, probe an
 # are drawn. The last three change the query: the prompt predicting y_i is then
 # x_1 y_1 ... x_{i-1} y_{i-1} q_i, so each test prompt becomes m prompts, of which prompt i
 # is scored at position i only.
-SHIFTS = "skewed half_subspace noisy_y scale_x=C scale_y=C random_quadrants orthogonal overlapping"
-SHIFTS = SHIFTS.split()
+SHIFTS = (
+    "skewed half_subspace noisy_y scale_x=C scale_y=C random_quadrants orthogonal overlapping"
+).split()
 SCALES = [f"{kind}={c}" for kind in ("scale_x", "scale_y") for c in ("0.333", "0.5", "2", "3")]
 GARG_SHIFTS = SHIFTS[:3] + SCALES + SHIFTS[5:]
 
@@ -214,6 +215,7 @@ MODELS = {"looped": {}, "standard": STANDARD}
 SWEEP = [3e-5, 1e-4, 3e-4, 6e-4, 1e-3, 2e-3]  # Adam's learning rate, the same six for both models
 SEEDS = range(looped.Config.seed, looped.Config.seed + 10)  # the default command's spread
 SECOND_SEED = 43  # a claim's second seed, where it trains one
+TWO_SEEDS = (looped.Config.seed, SECOND_SEED)  # the preset's seed and the second: converge's
 CURVES = dict(eval_every=250)  # a learning-curve point every 250 steps, on validation prompts
 CONVERGE = 8  # converge trains claim1's best runs for this many times the preset's steps
 
@@ -475,8 +477,8 @@ CLAIMS = {
         heading=f"claim1 to convergence: both models for {CONVERGE} times the steps",
         place=4,
         section=functools.partial(report.converge_section, times=CONVERGE),
-        # Seeds 42 and 43. A run may take several sessions: it continues from its last checkpoint.
-        then=functools.partial(train_best_again, seeds=SEEDS[:2], times=CONVERGE, ckpt_every=500),
+        # A run may take several sessions: it continues from its last checkpoint.
+        then=functools.partial(train_best_again, seeds=TWO_SEEDS, times=CONVERGE, ckpt_every=500),
         needs="claim1",
         verdicts=[("linreg", MATCH, "")],
         verdict=converged,
@@ -488,6 +490,7 @@ CLAIMS = {
 
 
 def claim(name):
+    """Train a claim's runs, then whatever else its record asks for."""
     record = CLAIMS[name]
     for run_name, task, overrides in record.runs:
         run(name, run_name, task, **overrides)
@@ -496,6 +499,7 @@ def claim(name):
 
 
 def write_report():
+    """docs/results.md and its figures, from results/ alone."""
     report.write(CLAIMS, MODELS, BASELINES_NOTE)
 
 

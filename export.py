@@ -93,6 +93,7 @@ class Predictor:
                 f"{path} has incomplete or corrupt looped metadata ({type(e).__name__}: {e})"
             ) from None
         self.adaptive = self.loops == "adaptive"  # bench.py reads it
+        self.dynamic_loops = self.loops == "dynamic"  # n_loops is an input: pass it per call
         self.outputs = ["preds", "loops"] if self.adaptive else ["preds"]
         inputs = ["xs", "ys", "n_loops"] if self.loops == "dynamic" else ["xs", "ys"]
         graph = ([v.name for v in s.get_inputs()], [v.name for v in s.get_outputs()])

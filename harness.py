@@ -437,6 +437,7 @@ class TrainingRun(ExitStack):
         self.cfg, self.model, self.device, self.opt = cfg, model, device, optimizer
         self.prompts, self.work, self.val_error = prompts, work or (lambda step: step), val_error
         self.ckpt_path, self.log_file, self.graphs = os.path.join(cfg.out, "ckpt.pt"), None, None
+        self.captured = captures_steps(cfg, device)  # then looped.py's Adam is capturable
         check_folder(cfg.out, reuse=resume is not None, overwrite=overwrite)  # every process
         self.rank, self.world, self.group = rank(), world_size(), None
         super().__init__()  # holds the lock (taken before any joins), the log, the signal handlers
@@ -513,9 +514,9 @@ class TrainingRun(ExitStack):
     def step(self, fn, *args, lr):
         """fn(forward, opt, *args) at Adam's rate lr: one step, its loss left on the device."""
         group = self.opt.param_groups[0]
-        if torch.is_tensor(group["lr"]):  # where captures_steps: the step replayed as CUDA graphs,
+        if self.captured:  # the step replayed as CUDA graphs, which read the rate from its tensor
             self.graphs = self.graphs or CapturedSteps(fn)
-            group["lr"].fill_(lr)  # which read the rate from this tensor
+            group["lr"].fill_(lr)
         else:
             group["lr"] = lr
         return (self.graphs or fn)(self.forward, self.opt, *args)

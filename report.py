@@ -1,5 +1,5 @@
 """docs/results.md and its figures, written from the files under results/CLAIM/RUN alone, so that a
-clean checkout rewrites the report byte for byte. It renders and decides nothing: each claim's
+clean checkout rewrites the report byte for byte. It renders; it decides nothing: each claim's
 record (experiments.Claim) holds its runs, the paper's numbers, its place in the report, the rule
 that reads its verdict, and the function here that writes its section. experiments.py imports this
 module (and uses its readers to pick the runs it trains next), so `write` takes the records and
@@ -211,7 +211,9 @@ def plot_adaptive(record, path):
 
 
 def write(claims, models, baselines_note=""):
-    """docs/results.md and its figures, from experiments.CLAIMS, MODELS and BASELINES_NOTE."""
+    """docs/results.md and its figures. claims: {name: experiments.Claim}, each section at its
+    record's place; models: {model: its overrides}, as experiments.MODELS; baselines_note: the
+    paper's numbers for the baselines' section."""
     os.makedirs(FIGURES, exist_ok=True)
     os.makedirs(os.path.dirname(REPORT), exist_ok=True)
     lines = []
@@ -360,7 +362,8 @@ def seed_spread(lines, k, named, runs):
             spread.append(f"seed {s.cfg.seed}: {', '.join(at_k) or 'diverged'}")
         at = f"at b = {c.n_loops} loops, and at {c.eval_loops}" if loops[1:] else "at its one pass"
         text = f"The {looped.describe(c)} at k = {k} over seeds ({at}): {'; '.join(spread)}."
-        add(lines, seeds and text)
+        if seeds:
+            add(lines, text)
 
 
 def sweep_section(claim, models, lines):
@@ -543,7 +546,8 @@ def longer(cfg, best):
 
 
 def result_rows(runs, ks, k, target):
-    """Each run's test error at ks, and the steps (and TFLOP) it took to reach each level at k."""
+    """converge's two tables: each run's test error at ks; and the steps (and TFLOP) it took to
+    reach each level of validation error at k, with its training time from the log."""
     rows, reach, flops = [], [], {}
     for r in runs:
         c, run_name = r.cfg, os.path.basename(r.folder)
@@ -554,8 +558,8 @@ def result_rows(runs, ks, k, target):
         reached = ["-" if s is None else f"{s:,} ({s * f / 1e12:.3g})" for s in steps]
         # The training time: the log's ms per step, over all the run's sessions.
         log = read_log(r.folder, "ms_per_step")
-        steps = [now["step"] - last["step"] for last, now in zip([{"step": 0}] + log, log)]
-        seconds = sum(now["ms_per_step"] * n for now, n in zip(log, steps)) / 1000
+        per_line = [now["step"] - last["step"] for last, now in zip([{"step": 0}] + log, log)]
+        seconds = sum(now["ms_per_step"] * n for now, n in zip(log, per_line)) / 1000
         reach.append([run_name, *reached, f"{f / 1e9:.2f}", f"{seconds / 60:.0f} min"])
     least_squares = runs[0].errors["least squares"]  # the same test prompts
     rows.append(["least squares", "", "", "", *(least_squares[j].item() for j in ks)])
@@ -574,7 +578,7 @@ def converge_verdict(claim, by_model, seeds, k, L, S, flat_end):
     fall = at(first, flat_end * 7 / 8) - at(first, flat_end)
     ends = [at(r, flat_end) for r in by_model[behind]]
     spread = max(ends) - min(ends)
-    ((_, expected, _),) = claim.verdicts
+    _, expected, _ = claim.verdicts[0]  # converge's one task: linear regression
     found, verdict = claim.verdict(L, S, fall, spread, expected)
     outcome = (
         f"at k = {k}, the mean over {in_words(len(seeds))} seeds of the test error is {fmt(L)} for "
@@ -700,7 +704,8 @@ STUDIES = {  # the studies of single runs: their section's title and introductio
 def study_section(lines, kind, title, intro, table, plot):
     """The studies (experiments.save_study) of one kind: each one's command, table and figure."""
     files = sorted(glob.glob(os.path.join(RESULTS, kind, "*.json")))
-    add(lines, *(files and [f"## {title}", intro]))
+    if files:
+        add(lines, f"## {title}", intro)
     for path in files:
         record, name = read_json(path), os.path.splitext(os.path.basename(path))[0]
         made = f"`{record['command']}` on {record['machine']}, torch {record['torch']}:"
@@ -711,7 +716,8 @@ def study_section(lines, kind, title, intro, table, plot):
 def tables_section(lines, title, prefix, note=""):
     """Saved tables (bench.Table.save), results/PREFIX*.json, under a heading."""
     files = sorted(glob.glob(os.path.join(RESULTS, f"{prefix}*.json")))
-    add(lines, *(files and [f"## {title}", note]))
+    if files:
+        add(lines, f"## {title}", note)
     for r in map(read_json, files):
         made = f"`{r['command']}` on {r['machine']}, torch {r['torch']}, {r['threads']} threads"
         add(lines, f"{made}, {r['date']}:", r["title"], markdown(r["columns"], r["text"]))
