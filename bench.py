@@ -185,10 +185,7 @@ def bench_loop(device, preset, steps):
         with tempfile.TemporaryDirectory() as tmp:
             cfg = looped.make_config("linreg", preset, compile=compiled, out=f"{tmp}/run", **given)
             looped.train(cfg, quiet=True)
-            lines = report.read_log(cfg.out, "ms_per_step")
-        # Each log line holds the mean ms per step since the line before it.
-        ends = [r["step"] for r in lines]
-        ms = [(b, (b - a) * r["ms_per_step"]) for a, b, r in zip([0] + ends, ends, lines)]
+            ms = report.step_times(cfg.out)
         first = sum(m for b, m in ms if b <= 1000) / 1000
         total = sum(m for _, m in ms) / 1000
         late = (steps - 1000) / max(total - first, 1e-9)  # steps/s past step 1000

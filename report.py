@@ -62,6 +62,13 @@ def read_log(folder, key):  # the lines of a run's log.jsonl that hold key
         return [r for r in map(json.loads, f) if key in r]
 
 
+def step_times(folder):
+    """[(step, ms the steps since the log's line before took)]: each line holds their mean."""
+    log = read_log(folder, "ms_per_step")
+    ends = [r["step"] for r in log]
+    return [(b, (b - a) * r["ms_per_step"]) for a, b, r in zip([0] + ends, ends, log)]
+
+
 def at_b(run, k):
     """A run's test error at position k after its trained b loops (the standard model: one pass)."""
     return run.errors["loops"][run.cfg.n_loops - 1][k].item()
@@ -557,9 +564,7 @@ def result_rows(runs, ks, k, target):
         steps = [next((s for s, e in r.curve if e[k] <= x), None) for x in THRESHOLDS + [target]]
         reached = ["-" if s is None else f"{s:,} ({s * f / 1e12:.3g})" for s in steps]
         # The training time: the log's ms per step, over all the run's sessions.
-        log = read_log(r.folder, "ms_per_step")
-        per_line = [now["step"] - last["step"] for last, now in zip([{"step": 0}] + log, log)]
-        seconds = sum(now["ms_per_step"] * n for now, n in zip(log, per_line)) / 1000
+        seconds = sum(ms for _, ms in step_times(r.folder)) / 1000
         reach.append([run_name, *reached, f"{f / 1e9:.2f}", f"{seconds / 60:.0f} min"])
     least_squares = runs[0].errors["least squares"]  # the same test prompts
     rows.append(["least squares", "", "", "", *(least_squares[j].item() for j in ks)])
