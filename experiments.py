@@ -614,7 +614,7 @@ def save_study(kind, run_dir, cfg, found, plot, table):
 
 
 # ---------------------------------------------------------------------------- adaptive depth
-# The paper's users pick the loop count; export.wrappers' UntilConverged lets the model decide: a
+# The paper's users pick the loop count; export.adaptive_depth lets the model decide: a
 # prompt stops when its predictions (or its loop state) change by less than a tolerance.
 
 TOLERANCES = [0.1, 0.03, 0.01, 0.003, 0.001]
@@ -639,7 +639,7 @@ def adaptive(run_dir, tolerances=TOLERANCES, max_loops=None):
     rows = {f"fixed b = {b}": {"error": fixed.tolist(), "mean loops": b, "max loops": b}}
     for signal in ("prediction", "state"):
         for tol in tolerances:
-            preds, loops = export.wrappers().UntilConverged(model, tol, max_loops, signal)(xs, ys)
+            preds, loops = export.adaptive_depth(model, xs, ys, tol, max_loops, signal)
             error = ((preds - ys).pow(2).mean(0) / norm).tolist()
             row = rows[f"{signal}, tol {tol:g}"] = {"signal": signal, "tol": tol, "error": error}
             row.update({"mean loops": loops.float().mean().item(), "max loops": loops.max().item()})

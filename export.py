@@ -9,7 +9,9 @@ The exported graph takes xs (batch, n, d) and ys (batch, n), float32, with batch
 entry i predicts y_i from the pairs before it. An --until-converged graph is an ONNX Loop that
 stops each prompt when its predictions settle, and returns the loops each prompt used as a
 second output, "loops" (batch,) int64. It carries its own description in the ONNX
-metadata (task, d, maximum points, loops, error normaliser, training config, version).
+metadata (task, d, maximum points, loops, error normaliser, training config, version). The graph
+is written node by node from the weights (onnx_graph), in standard ONNX of opset 23, and checked
+against the PyTorch model before it is saved.
 
 `Predictor` needs only numpy and onnxruntime: this module imports torch, onnx and looped.py
 only inside the functions that export and verify, so an app can copy this one file beside its
@@ -17,25 +19,23 @@ code and `from export import Predictor`. Export latency: `python bench.py export
 """
 
 import dataclasses
+import functools
 import json
-import logging
 import numbers
 import os
 import sys
 import time
-import types
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-VERSION = "0.2.0"
+VERSION = "0.3.0"
 PARITY_TOL = 1e-4  # max |onnxruntime - PyTorch| on fresh prompts, float32 graphs
 PARITY_TOL_FP16 = 5e-2  # the same for --fp16 graphs: half precision keeps about 3 digits
 WIDE = 128  # from this D on, a batch smaller than the cores runs on all of them (see Predictor)
 MAX_LOOPS = 10_000  # the most loops a graph runs: looped.MAX_LOOPS (Predictor imports no torch)
-# An unrolled graph holds every loop it runs: each one adds about 0.8 s of export and 65 KB of
-# graph at the laptop size (2-core AMD EPYC), so it goes to 5 b; --dynamic-loops to MAX_LOOPS.
+# An unrolled graph holds every loop it runs, 17 nodes each, so it goes to 5 b; --dynamic-loops,
+# one Loop, to MAX_LOOPS.
 UNROLLED = 5
 
 
@@ -191,107 +191,252 @@ class Predictor:
         return xs, ys
 
 
-# ---------------------------------------------------------------------------- export (torch)
+# ---------------------------------------------------------------------------- export (torch, onnx)
 
 
-def wrappers():
-    """The torch modules that export traces, `wrappers().UntilConverged(model, tol, max_loops)`:
-    made here so that importing this module imports no torch (see Predictor)."""
+def adaptive_depth(model, xs, ys, tolerance, max_loops, signal="prediction"):
+    """Adaptive depth in PyTorch, what an --until-converged graph computes: a prompt freezes (its
+    state, predictions and loop count stop changing) once the relative change of its predictions
+    (signal "prediction": ||p_t - p_{t-1}|| / ||p_t|| over its positions, p_0 the read-out of
+    Y_0 = 0) or of its loop state ("state": ||Y_t - Y_{t-1}|| / ||Y_t||) falls below tolerance;
+    the loop ends when all have frozen or after max_loops. Freezing per prompt makes a prompt's
+    answer independent of the rest of its batch, so a batch split over cores gives the same
+    numbers as one whole. Returns preds (B, n), loops (B,) int64."""
     import torch
 
-    class Loops(torch.nn.Module):
-        """The loop written out n_loops times, only the last read-out returned; or, n_loops None,
-        the loop count an int64 input of forward: torch.while_loop becomes an ONNX Loop."""
-
-        def __init__(self, model, n_loops=None):
-            super().__init__()
-            self.model, self.n_loops = model, n_loops
-
-        def forward(self, xs, ys, n_loops=None):
-            if self.n_loops is not None:
-                return self.model(xs, ys, self.n_loops, self.n_loops - 1)[:, -1]  # (B, n)
-            P = self.model.embed(xs, ys)  # (B, L, D)
-            _, Y = torch.while_loop(
-                lambda t, Y: t < n_loops,
-                lambda t, Y: (t + 1, self.model.iterate(Y, P)),
-                (torch.zeros_like(n_loops), torch.zeros_like(P)),
-            )
-            return self.model.read(Y)
-
-    class UntilConverged(torch.nn.Module):
-        """Adaptive depth, at most max_loops loops: see until_converged."""
-
-        def __init__(self, model, tol, max_loops, signal="prediction"):
-            super().__init__()
-            self.model, self.tol, self.max_loops, self.signal = model, tol, max_loops, signal
-
-        forward = until_converged
-
-    return types.SimpleNamespace(Loops=Loops, UntilConverged=UntilConverged)
-
-
-def until_converged(self, xs, ys):
-    """UntilConverged's forward, adaptive depth: a prompt freezes (its state, predictions and loop
-    count stop changing) once the relative change of its predictions (signal "prediction":
-    ||p_t - p_{t-1}|| / ||p_t|| over its positions, p_0 the read-out of Y_0 = 0) or of its loop
-    state ("state": ||Y_t - Y_{t-1}|| / ||Y_t||) falls below tol; the loop ends when all have frozen
-    or after max_loops. Freezing per prompt makes a prompt's answer independent of the rest of its
-    batch, so a batch split over cores gives the same numbers as one whole, where a whole-batch
-    stop would make each answer depend on its neighbours. Returns preds (B, n), loops (B,) int64."""
-    import torch
-
-    model, B = self.model, xs.shape[0]
     P = model.embed(xs, ys)  # (B, L, D)
     Y = torch.zeros_like(P)
-    # (iterations, Y_0, p_0, converged, loops used); the last two fresh (B,) tensors, not views:
-    # what the loop carries must keep its strides from one iteration to the next.
-    start = (torch.zeros((), dtype=torch.int64), Y, model.read(Y))
-    start += tuple(torch.zeros(B, dtype=t, device=xs.device) for t in (torch.bool, torch.int64))
-
-    def unfinished(t, Y, p, done, loops):
-        return (t < self.max_loops) & ~done.all()
-
-    def iteration(t, Y, p, done, loops):
+    p, done, loops = model.read(Y), torch.zeros(len(xs), dtype=torch.bool), 0
+    for t in range(1, max_loops + 1):
         Y_next = model.iterate(Y, P)
         p_next = model.read(Y_next)  # (B, n)
-        new, old = (Y_next, Y) if self.signal == "state" else (p_next, p)
-        size = new.flatten(1).norm(dim=1).clamp(min=1e-30)
-        change = (new - old).flatten(1).norm(dim=1) / size
-        return (
-            t + 1,
-            torch.where(done[:, None, None], Y, Y_next),
-            torch.where(done[:, None], p, p_next),
-            done | (change < self.tol),
-            torch.where(done, loops, t + 1),
+        new, old = (Y_next, Y) if signal == "state" else (p_next, p)
+        change = (new - old).flatten(1).norm(dim=1) / new.flatten(1).norm(dim=1).clamp(min=1e-30)
+        Y, p = torch.where(done[:, None, None], Y, Y_next), torch.where(done[:, None], p, p_next)
+        loops, done = torch.where(done, loops, t), done | (change < tolerance)
+        if done.all():
+            break
+    return p, loops
+
+
+class Graph:
+    """ONNX nodes written in order: `x = g("Add", a, b)` appends a node and returns its output's
+    name (k names with outputs=k), each new; `g.const(value)` adds a constant, shared by the graph
+    and its Loop bodies (Graph(g.weights, "body_")), which read the outer graph's names."""
+
+    def __init__(self, weights, prefix=""):
+        self.nodes, self.weights, self.prefix = [], weights, prefix
+
+    def __call__(self, op_type, *inputs, outputs=1, **attributes):
+        from onnx import helper
+
+        names = [f"{self.prefix}{op_type}{len(self.nodes)}_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, **attributes))
+        return names if outputs > 1 else names[0]
+
+    def const(self, value, dtype=np.int64):
+        self.weights[name := f"const{len(self.weights)}"] = np.asarray(value, dtype)
+        return name
+
+    def body(self):  # a Loop body's nodes: the same constants, the outer graph's names in view
+        body = Graph(self.weights, "body_")
+        body.view, body.step = self.view, self.step
+        return body
+
+
+def onnx_graph(model, cfg, loops, fp16=False, adaptive=None, step=None):
+    """The model as an ONNX graph (a ModelProto with its description), written node by node from
+    its weights. The loop state is a (B L, D) matrix, so that each linear layer is one Gemm with its
+    bias, and a block is ONNX's fused operators: LayerNormalization, Attention (causal, the heads
+    split inside) and Gelu (tanh), 17 nodes an iteration. loops: an int, the loop unrolled;
+    "dynamic", an ONNX Loop whose count is an int64 input; "adaptive", a Loop that stops each
+    prompt once it settles (adaptive: tolerance, max_loops, signal, as adaptive_depth). fp16:
+    float16 weights and arithmetic, float32 inputs and outputs. step(g, cfg, Y, P): the nodes of
+    one iteration (default `iteration`; bench.py swaps in its matrix products alone)."""
+    from onnx import TensorProto as T
+
+    real = T.FLOAT16 if fp16 else T.FLOAT
+    g = Graph({k: w.detach().float().numpy() for k, w in model.state_dict().items()})
+    P, view, rows = embed(g, cfg, real)
+    g.view, g.step = view, step or iteration  # in the Loop bodies too
+    if isinstance(loops, int):
+        Y = None  # Y_0 = 0: the first iteration's input is P
+        for _ in range(loops):
+            Y = g.step(g, cfg, Y, P)
+        outputs = [read(g, Y, rows)]
+    elif loops == "dynamic":
+        outputs = [read(g, dynamic_loop(g, cfg, P, real), rows)]
+    else:
+        outputs = adaptive_loop(g, cfg, P, rows, real, **adaptive)
+    if fp16:
+        outputs[0] = g("Cast", outputs[0], to=T.FLOAT)
+    return as_model(g, cfg, loops, outputs, fp16, adaptive or {})
+
+
+def embed(g, cfg, real):
+    """The prompt embedded as looped.LoopedTransformer.embed does, P (B L, D): read_in(x_i), and
+    read_in of (y_i, 0, ..., 0), y_i times read_in's first column, interleaved x1 y1 x2 y2 ...,
+    plus the positions. Also the shapes [-1, L, D], that of a (B L, D) matrix seen as (B, L, D),
+    and [-1, n], that of the predictions."""
+    from onnx import TensorProto as T
+
+    xs, ys = (g("Cast", x, to=real) for x in ("xs", "ys")) if real != T.FLOAT else ("xs", "ys")
+    read_in, D = g.weights["read_in.weight"], cfg.n_embd
+    x_tokens = g("MatMul", xs, g.const(read_in.T, np.float32))  # (B, n, D)
+    y_tokens = g("Mul", g("Unsqueeze", ys, g.const([2])), g.const(read_in[:, 0], np.float32))
+    pairs = [g("Unsqueeze", t, g.const([2])) for t in (x_tokens, y_tokens)]  # (B, n, 1, D)
+    n = g("Shape", "xs", start=1, end=2)
+    L = g("Mul", n, g.const([2]))  # (1,): 2n tokens
+    view = g("Concat", g.const([-1]), L, g.const([D]), axis=0)
+    tokens = g("Reshape", g("Concat", *pairs, axis=2), view)  # (B, L, D)
+    positions = g("Add", g("Slice", "wpe.weight", g.const([0]), L), "read_in.bias")  # (L, D)
+    P = g("Reshape", g("Add", tokens, positions), g.const([-1, D]))
+    return P, view, g("Concat", g.const([-1]), n, axis=0)
+
+
+def iteration(g, cfg, Y, P):
+    """One loop iteration with input injection, Y_{t+1} = M(Y_t + P), on (B L, D) matrices (Y None:
+    Y_0 = 0); M is the blocks, then ln_f."""
+    h, heads = (
+        P if Y is None else g("Add", Y, P),
+        dict(q_num_heads=cfg.n_head, kv_num_heads=cfg.n_head),
+    )
+    for i in range(cfg.n_layer):
+        w = f"blocks.{i}."
+        qkv = linear(g, layer_norm(g, h, w + "ln_1"), w + "attn.c_attn")  # (B L, 3 D)
+        q, k, v = (
+            g("Reshape", t, g.view) for t in g("Split", qkv, axis=1, num_outputs=3, outputs=3)
+        )
+        att = g("Attention", q, k, v, is_causal=1, **heads)  # (B, L, D): it splits the heads
+        h = g("Add", h, linear(g, g("Reshape", att, g.const([-1, cfg.n_embd])), w + "attn.c_proj"))
+        fc = linear(g, layer_norm(g, h, w + "ln_2"), w + "mlp.c_fc")
+        h = g("Add", h, linear(g, g("Gelu", fc, approximate="tanh"), w + "mlp.c_proj"))
+    return layer_norm(g, h, "ln_f")
+
+
+def layer_norm(g, x, name):
+    return g("LayerNormalization", x, f"{name}.weight", f"{name}.bias", epsilon=1e-5)
+
+
+def linear(g, x, name):  # torch's Linear, x W^T + b
+    return g("Gemm", x, f"{name}.weight", f"{name}.bias", transB=1)
+
+
+def read(g, Y, rows):
+    """The read-out at the x tokens, Y's even rows: (B L, D) -> predictions (B, n)."""
+    x_rows = g("Slice", Y, g.const([0]), g.const([2**62]), g.const([0]), g.const([2]))
+    return g("Reshape", linear(g, x_rows, "read_out"), rows)
+
+
+def dynamic_loop(g, cfg, P, real):
+    """Y after n_loops iterations (an int64 input) of an ONNX Loop, from Y_0 = 0."""
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    body = g.body()
+    Y = g.step(body, cfg, "Y", P)
+    state = [("t", T.INT64), ("go", T.BOOL), ("Y", real)]
+    loop = subgraph(body, state, [body("Identity", "go"), Y])
+    Y0 = g("ConstantOfShape", g("Shape", P), value=helper.make_tensor("0", real, [1], [0]))
+    return g("Loop", "n_loops", "", Y0, body=loop)
+
+
+def adaptive_loop(g, cfg, P, rows, real, tolerance, max_loops, signal):
+    """The Loop of an --until-converged graph, as adaptive_depth: its state holds only the prompts
+    still running and their places in the batch; each iteration writes the predictions and loop
+    counts of those that settle into the outputs, (B, n) and (B,), and drops them, so that a batch
+    costs about its prompts' loops, not its size times the slowest one's."""
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    b = g.body()
+    Y = g.step(b, cfg, "Y", "P")
+    p = read(b, Y, rows)  # (A, n): A prompts still running
+
+    def norm(x):  # per prompt: (A,)
+        x, axes = (b("Reshape", x, g.view), [1, 2]) if signal == "state" else (x, [1])
+        return b("ReduceL2", x, b.const(axes), keepdims=0)
+
+    new, old = (Y, "Y") if signal == "state" else (p, "p")
+    change = b("Div", norm(b("Sub", new, old)), b("Max", norm(new), b.const(1e-30, np.float32)))
+    t, most = b("Add", "t", b.const(1)), g.const(max_loops)  # t: the loops run, this one too
+    stop = b("Or", b("Less", change, b.const(tolerance, np.float32)), b("Equal", t, most))
+    settled, running = (b("Squeeze", b("NonZero", s), b.const([0])) for s in (stop, b("Not", stop)))
+    at = b("Unsqueeze", b("Gather", "idx", settled), b.const([1]))  # (S, 1): their places
+    preds = b("ScatterND", "preds", at, b("Gather", p, settled))
+    loops = b("ScatterND", "loops", at, b("Expand", t, b("Shape", settled)))
+
+    def keep(x):  # the running prompts' rows of a (A L, D) matrix
+        return b(
+            "Reshape", b("Gather", b("Reshape", x, g.view), running), b.const([-1, cfg.n_embd])
         )
 
-    if torch.compiler.is_exporting():  # one ONNX Loop
-        state = torch.while_loop(unfinished, iteration, start)
-    else:  # eagerly, the same functions go round a plain loop: torch.while_loop would trace them
-        state = start
-        while unfinished(*state):
-            state = iteration(*state)
-    return state[2], state[4]  # preds, loops
+    kept = [keep(Y), keep("P"), b("Gather", p, running), b("Gather", "idx", running)]
+    go = b("Greater", b("Size", running), b.const(0))
+    state = [("t", T.INT64), ("go", T.BOOL), ("Y", real), ("P", real), ("p", real)]
+    state += [("idx", T.INT64), ("preds", real), ("loops", T.INT64)]
+    loop = subgraph(b, state, [go, *kept, preds, loops])
+    Y0 = g("ConstantOfShape", g("Shape", P), value=helper.make_tensor("0", real, [1], [0]))
+    p0, B = read(g, Y0, rows), g("Shape", "xs", start=0, end=1)
+    idx = g("Range", g.const(0), g("Squeeze", B, g.const([0])), g.const(1))  # (B,): 0 .. B - 1
+    loops0 = g("ConstantOfShape", B, value=helper.make_tensor("0", T.INT64, [1], [0]))
+    state = g("Loop", most, g.const(True, bool), Y0, P, p0, idx, p0, loops0, body=loop, outputs=6)
+    return state[4:]  # preds, loops
 
 
-def onnx_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, **_):
-    """Causal attention written so that the masked scores never reach an Exp: the exporter turns
-    F.scaled_dot_product_attention into Softmax(scores + mask) with -3.4e38 in the mask, and
-    onnxruntime's Softmax takes a slow path whenever exp underflows (measured: 6.6x slower on
-    this model's rows of 22 scores, 27% of a batch-64 run). Equal to softmax(q k^T / sqrt(hs)
-    + causal mask) v; export() swaps it in for the trace only, and verify() checks the result
-    against the untouched model."""
-    import torch
+def subgraph(body, inputs, outputs):
+    """A Loop's body: inputs [(name, type)] (the iteration, the condition, the state) and outputs
+    the names its nodes give them in the same order (the condition, the state)."""
+    from onnx import helper
 
-    assert attn_mask is None and dropout_p == 0 and is_causal, "written for causal attention only"
-    L = q.shape[-2]
-    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    keep = causal.to(q.dtype)  # (L, L): 1 for a key already seen, 0 for a later one
-    hide = torch.zeros_like(keep).masked_fill(~causal, float("-inf"))  # 0 or -inf, only for the max
-    s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, nh, L, L)
-    top = (s + hide).amax(-1, keepdim=True)  # the row max over the seen keys
-    e = ((s - top) * keep).exp() * keep  # a later key gives exp(0) * 0; Mul, not Where: 2x faster
-    return (e / e.sum(-1, keepdim=True)) @ v
+    # The iteration and the condition are scalars; the state's shapes may change.
+    shapes = [[], []] + [None] * (len(inputs) - 2)
+    inputs = [helper.make_tensor_value_info(n, kind, s) for (n, kind), s in zip(inputs, shapes)]
+    kinds = [v.type.tensor_type.elem_type for v in inputs[1:]]
+    outputs = [helper.make_tensor_value_info(n, kind, None) for n, kind in zip(outputs, kinds)]
+    return helper.make_graph(body.nodes, "loop_body", inputs, outputs)
+
+
+def as_model(g, cfg, loops, outputs, fp16, adaptive):
+    """The graph as a ModelProto: inputs xs, ys (and n_loops for "dynamic"), outputs preds (and
+    loops for "adaptive"), the weights it reads, and its description in the metadata."""
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    import looped
+
+    names = ["preds", "loops"][: len(outputs)]
+    g.nodes += [helper.make_node("Identity", [o], [name]) for o, name in zip(outputs, names)]
+    used, half = set(used_names(g.nodes)), np.float16 if fp16 else np.float32
+    weights = [
+        numpy_helper.from_array(w.astype(half) if w.dtype == np.float32 else w, name)
+        for name, w in g.weights.items()
+        if name in used
+    ]
+    axes = ["batch", "n_points"]
+    inputs = [("xs", T.FLOAT, [*axes, cfg.n_dims]), ("ys", T.FLOAT, axes), ("n_loops", T.INT64, [])]
+    inputs = inputs[: 3 if loops == "dynamic" else 2]
+    outs = [("preds", T.FLOAT, axes), ("loops", T.INT64, axes[:1])][: len(outputs)]
+    info = [[helper.make_tensor_value_info(*v) for v in vs] for vs in (inputs, outs)]
+    graph = helper.make_graph(g.nodes, "looped", *info, weights)
+    opset = [helper.make_opsetid("", 23)]  # Attention is new in opset 23
+    proto = helper.make_model(graph, opset_imports=opset, ir_version=11, producer_name="looped")
+    # The graph's description, as strings: what Predictor and apps read.
+    meta = dict(task=cfg.task, n_dims=cfg.n_dims, max_points=cfg.n_positions, n_loops=loops)
+    meta.update(trained_loops=cfg.n_loops, **adaptive)  # adaptive: tolerance, max_loops, signal
+    meta.update(error_normaliser=looped.error_normaliser(cfg.task, cfg.n_dims))
+    meta.update(precision="fp16" if fp16 else "fp32", config=json.dumps(dataclasses.asdict(cfg)))
+    meta.update(version=VERSION, producer="looped export.py")
+    helper.set_model_props(proto, {k: str(v) for k, v in meta.items()})
+    return proto
+
+
+def used_names(nodes):
+    """Every name the nodes read, in their Loop bodies too."""
+    for node in nodes:
+        yield from node.input
+        for attribute in node.attribute:
+            yield from used_names(attribute.g.node)
 
 
 def load_model(run_dir):
@@ -313,42 +458,30 @@ def export(
     max_loops=None,
     signal="prediction",
 ):
-    """Export, write metadata, verify; returns the verification report (a dict). until_converged:
-    the tolerance of an adaptive graph (UntilConverged), at most max_loops (default 5 b) loops."""
+    """Export, verify; returns the verification report (a dict). until_converged: the tolerance
+    of an adaptive graph (adaptive_depth), at most max_loops (default 5 b) loops."""
     import onnx
 
     import harness
-    import looped
 
     model, cfg = load_model(run_dir)
     check_output(out)  # before any work
     loops, max_loops = check_request(
         model, cfg, run_dir, n_loops, dynamic_loops, fp16, until_converged, max_loops, signal
     )
-    forms, adaptive = wrappers(), {}
+    adaptive = {}  # an adaptive graph's stopping rule, in its metadata too
     if loops == "adaptive":
-        wrapper = forms.UntilConverged(model, until_converged, max_loops, signal)
         adaptive = {"tolerance": until_converged, "max_loops": max_loops, "signal": signal}
-    else:
-        wrapper = forms.Loops(model, None if loops == "dynamic" else loops)
     t0 = time.perf_counter()
-    proto = trace(wrapper, cfg, loops)
-    if fp16:
-        proto = half_precision(proto)
-    # The graph's description, as strings: what Predictor and apps read.
-    meta = dict(task=cfg.task, n_dims=cfg.n_dims, max_points=cfg.n_positions, n_loops=loops)
-    meta.update(trained_loops=cfg.n_loops, **adaptive)  # adaptive: tolerance, max_loops, signal
-    meta.update(error_normaliser=looped.error_normaliser(cfg.task, cfg.n_dims))
-    meta.update(precision="fp16" if fp16 else "fp32", config=json.dumps(dataclasses.asdict(cfg)))
-    meta.update(version=VERSION, producer="looped export.py")
-    onnx.helper.set_model_props(proto, {k: str(v) for k, v in meta.items()})
+    proto = onnx_graph(model, cfg, loops, fp16, adaptive)
+    reference = functools.partial(adaptive_depth, model, **adaptive) if adaptive else None
     # The graph is verified before it replaces anything at `out`: a failure leaves no file.
     with harness.atomic(out) as tmp:
         onnx.save(proto, tmp)  # one self-contained file: the weights are small
         size, seconds = os.path.getsize(tmp) / 1e6, time.perf_counter() - t0
         say(f"exported {out} ({size:.1f} MB) in {seconds:.1f} s")
         try:
-            report = verify(tmp, model, cfg, loops, fp16, wrapper if adaptive else None)
+            report = verify(tmp, model, cfg, loops, fp16, reference)
         except VerificationError:
             raise
         except Exception as e:  # any failure, not only a parity miss
@@ -409,64 +542,6 @@ def check_request(model, cfg, run_dir, n_loops, dynamic_loops, fp16, until, max_
                 "nothing was exported"
             )
     return loops, max_loops
-
-
-def trace(wrapper, cfg, loops):
-    """The wrapper traced into an ONNX graph (a ModelProto) by torch's exporter, with the batch and
-    point axes symbolic; "dynamic" loops are an int64 input, "adaptive" ones a second output."""
-    from unittest import mock  # not at the top: 25 ms that every app using Predictor would pay
-
-    # Imported now, not lazily inside the export: a signal that lands in a lazy import leaves a
-    # half-made module, whose error would replace the signal's one line.
-    import torch._dynamo  # noqa: F401
-    import torch.export
-
-    import looped
-
-    # Example shapes must avoid 1 (a size-1 example freezes that axis) and the maximum.
-    n_example = max(2, min(cfg.n_points, cfg.n_positions) - 1)
-    gen = torch.Generator().manual_seed(0)
-    args = looped.TASKS[cfg.task](2, n_example, cfg.n_dims, cfg.n_dims, gen)
-    batch = torch.export.Dim("batch", min=1)
-    points = torch.export.Dim("n_points", min=1, max=cfg.n_positions)
-    shapes = {"xs": {0: batch, 1: points}, "ys": {0: batch, 1: points}}
-    if loops == "dynamic":
-        args, shapes["n_loops"] = (*args, torch.tensor(3)), None
-    logging.getLogger("torch").setLevel(logging.ERROR)
-    attention = "torch.nn.functional.scaled_dot_product_attention"
-    with warnings.catch_warnings(), mock.patch(attention, onnx_attention):
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            wrapper,
-            args,
-            dynamo=True,
-            dynamic_shapes=shapes,
-            verbose=False,
-            input_names=list(shapes),
-            output_names=["preds", "loops"] if loops == "adaptive" else ["preds"],
-            optimize=isinstance(loops, int) and loops <= 20,
-        )
-    return program.model_proto
-
-
-def half_precision(proto):
-    """The graph with float16 weights and arithmetic; its inputs and outputs stay float32, so an
-    app feeds the same arrays."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-    from onnxruntime.transformers.onnx_model import OnnxModel
-
-    half = OnnxModel(convert_float_to_float16(proto, keep_io_types=True))
-    half.topological_sort()  # the converter appends its input casts at the end of the graph
-    # The types recorded for inner values are forgotten, in the Loop bodies too: the converter
-    # leaves some of a Loop body's at float32, and the checker infers them afresh.
-    graphs = [half.model.graph]
-    while graphs:
-        graph = graphs.pop()
-        del graph.value_info[:]
-        for node in graph.node:
-            graphs += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
-    return half.model
 
 
 def check_output(out):

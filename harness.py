@@ -37,7 +37,7 @@ class Diverged(UserError):
 
 class Interrupted(BaseException):
     """SIGINT or SIGTERM: one line (empty but on rank 0) and exit code 128 + the signal's number.
-    A BaseException, so that no `except Exception` (torch.onnx.export retries so) swallows it."""
+    A BaseException, so that no `except Exception` on the way swallows it."""
 
     def __init__(self, message, signum):
         super().__init__(message)

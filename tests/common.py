@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 import cli
+import export
 import looped
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -88,14 +89,14 @@ TINY_FLAGS = (
 
 
 class Ran(BaseException):
-    """Raised where a command's work would start (a prompt drawn, a graph traced): it got past
+    """Raised where a command's work would start (a prompt drawn, a graph written): it got past
     every check. A BaseException, so that no `except Exception` on the way can take it for an
     error of its own."""
 
 
 @contextlib.contextmanager
 def stop_at_work():
-    """Every sampler of looped.TASKS and torch.onnx.export raise Ran: every command's work starts
+    """Every sampler of looped.TASKS and export.onnx_graph raise Ran: every command's work starts
     with one of them, so a command that gets to its work stops there at once."""
 
     def ran(*args, **kwargs):
@@ -104,7 +105,7 @@ def stop_at_work():
     with pytest.MonkeyPatch.context() as m:
         for task in looped.TASKS:
             m.setitem(looped.TASKS, task, ran)
-        m.setattr(torch.onnx, "export", ran)
+        m.setattr(export, "onnx_graph", ran)
         yield
 
 

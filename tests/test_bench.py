@@ -53,27 +53,36 @@ def test_bench_export_reports_each_graph_on_its_own_prompts(trained_run, tmp_pat
     assert [row[:2] for row in table.rows] == [
         ["2 loops", "1"],
         ["2 loops", "64"],
+        ["2 loops, Loop", "1"],
+        ["2 loops, Loop", "64"],
         ["until 0.01", "1"],
         ["until 0.01", "64"],
     ]
     # The loops and errors again, from PyTorch on the same prompts: bench_export draws each
     # row's prompts in turn from one generator seeded 0.
     model, cfg = export.load_model(trained_run)
-    until = export.wrappers().UntilConverged(model, 0.01, 5 * cfg.n_loops)
     norm = looped.error_normaliser(cfg.task, cfg.n_dims)
     gen = torch.Generator().manual_seed(0)
-    for name, batch, eager, ort, speed_up, mean_loops, error in table.rows:
+    for name, batch, eager, ort, speed_up, alone, ratio, mean_loops, error in table.rows:
         xs, ys = looped.TASKS[cfg.task](int(batch), cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
         with torch.no_grad():
-            if name == "2 loops":
+            if name.startswith("2 loops"):
                 preds, loops = model(xs, ys, 2)[:, -1], torch.tensor([2])
             else:
-                preds, loops = until(xs, ys)
+                preds, loops = export.adaptive_depth(model, xs, ys, 0.01, 5 * cfg.n_loops)
                 assert batch == "1" or len(set(loops.tolist())) > 2
         assert speed_up == pytest.approx(eager / ort)
+        # The floor at the loops the graph ran: the matrix products of 2 loops, scaled.
+        assert ratio == pytest.approx(ort / (alone * mean_loops / 2))
         assert mean_loops == pytest.approx(loops.float().mean().item()), name
         expected = ((preds[:, -1] - ys[:, -1]) ** 2).mean().item() / norm
         assert error == pytest.approx(expected, rel=1e-3), name
+    # The floor's graph: the model's with each iteration cut to its four matrix products.
+    floor = export.onnx_graph(model, cfg, 2, step=bench.matmuls_alone)
+    full = export.onnx_graph(model, cfg, 2)
+    ops = [node.op_type for node in floor.graph.node]
+    assert ops.count("Gemm") == 2 * 4 * cfg.n_layer + 1  # and the read-out's
+    assert len(full.graph.node) - len(ops) == (16 - 4) + (17 - 4)  # the first has no injection
     path = tmp_path / "results" / "bench_export.json"
     table.save(str(path), "python bench.py export RUN")
     saved = json.loads(path.read_text())

@@ -13,7 +13,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-import torch.nn.functional as F
 from common import (
     FUZZ,
     NUMBERS,
@@ -60,11 +59,14 @@ def test_unrolled_and_dynamic_exports_match_pytorch(trained_run, tmp_path):
         export.Predictor(unrolled, device="cpu")
         export.Predictor(unrolled, device="auto")
     assert asked == [["CPUExecutionProvider"], both]
-    # The masked softmax is written out (export.onnx_attention), so there is no slow Softmax node,
-    # and GELU is one node, not the Sigmoid of its compiled form.
-    ops = {node.op_type for node in onnx.load(unrolled).graph.node}
-    assert "Softmax" not in ops and "Gelu" in ops and "Sigmoid" not in ops
+    # A block is ONNX's fused operators, and the --dynamic-loops graph's Loop body one iteration:
+    # 17 nodes and the condition's, none of them recomputing what the prompt alone fixes.
+    ops = [node.op_type for node in onnx.load(unrolled).graph.node]
+    assert {"Attention", "LayerNormalization", "Gelu", "Gemm"} <= set(ops) and "Softmax" not in ops
     export.export(trained_run, dynamic, dynamic_loops=True, say=lambda *a: None)
+    (loop,) = [node for node in onnx.load(dynamic).graph.node if node.op_type == "Loop"]
+    body = [node.op_type for node in loop.attribute[0].g.node]
+    assert len(body) == 18 and body.count("Attention") == 1 and "Shape" not in body
     xs, ys = draw("linreg", B=7, n=5, d=4, active=4, seed=11)  # a shape unlike the export example's
     with torch.no_grad():
         expected = model(xs, ys, 4)[:, -1].numpy()
@@ -94,7 +96,6 @@ def test_until_converged_stops_each_prompt_at_its_first_settled_iteration(traine
     ||p_t - p_{t-1}|| / ||p_t|| (p_0 the read-out of Y_0 = 0), or ||Y_t - Y_{t-1}|| / ||Y_t||."""
     model, cfg = export.load_model(trained_run)
     xs, ys = draw("linreg", B=32, n=9, d=4, active=4, seed=5)
-    UntilConverged = export.wrappers().UntilConverged
     with torch.no_grad():
         every = model(xs, ys, 40)  # (B, 40, n)
         P = model.embed(xs, ys)
@@ -115,12 +116,12 @@ def test_until_converged_stops_each_prompt_at_its_first_settled_iteration(traine
         tol = (middle[gap] * middle[gap + 1]).sqrt().item()
         settled = change < tol
         first = torch.where(settled.any(1), settled.float().argmax(1) + 1, 40)  # 1-based
-        preds, loops = UntilConverged(model, tol, 40, signal)(xs, ys)
+        preds, loops = export.adaptive_depth(model, xs, ys, tol, 40, signal)
     assert torch.equal(loops, first)
     assert 1 < len(set(first.tolist()))  # prompts stop at different loops
     torch.testing.assert_close(preds, every[torch.arange(32), first - 1], rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        _, never = UntilConverged(model, 1e-9, 12, signal)(xs, ys)
+        _, never = export.adaptive_depth(model, xs, ys, 1e-9, 12, signal)
     assert (never == 12).all()  # a tolerance never met: every prompt runs the maximum
 
 
@@ -133,7 +134,7 @@ def test_adaptive_export_returns_its_loop_counts_and_matches_pytorch(trained_run
     assert "until converged" in report["parity"]
     xs, ys = draw("linreg", B=9, n=7, d=4, active=4, seed=3)
     with torch.no_grad():
-        expected, used = export.wrappers().UntilConverged(model, 0.02, 30)(xs, ys)
+        expected, used = export.adaptive_depth(model, xs, ys, 0.02, 30)
     predictor = export.Predictor(path, device="cpu")
     preds, loops = predictor(xs.numpy(), ys.numpy(), return_loops=True)
     assert loops.dtype == np.int64 and np.array_equal(loops, used.numpy())
@@ -148,14 +149,6 @@ def test_adaptive_export_returns_its_loop_counts_and_matches_pytorch(trained_run
         predictor(xs.numpy(), ys.numpy(), n_loops=4)
     r = run_cli(export.main, trained_run, "--until-converged", "0.01", "--loops", "3")
     assert r.returncode == 2 and "excludes --loops" in r.stderr
-
-
-def test_export_attention_equals_sdpa():
-    gen = torch.Generator().manual_seed(0)
-    for L in (1, 5, 22):
-        q, k, v = torch.randn(3, 3, 2, L, 8, generator=gen, dtype=torch.float64)
-        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        assert (export.onnx_attention(q, k, v, is_causal=True) - ref).abs().max() < 1e-12
 
 
 def test_metadata_round_trip_and_input_validation(trained_run, tmp_path):
@@ -329,18 +322,17 @@ def test_fp16_dynamic_loops_exports_and_verifies(trained_run, tmp_path):
 
 
 def test_sigterm_stops_an_export_at_once(trained_run, tmp_path, monkeypatch):
-    """A signal that lands inside torch's exporter stops the command with 143: the exporter's
-    retries (`except Exception`) do not take it for a failed trace, nor verify for a failure."""
+    """A signal that lands while the graph is written stops the command with 143, nothing left."""
     calls = []
-    attention = export.onnx_attention
+    iteration = export.iteration
 
     def signalled(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             os.kill(os.getpid(), signal.SIGTERM)  # cli.cli's handler raises Interrupted
-        return attention(*args, **kwargs)
+        return iteration(*args, **kwargs)
 
-    monkeypatch.setattr(export, "onnx_attention", signalled)
+    monkeypatch.setattr(export, "iteration", signalled)
     r = run_cli(export.main, trained_run, "--loops", "2", "-o", str(tmp_path / "m.onnx"))
     assert r.returncode == 143 and "stopped by SIGTERM" in r.stderr, r.stderr
     assert len(calls) == 1 and os.listdir(tmp_path) == []
