@@ -4,6 +4,7 @@
     python bench.py loop            # steps per second of the real training loop
     python bench.py baselines       # the batched solvers against per-prompt scikit-learn
     python bench.py export RUN_DIR  # PyTorch eager against onnxruntime: fixed b, adaptive depth
+    python bench.py web             # the web page's model call in headless Chromium
 
 With --save the table also goes to results/bench_NAME.json (bench_NAME_cuda.json on a GPU), with
 the command, the machine and the torch version: `python experiments.py report` shows the saved
@@ -15,10 +16,12 @@ import datetime
 import functools
 import importlib.util
 import itertools
+import json
 import os
 import platform
 import re
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -344,6 +347,103 @@ def matmuls_alone(g, cfg, Y, P):
     return h
 
 
+# ---------------------------------------------------------------------------- the web page
+
+WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
+ORT_WEB = "node_modules/onnxruntime-web/dist/"  # the copy `npm ci --prefix web` installs
+TIME_IN_PAGE = """async ([xs, ys, loops, repeats]) => {
+  await window.looped.predict(xs, ys, loops);  // warm-up
+  const times = [];
+  for (let i = 0; i < repeats; i++) {
+    const t0 = performance.now();
+    await window.looped.predict(xs, ys, loops);
+    times.push(performance.now() - t0);
+  }
+  return times.sort((a, b) => a - b)[repeats >> 1];
+}"""
+
+
+def bench_web(model=None, repeats=20):
+    """Median latency of the page's model call (window.looped.predict: onnxruntime-web, wasm, one
+    thread, in headless Chromium) at batch 1 and 64 and 20 and 100 loops, beside onnxruntime in
+    Python on one thread, on the same graph (default the page's web/linreg.onnx) and prompts."""
+    import http.server
+    import threading
+
+    import onnxruntime
+
+    chromium = shutil.which("chromium")
+    needs = [("Debian's chromium (apt-get install chromium)", chromium)]
+    needs += [("onnxruntime-web (npm ci --prefix web)", os.path.isdir(os.path.join(WEB, ORT_WEB)))]
+    needs += [("playwright (pip install playwright)", importlib.util.find_spec("playwright"))]
+    missing = [what for what, found in needs if not found]
+    if missing:
+        raise harness.UserError(
+            f"bench.py web drives the page in Chromium: it needs {', '.join(missing)}"
+        )
+    model = model or os.path.join(WEB, "linreg.onnx")
+    try:
+        predictor = export.Predictor(model, device="cpu")  # its checks of the file
+    except ValueError as e:
+        raise harness.UserError(str(e)) from None
+    if not predictor.dynamic_loops:
+        raise harness.UserError(f"{model}: the page runs --dynamic-loops exports")
+    from playwright.sync_api import sync_playwright
+
+    class Files(http.server.SimpleHTTPRequestHandler):  # web/, and the model at /model.onnx
+        def translate_path(self, path):
+            return model if path.startswith("/model.onnx") else super().translate_path(path)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Files, directory=WEB)
+    )
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1  # as the page's wasm runs
+    session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    table = Table(
+        f"the page's model call in headless Chromium (onnxruntime-web {ort_web_version()}, wasm, 1 "
+        f"thread) beside onnxruntime {onnxruntime.__version__} in Python (1 thread), "
+        f"{os.path.basename(model)}; median of {repeats}",
+        ["batch", "loops", "browser ms", "python ms", "browser / python"],
+        [6, 6, 12, 12, 18],
+        digits=3,
+    )
+    gen = torch.Generator().manual_seed(0)
+    try:
+        with sync_playwright() as p:
+            flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+            browser = p.chromium.launch(executable_path=chromium, args=flags)
+            page = browser.new_page()
+            page.goto(
+                f"http://127.0.0.1:{httpd.server_port}/index.html?ort={ORT_WEB}&model=model.onnx"
+            )
+            page.evaluate("window.looped.ready")  # loaded, its first charts drawn
+            for batch, loops in itertools.product((1, 64), (20, 100)):
+                xs, ys = (
+                    t.numpy()
+                    for t in looped.TASKS["linreg"](
+                        batch, predictor.max_points, predictor.n_dims, predictor.n_dims, gen
+                    )
+                )
+                feeds = {"xs": xs, "ys": ys, "n_loops": np.array(loops, np.int64)}
+                browser_ms = page.evaluate(TIME_IN_PAGE, [xs.tolist(), ys.tolist(), loops, repeats])
+                python_ms = 1000 * seconds(functools.partial(session.run, None, feeds), repeats)
+                table.add(str(batch), str(loops), browser_ms, python_ms, browser_ms / python_ms)
+            browser.close()
+    finally:
+        httpd.shutdown()
+    return table
+
+
+def ort_web_version():
+    with open(os.path.join(WEB, "node_modules", "onnxruntime-web", "package.json")) as f:
+        return json.load(f)["version"]
+
+
 # ---------------------------------------------------------------------------- command line
 
 
@@ -357,6 +457,8 @@ def flags():
         "loop": "steps per second of the real training loop (see bench_loop)",
         "baselines": "batched solvers against per-prompt scikit-learn fits",
         "export": "PyTorch eager against onnxruntime on a trained run",
+        "web": "the page's model call in headless Chromium, beside onnxruntime in Python",
+        "--model": "a --dynamic-loops export to run in the page (default web/linreg.onnx)",
         "train --preset": "one model only (default: both)",
         "loop --preset": "default: paper on CUDA, laptop elsewhere",
         "--steps": f"training steps per mode, {steps}; the paper's curriculum first changes n at "
@@ -368,8 +470,10 @@ def flags():
         "--loops": f"loop iterations to unroll, 1 to {export.UNROLLED} b (default: the trained b)",
         "--save": "also write the table to results/bench_NAME.json (bench_NAME_cuda.json on a GPU)",
     }
-    commands = "train loop baselines export".split()
-    p_train, p_loop, p_baselines, p_export = (sub.add_parser(c, help=helps[c]) for c in commands)
+    commands = "train loop baselines export web".split()
+    p_train, p_loop, p_baselines, p_export, p_web = (
+        sub.add_parser(c, help=helps[c]) for c in commands
+    )
     for p, command in ((p_train, "train"), (p_loop, "loop")):
         p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
         p.add_argument("--preset", choices=("laptop", "paper"), help=helps[f"{command} --preset"])
@@ -381,6 +485,7 @@ def flags():
     )
     p_export.add_argument("run_dir", help="a looped.py run folder (with ckpt.pt)")
     p_export.add_argument("--loops", type=cli.Count(1, looped.MAX_LOOPS), help=helps["--loops"])
+    p_web.add_argument("--model", help=helps["--model"])
     for p in sub.choices.values():
         p.add_argument("--save", action="store_true", help=helps["--save"])
     return parser
@@ -409,8 +514,10 @@ def main(argv=None):
             )
         names = args.only or [name for name in baselines.BASELINES if name != "zero"]
         table = bench_baselines(args.prompts, args.ref_prompts, names)
-    else:
+    elif args.command == "export":
         table = bench_export(args.run_dir, args.loops)
+    else:
+        table = bench_web(args.model)
     if args.save:
         table.save(saved, "python bench.py " + shlex.join(argv))
 

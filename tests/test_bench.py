@@ -1,6 +1,9 @@
 """Tests of bench.py: each table times what it names."""
 
+import importlib.util
 import json
+import os
+import shutil
 import types
 
 import numpy as np
@@ -90,6 +93,31 @@ def test_bench_export_reports_each_graph_on_its_own_prompts(trained_run, tmp_pat
     assert saved["rows"] == table.rows and saved["text"] == table.text
 
 
+def test_bench_web_times_the_page_beside_python(trained_run, monkeypatch, tmp_path):
+    web = os.path.join(bench.WEB, bench.ORT_WEB)
+    if not (
+        shutil.which("chromium") and os.path.isdir(web) and importlib.util.find_spec("playwright")
+    ):
+        pytest.skip("bench.py web needs chromium, onnxruntime-web and playwright")
+    table = bench.bench_web(repeats=2)
+    assert [row[:2] for row in table.rows] == [
+        ["1", "20"],
+        ["1", "100"],
+        ["64", "20"],
+        ["64", "100"],
+    ]
+    for _, _, browser, python, ratio in table.rows:
+        assert browser > 0 and python > 0 and ratio == pytest.approx(browser / python)
+    assert table.rows[3][2] > table.rows[0][2]  # 64 prompts of 100 loops take longer than one of 20
+    unrolled = str(tmp_path / "b2.onnx")  # the page chooses the loop count
+    export.export(trained_run, unrolled, n_loops=2, say=lambda *a: None)
+    assert "the page runs --dynamic-loops exports" in refused(
+        bench.main, "web", "--model", unrolled
+    )
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert "needs Debian's chromium" in refused(bench.main, "web")
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
@@ -103,6 +131,7 @@ def test_bench_export_reports_each_graph_on_its_own_prompts(trained_run, tmp_pat
         (["export", "RUN", "--loops", "1000000000"], "out of range: 1 to 10,000"),
         (["export", "RUN", "--loops", "31"], "1 to 30 for this run"),
         (["export", "/nonexistent/run"], "no checkpoint"),
+        (["web", "--model", "/nonexistent.onnx"], "no ONNX model at /nonexistent.onnx"),
         (["train", "--device", "tpu"], "unknown device"),
         (["fly"], "invalid choice"),
     ],
