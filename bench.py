@@ -282,29 +282,33 @@ def bench_baselines(prompts, ref_prompts, names):
 # ---------------------------------------------------------------------------- export
 
 
-def bench_export(run_dir, n_loops=None, repeats=20, tol=0.03):
+def bench_export(run_dir, n_loops=None, repeats=20, tols=(0.03, 0.01)):
     """Median latency of PyTorch eager and onnxruntime at batch 1 and 64, measured in one run: the
     graph unrolled at n_loops (default b), the --dynamic-loops graph at n_loops, and the adaptive
-    graph (--until-converged tol, at most 5 b loops) with the mean loops it used; the error at
-    k = n - 1 of each on those prompts; and each graph's time over that of its matrix products
-    alone (matmuls_alone, at the loops it ran), the floor that no fusion goes below."""
+    graphs (--until-converged at each of tols, at most 5 b loops) with the mean loops they used;
+    the error at k = n - 1 of each, all on the same prompts; and each graph's time over that of its
+    matrix products alone (matmuls_alone, at the loops it ran), the floor no fusion goes below."""
     model, cfg = export.load_model(run_dir)
     n_loops, most = n_loops or cfg.n_loops, min(5 * cfg.n_loops, export.MAX_LOOPS)
     export.check_request(model, cfg, run_dir, n_loops, False, False, None, None, "prediction")
     norm = looped.error_normaliser(cfg.task, cfg.n_dims)
-    stop = dict(tolerance=tol, max_loops=most, signal="prediction")
     graphs = {
         f"{n_loops} loops": export.onnx_graph(model, cfg, n_loops),
         f"{n_loops} loops, Loop": export.onnx_graph(model, cfg, "dynamic"),
-        f"until {tol:g}": export.onnx_graph(model, cfg, "adaptive", adaptive=stop),
         "matmuls alone": export.onnx_graph(model, cfg, n_loops, step=matmuls_alone),
     }
+    for tol in tols:
+        stop = dict(tolerance=tol, max_loops=most, signal="prediction")
+        graphs[f"until {tol:g}"] = export.onnx_graph(model, cfg, "adaptive", adaptive=stop)
     with tempfile.TemporaryDirectory() as tmp:
         for name, proto in graphs.items():
             onnx.save(proto, path := os.path.join(tmp, f"{len(os.listdir(tmp))}.onnx"))
             graphs[name] = export.Predictor(path)
     floor = graphs.pop("matmuls alone")
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(0)  # each batch size's prompts, the same for every graph
+    prompts = {
+        B: looped.TASKS[cfg.task](B, cfg.n_points, cfg.n_dims, cfg.n_dims, gen) for B in (1, 64)
+    }
     table = Table(
         f"{cfg.task}: d {cfg.n_dims}, n {cfg.n_points}, D {cfg.n_embd}, {torch.get_num_threads()} "
         f"threads, onnxruntime on {floor.provider}; median of {repeats}",
@@ -314,9 +318,10 @@ def bench_export(run_dir, n_loops=None, repeats=20, tol=0.03):
         digits=3,
     )
     for (name, predictor), batch in itertools.product(graphs.items(), (1, 64)):
-        xs, ys = looped.TASKS[cfg.task](batch, cfg.n_points, cfg.n_dims, cfg.n_dims, gen)
+        xs, ys = prompts[batch]
         x, y = xs.numpy(), ys.numpy()
         loop_count = n_loops if predictor.dynamic_loops else None
+        tol = predictor.adaptive and float(predictor.meta["tolerance"])
         adaptive = (export.adaptive_depth, model, xs, ys, tol, most)
         args = adaptive if predictor.adaptive else (model, xs, ys, n_loops, n_loops - 1)
         with torch.inference_mode():
