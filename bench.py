@@ -12,6 +12,7 @@ tables in docs/results.md.
 Compare speeds only as ratios measured in one run: other work on the machine moves the seconds.
 """
 
+import contextlib
 import datetime
 import functools
 import importlib.util
@@ -26,7 +27,6 @@ import sys
 import tempfile
 import time
 import warnings
-from contextlib import nullcontext
 
 import numpy as np
 import onnx
@@ -136,7 +136,7 @@ def time_step(preset, mode, amp, device, peak):
     # bf16 autocast even on a CPU without native bf16, where looped.py trains in fp32; the
     # compiled modes turn autocast's weight cache off, as --compile does.
     bf16 = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=mode == "eager")
-    ctx = bf16 if amp else nullcontext()
+    ctx = bf16 if amp else contextlib.nullcontext()
     xs, ys = looped.eval_prompts(cfg, device)[:2]  # batch 64
     args = (xs, ys, cfg.n_loops, cfg.n_loops - cfg.loop_window)
     with FlopCounterMode(display=False) as counter:  # counted on the eager model
@@ -372,20 +372,8 @@ def bench_web(model=None, repeats=20):
     """Median latency of the page's model call (window.looped.predict: onnxruntime-web, wasm, one
     thread, in headless Chromium) at batch 1 and 64 and 20 and 100 loops, beside onnxruntime in
     Python on one thread, on the same graph (default the page's web/linreg.onnx) and prompts."""
-    import http.server
-    import threading
-
     import onnxruntime
 
-    chromium = shutil.which("chromium")
-    needs = [("Debian's chromium (apt-get install chromium)", chromium)]
-    needs += [("onnxruntime-web (npm ci --prefix web)", os.path.isdir(os.path.join(WEB, ORT_WEB)))]
-    needs += [("playwright (pip install playwright)", importlib.util.find_spec("playwright"))]
-    missing = [what for what, found in needs if not found]
-    if missing:
-        raise harness.UserError(
-            f"bench.py web drives the page in Chromium: it needs {', '.join(missing)}"
-        )
     model = model or os.path.join(WEB, "linreg.onnx")
     try:
         predictor = export.Predictor(model, device="cpu")  # its checks of the file
@@ -393,19 +381,6 @@ def bench_web(model=None, repeats=20):
         raise harness.UserError(str(e)) from None
     if not predictor.dynamic_loops:
         raise harness.UserError(f"{model}: the page runs --dynamic-loops exports")
-    from playwright.sync_api import sync_playwright
-
-    class Files(http.server.SimpleHTTPRequestHandler):  # web/, and the model at /model.onnx
-        def translate_path(self, path):
-            return model if path.startswith("/model.onnx") else super().translate_path(path)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Files, directory=WEB)
-    )
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1  # as the page's wasm runs
     session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
@@ -417,7 +392,47 @@ def bench_web(model=None, repeats=20):
         [6, 6, 12, 12, 18],
         digits=3,
     )
-    gen = torch.Generator().manual_seed(0)
+    gen, d = torch.Generator().manual_seed(0), predictor.n_dims
+    with page_with(model) as page:
+        for batch, loops in itertools.product((1, 64), (20, 100)):
+            xs, ys = (
+                t.numpy() for t in looped.TASKS["linreg"](batch, predictor.max_points, d, d, gen)
+            )
+            feeds = {"xs": xs, "ys": ys, "n_loops": np.array(loops, np.int64)}
+            browser_ms = page.evaluate(TIME_IN_PAGE, [xs.tolist(), ys.tolist(), loops, repeats])
+            python_ms = 1000 * seconds(functools.partial(session.run, None, feeds), repeats)
+            table.add(str(batch), str(loops), browser_ms, python_ms, browser_ms / python_ms)
+    return table
+
+
+@contextlib.contextmanager
+def page_with(model):
+    """The page (web/index.html, served from this machine) in headless Chromium, running model and
+    the local onnxruntime-web, once it has loaded and drawn its first charts."""
+    import http.server
+    import threading
+
+    chromium = shutil.which("chromium")
+    needs = [("Debian's chromium (apt-get install chromium)", chromium)]
+    needs += [("onnxruntime-web (npm ci --prefix web)", os.path.isdir(os.path.join(WEB, ORT_WEB)))]
+    needs += [("playwright (pip install playwright)", importlib.util.find_spec("playwright"))]
+    missing = [what for what, found in needs if not found]
+    if missing:
+        raise harness.UserError(
+            f"bench.py web drives the page in Chromium: it needs {', '.join(missing)}"
+        )
+    from playwright.sync_api import sync_playwright
+
+    class Files(http.server.SimpleHTTPRequestHandler):  # web/, and the model at /model.onnx
+        def translate_path(self, path):
+            return model if path.startswith("/model.onnx") else super().translate_path(path)
+
+        def log_message(self, *args):
+            pass
+
+    files = functools.partial(Files, directory=WEB)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), files)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         with sync_playwright() as p:
             flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -426,22 +441,11 @@ def bench_web(model=None, repeats=20):
             page.goto(
                 f"http://127.0.0.1:{httpd.server_port}/index.html?ort={ORT_WEB}&model=model.onnx"
             )
-            page.evaluate("window.looped.ready")  # loaded, its first charts drawn
-            for batch, loops in itertools.product((1, 64), (20, 100)):
-                xs, ys = (
-                    t.numpy()
-                    for t in looped.TASKS["linreg"](
-                        batch, predictor.max_points, predictor.n_dims, predictor.n_dims, gen
-                    )
-                )
-                feeds = {"xs": xs, "ys": ys, "n_loops": np.array(loops, np.int64)}
-                browser_ms = page.evaluate(TIME_IN_PAGE, [xs.tolist(), ys.tolist(), loops, repeats])
-                python_ms = 1000 * seconds(functools.partial(session.run, None, feeds), repeats)
-                table.add(str(batch), str(loops), browser_ms, python_ms, browser_ms / python_ms)
+            page.evaluate("window.looped.ready")
+            yield page
             browser.close()
     finally:
         httpd.shutdown()
-    return table
 
 
 def ort_web_version():
