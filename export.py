@@ -94,7 +94,8 @@ class Predictor:
             ) from None
         self.adaptive = self.loops == "adaptive"  # bench.py reads it
         self.dynamic_loops = self.loops == "dynamic"  # n_loops is an input: pass it per call
-        self.outputs = ["preds", "loops"] if self.adaptive else ["preds"]
+        self.every = meta.get("every_loop") == "True"  # also every iteration's predictions
+        self.outputs = ["preds"] + ["loops"] * self.adaptive + ["every"] * self.every
         inputs = ["xs", "ys", "n_loops"] if self.loops == "dynamic" else ["xs", "ys"]
         graph = ([v.name for v in s.get_inputs()], [v.name for v in s.get_outputs()])
         if graph != (inputs, self.outputs):
@@ -108,12 +109,15 @@ class Predictor:
         # With fewer prompts than cores, a wide model runs faster on all cores in one session.
         self.wide = ort.InferenceSession(path, providers=providers) if wide else None
 
-    def __call__(self, xs, ys, n_loops=None, return_loops=False):
-        """Predictions (B, n); with return_loops also the loops each prompt used (B,), int64."""
+    def __call__(self, xs, ys, n_loops=None, return_loops=False, return_every=False):
+        """Predictions (B, n); with return_loops also the loops each prompt used (B,), int64; with
+        return_every also the predictions after every iteration (B, n_loops, n)."""
         if return_loops and not self.adaptive:
             raise ValueError("only an --until-converged model reports the loops it used")
+        if return_every and not self.every:
+            raise ValueError("only an --every-loop model returns every iteration's predictions")
         out = self.run(*self.check(xs, ys), n_loops)
-        return tuple(out) if return_loops else out[0]
+        return tuple(out) if return_loops or return_every else out[0]
 
     def run(self, xs, ys, n_loops):
         feeds = {"xs": xs, "ys": ys}
@@ -244,15 +248,16 @@ class Graph:
         return body
 
 
-def onnx_graph(model, cfg, loops, fp16=False, adaptive=None, step=None):
+def onnx_graph(model, cfg, loops, fp16=False, adaptive=None, step=None, every=False):
     """The model as an ONNX graph (a ModelProto with its description), written node by node from
     its weights. The loop state is a (B L, D) matrix, so that each linear layer is one Gemm with its
     bias, and a block is ONNX's fused operators: LayerNormalization, Attention (causal, the heads
     split inside) and Gelu (tanh), 17 nodes an iteration. loops: an int, the loop unrolled;
     "dynamic", an ONNX Loop whose count is an int64 input; "adaptive", a Loop that stops each
     prompt once it settles (adaptive: tolerance, max_loops, signal, as adaptive_depth). fp16:
-    float16 weights and arithmetic, float32 inputs and outputs. step(g, cfg, Y, P): the nodes of
-    one iteration (default `iteration`; bench.py swaps in its matrix products alone)."""
+    float16 weights and arithmetic, float32 inputs and outputs. every, with "dynamic": a second
+    output, every iteration's predictions (B, n_loops, n). step(g, cfg, Y, P): the nodes of one
+    iteration (default `iteration`; bench.py swaps in its matrix products alone)."""
     from onnx import TensorProto as T
 
     real = T.FLOAT16 if fp16 else T.FLOAT
@@ -265,12 +270,16 @@ def onnx_graph(model, cfg, loops, fp16=False, adaptive=None, step=None):
             Y = g.step(g, cfg, Y, P)
         outputs = [read(g, Y, rows)]
     elif loops == "dynamic":
-        outputs = [read(g, dynamic_loop(g, cfg, P, real), rows)]
+        Y, reads = dynamic_loop(g, cfg, P, rows, real, every)
+        outputs = [read(g, Y, rows)]
+        if every:  # (n_loops, B, n) stacked by the Loop, batch first as every output
+            outputs.append(g("Transpose", reads, perm=[1, 0, 2]))
     else:
         outputs = adaptive_loop(g, cfg, P, rows, real, **adaptive)
     if fp16:
-        outputs[0] = g("Cast", outputs[0], to=T.FLOAT)
-    return as_model(g, cfg, loops, outputs, fp16, adaptive or {})
+        outputs = [g("Cast", o, to=T.FLOAT) for o in outputs]  # no adaptive graph is fp16
+    names = ["preds", "every" if every else "loops"][: len(outputs)]
+    return as_model(g, cfg, loops, dict(zip(names, outputs)), fp16, adaptive or {})
 
 
 def embed(g, cfg, real):
@@ -328,17 +337,20 @@ def read(g, Y, rows):
     return g("Reshape", linear(g, x_rows, "read_out"), rows)
 
 
-def dynamic_loop(g, cfg, P, real):
-    """Y after n_loops iterations (an int64 input) of an ONNX Loop, from Y_0 = 0."""
+def dynamic_loop(g, cfg, P, rows, real, every=False):
+    """Y after n_loops iterations (an int64 input) of an ONNX Loop, from Y_0 = 0; with every,
+    also each iteration's read-out, stacked (n_loops, B, n), else None."""
     from onnx import TensorProto as T
     from onnx import helper
 
     body = g.body()
     Y = g.step(body, cfg, "Y", P)
     state = [("t", T.INT64), ("go", T.BOOL), ("Y", real)]
-    loop = subgraph(body, state, [body("Identity", "go"), Y])
+    reads = [(read(body, Y, rows), real)] if every else []  # a scan output: stacked by the Loop
+    loop = subgraph(body, state, [body("Identity", "go"), Y], reads)
     Y0 = g("ConstantOfShape", g("Shape", P), value=helper.make_tensor("0", real, [1], [0]))
-    return g("Loop", "n_loops", "", Y0, body=loop)
+    outs = g("Loop", "n_loops", "", Y0, body=loop, outputs=1 + every)
+    return tuple(outs) if every else (outs, None)
 
 
 def adaptive_loop(g, cfg, P, rows, real, tolerance, max_loops, signal):
@@ -384,29 +396,30 @@ def adaptive_loop(g, cfg, P, rows, real, tolerance, max_loops, signal):
     return state[4:]  # preds, loops
 
 
-def subgraph(body, inputs, outputs):
+def subgraph(body, inputs, outputs, scans=()):
     """A Loop's body: inputs [(name, type)] (the iteration, the condition, the state) and outputs
-    the names its nodes give them in the same order (the condition, the state)."""
+    the names its nodes give them in the same order (the condition, the state), then scans [(name,
+    type)], values the Loop stacks over the iterations."""
     from onnx import helper
 
     # The iteration and the condition are scalars; the state's shapes may change.
     shapes = [[], []] + [None] * (len(inputs) - 2)
     inputs = [helper.make_tensor_value_info(n, kind, s) for (n, kind), s in zip(inputs, shapes)]
     kinds = [v.type.tensor_type.elem_type for v in inputs[1:]]
-    outputs = [helper.make_tensor_value_info(n, kind, None) for n, kind in zip(outputs, kinds)]
+    outputs = [*zip(outputs, kinds), *scans]
+    outputs = [helper.make_tensor_value_info(n, kind, None) for n, kind in outputs]
     return helper.make_graph(body.nodes, "loop_body", inputs, outputs)
 
 
 def as_model(g, cfg, loops, outputs, fp16, adaptive):
-    """The graph as a ModelProto: inputs xs, ys (and n_loops for "dynamic"), outputs preds (and
-    loops for "adaptive"), the weights it reads, and its description in the metadata."""
+    """The graph as a ModelProto: inputs xs, ys (and n_loops for "dynamic"), outputs {name: the
+    value} (preds, and loops or every), the weights it reads, and its description in metadata."""
     from onnx import TensorProto as T
     from onnx import helper, numpy_helper
 
     import looped
 
-    names = ["preds", "loops"][: len(outputs)]
-    g.nodes += [helper.make_node("Identity", [o], [name]) for o, name in zip(outputs, names)]
+    g.nodes += [helper.make_node("Identity", [o], [name]) for name, o in outputs.items()]
     used, half = set(used_names(g.nodes)), np.float16 if fp16 else np.float32
     weights = [
         numpy_helper.from_array(w.astype(half) if w.dtype == np.float32 else w, name)
@@ -416,7 +429,9 @@ def as_model(g, cfg, loops, outputs, fp16, adaptive):
     axes = ["batch", "n_points"]
     inputs = [("xs", T.FLOAT, [*axes, cfg.n_dims]), ("ys", T.FLOAT, axes), ("n_loops", T.INT64, [])]
     inputs = inputs[: 3 if loops == "dynamic" else 2]
-    outs = [("preds", T.FLOAT, axes), ("loops", T.INT64, axes[:1])][: len(outputs)]
+    kinds = {"preds": (T.FLOAT, axes), "loops": (T.INT64, axes[:1])}
+    kinds["every"] = (T.FLOAT, ["batch", "n_loops", "n_points"])
+    outs = [(name, *kinds[name]) for name in outputs]
     info = [[helper.make_tensor_value_info(*v) for v in vs] for vs in (inputs, outs)]
     graph = helper.make_graph(g.nodes, "looped", *info, weights)
     opset = [helper.make_opsetid("", 23)]  # Attention is new in opset 23
@@ -424,6 +439,7 @@ def as_model(g, cfg, loops, outputs, fp16, adaptive):
     # The graph's description, as strings: what Predictor and apps read.
     meta = dict(task=cfg.task, n_dims=cfg.n_dims, max_points=cfg.n_positions, n_loops=loops)
     meta.update(trained_loops=cfg.n_loops, **adaptive)  # adaptive: tolerance, max_loops, signal
+    meta.update({"every_loop": True} if "every" in outputs else {})
     meta.update(error_normaliser=looped.error_normaliser(cfg.task, cfg.n_dims))
     meta.update(precision="fp16" if fp16 else "fp32", config=json.dumps(dataclasses.asdict(cfg)))
     meta.update(version=VERSION, producer="looped export.py")
@@ -457,13 +473,17 @@ def export(
     until_converged=None,
     max_loops=None,
     signal="prediction",
+    every_loop=False,
 ):
     """Export, verify; returns the verification report (a dict). until_converged: the tolerance
-    of an adaptive graph (adaptive_depth), at most max_loops (default 5 b) loops."""
+    of an adaptive graph (adaptive_depth), at most max_loops (default 5 b) loops. every_loop, with
+    dynamic_loops: every iteration's predictions as a second output."""
     import onnx
 
     import harness
 
+    if every_loop and not dynamic_loops:
+        raise harness.UserError("--every-loop goes with --dynamic-loops")
     model, cfg = load_model(run_dir)
     check_output(out)  # before any work
     loops, max_loops = check_request(
@@ -473,7 +493,7 @@ def export(
     if loops == "adaptive":
         adaptive = {"tolerance": until_converged, "max_loops": max_loops, "signal": signal}
     t0 = time.perf_counter()
-    proto = onnx_graph(model, cfg, loops, fp16, adaptive)
+    proto = onnx_graph(model, cfg, loops, fp16, adaptive, every=every_loop)
     reference = functools.partial(adaptive_depth, model, **adaptive) if adaptive else None
     # The graph is verified before it replaces anything at `out`: a failure leaves no file.
     with harness.atomic(out) as tmp:
@@ -584,8 +604,9 @@ def gap(got, expected):
 def verify(path, model, cfg, loops, fp16=False, adaptive=None):
     """The ONNX checker, symbolic batch and point axes, and parity with PyTorch on fresh prompts
     at a batch size and prompt length unlike the export example: at `loops` for an unrolled graph,
-    at 1 and b for a dynamic one, and for an adaptive one against its PyTorch module (adaptive,
-    an UntilConverged), the loop counts equal. VerificationError on any failure."""
+    at 1 and b for a dynamic one (every iteration's predictions too, where it returns them), and
+    for an adaptive one against adaptive (adaptive_depth at its rule), the loop counts equal.
+    VerificationError on any failure."""
     import onnx
     import torch
 
@@ -618,8 +639,10 @@ def verify(path, model, cfg, loops, fp16=False, adaptive=None):
                 tried = f"until converged (used {used.tolist()})"
                 continue
             for b in tried:  # an unrolled graph takes its own loop count as well
-                expected = model(xs, ys, b)[:, -1].numpy()  # (B, n) after loop b
-                worst = max(worst, gap(predictor(x, y, b), expected))
+                expected = model(xs, ys, b).numpy()  # (B, b, n): after each loop up to b
+                got = predictor(x, y, b, return_every=predictor.every)
+                got, every = got if predictor.every else (got, expected)
+                worst = max(worst, gap(got, expected[:, -1]), gap(every, expected))
     tol = PARITY_TOL_FP16 if fp16 else PARITY_TOL
     parity = (
         f"max |onnxruntime - torch| = {worst:.2e} (tolerance {tol:g}) at batch 3 and 5, "
@@ -649,12 +672,15 @@ def main(argv=None):
         "gives the loops used",
         "--max-loops": f"with --until-converged: the most loops, {loops} (default 5 b)",
         "--stop-on": "with --until-converged: the change that is tested [prediction]",
+        "--every-loop": "with --dynamic-loops: a second output, every (batch, n_loops, n), the "
+        "predictions after every iteration (for plots of error against loops)",
     }
     parser = cli.doc_parser("export.py", __doc__)
     add = parser.add_argument
     add("run_dir", help="a looped.py run folder (with ckpt.pt)")
     add("--loops", type=loops, dest="n_loops", metavar="LOOPS", help=helps["--loops"])
     add("--dynamic-loops", action="store_true", help=helps["--dynamic-loops"])
+    add("--every-loop", action="store_true", help=helps["--every-loop"])
     add("-o", "--out", help=helps["--out"])
     add("--fp16", action="store_true", help="half-precision weights, for GPU inference")
     add("--until-converged", type=cli.positive, metavar="TOL", help=helps["--until-converged"])

@@ -125,6 +125,33 @@ def test_until_converged_stops_each_prompt_at_its_first_settled_iteration(traine
     assert (never == 12).all()  # a tolerance never met: every prompt runs the maximum
 
 
+def test_every_loop_export_returns_every_iterations_predictions(trained_run, tmp_path):
+    path = str(tmp_path / "every.onnx")
+    export.export(trained_run, path, dynamic_loops=True, every_loop=True, say=lambda *a: None)
+    model, _ = export.load_model(trained_run)
+    xs, ys = draw("linreg", B=5, n=7, d=4, active=4, seed=4)
+    with torch.no_grad():
+        expected = model(xs, ys, 13).numpy()  # (B, 13, n): after each of 13 loops
+    predictor = export.Predictor(path, device="cpu")
+    preds, every = predictor(xs.numpy(), ys.numpy(), 13, return_every=True)
+    assert every.shape == (5, 13, 7) and abs(every - expected).max() < 1e-4
+    assert np.array_equal(preds, every[:, -1])
+    predictor.cores = 3  # shards of the batch, put back together along the batch axis
+    assert abs(predictor(xs.numpy(), ys.numpy(), 13, return_every=True)[1] - every).max() < 1e-6
+    with pytest.raises(ValueError, match="only an --every-loop model"):
+        export.Predictor(dynamic_export(trained_run, tmp_path), device="cpu")(
+            xs.numpy(), ys.numpy(), 2, return_every=True
+        )
+    r = run_cli(export.main, trained_run, "--every-loop", "-o", str(tmp_path / "u.onnx"))
+    assert r.returncode == 2 and "--every-loop goes with --dynamic-loops" in r.stderr
+
+
+def dynamic_export(run, folder):
+    path = str(folder / "plain.onnx")
+    export.export(run, path, dynamic_loops=True, say=lambda *a: None)
+    return path
+
+
 def test_adaptive_export_returns_its_loop_counts_and_matches_pytorch(trained_run, tmp_path):
     path = str(tmp_path / "adaptive.onnx")
     model, cfg = export.load_model(trained_run)
