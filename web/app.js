@@ -1,14 +1,18 @@
 // The page: onnxruntime-web runs a looped transformer exported by `python export.py RUN_DIR
-// --dynamic-loops` on prompts drawn here, beside least squares and averaging computed here.
+// --dynamic-loops --every-loop` on prompts drawn here, beside least squares and averaging, and
+// gradient descent and Newton's iteration step by step, all computed here. Inference runs in
+// onnxruntime-web's proxy worker, off the main thread, so the page never freezes; one call at 5 b
+// loops returns the predictions after every loop, so the slider only redraws.
 // Query parameters: ?model=URL (default linreg.onnx), ?seed=N, ?ort=URL of onnxruntime-web's
 // dist/ folder (default: the pinned CDN copy; the browser test passes its local npm copy).
 "use strict";
 
 const ORT_CDN = "https://cdn.jsdelivr.net/npm/onnxruntime-web@1.31.1/dist/";
 const params = new URLSearchParams(location.search);
-const ORT_BASE = new URL(params.get("ort") || ORT_CDN, location.href).href;
+const ORT_BASE = new URL(params.get("ort") || ORT_CDN, location.href).href.replace(/\/?$/, "/");
 const MODEL_URL = params.get("model") || "linreg.onnx";
-const BATCH = 64; // prompts per seed: the error-against-k chart is their mean
+const SEED = /^\d{1,15}$/.test(params.get("seed") || "") ? Number(params.get("seed")) : 1;
+const BATCH = 64; // prompts per seed: the charts show their mean
 // The linear-regression tasks of looped.py: w ~ N(0, I), x ~ N(0, I), y = w . x (+ noise).
 const TASKS = { linreg: {}, noisy_linreg: { noise: 0.1 }, sparse_linreg: { sparse: 3 } };
 
@@ -17,12 +21,14 @@ const state = { session: null, meta: null, calls: Promise.resolve() };
 
 // ---------------------------------------------------------------- errors: one line in the page
 
-function fail(message) {
+// A failure at loading leaves the page without a model; one later (a run) keeps the last charts.
+function fail(message, fatal = true) {
   const line = String(message).split("\n")[0].slice(0, 400);
   $("error").textContent = line;
   $("error").hidden = false;
+  if (!fatal) return;
   $("status").hidden = true;
-  for (const id of ["draw", "loops"]) $(id).disabled = true;
+  for (const id of ["draw", "loops", "own"]) $(id).disabled = true;
 }
 window.addEventListener("error", (e) => fail(e.message));
 window.addEventListener("unhandledrejection", (e) => fail(e.reason?.message || e.reason));
@@ -81,6 +87,7 @@ async function load() {
   await loadScript(`${ORT_BASE}ort.wasm.min.js`);
   ort.env.wasm.wasmPaths = ORT_BASE;
   ort.env.wasm.numThreads = 1; // threads need a cross-origin-isolated page; one is plenty here
+  ort.env.wasm.proxy = true; // inference in onnxruntime-web's worker: the page never waits on it
   const response = await fetch(MODEL_URL).catch((e) => {
     throw new Error(`could not fetch the model ${MODEL_URL}: ${e.message}`);
   });
@@ -88,6 +95,8 @@ async function load() {
     throw new Error(`could not fetch the model ${MODEL_URL}: HTTP ${response.status}`);
   }
   const bytes = new Uint8Array(await response.arrayBuffer());
+  if (!bytes.length) throw new Error(`${MODEL_URL} is empty: it holds no model`);
+  const size = bytes.length; // before the worker takes the buffer
   let meta;
   try {
     meta = onnxMetadata(bytes);
@@ -99,43 +108,68 @@ async function load() {
     throw new Error(`${MODEL_URL} is a ${meta.task} model: this page runs the linear-regression ` +
       `tasks (${Object.keys(TASKS).join(", ")})`);
   }
-  if (meta.n_loops !== "dynamic") {
-    throw new Error(`${MODEL_URL} is unrolled at ${meta.n_loops} loops: export it with ` +
-      "--dynamic-loops, so that the page can choose the loop count");
+  if (meta.n_loops !== "dynamic" || meta.every_loop !== "True") {
+    throw new Error(`${MODEL_URL} is not the page's kind of graph: export it with ` +
+      "--dynamic-loops --every-loop, so that the page can set the loop count and draw every loop");
   }
   try {
     state.session = await ort.InferenceSession.create(bytes, { executionProviders: ["wasm"] });
   } catch (e) {
     const why = String(e.message || e).split("\n")[0];
-    if (/backend|wasm|fetch/i.test(why)) {
-      throw new Error(`onnxruntime-web could not start its wasm backend from ${ORT_BASE}: ${why}`);
+    if (/backend|wasm|fetch|worker/i.test(why)) {
+      throw new Error(`onnxruntime-web could not start its wasm backend from ${ORT_BASE}`);
     }
-    throw new Error(`${MODEL_URL} is corrupt: onnxruntime-web says ${why}`);
+    throw new Error(`${MODEL_URL} is corrupt: onnxruntime-web cannot read its graph`);
   }
   meta.config = JSON.parse(meta.config || "{}");
-  meta.bytes = bytes.length;
+  meta.bytes = size;
   meta.d = Number(meta.n_dims);
   meta.n = Number(meta.max_points);
   meta.b = Number(meta.trained_loops);
   meta.normaliser = Number(meta.error_normaliser);
-  meta.loadMs = performance.now() - t0;
   state.meta = meta;
+  await checkGraph();
+  meta.loadMs = performance.now() - t0;
+}
+
+// The graph against its metadata: its inputs and outputs by name, then one prompt at the largest
+// n, whose predictions must have the shapes the metadata implies.
+async function checkGraph() {
+  const { d, n } = state.meta, names = (list) => list.join(", ");
+  const inputs = names(state.session.inputNames), outputs = names(state.session.outputNames);
+  if (inputs !== "xs, ys, n_loops" || outputs !== "preds, every") {
+    throw new Error(`${MODEL_URL} has inputs (${inputs}) and outputs (${outputs}), not those ` +
+      "of a looped export (xs, ys, n_loops; preds, every)");
+  }
+  const { dims } = await predict(new Float32Array(n * d), new Float32Array(n), 1, n, 2);
+  if (String(dims.preds) !== `1,${n}` || String(dims.every) !== `1,2,${n}`) {
+    throw new Error(`${MODEL_URL} returns predictions of shape (${dims.preds}) and every loop's ` +
+      `(${dims.every}) for one prompt of ${n} points at 2 loops, not (1, ${n}) and (1, 2, ${n})`);
+  }
 }
 
 // ---------------------------------------------------------------- the model
 
-// One session.run at a time: the page's calls queue behind each other.
+// One session.run at a time, in the worker: the page's calls queue behind each other. Returns the
+// predictions after the last loop (B, n) and after every loop (B, loops, n), flat.
 function predict(xs, ys, B, n, loops) {
   const { d } = state.meta;
-  const feeds = {
-    xs: new ort.Tensor("float32", xs, [B, n, d]),
-    ys: new ort.Tensor("float32", ys, [B, n]),
+  const feeds = { // copies: the worker takes the buffers it is sent
+    xs: new ort.Tensor("float32", xs.slice(), [B, n, d]),
+    ys: new ort.Tensor("float32", ys.slice(), [B, n]),
     n_loops: new ort.Tensor("int64", BigInt64Array.from([BigInt(loops)]), []),
   };
   const call = state.calls.then(async () => {
     const t0 = performance.now();
-    const out = await state.session.run(feeds);
-    return { preds: out.preds.data, ms: performance.now() - t0 };
+    let out;
+    try {
+      out = await state.session.run(feeds);
+    } catch {
+      throw new Error(`onnxruntime-web could not run ${MODEL_URL} on ${B} prompt(s) of ${n} ` +
+        `points (d = ${d}) at ${loops} loop(s): its graph does not fit its metadata`);
+    }
+    const dims = { preds: out.preds.dims, every: out.every.dims };
+    return { preds: out.preds.data, every: out.every.data, dims, ms: performance.now() - t0 };
   });
   state.calls = call.catch(() => {});
   return call;
@@ -236,13 +270,117 @@ function promptRows(xs, ys, p, n, d) {
   return { X, y };
 }
 
+// The largest eigenvalue of a symmetric matrix, by Jacobi rotations: exact to round-off.
+function largestEigenvalue(S) {
+  const A = S.map((row) => [...row]), d = A.length;
+  for (let sweep = 0; sweep < 50; sweep++) {
+    let off = 0, diagonal = 0;
+    for (let p = 0; p < d; p++) {
+      diagonal += A[p][p] ** 2;
+      for (let q = p + 1; q < d; q++) off += A[p][q] ** 2;
+    }
+    if (off <= 1e-32 * diagonal) break;
+    for (let p = 0; p < d; p++) {
+      for (let q = p + 1; q < d; q++) {
+        if (A[p][q] === 0) continue;
+        const theta = (A[q][q] - A[p][p]) / (2 * A[p][q]); // the rotation that zeroes A[p][q]
+        const t = (theta < 0 ? -1 : 1) / (Math.abs(theta) + Math.sqrt(theta * theta + 1));
+        const c = 1 / Math.sqrt(t * t + 1), s = t * c;
+        for (let k = 0; k < d; k++) { // A <- J^T A J: columns p and q, then rows p and q
+          [A[k][p], A[k][q]] = [c * A[k][p] - s * A[k][q], s * A[k][p] + c * A[k][q]];
+        }
+        for (let k = 0; k < d; k++) {
+          [A[p][k], A[q][k]] = [c * A[p][k] - s * A[q][k], s * A[p][k] + c * A[q][k]];
+        }
+      }
+    }
+  }
+  return Math.max(...A.map((row, i) => row[i]));
+}
+
+// Gradient descent and Newton's iteration on rows X and targets y, as baselines.py runs them:
+// G = X^T X and c = X^T y; w <- w - (G w - c) / lambda_max(G) from w = 0; M_0 = G / lambda_max^2,
+// M <- 2 M - M G M, w = M c. Their predictions at x after each of 1 .. steps steps. Flat
+// Float64Arrays, row-major: 64 prompts of 100 steps take a few ms, well inside a frame.
+function iterates(X, y, x, steps) {
+  const d = x.length, G = new Float64Array(d * d), c = new Float64Array(d);
+  X.forEach((row, i) => {
+    for (let a = 0; a < d; a++) {
+      c[a] += row[a] * y[i];
+      for (let b = 0; b < d; b++) G[a * d + b] += row[a] * row[b];
+    }
+  });
+  const rows = Array.from({ length: d }, (_, a) => Array.from(G.subarray(a * d, (a + 1) * d)));
+  const top = Math.max(largestEigenvalue(rows), 1e-12);
+  const times = (A, B) => { // A B, d x d
+    const out = new Float64Array(d * d);
+    for (let i = 0; i < d; i++) {
+      for (let k = 0; k < d; k++) {
+        const aik = A[i * d + k];
+        for (let j = 0; j < d; j++) out[i * d + j] += aik * B[k * d + j];
+      }
+    }
+    return out;
+  };
+  const at = (M, v) => { // (M v) . x
+    let s = 0;
+    for (let a = 0; a < d; a++) for (let b = 0; b < d; b++) s += M[a * d + b] * v[b] * x[a];
+    return s;
+  };
+  let w = new Float64Array(d), M = G.map((v) => v / top ** 2);
+  const gd = [], newton = [];
+  for (let t = 0; t < steps; t++) {
+    const next = new Float64Array(d);
+    for (let a = 0; a < d; a++) {
+      let Gw = 0;
+      for (let b = 0; b < d; b++) Gw += G[a * d + b] * w[b];
+      next[a] = w[a] - (Gw - c[a]) / top;
+    }
+    w = next;
+    const MGM = times(times(M, G), M);
+    M = M.map((v, i) => 2 * v - MGM[i]);
+    gd.push(dot(w, x));
+    newton.push(at(M, c));
+  }
+  return { "gradient descent": gd, Newton: newton };
+}
+
+// At each step, the mean over the prompts of their values, and the middle 80% (rows: [prompt][t]).
+function spread(rows) {
+  return rows[0].map((_, t) => {
+    const column = rows.map((row) => row[t]).sort((a, b) => a - b), P = column.length;
+    const mean = column.reduce((s, v) => s + v, 0) / P;
+    return [mean, column[Math.floor(0.1 * (P - 1))], column[Math.ceil(0.9 * (P - 1))]];
+  });
+}
+
 // ---------------------------------------------------------------- charts
 
-function drawChart(canvas, { series, xlabel, ylabel, vline, dot: marker }) {
-  const ctx = canvas.getContext("2d"), W = canvas.width, H = canvas.height;
-  const m = { l: 58, r: 12, t: 12, b: 42 };
-  ctx.clearRect(0, 0, W, H);
-  const xs = series.flatMap((s) => s.x), ys = series.flatMap((s) => s.y).filter((v) => v > 0);
+// A log-scale line chart, sharp at any devicePixelRatio, its legend above the plot with a sample
+// of each line. series: [{label, x, y, color, width, dash, band: [lo, hi]}].
+function drawChart(canvas, { series, xlabel, ylabel, vline, dot: marker, summary }) {
+  const ratio = window.devicePixelRatio || 1, W = canvas.clientWidth || 520, H = W * 0.62;
+  canvas.width = Math.round(W * ratio);
+  canvas.height = Math.round(H * ratio);
+  canvas.setAttribute("aria-label", summary);
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  ctx.font = "12px system-ui, sans-serif";
+  // The legend's rows: each entry a 22 px line sample and its label, wrapped to the width.
+  const rows = [[]];
+  let used = 0;
+  for (const s of series) {
+    const width = 30 + ctx.measureText(s.label).width + 14;
+    if (used + width > W - 70 && rows.at(-1).length) {
+      rows.push([]);
+      used = 0;
+    }
+    rows.at(-1).push([s, used]);
+    used += width;
+  }
+  const m = { l: 58, r: 12, t: 10 + 17 * rows.length, b: 42 };
+  const values = series.flatMap((s) => [...s.y, ...(s.band ? s.band.flat() : [])]);
+  const xs = series.flatMap((s) => s.x), ys = values.filter((v) => v > 0);
   if (!ys.length) return;
   const [x0, x1] = [Math.min(...xs), Math.max(...xs)];
   const lo = Math.max(Math.floor(Math.log10(Math.min(...ys))), -7);
@@ -250,7 +388,6 @@ function drawChart(canvas, { series, xlabel, ylabel, vline, dot: marker }) {
   const X = (x) => m.l + ((x - x0) / (x1 - x0 || 1)) * (W - m.l - m.r);
   const height = (y) => (Math.log10(Math.max(y, 10 ** lo)) - lo) / (hi - lo);
   const Y = (y) => H - m.b - height(y) * (H - m.t - m.b);
-  ctx.font = "12px system-ui, sans-serif";
   ctx.strokeStyle = "#e4e4e4";
   ctx.fillStyle = "#555";
   ctx.textAlign = "right";
@@ -260,7 +397,9 @@ function drawChart(canvas, { series, xlabel, ylabel, vline, dot: marker }) {
   }
   ctx.textAlign = "center";
   const step = x1 - x0 <= 12 ? 1 : Math.ceil((x1 - x0) / 50) * 5; // about ten ticks
-  for (let x = Math.ceil(x0 / step) * step; x <= x1; x += step) ctx.fillText(x, X(x), H - m.b + 16);
+  for (let x = Math.ceil(x0 / step) * step; x <= x1; x += step) {
+    ctx.fillText(x, X(x), H - m.b + 16);
+  }
   ctx.fillText(xlabel, (m.l + W - m.r) / 2, H - 6);
   ctx.save(); ctx.translate(14, (m.t + H - m.b) / 2); ctx.rotate(-Math.PI / 2);
   ctx.fillText(ylabel, 0, 0); ctx.restore();
@@ -269,21 +408,37 @@ function drawChart(canvas, { series, xlabel, ylabel, vline, dot: marker }) {
     ctx.beginPath(); ctx.moveTo(X(vline), m.t); ctx.lineTo(X(vline), H - m.b); ctx.stroke();
     ctx.setLineDash([]);
   }
-  for (const s of series) {
+  for (const s of series.filter((s) => s.band)) { // the bands first, under every line
+    ctx.fillStyle = s.color;
+    ctx.globalAlpha = 0.15;
+    ctx.beginPath();
+    s.x.forEach((x, i) => ctx.lineTo(X(x), Y(s.band[1][i])));
+    [...s.x].reverse().forEach((x, i) => ctx.lineTo(X(x), Y(s.band[0][s.x.length - 1 - i])));
+    ctx.fill();
+    ctx.globalAlpha = 1;
+  }
+  const stroke = (s, path) => {
     ctx.strokeStyle = s.color;
     ctx.lineWidth = s.width || 2;
+    ctx.setLineDash(s.dash || []);
     ctx.beginPath();
-    s.x.forEach((x, i) => (i ? ctx.lineTo(X(x), Y(s.y[i])) : ctx.moveTo(X(x), Y(s.y[i]))));
+    path();
     ctx.stroke();
+    ctx.setLineDash([]);
+  };
+  for (const s of series) {
+    stroke(s, () => s.x.forEach((x, i) => {
+      if (i) ctx.lineTo(X(x), Y(s.y[i]));
+      else ctx.moveTo(X(x), Y(s.y[i]));
+    }));
   }
-  ctx.textAlign = "left"; // the legend, on a box over the lines
-  const width = Math.max(...series.map((s) => ctx.measureText(s.label).width)) + 12;
-  ctx.fillStyle = "rgba(255, 255, 255, 0.85)";
-  ctx.fillRect(W - m.r - width - 4, m.t + 2, width, 16 * series.length + 6);
-  series.forEach((s, k) => {
-    ctx.fillStyle = s.color;
-    ctx.fillText(s.label, W - m.r - width + 2, m.t + 14 + 16 * k);
-  });
+  ctx.textAlign = "left";
+  rows.forEach((row, r) => row.forEach(([s, left]) => {
+    const y = 12 + 17 * r;
+    stroke(s, () => { ctx.moveTo(m.l + left, y - 4); ctx.lineTo(m.l + left + 22, y - 4); });
+    ctx.fillStyle = "#333";
+    ctx.fillText(s.label, m.l + left + 28, y);
+  }));
   ctx.lineWidth = 1;
   if (marker) {
     ctx.fillStyle = "#000";
@@ -295,6 +450,9 @@ function drawChart(canvas, { series, xlabel, ylabel, vline, dot: marker }) {
 
 const fmt = (v) => (Math.abs(v) >= 1e-3 || v === 0 ? v.toFixed(3) : v.toExponential(1));
 const vec = (w) => `(${w.map((v) => v.toFixed(2)).join(", ")})`;
+const plural = (count, word) => `${count} ${word}${count === 1 ? "" : "s"}`;
+const COLORS = { model: "#1f77b4", "least squares": "#ff7f0e", averaging: "#2ca02c",
+  "gradient descent": "#d62728", Newton: "#9467bd" };
 
 function showModel() {
   const { meta } = state, c = meta.config;
@@ -306,8 +464,8 @@ function showModel() {
     model: `D ${c.n_embd}, ${c.n_head} heads, ${c.n_layer} block(s) looped`,
     training: `${c.steps} steps, ${c.preset} preset, seed ${c.seed}`,
     "load time": `${meta.loadMs.toFixed(0)} ms (onnxruntime-web and the model)`,
+    "first chart": "-",
     "last call": "-",
-    "loop sweep": "-",
   };
   $("meta").replaceChildren(...Object.entries(rows).flatMap(([k, v]) => {
     const dt = document.createElement("dt"), dd = document.createElement("dd");
@@ -318,80 +476,101 @@ function showModel() {
   }));
 }
 
-async function showLoops(loops) {
-  const { meta, prompts, solvers } = state, { d, n } = meta;
+// A prompt's charts: the solvers here, then one call through 5 b loops in the worker, whose
+// predictions after every loop the slider then reads without another call.
+async function showPrompt(seed) {
+  const { meta } = state, { d, n, b } = meta, T = 5 * b;
+  state.seed = seed;
+  $("seed").textContent = seed;
+  const prompts = drawPrompts(seed, BATCH, n, d, TASKS[meta.task]);
+  const rows = Array.from({ length: BATCH }, (_, p) =>
+    promptRows(prompts.xs, prompts.ys, p, n, d));
+  const solvers = rows.map(({ X, y }) => solverPredictions(X, y, d));
+  const steps = rows.map(({ X, y }) => iterates(X.slice(0, -1), y.slice(0, -1), X[n - 1], T));
+  $("status").textContent = `Running ${BATCH} prompts through ${T} loops...`;
+  let out;
+  try {
+    out = await predict(prompts.xs, prompts.ys, BATCH, n, T);
+  } catch (e) {
+    return fail(e.message, false);
+  }
+  if (state.seed !== seed) return; // another prompt was drawn meanwhile
+  Object.assign(state, { prompts, rows, solvers, steps, T, every: out.every });
+  $("w-true").textContent = vec(prompts.ws[0]);
+  $("w-ls").textContent = vec(leastSquares(rows[0].X, rows[0].y, d));
+  $("meta-last-call").textContent =
+    `${out.ms.toFixed(0)} ms for ${BATCH} prompts through ${T} loops, every loop returned`;
+  $("status").textContent = `Ready: ${meta.task}, d = ${meta.d}, b = ${meta.b}.`;
+  draw();
+}
+
+// Both charts and the table from what showPrompt computed; at most once a frame.
+function scheduleDraw() {
+  $("loops-value").textContent = $("loops").value;
+  if (state.frame || !state.every) return;
+  state.frame = requestAnimationFrame(() => { state.frame = 0; draw(); });
+}
+
+function draw() {
+  const { meta, prompts, solvers, steps, T, every } = state, { n, b } = meta, last = n - 1;
+  const loops = Number($("loops").value), P = BATCH, ks = Array.from({ length: n }, (_, k) => k);
+  const model = (p, t, k) => every[(p * T + t - 1) * n + k]; // after loop t
+  const err = (pred, p, k) => (pred - prompts.ys[p * n + k]) ** 2 / meta.normaliser;
+  const mean = (f) => ks.map((k) => Array.from({ length: P }, (_, p) => f(p, k))
+    .reduce((s, v) => s + v, 0) / P);
+  const name = `model, ${plural(loops, "loop")}`;
   $("loops-value").textContent = loops;
-  const { preds, ms } = await predict(prompts.xs, prompts.ys, BATCH, n, loops);
-  $("meta-last-call").textContent = `${ms.toFixed(1)} ms for ${BATCH} prompts at ${loops} loops`;
-  const err = (p, i) => (p - prompts.ys[i]) ** 2 / meta.normaliser;
-  const mean = (f) => Array.from({ length: n }, (_, k) =>
-    Array.from({ length: BATCH }, (_, p) => f(p, k)).reduce((s, v) => s + v, 0) / BATCH);
-  const ks = Array.from({ length: n }, (_, k) => k);
-  const model = mean((p, k) => err(preds[p * n + k], p * n + k));
-  const series = [{ label: `model, ${loops} loops`, x: ks, y: model, color: "#1f77b4", width: 3 }];
-  ["least squares", "averaging"].forEach((name, s) => series.push({
-    label: name, x: ks, y: mean((p, k) => err(solvers[p][name][k], p * n + k)),
-    color: ["#ff7f0e", "#2ca02c"][s],
-  }));
-  drawChart($("chart-k"), {
-    series, xlabel: "k, examples before the query", ylabel: "normalised squared error",
+  const byK = [{ label: name, x: ks, y: mean((p, k) => err(model(p, loops, k), p, k)),
+    color: COLORS.model, width: 3 }];
+  for (const s of ["least squares", "averaging"]) {
+    const y = mean((p, k) => err(solvers[p][s][k], p, k));
+    byK.push({ label: s, x: ks, y, color: COLORS[s] });
+  }
+  drawChart($("chart-k"), { series: byK, xlabel: "k, examples before the query",
+    ylabel: "normalised squared error", summary: summarise(byK, "at k = ", [b / 4, n - 1]) });
+  // Against loops, at the last position: the model, gradient descent and Newton, one step a loop.
+  const ts = Array.from({ length: T }, (_, t) => t + 1);
+  const curves = {
+    model: Array.from({ length: P }, (_, p) => ts.map((t) => err(model(p, t, last), p, last))),
+  };
+  for (const s of ["gradient descent", "Newton"]) {
+    curves[s] = steps.map((st, p) => st[s].map((pred) => err(pred, p, last)));
+  }
+  const byLoop = Object.entries(curves).map(([label, rows]) => {
+    const stats = spread(rows);
+    return { label: label === "model" ? "model (mean, middle 80%)" : label, x: ts,
+      y: stats.map((s) => s[0]), band: [stats.map((s) => s[1]), stats.map((s) => s[2])],
+      color: COLORS[label], width: label === "model" ? 3 : 2 };
   });
-  $("model-column").textContent = `model, ${loops} loops`;
-  const { X, y } = promptRows(prompts.xs, prompts.ys, 0, n, d);
+  if ($("own").checked) {
+    byLoop.push({ label: "the shown prompt, model", x: ts, y: curves.model[0], color: "#000",
+      width: 1, dash: [3, 3] });
+  }
+  drawChart($("chart-loops"), { series: byLoop, xlabel: "loop iteration (a step of each solver)",
+    ylabel: `normalised squared error, k = ${last}`, vline: b, dot: [loops, byLoop[0].y[loops - 1]],
+    summary: summarise(byLoop, "after loop ", [1, b, T]) });
+  $("model-column").textContent = name;
+  const { X, y } = state.rows[0];
   $("prompt").tBodies[0].replaceChildren(...X.map((x, k) => {
     const tr = document.createElement("tr");
-    for (const v of [k, vec(x), fmt(y[k]), fmt(preds[k]), fmt(solvers[0]["least squares"][k]),
-      fmt(solvers[0].averaging[k])]) {
+    for (const v of [k, vec(x), fmt(y[k]), fmt(model(0, loops, k)),
+      fmt(solvers[0]["least squares"][k]), fmt(solvers[0].averaging[k])]) {
       const td = document.createElement("td");
       td.textContent = v;
       tr.appendChild(td);
     }
     return tr;
   }));
-  drawLoopChart();
-}
-
-function drawLoopChart() {
-  const { curve, meta } = state, loops = Number($("loops").value);
-  if (!curve.length) return;
-  const x = curve.map((_, i) => i + 1);
-  drawChart($("chart-loops"), {
-    series: [{ label: `model, k = ${meta.n - 1}`, x, y: curve, color: "#1f77b4" }],
-    xlabel: "loop iteration", ylabel: "normalised squared error", vline: meta.b,
-    dot: loops <= curve.length ? [loops, curve[loops - 1]] : null,
-  });
-}
-
-// The shown prompt's error at its last position after 1, 2, ..., 5 b loops, drawn as it grows.
-async function sweepLoops(seed) {
-  const { meta, prompts } = state, { d, n } = meta, last = n - 1;
-  const xs = prompts.xs.subarray(0, n * d), ys = prompts.ys.subarray(0, n);
-  const t0 = performance.now();
-  for (let t = 1; t <= 5 * meta.b; t++) {
-    const { preds } = await predict(xs, ys, 1, n, t);
-    if (state.seed !== seed) return; // another prompt was drawn meanwhile
-    state.curve.push((preds[last] - ys[last]) ** 2 / meta.normaliser);
-    if (t % 5 === 0 || t === 5 * meta.b) drawLoopChart();
+  if ($("meta-first-chart").textContent === "-") {
+    $("meta-first-chart").textContent = `${performance.now().toFixed(0)} ms after the page opened`;
   }
-  $("meta-loop-sweep").textContent =
-    `${(performance.now() - t0).toFixed(0)} ms for the ${5 * meta.b} calls of the curve`;
 }
 
-async function showPrompt(seed) {
-  const { meta } = state, { d, n } = meta;
-  state.seed = seed;
-  $("seed").textContent = seed;
-  state.prompts = drawPrompts(seed, BATCH, n, d, TASKS[meta.task]);
-  state.solvers = Array.from({ length: BATCH }, (_, p) => {
-    const { X, y } = promptRows(state.prompts.xs, state.prompts.ys, p, n, d);
-    return solverPredictions(X, y, d);
-  });
-  const { X, y } = promptRows(state.prompts.xs, state.prompts.ys, 0, n, d);
-  $("w-true").textContent = vec(state.prompts.ws[0]);
-  $("w-ls").textContent = vec(leastSquares(X, y, d));
-  state.curve = [];
-  await showLoops(Number($("loops").value));
-  await sweepLoops(seed);
+// A chart in words, for a screen reader: each line's value at a few x.
+function summarise(series, where, at) {
+  const points = [...new Set(at.map(Math.round))];
+  return series.map((s) => `${s.label}: ` + points.map((x) =>
+    `${where}${x} ${fmt(s.y[s.x.indexOf(x)] ?? NaN)}`).join(", ")).join("; ");
 }
 
 async function main() {
@@ -401,15 +580,17 @@ async function main() {
   $("loops").max = 5 * meta.b;
   $("loops").value = meta.b;
   showModel();
-  $("status").textContent = `Ready: ${meta.task}, d = ${meta.d}, b = ${meta.b}.`;
-  for (const id of ["draw", "loops"]) $(id).disabled = false;
+  for (const id of ["draw", "loops", "own"]) $(id).disabled = false;
   $("draw").onclick = () => showPrompt(Math.floor(Math.random() * 1e6));
-  $("loops").oninput = () => showLoops(Number($("loops").value));
-  await showPrompt(Number(params.get("seed") || 1));
+  $("loops").oninput = scheduleDraw;
+  $("own").onchange = scheduleDraw;
+  window.addEventListener("resize", scheduleDraw);
+  await showPrompt(SEED);
 }
 
 // For tests and the console: looped.predict(xs (B, n, d) nested arrays, ys (B, n), loops)
-// resolves to the predictions (B, n) as nested arrays.
+// resolves to the predictions (B, n) as nested arrays; looped.iterates(xs, ys, steps) to each
+// prompt's gradient-descent and Newton predictions at its last position after every step.
 const ready = main();
 window.looped = {
   ready,
@@ -420,5 +601,7 @@ window.looped = {
     const { preds } = await predict(...flat, B, n, loops);
     return Array.from({ length: B }, (_, p) => Array.from(preds.subarray(p * n, (p + 1) * n)));
   },
+  iterates: (xs, ys, steps) => xs.map((X, p) =>
+    iterates(X.slice(0, -1), ys[p].slice(0, -1), X.at(-1), steps)),
 };
 ready.catch((e) => fail(e.message || e));
