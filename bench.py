@@ -5,6 +5,7 @@
     python bench.py baselines       # the batched solvers against per-prompt scikit-learn
     python bench.py export RUN_DIR  # PyTorch eager against onnxruntime: fixed b, adaptive depth
     python bench.py web             # the web page's model call in headless Chromium
+    python bench.py page            # the page's load, first chart and longest main-thread tasks
 
 With --save the table also goes to results/bench_NAME.json (bench_NAME_cuda.json on a GPU), with
 the command, the machine and the torch version: `python experiments.py report` shows the saved
@@ -356,6 +357,10 @@ def matmuls_alone(g, cfg, Y, P):
 
 WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 ORT_WEB = "node_modules/onnxruntime-web/dist/"  # the copy `npm ci --prefix web` installs
+LONG_TASKS = """window.longTasks = [];
+new PerformanceObserver((list) => {
+  for (const task of list.getEntries()) window.longTasks.push(task.duration);
+}).observe({ type: "longtask", buffered: true });"""  # main-thread tasks over 50 ms, from the start
 TIME_IN_PAGE = """async ([xs, ys, loops, repeats]) => {
   await window.looped.predict(xs, ys, loops);  // warm-up
   const times = [];
@@ -405,6 +410,37 @@ def bench_web(model=None, repeats=20):
     return table
 
 
+def bench_page(loads=3):
+    """The page as a person meets it, over loads page loads in headless Chromium: the time to load
+    onnxruntime-web and the model, to the first chart, and the longest task on the page's main
+    thread (PerformanceObserver's long tasks, over 50 ms) from navigation to the first chart and
+    through 30 slider steps made with the keyboard. Medians over the loads."""
+    rows = []
+    for _ in range(loads):
+        with page_with(os.path.join(WEB, "linreg.onnx")) as page:
+            load = page.evaluate("performance.getEntriesByType('navigation')[0].duration")
+            first = page.evaluate("performance.getEntriesByName('first chart')[0].startTime")
+            loaded = max(page.evaluate("window.longTasks"), default=0)
+            page.evaluate("window.longTasks = []")
+            page.locator("#loops").focus()
+            t0 = time.perf_counter()
+            for _ in range(30):
+                page.keyboard.press("ArrowRight")
+            page.evaluate("new Promise(requestAnimationFrame)")  # the last step drawn
+            steps = 1000 * (time.perf_counter() - t0)
+            sliding = max(page.evaluate("window.longTasks"), default=0)
+            rows.append([load, first, loaded, steps, sliding])
+    table = Table(
+        f"the page in headless Chromium, {loads} loads, medians; a long task is one over 50 ms on "
+        "the page's main thread (0: none)",
+        ["page", "load ms", "first chart ms", "longest task ms", "30 steps ms", "longest task ms"],
+        [6, 10, 16, 17, 13, 17],
+        digits=0,
+    )
+    table.add("index", *np.median(rows, axis=0))
+    return table
+
+
 @contextlib.contextmanager
 def page_with(model):
     """The page (web/index.html, served from this machine) in headless Chromium, running model and
@@ -438,6 +474,7 @@ def page_with(model):
             flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
             browser = p.chromium.launch(executable_path=chromium, args=flags)
             page = browser.new_page()
+            page.add_init_script(LONG_TASKS)
             page.goto(
                 f"http://127.0.0.1:{httpd.server_port}/index.html?ort={ORT_WEB}&model=model.onnx"
             )
@@ -467,6 +504,7 @@ def flags():
         "baselines": "batched solvers against per-prompt scikit-learn fits",
         "export": "PyTorch eager against onnxruntime on a trained run",
         "web": "the page's model call in headless Chromium, beside onnxruntime in Python",
+        "page": "the page's load, first chart and longest main-thread tasks in headless Chromium",
         "--model": "a --dynamic-loops export to run in the page (default web/linreg.onnx)",
         "train --preset": "one model only (default: both)",
         "loop --preset": "default: paper on CUDA, laptop elsewhere",
@@ -479,8 +517,8 @@ def flags():
         "--loops": f"loop iterations to unroll, 1 to {export.UNROLLED} b (default: the trained b)",
         "--save": "also write the table to results/bench_NAME.json (bench_NAME_cuda.json on a GPU)",
     }
-    commands = "train loop baselines export web".split()
-    p_train, p_loop, p_baselines, p_export, p_web = (
+    commands = "train loop baselines export web page".split()
+    p_train, p_loop, p_baselines, p_export, p_web, _ = (
         sub.add_parser(c, help=helps[c]) for c in commands
     )
     for p, command in ((p_train, "train"), (p_loop, "loop")):
@@ -525,8 +563,10 @@ def main(argv=None):
         table = bench_baselines(args.prompts, args.ref_prompts, names)
     elif args.command == "export":
         table = bench_export(args.run_dir, args.loops)
-    else:
+    elif args.command == "web":
         table = bench_web(args.model)
+    else:
+        table = bench_page()
     if args.save:
         table.save(saved, "python bench.py " + shlex.join(argv))
 

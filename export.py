@@ -270,10 +270,8 @@ def onnx_graph(model, cfg, loops, fp16=False, adaptive=None, step=None, every=Fa
             Y = g.step(g, cfg, Y, P)
         outputs = [read(g, Y, rows)]
     elif loops == "dynamic":
-        Y, reads = dynamic_loop(g, cfg, P, rows, real, every)
-        outputs = [read(g, Y, rows)]
-        if every:  # (n_loops, B, n) stacked by the Loop, batch first as every output
-            outputs.append(g("Transpose", reads, perm=[1, 0, 2]))
+        Y, every_loop = dynamic_loop(g, cfg, P, rows, real, every)
+        outputs = [read(g, Y, rows)] + ([every_loop] if every else [])
     else:
         outputs = adaptive_loop(g, cfg, P, rows, real, **adaptive)
     if fp16:
@@ -338,19 +336,31 @@ def read(g, Y, rows):
 
 
 def dynamic_loop(g, cfg, P, rows, real, every=False):
-    """Y after n_loops iterations (an int64 input) of an ONNX Loop, from Y_0 = 0; with every,
-    also each iteration's read-out, stacked (n_loops, B, n), else None."""
+    """Y after n_loops iterations (an int64 input) of an ONNX Loop, from Y_0 = 0; with every, also
+    the predictions after each iteration, (B, n_loops, n), else None."""
     from onnx import TensorProto as T
     from onnx import helper
 
     body = g.body()
     Y = g.step(body, cfg, "Y", P)
     state = [("t", T.INT64), ("go", T.BOOL), ("Y", real)]
-    reads = [(read(body, Y, rows), real)] if every else []  # a scan output: stacked by the Loop
-    loop = subgraph(body, state, [body("Identity", "go"), Y], reads)
+    # Every token's read-out, one Gemm an iteration, stacked by the Loop as a scan output; the
+    # x tokens' are picked once, after it.
+    scans = [(linear(body, Y, "read_out"), real)] if every else []
+    loop = subgraph(body, state, [body("Identity", "go"), Y], scans)
     Y0 = g("ConstantOfShape", g("Shape", P), value=helper.make_tensor("0", real, [1], [0]))
     outs = g("Loop", "n_loops", "", Y0, body=loop, outputs=1 + every)
-    return tuple(outs) if every else (outs, None)
+    if not every:
+        return outs, None
+    Y, reads = outs  # reads (n_loops, B L, 1): token 2 i + 1 of a prompt is x_i's
+    n = g("Gather", rows, g.const(1), axis=0)  # rows is [-1, n]
+    pairs = g(
+        "Reshape",
+        reads,
+        g("Concat", g.const([0, -1]), g("Unsqueeze", n, g.const([0])), g.const([2]), axis=0),
+    )
+    x_reads = g("Gather", pairs, g.const(0), axis=3)  # (n_loops, B, n)
+    return Y, g("Transpose", x_reads, perm=[1, 0, 2])
 
 
 def adaptive_loop(g, cfg, P, rows, real, tolerance, max_loops, signal):
