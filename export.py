@@ -226,7 +226,8 @@ def adaptive_depth(model, xs, ys, tolerance, max_loops, signal="prediction"):
 class Graph:
     """ONNX nodes written in order: `x = g("Add", a, b)` appends a node and returns its output's
     name (k names with outputs=k), each new; `g.const(value)` adds a constant, shared by the graph
-    and its Loop bodies (Graph(g.weights, "body_")), which read the outer graph's names."""
+    and its Loop bodies (g.body()), which read the outer graph's names. onnx_graph sets `view`, the
+    shape [-1, L, D], and `step`, the nodes of one iteration."""
 
     def __init__(self, weights, prefix=""):
         self.nodes, self.weights, self.prefix = [], weights, prefix
