@@ -291,7 +291,17 @@ def bench_export(run_dir, n_loops=None, repeats=20, tols=(0.03, 0.01)):
     matrix products alone (matmuls_alone, at the loops it ran), the floor no fusion goes below."""
     model, cfg = export.load_model(run_dir)
     n_loops, most = n_loops or cfg.n_loops, min(5 * cfg.n_loops, export.MAX_LOOPS)
-    export.check_request(model, cfg, run_dir, n_loops, False, False, None, None, "prediction")
+    export.check_request(
+        model,
+        cfg,
+        run_dir,
+        n_loops,
+        dynamic_loops=False,
+        fp16=False,
+        until=None,
+        max_loops=None,
+        signal="prediction",
+    )  # its loop count and finite predictions, as export.py checks them
     norm = looped.error_normaliser(cfg.task, cfg.n_dims)
     graphs = {
         f"{n_loops} loops": export.onnx_graph(model, cfg, n_loops),

@@ -5,7 +5,8 @@
     python export.py RUN_DIR --until-converged 0.01 -o adaptive.onnx  # stops when settled
 
 The exported graph takes xs (batch, n, d) and ys (batch, n), float32, with batch and n dynamic
-(n up to the trained maximum), and returns the predictions (batch, n) after the last loop:
+(n up to the trained maximum), and returns the predictions (batch, n) after the last loop
+(a --dynamic-loops graph takes the loop count, at least 1, as an int64 input n_loops):
 entry i predicts y_i from the pairs before it. An --until-converged graph is an ONNX Loop that
 stops each prompt when its predictions settle, and returns the loops each prompt used as a
 second output, "loops" (batch,) int64. It carries its own description in the ONNX
@@ -261,6 +262,8 @@ def onnx_graph(model, cfg, loops, fp16=False, adaptive=None, step=None, every=Fa
     iteration (default `iteration`; bench.py swaps in its matrix products alone)."""
     from onnx import TensorProto as T
 
+    if every and loops != "dynamic":
+        raise ValueError(f"every goes with the dynamic loop count, not loops={loops!r}")
     real = T.FLOAT16 if fp16 else T.FLOAT
     g = Graph({k: w.detach().float().numpy() for k, w in model.state_dict().items()})
     P, view, rows = embed(g, cfg, real)
@@ -305,10 +308,8 @@ def embed(g, cfg, real):
 def iteration(g, cfg, Y, P):
     """One loop iteration with input injection, Y_{t+1} = M(Y_t + P), on (B L, D) matrices (Y None:
     Y_0 = 0); M is the blocks, then ln_f."""
-    h, heads = (
-        P if Y is None else g("Add", Y, P),
-        dict(q_num_heads=cfg.n_head, kv_num_heads=cfg.n_head),
-    )
+    h = P if Y is None else g("Add", Y, P)
+    heads = dict(q_num_heads=cfg.n_head, kv_num_heads=cfg.n_head)
     for i in range(cfg.n_layer):
         w = f"blocks.{i}."
         qkv = linear(g, layer_norm(g, h, w + "ln_1"), w + "attn.c_attn")  # (B L, 3 D)
@@ -353,7 +354,7 @@ def dynamic_loop(g, cfg, P, rows, real, every=False):
     outs = g("Loop", "n_loops", "", Y0, body=loop, outputs=1 + every)
     if not every:
         return outs, None
-    Y, reads = outs  # reads (n_loops, B L, 1): token 2 i + 1 of a prompt is x_i's
+    Y, reads = outs  # reads (n_loops, B L, 1): x_i's token is a prompt's row 2 i (from 0)
     n = g("Gather", rows, g.const(1), axis=0)  # rows is [-1, n]
     pairs = g(
         "Reshape",
@@ -403,6 +404,8 @@ def adaptive_loop(g, cfg, P, rows, real, tolerance, max_loops, signal):
     p0, B = read(g, Y0, rows), g("Shape", "xs", start=0, end=1)
     idx = g("Range", g.const(0), g("Squeeze", B, g.const([0])), g.const(1))  # (B,): 0 .. B - 1
     loops0 = g("ConstantOfShape", B, value=helper.make_tensor("0", T.INT64, [1], [0]))
+    # The outputs start as p_0 and 0, each prompt's overwritten when it stops: at the latest at
+    # max_loops, where every prompt still running stops.
     state = g("Loop", most, g.const(True, bool), Y0, P, p0, idx, p0, loops0, body=loop, outputs=6)
     return state[4:]  # preds, loops
 
@@ -641,12 +644,14 @@ def verify(path, model, cfg, loops, fp16=False, adaptive=None):
                 expected, used = (t.numpy() for t in adaptive(xs, ys))
                 got, got_used = predictor(x, y, return_loops=True)
                 # A change within round-off of the tolerance may stop one loop apart in the two,
-                # so the counts may differ by one; the predictions are compared where they agree.
+                # so the counts may differ by one; each prompt's prediction must be the model's
+                # at the count the graph reports.
                 if np.abs(got_used - used).max() > 1:
                     raise VerificationError(
                         f"loops used: onnxruntime {got_used.tolist()}, torch {used.tolist()}"
                     )
-                worst = max(worst, gap(got[got_used == used], expected[got_used == used]))
+                at_own = model(xs, ys, int(got_used.max()))[np.arange(batch), got_used - 1]
+                worst = max(worst, gap(got, at_own.numpy()))
                 tried = f"until converged (used {used.tolist()})"
                 continue
             for b in tried:  # an unrolled graph takes its own loop count as well

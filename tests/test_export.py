@@ -1,6 +1,7 @@
 """Tests of export.py: the ONNX graphs against PyTorch, the metadata, the Predictor and the
 command line."""
 
+import functools
 import json
 import os
 import shutil
@@ -123,6 +124,52 @@ def test_until_converged_stops_each_prompt_at_its_first_settled_iteration(traine
     with torch.no_grad():
         _, never = export.adaptive_depth(model, xs, ys, 1e-9, 12, signal)
     assert (never == 12).all()  # a tolerance never met: every prompt runs the maximum
+
+
+def test_verify_refuses_an_adaptive_graph_whose_loop_counts_are_off_by_one(trained_run, tmp_path):
+    """Counts may differ from PyTorch's by one (round-off at the tolerance), but each prompt's
+    prediction must be the model's at the count the graph reports: a graph that reports one loop
+    too few everywhere fails, though no count is two apart."""
+    path = str(tmp_path / "adaptive.onnx")
+    export.export(trained_run, path, until_converged=0.02, max_loops=30, say=lambda *a: None)
+    graph = onnx.load(path)
+    (loop,) = [node for node in graph.graph.node if node.op_type == "Loop"]
+    (expand,) = [node for node in loop.attribute[0].g.node if node.op_type == "Expand"]
+    expand.input[0] = "t"  # the iteration's index, 0-based: every count one too low
+    onnx.save(graph, path)
+    model, cfg = export.load_model(trained_run)
+    reference = functools.partial(export.adaptive_depth, model, tolerance=0.02, max_loops=30)
+    with pytest.raises(export.VerificationError, match="max .onnxruntime - torch."):
+        export.verify(path, model, cfg, "adaptive", adaptive=reference)
+
+
+def test_a_graph_of_several_blocks_matches_pytorch_at_one_point_and_at_all():
+    """The 12-layer standard model's path, every block in each iteration: two blocks, random
+    weights and norms, one loop and three, a prompt of one point and one of all."""
+    cfg = looped.make_config(
+        "linreg",
+        n_dims=3,
+        n_points=6,
+        n_embd=16,
+        n_head=2,
+        n_layer=2,
+        n_loops=3,
+        loop_window=1,
+        eval_loops=3,
+    )
+    torch.manual_seed(0)
+    model = looped.LoopedTransformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # biases and norms away from 0 and 1
+    xs, ys = draw("linreg", B=1, n=6, d=3, active=3, seed=8)
+    for loops in (1, 3):
+        session = ort.InferenceSession(export.onnx_graph(model, cfg, loops).SerializeToString())
+        for n in (1, 6):
+            with torch.no_grad():
+                expected = model(xs[:, :n], ys[:, :n], loops)[:, -1].numpy()
+            feeds = {"xs": xs[:, :n].numpy(), "ys": ys[:, :n].numpy()}
+            assert abs(session.run(None, feeds)[0] - expected).max() < 1e-5, (loops, n)
 
 
 def test_every_loop_export_returns_every_iterations_predictions(trained_run, tmp_path):

@@ -9,8 +9,8 @@ WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "web")
 
 
 def test_the_tutorial_is_looped_py_as_it_is_now():
-    """web/tutorial.html is what web/literate.py writes from the committed looped.py: every line
-    of code and every comment of it, in order; and the two pages link to each other."""
+    """web/tutorial.html is what web/literate.py writes from the committed looped.py, and that
+    shows every line of looped.py's code, in order; the two pages link to each other."""
     spec = importlib.util.spec_from_file_location("literate", os.path.join(WEB, "literate.py"))
     literate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(literate)

@@ -151,6 +151,12 @@ def test_the_page_never_freezes_fits_a_phone_and_draws_the_solvers(server, brows
             ".map((c) => [c.width, c.clientWidth, c.getAttribute('aria-label')])[0]"
         )
         assert size[0] == round(3 * size[1]) and "model" in size[2], size
+    # Eight quick clicks on "Draw another prompt": the prompts they supersede are never run.
+    runs = page.evaluate("window.looped.runs()")
+    for _ in range(8):
+        page.locator("#draw").click()
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('Ready')")
+    assert page.evaluate("window.looped.runs()") - runs <= 2 and page.locator("#error").is_hidden()
     rng = np.random.default_rng(1)
     xs, ys = rng.standard_normal((4, 11, 5)), rng.standard_normal((4, 11))
     got = page.evaluate(

@@ -11,13 +11,15 @@ const ORT_CDN = "https://cdn.jsdelivr.net/npm/onnxruntime-web@1.31.1/dist/";
 const params = new URLSearchParams(location.search);
 const ORT_BASE = new URL(params.get("ort") || ORT_CDN, location.href).href.replace(/\/?$/, "/");
 const MODEL_URL = params.get("model") || "linreg.onnx";
-const SEED = /^\d{1,15}$/.test(params.get("seed") || "") ? Number(params.get("seed")) : 1;
+// A seed is a whole number below 2^32 (the generator's state); anything else is seed 1.
+const SEED = /^\d{1,10}$/.test(params.get("seed") || "") && params.get("seed") < 2 ** 32
+  ? Number(params.get("seed")) : 1;
 const BATCH = 64; // prompts per seed: the charts show their mean
 // The linear-regression tasks of looped.py: w ~ N(0, I), x ~ N(0, I), y = w . x (+ noise).
 const TASKS = { linreg: {}, noisy_linreg: { noise: 0.1 }, sparse_linreg: { sparse: 3 } };
 
 const $ = (id) => document.getElementById(id);
-const state = { session: null, meta: null, calls: Promise.resolve() };
+const state = { session: null, meta: null, calls: Promise.resolve(), drawn: 0, runs: 0 };
 
 // ---------------------------------------------------------------- errors: one line in the page
 
@@ -141,7 +143,11 @@ async function checkGraph() {
     throw new Error(`${MODEL_URL} has inputs (${inputs}) and outputs (${outputs}), not those ` +
       "of a looped export (xs, ys, n_loops; preds, every)");
   }
-  const { dims } = await predict(new Float32Array(n * d), new Float32Array(n), 1, n, 2);
+  const { dims } = await predict(new Float32Array(n * d), new Float32Array(n), 1, n, 2)
+    .catch(() => {
+      throw new Error(`onnxruntime-web could not run ${MODEL_URL} on one prompt of ${n} points ` +
+        `(d = ${d}): its graph does not fit its metadata`);
+    });
   if (String(dims.preds) !== `1,${n}` || String(dims.every) !== `1,2,${n}`) {
     throw new Error(`${MODEL_URL} returns predictions of shape (${dims.preds}) and every loop's ` +
       `(${dims.every}) for one prompt of ${n} points at 2 loops, not (1, ${n}) and (1, 2, ${n})`);
@@ -150,9 +156,11 @@ async function checkGraph() {
 
 // ---------------------------------------------------------------- the model
 
-// One session.run at a time, in the worker: the page's calls queue behind each other. Returns the
-// predictions after the last loop (B, n) and after every loop (B, loops, n), flat.
-function predict(xs, ys, B, n, loops) {
+// One session.run at a time, in the worker: the page's calls queue behind each other, and one
+// whose result is no longer wanted by the time its turn comes (stale() true) is skipped: it
+// resolves to null. Returns the predictions after the last loop (B, n) and after every loop
+// (B, loops, n), flat.
+function predict(xs, ys, B, n, loops, stale = () => false) {
   const { d } = state.meta;
   const feeds = { // copies: the worker takes the buffers it is sent
     xs: new ort.Tensor("float32", xs.slice(), [B, n, d]),
@@ -160,13 +168,15 @@ function predict(xs, ys, B, n, loops) {
     n_loops: new ort.Tensor("int64", BigInt64Array.from([BigInt(loops)]), []),
   };
   const call = state.calls.then(async () => {
+    if (stale()) return null;
+    state.runs += 1;
     const t0 = performance.now();
     let out;
     try {
       out = await state.session.run(feeds);
     } catch {
-      throw new Error(`onnxruntime-web could not run ${MODEL_URL} on ${B} prompt(s) of ${n} ` +
-        `points (d = ${d}) at ${loops} loop(s): its graph does not fit its metadata`);
+      throw new Error(`onnxruntime-web failed to run ${MODEL_URL} on ${B} prompt(s) of ${n} ` +
+        `points at ${plural(loops, "loop")}; the charts show the last prompt it ran`);
     }
     const dims = { preds: out.preds.dims, every: out.every.dims };
     return { preds: out.preds.data, every: out.every.data, dims, ms: performance.now() - t0 };
@@ -380,7 +390,7 @@ function drawChart(canvas, { series, xlabel, ylabel, vline, dot: marker, summary
   }
   const m = { l: 58, r: 12, t: 10 + 17 * rows.length, b: 42 };
   const values = series.flatMap((s) => [...s.y, ...(s.band ? s.band.flat() : [])]);
-  const xs = series.flatMap((s) => s.x), ys = values.filter((v) => v > 0);
+  const xs = series.flatMap((s) => s.x), ys = values.filter((v) => v > 0 && Number.isFinite(v));
   if (!ys.length) return;
   const [x0, x1] = [Math.min(...xs), Math.max(...xs)];
   const lo = Math.max(Math.floor(Math.log10(Math.min(...ys))), -7);
@@ -480,16 +490,15 @@ function showModel() {
 // predictions after every loop the slider then reads without another call.
 async function showPrompt(seed) {
   const { meta } = state, { d, n, b } = meta, T = 5 * b;
-  state.seed = seed;
-  $("seed").textContent = seed;
-  $("status").textContent = `Running ${BATCH} prompts through ${T} loops...`;
+  const drawn = ++state.drawn, stale = () => drawn !== state.drawn; // a later click supersedes
+  $("status").textContent = `Running ${BATCH} prompts of seed ${seed} through ${T} loops...`;
   const prompts = drawPrompts(seed, BATCH, n, d, TASKS[meta.task]);
-  const call = predict(prompts.xs, prompts.ys, BATCH, n, T); // in the worker, meanwhile:
+  const call = predict(prompts.xs, prompts.ys, BATCH, n, T, stale); // in the worker, meanwhile:
   call.catch(() => {}); // a failure is handled below, once the solvers are done
   const rows = Array.from({ length: BATCH }, (_, p) =>
     promptRows(prompts.xs, prompts.ys, p, n, d));
   const solvers = [], steps = [];
-  for (let p = 0; p < BATCH; p += 4) { // 4 prompts a task, so that the page stays responsive
+  for (let p = 0; p < BATCH && !stale(); p += 4) { // 4 prompts a task: the page stays responsive
     await new Promise((next) => setTimeout(next));
     for (const { X, y } of rows.slice(p, p + 4)) {
       solvers.push(solverPredictions(X, y, d));
@@ -500,16 +509,27 @@ async function showPrompt(seed) {
   try {
     out = await call;
   } catch (e) {
-    return fail(e.message, false);
+    return stale() || failed(e.message);
   }
-  if (state.seed !== seed) return; // another prompt was drawn meanwhile
+  if (stale() || !out) return;
+  if (!out.every.every(Number.isFinite)) {
+    return failed(`${MODEL_URL}'s predictions for seed ${seed} are not finite after some of ` +
+      `the ${T} loops (they overflow); the charts show the last prompt whose were`);
+  }
   Object.assign(state, { prompts, rows, solvers, steps, T, every: out.every });
+  $("error").hidden = true; // an earlier prompt's failure is over
+  $("seed").textContent = seed;
   $("w-true").textContent = vec(prompts.ws[0]);
   $("w-ls").textContent = vec(leastSquares(rows[0].X, rows[0].y, d));
   $("meta-last-call").textContent =
     `${out.ms.toFixed(0)} ms for ${BATCH} prompts through ${T} loops, every loop returned`;
   $("status").textContent = `Ready: ${meta.task}, d = ${meta.d}, b = ${meta.b}.`;
   draw();
+}
+
+function failed(message) { // a prompt the model could not run: the page keeps the last one
+  fail(message, false);
+  $("status").textContent = `Ready: ${state.meta.task}, d = ${state.meta.d}, b = ${state.meta.b}.`;
 }
 
 // Both charts and the table from what showPrompt computed; at most once a frame.
@@ -534,8 +554,9 @@ function draw() {
     const y = mean((p, k) => err(solvers[p][s][k], p, k));
     byK.push({ label: s, x: ks, y, color: COLORS[s] });
   }
+  const shownK = [Math.min(meta.d, last), last];
   drawChart($("chart-k"), { series: byK, xlabel: "k, examples before the query",
-    ylabel: "normalised squared error", summary: summarise(byK, "at k = ", [b / 4, n - 1]) });
+    ylabel: "normalised squared error", summary: summarise(byK, "at k = ", shownK) });
   // Against loops, at the last position: the model, gradient descent and Newton, one step a loop.
   const ts = Array.from({ length: T }, (_, t) => t + 1);
   const curves = {
@@ -599,7 +620,8 @@ async function main() {
 
 // For tests and the console: looped.predict(xs (B, n, d) nested arrays, ys (B, n), loops)
 // resolves to the predictions (B, n) as nested arrays; looped.iterates(xs, ys, steps) to each
-// prompt's gradient-descent and Newton predictions at its last position after every step.
+// prompt's gradient-descent and Newton predictions at its last position after every step;
+// looped.runs() counts the model's calls.
 const ready = main();
 window.looped = {
   ready,
@@ -610,6 +632,7 @@ window.looped = {
     const { preds } = await predict(...flat, B, n, loops);
     return Array.from({ length: B }, (_, p) => Array.from(preds.subarray(p * n, (p + 1) * n)));
   },
+  runs: () => state.runs, // the model calls run so far, the skipped ones not counted
   iterates: (xs, ys, steps) => xs.map((X, p) =>
     iterates(X.slice(0, -1), ys[p].slice(0, -1), X.at(-1), steps)),
 };
