@@ -53,10 +53,11 @@ class Predictor:
     CUDA where onnxruntime can really run there, else the CPU (`provider` says which). On CUDA the
     inputs and outputs are bound to the device (IO binding), so a call copies only the prompt in and
     the predictions out. On the CPU a batch is split into one shard per core, each on one thread:
-    onnxruntime's own threads speed this model's many small operations up little (1.35x at batch 64
-    on 2 cores, `bench.py export`). A batch smaller than the cores runs on one thread, or on all of
-    them for a wide model (D >= WIDE): at batch 1, D = 256 takes 16.3 ms on all cores against 23.6
-    on one, while D = 64 takes 1.46 ms on all against 1.16 on one."""
+    onnxruntime's own threads split this model's many small operations less well (at batch 64 on
+    2 cores of an AMD EPYC, the shards are 1.15 to 1.25 times faster than one session on both). A
+    batch smaller than the cores runs on one thread, or on all of them for a wide model
+    (D >= WIDE): at batch 1, D = 256 (n 41) takes 17 ms on both cores against 30 on one, while
+    D = 64 takes 0.86 to 0.96 ms on both against 0.85 on one."""
 
     def __init__(self, path, device="auto"):
         import onnxruntime as ort
