@@ -150,32 +150,42 @@ def positive(step, lam):
     return torch.where(step > 1e-12 * lam, step, math.inf).nan_to_num(math.inf)
 
 
-@by_prompts(256)
-def gradient_descent_iterates(xs, ys, steps=100):
-    """Gradient descent on ||X_{<i} w - y_{<i}||^2 / (2 i) from w = 0, w <- w - (G_i w - c_i) /
-    lambda_max(G_i): it converges to minimum-norm least squares. Returns the prediction after every
-    step, (B, steps, n)."""
-    G, c = prefix_gram(xs, ys)
-    step = 1 / torch.linalg.eigvalsh(G)[..., -1].clamp(min=1e-12)  # (B, n); the 1/i cancels
-    w, preds = torch.zeros_like(c), []
+def gradient_descent_steps(G, c, steps):
+    """Gradient descent's w_1 .. w_steps on ||X w - y||^2 / (2 i) from w = 0, from G = X^T X and
+    c = X^T y (any leading dimensions): w <- w - (G w - c) / lambda_max(G); the 1/i cancels. It
+    converges to minimum-norm least squares."""
+    step = 1 / torch.linalg.eigvalsh(G)[..., -1].clamp(min=1e-12)
+    w = torch.zeros_like(c)
     for _ in range(steps):
         w = w - step[..., None] * ((G @ w[..., None])[..., 0] - c)
-        preds.append(predict_linear(w, xs))
-    return torch.stack(preds, dim=1)  # (B, steps, n)
+        yield w
+
+
+def newton_steps(G, c, steps):
+    """Iterative Newton (Newton-Schulz) for pinv(G): M_0 = G / lambda_max^2, M_{k+1} = 2 M_k -
+    M_k G M_k; its w_k = M_k c, k = 1 .. steps, tends to minimum-norm least squares, quadratically
+    once started."""
+    top = torch.linalg.eigvalsh(G)[..., -1].clamp(min=1e-12)
+    M = G / top[..., None, None] ** 2
+    for _ in range(steps):
+        M = 2 * M - M @ G @ M
+        yield (M @ c[..., None])[..., 0]
+
+
+@by_prompts(256)
+def gradient_descent_iterates(xs, ys, steps=100):
+    """Gradient descent (gradient_descent_steps) on every prefix: the prediction after every
+    step, (B, steps, n)."""
+    G, c = prefix_gram(xs, ys)
+    return torch.stack([predict_linear(w, xs) for w in gradient_descent_steps(G, c, steps)], 1)
 
 
 @by_prompts(256)
 def newton_iterates(xs, ys, steps=30):
-    """Iterative Newton (Newton-Schulz) for pinv(G_i): M_0 = G / lambda_max^2, M_{k+1} = 2 M_k -
-    M_k G M_k; w_k = M_k c tends to minimum-norm least squares, quadratically once started. Returns
-    the prediction after every step, (B, steps, n)."""
+    """Iterative Newton (newton_steps) on every prefix: the prediction after every step,
+    (B, steps, n)."""
     G, c = prefix_gram(xs, ys)
-    top = torch.linalg.eigvalsh(G)[..., -1].clamp(min=1e-12)  # (B, n)
-    M, preds = G / top[..., None, None] ** 2, []
-    for _ in range(steps):
-        M = 2 * M - M @ G @ M
-        preds.append(predict_linear((M @ c[..., None])[..., 0], xs))
-    return torch.stack(preds, dim=1)  # (B, steps, n)
+    return torch.stack([predict_linear(w, xs) for w in newton_steps(G, c, steps)], 1)
 
 
 # ---------------------------------------------------------------------------- trees, networks

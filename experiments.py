@@ -527,19 +527,12 @@ def solver_weights(xs, ys, steps):
     descent and Newton's iteration, w_t after t steps as baselines.py runs them."""
     X, y = xs[:, :-1].double(), ys[:, :-1].double()
     G, c = X.transpose(1, 2) @ X, (X.transpose(1, 2) @ y[..., None])[..., 0]  # (P, d, d), (P, d)
-    top = torch.linalg.eigvalsh(G)[..., -1].clamp(min=1e-12)[:, None]  # (P, 1)
-    w, M, gd, newton = torch.zeros_like(c), G / top[..., None] ** 2, [], []
-    for _ in range(steps):
-        w = w - ((G @ w[..., None])[..., 0] - c) / top
-        M = 2 * M - M @ G @ M
-        gd.append(w)
-        newton.append((M @ c[..., None])[..., 0])
     ols = torch.linalg.lstsq(G, c[..., None], driver="gelsd").solution[..., 0]
     return {
         "least squares": ols.expand(steps, *ols.shape),
         "X^T y / k": (c / X.shape[1]).expand(steps, *c.shape),
-        "gradient descent iterate t": torch.stack(gd),
-        "Newton iterate t": torch.stack(newton),
+        "gradient descent iterate t": torch.stack([*baselines.gradient_descent_steps(G, c, steps)]),
+        "Newton iterate t": torch.stack([*baselines.newton_steps(G, c, steps)]),
     }
 
 
