@@ -459,7 +459,7 @@ def test_fuzz_the_command_line(trained_run, tmp_path, data):
     options["-o"] = st.sampled_from(outs)
     options["--stop-on"] = st.sampled_from(["state", "prediction", "loss"])
     runs = st.sampled_from([str(run), str(run / "ckpt.pt"), "/nonexistent", ""])
-    switches = st.lists(st.sampled_from(["--dynamic-loops", "--fp16"]), unique=True)
+    switches = st.lists(st.sampled_from(["--dynamic-loops", "--fp16", "--every-loop"]), unique=True)
     argv = [data.draw(runs), *data.draw(fuzz_args(options)), *data.draw(switches)]
     fuzz_cli(export.main, argv, [run, files])
 
