@@ -2,6 +2,7 @@
 
     python export.py RUN_DIR --loops 30 -o linreg_b30.onnx      # unrolled at 30 loop iterations
     python export.py RUN_DIR --dynamic-loops -o linreg.onnx     # the loop count is an input
+    python export.py RUN_DIR --dynamic-loops --every-loop -o every.onnx  # and every loop's output
     python export.py RUN_DIR --until-converged 0.01 -o adaptive.onnx  # stops when settled
 
 The exported graph takes xs (batch, n, d) and ys (batch, n), float32, with batch and n dynamic
