@@ -394,8 +394,8 @@ def bench_web(model=None, repeats=20):
         predictor = export.Predictor(model, device="cpu")  # its checks of the file
     except ValueError as e:
         raise harness.UserError(str(e)) from None
-    if not predictor.dynamic_loops:
-        raise harness.UserError(f"{model}: the page runs --dynamic-loops exports")
+    if not predictor.every:
+        raise harness.UserError(f"{model}: the page runs --dynamic-loops --every-loop exports")
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1  # as the page's wasm runs
     session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
@@ -515,36 +515,31 @@ def flags():
         "export": "PyTorch eager against onnxruntime on a trained run",
         "web": "the page's model call in headless Chromium, beside onnxruntime in Python",
         "page": "the page's load, first chart and longest main-thread tasks in headless Chromium",
-        "--model": "a --dynamic-loops export to run in the page (default web/linreg.onnx)",
-        "train --preset": "one model only (default: both)",
-        "loop --preset": "default: paper on CUDA, laptop elsewhere",
-        "--steps": f"training steps per mode, {steps}; the paper's curriculum first changes n at "
-        "5000 [6000]",
-        "--prompts": "prompts scored by the batched solvers, at least 1, as memory allows "
-        "(paper: 1280)",
-        "--ref_prompts": "prompts fitted by scikit-learn, scaled to --prompts; 1 to --prompts [16]",
-        "--only": f"baselines to time (default all): {', '.join(names)}",
-        "--loops": f"loop iterations to unroll, 1 to {export.UNROLLED} b (default: the trained b)",
-        "--save": "also write the table to results/bench_NAME.json (bench_NAME_cuda.json on a GPU)",
     }
-    commands = "train loop baselines export web page".split()
-    p_train, p_loop, p_baselines, p_export, p_web, _ = (
-        sub.add_parser(c, help=helps[c]) for c in commands
+    add = {name: sub.add_parser(name, help=text).add_argument for name, text in helps.items()}
+    presets = {"train": "one model only (default: both)"}
+    presets["loop"] = "default: paper on CUDA, laptop elsewhere"
+    for command, text in presets.items():
+        add[command]("--device", default="auto", help="auto, cuda, mps or cpu")
+        add[command]("--preset", choices=("laptop", "paper"), help=text)
+    text = (
+        f"training steps per mode, {steps}; the paper's curriculum first changes n at 5000 [6000]"
     )
-    for p, command in ((p_train, "train"), (p_loop, "loop")):
-        p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-        p.add_argument("--preset", choices=("laptop", "paper"), help=helps[f"{command} --preset"])
-    p_loop.add_argument("--steps", type=steps, default=6000, help=helps["--steps"])
-    p_baselines.add_argument("--prompts", type=count, default=1280, help=helps["--prompts"])
-    p_baselines.add_argument("--ref_prompts", type=count, default=16, help=helps["--ref_prompts"])
-    p_baselines.add_argument(
-        "--only", nargs="+", metavar="NAME", choices=names, help=helps["--only"]
-    )
-    p_export.add_argument("run_dir", help="a looped.py run folder (with ckpt.pt)")
-    p_export.add_argument("--loops", type=cli.Count(1, looped.MAX_LOOPS), help=helps["--loops"])
-    p_web.add_argument("--model", help=helps["--model"])
-    for p in sub.choices.values():
-        p.add_argument("--save", action="store_true", help=helps["--save"])
+    add["loop"]("--steps", type=steps, default=6000, help=text)
+    text = "prompts scored by the batched solvers, at least 1, as memory allows (paper: 1280)"
+    add["baselines"]("--prompts", type=count, default=1280, help=text)
+    text = "prompts fitted by scikit-learn, scaled to --prompts; 1 to --prompts [16]"
+    add["baselines"]("--ref_prompts", type=count, default=16, help=text)
+    text = f"baselines to time (default all): {', '.join(names)}"
+    add["baselines"]("--only", nargs="+", metavar="NAME", choices=names, help=text)
+    add["export"]("run_dir", help="a looped.py run folder (with ckpt.pt)")
+    text = f"loop iterations to unroll, 1 to {export.UNROLLED} b (default: the trained b)"
+    add["export"]("--loops", type=cli.Count(1, looped.MAX_LOOPS), help=text)
+    text = "a --dynamic-loops --every-loop export to run in the page (default web/linreg.onnx)"
+    add["web"]("--model", help=text)
+    text = "also write the table to results/bench_NAME.json (bench_NAME_cuda.json on a GPU)"
+    for command in add.values():
+        command("--save", action="store_true", help=text)
     return parser
 
 

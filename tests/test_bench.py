@@ -117,11 +117,11 @@ def test_bench_web_times_the_page_beside_python(trained_run, monkeypatch, tmp_pa
     assert table.rows[3][2] > table.rows[0][2]  # 64 prompts of 100 loops take longer than one of 20
     (page,) = bench.bench_page(loads=1).rows  # load, first chart, longest tasks: a busy CI's margin
     assert page[0] == "index" and 0 < page[1] < page[2] and max(page[3], page[5]) < 250, page
-    unrolled = str(tmp_path / "b2.onnx")  # the page chooses the loop count
-    export.export(trained_run, unrolled, n_loops=2, say=lambda *a: None)
-    assert "the page runs --dynamic-loops exports" in refused(
-        bench.main, "web", "--model", unrolled
-    )
+    # The page chooses the loop count and draws every loop: other graphs are refused up front.
+    for name, kind in (("b2", dict(n_loops=2)), ("dynamic", dict(dynamic_loops=True))):
+        export.export(trained_run, str(tmp_path / f"{name}.onnx"), **kind, say=lambda *a: None)
+        line = refused(bench.main, "web", "--model", str(tmp_path / f"{name}.onnx"))
+        assert "the page runs --dynamic-loops --every-loop exports" in line, line
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert "needs Debian's chromium" in refused(bench.main, "web")
 
