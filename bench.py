@@ -423,9 +423,9 @@ def bench_web(model=None, repeats=20):
 def bench_page(loads=3):
     """The page as a person meets it, over loads page loads in headless Chromium: the time from
     navigation until onnxruntime-web and the model are loaded (and checked), until the first
-    chart, and the longest task on the page's main
-    thread (PerformanceObserver's long tasks, over 50 ms) from navigation to the first chart and
-    through 30 slider steps made with the keyboard. Medians over the loads."""
+    chart, and the longest task on the page's main thread (PerformanceObserver's long tasks, over
+    50 ms) from navigation to the first chart and through 30 slider steps made with the keyboard.
+    Medians over the loads."""
     rows = []
     for _ in range(loads):
         with page_with(os.path.join(WEB, "linreg.onnx")) as page:
