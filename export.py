@@ -229,8 +229,8 @@ def adaptive_depth(model, xs, ys, tolerance, max_loops, signal="prediction"):
 class Graph:
     """ONNX nodes written in order: `x = g("Add", a, b)` appends a node and returns its output's
     name (k names with outputs=k), each new; `g.const(value)` adds a constant, shared by the graph
-    and its Loop bodies (g.body()), which read the outer graph's names. onnx_graph sets `view`, the
-    shape [-1, L, D], and `step`, the nodes of one iteration."""
+    and its Loop bodies (g.body()), which read the outer graph's names. embed sets the shapes
+    `view` [-1, L, D], `rows` [-1, n] and `n` [n]; onnx_graph `step`, the nodes of one iteration."""
 
     def __init__(self, weights, prefix=""):
         self.nodes, self.weights, self.prefix = [], weights, prefix
@@ -248,7 +248,7 @@ class Graph:
 
     def body(self):  # a Loop body's nodes: the same constants, the outer graph's names in view
         body = Graph(self.weights, "body_")
-        body.view, body.step = self.view, self.step
+        body.view, body.rows, body.n, body.step = self.view, self.rows, self.n, self.step
         return body
 
 
@@ -268,18 +268,17 @@ def onnx_graph(model, cfg, loops, fp16=False, adaptive=None, step=None, every=Fa
         raise ValueError(f"every goes with the dynamic loop count, not loops={loops!r}")
     real = T.FLOAT16 if fp16 else T.FLOAT
     g = Graph({k: w.detach().float().numpy() for k, w in model.state_dict().items()})
-    P, view, rows = embed(g, cfg, real)
-    g.view, g.step = view, step or iteration  # in the Loop bodies too
+    P, g.step = embed(g, cfg, real), step or iteration  # in the Loop bodies too
     if isinstance(loops, int):
         Y = None  # Y_0 = 0: the first iteration's input is P
         for _ in range(loops):
             Y = g.step(g, cfg, Y, P)
-        outputs = [read(g, Y, rows)]
+        outputs = [read(g, Y)]
     elif loops == "dynamic":
-        Y, every_loop = dynamic_loop(g, cfg, P, rows, real, every)
-        outputs = [read(g, Y, rows)] + ([every_loop] if every else [])
+        Y, every_loop = dynamic_loop(g, cfg, P, real, every)
+        outputs = [read(g, Y)] + ([every_loop] if every else [])
     else:
-        outputs = adaptive_loop(g, cfg, P, rows, real, **adaptive)
+        outputs = adaptive_loop(g, cfg, P, real, **adaptive)
     if fp16:
         outputs = [g("Cast", o, to=T.FLOAT) for o in outputs]  # no adaptive graph is fp16
     names = ["preds", "every" if every else "loops"][: len(outputs)]
@@ -289,8 +288,8 @@ def onnx_graph(model, cfg, loops, fp16=False, adaptive=None, step=None, every=Fa
 def embed(g, cfg, real):
     """The prompt embedded as looped.LoopedTransformer.embed does, P (B L, D): read_in(x_i), and
     read_in of (y_i, 0, ..., 0), y_i times read_in's first column, interleaved x1 y1 x2 y2 ...,
-    plus the positions. Also the shapes [-1, L, D], that of a (B L, D) matrix seen as (B, L, D),
-    and [-1, n], that of the predictions."""
+    plus the positions. Sets the shapes g.view, [-1, L, D], a (B L, D) matrix seen as (B, L, D),
+    g.rows, [-1, n], the predictions', and g.n, [n]."""
     from onnx import TensorProto as T
 
     xs, ys = (g("Cast", x, to=real) for x in ("xs", "ys")) if real != T.FLOAT else ("xs", "ys")
@@ -298,13 +297,13 @@ def embed(g, cfg, real):
     x_tokens = g("MatMul", xs, g.const(read_in.T, np.float32))  # (B, n, D)
     y_tokens = g("Mul", g("Unsqueeze", ys, g.const([2])), g.const(read_in[:, 0], np.float32))
     pairs = [g("Unsqueeze", t, g.const([2])) for t in (x_tokens, y_tokens)]  # (B, n, 1, D)
-    n = g("Shape", "xs", start=1, end=2)
-    L = g("Mul", n, g.const([2]))  # (1,): 2n tokens
-    view = g("Concat", g.const([-1]), L, g.const([D]), axis=0)
-    tokens = g("Reshape", g("Concat", *pairs, axis=2), view)  # (B, L, D)
+    g.n = g("Shape", "xs", start=1, end=2)
+    L = g("Mul", g.n, g.const([2]))  # (1,): 2n tokens
+    g.view = g("Concat", g.const([-1]), L, g.const([D]), axis=0)
+    g.rows = g("Concat", g.const([-1]), g.n, axis=0)
+    tokens = g("Reshape", g("Concat", *pairs, axis=2), g.view)  # (B, L, D)
     positions = g("Add", g("Slice", "wpe.weight", g.const([0]), L), "read_in.bias")  # (L, D)
-    P = g("Reshape", g("Add", tokens, positions), g.const([-1, D]))
-    return P, view, g("Concat", g.const([-1]), n, axis=0)
+    return g("Reshape", g("Add", tokens, positions), g.const([-1, D]))
 
 
 def iteration(g, cfg, Y, P):
@@ -333,13 +332,13 @@ def linear(g, x, name):  # torch's Linear, x W^T + b
     return g("Gemm", x, f"{name}.weight", f"{name}.bias", transB=1)
 
 
-def read(g, Y, rows):
+def read(g, Y):
     """The read-out at the x tokens, Y's even rows: (B L, D) -> predictions (B, n)."""
     x_rows = g("Slice", Y, g.const([0]), g.const([2**62]), g.const([0]), g.const([2]))
-    return g("Reshape", linear(g, x_rows, "read_out"), rows)
+    return g("Reshape", linear(g, x_rows, "read_out"), g.rows)
 
 
-def dynamic_loop(g, cfg, P, rows, real, every=False):
+def dynamic_loop(g, cfg, P, real, every=False):
     """Y after n_loops iterations (an int64 input) of an ONNX Loop, from Y_0 = 0; with every, also
     the predictions after each iteration, (B, n_loops, n), else None."""
     from onnx import TensorProto as T
@@ -357,17 +356,12 @@ def dynamic_loop(g, cfg, P, rows, real, every=False):
     if not every:
         return outs, None
     Y, reads = outs  # reads (n_loops, B L, 1): x_i's token is a prompt's row 2 i (from 0)
-    n = g("Gather", rows, g.const(1), axis=0)  # rows is [-1, n]
-    pairs = g(
-        "Reshape",
-        reads,
-        g("Concat", g.const([0, -1]), g("Unsqueeze", n, g.const([0])), g.const([2]), axis=0),
-    )
+    pairs = g("Reshape", reads, g("Concat", g.const([0, -1]), g.n, g.const([2]), axis=0))
     x_reads = g("Gather", pairs, g.const(0), axis=3)  # (n_loops, B, n)
     return Y, g("Transpose", x_reads, perm=[1, 0, 2])
 
 
-def adaptive_loop(g, cfg, P, rows, real, tolerance, max_loops, signal):
+def adaptive_loop(g, cfg, P, real, tolerance, max_loops, signal):
     """The Loop of an --until-converged graph, as adaptive_depth: its state holds only the prompts
     still running and their places in the batch; each iteration writes the predictions and loop
     counts of those that settle into the outputs, (B, n) and (B,), and drops them, so that a batch
@@ -377,7 +371,7 @@ def adaptive_loop(g, cfg, P, rows, real, tolerance, max_loops, signal):
 
     b = g.body()
     Y = g.step(b, cfg, "Y", "P")
-    p = read(b, Y, rows)  # (A, n): A prompts still running
+    p = read(b, Y)  # (A, n): A prompts still running
 
     def norm(x):  # per prompt: (A,)
         x, axes = (b("Reshape", x, g.view), [1, 2]) if signal == "state" else (x, [1])
@@ -403,7 +397,7 @@ def adaptive_loop(g, cfg, P, rows, real, tolerance, max_loops, signal):
     state += [("idx", T.INT64), ("preds", real), ("loops", T.INT64)]
     loop = subgraph(b, state, [go, *kept, preds, loops])
     Y0 = g("ConstantOfShape", g("Shape", P), value=helper.make_tensor("0", real, [1], [0]))
-    p0, B = read(g, Y0, rows), g("Shape", "xs", start=0, end=1)
+    p0, B = read(g, Y0), g("Shape", "xs", start=0, end=1)
     idx = g("Range", g.const(0), g("Squeeze", B, g.const([0])), g.const(1))  # (B,): 0 .. B - 1
     loops0 = g("ConstantOfShape", B, value=helper.make_tensor("0", T.INT64, [1], [0]))
     # The outputs start as p_0 and 0, each prompt's overwritten when it stops: at the latest at

@@ -517,7 +517,7 @@ async function showPrompt(seed) {
     return failed(`${MODEL_URL}'s predictions for seed ${seed} are not finite after some of ` +
       `the ${T} loops (they overflow); the charts show the last prompt whose were`);
   }
-  Object.assign(state, { prompts, rows, solvers, steps, T, every: out.every });
+  Object.assign(state, { prompts, rows, solvers, steps, T, every: out.every, byLoop: null });
   $("error").hidden = true; // an earlier prompt's failure is over
   $("seed").textContent = seed;
   $("w-true").textContent = vec(prompts.ws[0]);
@@ -541,7 +541,7 @@ function scheduleDraw() {
 }
 
 function draw() {
-  const { meta, prompts, solvers, steps, T, every } = state, { n, b } = meta, last = n - 1;
+  const { meta, prompts, solvers, T, every } = state, { n, b } = meta, last = n - 1;
   const loops = Number($("loops").value), P = BATCH, ks = Array.from({ length: n }, (_, k) => k);
   const model = (p, t, k) => every[(p * T + t - 1) * n + k]; // after loop t
   const err = (pred, p, k) => (pred - prompts.ys[p * n + k]) ** 2 / meta.normaliser;
@@ -558,23 +558,12 @@ function draw() {
   const shownK = [Math.min(meta.d, last), last];
   drawChart($("chart-k"), { series: byK, xlabel: "k, examples before the query",
     ylabel: "normalised squared error", summary: summarise(byK, "at k = ", shownK) });
-  // Against loops, at the last position: the model, gradient descent and Newton, one step a loop.
-  const ts = Array.from({ length: T }, (_, t) => t + 1);
-  const curves = {
-    model: Array.from({ length: P }, (_, p) => ts.map((t) => err(model(p, t, last), p, last))),
-  };
-  for (const s of ["gradient descent", "Newton"]) {
-    curves[s] = steps.map((st, p) => st[s].map((pred) => err(pred, p, last)));
-  }
-  const byLoop = Object.entries(curves).map(([label, rows]) => {
-    const stats = spread(rows);
-    return { label: label === "model" ? "model (mean, middle 80%)" : label, x: ts,
-      y: stats.map((s) => s[0]), band: [stats.map((s) => s[1]), stats.map((s) => s[2])],
-      color: COLORS[label], width: label === "model" ? 3 : 2 };
-  });
+  // Against loops: the same for every loop count, computed once a prompt (byLoop), and the dot.
+  state.byLoop ||= againstLoops();
+  const byLoop = [...state.byLoop.series];
   if ($("own").checked) {
-    byLoop.push({ label: "the shown prompt, model", x: ts, y: curves.model[0], color: "#000",
-      width: 1, dash: [3, 3] });
+    byLoop.push({ label: "the shown prompt, model", x: byLoop[0].x, y: state.byLoop.own,
+      color: "#000", width: 1, dash: [3, 3] });
   }
   drawChart($("chart-loops"), { series: byLoop, xlabel: "loop iteration (a step of each solver)",
     ylabel: `normalised squared error, k = ${last}`, vline: b, dot: [loops, byLoop[0].y[loops - 1]],
@@ -595,6 +584,29 @@ function draw() {
     const { startTime } = performance.mark("first chart"); // read by `python bench.py page`
     $("meta-first-chart").textContent = `${startTime.toFixed(0)} ms after the page opened`;
   }
+}
+
+// The error at the last position after each loop: the model's, gradient descent's and Newton's
+// (one step a loop), each a mean over the prompts with the band of the middle 80%; and the shown
+// prompt's own, the model's.
+function againstLoops() {
+  const { meta, prompts, steps, T, every } = state, { n } = meta, last = n - 1;
+  const err = (pred, p) => (pred - prompts.ys[p * n + last]) ** 2 / meta.normaliser;
+  const model = (p, t) => every[(p * T + t - 1) * n + last]; // after loop t
+  const ts = Array.from({ length: T }, (_, t) => t + 1);
+  const curves = {
+    model: Array.from({ length: BATCH }, (_, p) => ts.map((t) => err(model(p, t), p))),
+  };
+  for (const s of ["gradient descent", "Newton"]) {
+    curves[s] = steps.map((st, p) => st[s].map((pred) => err(pred, p)));
+  }
+  const series = Object.entries(curves).map(([label, rows]) => {
+    const stats = spread(rows);
+    return { label: label === "model" ? "model (mean, middle 80%)" : label, x: ts,
+      y: stats.map((s) => s[0]), band: [stats.map((s) => s[1]), stats.map((s) => s[2])],
+      color: COLORS[label], width: label === "model" ? 3 : 2 };
+  });
+  return { series, own: curves.model[0] };
 }
 
 // A chart in words, for a screen reader: each line's value at a few x.
