@@ -99,7 +99,10 @@ class Table:
 # ---------------------------------------------------------------------------- training
 
 
-def bench_train(device, presets=("laptop", "paper")):
+MODES = ["eager", "compiled", "reduce-overhead", "captured", "captured eager"]  # bench_train's
+
+
+def bench_train(device, presets=("laptop", "paper"), modes=MODES):
     """ms per training step, prompts/s and FLOP/s against this machine's matmul peak, for the laptop
     preset and the paper's linreg model (b 20, T 15, D 256), fp32 and bf16 autocast, at the final
     curriculum stage. Modes: "eager"; "compiled", M compiled as --compile does (all it does on a CPU
@@ -115,9 +118,9 @@ def bench_train(device, presets=("laptop", "paper")):
         "model|mode|dtype|ms/step|prompts/s|GFLOP/s|of peak %|saved MB|peak MB".split("|"),
         [8, 17, 6, 10, 11, 9, 11, 10, 9],
     )
-    cuda_modes = ["reduce-overhead", "captured", "captured eager"] if device.type == "cuda" else []
+    modes = [m for m in modes if device.type == "cuda" or m in MODES[:2]]  # the rest need CUDA
     # The captured rows go last: a failed capture can leave CUDA unusable for the rows after it.
-    rows = itertools.product(presets, ["eager", "compiled", *cuda_modes], (False, True))
+    rows = itertools.product(presets, modes, (False, True))
     for preset, mode, amp in sorted(rows, key=lambda r: r[1].startswith("captured")):
         row = time_step(preset, mode, amp, device, peak)
         if row is not None:
@@ -530,6 +533,8 @@ def flags():
         "page": "the page's load, first chart and longest main-thread tasks in headless Chromium",
     }
     add = {name: sub.add_parser(name, help=text).add_argument for name, text in helps.items()}
+    text = f"the modes to time (default all; the last three on CUDA only): {', '.join(MODES)}"
+    add["train"]("--modes", nargs="+", choices=MODES, default=MODES, metavar="MODE", help=text)
     presets = {"train": "one model only (default: both)"}
     presets["loop"] = "default: paper on CUDA, laptop elsewhere"
     for command, text in presets.items():
@@ -565,7 +570,8 @@ def main(argv=None):
         saved = os.path.join(report.RESULTS, f"{name}.json")
         harness.check_outputs(saved)
     if args.command == "train":
-        table = bench_train(device, [args.preset] if args.preset else ("laptop", "paper"))
+        presets = [args.preset] if args.preset else ("laptop", "paper")
+        table = bench_train(device, presets, args.modes)
     elif args.command == "loop":
         preset = args.preset or ("paper" if device.type == "cuda" else "laptop")
         table = bench_loop(device, preset, args.steps)

@@ -684,6 +684,47 @@ def shift_section(lines, name, claims, models, shifts):
     )
 
 
+def paper_section(lines, name, claims, models, numbers):
+    """A run at the paper's scale: its test errors at the paper's k after b and 5 b loops beside the
+    paper's (numbers, {k: error after b loops}) and least squares', its learning curve, the verdict
+    by the claim's rule at the last k."""
+    claim, runs = claims[name], list(claim_runs(name, curves=True).values())
+    if not runs or runs[0].errors is None:
+        return not_run(lines, name, why=" (or it diverged)", after=": minutes on a GPU")
+    r, ks = runs[0], list(numbers)
+    c, record, k = r.cfg, r.record, ks[-1]
+    loops = sorted({c.n_loops, min(5 * c.n_loops, c.eval_loops)})
+    rows = [
+        [f"looped, {t} loops", *(r.errors["loops"][t - 1][j].item() for j in ks)] for t in loops
+    ]
+    rows.append(["least squares", *(r.errors["least squares"][j].item() for j in ks)])
+    rows.append([f"the paper's looped, {c.n_loops} loops, 500k steps", *numbers.values()])
+    ours, share = at_b(r, k), c.steps / looped.PAPER["steps"]
+    verdict = "Reproduced" if claim.verdict(ours, numbers[k]) else "Not reproduced"
+    add(
+        lines,
+        f"`python experiments.py {name}` on {record['machine']}, "
+        f"{record['seconds'] / 60:.1f} min in all: {looped.describe(c)}, d = {c.n_dims}, n = "
+        f"{c.n_points}, D = {c.n_embd}, {c.n_head} heads, batch {c.batch_size}, for {c.steps:,} "
+        f"steps ({share:.1%} of the paper's 500k). Adam's rate rises to {c.lr:g} over {c.warmup} "
+        f"steps and falls to 0 over the last {c.decay:,} (the paper: 1e-4 throughout); d and n "
+        f"grow every {c.curriculum_every} steps and b every {c.loops_every}, the paper's pace "
+        f"scaled to the steps; the prompt's embedding and the attention start at std "
+        f"{c.embed_init:g} and {c.attn_init:g}. {c.eval_prompts} test prompts.",
+        markdown(["", *(f"k = {j}" for j in ks)], rows),
+        image("validation error against training step, at the paper's scale", name),
+        f"**{verdict} in {c.steps:,} steps**, taking 'reproduced' as an error {claim.rule}: at k = "
+        f"{k} after b loops the looped model has {fmt(ours)}, the paper {fmt(numbers[k])}.",
+    )
+    fig, ax = plots.figure(figsize=(7, 4.5))
+    for i, j in enumerate(ks):
+        ax.semilogy(*zip(*[(s, e[j]) for s, e in r.curve]), color=f"C{i}", label=f"k = {j}")
+        ax.axhline(numbers[j], color=f"C{i}", ls=":", lw=1, label=f"the paper's, k = {j}")
+    ax.set(xlabel="training step", ylabel="validation error after b loops (256 prompts)")
+    ax.set(title=f"linear regression, d = {c.n_dims}, D = {c.n_embd}: the learning curve")
+    save(fig, f"{FIGURES}/{name}.png", ax, fontsize=7, ncol=2)
+
+
 STUDIES = {  # the studies of single runs: their section's title and introduction, table, figure
     "probe": (
         "What the loop computes: linear probes of the loop state",

@@ -30,6 +30,26 @@ def test_seconds_is_the_median_of_the_timed_calls_after_the_warm_up(monkeypatch)
     assert bench.seconds(call, repeats=3, warmup=1) == 2.0
 
 
+def test_bench_train_times_the_modes_asked_for_captured_last_and_cudas_only_on_cuda(monkeypatch):
+    """--modes: the modes given, the captured ones after the rest (a failed capture can leave CUDA
+    unusable), each in fp32 and bf16; on a CPU only eager and compiled."""
+    timed = []
+
+    def time_step(preset, mode, amp, device, peak):
+        timed.append((mode, amp))
+        return [preset, mode, "bf16" if amp else "fp32", 1.0, 64.0, 1.0, 1.0, 1.0, "-"]
+
+    monkeypatch.setattr(bench, "matmul_peak", lambda device, dtype: 1e12)
+    monkeypatch.setattr(bench, "time_step", time_step)
+    modes = ["captured", "reduce-overhead", "eager"]
+    bench.bench_train(torch.device("cuda"), ["paper"], modes)
+    order = ["reduce-overhead", "eager", "captured"]
+    assert timed == [(mode, amp) for mode in order for amp in (False, True)]
+    timed.clear()
+    table = bench.bench_train(torch.device("cpu"), ["paper"], modes)
+    assert timed == [("eager", False), ("eager", True)] and len(table.rows) == 2
+
+
 def test_bench_baselines_times_each_solver_beside_the_same_fits_in_sklearn():
     table = bench.bench_baselines(4, 2, ["least squares", "averaging"])
     n = str(looped.PAPER_TASKS["linreg"]["n_points"])

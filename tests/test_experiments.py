@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from common import FUZZ, NUMBERS, draw, fuzz_args, fuzz_cli, refused, run_cli, tiny_config
+from common import FUZZ, NUMBERS, draw, fuzz_args, fuzz_cli, refused, run_cli, slow, tiny_config
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -389,8 +389,55 @@ def test_the_verdict_rules_are_in_the_claims_records():
     assert claims["claim4"].verdict(1.5) and not claims["claim4"].verdict(1.51)
     assert claims["claim5"].verdict(0.1, 0.2) and not claims["claim5"].verdict(float("nan"), 0.2)
     assert claims["seeds"].verdict(0.05) and not claims["seeds"].verdict(0.051)
+    assert claims["paper"].verdict(1.25, 1.0) and not claims["paper"].verdict(1.26, 1.0)
     order = sorted(claims, key=lambda name: claims[name].place)
-    assert order == ["seeds", "claim1", "claim2", "claim3", "converge", "claim4", "claim5"]
+    assert order == ["seeds", "claim1", "claim2", "claim3", "converge", "claim4", "claim5", "paper"]
+
+
+def test_the_paper_scale_run_is_the_papers_model_on_a_schedule_scaled_to_its_steps():
+    """paper: --preset paper's linear regression (d 20, n 41, D 256, 8 heads, b 20, T 15, batch 64);
+    d, n and b grow over the same 15% of the steps as over the paper's 500k, the learning rate
+    warms up as the laptop preset's and decays over the same share of the run."""
+    steps = experiments.PAPER_SCALE
+    cfg = looped.make_config("linreg", **experiments.paper_scale())
+    sizes = (cfg.n_dims, cfg.n_points, cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.batch_size)
+    assert sizes == (20, 41, 256, 8, 1, 64) and (cfg.n_loops, cfg.loop_window) == (20, 15)
+    assert cfg.steps == steps and cfg.compile and cfg.eval_every == steps // 40
+    paper = looped.make_config("linreg", "paper")
+    for c in (cfg, paper):  # the step at which the curriculum is complete, as a share of the run
+        full = looped.curriculum(c, c.steps)
+        first = next(s for s in range(0, c.steps, 10) if looped.curriculum(c, s) == full)
+        assert first / c.steps == pytest.approx(0.15, abs=0.002)
+    assert looped.curriculum(cfg, 24)[2] == 17 and looped.curriculum(cfg, 23)[2] == 15  # b: 2 more
+    laptop = looped.Config()
+    assert (cfg.lr, cfg.warmup) == (laptop.lr, laptop.warmup)
+    assert cfg.decay / cfg.steps == pytest.approx(laptop.decay / laptop.steps, abs=1e-4)
+    assert looped.learning_rate(cfg, steps - 1) < looped.learning_rate(cfg, steps - cfg.decay)
+
+
+@slow
+def test_the_paper_scale_command_trains_evaluates_and_reports_its_run(tmp_path, monkeypatch):
+    """`python experiments.py paper` as the GPU runs it, on a CPU with few steps and test prompts:
+    its run folder, learning curve and evaluation, and its section of the report beside the
+    paper's numbers."""
+    monkeypatch.chdir(tmp_path)
+    few = dict(experiments.paper_scale(6), eval_prompts=16, eval_loops=100, eval_every=3)
+    claim = dataclasses.replace(experiments.CLAIMS["paper"], runs=[("looped", "linreg", few)])
+    monkeypatch.setitem(experiments.CLAIMS, "paper", claim)
+    experiments.main(["paper"])
+    run = report.read_run("results/paper/looped", curve=True)
+    assert (run.cfg.n_dims, run.cfg.n_embd, run.cfg.steps) == (20, 256, 6)
+    assert [s for s, _ in run.curve] == [3, 6] and run.errors["loops"].shape == (100, 41)
+    experiments.write_report()
+    section = open("docs/results.md").read().split("## The paper's scale")[1].split("\n## ")[0]
+    at = {t: run.errors["loops"][t - 1] for t in (20, 100)}
+    for t, errors in at.items():
+        row = f"| looped, {t} loops | " + " | ".join(
+            report.fmt(errors[k].item()) for k in (10, 20, 40)
+        )
+        assert row in section
+    assert "| the paper's looped, 20 loops, 500k steps | 0.5190 | 0.0242 | 7.8e-04 |" in section
+    assert "**Not reproduced in 6 steps**" in section and os.path.isfile("figures/paper.png")
 
 
 def test_the_seeds_claim_reports_each_seed_and_the_spread(tmp_path, monkeypatch):
