@@ -51,9 +51,10 @@ class VerificationError(Exception):
 class Predictor:
     """Run an exported looped transformer: `Predictor("model.onnx")(xs, ys)` -> predictions (B, n).
 
-    CUDA where onnxruntime can really run there, else the CPU (`provider` says which). On CUDA the
-    inputs and outputs are bound to the device (IO binding), so a call copies only the prompt in and
-    the predictions out. On the CPU a batch is split into one shard per core, each on one thread:
+    device "auto": CUDA where onnxruntime can really run there, else the CPU (`provider` says
+    which); "cuda" is an error where it cannot, "cpu" never tries. On CUDA the inputs and outputs
+    are bound to the device (IO binding), so a call copies only the prompt in and the predictions
+    out. On the CPU a batch is split into one shard per core, each on one thread:
     onnxruntime's own threads split this model's many small operations less well (at batch 64 on
     2 cores of an AMD EPYC, the shards are 1.15 to 1.25 times faster than one session on both). A
     batch smaller than the cores runs on one thread, or on all of them for a wide model
@@ -84,6 +85,11 @@ class Predictor:
         # get_available_providers lists CUDA even without a GPU; the session knows what it got
         self.provider = s.get_providers()[0]
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        if device == "cuda" and self.device != "cuda":
+            raise ValueError(
+                "device='cuda', but onnxruntime cannot run on CUDA here (no GPU, or onnxruntime "
+                "without CUDA): use device='auto' or 'cpu'"
+            )
         self.meta = meta = s.get_modelmeta().custom_metadata_map
         if "n_dims" not in meta:
             raise ValueError(f"{path} has no looped metadata: was it made by export.py?")

@@ -60,6 +60,10 @@ def test_unrolled_and_dynamic_exports_match_pytorch(trained_run, tmp_path):
         export.Predictor(unrolled, device="cpu")
         export.Predictor(unrolled, device="auto")
     assert asked == [["CPUExecutionProvider"], both]
+    # An explicit "cuda" where the session falls back to the CPU is refused, not run on the CPU.
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="onnxruntime cannot run on CUDA here"):
+            export.Predictor(unrolled, device="cuda")
     # A block is ONNX's fused operators, and the --dynamic-loops graph's Loop body one iteration:
     # 17 nodes and the condition's, none of them recomputing what the prompt alone fixes.
     ops = [node.op_type for node in onnx.load(unrolled).graph.node]
