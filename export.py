@@ -36,6 +36,9 @@ PARITY_TOL = 1e-4  # max |onnxruntime - PyTorch| on fresh prompts, float32 graph
 PARITY_TOL_FP16 = 5e-2  # the same for --fp16 graphs: half precision keeps about 3 digits
 WIDE = 128  # from this D on, a batch smaller than the cores runs on all of them (see Predictor)
 MAX_LOOPS = 10_000  # the most loops a graph runs: looped.MAX_LOOPS (Predictor imports no torch)
+# The smallest --until-converged: at 3e-6 the default run's graph stopped a prompt 2 loops before
+# PyTorch (the change it tests is a difference of nearly equal float32 numbers); at 1e-5, none.
+MIN_TOLERANCE = 1e-5
 # An unrolled graph holds every loop it runs, 17 nodes each, so it goes to 5 b; --dynamic-loops,
 # one Loop, to MAX_LOOPS.
 UNROLLED = 5
@@ -548,6 +551,11 @@ def check_request(model, cfg, run_dir, n_loops, dynamic_loops, fp16, until, max_
         real = isinstance(until, numbers.Real) and not isinstance(until, bool)
         if not (real and until > 0 and np.isfinite(until)):
             raise UserError(f"--until-converged must be a finite number above 0, got {until}")
+        if until < MIN_TOLERANCE:
+            raise UserError(
+                f"--until-converged {until:g} is below {MIN_TOLERANCE:g}: float32 round-off then "
+                "moves the change it tests enough that onnxruntime and PyTorch stop loops apart"
+            )
         if fp16:  # half precision rounds the change it tests by about as much as the tolerances
             raise UserError("--until-converged needs fp32: it does not go with --fp16")
         loops, max_loops = "adaptive", int(max_loops)
@@ -686,8 +694,8 @@ def main(argv=None):
         "--out": "output file, a new name or an .onnx file to replace; never in a run folder "
         "(default: RUN_DIR.onnx, beside the run folder)",
         "--until-converged": "adaptive depth: stop each prompt when the relative change of its "
-        "predictions (or --stop-on state) falls below TOL (a number above 0); a second output "
-        "gives the loops used",
+        f"predictions (or --stop-on state) falls below TOL (at least {MIN_TOLERANCE:g}); a second "
+        "output gives the loops used",
         "--max-loops": f"with --until-converged: the most loops, {loops} (default 5 b)",
         "--stop-on": "with --until-converged: the change that is tested [prediction]",
         "--every-loop": "with --dynamic-loops: a second output, every (batch, n_loops, n), the "

@@ -361,6 +361,7 @@ def test_export_never_writes_over_a_run_or_a_file_that_is_not_an_onnx_file(train
         (["--until-converged", "0.1", "--max-loops", "99999999999999999999"], "1 to 10,000"),
         (["--until-converged", "nan"], "not a finite number above 0"),
         (["--until-converged", "inf"], "not a finite number above 0"),
+        (["--until-converged", "9e-6"], "below 1e-05: float32 round-off"),
         (["--loops", "1e9"], "not a whole number"),
     ],
 )
