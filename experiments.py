@@ -721,6 +721,7 @@ def tool_commands(sub):
     add("runs", nargs="+", metavar="RUN_DIR", help="looped.py run folders of one task, d and n")
     add("--out", help="folder for the figures (default runs/compare_TASK)")
     add("--eval_loops", type=LOOPS, help=f"loop iterations to run, {LOOPS} (default: each run's)")
+    add("--device", help="auto, cuda, mps or cpu (default: each run's; a GPU's runs on a CPU: cpu)")
     add("--shift", help=f"Garg et al.'s shifted prompts for linear regression: {', '.join(SHIFTS)}")
     text = "linear probes of a looped run's loop state, iteration by iteration"
     add = sub.add_parser("probe", help=text).add_argument
@@ -762,7 +763,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     baselines.keep_freed_memory()
     if args.command == "compare":
-        given = {"eval_loops": args.eval_loops} if args.eval_loops else {}
+        given = {k: v for k, v in [("eval_loops", args.eval_loops), ("device", args.device)] if v}
         compare(args.runs, args.out, given, args.shift)
     elif args.command == "baselines":
         sizes = args.task, args.n_dims, args.n_points, args.prompts, args.k, args.seed

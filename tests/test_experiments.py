@@ -174,6 +174,17 @@ def test_compare_of_two_runs_under_a_shift_draws_one_comparison(tmp_path):
     ]:
         r = run_cli(experiments.main, *args)
         assert r.returncode == 2 and words in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    # A run saved with --device cuda (a GPU's) compares here with --device cpu, and only so.
+    ckpt = torch.load(a / "ckpt.pt", weights_only=False)
+    ckpt["config"]["device"] = "cuda"
+    torch.save(ckpt, a / "ckpt.pt")
+    if not torch.cuda.is_available():
+        line = refused(experiments.main, "compare", str(a), "--out", str(tmp_path / "cmp3"))
+        assert "--device cuda asked for, but it is not available here" in line
+    r = run_cli(
+        experiments.main, "compare", str(a), "--device", "cpu", "--out", str(tmp_path / "c")
+    )
+    assert r.returncode == 0 and os.path.isfile(tmp_path / "c" / "error_vs_examples.png"), r.stderr
 
 
 def test_baselines_table_at_paper_scale_agrees_with_the_paper(capsys):
