@@ -219,7 +219,8 @@ SECOND_SEED = 43  # a claim's second seed, where it trains one
 TWO_SEEDS = (looped.Config.seed, SECOND_SEED)  # the preset's seed and the second: converge's
 CURVES = dict(eval_every=250)  # a learning-curve point every 250 steps, on validation prompts
 CONVERGE = 8  # converge trains claim1's best runs for this many times the preset's steps
-PAPER_SCALE = 24_000  # paper's steps: about 4 minutes of one GPU at 100 steps/s
+# paper's steps: 4 minutes at 100 steps/s, a guess until a GPU has timed the paper's step
+PAPER_SCALE = 24_000
 
 
 def paper_scale(steps=PAPER_SCALE):

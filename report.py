@@ -691,26 +691,29 @@ def paper_section(lines, name, claims, models, numbers):
     claim, runs = claims[name], list(claim_runs(name, curves=True).values())
     if not runs or runs[0].errors is None:
         return not_run(lines, name, why=" (or it diverged)", after=": minutes on a GPU")
-    r, ks = runs[0], list(numbers)
+    r, ks, paper = runs[0], list(numbers), looped.make_config("linreg", "paper")
     c, record, k = r.cfg, r.record, ks[-1]
     loops = sorted({c.n_loops, min(5 * c.n_loops, c.eval_loops)})
     rows = [
         [f"looped, {t} loops", *(r.errors["loops"][t - 1][j].item() for j in ks)] for t in loops
     ]
     rows.append(["least squares", *(r.errors["least squares"][j].item() for j in ks)])
-    rows.append([f"the paper's looped, {c.n_loops} loops, 500k steps", *numbers.values()])
-    ours, share = at_b(r, k), c.steps / looped.PAPER["steps"]
+    rows.append(
+        [f"the paper's looped, {c.n_loops} loops, {paper.steps:,} steps", *numbers.values()]
+    )
+    ours, share = at_b(r, k), c.steps / paper.steps
     verdict = "Reproduced" if claim.verdict(ours, numbers[k]) else "Not reproduced"
     add(
         lines,
         f"`python experiments.py {name}` on {record['machine']}, "
         f"{record['seconds'] / 60:.1f} min in all: {looped.describe(c)}, d = {c.n_dims}, n = "
         f"{c.n_points}, D = {c.n_embd}, {c.n_head} heads, batch {c.batch_size}, for {c.steps:,} "
-        f"steps ({share:.1%} of the paper's 500k). Adam's rate rises to {c.lr:g} over {c.warmup} "
-        f"steps and falls to 0 over the last {c.decay:,} (the paper: 1e-4 throughout); d and n "
-        f"grow every {c.curriculum_every} steps and b every {c.loops_every}, the paper's pace "
-        f"scaled to the steps; the prompt's embedding and the attention start at std "
-        f"{c.embed_init:g} and {c.attn_init:g}. {c.eval_prompts} test prompts.",
+        f"steps ({share:.1%} of the paper's {paper.steps:,}). Adam's rate rises to {c.lr:g} over "
+        f"{c.warmup} steps and falls to 0 over the last {c.decay:,} (the paper: {paper.lr:g} "
+        f"throughout); d and n grow every {c.curriculum_every} steps and b every "
+        f"{c.loops_every}, the paper's pace scaled to the steps; the prompt's embedding and the "
+        f"attention start at std {c.embed_init:g} and {c.attn_init:g}. {c.eval_prompts} test "
+        "prompts.",
         markdown(["", *(f"k = {j}" for j in ks)], rows),
         image("validation error against training step, at the paper's scale", name),
         f"**{verdict} in {c.steps:,} steps**, taking 'reproduced' as an error {claim.rule}: at k = "

@@ -447,7 +447,7 @@ def test_the_paper_scale_command_trains_evaluates_and_reports_its_run(tmp_path, 
             report.fmt(errors[k].item()) for k in (10, 20, 40)
         )
         assert row in section
-    assert "| the paper's looped, 20 loops, 500k steps | 0.5190 | 0.0242 | 7.8e-04 |" in section
+    assert "| the paper's looped, 20 loops, 500,000 steps | 0.5190 | 0.0242 | 7.8e-04 |" in section
     assert "**Not reproduced in 6 steps**" in section and os.path.isfile("figures/paper.png")
 
 
