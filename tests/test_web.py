@@ -1,11 +1,14 @@
 """web/: the page runs the committed model in a real headless browser, Debian's chromium driven by
-Playwright, with every request that is not to the test's own server blocked. Its onnxruntime-web is
-the local copy `npm ci --prefix web` installs; .ci/run installs all three."""
+Playwright, with every request that is not to the test's own server blocked; web/predict.mjs runs
+any export in Node.js. Their onnxruntime-web is the local copy `npm ci --prefix web` installs;
+.ci/run installs all of them."""
 
 import functools
 import http.server
+import json
 import os
 import shutil
+import subprocess
 import threading
 
 import numpy as np
@@ -15,25 +18,20 @@ import pytest
 import torch
 
 import baselines
+import export
 
 WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "web")
 MODEL = os.path.join(WEB, "linreg.onnx")
 ORT_LOCAL = "node_modules/onnxruntime-web/dist/"
-CHROMIUM = shutil.which("chromium")
-missing = [
-    what
-    for what, ok in [
-        ("Debian's chromium (apt-get install chromium)", CHROMIUM),
-        ("onnxruntime-web (npm ci --prefix web)", os.path.isdir(os.path.join(WEB, ORT_LOCAL))),
-    ]
-    if not ok
-]
+CHROMIUM, NODE = shutil.which("chromium"), shutil.which("node")
 pytestmark = pytest.mark.skipif(
-    bool(missing), reason=f"the browser test needs {', '.join(missing)}"
+    not os.path.isdir(os.path.join(WEB, ORT_LOCAL)),
+    reason="the page and predict.mjs need onnxruntime-web (npm ci --prefix web)",
 )
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="the browser test needs playwright (pip install playwright)"
-)
+try:
+    from playwright import sync_api
+except ImportError:
+    sync_api = None
 
 
 class Files(http.server.SimpleHTTPRequestHandler):
@@ -62,6 +60,11 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
+    if not CHROMIUM or sync_api is None:
+        pytest.skip(
+            "the browser test needs Debian's chromium (apt-get install chromium) and playwright "
+            "(pip install playwright)"
+        )
     with sync_api.sync_playwright() as p:
         # The flags keep chromium from calling home, which a closed network refuses.
         flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -215,3 +218,62 @@ def test_bad_input_is_one_line_in_the_page(server, browser):
         assert not any(raw in message.inner_text() for raw in ("ERROR_CODE", ".cc:", ".h:"))
         assert "\n" not in message.inner_text() and page.locator("#draw").is_disabled()
         page.close()
+
+
+def node_predicts(model, request, tmp_path):
+    """web/predict.mjs on a model and a request {xs, ys[, loops]}: (exit code, stdout, stderr)."""
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(request))
+    script = os.path.join(WEB, "predict.mjs")
+    r = subprocess.run(
+        [NODE, script, str(model), str(prompts)], capture_output=True, text=True, timeout=120
+    )
+    return r.returncode, r.stdout, r.stderr
+
+
+@pytest.mark.skipif(not NODE, reason="predict.mjs needs Node.js")
+def test_node_predicts_as_python_does_for_every_kind_of_export(trained_run, tmp_path):
+    """An unrolled, a --dynamic-loops --every-loop and an --until-converged export give in Node.js
+    (onnxruntime-web, wasm) what they give in Python (onnxruntime), every output; a mistake in the
+    prompts or the loop count is one line and exit code 2."""
+    graphs = {
+        "unrolled.onnx": dict(n_loops=4),
+        "every.onnx": dict(dynamic_loops=True, every_loop=True),
+        "adaptive.onnx": dict(until_converged=0.01),
+    }
+    rng, worst = np.random.default_rng(0), 0.0
+    xs = rng.standard_normal((3, 9, 4)).astype(np.float32)
+    ys = (xs @ rng.standard_normal(4)).astype(np.float32)
+    for name, options in graphs.items():
+        path = tmp_path / name
+        export.export(trained_run, str(path), say=lambda *a: None, **options)
+        predictor = export.Predictor(str(path), device="cpu")
+        loops = 7 if predictor.dynamic_loops else None
+        request = {"xs": xs.tolist(), "ys": ys.tolist()} | ({"loops": loops} if loops else {})
+        code, out, err = node_predicts(path, request, tmp_path)
+        assert code == 0, err
+        got = json.loads(out)
+        want = predictor(
+            xs, ys, loops, return_loops=predictor.adaptive, return_every=predictor.every
+        )
+        want = dict(zip(predictor.outputs, want if isinstance(want, tuple) else [want]))
+        assert set(got) == set(want) == set(predictor.outputs)
+        same = np.ones(len(xs), bool)
+        if "loops" in want:  # a change within round-off of the tolerance may stop a loop apart
+            assert np.abs(np.array(got["loops"]) - want["loops"]).max() <= 1
+            same = np.array(got["loops"]) == want["loops"]
+        for key in set(want) - {"loops"}:
+            worst = max(worst, float(np.abs(np.array(got[key]) - want[key])[same].max()))
+        assert same.any()
+    print(f"largest |node - python| = {worst:.2e}")
+    assert worst < 1e-4
+    mistakes = {
+        "every.onnx": ({"xs": xs.tolist(), "ys": ys.tolist()}, "takes the loop count"),
+        "unrolled.onnx": ({"xs": xs.tolist(), "ys": ys.tolist(), "loops": 3}, "own loop count"),
+        "adaptive.onnx": ({"xs": xs[:, :, :2].tolist(), "ys": ys.tolist()}, "could not run"),
+    }
+    ragged = {"xs": [xs[0].tolist(), xs[1, :4].tolist()], "ys": ys[:2].tolist()}
+    mistakes["/nonexistent.onnx"] = ({"xs": xs.tolist(), "ys": ys.tolist()}, "cannot read")
+    for name, (request, says) in [*mistakes.items(), ("unrolled.onnx", (ragged, "each row"))]:
+        code, out, err = node_predicts(tmp_path / name, request, tmp_path)
+        assert code == 2 and not out and says in err and len(err.splitlines()) == 1, err
