@@ -221,7 +221,7 @@ def test_bad_input_is_one_line_in_the_page(server, browser):
 
 
 def node_predicts(model, request, tmp_path):
-    """web/predict.mjs on a model and a request {xs, ys[, loops]}: (exit code, stdout, stderr)."""
+    """web/predict.mjs on a model and a request (JSON): (exit code, stdout, stderr)."""
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(request))
     script = os.path.join(WEB, "predict.mjs")
@@ -235,7 +235,7 @@ def node_predicts(model, request, tmp_path):
 def test_node_predicts_as_python_does_for_every_kind_of_export(trained_run, tmp_path):
     """An unrolled, a --dynamic-loops --every-loop and an --until-converged export give in Node.js
     (onnxruntime-web, wasm) what they give in Python (onnxruntime), every output; a mistake in the
-    prompts or the loop count is one line and exit code 2."""
+    prompts or the loop count is one line of the script's and exit code 2."""
     graphs = {
         "unrolled.onnx": dict(n_loops=4),
         "every.onnx": dict(dynamic_loops=True, every_loop=True),
@@ -244,12 +244,13 @@ def test_node_predicts_as_python_does_for_every_kind_of_export(trained_run, tmp_
     rng, worst = np.random.default_rng(0), 0.0
     xs = rng.standard_normal((3, 9, 4)).astype(np.float32)
     ys = (xs @ rng.standard_normal(4)).astype(np.float32)
+    prompts = {"xs": xs.tolist(), "ys": ys.tolist()}
     for name, options in graphs.items():
         path = tmp_path / name
         export.export(trained_run, str(path), say=lambda *a: None, **options)
         predictor = export.Predictor(str(path), device="cpu")
         loops = 7 if predictor.dynamic_loops else None
-        request = {"xs": xs.tolist(), "ys": ys.tolist()} | ({"loops": loops} if loops else {})
+        request = prompts | ({"n_loops": loops} if loops else {})
         code, out, err = node_predicts(path, request, tmp_path)
         assert code == 0, err
         got = json.loads(out)
@@ -267,13 +268,28 @@ def test_node_predicts_as_python_does_for_every_kind_of_export(trained_run, tmp_
         assert same.any()
     print(f"largest |node - python| = {worst:.2e}")
     assert worst < 1e-4
-    mistakes = {
-        "every.onnx": ({"xs": xs.tolist(), "ys": ys.tolist()}, "takes the loop count"),
-        "unrolled.onnx": ({"xs": xs.tolist(), "ys": ys.tolist(), "loops": 3}, "own loop count"),
-        "adaptive.onnx": ({"xs": xs[:, :, :2].tolist(), "ys": ys.tolist()}, "could not run"),
-    }
-    ragged = {"xs": [xs[0].tolist(), xs[1, :4].tolist()], "ys": ys[:2].tolist()}
-    mistakes["/nonexistent.onnx"] = ({"xs": xs.tolist(), "ys": ys.tolist()}, "cannot read")
-    for name, (request, says) in [*mistakes.items(), ("unrolled.onnx", (ragged, "each row"))]:
+    rows = [xs[0].tolist(), None]
+    mistakes = [
+        ("every.onnx", prompts, 'give "n_loops", a whole number'),
+        ("every.onnx", prompts | {"n_loops": 1.5}, 'give "n_loops", a whole number'),
+        ("unrolled.onnx", prompts | {"n_loops": 3}, 'runs 4 loops: leave "n_loops" out'),
+        ("adaptive.onnx", prompts | {"n_loops": 3}, 'converged: leave "n_loops" out'),
+        (
+            "unrolled.onnx",
+            {"xs": xs[:, :, :2].tolist(), "ys": ys.tolist()},
+            "the model takes d = 4",
+        ),
+        ("unrolled.onnx", {"xs": [[[0.0] * 4] * 10], "ys": [[0.0] * 10]}, "takes 1 to 9"),
+        ("unrolled.onnx", {"xs": rows, "ys": ys[:2].tolist()}, "each row as long as the first"),
+        ("unrolled.onnx", {"xs": [[[1e300] * 4]], "ys": [[0.0]]}, "within float32's range"),
+        ("unrolled.onnx", None, "must hold an object"),
+        ("/nonexistent.onnx", prompts, "cannot read"),
+        (WEB + "/index.html", prompts, "not an ONNX file"),
+        ("bare.onnx", prompts, "no looped metadata"),
+    ]
+    onnx.save(
+        onnx.helper.make_model(onnx.helper.make_graph([], "bare", [], [])), tmp_path / "bare.onnx"
+    )
+    for name, request, says in mistakes:
         code, out, err = node_predicts(tmp_path / name, request, tmp_path)
-        assert code == 2 and not out and says in err and len(err.splitlines()) == 1, err
+        assert code == 2 and not out and says in err and len(err.splitlines()) == 1, (name, err)

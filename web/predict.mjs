@@ -4,13 +4,14 @@
 //   npm ci --prefix web
 //   node web/predict.mjs linreg.onnx prompts.json > predictions.json
 //
-// prompts.json: {"xs": (batch, n, d) nested lists, "ys": (batch, n), "loops": L}, "loops" for a
-// --dynamic-loops graph only. Prints {"preds": (batch, n)}, entry i predicting y_i from the pairs
-// before it, and the graph's other outputs as it has them: "loops" (batch,) of an
-// --until-converged graph, "every" (batch, L, n) of an --every-loop one. A mistake is one line on
-// stderr and exit code 2.
+// prompts.json: {"xs": (batch, n, d) nested lists, "ys": (batch, n), "n_loops": L}, "n_loops" for
+// a --dynamic-loops graph only. Prints {"preds": (batch, n)}, entry i predicting y_i from the pairs
+// before it, and the graph's other outputs as it has them: "loops" (batch,), the loops each prompt
+// of an --until-converged graph used, and "every" (batch, L, n) of an --every-loop one. A mistake
+// is one line on stderr and exit code 2.
 import { readFile } from "node:fs/promises";
 import * as ort from "onnxruntime-web";
+import { onnxMetadata } from "./metadata.mjs";
 
 function fail(message) {
   console.error(`predict.mjs: ${message}`);
@@ -29,21 +30,27 @@ function nested(data, dims) {
     nested(data.subarray(i * size, (i + 1) * size), dims.slice(1)));
 }
 
-// The prompts as float32 tensors, or a failure that says what is wrong with them.
-function tensors(request, path) {
+// The prompts as float32 tensors, checked as Predictor checks them, or a failure that says what
+// is wrong with them.
+function tensors(request, path, meta) {
   const { xs, ys } = request;
+  const rows = (a, length) => Array.isArray(a) && a.length === length;
   const B = xs?.length, n = xs?.[0]?.length, d = xs?.[0]?.[0]?.length;
   if (!Array.isArray(xs) || !Array.isArray(ys) || !B || !n || !d) {
     fail(`${path} needs "xs", (batch, n, d) nested lists, and "ys", (batch, n)`);
   }
-  const flatX = xs.flat(2), flatY = ys.flat();
-  const rectangular = xs.every((x) => x.length === n && x.every((p) => p.length === d)) &&
-    ys.length === B && ys.every((y) => y.length === n);
-  if (!rectangular || flatX.length !== B * n * d || flatY.length !== B * n) {
+  if (!xs.every((x) => rows(x, n) && x.every((p) => rows(p, d))) || !rows(ys, B) ||
+    !ys.every((y) => rows(y, n))) {
     fail(`${path}: "xs" must be (batch, n, d) and "ys" (batch, n), each row as long as the first`);
   }
-  if (![...flatX, ...flatY].every((v) => typeof v === "number" && Number.isFinite(v))) {
-    fail(`${path}: "xs" and "ys" must hold finite numbers only`);
+  const flatX = xs.flat(2), flatY = ys.flat();
+  // Finite in float32, as the graph computes: 1e300 is a number, and infinite there.
+  if (![...flatX, ...flatY].every((v) => typeof v === "number" && Number.isFinite(Math.fround(v)))) {
+    fail(`${path}: "xs" and "ys" must hold numbers within float32's range (3.4e38) only`);
+  }
+  if (d !== Number(meta.n_dims)) fail(`xs has d = ${d}, the model takes d = ${meta.n_dims}`);
+  if (n > Number(meta.max_points)) {
+    fail(`prompts have ${n} points; the model takes 1 to ${meta.max_points}`);
   }
   return {
     xs: new ort.Tensor("float32", Float32Array.from(flatX), [B, n, d]),
@@ -53,39 +60,48 @@ function tensors(request, path) {
 
 const [model, prompts, ...extra] = process.argv.slice(2);
 if (!model || !prompts || extra.length) fail("usage: node web/predict.mjs MODEL.onnx PROMPTS.json");
-let request, bytes;
+let request, bytes, meta;
 try {
   request = JSON.parse(await readFile(prompts, "utf8"));
 } catch (e) {
   fail(`cannot read the prompts in ${prompts}: ${firstLine(e)}`);
 }
+if (typeof request !== "object" || request === null || Array.isArray(request)) {
+  fail(`${prompts} must hold an object: {"xs": ..., "ys": ...}`);
+}
 try {
   bytes = await readFile(model);
+  meta = onnxMetadata(bytes);
 } catch (e) {
   fail(`cannot read ${model}: ${firstLine(e)}`);
 }
-const feeds = tensors(request, prompts);
-ort.env.wasm.numThreads = 1; // the page's setting; Node's wasm threads gain little at this size
+if (!meta.n_dims || !meta.max_points) {
+  fail(`${model} has no looped metadata: was it made by export.py?`);
+}
+const feeds = tensors(request, prompts, meta);
+ort.env.wasm.numThreads = 1; // the page's setting; threads gain little at this size
 let session;
 try {
   session = await ort.InferenceSession.create(bytes);
 } catch (e) {
   fail(`${model} is not a loadable ONNX model: ${firstLine(e)}`);
 }
-const { loops } = request;
-if (session.inputNames.includes("n_loops")) {
+const loops = request.n_loops;
+if (meta.n_loops === "dynamic") {
   if (!Number.isInteger(loops) || loops < 1 || loops > 10000) {
-    fail(`${model} takes the loop count: give "loops", a whole number from 1 to 10,000`);
+    fail(`${model} takes the loop count: give "n_loops", a whole number from 1 to 10,000`);
   }
   feeds.n_loops = new ort.Tensor("int64", BigInt64Array.from([BigInt(loops)]), []);
 } else if (loops !== undefined) {
-  fail(`${model} runs its own loop count: export it with --dynamic-loops to choose "loops"`);
+  fail(meta.n_loops === "adaptive"
+    ? `${model} stops each prompt when it has converged: leave "n_loops" out`
+    : `${model} runs ${meta.n_loops} loops: leave "n_loops" out, or export with --dynamic-loops`);
 }
 let out;
 try {
   out = await session.run(feeds);
 } catch (e) {
-  fail(`${model} could not run these prompts (is d, or n, beyond what it takes?): ${firstLine(e)}`);
+  fail(`onnxruntime-web failed to run ${model}: ${firstLine(e)}`);
 }
 const result = Object.fromEntries(
   session.outputNames.map((name) => [name, nested(out[name].data, out[name].dims)]));
