@@ -102,13 +102,18 @@ class Table:
 MODES = ["eager", "compiled", "reduce-overhead", "captured", "captured eager"]  # bench_train's
 
 
-def bench_train(device, presets=("laptop", "paper"), modes=MODES):
+def bench_train(device, presets=("laptop", "paper"), modes=None):
     """ms per training step, prompts/s and FLOP/s against this machine's matmul peak, for the laptop
     preset and the paper's linreg model (b 20, T 15, D 256), fp32 and bf16 autocast, at the final
     curriculum stage. Modes: "eager"; "compiled", M compiled as --compile does (all it does on a CPU
     or under torchrun); on CUDA also "captured", what --compile runs on one GPU (the compiled M, the
     whole step one CUDA graph: CapturedSteps), "captured eager" (the same, M eager) and
-    "reduce-overhead" (M's calls as torch.compile's CUDA graphs, the rest eager)."""
+    "reduce-overhead" (M's calls as torch.compile's CUDA graphs, the rest eager). modes: those to
+    time (default all that the device runs)."""
+    here = MODES if device.type == "cuda" else MODES[:2]  # the others need CUDA
+    modes = list(dict.fromkeys(modes or here))
+    if not set(modes) <= set(here):
+        raise harness.UserError(f"--modes {' '.join(modes)}: {device} runs only {', '.join(here)}")
     # CapturedSteps warms up uncaptured on purpose: the capturable optimiser's warning is noise.
     warnings.filterwarnings("ignore", "This instance was constructed with capturable=True")
     peak = {False: matmul_peak(device, torch.float32), True: matmul_peak(device, torch.bfloat16)}
@@ -118,7 +123,6 @@ def bench_train(device, presets=("laptop", "paper"), modes=MODES):
         "model|mode|dtype|ms/step|prompts/s|GFLOP/s|of peak %|saved MB|peak MB".split("|"),
         [8, 17, 6, 10, 11, 9, 11, 10, 9],
     )
-    modes = [m for m in modes if device.type == "cuda" or m in MODES[:2]]  # the rest need CUDA
     # The captured rows go last: a failed capture can leave CUDA unusable for the rows after it.
     rows = itertools.product(presets, modes, (False, True))
     for preset, mode, amp in sorted(rows, key=lambda r: r[1].startswith("captured")):
@@ -534,7 +538,7 @@ def flags():
     }
     add = {name: sub.add_parser(name, help=text).add_argument for name, text in helps.items()}
     text = f"the modes to time (default all; the last three on CUDA only): {', '.join(MODES)}"
-    add["train"]("--modes", nargs="+", choices=MODES, default=MODES, metavar="MODE", help=text)
+    add["train"]("--modes", nargs="+", choices=MODES, metavar="MODE", help=text)
     presets = {"train": "one model only (default: both)"}
     presets["loop"] = "default: paper on CUDA, laptop elsewhere"
     for command, text in presets.items():

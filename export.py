@@ -36,8 +36,9 @@ PARITY_TOL = 1e-4  # max |onnxruntime - PyTorch| on fresh prompts, float32 graph
 PARITY_TOL_FP16 = 5e-2  # the same for --fp16 graphs: half precision keeps about 3 digits
 WIDE = 128  # from this D on, a batch smaller than the cores runs on all of them (see Predictor)
 MAX_LOOPS = 10_000  # the most loops a graph runs: looped.MAX_LOOPS (Predictor imports no torch)
-# The smallest --until-converged: at 3e-6 the default run's graph stopped a prompt 2 loops before
-# PyTorch (the change it tests is a difference of nearly equal float32 numbers); at 1e-5, none.
+# The smallest --until-converged. verify() lets onnxruntime and PyTorch stop a prompt one loop apart
+# (the change tested is a difference of nearly equal float32 numbers); at 3e-6 the default run's
+# graph stopped one 2 loops apart, at 1e-5 none more than one.
 MIN_TOLERANCE = 1e-5
 # An unrolled graph holds every loop it runs, 17 nodes each, so it goes to 5 b; --dynamic-loops,
 # one Loop, to MAX_LOOPS.
@@ -554,7 +555,8 @@ def check_request(model, cfg, run_dir, n_loops, dynamic_loops, fp16, until, max_
         if until < MIN_TOLERANCE:
             raise UserError(
                 f"--until-converged {until:g} is below {MIN_TOLERANCE:g}: float32 round-off then "
-                "moves the change it tests enough that onnxruntime and PyTorch stop loops apart"
+                "moves the change it tests enough that onnxruntime and PyTorch stop more than one "
+                "loop apart"
             )
         if fp16:  # half precision rounds the change it tests by about as much as the tolerances
             raise UserError("--until-converged needs fp32: it does not go with --fp16")
@@ -629,7 +631,8 @@ def verify(path, model, cfg, loops, fp16=False, adaptive=None):
     """The ONNX checker, symbolic batch and point axes, and parity with PyTorch on fresh prompts
     at a batch size and prompt length unlike the export example: at `loops` for an unrolled graph,
     at 1 and b for a dynamic one (every iteration's predictions too, where it returns them), and
-    for an adaptive one against adaptive (adaptive_depth at its rule), the loop counts equal.
+    for an adaptive one against adaptive (adaptive_depth at its rule): loop counts at most one
+    apart, and each prompt's prediction the model's at the count the graph reports.
     VerificationError on any failure."""
     import onnx
     import torch

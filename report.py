@@ -688,11 +688,16 @@ def paper_section(lines, name, claims, models, numbers):
     """A run at the paper's scale: its test errors at the paper's k after b and 5 b loops beside the
     paper's (numbers, {k: error after b loops}) and least squares', its learning curve, the verdict
     by the claim's rule at the last k."""
-    claim, runs = claims[name], list(claim_runs(name, curves=True).values())
-    if not runs or runs[0].errors is None:
-        return not_run(lines, name, why=" (or it diverged)", after=": minutes on a GPU")
-    r, ks, paper = runs[0], list(numbers), looped.make_config("linreg", "paper")
+    claim = claims[name]
+    r = claim_runs(name, curves=True).get(claim.runs[0][0])
+    if r is None:
+        return not_run(lines, name, after=": minutes on a GPU")
+    if r.errors is None:
+        return add(lines, f"The run in {r.folder} diverged: {r.record['diverged']}.")
+    ks, paper = list(numbers), looped.make_config("linreg", "paper")
     c, record, k = r.cfg, r.record, ks[-1]
+    resumed = record.get("resumed_at_step")
+    took = f"{record['seconds'] / 60:.1f} min" + (f" from step {resumed:,}" if resumed else "")
     loops = sorted({c.n_loops, min(5 * c.n_loops, c.eval_loops)})
     rows = [
         [f"looped, {t} loops", *(r.errors["loops"][t - 1][j].item() for j in ks)] for t in loops
@@ -705,12 +710,12 @@ def paper_section(lines, name, claims, models, numbers):
     verdict = "Reproduced" if claim.verdict(ours, numbers[k]) else "Not reproduced"
     add(
         lines,
-        f"`python experiments.py {name}` on {record['machine']}, "
-        f"{record['seconds'] / 60:.1f} min in all: {looped.describe(c)}, d = {c.n_dims}, n = "
+        f"`python experiments.py {name}` on {record['machine']}, {took} (training and "
+        f"evaluation): {looped.describe(c)}, d = {c.n_dims}, n = "
         f"{c.n_points}, D = {c.n_embd}, {c.n_head} heads, batch {c.batch_size}, for {c.steps:,} "
         f"steps ({share:.1%} of the paper's {paper.steps:,}). Adam's rate rises to {c.lr:g} over "
         f"{c.warmup} steps and falls to 0 over the last {c.decay:,} (the paper: {paper.lr:g} "
-        f"throughout); d and n grow every {c.curriculum_every} steps and b every "
+        f"throughout); d and n grow every {c.curriculum_every} steps and b by 2 every "
         f"{c.loops_every}, the paper's pace scaled to the steps; the prompt's embedding and the "
         f"attention start at std {c.embed_init:g} and {c.attn_init:g}. {c.eval_prompts} test "
         "prompts.",

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import baselines
 import bench
 import export
+import harness
 import looped
 
 
@@ -31,8 +32,9 @@ def test_seconds_is_the_median_of_the_timed_calls_after_the_warm_up(monkeypatch)
 
 
 def test_bench_train_times_the_modes_asked_for_captured_last_and_cudas_only_on_cuda(monkeypatch):
-    """--modes: the modes given, the captured ones after the rest (a failed capture can leave CUDA
-    unusable), each in fp32 and bf16; on a CPU only eager and compiled."""
+    """--modes: the modes given, once each, the captured ones after the rest (a failed capture can
+    leave CUDA unusable), each in fp32 and bf16; a CPU runs eager and compiled, and refuses the
+    others before any work."""
     timed = []
 
     def time_step(preset, mode, amp, device, peak):
@@ -46,8 +48,15 @@ def test_bench_train_times_the_modes_asked_for_captured_last_and_cudas_only_on_c
     order = ["reduce-overhead", "eager", "captured"]
     assert timed == [(mode, amp) for mode in order for amp in (False, True)]
     timed.clear()
-    table = bench.bench_train(torch.device("cpu"), ["paper"], modes)
+    table = bench.bench_train(torch.device("cpu"), ["paper"], ["eager", "eager"])
     assert timed == [("eager", False), ("eager", True)] and len(table.rows) == 2
+    timed.clear()
+    bench.bench_train(torch.device("cpu"), ["laptop"])  # default: all the device runs
+    assert timed == [(mode, amp) for mode in ("eager", "compiled") for amp in (False, True)]
+    with pytest.raises(
+        harness.UserError, match="--modes captured eager: cpu runs only eager, comp"
+    ):
+        bench.bench_train(torch.device("cpu"), ["paper"], ["captured", "eager"])
 
 
 def test_bench_baselines_times_each_solver_beside_the_same_fits_in_sklearn():
@@ -161,6 +170,7 @@ def test_bench_web_times_the_page_beside_python(trained_run, monkeypatch, tmp_pa
         (["export", "/nonexistent/run"], "no checkpoint"),
         (["web", "--model", "/nonexistent.onnx"], "no ONNX model at /nonexistent.onnx"),
         (["train", "--device", "tpu"], "unknown device"),
+        (["train", "--device", "cpu", "--modes", "captured"], "cpu runs only eager, compiled"),
         (["fly"], "invalid choice"),
     ],
 )

@@ -180,7 +180,7 @@ def test_compare_of_two_runs_under_a_shift_draws_one_comparison(tmp_path):
     torch.save(ckpt, a / "ckpt.pt")
     if not torch.cuda.is_available():
         line = refused(experiments.main, "compare", str(a), "--out", str(tmp_path / "cmp3"))
-        assert "--device cuda asked for, but it is not available here" in line
+        assert "was trained with --device cuda, not available here: give --device" in line
     r = run_cli(
         experiments.main, "compare", str(a), "--device", "cpu", "--out", str(tmp_path / "c")
     )
@@ -424,6 +424,25 @@ def test_the_paper_scale_run_is_the_papers_model_on_a_schedule_scaled_to_its_ste
     assert (cfg.lr, cfg.warmup) == (laptop.lr, laptop.warmup)
     assert cfg.decay / cfg.steps == pytest.approx(laptop.decay / laptop.steps, abs=1e-4)
     assert looped.learning_rate(cfg, steps - 1) < looped.learning_rate(cfg, steps - cfg.decay)
+
+
+def test_the_paper_scale_section_says_when_its_run_is_missing_or_diverged(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    experiments.write_report()
+    section = open("docs/results.md").read().split("## The paper's scale")[1].split("\n## ")[0]
+    assert "Not run yet: `python experiments.py paper`: minutes on a GPU." in section
+    os.makedirs("results/paper/looped")
+    cfg = looped.make_config("linreg", **experiments.paper_scale(), out="results/paper/looped")
+    record = {
+        "diverged": "the loss is NaN at step 700",
+        "config": dataclasses.asdict(cfg),
+        "seconds": 60,
+    }
+    harness.write_json("results/paper/looped/run.json", record | bench.provenance())
+    open("results/paper/looped/log.jsonl", "w").close()
+    experiments.write_report()
+    section = open("docs/results.md").read().split("## The paper's scale")[1].split("\n## ")[0]
+    assert "The run in results/paper/looped diverged: the loss is NaN at step 700." in section
 
 
 @slow
