@@ -298,17 +298,9 @@ def bench_export(run_dir, n_loops=None, repeats=20, tols=(0.03, 0.01)):
     matrix products alone (matmuls_alone, at the loops it ran), the floor no fusion goes below."""
     model, cfg = export.load_model(run_dir)
     n_loops, most = n_loops or cfg.n_loops, min(5 * cfg.n_loops, export.MAX_LOOPS)
-    export.check_request(
-        model,
-        cfg,
-        run_dir,
-        n_loops,
-        dynamic_loops=False,
-        fp16=False,
-        until=None,
-        max_loops=None,
-        signal="prediction",
-    )  # its loop count and finite predictions, as export.py checks them
+    # its loop count and finite predictions, as export.py checks them
+    request = dict(dynamic_loops=False, fp16=False, until=None, max_loops=None, signal="prediction")
+    export.check_request(model, cfg, run_dir, n_loops, **request)
     norm = looped.error_normaliser(cfg.task, cfg.n_dims)
     graphs = predictors(model, cfg, n_loops, most, tols)
     floor = graphs.pop("matmuls alone")
@@ -374,10 +366,8 @@ def matmuls_alone(g, cfg, Y, P):
     for i in range(cfg.n_layer):
         w = f"blocks.{i}."
         g("Gemm", h, w + "attn.c_attn.weight", transB=1)  # computed, though nothing reads it
-        h = g("Gemm", h, w + "attn.c_proj.weight", transB=1)
-        h = g(
-            "Gemm", g("Gemm", h, w + "mlp.c_fc.weight", transB=1), w + "mlp.c_proj.weight", transB=1
-        )
+        for name in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            h = g("Gemm", h, f"{w}{name}.weight", transB=1)
     return h
 
 
@@ -414,23 +404,21 @@ def bench_web(model=None, repeats=20):
         raise harness.UserError(str(e)) from None
     if not predictor.every:
         raise harness.UserError(f"{model}: the page runs --dynamic-loops --every-loop exports")
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = 1  # as the page's wasm runs
-    session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    table = Table(
-        f"the page's model call in headless Chromium (onnxruntime-web {ort_web_version()}, wasm, 1 "
-        f"thread) beside onnxruntime {onnxruntime.__version__} in Python (1 thread), "
-        f"{os.path.basename(model)}; median of {repeats}",
-        ["batch", "loops", "browser ms", "python ms", "browser / python"],
-        [6, 6, 12, 12, 18],
-        digits=3,
-    )
-    gen, d = torch.Generator().manual_seed(0), predictor.n_dims
-    with page_with(model) as page:
+    session = predictor.session  # one thread, on the CPU, as the page's wasm runs
+    gen, d, n = torch.Generator().manual_seed(0), predictor.n_dims, predictor.max_points
+    with page_with(model) as page:  # it checks first that chromium and onnxruntime-web are here
+        with open(os.path.join(WEB, ORT_WEB, "..", "package.json")) as f:
+            ort_web = json.load(f)["version"]
+        table = Table(
+            f"the page's model call in headless Chromium (onnxruntime-web {ort_web}, wasm, 1 "
+            f"thread) beside onnxruntime {onnxruntime.__version__} in Python (1 thread), "
+            f"{os.path.basename(model)}; median of {repeats}",
+            ["batch", "loops", "browser ms", "python ms", "browser / python"],
+            [6, 6, 12, 12, 18],
+            digits=3,
+        )
         for batch, loops in itertools.product((1, 64), (20, 100)):
-            xs, ys = (
-                t.numpy() for t in looped.TASKS["linreg"](batch, predictor.max_points, d, d, gen)
-            )
+            xs, ys = (t.numpy() for t in looped.TASKS["linreg"](batch, n, d, d, gen))
             feeds = {"xs": xs, "ys": ys, "n_loops": np.array(loops, np.int64)}
             browser_ms = page.evaluate(TIME_IN_PAGE, [xs.tolist(), ys.tolist(), loops, repeats])
             python_ms = 1000 * seconds(functools.partial(session.run, None, feeds), repeats)
@@ -513,11 +501,6 @@ def page_with(model):
             browser.close()
     finally:
         httpd.shutdown()
-
-
-def ort_web_version():
-    with open(os.path.join(WEB, "node_modules", "onnxruntime-web", "package.json")) as f:
-        return json.load(f)["version"]
 
 
 # ---------------------------------------------------------------------------- command line

@@ -128,6 +128,16 @@ def test_bench_export_reports_each_graph_on_its_own_prompts(trained_run, tmp_pat
     assert saved["rows"] == table.rows and saved["text"] == table.text
 
 
+def test_bench_web_without_the_pages_packages_is_one_line(monkeypatch, tmp_path):
+    """Without onnxruntime-web (npm ci --prefix web), bench.py web says so before any work."""
+    model = os.path.join(bench.WEB, "linreg.onnx")
+    monkeypatch.setattr(bench, "WEB", str(tmp_path))
+    with pytest.raises(
+        harness.UserError, match=r"it needs onnxruntime-web \(npm ci --prefix web\)"
+    ):
+        bench.bench_web(model)
+
+
 def test_bench_web_times_the_page_beside_python(trained_run, monkeypatch, tmp_path):
     web = os.path.join(bench.WEB, bench.ORT_WEB)
     if not (
