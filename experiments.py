@@ -306,11 +306,9 @@ def train_best_again(name, claim, seeds=(SECOND_SEED,), times=1, **changes):
 def train_at_best_rates(name, claim, seeds=()):
     """Each of the claim's runs of a model also at the learning rate that the sweep of the claim it
     needs found best for that model, where that is not the default; and with each of seeds."""
-    rates = report.best_rates(claim.needs, MODELS)
-    for model, model_overrides in MODELS.items():
-        lr = rates[model]
+    for model, lr in report.best_rates(claim.needs, MODELS).items():
         for run_name, task, overrides in claim.runs:
-            if lr and overrides == model_overrides and lr != looped.make_config(task).lr:
+            if lr and overrides == MODELS[model] and lr != looped.make_config(task).lr:
                 run(name, report.variant(run_name, lr), task, **overrides, lr=lr)
                 for seed in seeds:
                     at_seed = report.variant(run_name, lr, seed)

@@ -369,8 +369,7 @@ def seed_spread(lines, k, named, runs):
             spread.append(f"seed {s.cfg.seed}: {', '.join(at_k) or 'diverged'}")
         at = f"at b = {c.n_loops} loops, and at {c.eval_loops}" if loops[1:] else "at its one pass"
         text = f"The {looped.describe(c)} at k = {k} over seeds ({at}): {'; '.join(spread)}."
-        if seeds:
-            add(lines, text)
+        add(lines, seeds and text)
 
 
 def sweep_section(claim, models, lines):
@@ -620,9 +619,8 @@ def plot_converge(by_model, seeds, k, flat_end, claim, name):
 def window_section(lines, name, claims, models, base):
     """The loop past b for each window T (`base`: the needed claim's run at the default window)."""
     claim = claims[name]
-    folders = [f"{RESULTS}/{claim.needs}/{base}"] + [
-        f"{RESULTS}/{name}/{n}" for n, *_ in claim.runs
-    ]
+    names = [f"{claim.needs}/{base}"] + [f"{name}/{n}" for n, *_ in claim.runs]
+    folders = [f"{RESULTS}/{n}" for n in names]
     if not all(map(done, folders)):
         return not_run(lines, claim.needs, name)
     named = [(f"T = {r.cfg.loop_window}", r.cfg, r.errors) for r in map(read_run, folders)]
@@ -699,10 +697,8 @@ def paper_section(lines, name, claims, models, numbers):
     resumed = record.get("resumed_at_step")
     took = f"{record['seconds'] / 60:.1f} min" + (f" from step {resumed:,}" if resumed else "")
     loops = sorted({c.n_loops, min(5 * c.n_loops, c.eval_loops)})
-    rows = [
-        [f"looped, {t} loops", *(r.errors["loops"][t - 1][j].item() for j in ks)] for t in loops
-    ]
-    rows.append(["least squares", *(r.errors["least squares"][j].item() for j in ks)])
+    rows = [[f"looped, {t} loops", *r.errors["loops"][t - 1][ks].tolist()] for t in loops]
+    rows.append(["least squares", *r.errors["least squares"][ks].tolist()])
     rows.append(
         [f"the paper's looped, {c.n_loops} loops, {paper.steps:,} steps", *numbers.values()]
     )
