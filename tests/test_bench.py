@@ -9,7 +9,8 @@ import types
 import numpy as np
 import pytest
 import torch
-from common import FUZZ, NUMBERS, fuzz_args, fuzz_cli, refused
+from common import refused
+from fuzzing import FUZZ, NUMBERS, fuzz_args, fuzz_cli
 from hypothesis import given
 from hypothesis import strategies as st
 

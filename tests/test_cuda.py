@@ -1,11 +1,15 @@
-"""Tests that need a CUDA GPU: CUDA-graph capture and compiled training; they skip without one."""
+"""Tests that need a CUDA GPU: CUDA-graph capture and compiled training; they skip without one.
+.ci/gpu runs this file alone on a GPU machine whose Python has pytest but not Hypothesis."""
 
 import contextlib
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import torch
-from common import draw, needs_cuda, run_cli, state, tiny_config
+from common import ROOT, draw, needs_cuda, run_cli, state, tiny_config
 
 import harness
 import looped
@@ -95,3 +99,14 @@ def test_compiled_training_on_a_gpu_captures_each_stage_without_recompiling(tmp_
     # Its checkpoint resumes uncaptured.
     r = run_cli(looped.main, "--resume", cfg.out, "--steps", "26", "--no-compile")
     assert r.returncode == 0 and state(cfg.out)["step"] == 26, r.stderr
+
+
+def test_this_file_loads_where_hypothesis_is_not_installed(tmp_path):
+    """Collected with every import of Hypothesis failing, as on the GPU machine: neither this file
+    nor the helpers it shares (common.py, conftest.py) may need it (fuzzing.py holds its uses)."""
+    (tmp_path / "hypothesis").mkdir()
+    (tmp_path / "hypothesis" / "__init__.py").write_text('raise ImportError("no Hypothesis")')
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "tests/test_cuda.py"]
+    r = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "3 tests collected" in r.stdout, r.stdout + r.stderr

@@ -9,7 +9,8 @@ import shutil
 
 import pytest
 import torch
-from common import FUZZ, NUMBERS, draw, fuzz_args, fuzz_cli, refused, run_cli, slow, tiny_config
+from common import draw, refused, run_cli, slow, tiny_config
+from fuzzing import FUZZ, NUMBERS, fuzz_args, fuzz_cli
 from hypothesis import given
 from hypothesis import strategies as st
 

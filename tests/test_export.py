@@ -14,20 +14,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from common import (
-    FUZZ,
-    NUMBERS,
-    ROOT,
-    Ran,
-    diverged_copies,
-    draw,
-    fuzz_args,
-    fuzz_cli,
-    refused,
-    run_cli,
-    snapshot,
-    stop_at_work,
-)
+from common import ROOT, Ran, diverged_copies, draw, refused, run_cli, snapshot, stop_at_work
+from fuzzing import FUZZ, NUMBERS, fuzz_args, fuzz_cli
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp

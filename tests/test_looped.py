@@ -15,14 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from common import (
-    FUZZ,
-    NUMBERS,
     TINY_FLAGS,
     deadline,
     diverged_copies,
     draw,
-    fuzz_args,
-    fuzz_cli,
     refused,
     run_cli,
     slow,
@@ -30,6 +26,7 @@ from common import (
     state,
     tiny_config,
 )
+from fuzzing import FUZZ, NUMBERS, fuzz_args, fuzz_cli
 from hypothesis import given
 from hypothesis import strategies as st
 
