@@ -696,8 +696,8 @@ def causal_attention(q, k, v):
 def gelu(x):
     """GPT-2's activation, 0.5 x (1 + tanh u) with u = sqrt(2 / pi) (x + 0.044715 x^3). Under
     torch.compile it is written x sigmoid(2u), the same function, because inductor's tanh is slow
-    on a CPU (`python bench.py train --compile` measures it); eager and ONNX keep F.gelu."""
-    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+    on a CPU (`python bench.py train --compile` measures it); eager keeps F.gelu."""
+    if torch.compiler.is_compiling():
         return x * torch.sigmoid(math.sqrt(8 / math.pi) * (x + 0.044715 * x**3))
     return F.gelu(x, approximate="tanh")
 
