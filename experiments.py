@@ -162,15 +162,15 @@ def load_runs(run_dirs, given):
     runs = []
     for run_dir in run_dirs:
         ckpt, cfg = looped.saved_run(run_dir, given)
-        if "device" not in given and cfg.device != "auto":  # a GPU's run on a CPU, say
-            try:
-                harness.setup_device(cfg)
-            except harness.UserError:
-                raise harness.UserError(
-                    f"{run_dir} was trained with --device {cfg.device}, not available here: "
-                    "give --device (cpu, or auto)"
-                ) from None
-        device, ctx = harness.setup_device(cfg)
+        try:
+            device, ctx = harness.setup_device(cfg)
+        except harness.UserError:
+            if "device" in given:
+                raise
+            raise harness.UserError(  # a GPU's run on a CPU, say
+                f"{run_dir} was trained with --device {cfg.device}, not available here: "
+                "give --device (cpu, or auto)"
+            ) from None
         looped.check_memory(cfg, device, training=False)  # --eval_loops: before any work
         runs.append((cfg, looped.restore_model(ckpt, cfg, device), ctx))
     first = runs[0][0]

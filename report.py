@@ -707,9 +707,9 @@ def paper_section(lines, name, claims, models, numbers):
     add(
         lines,
         f"`python experiments.py {name}` on {record['machine']}, {took} (training and "
-        f"evaluation): {looped.describe(c)}, d = {c.n_dims}, n = "
-        f"{c.n_points}, D = {c.n_embd}, {c.n_head} heads, batch {c.batch_size}, for {c.steps:,} "
-        f"steps ({share:.1%} of the paper's {paper.steps:,}). Adam's rate rises to {c.lr:g} over "
+        f"evaluation): {looped.describe(c)}, d = {c.n_dims}, n = {c.n_points}, D = {c.n_embd}, "
+        f"{c.n_head} heads, batch {c.batch_size}, for {c.steps:,} steps ({share:.1%} of the "
+        f"paper's {paper.steps:,}). Adam's rate rises to {c.lr:g} over "
         f"{c.warmup} steps and falls to 0 over the last {c.decay:,} (the paper: {paper.lr:g} "
         f"throughout); d and n grow every {c.curriculum_every} steps and b by 2 every "
         f"{c.loops_every}, the paper's pace scaled to the steps; the prompt's embedding and the "
