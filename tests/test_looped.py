@@ -442,7 +442,9 @@ def test_compiled_training_compiles_twice_through_the_curriculum_and_saves_plain
     # The run also uses bf16 autocast on CPU.
     cfg = tiny_config(tmp_path, steps=8, loops_every=1, compile=True, amp=True)
     errors = looped.train(cfg, quiet=True)
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    # torch 2.4 also guards on the module's training flag: evaluation (model.eval()) takes a third
+    graphs = 3 if torch.__version__ < "2.5" else 2
+    assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
     # No key carries an _orig_mod. prefix.
     assert set(state(cfg.out)["model"]) == set(looped.LoopedTransformer(cfg).state_dict())
     assert errors["loops"].isfinite().all()
