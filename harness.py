@@ -231,16 +231,6 @@ def rank():
     return int(os.environ.get("RANK", 0)) if world_size() > 1 else 0
 
 
-def agreed_signal(received, world, group=None):
-    """The signal to stop on (0: none); under torchrun the largest any process got, so all stop."""
-    signum = received[0] if received else 0
-    if world == 1:  # called every step: no tensor, no collective
-        return signum
-    signum = torch.tensor(signum)
-    dist.all_reduce(signum, dist.ReduceOp.MAX, group=group)
-    return int(signum)
-
-
 @contextmanager
 def stop_signals(world):
     """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) ask the loop to save and stop after
@@ -440,6 +430,7 @@ class TrainingRun(ExitStack):
         self.captured = captures_steps(cfg, device)  # then looped.py's Adam is capturable
         check_folder(cfg.out, reuse=resume is not None, overwrite=overwrite)  # every process
         self.rank, self.world, self.group = rank(), world_size(), None
+        self.agreed = torch.zeros((), dtype=torch.int64)  # agreed_signal's, alive past the group
         super().__init__()  # holds the lock (taken before any joins), the log, the signal handlers
         self.enter_context(hold_folder(cfg.out, self.rank == 0))
         try:
@@ -501,15 +492,28 @@ class TrainingRun(ExitStack):
         with stop_signals(self.world) as self.received:
             while self.taken < self.cfg.steps and not self.signum:
                 yield self.taken
-            self.signum = self.signum or agreed_signal(self.received, self.world, self.group)
+            self.signum = self.signum or self.agreed_signal()
         del self.forward, self.graphs  # DDP's reducer holds the process group, a graph its memory
-        if self.world > 1:  # leave together: a group still referenced at exit can abort gloo
+        # Leave together: a group still referenced at exit can abort gloo. Older torch (2.5.1 here;
+        # fixed by pytorch#154976) destroys gloo's group holding the GIL while its threads let go
+        # of their last work, and a thread freeing a tensor that Python has dropped waits for the
+        # GIL: a hang, one launch in 20. The last steps' collectives all use self.agreed, held.
+        if self.world > 1:
             dist.barrier()
             dist.destroy_process_group()
         if self.signum:  # saved in log(); rank 0 alone says so
             name, out = signal.Signals(self.signum).name, self.cfg.out
             why = f"stopped by {name} at step {self.taken}, checkpoint saved; continue with "
             raise Interrupted(f"{why}--resume {out}" if self.rank == 0 else "", self.signum)
+
+    def agreed_signal(self):
+        """The signal to stop on (0: none); under torchrun the largest any process got, so all
+        stop. The collective always uses self.agreed (see _steps)."""
+        signum = self.received[0] if self.received else 0
+        if self.world == 1:  # called every step: no tensor, no collective
+            return signum
+        dist.all_reduce(self.agreed.fill_(signum), dist.ReduceOp.MAX, group=self.group)
+        return int(self.agreed)
 
     def step(self, fn, *args, lr):
         """fn(forward, opt, *args) at Adam's rate lr: one step, its loss left on the device."""
@@ -526,7 +530,7 @@ class TrainingRun(ExitStack):
         loss since the last line, with fields; the val_error point and checkpoint when due."""
         cfg, world, step = self.cfg, self.world, self.taken + 1
         self.running, self.taken = self.running + loss, step  # the sum on the device: no sync
-        self.signum = agreed_signal(self.received, world, self.group)  # all stop at one step
+        self.signum = self.agreed_signal()  # all stop at one step
         is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or self.signum
         if step % cfg.log_every == 0 or is_ckpt:
             if world > 1:  # the mean over the processes too, so that all of them agree on a NaN
