@@ -492,14 +492,14 @@ class TrainingRun(ExitStack):
         with stop_signals(self.world) as self.received:
             while self.taken < self.cfg.steps and not self.signum:
                 yield self.taken
-            self.signum = self.signum or self.agreed_signal()
+            signum = self.agreed_signal()  # every process: the last collective, they leave together
+            self.signum = self.signum or signum
         del self.forward, self.graphs  # DDP's reducer holds the process group, a graph its memory
-        # Leave together: a group still referenced at exit can abort gloo. Older torch (2.5.1 here;
-        # fixed by pytorch#154976) destroys gloo's group holding the GIL while its threads let go
-        # of their last work, and a thread freeing a tensor that Python has dropped waits for the
-        # GIL: a hang, one launch in 20. The last steps' collectives all use self.agreed, held.
+        # A group still referenced at exit can abort gloo. Older torch (2.5.1 here; fixed by
+        # pytorch#154976) destroys gloo's group holding the GIL while its threads let go of their
+        # last work; one freeing a tensor that Python has dropped waits for the GIL: a hang, one
+        # launch in 20 with a dist.barrier() (its work holds those before it). The last is held.
         if self.world > 1:
-            dist.barrier()
             dist.destroy_process_group()
         if self.signum:  # saved in log(); rank 0 alone says so
             name, out = signal.Signals(self.signum).name, self.cfg.out
@@ -508,7 +508,7 @@ class TrainingRun(ExitStack):
 
     def agreed_signal(self):
         """The signal to stop on (0: none); under torchrun the largest any process got, so all
-        stop. The collective always uses self.agreed (see _steps)."""
+        stop. Its collective uses self.agreed, a tensor held past the group's end (see _steps)."""
         signum = self.received[0] if self.received else 0
         if self.world == 1:  # called every step: no tensor, no collective
             return signum
